@@ -1,0 +1,72 @@
+//! The supervised actor tree.
+//!
+//! ```text
+//!   HeraldSupervisor (root; restarts a crashed child with backoff)
+//!   └── KeyRegistry        resolves Idempotency-Keys: Redis hot tier, Postgres truth
+//! ```
+//!
+//! Later capabilities hang further children under the same root (OutboxRelay,
+//! EmailSender pool, LedgerConsumer, RetryBudget, SseHub, DlqMonitor). All
+//! durable state lives in the database, so a restarted actor loses nothing.
+//!
+//! The HTTP front never holds an [`ActorRef`] directly: it reads the current
+//! one from an [`ActorSlot`], which the supervisor refills after a restart.
+
+pub mod key_registry;
+pub mod supervisor;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use ractor::ActorRef;
+
+/// The live reference to a supervised actor, refilled by the supervisor
+/// whenever it restarts the actor, plus what `/admin/status` shows about it.
+pub struct ActorSlot<M: ractor::Message> {
+    /// Name of the actor, as shown by `/admin/status`.
+    name: &'static str,
+    /// Current reference; `None` while the actor is being restarted.
+    current: RwLock<Option<ActorRef<M>>>,
+    /// How many times the supervisor restarted it.
+    restarts: AtomicU64,
+}
+
+impl<M: ractor::Message> ActorSlot<M> {
+    pub fn new(name: &'static str) -> Arc<Self> {
+        Arc::new(ActorSlot {
+            name,
+            current: RwLock::new(None),
+            restarts: AtomicU64::new(0),
+        })
+    }
+
+    pub fn get(&self) -> Option<ActorRef<M>> {
+        self.current.read().ok().and_then(|g| g.clone())
+    }
+
+    pub fn set(&self, actor: Option<ActorRef<M>>) {
+        if let Ok(mut g) = self.current.write() {
+            *g = actor;
+        }
+    }
+
+    pub fn record_restart(&self) -> u64 {
+        self.restarts.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    pub fn status(&self) -> ActorStatus {
+        ActorStatus {
+            name: self.name,
+            running: self.get().is_some(),
+            restarts: self.restarts.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// One line of the actor tree in `/admin/status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ActorStatus {
+    pub name: &'static str,
+    pub running: bool,
+    pub restarts: u64,
+}

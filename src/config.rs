@@ -1,0 +1,412 @@
+//! Layered configuration.
+//!
+//! The built-in `config/default.toml` (compiled into the binary so the daemon
+//! runs from any directory) is overlaid by the TOML file named in
+//! `HERALD_CONFIG`, then by `HERALD_*` environment variables, nested keys joined
+//! with `__` (`HERALD_RELAY__MAX_PUBLISH_PER_SEC=500` sets
+//! `relay.max_publish_per_sec`). A few third-party names are honoured as they
+//! are spelled by their vendors: `RESEND_API_KEY`, `RESEND_BASE_URL`,
+//! `SENTRY_DSN`.
+//!
+//! Loading fails with a message that names the offending key: unknown keys,
+//! wrong types and out-of-range values are all refused at start. Secrets are
+//! wrapped in [`Secret`], whose `Debug` output never shows the value.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::Deserialize;
+
+/// The defaults, as shipped in `config/default.toml`.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// A configuration problem, always naming the key it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Parse(String),
+    #[error("configuration key `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+/// A secret string (token, password, API key). `Debug` and `Display` redact it.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    /// The secret itself; call only where it is used, never to log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+/// A database URL; it may carry a password, so `Debug` hides everything after the scheme.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn scheme(&self) -> &str {
+        self.0.split("://").next().unwrap_or("")
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DatabaseUrl({}://[redacted])", self.scheme())
+    }
+}
+
+/// The whole configuration of one Herald process.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `postgres://…` (production) or `sqlite://…` (embedded); chooses the store backend.
+    pub database_url: DatabaseUrl,
+    /// Redis for the hot idempotency tier and the broker; absent means in-process.
+    #[serde(default)]
+    pub redis_url: Option<Secret>,
+    /// Public listener (web page, `/api`).
+    pub listen: SocketAddr,
+    /// Admin listener (`/admin`, `/metrics`).
+    pub admin_listen: SocketAddr,
+    /// Bearer token for the admin listener.
+    #[serde(default)]
+    pub admin_token: Option<Secret>,
+    /// HS256 secret shared with the job board's login, used to verify user JWTs.
+    #[serde(default)]
+    pub jwt_secret: Option<Secret>,
+    /// Directory for generated secrets and embedded state.
+    pub state_dir: PathBuf,
+    /// Sentry DSN (`SENTRY_DSN`); absent disables error reporting.
+    #[serde(default)]
+    pub sentry_dsn: Option<Secret>,
+    pub auth: AuthConfig,
+    pub database: DatabaseConfig,
+    pub redis: RedisConfig,
+    pub idempotency: IdempotencyConfig,
+    pub relay: RelayConfig,
+    pub email: EmailConfig,
+    pub retry: RetryConfig,
+    pub sse: SseConfig,
+    pub dlq: DlqConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Whether `POST /api/dev/login` exists. Never on in production.
+    pub dev_login: bool,
+    /// Lifetime of a dev-login token.
+    pub dev_token_ttl_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// Pool size; bounds the database work one process can have in flight.
+    pub max_connections: u32,
+    /// How long a request waits for a connection before it is answered 503.
+    pub acquire_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// Upper bound of every Redis command; past it the database answers alone.
+    pub command_timeout_ms: u64,
+    /// How often Redis is probed to notice loss and recovery.
+    pub probe_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdempotencyConfig {
+    /// Retention of a key and its stored response.
+    pub ttl_secs: u64,
+    /// How long an in-progress key is held before a retry may take it over.
+    pub lease_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Catch-up publish rate of the outbox relay.
+    pub max_publish_per_sec: u32,
+    /// An event published but unconsumed for this long is published again.
+    pub redeliver_after_secs: u64,
+    /// Poll interval of the relay besides LISTEN/NOTIFY wake-ups.
+    pub poll_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmailConfig {
+    /// `resend` or `file`.
+    pub transport: String,
+    /// Sender address of confirmation emails.
+    pub from: String,
+    /// Herald's own outbound rate to the email API.
+    pub max_per_sec: f64,
+    /// Size of the EmailSender pool.
+    pub workers: u32,
+    /// `RESEND_API_KEY`.
+    #[serde(default)]
+    pub resend_api_key: Option<Secret>,
+    /// `RESEND_BASE_URL`, so tests can point the SDK at a local server.
+    #[serde(default)]
+    pub resend_base_url: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    pub base_ms: u64,
+    pub cap_ms: u64,
+    pub max_attempts: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SseConfig {
+    pub admit_per_sec: f64,
+    pub client_queue: usize,
+    pub history: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DlqConfig {
+    pub alert_threshold: u64,
+    pub alert_max_age_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `pretty` or `json`.
+    pub format: String,
+    /// Default `tracing` filter; `RUST_LOG` overrides it.
+    pub filter: String,
+}
+
+impl Config {
+    /// Loads defaults, the `HERALD_CONFIG` file and the process environment.
+    pub fn load() -> Result<Config, ConfigError> {
+        Self::from_figment(Self::figment())
+    }
+
+    /// The layered sources, exposed so tests can add their own on top.
+    pub fn figment() -> Figment {
+        let mut figment = Figment::new().merge(Toml::string(DEFAULT_TOML));
+        if let Ok(path) = std::env::var("HERALD_CONFIG") {
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment
+            .merge(Env::prefixed("HERALD_").ignore(&["CONFIG"]).split("__"))
+            .merge(
+                Env::raw()
+                    .only(&["RESEND_API_KEY", "RESEND_BASE_URL"])
+                    .map(|k| format!("email.{}", k.as_str().to_ascii_lowercase()).into()),
+            )
+            .merge(Env::raw().only(&["SENTRY_DSN"]))
+    }
+
+    /// Extracts and validates a configuration from layered sources.
+    pub fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
+        let config: Config = figment.extract().map_err(|e| {
+            // figment's messages name the key and the source ("for key
+            // `relay.max_publish_per_sec` in HERALD_ environment variable(s)").
+            ConfigError::Parse(e.to_string().replace("default.", ""))
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        fn check(ok: bool, key: &'static str, message: &str) -> Result<(), ConfigError> {
+            if ok {
+                Ok(())
+            } else {
+                Err(ConfigError::Invalid {
+                    key,
+                    message: message.to_string(),
+                })
+            }
+        }
+        let scheme = self.database_url.scheme();
+        check(
+            matches!(scheme, "postgres" | "postgresql" | "sqlite"),
+            "database_url",
+            "must start with postgres:// or sqlite://",
+        )?;
+        if let Some(url) = &self.redis_url {
+            check(
+                url.expose().starts_with("redis://") || url.expose().starts_with("rediss://"),
+                "redis_url",
+                "must start with redis:// or rediss://",
+            )?;
+        }
+        check(
+            self.admin_token
+                .as_ref()
+                .is_none_or(|t| t.expose().len() >= 16),
+            "admin_token",
+            "must be at least 16 characters",
+        )?;
+        check(
+            self.jwt_secret
+                .as_ref()
+                .is_none_or(|t| t.expose().len() >= 32),
+            "jwt_secret",
+            "must be at least 32 bytes for HS256",
+        )?;
+        check(
+            self.database.max_connections >= 1,
+            "database.max_connections",
+            "must be at least 1",
+        )?;
+        check(
+            self.idempotency.ttl_secs >= 1,
+            "idempotency.ttl_secs",
+            "must be at least 1",
+        )?;
+        check(
+            self.idempotency.lease_secs >= 1,
+            "idempotency.lease_secs",
+            "must be at least 1",
+        )?;
+        check(
+            self.redis.command_timeout_ms >= 1,
+            "redis.command_timeout_ms",
+            "must be at least 1",
+        )?;
+        check(
+            self.redis.probe_interval_ms >= 10,
+            "redis.probe_interval_ms",
+            "must be at least 10",
+        )?;
+        check(
+            self.relay.max_publish_per_sec >= 1,
+            "relay.max_publish_per_sec",
+            "must be at least 1",
+        )?;
+        check(
+            matches!(self.email.transport.as_str(), "resend" | "file"),
+            "email.transport",
+            "must be `resend` or `file`",
+        )?;
+        check(
+            self.email.max_per_sec > 0.0,
+            "email.max_per_sec",
+            "must be positive",
+        )?;
+        check(self.email.workers >= 1, "email.workers", "must be at least 1")?;
+        check(
+            self.retry.base_ms >= 1 && self.retry.cap_ms >= self.retry.base_ms,
+            "retry.cap_ms",
+            "must be at least retry.base_ms, which must be at least 1",
+        )?;
+        check(
+            self.retry.max_attempts >= 1,
+            "retry.max_attempts",
+            "must be at least 1",
+        )?;
+        check(
+            self.sse.admit_per_sec > 0.0,
+            "sse.admit_per_sec",
+            "must be positive",
+        )?;
+        check(
+            self.sse.client_queue >= 1,
+            "sse.client_queue",
+            "must be at least 1",
+        )?;
+        check(self.sse.history >= 1, "sse.history", "must be at least 1")?;
+        check(
+            matches!(self.log.format.as_str(), "pretty" | "json"),
+            "log.format",
+            "must be `pretty` or `json`",
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::providers::Serialized;
+
+    fn with(key: &str, value: impl serde::Serialize) -> Result<Config, ConfigError> {
+        Config::from_figment(
+            Figment::new()
+                .merge(Toml::string(DEFAULT_TOML))
+                .merge(Serialized::default(key, value)),
+        )
+    }
+
+    #[test]
+    fn defaults_load() {
+        let config = with("listen", "127.0.0.1:8080").expect("defaults are valid");
+        assert_eq!(config.relay.max_publish_per_sec, 500);
+        assert_eq!(config.idempotency.ttl_secs, 86_400);
+    }
+
+    #[test]
+    fn a_wrong_type_names_the_key() {
+        let err = with("relay.max_publish_per_sec", "fast").unwrap_err();
+        assert!(
+            err.to_string().contains("relay.max_publish_per_sec"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_unknown_key_is_refused_by_name() {
+        let err = with("relay.max_publsh_per_sec", 5).unwrap_err();
+        assert!(err.to_string().contains("max_publsh_per_sec"), "{err}");
+    }
+
+    #[test]
+    fn an_out_of_range_value_names_the_key() {
+        let err = with("email.transport", "pigeon").unwrap_err();
+        assert!(err.to_string().contains("email.transport"), "{err}");
+    }
+
+    #[test]
+    fn secrets_never_appear_in_debug_output() {
+        let config = Config::from_figment(
+            Figment::new()
+                .merge(Toml::string(DEFAULT_TOML))
+                .merge(Serialized::default(
+                    "admin_token",
+                    "super-secret-admin-token-value",
+                ))
+                .merge(Serialized::default(
+                    "database_url",
+                    "postgres://u:hunter2@localhost/db",
+                )),
+        )
+        .unwrap();
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("super-secret"), "{printed}");
+        assert!(!printed.contains("hunter2"), "{printed}");
+    }
+}

@@ -1,0 +1,279 @@
+//! Typed domain values: what the API accepts and what it returns.
+//!
+//! Request types are parsed with `deny_unknown_fields` and then validated on
+//! construction ([`NewJob::parse`], [`NewApplication::parse`]), so a value of
+//! these types is always acceptable to the store. Resource types serialise to
+//! the JSON shapes of SPEC section 2 (ids as strings, times RFC 3339).
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Why a request body was refused; becomes a 400 `invalid_body`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidBody(pub String);
+
+/// Topics of outbox events.
+pub mod topics {
+    pub const JOB_POSTED: &str = "job.posted";
+    pub const APPLICATION_SUBMITTED: &str = "application.submitted";
+}
+
+/// A posted job.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Job {
+    pub id: Uuid,
+    pub title: String,
+    pub company: String,
+    pub location: String,
+    pub description: String,
+    pub posted_at: DateTime<Utc>,
+}
+
+/// The identity of an authenticated user, taken from a verified JWT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    /// The JWT `sub`: stable id from the job board's login.
+    pub id: String,
+    /// The JWT `email`: the only address a confirmation may go to.
+    pub email: String,
+}
+
+/// Delivery status of an application's confirmation email.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum EmailStatus {
+    Pending,
+    Sent,
+    Dead,
+}
+
+impl EmailStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EmailStatus::Pending => "pending",
+            EmailStatus::Sent => "sent",
+            EmailStatus::Dead => "dead",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "pending" => Some(EmailStatus::Pending),
+            "sent" => Some(EmailStatus::Sent),
+            "dead" => Some(EmailStatus::Dead),
+            _ => None,
+        }
+    }
+}
+
+/// An application of one user to one job (at most one per pair).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Application {
+    pub id: Uuid,
+    pub job_id: Uuid,
+    pub user_id: String,
+    pub email: String,
+    pub resume_url: Option<String>,
+    pub cover_letter: Option<String>,
+    pub email_status: EmailStatus,
+    pub created_at: DateTime<Utc>,
+}
+
+/// The API view of an application. `already_applied` says whether this
+/// response returned an existing application instead of creating one.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ApplicationView {
+    pub id: Uuid,
+    pub job_id: Uuid,
+    pub email_status: EmailStatus,
+    pub already_applied: bool,
+    pub resume_url: Option<String>,
+    pub cover_letter: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl Application {
+    pub fn view(&self, already_applied: bool) -> ApplicationView {
+        ApplicationView {
+            id: self.id,
+            job_id: self.job_id,
+            email_status: self.email_status,
+            already_applied,
+            resume_url: self.resume_url.clone(),
+            cover_letter: self.cover_letter.clone(),
+            created_at: self.created_at,
+        }
+    }
+}
+
+/// A page of a list endpoint.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_before: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewJobBody {
+    title: String,
+    company: String,
+    location: String,
+    description: String,
+}
+
+/// A validated job to post.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub title: String,
+    pub company: String,
+    pub location: String,
+    pub description: String,
+}
+
+fn required_text(field: &str, value: String, max: usize) -> Result<String, InvalidBody> {
+    let trimmed = value.trim();
+    if trimmed.is_empty() {
+        return Err(InvalidBody(format!("`{field}` must not be empty")));
+    }
+    optional_text(field, Some(value), max).map(|v| v.unwrap_or_default())
+}
+
+fn optional_text(
+    field: &str,
+    value: Option<String>,
+    max: usize,
+) -> Result<Option<String>, InvalidBody> {
+    match value {
+        None => Ok(None),
+        Some(v) if v.chars().count() > max => Err(InvalidBody(format!(
+            "`{field}` must be at most {max} characters"
+        ))),
+        Some(v) if v.chars().any(|c| c == '\0') => {
+            Err(InvalidBody(format!("`{field}` must not contain NUL")))
+        }
+        Some(v) => Ok(Some(v)),
+    }
+}
+
+/// Parses a JSON body into `T`, mapping every serde failure to [`InvalidBody`].
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, InvalidBody> {
+    serde_json::from_slice(body).map_err(|e| InvalidBody(format!("{e}")))
+}
+
+impl NewJob {
+    pub fn parse(body: &[u8]) -> Result<NewJob, InvalidBody> {
+        let raw: NewJobBody = parse_json(body)?;
+        Ok(NewJob {
+            title: required_text("title", raw.title, 200)?,
+            company: required_text("company", raw.company, 200)?,
+            location: required_text("location", raw.location, 200)?,
+            description: required_text("description", raw.description, 20_000)?,
+        })
+    }
+
+    pub fn into_job(self, id: Uuid, posted_at: DateTime<Utc>) -> Job {
+        Job {
+            id,
+            title: self.title,
+            company: self.company,
+            location: self.location,
+            description: self.description,
+            posted_at,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewApplicationBody {
+    job_id: String,
+    #[serde(default)]
+    resume_url: Option<String>,
+    #[serde(default)]
+    cover_letter: Option<String>,
+}
+
+/// A validated application request (the user comes from the JWT, not the body).
+#[derive(Debug, Clone)]
+pub struct NewApplication {
+    pub job_id: Uuid,
+    pub resume_url: Option<String>,
+    pub cover_letter: Option<String>,
+}
+
+impl NewApplication {
+    pub fn parse(body: &[u8]) -> Result<NewApplication, InvalidBody> {
+        let raw: NewApplicationBody = parse_json(body)?;
+        let job_id = Uuid::parse_str(&raw.job_id)
+            .map_err(|_| InvalidBody("`job_id` must be a job id (UUID)".into()))?;
+        let resume_url = optional_text("resume_url", raw.resume_url, 2048)?;
+        if let Some(url) = &resume_url {
+            if !(url.starts_with("https://") || url.starts_with("http://")) {
+                return Err(InvalidBody("`resume_url` must be an http(s) URL".into()));
+            }
+        }
+        Ok(NewApplication {
+            job_id,
+            resume_url,
+            cover_letter: optional_text("cover_letter", raw.cover_letter, 10_000)?,
+        })
+    }
+}
+
+/// The dev-login request.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevLogin {
+    pub email: String,
+}
+
+/// Accepts a plausible address (one `@`, non-empty parts, no spaces or controls,
+/// at most 254 characters); deliverability is the email provider's business.
+pub fn valid_email(email: &str) -> bool {
+    let mut parts = email.split('@');
+    let (Some(local), Some(domain), None) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    email.len() <= 254
+        && !local.is_empty()
+        && domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && email.chars().all(|c| c.is_ascii_graphic())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_application_with_an_unknown_field_is_refused() {
+        let err = NewApplication::parse(br#"{"job_id":"0190a0a0-0000-7000-8000-000000000000","x":1}"#)
+            .unwrap_err();
+        assert!(err.0.contains("unknown field"), "{}", err.0);
+    }
+
+    #[test]
+    fn an_application_with_a_non_uuid_job_is_refused() {
+        assert!(NewApplication::parse(br#"{"job_id":"42"}"#).is_err());
+        assert!(NewApplication::parse(br#"{"job_id":42}"#).is_err());
+    }
+
+    #[test]
+    fn a_job_with_an_empty_title_is_refused() {
+        let err = NewJob::parse(br#"{"title":" ","company":"c","location":"l","description":"d"}"#)
+            .unwrap_err();
+        assert!(err.0.contains("title"));
+    }
+
+    #[test]
+    fn emails_are_checked_for_shape() {
+        assert!(valid_email("a@b.co"));
+        assert!(!valid_email("a@b"));
+        assert!(!valid_email("a b@c.de"));
+        assert!(!valid_email("@c.de"));
+        assert!(!valid_email("a@@c.de"));
+    }
+}

@@ -1,0 +1,257 @@
+//! The warp front: two listeners, one routing table each.
+//!
+//! The front owns no state. It reads and bounds the body, authenticates,
+//! validates, and asks the actors and the store for answers. Every error is an
+//! [`ApiError`] rendered as RFC 9457 problem+json in [`problem`]; nothing a
+//! client sends can make a handler panic or answer 5xx.
+//!
+//! Routing is a single `match` on (method, path segments) per listener
+//! ([`public::dispatch`], [`admin::dispatch`]): one table to read, a 405 with
+//! `Allow` for a known path with the wrong method, and no warp rejection
+//! reaching the client unmapped.
+
+pub mod admin;
+pub mod auth;
+pub mod problem;
+pub mod public;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures::{Stream, StreamExt};
+use http::{HeaderMap, HeaderValue, Method};
+use metrics_exporter_prometheus::PrometheusHandle;
+use ractor::rpc::CallResult;
+use warp::reply::Response;
+use warp::Filter;
+
+use crate::actors::key_registry::{KeyRegistryMsg, RedisMode};
+use crate::actors::supervisor::ActorTree;
+use crate::config::Config;
+use crate::idempotency::{Fingerprint, IdempotencyKey, KeyScope, StoredResponse};
+use crate::store::{KeyClaim, KeyClaimRequest, KeyLease, Store, StoreError};
+use auth::Auth;
+use problem::{json_response, ApiError};
+
+/// Largest request body accepted (SPEC 2); larger gets 413 `body_too_large`.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub store: Arc<dyn Store>,
+    pub actors: ActorTree,
+    pub auth: Auth,
+    /// Hot-tier mode, for `/readyz` and `/admin/status`.
+    pub redis_mode: RedisMode,
+    pub prometheus: PrometheusHandle,
+}
+
+/// One incoming request, as the dispatchers see it.
+pub struct Request {
+    pub method: Method,
+    pub path: String,
+    pub query: String,
+    pub headers: HeaderMap,
+    /// The body, already bounded by [`MAX_BODY_BYTES`]; the error is the 413
+    /// (or unreadable body) to answer if a handler wants the body.
+    pub body: Result<Bytes, ApiError>,
+}
+
+/// The warp filter that feeds a dispatcher. Never rejects: every request
+/// ends as a response from the dispatcher.
+pub fn listener_filter<D, Fut>(
+    state: AppState,
+    dispatch: D,
+) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone
+where
+    D: Fn(AppState, Request) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response> + Send,
+{
+    warp::method()
+        .and(warp::path::full())
+        .and(
+            warp::query::raw()
+                .or(warp::any().map(String::new))
+                .unify(),
+        )
+        .and(warp::header::headers_cloned())
+        .and(warp::body::stream())
+        .then(
+            move |method, path: warp::path::FullPath, query, headers: HeaderMap, body| {
+                let state = state.clone();
+                let dispatch = dispatch.clone();
+                async move {
+                    let body = match check_declared_length(&headers, MAX_BODY_BYTES) {
+                        Ok(()) => read_body(body, MAX_BODY_BYTES).await,
+                        Err(e) => Err(e),
+                    };
+                    let request = Request {
+                        method,
+                        path: path.as_str().to_string(),
+                        query,
+                        headers,
+                        body,
+                    };
+                    dispatch(state, request).await
+                }
+            },
+        )
+        .recover(|_| async { Ok::<Response, Infallible>(ApiError::Internal.into_response()) })
+        .unify()
+}
+
+/// Reads a request body, refusing more than `limit` bytes without buffering them.
+pub async fn read_body<S, B>(body: S, limit: usize) -> Result<Bytes, ApiError>
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    let mut body = std::pin::pin!(body);
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let mut chunk =
+            chunk.map_err(|_| ApiError::InvalidBody("the request body could not be read".into()))?;
+        if buf.len() + chunk.remaining() > limit {
+            return Err(ApiError::BodyTooLarge { limit });
+        }
+        while chunk.has_remaining() {
+            let part = chunk.chunk();
+            let n = part.len();
+            buf.put_slice(part);
+            chunk.advance(n);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+/// A 413 before reading anything, when `Content-Length` already says too much.
+pub fn check_declared_length(headers: &HeaderMap, limit: usize) -> Result<(), ApiError> {
+    let declared = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(n) if n > limit as u64 => Err(ApiError::BodyTooLarge { limit }),
+        _ => Ok(()),
+    }
+}
+
+/// The `Idempotency-Key` header, validated; `None` when absent.
+pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiError> {
+    headers
+        .get("idempotency-key")
+        .map(|v| IdempotencyKey::parse(v.as_bytes()))
+        .transpose()
+        .map_err(ApiError::from)
+}
+
+/// Builds the HTTP response for a stored (or fresh) outcome.
+pub fn stored_response(stored: StoredResponse, replayed: bool) -> Response {
+    let status =
+        http::StatusCode::from_u16(stored.status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = json_response(status, stored.body);
+    if replayed {
+        response
+            .headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    response
+}
+
+/// Serialises a resource as a stored response.
+pub fn stored<T: serde::Serialize>(status: u16, value: &T) -> StoredResponse {
+    StoredResponse {
+        status,
+        body: serde_json::to_string(value).unwrap_or_default(),
+    }
+}
+
+impl AppState {
+    async fn resolve_key(&self, claim: KeyClaimRequest) -> Result<KeyClaim, ApiError> {
+        let registry = self
+            .actors
+            .key_registry
+            .get()
+            .ok_or(ApiError::Unavailable)?;
+        match registry
+            .call(
+                |reply| KeyRegistryMsg::Resolve { claim, reply },
+                Some(Duration::from_secs(10)),
+            )
+            .await
+        {
+            Ok(CallResult::Success(result)) => Ok(result?),
+            _ => Err(ApiError::Unavailable),
+        }
+    }
+
+    fn tell_registry(&self, message: KeyRegistryMsg) {
+        if let Some(registry) = self.actors.key_registry.get() {
+            let _ = registry.cast(message);
+        }
+    }
+
+    /// Runs a state-changing operation under the idempotency contract:
+    /// without a key it just runs; with one, the KeyRegistry decides between
+    /// running it (new), replaying the stored outcome, 409 and 422. The
+    /// operation completes the key in its own transaction; a 4xx it reports is
+    /// stored as the key's outcome, a 5xx releases the key so a retry can run.
+    pub async fn run_idempotent<Op, Fut>(
+        &self,
+        scope: KeyScope,
+        key: Option<IdempotencyKey>,
+        body: &serde_json::Value,
+        operation: Op,
+    ) -> Result<Response, ApiError>
+    where
+        Op: FnOnce(Option<KeyLease>) -> Fut,
+        Fut: std::future::Future<Output = Result<StoredResponse, StoreError>>,
+    {
+        let Some(key) = key else {
+            return Ok(stored_response(operation(None).await?, false));
+        };
+        let claim = KeyClaimRequest {
+            fingerprint: Fingerprint::of_request(scope.method, scope.route, body),
+            scope,
+            key,
+            lease: Duration::from_secs(self.config.idempotency.lease_secs),
+            ttl: Duration::from_secs(self.config.idempotency.ttl_secs),
+        };
+        let lease = match self.resolve_key(claim).await? {
+            KeyClaim::Replay(response) => return Ok(stored_response(response, true)),
+            KeyClaim::InFlight => return Err(ApiError::InFlight),
+            KeyClaim::Mismatch => return Err(ApiError::KeyReused),
+            KeyClaim::New(lease) => lease,
+        };
+        match operation(Some(lease.clone())).await {
+            Ok(response) => {
+                self.tell_registry(KeyRegistryMsg::Completed {
+                    lease,
+                    response: response.clone(),
+                });
+                Ok(stored_response(response, false))
+            }
+            Err(StoreError::LeaseLost) => Err(ApiError::InFlight),
+            Err(e) => {
+                let error = ApiError::from(e);
+                if error.status().is_client_error() {
+                    let response = error.stored();
+                    match self.store.complete_key(&lease, &response).await {
+                        Ok(()) => self.tell_registry(KeyRegistryMsg::Completed {
+                            lease,
+                            response: response.clone(),
+                        }),
+                        Err(_) => self.tell_registry(KeyRegistryMsg::Release { lease }),
+                    }
+                } else {
+                    self.tell_registry(KeyRegistryMsg::Release { lease });
+                }
+                Err(error)
+            }
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! The HTTP layer's one error type, [`ApiError`], and its mapping to RFC 9457
+//! `application/problem+json` responses — in this one place.
+//!
+//! Every variant has a stable `code` member clients can branch on. Errors
+//! from other layers ([`StoreError`], [`InvalidBody`], [`InvalidKey`]) convert
+//! with `?`.
+
+use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::StatusCode;
+use serde::Serialize;
+use warp::reply::Response;
+
+use crate::domain::InvalidBody;
+use crate::idempotency::{InvalidKey, StoredResponse};
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("request body is larger than {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("{0}")]
+    InvalidBody(String),
+    #[error("{0}")]
+    InvalidQuery(String),
+    #[error("Idempotency-Key must be 1 to 255 visible ASCII characters")]
+    IdempotencyKeyInvalid,
+    #[error("this endpoint requires an Idempotency-Key header")]
+    IdempotencyKeyMissing,
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    #[error("no such resource")]
+    NotFound,
+    #[error("no such job")]
+    JobNotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("a request with this Idempotency-Key is still being processed; retry later")]
+    InFlight,
+    #[error("this Idempotency-Key was used for a different request")]
+    KeyReused,
+    #[error("dev login is disabled")]
+    DevLoginDisabled,
+    #[error("service temporarily unavailable; retry later")]
+    Unavailable,
+    #[error("internal error")]
+    Internal,
+}
+
+/// The RFC 9457 body.
+#[derive(Debug, Serialize)]
+pub struct Problem {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub title: &'static str,
+    pub status: u16,
+    pub detail: String,
+    pub code: &'static str,
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::InvalidBody(_)
+            | ApiError::InvalidQuery(_)
+            | ApiError::IdempotencyKeyInvalid
+            | ApiError::IdempotencyKeyMissing => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::NotFound | ApiError::JobNotFound | ApiError::DevLoginDisabled => {
+                StatusCode::NOT_FOUND
+            }
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::InFlight => StatusCode::CONFLICT,
+            ApiError::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::BodyTooLarge { .. } => "body_too_large",
+            ApiError::InvalidBody(_) => "invalid_body",
+            ApiError::InvalidQuery(_) => "invalid_query",
+            ApiError::IdempotencyKeyInvalid => "idempotency_key_invalid",
+            ApiError::IdempotencyKeyMissing => "idempotency_key_missing",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::NotFound | ApiError::DevLoginDisabled => "not_found",
+            ApiError::JobNotFound => "job_not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::InFlight => "idempotency_in_flight",
+            ApiError::KeyReused => "idempotency_key_reused",
+            ApiError::Unavailable => "unavailable",
+            ApiError::Internal => "internal",
+        }
+    }
+
+    fn title(&self) -> &'static str {
+        match self {
+            ApiError::BodyTooLarge { .. } => "Request body too large",
+            ApiError::InvalidBody(_) => "Invalid request body",
+            ApiError::InvalidQuery(_) => "Invalid query string",
+            ApiError::IdempotencyKeyInvalid => "Invalid Idempotency-Key",
+            ApiError::IdempotencyKeyMissing => "Idempotency-Key required",
+            ApiError::Unauthorized(_) => "Unauthorized",
+            ApiError::NotFound | ApiError::DevLoginDisabled => "Not found",
+            ApiError::JobNotFound => "Job not found",
+            ApiError::MethodNotAllowed => "Method not allowed",
+            ApiError::InFlight => "Request in progress",
+            ApiError::KeyReused => "Idempotency-Key reused",
+            ApiError::Unavailable => "Service unavailable",
+            ApiError::Internal => "Internal error",
+        }
+    }
+
+    pub fn problem(&self) -> Problem {
+        Problem {
+            kind: format!("urn:herald:problem:{}", self.code()),
+            title: self.title(),
+            status: self.status().as_u16(),
+            detail: self.to_string(),
+            code: self.code(),
+        }
+    }
+
+    /// The response body as it is stored with an idempotency key (4xx outcomes).
+    pub fn stored(&self) -> StoredResponse {
+        StoredResponse {
+            status: self.status().as_u16(),
+            body: serde_json::to_string(&self.problem()).unwrap_or_default(),
+        }
+    }
+
+    pub fn into_response(self) -> Response {
+        let mut response = json_response(
+            self.status(),
+            serde_json::to_string(&self.problem()).unwrap_or_default(),
+        );
+        let headers = response.headers_mut();
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        match self {
+            ApiError::InFlight | ApiError::Unavailable => {
+                headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ApiError::Unauthorized(_) => {
+                headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+/// A JSON response with `status` and an already serialised body. Error
+/// statuses get the problem content type, so replayed problems keep it.
+pub fn json_response(status: StatusCode, body: String) -> Response {
+    let mut response = Response::new(body.into());
+    *response.status_mut() = status;
+    let content_type = if status.is_client_error() || status.is_server_error() {
+        "application/problem+json"
+    } else {
+        "application/json"
+    };
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+impl From<InvalidBody> for ApiError {
+    fn from(e: InvalidBody) -> Self {
+        ApiError::InvalidBody(e.0)
+    }
+}
+
+impl From<InvalidKey> for ApiError {
+    fn from(_: InvalidKey) -> Self {
+        ApiError::IdempotencyKeyInvalid
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(detail) => {
+                tracing::warn!(%detail, "database unavailable");
+                ApiError::Unavailable
+            }
+            StoreError::JobNotFound => ApiError::JobNotFound,
+            StoreError::LeaseLost => ApiError::InFlight,
+            StoreError::Internal(detail) => {
+                tracing::error!(%detail, "store error");
+                ApiError::Internal
+            }
+        }
+    }
+}

@@ -1,0 +1,291 @@
+//! The public listener: the job board API (SPEC section 2).
+//!
+//! | method, path                  | who    |
+//! |-------------------------------|--------|
+//! | GET  /                        | anyone |
+//! | GET  /api/jobs                | anyone |
+//! | POST /api/jobs                | admin  |
+//! | GET  /api/jobs/{id}           | anyone |
+//! | POST /api/applications        | user   |
+//! | GET  /api/applications/{id}   | user (own only; others get 404) |
+//! | POST /api/dev/login           | anyone, dev mode only |
+//! | GET  /healthz, /readyz        | anyone |
+
+use std::time::Duration;
+
+use chrono::Utc;
+use http::{HeaderValue, Method, StatusCode};
+use tracing::{info_span, Instrument};
+use uuid::Uuid;
+use warp::reply::Response;
+
+use super::problem::{json_response, ApiError};
+use super::{stored, AppState, Request};
+use crate::domain::{
+    parse_json, Application, DevLogin, EmailStatus, Job, NewApplication, NewJob, Page,
+};
+use crate::idempotency::KeyScope;
+use crate::store::ApplyOutcome;
+use crate::telemetry::metrics as m;
+
+/// Routes one request of the public listener.
+pub async fn dispatch(state: AppState, request: Request) -> Response {
+    let request_id = Uuid::new_v4();
+    let span = info_span!("request", %request_id, method = %request.method, path = %request.path);
+    async move {
+        let segments: Vec<&str> = request.path.trim_matches('/').split('/').collect();
+        let (route, result) = match (segments.as_slice(), &request.method) {
+            ([""], &Method::GET) => ("/", Ok(index_page())),
+            (["healthz"], &Method::GET) => ("/healthz", Ok(healthz())),
+            (["readyz"], &Method::GET) => ("/readyz", readyz(&state).await),
+            (["api", "jobs"], &Method::GET) => ("/api/jobs", list_jobs(&state, &request).await),
+            (["api", "jobs"], &Method::POST) => ("/api/jobs", post_job(&state, &request).await),
+            (["api", "jobs", id], &Method::GET) => ("/api/jobs/{id}", get_job(&state, id).await),
+            (["api", "applications"], &Method::POST) => (
+                "/api/applications",
+                submit_application(&state, &request).await,
+            ),
+            (["api", "applications", id], &Method::GET) => (
+                "/api/applications/{id}",
+                get_application(&state, &request, id).await,
+            ),
+            (["api", "dev", "login"], &Method::POST) => {
+                ("/api/dev/login", dev_login(&state, &request))
+            }
+            (path, _) => ("other", Err(not_routed(path))),
+        };
+        let mut response = result.unwrap_or_else(ApiError::into_response);
+        if let Some(allow) = allowed_methods(&segments) {
+            if response.status() == StatusCode::METHOD_NOT_ALLOWED {
+                response
+                    .headers_mut()
+                    .insert(http::header::ALLOW, HeaderValue::from_static(allow));
+            }
+        }
+        if let Ok(v) = HeaderValue::from_str(&request_id.to_string()) {
+            response.headers_mut().insert("x-request-id", v);
+        }
+        m::http_request(route, response.status().as_u16());
+        response
+    }
+    .instrument(span)
+    .await
+}
+
+/// The methods a known path accepts (for 405 and `Allow`).
+fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
+    match segments {
+        [""] | ["healthz"] | ["readyz"] => Some("GET"),
+        ["api", "jobs"] => Some("GET, POST"),
+        ["api", "jobs", _] | ["api", "applications", _] => Some("GET"),
+        ["api", "applications"] | ["api", "dev", "login"] => Some("POST"),
+        _ => None,
+    }
+}
+
+fn not_routed(segments: &[&str]) -> ApiError {
+    if allowed_methods(segments).is_some() {
+        ApiError::MethodNotAllowed
+    } else {
+        ApiError::NotFound
+    }
+}
+
+fn ok_json<T: serde::Serialize>(value: &T) -> Response {
+    json_response(
+        StatusCode::OK,
+        serde_json::to_string(value).unwrap_or_default(),
+    )
+}
+
+fn index_page() -> Response {
+    let mut response = Response::new(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Herald</title>\
+         </head><body><h1>Herald job board</h1><p>The live page arrives with the stream \
+         (see <code>/api/jobs</code> meanwhile).</p></body></html>"
+            .into(),
+    );
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    response
+}
+
+fn healthz() -> Response {
+    ok_json(&serde_json::json!({"status": "ok"}))
+}
+
+async fn readyz(state: &AppState) -> Result<Response, ApiError> {
+    match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
+        Ok(Ok(())) => Ok(ok_json(&serde_json::json!({
+            "status": "ready",
+            "database": "ok",
+            // Redis loss degrades speed, not correctness: still ready.
+            "redis": state.redis_mode.label(),
+        }))),
+        _ => Err(ApiError::Unavailable),
+    }
+}
+
+/// Parses `?limit=&before=` of the jobs list.
+fn list_params(query: &str) -> Result<(u32, Option<Uuid>), ApiError> {
+    let mut limit = 20;
+    let mut before = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match name {
+            "limit" => {
+                limit = value
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| (1..=100).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::InvalidQuery("`limit` must be an integer from 1 to 100".into())
+                    })?;
+            }
+            "before" => {
+                before = Some(Uuid::parse_str(value).map_err(|_| {
+                    ApiError::InvalidQuery("`before` must be a cursor from `next_before`".into())
+                })?);
+            }
+            _ => {}
+        }
+    }
+    Ok((limit, before))
+}
+
+async fn list_jobs(state: &AppState, request: &Request) -> Result<Response, ApiError> {
+    let (limit, before) = list_params(&request.query)?;
+    let jobs = state.store.list_jobs(limit, before).await?;
+    let next_before = if jobs.len() == limit as usize {
+        jobs.last().map(|j| j.id.to_string())
+    } else {
+        None
+    };
+    Ok(ok_json(&Page {
+        items: jobs,
+        next_before,
+    }))
+}
+
+async fn get_job(state: &AppState, id: &str) -> Result<Response, ApiError> {
+    let id = Uuid::parse_str(id).map_err(|_| ApiError::NotFound)?;
+    let job = state.store.get_job(id).await?.ok_or(ApiError::NotFound)?;
+    Ok(ok_json(&job))
+}
+
+fn body_json(request: &Request) -> Result<serde_json::Value, ApiError> {
+    let body = request.body.as_ref().map_err(clone_error)?;
+    Ok(parse_json(body)?)
+}
+
+fn clone_error(e: &ApiError) -> ApiError {
+    match e {
+        ApiError::BodyTooLarge { limit } => ApiError::BodyTooLarge { limit: *limit },
+        other => ApiError::InvalidBody(other.to_string()),
+    }
+}
+
+async fn post_job(state: &AppState, request: &Request) -> Result<Response, ApiError> {
+    state.auth.admin(&request.headers)?;
+    let key = super::idempotency_key(&request.headers)?;
+    let json = body_json(request)?;
+    let new_job = NewJob::parse(request.body.as_ref().map_err(clone_error)?)?;
+    let job: Job = new_job.into_job(Uuid::now_v7(), Utc::now());
+    let scope = KeyScope {
+        principal: "admin".into(),
+        method: "POST",
+        route: "/api/jobs",
+    };
+    let render = |job: &Job| stored(201, job);
+    state
+        .run_idempotent(scope, key, &json, |lease| async move {
+            state.store.post_job(&job, lease.as_ref(), &render).await
+        })
+        .await
+}
+
+async fn submit_application(state: &AppState, request: &Request) -> Result<Response, ApiError> {
+    let user = state.auth.user(&request.headers)?;
+    let key = super::idempotency_key(&request.headers)?;
+    let json = body_json(request)?;
+    let new = NewApplication::parse(request.body.as_ref().map_err(clone_error)?)?;
+    let application = Application {
+        id: Uuid::now_v7(),
+        job_id: new.job_id,
+        user_id: user.id.clone(),
+        email: user.email,
+        resume_url: new.resume_url,
+        cover_letter: new.cover_letter,
+        email_status: EmailStatus::Pending,
+        created_at: Utc::now(),
+    };
+    let scope = KeyScope {
+        principal: format!("user:{}", user.id),
+        method: "POST",
+        route: "/api/applications",
+    };
+    let render = |outcome: &ApplyOutcome| match outcome {
+        ApplyOutcome::Created(a) => stored(201, &a.view(false)),
+        ApplyOutcome::AlreadyApplied(a) => stored(200, &a.view(true)),
+    };
+    state
+        .run_idempotent(scope, key, &json, |lease| async move {
+            let (outcome, response) = state
+                .store
+                .submit_application(&application, lease.as_ref(), &render)
+                .await?;
+            if matches!(outcome, ApplyOutcome::Created(_)) {
+                m::application_created();
+            }
+            Ok(response)
+        })
+        .await
+}
+
+async fn get_application(
+    state: &AppState,
+    request: &Request,
+    id: &str,
+) -> Result<Response, ApiError> {
+    let user = state.auth.user(&request.headers)?;
+    let id = Uuid::parse_str(id).map_err(|_| ApiError::NotFound)?;
+    let application = state
+        .store
+        .get_application(id, &user.id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    Ok(ok_json(&application.view(false)))
+}
+
+fn dev_login(state: &AppState, request: &Request) -> Result<Response, ApiError> {
+    if !state.config.auth.dev_login {
+        return Err(ApiError::DevLoginDisabled);
+    }
+    let body = request.body.as_ref().map_err(clone_error)?;
+    let login: DevLogin = parse_json(body)?;
+    let email = login.email.trim().to_ascii_lowercase();
+    if !crate::domain::valid_email(&email) {
+        return Err(ApiError::InvalidBody("`email` must be an email address".into()));
+    }
+    let token = state
+        .auth
+        .issue(&format!("dev:{email}"), &email, state.config.auth.dev_token_ttl_secs)?;
+    Ok(ok_json(&serde_json::json!({ "token": token })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_parameters_are_bounded() {
+        assert_eq!(list_params("").unwrap(), (20, None));
+        assert_eq!(list_params("limit=100").unwrap().0, 100);
+        assert!(list_params("limit=0").is_err());
+        assert!(list_params("limit=101").is_err());
+        assert!(list_params("limit=abc").is_err());
+        assert!(list_params("before=nope").is_err());
+    }
+}

@@ -1,0 +1,163 @@
+//! The Redis hot tier of the KeyRegistry.
+//!
+//! Two kinds of Redis keys, both optimisations only:
+//! - `herald:idem:done:<digest>`: a completed outcome (fingerprint, status,
+//!   body), so a replay costs one Redis GET and no database query;
+//! - `herald:idem:lock:<digest>`: an in-flight marker set with `SET NX PX`
+//!   (the lease), so a concurrent duplicate is answered 409 without touching
+//!   the database.
+//!
+//! Every call is bounded by `redis.command_timeout_ms`; any error or timeout
+//! is returned to the KeyRegistry, which switches to database-only mode. The
+//! database decides every outcome that Redis cannot prove, so losing any of
+//! these keys (FLUSHALL, restart, failover) never causes a second effect.
+
+use std::time::Duration;
+
+use fred::prelude::*;
+use fred::types::{Expiration, SetOptions};
+use serde::{Deserialize, Serialize};
+
+use super::{Fingerprint, StoredResponse};
+use crate::config::RedisConfig;
+
+/// A failure of the hot tier; the caller falls back to the database.
+#[derive(Debug, thiserror::Error)]
+pub enum HotTierError {
+    #[error("redis: {0}")]
+    Redis(#[from] fred::error::Error),
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("redis held an unreadable value: {0}")]
+    Corrupt(String),
+}
+
+/// A completed outcome as cached in Redis.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CachedOutcome {
+    /// Hex fingerprint of the request that produced the response.
+    pub fp: String,
+    pub status: u16,
+    pub body: String,
+}
+
+impl CachedOutcome {
+    pub fn matches(&self, fp: Fingerprint) -> bool {
+        self.fp == fp.to_hex()
+    }
+    pub fn response(self) -> StoredResponse {
+        StoredResponse {
+            status: self.status,
+            body: self.body,
+        }
+    }
+}
+
+/// Handle to Redis for the idempotency fast path.
+#[derive(Clone)]
+pub struct HotTier {
+    /// fred client; reconnects on its own in the background.
+    client: Client,
+    /// Upper bound of one call, so a dead Redis costs at most this much latency.
+    timeout: Duration,
+}
+
+impl HotTier {
+    /// Builds the client and starts connecting in the background. Never waits
+    /// for Redis: a daemon must start (in fallback) while Redis is down.
+    pub fn connect(url: &str, config: &RedisConfig) -> Result<HotTier, HotTierError> {
+        let timeout = Duration::from_millis(config.command_timeout_ms);
+        let redis_config = Config::from_url(url)?;
+        let client = Builder::from_config(redis_config)
+            .with_performance_config(|p| {
+                p.default_command_timeout = timeout;
+            })
+            .with_connection_config(|c| {
+                c.connection_timeout = Duration::from_millis(1000);
+                c.internal_command_timeout = timeout;
+                c.max_command_attempts = 1;
+            })
+            // Unlimited attempts, 200 ms apart: Redis coming back is noticed quickly.
+            .set_policy(ReconnectPolicy::new_constant(0, 200))
+            .build()?;
+        client.connect();
+        Ok(HotTier { client, timeout })
+    }
+
+    async fn bounded<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, fred::error::Error>>,
+    ) -> Result<T, HotTierError> {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(HotTierError::Timeout(self.timeout)),
+        }
+    }
+
+    fn done_key(digest: &str) -> String {
+        format!("herald:idem:done:{digest}")
+    }
+
+    fn lock_key(digest: &str) -> String {
+        format!("herald:idem:lock:{digest}")
+    }
+
+    /// The cached completed outcome of a key, if Redis still has it.
+    pub async fn cached(&self, digest: &str) -> Result<Option<CachedOutcome>, HotTierError> {
+        let raw: Option<String> = self.bounded(self.client.get(Self::done_key(digest))).await?;
+        raw.map(|s| serde_json::from_str(&s).map_err(|e| HotTierError::Corrupt(e.to_string())))
+            .transpose()
+    }
+
+    /// Sets the in-flight marker unless one exists; `true` when this caller set it.
+    pub async fn mark_in_flight(
+        &self,
+        digest: &str,
+        fp: Fingerprint,
+        lease: Duration,
+    ) -> Result<bool, HotTierError> {
+        let set: Option<String> = self
+            .bounded(self.client.set(
+                Self::lock_key(digest),
+                fp.to_hex(),
+                Some(Expiration::PX(lease.as_millis() as i64)),
+                Some(SetOptions::NX),
+                false,
+            ))
+            .await?;
+        Ok(set.is_some())
+    }
+
+    /// Removes the in-flight marker (request finished or released).
+    pub async fn clear_in_flight(&self, digest: &str) -> Result<(), HotTierError> {
+        let _: i64 = self.bounded(self.client.del(Self::lock_key(digest))).await?;
+        Ok(())
+    }
+
+    /// Caches a completed outcome for `ttl` and clears the in-flight marker.
+    pub async fn store_completed(
+        &self,
+        digest: &str,
+        outcome: &CachedOutcome,
+        ttl: Duration,
+    ) -> Result<(), HotTierError> {
+        let value =
+            serde_json::to_string(outcome).map_err(|e| HotTierError::Corrupt(e.to_string()))?;
+        let _: Option<String> = self
+            .bounded(self.client.set(
+                Self::done_key(digest),
+                value,
+                Some(Expiration::EX(ttl.as_secs().max(1) as i64)),
+                None,
+                false,
+            ))
+            .await?;
+        self.clear_in_flight(digest).await
+    }
+
+    /// A round trip to Redis; used by the KeyRegistry's probe.
+    pub async fn ping(&self) -> Result<(), HotTierError> {
+        let _: String = self.bounded(self.client.ping(None)).await?;
+        Ok(())
+    }
+}

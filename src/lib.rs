@@ -1,0 +1,32 @@
+//! Herald: a daemon that makes a live job board real-time and notifying without
+//! ever doing a side effect twice.
+//!
+//! Requests arrive at a [`warp`] front ([`http`]) that validates and
+//! authenticates, then asks a supervised tree of [`ractor`] actors ([`actors`])
+//! for answers. The [`actors::key_registry`] resolves an `Idempotency-Key` into
+//! new / in-flight / replay / mismatch; the business row, its outbox event and
+//! the key's outcome then commit in one transaction through the [`store`].
+//!
+//! # Layout
+//!
+//! - [`config`]: layered configuration (built-in defaults, `HERALD_CONFIG` file,
+//!   `HERALD_*` environment) validated at start.
+//! - [`domain`]: typed request and resource values that validate on construction.
+//! - [`idempotency`]: the key type, the canonical-JSON fingerprint and the Redis
+//!   hot tier in front of the database's key table.
+//! - [`store`]: the storage trait and its Postgres backend (own migrations).
+//! - [`actors`]: the root supervisor and its children (KeyRegistry, ...).
+//! - [`http`]: routes, authentication, RFC 9457 problem errors, listeners.
+//! - [`telemetry`]: logging and the Prometheus metrics of the contract.
+//! - [`server`]: wires everything together: `server::run(config, listeners, shutdown)`.
+//! - [`bench`]: `herald bench …`, measurements against a baseline taken in the same run.
+
+pub mod actors;
+pub mod bench;
+pub mod config;
+pub mod domain;
+pub mod http;
+pub mod idempotency;
+pub mod server;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,85 @@
+//! The `herald` command: `serve`, `migrate`, `bench`.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use herald::config::Config;
+use herald::server::{self, Listeners};
+
+#[derive(Parser)]
+#[command(name = "herald", version, about = "Real-time job board daemon that never does a side effect twice")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon (the default): applies pending migrations, then serves.
+    Serve,
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Benchmarks that print ratios against a baseline measured in the same run.
+    #[command(subcommand)]
+    Bench(herald::bench::BenchCommand),
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let listeners = Listeners::bind(&config).await?;
+    let (public, admin) = listeners.addresses()?;
+    // One machine-readable line on stdout: tests and scripts read the ports from it.
+    println!("herald listening public=http://{public} admin=http://{admin}");
+    server::run(config, listeners, shutdown_signal()).await
+}
+
+async fn migrate(config: Config) -> anyhow::Result<()> {
+    let store = herald::store::connect(&config).await?;
+    store.migrate().await?;
+    println!("migrations applied ({})", store.backend());
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("herald: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    herald::telemetry::init_logging(&config.log);
+    let result = match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(config).await,
+        Command::Migrate => migrate(config).await,
+        Command::Bench(cmd) => herald::bench::run(cmd, config).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("herald: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

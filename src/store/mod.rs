@@ -1,0 +1,173 @@
+//! Durable state: the [`Store`] trait and its backends.
+//!
+//! Everything Herald must not lose lives behind this trait: jobs, applications,
+//! idempotency keys and the transactional outbox. A backend is chosen by the
+//! scheme of `database_url` ([`connect`]); each backend owns its migrations
+//! folder under `migrations/<backend>/`. Postgres is the production backend;
+//! the SQLite backend of the embedded mode plugs in behind the same trait.
+//!
+//! The one rule every backend keeps: a business row, its outbox event and the
+//! idempotency key's `completed` outcome commit in **one** transaction.
+
+pub mod postgres;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use uuid::Uuid;
+
+use crate::config::Config;
+use crate::domain::{Application, Job};
+use crate::idempotency::{Fingerprint, IdempotencyKey, KeyScope, StoredResponse};
+
+/// A storage failure, classified for the HTTP layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached or refused the connection: answer 503.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// The application names a job that does not exist.
+    #[error("job not found")]
+    JobNotFound,
+    /// This request's lease on its idempotency key was taken over (it ran past
+    /// the lease); the other holder's outcome stands, so nothing was written.
+    #[error("idempotency lease lost")]
+    LeaseLost,
+    /// Anything else: a bug or a broken database. Answer 500.
+    #[error("database error: {0}")]
+    Internal(String),
+}
+
+impl StoreError {
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+/// A request to claim an idempotency key.
+#[derive(Debug, Clone)]
+pub struct KeyClaimRequest {
+    pub scope: KeyScope,
+    pub key: IdempotencyKey,
+    pub fingerprint: Fingerprint,
+    /// How long the claim holds before another request may take it over.
+    pub lease: Duration,
+    /// How long the key is kept once claimed.
+    pub ttl: Duration,
+}
+
+/// Proof that this request holds a key's lease; needed to complete or release it.
+#[derive(Debug, Clone)]
+pub struct KeyLease {
+    pub scope: KeyScope,
+    pub key: IdempotencyKey,
+    pub fingerprint: Fingerprint,
+    /// Fencing token: only the current holder may complete or release the key.
+    pub holder: Uuid,
+}
+
+/// What the database says about a key.
+#[derive(Debug, Clone)]
+pub enum KeyClaim {
+    /// Nobody held it (or its holder's lease expired): run the request.
+    New(KeyLease),
+    /// Completed earlier with the same fingerprint: replay this response.
+    Replay(StoredResponse),
+    /// Another request with this key is running.
+    InFlight,
+    /// The key was used for a different request.
+    Mismatch,
+}
+
+/// The result of applying: a new application or the user's existing one.
+#[derive(Debug, Clone)]
+pub enum ApplyOutcome {
+    Created(Application),
+    AlreadyApplied(Application),
+}
+
+/// Turns an outcome into the HTTP response that is stored with the key.
+pub type Render<'a, T> = &'a (dyn Fn(&T) -> StoredResponse + Send + Sync);
+
+/// Unpublished outbox rows, for `/admin/status` and the lag gauges.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct OutboxStats {
+    pub pending: i64,
+    /// Age of the oldest unpublished row, 0 when none.
+    pub lag_seconds: f64,
+}
+
+/// Herald's durable state. Implementations are cheap to share (`Arc<dyn Store>`).
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The backend's name, for `/admin/status`.
+    fn backend(&self) -> &'static str;
+
+    /// Applies pending migrations.
+    async fn migrate(&self) -> Result<(), StoreError>;
+
+    /// One round trip, for `/readyz`.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Jobs newest first, strictly older than the `before` cursor.
+    async fn list_jobs(&self, limit: u32, before: Option<Uuid>) -> Result<Vec<Job>, StoreError>;
+
+    async fn get_job(&self, id: Uuid) -> Result<Option<Job>, StoreError>;
+
+    /// Atomically creates the key `in_progress` or reports its state.
+    async fn claim_key(&self, claim: &KeyClaimRequest) -> Result<KeyClaim, StoreError>;
+
+    /// Stores an outcome that carries no business rows (a 4xx answer).
+    async fn complete_key(
+        &self,
+        lease: &KeyLease,
+        response: &StoredResponse,
+    ) -> Result<(), StoreError>;
+
+    /// Forgets a claim whose request failed with a 5xx, so a retry can run.
+    async fn release_key(&self, lease: &KeyLease) -> Result<(), StoreError>;
+
+    /// Inserts the job and its `job.posted` event, completing the key if any,
+    /// in one transaction.
+    async fn post_job(
+        &self,
+        job: &Job,
+        lease: Option<&KeyLease>,
+        render: Render<'_, Job>,
+    ) -> Result<StoredResponse, StoreError>;
+
+    /// Inserts the application and its `application.submitted` event — or finds
+    /// the user's existing application for the job — completing the key if
+    /// any, in one transaction.
+    async fn submit_application(
+        &self,
+        application: &Application,
+        lease: Option<&KeyLease>,
+        render: Render<'_, ApplyOutcome>,
+    ) -> Result<(ApplyOutcome, StoredResponse), StoreError>;
+
+    /// One application, only if it belongs to `user_id`.
+    async fn get_application(
+        &self,
+        id: Uuid,
+        user_id: &str,
+    ) -> Result<Option<Application>, StoreError>;
+
+    async fn outbox_stats(&self) -> Result<OutboxStats, StoreError>;
+}
+
+/// Connects to the backend named by `database_url`'s scheme.
+pub async fn connect(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
+    match config.database_url.scheme() {
+        "postgres" | "postgresql" => Ok(Arc::new(postgres::PgStore::connect(config).await?)),
+        "sqlite" => Err(StoreError::Unavailable(
+            "the embedded SQLite backend is not built yet; set HERALD_DATABASE_URL to a \
+             postgres:// URL"
+                .into(),
+        )),
+        other => Err(StoreError::Unavailable(format!(
+            "unsupported database_url scheme `{other}`"
+        ))),
+    }
+}

@@ -1,0 +1,90 @@
+//! Logs and metrics.
+//!
+//! Logs go through `tracing` to stderr, JSON when `log.format = "json"`.
+//! Metrics use the `metrics` facade with the Prometheus exporter; `/metrics`
+//! on the admin listener renders them. The metric names in [`metrics`] are part
+//! of the product contract (SPEC section 7).
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogConfig;
+
+/// Installs the global `tracing` subscriber. Safe to call more than once.
+pub fn init_logging(config: &LogConfig) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.filter));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if config.format == "json" {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// The process-wide Prometheus recorder (installed on first use).
+pub fn prometheus() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may exist when Herald is embedded in a test
+            // binary; then this handle renders only what it records itself.
+            let _ = metrics::set_global_recorder(recorder);
+            metrics::describe_counter!(
+                metrics::IDEMPOTENCY_REQUESTS,
+                "Requests carrying an Idempotency-Key, by resolution"
+            );
+            metrics::describe_gauge!(
+                metrics::REDIS_FALLBACK,
+                "1 while idempotency is served by the database without Redis"
+            );
+            metrics::describe_gauge!(metrics::OUTBOX_PENDING, "Unpublished outbox rows");
+            metrics::describe_gauge!(
+                metrics::OUTBOX_LAG_SECONDS,
+                "Age of the oldest unpublished outbox row"
+            );
+            handle
+        })
+        .clone()
+}
+
+/// The contract's metric names and the helpers that record them.
+pub mod metrics {
+    pub use ::metrics::{describe_counter, describe_gauge, set_global_recorder};
+
+    pub const IDEMPOTENCY_REQUESTS: &str = "herald_idempotency_requests_total";
+    pub const REDIS_FALLBACK: &str = "herald_redis_fallback";
+    pub const OUTBOX_PENDING: &str = "herald_outbox_pending";
+    pub const OUTBOX_LAG_SECONDS: &str = "herald_outbox_lag_seconds";
+    pub const HTTP_REQUESTS: &str = "herald_http_requests_total";
+    pub const APPLICATIONS_CREATED: &str = "herald_applications_created_total";
+
+    /// One resolved key: `new`, `replay`, `in_flight` or `mismatch`.
+    pub fn idempotency_request(outcome: &'static str) {
+        ::metrics::counter!(IDEMPOTENCY_REQUESTS, "outcome" => outcome).increment(1);
+    }
+
+    pub fn redis_fallback(on: bool) {
+        ::metrics::gauge!(REDIS_FALLBACK).set(if on { 1.0 } else { 0.0 });
+    }
+
+    pub fn outbox(pending: i64, lag_seconds: f64) {
+        ::metrics::gauge!(OUTBOX_PENDING).set(pending as f64);
+        ::metrics::gauge!(OUTBOX_LAG_SECONDS).set(lag_seconds);
+    }
+
+    pub fn http_request(route: &'static str, status: u16) {
+        ::metrics::counter!(HTTP_REQUESTS, "route" => route, "status" => status.to_string())
+            .increment(1);
+    }
+
+    pub fn application_created() {
+        ::metrics::counter!(APPLICATIONS_CREATED).increment(1);
+    }
+}

@@ -1,0 +1,913 @@
+//! Idempotent intake, end to end: a real Herald process against a real
+//! PostgreSQL and a real Redis, started by the harness for each test.
+//!
+//! Every outcome is read from outside the code under test: HTTP responses,
+//! rows in the database, `/metrics`.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::{count, eventually, user_token, Daemon, Postgres, Redis, ADMIN_TOKEN};
+
+struct World {
+    pg: Postgres,
+    redis: Redis,
+    herald: Daemon,
+    db: sqlx::PgPool,
+}
+
+async fn world(extra: &[(&str, &str)]) -> World {
+    let pg = Postgres::start().await;
+    let redis = Redis::start().await;
+    let herald = Daemon::start(&pg.url(), Some(&redis.url()), extra).await;
+    let db = pg.pool().await;
+    World {
+        pg,
+        redis,
+        herald,
+        db,
+    }
+}
+
+fn job_id(job: &Value) -> String {
+    job["id"].as_str().expect("job id").to_string()
+}
+
+async fn applications(db: &sqlx::PgPool) -> i64 {
+    count(db, "SELECT count(*) FROM applications").await
+}
+
+async fn application_events(db: &sqlx::PgPool) -> i64 {
+    count(
+        db,
+        "SELECT count(*) FROM outbox_events WHERE topic = 'application.submitted'",
+    )
+    .await
+}
+
+async fn problem(response: reqwest::Response, status: u16, code: &str) -> Value {
+    assert_eq!(response.status(), status, "status");
+    assert_eq!(
+        response.headers()["content-type"], "application/problem+json",
+        "problem content type"
+    );
+    let body: Value = response.json().await.expect("problem body");
+    assert_eq!(body["code"], code, "problem code in {body}");
+    assert_eq!(body["status"], status);
+    assert!(body["title"].is_string() && body["type"].is_string() && body["detail"].is_string());
+    body
+}
+
+// ---------------------------------------------------------------- outcome table
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_key_and_a_new_application_answer_201_with_the_application() {
+    let w = world(&[]).await;
+    let job = w.herald.post_job("Rust engineer").await;
+    let token = user_token("alice");
+    let r = w
+        .herald
+        .apply(&token, Some("key-1"), &json!({"job_id": job_id(&job)}))
+        .await;
+    assert_eq!(r.status(), 201);
+    assert!(r.headers().get("idempotent-replayed").is_none());
+    let app: Value = r.json().await.unwrap();
+    assert_eq!(app["job_id"], job["id"]);
+    assert_eq!(app["email_status"], "pending");
+    assert_eq!(app["already_applied"], false);
+    assert!(app["id"].is_string() && app["created_at"].is_string());
+    assert_eq!(applications(&w.db).await, 1);
+    assert_eq!(application_events(&w.db).await, 1);
+    let completed = count(
+        &w.db,
+        "SELECT count(*) FROM idempotency_keys WHERE state = 'completed' AND response_status = 201",
+    )
+    .await;
+    assert_eq!(completed, 1, "the key's outcome committed with the rows");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_key_and_request_replay_the_stored_status_and_body() {
+    let w = world(&[]).await;
+    let job = w.herald.post_job("Rust engineer").await;
+    let token = user_token("alice");
+    let body = json!({"job_id": job_id(&job), "cover_letter": "Hello"});
+    let first = w.herald.apply(&token, Some("key-1"), &body).await;
+    assert_eq!(first.status(), 201);
+    let first_body = first.text().await.unwrap();
+    for _ in 0..3 {
+        let again = w.herald.apply(&token, Some("key-1"), &body).await;
+        assert_eq!(again.status(), 201, "the stored status");
+        assert_eq!(again.headers()["idempotent-replayed"], "true");
+        assert_eq!(again.text().await.unwrap(), first_body, "the stored body");
+    }
+    // Key order and whitespace are not part of the request's identity.
+    let reordered = w
+        .herald
+        .http
+        .post(w.herald.url("/api/applications"))
+        .bearer_auth(&token)
+        .header("Idempotency-Key", "key-1")
+        .header("content-type", "application/json")
+        .body(format!(
+            "{{ \"cover_letter\" : \"Hello\",\n \"job_id\": \"{}\" }}",
+            job_id(&job)
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reordered.headers()["idempotent-replayed"], "true");
+    assert_eq!(applications(&w.db).await, 1);
+    assert_eq!(application_events(&w.db).await, 1);
+    assert_eq!(
+        w.herald
+            .metric("herald_idempotency_requests_total{outcome=\"replay\"}")
+            .await,
+        4.0
+    );
+    assert_eq!(
+        w.herald
+            .metric("herald_idempotency_requests_total{outcome=\"new\"}")
+            .await,
+        2.0,
+        "one job post and one application were new"
+    );
+}
+
+/// Holds the job's row lock so an application's insert (its foreign-key
+/// check) waits: the request is then genuinely "still running".
+async fn hold_job(db: &sqlx::PgPool, job: &str) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut tx = db.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM jobs WHERE id = $1::uuid FOR UPDATE")
+        .bind(job)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx
+}
+
+async fn wait_until_blocked(db: &sqlx::PgPool) {
+    eventually(
+        "the first request to wait on the job's row lock",
+        Duration::from_secs(10),
+        || async move {
+            let n = count(
+                db,
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
+            )
+            .await;
+            (n >= 1).then_some(())
+        },
+    )
+    .await;
+}
+
+async fn in_flight_duplicate_gets_409(kill_redis: bool) {
+    let mut w = world(&[]).await;
+    let job = w.herald.post_job("Rust engineer").await;
+    if kill_redis {
+        w.redis.kill();
+        let herald = &w.herald;
+        eventually("fallback", Duration::from_secs(10), || async move {
+            (herald.metric("herald_redis_fallback").await == 1.0).then_some(())
+        })
+        .await;
+    }
+    let token = user_token("alice");
+    let body = json!({"job_id": job_id(&job)});
+    let lock = hold_job(&w.db, &job_id(&job)).await;
+    let first = {
+        let (herald_url, token, body) = (w.herald.url("/api/applications"), token.clone(), body.clone());
+        let http = w.herald.http.clone();
+        tokio::spawn(async move {
+            http.post(herald_url)
+                .bearer_auth(token)
+                .header("Idempotency-Key", "key-1")
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+        })
+    };
+    wait_until_blocked(&w.db).await;
+    let second = w.herald.apply(&token, Some("key-1"), &body).await;
+    assert_eq!(second.headers()["retry-after"], "1");
+    problem(second, 409, "idempotency_in_flight").await;
+    lock.rollback().await.unwrap();
+    let first = first.await.unwrap();
+    assert_eq!(first.status(), 201);
+    let retry = w.herald.apply(&token, Some("key-1"), &body).await;
+    assert_eq!(retry.status(), 201);
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    assert_eq!(applications(&w.db).await, 1);
+    assert_eq!(
+        w.herald
+            .metric("herald_idempotency_requests_total{outcome=\"in_flight\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_key_while_the_first_request_runs_answers_409_with_retry_after() {
+    in_flight_duplicate_gets_409(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_key_while_the_first_request_runs_answers_409_without_redis_too() {
+    in_flight_duplicate_gets_409(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_key_with_a_different_request_answers_422_and_nothing_of_the_first() {
+    let w = world(&[]).await;
+    let job_a = w.herald.post_job("A").await;
+    let job_b = w.herald.post_job("B").await;
+    let token = user_token("alice");
+    let first = w
+        .herald
+        .apply(&token, Some("key-1"), &json!({"job_id": job_id(&job_a)}))
+        .await;
+    assert_eq!(first.status(), 201);
+    let first: Value = first.json().await.unwrap();
+    let first_id = first["id"].as_str().unwrap().to_string();
+    // From the Redis cache, then from the database after Redis forgot it.
+    for round in 0..2 {
+        let other = w
+            .herald
+            .apply(&token, Some("key-1"), &json!({"job_id": job_id(&job_b)}))
+            .await;
+        let body = problem(other, 422, "idempotency_key_reused").await;
+        assert!(!body.to_string().contains(&first_id), "round {round}: {body}");
+        w.redis.cli(&["FLUSHALL"]).expect("flushall");
+    }
+    assert_eq!(applications(&w.db).await, 1);
+    assert_eq!(
+        w.herald
+            .metric("herald_idempotency_requests_total{outcome=\"mismatch\"}")
+            .await,
+        2.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_malformed_key_answers_400_and_writes_nothing() {
+    let w = world(&[]).await;
+    let job = w.herald.post_job("A").await;
+    let token = user_token("alice");
+    let long = "k".repeat(256);
+    for key in ["", "has space", long.as_str(), "tab\tkey"] {
+        let r = w
+            .herald
+            .http
+            .post(w.herald.url("/api/applications"))
+            .bearer_auth(&token)
+            .header("Idempotency-Key", key)
+            .json(&json!({"job_id": job_id(&job)}))
+            .send()
+            .await
+            .unwrap();
+        problem(r, 400, "idempotency_key_invalid").await;
+    }
+    let r = w
+        .herald
+        .http
+        .post(w.herald.url("/api/applications"))
+        .bearer_auth(&token)
+        .header(
+            "Idempotency-Key",
+            reqwest::header::HeaderValue::from_bytes("clé".as_bytes()).unwrap(),
+        )
+        .json(&json!({"job_id": job_id(&job)}))
+        .send()
+        .await
+        .unwrap();
+    problem(r, 400, "idempotency_key_invalid").await;
+    assert_eq!(applications(&w.db).await, 0);
+    assert_eq!(
+        count(&w.db, "SELECT count(*) FROM idempotency_keys WHERE route = '/api/applications'").await,
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn applying_again_without_a_key_or_with_a_new_key_returns_the_existing_application_with_200() {
+    let w = world(&[]).await;
+    let job = w.herald.post_job("A").await;
+    let token = user_token("alice");
+    let body = json!({"job_id": job_id(&job)});
+    let first = w.herald.apply(&token, None, &body).await;
+    assert_eq!(first.status(), 201);
+    let first: Value = first.json().await.unwrap();
+    for key in [None, Some("fresh-key"), None] {
+        let again = w.herald.apply(&token, key, &body).await;
+        assert_eq!(again.status(), 200);
+        assert!(again.headers().get("idempotent-replayed").is_none());
+        let again: Value = again.json().await.unwrap();
+        assert_eq!(again["id"], first["id"]);
+        assert_eq!(again["already_applied"], true);
+    }
+    assert_eq!(applications(&w.db).await, 1);
+    assert_eq!(application_events(&w.db).await, 1, "no second email event");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn applying_to_an_unknown_job_answers_404_job_not_found() {
+    let w = world(&[]).await;
+    let token = user_token("alice");
+    let body = json!({"job_id": "01900000-0000-7000-8000-000000000000"});
+    problem(w.herald.apply(&token, None, &body).await, 404, "job_not_found").await;
+    problem(w.herald.apply(&token, Some("k"), &body).await, 404, "job_not_found").await;
+    let replay = w.herald.apply(&token, Some("k"), &body).await;
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    problem(replay, 404, "job_not_found").await;
+    assert_eq!(applications(&w.db).await, 0);
+    assert_eq!(count(&w.db, "SELECT count(*) FROM outbox_events").await, 0);
+}
+
+// ---------------------------------------------------------------- concurrency
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_rounds_of_two_simultaneous_requests_with_one_key_create_one_application_each() {
+    let w = world(&[]).await;
+    let job = w.herald.post_job("A").await;
+    let body = json!({"job_id": job_id(&job)});
+    for round in 0..50 {
+        let token = user_token(&format!("user-{round}"));
+        let key = format!("round-{round}");
+        let (a, b) = tokio::join!(
+            w.herald.apply(&token, Some(&key), &body),
+            w.herald.apply(&token, Some(&key), &body)
+        );
+        let mut created = 0;
+        for r in [a, b] {
+            match r.status().as_u16() {
+                201 if r.headers().get("idempotent-replayed").is_none() => created += 1,
+                201 => {}
+                409 => assert_eq!(r.headers()["retry-after"], "1"),
+                other => panic!("round {round}: unexpected {other}"),
+            }
+        }
+        assert_eq!(created, 1, "round {round}: exactly one 201 that is not a replay");
+        let (apps, events): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM applications WHERE user_id = $1),
+                    (SELECT count(*) FROM outbox_events e JOIN applications a
+                        ON a.id = e.aggregate_id WHERE a.user_id = $1)",
+        )
+        .bind(format!("user-{round}"))
+        .fetch_one(&w.db)
+        .await
+        .unwrap();
+        assert_eq!((apps, events), (1, 1), "round {round}");
+    }
+    assert_eq!(applications(&w.db).await, 50);
+    assert_eq!(application_events(&w.db).await, 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn another_user_sending_the_same_key_gets_their_own_new_result() {
+    let w = world(&[]).await;
+    let job = w.herald.post_job("A").await;
+    let body = json!({"job_id": job_id(&job)});
+    let alice = w.herald.apply(&user_token("alice"), Some("shared"), &body).await;
+    assert_eq!(alice.status(), 201);
+    let alice: Value = alice.json().await.unwrap();
+    let bob = w.herald.apply(&user_token("bob"), Some("shared"), &body).await;
+    assert_eq!(bob.status(), 201);
+    assert!(bob.headers().get("idempotent-replayed").is_none());
+    let bob: Value = bob.json().await.unwrap();
+    assert_ne!(alice["id"], bob["id"]);
+    assert_eq!(applications(&w.db).await, 2);
+    // And Bob cannot read Alice's application: 404, not 403.
+    let peek = w
+        .herald
+        .http
+        .get(w.herald.url(&format!("/api/applications/{}", alice["id"].as_str().unwrap())))
+        .bearer_auth(user_token("bob"))
+        .send()
+        .await
+        .unwrap();
+    problem(peek, 404, "not_found").await;
+    let own = w
+        .herald
+        .http
+        .get(w.herald.url(&format!("/api/applications/{}", alice["id"].as_str().unwrap())))
+        .bearer_auth(user_token("alice"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(own.status(), 200);
+    let own: Value = own.json().await.unwrap();
+    assert_eq!(own["email_status"], "pending");
+}
+
+// ---------------------------------------------------------------- Redis loss
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flushall_between_a_request_and_its_retry_still_replays() {
+    let w = world(&[]).await;
+    let job = w.herald.post_job("A").await;
+    let token = user_token("alice");
+    let body = json!({"job_id": job_id(&job)});
+    let first = w.herald.apply(&token, Some("k"), &body).await;
+    assert_eq!(first.status(), 201);
+    let first = first.text().await.unwrap();
+    assert_eq!(w.redis.cli(&["FLUSHALL"]).as_deref(), Some("OK"));
+    let retry = w.herald.apply(&token, Some("k"), &body).await;
+    assert_eq!(retry.status(), 201);
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    assert_eq!(retry.text().await.unwrap(), first);
+    // A deleted single key is the same story.
+    let keys = w.redis.cli(&["KEYS", "herald:idem:done:*"]).unwrap();
+    for key in keys.lines() {
+        w.redis.cli(&["DEL", key]);
+    }
+    let again = w.herald.apply(&token, Some("k"), &body).await;
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(applications(&w.db).await, 1);
+    assert_eq!(application_events(&w.db).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_redis_killed_requests_stay_correct_and_ready_and_the_fallback_gauge_tracks_it() {
+    let mut w = world(&[]).await;
+    let job_a = w.herald.post_job("A").await;
+    let job_b = w.herald.post_job("B").await;
+    assert_eq!(w.herald.metric("herald_redis_fallback").await, 0.0);
+    w.redis.kill();
+    let herald = &w.herald;
+    eventually("fallback gauge 1", Duration::from_secs(10), || async move {
+        (herald.metric("herald_redis_fallback").await == 1.0).then_some(())
+    })
+    .await;
+    let ready = w.herald.http.get(w.herald.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200, "Redis loss is degraded, still ready");
+    let ready: Value = ready.json().await.unwrap();
+    assert_eq!(ready["redis"], "fallback");
+
+    let token = user_token("alice");
+    let body = json!({"job_id": job_id(&job_a)});
+    assert_eq!(w.herald.apply(&token, Some("k"), &body).await.status(), 201);
+    let replay = w.herald.apply(&token, Some("k"), &body).await;
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    let other = w
+        .herald
+        .apply(&token, Some("k"), &json!({"job_id": job_id(&job_b)}))
+        .await;
+    problem(other, 422, "idempotency_key_reused").await;
+    assert_eq!(w.herald.apply(&token, None, &body).await.status(), 200);
+
+    w.redis.restart().await;
+    let herald = &w.herald;
+    eventually("fallback gauge back to 0", Duration::from_secs(10), || async move {
+        (herald.metric("herald_redis_fallback").await == 0.0).then_some(())
+    })
+    .await;
+    let replay = w.herald.apply(&token, Some("k"), &body).await;
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    assert_eq!(applications(&w.db).await, 1);
+    assert_eq!(application_events(&w.db).await, 1);
+    let log = w.herald.log();
+    assert!(log.contains("fallback"), "the switch is logged");
+    assert!(log.contains("leaving fallback"), "the switch back is logged");
+}
+
+// ---------------------------------------------------------------- Postgres loss
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_postgres_stopped_requests_get_503_and_their_retries_succeed_once_after_restart() {
+    let mut w = world(&[("HERALD_IDEMPOTENCY__LEASE_SECS", "2")]).await;
+    let job = w.herald.post_job("A").await;
+    let body = json!({"job_id": job_id(&job)});
+    // 30 distinct operations from 3 concurrent clients; Postgres is stopped
+    // once 8 of them have been answered, while the rest are in flight.
+    let ops: Vec<(String, String)> = (0..30)
+        .map(|i| (user_token(&format!("user-{i}")), format!("op-{i}")))
+        .collect();
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for chunk in ops.chunks(10) {
+        let chunk = chunk.to_vec();
+        let (http, url, body, answered) = (
+            w.herald.http.clone(),
+            w.herald.url("/api/applications"),
+            body.clone(),
+            answered.clone(),
+        );
+        clients.push(tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            for (token, key) in chunk {
+                let r = http
+                    .post(&url)
+                    .bearer_auth(token)
+                    .header("Idempotency-Key", key)
+                    .json(&body)
+                    .send()
+                    .await
+                    .expect("response");
+                let status = r.status().as_u16();
+                let retry_after = r.headers().get("retry-after").is_some();
+                statuses.push((status, retry_after));
+                answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            statuses
+        }));
+    }
+    let counter = answered.clone();
+    eventually("8 answers before the stop", Duration::from_secs(30), || {
+        let counter = counter.clone();
+        async move { (counter.load(std::sync::atomic::Ordering::SeqCst) >= 8).then_some(()) }
+    })
+    .await;
+    w.pg.stop();
+    let mut first_statuses = Vec::new();
+    for client in clients {
+        for (status, retry_after) in client.await.unwrap() {
+            if status == 503 {
+                assert!(retry_after, "503 carries Retry-After");
+            }
+            first_statuses.push(status);
+        }
+    }
+    assert!(first_statuses.contains(&503), "some requests met the outage: {first_statuses:?}");
+    // While it is down: 503 with Retry-After, for keyed and unkeyed requests.
+    let down = w.herald.apply(&user_token("late"), Some("late"), &body).await;
+    assert!(down.headers().get("retry-after").is_some());
+    problem(down, 503, "unavailable").await;
+    problem(w.herald.apply(&user_token("late"), None, &body).await, 503, "unavailable").await;
+    let ready = w.herald.http.get(w.herald.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    assert!(
+        first_statuses.iter().all(|s| [201, 503].contains(s)),
+        "{first_statuses:?}"
+    );
+
+    w.pg.restart().await;
+    // Nothing half-written: every application has its event, and vice versa.
+    let orphans = count(
+        &w.db,
+        "SELECT count(*) FROM applications a FULL JOIN outbox_events e ON e.aggregate_id = a.id
+          WHERE e.topic IS DISTINCT FROM 'job.posted' AND (a.id IS NULL OR e.event_id IS NULL)",
+    )
+    .await;
+    assert_eq!(orphans, 0);
+    // The clients retry with their keys, honouring Retry-After, until done.
+    let (herald, body) = (&w.herald, &body);
+    for (token, key) in &ops {
+        eventually("the retry to succeed", Duration::from_secs(30), || async move {
+            let r = herald.apply(token, Some(key), body).await;
+            match r.status().as_u16() {
+                201 | 200 => Some(()),
+                409 | 503 => None,
+                other => panic!("unexpected {other}"),
+            }
+        })
+        .await;
+    }
+    assert_eq!(applications(&w.db).await, 30, "every operation applied once");
+    assert_eq!(application_events(&w.db).await, 30);
+}
+
+// ---------------------------------------------------------------- crashed holder
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_left_in_progress_by_a_crashed_holder_is_taken_over_after_its_lease() {
+    let mut w = world(&[("HERALD_IDEMPOTENCY__LEASE_SECS", "2")]).await;
+    let job = w.herald.post_job("A").await;
+    let token = user_token("alice");
+    let body = json!({"job_id": job_id(&job)});
+    let lock = hold_job(&w.db, &job_id(&job)).await;
+    let stuck = {
+        let (url, token, body) = (w.herald.url("/api/applications"), token.clone(), body.clone());
+        let http = w.herald.http.clone();
+        tokio::spawn(async move {
+            http.post(url)
+                .bearer_auth(token)
+                .header("Idempotency-Key", "k")
+                .json(&body)
+                .send()
+                .await
+        })
+    };
+    wait_until_blocked(&w.db).await;
+    w.herald.kill(); // kill -9 while it holds the key
+    assert!(stuck.await.unwrap().is_err(), "the holder's client saw no response");
+    lock.rollback().await.unwrap();
+    assert_eq!(
+        count(&w.db, "SELECT count(*) FROM idempotency_keys WHERE state = 'in_progress'").await,
+        1,
+        "the crashed holder left its claim behind"
+    );
+    w.herald.restart().await;
+    let saw_409 = std::sync::atomic::AtomicBool::new(false);
+    let (herald, token, body, seen) = (&w.herald, &token, &body, &saw_409);
+    let response = eventually("the takeover", Duration::from_secs(20), || async move {
+        let r = herald.apply(token, Some("k"), body).await;
+        match r.status().as_u16() {
+            409 => {
+                seen.store(true, std::sync::atomic::Ordering::Relaxed);
+                None
+            }
+            201 => Some(r),
+            other => panic!("unexpected {other}"),
+        }
+    })
+    .await;
+    assert!(response.headers().get("idempotent-replayed").is_none());
+    assert!(
+        saw_409.load(std::sync::atomic::Ordering::Relaxed),
+        "within the lease the key was still held"
+    );
+    assert_eq!(applications(&w.db).await, 1);
+    assert_eq!(application_events(&w.db).await, 1);
+}
+
+// ---------------------------------------------------------------- two processes
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_daemons_share_keys_a_retry_on_the_other_process_replays() {
+    let w = world(&[]).await;
+    let other = Daemon::start(&w.pg.url(), Some(&w.redis.url()), &[]).await;
+    let job = w.herald.post_job("A").await;
+    let token = user_token("alice");
+    let body = json!({"job_id": job_id(&job)});
+    let first = w.herald.apply(&token, Some("k"), &body).await;
+    assert_eq!(first.status(), 201);
+    let first = first.text().await.unwrap();
+    let retry = other.apply(&token, Some("k"), &body).await;
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    assert_eq!(retry.text().await.unwrap(), first);
+    // Also when the retry must go to the database.
+    w.redis.cli(&["FLUSHALL"]);
+    let retry = other.apply(&token, Some("k"), &body).await;
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+
+    for round in 0..30 {
+        let token = user_token(&format!("split-{round}"));
+        let key = format!("split-{round}");
+        let (a, b) = tokio::join!(
+            w.herald.apply(&token, Some(&key), &body),
+            other.apply(&token, Some(&key), &body)
+        );
+        let fresh = [a, b]
+            .iter()
+            .filter(|r| r.status() == 201 && r.headers().get("idempotent-replayed").is_none())
+            .count();
+        assert_eq!(fresh, 1, "round {round}");
+    }
+    assert_eq!(applications(&w.db).await, 31);
+    assert_eq!(application_events(&w.db).await, 31);
+}
+
+// ---------------------------------------------------------------- bad input
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_input_gets_a_4xx_problem_with_a_stable_code_and_never_a_5xx() {
+    let w = world(&[]).await;
+    let job = w.herald.post_job("A").await;
+    let token = user_token("alice");
+    let url = w.herald.url("/api/applications");
+    let http = &w.herald.http;
+    let send_raw = |body: &'static str| {
+        http.post(&url)
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    problem(send_raw("{not json").await.unwrap(), 400, "invalid_body").await;
+    problem(send_raw("").await.unwrap(), 400, "invalid_body").await;
+    problem(send_raw("[]").await.unwrap(), 400, "invalid_body").await;
+    problem(send_raw(r#"{"job_id": 42}"#).await.unwrap(), 400, "invalid_body").await;
+    problem(send_raw(r#"{"job_id": "nope"}"#).await.unwrap(), 400, "invalid_body").await;
+    let unknown = w
+        .herald
+        .apply(&token, None, &json!({"job_id": job_id(&job), "salary": 1}))
+        .await;
+    problem(unknown, 400, "invalid_body").await;
+
+    // Over 64 KiB: declared, and streamed without a length.
+    let big = json!({"job_id": job_id(&job), "cover_letter": "x".repeat(70 * 1024)});
+    problem(w.herald.apply(&token, None, &big).await, 413, "body_too_large").await;
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        (0..80).map(|_| Ok(vec![b' '; 1024])).collect();
+    let streamed = http
+        .post(&url)
+        .bearer_auth(&token)
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await
+        .unwrap();
+    problem(streamed, 413, "body_too_large").await;
+
+    // Credentials.
+    let body = json!({"job_id": job_id(&job)});
+    let no_auth = http.post(&url).json(&body).send().await.unwrap();
+    assert_eq!(no_auth.headers()["www-authenticate"], "Bearer");
+    problem(no_auth, 401, "unauthorized").await;
+    let expired = herald::http::auth::Auth::new(
+        &herald::config::Secret::new(ADMIN_TOKEN),
+        &herald::config::Secret::new(support::JWT_SECRET),
+    );
+    let expired = {
+        // exp one hour ago, signed correctly.
+        let claims = json!({"sub": "alice", "email": "a@example.com", "exp": chrono::Utc::now().timestamp() - 3600});
+        let _ = expired;
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(support::JWT_SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    let forged = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": "alice", "email": "a@example.com", "exp": chrono::Utc::now().timestamp() + 3600}),
+        &jsonwebtoken::EncodingKey::from_secret(b"someone-elses-secret-0123456789-abcdef"),
+    )
+    .unwrap();
+    let hs512 = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS512),
+        &json!({"sub": "alice", "email": "a@example.com", "exp": chrono::Utc::now().timestamp() + 3600}),
+        &jsonwebtoken::EncodingKey::from_secret(support::JWT_SECRET.as_bytes()),
+    )
+    .unwrap();
+    for bad in [expired.as_str(), forged.as_str(), hs512.as_str(), "garbage", ADMIN_TOKEN] {
+        problem(w.herald.apply(bad, None, &body).await, 401, "unauthorized").await;
+    }
+    let basic = http
+        .post(&url)
+        .header("authorization", "Basic YWxpY2U6cHc=")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    problem(basic, 401, "unauthorized").await;
+
+    // Admin token.
+    let job_body = json!({"title": "t", "company": "c", "location": "l", "description": "d"});
+    for bad in ["wrong-admin-token-0123456789", &token] {
+        let r = http
+            .post(w.herald.url("/api/jobs"))
+            .bearer_auth(bad)
+            .json(&job_body)
+            .send()
+            .await
+            .unwrap();
+        problem(r, 401, "unauthorized").await;
+    }
+    let r = http.get(w.herald.admin_url("/admin/status")).send().await.unwrap();
+    problem(r, 401, "unauthorized").await;
+    let r = http
+        .post(w.herald.url("/api/jobs"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"title": "t", "company": "c", "location": "l"}))
+        .send()
+        .await
+        .unwrap();
+    problem(r, 400, "invalid_body").await;
+
+    // Routing and parameters.
+    problem(http.get(w.herald.url("/nope")).send().await.unwrap(), 404, "not_found").await;
+    problem(
+        http.get(w.herald.url("/api/jobs/not-a-uuid")).send().await.unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+    let r = http.delete(w.herald.url("/api/jobs")).send().await.unwrap();
+    assert_eq!(r.headers()["allow"], "GET, POST");
+    problem(r, 405, "method_not_allowed").await;
+    for q in ["limit=0", "limit=101", "limit=x", "before=zzz"] {
+        let r = http
+            .get(w.herald.url(&format!("/api/jobs?{q}")))
+            .send()
+            .await
+            .unwrap();
+        problem(r, 400, "invalid_query").await;
+    }
+    assert_eq!(applications(&w.db).await, 0, "nothing written by bad input");
+}
+
+// ---------------------------------------------------------------- the rest of the API
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn jobs_are_listed_newest_first_with_a_before_cursor() {
+    let w = world(&[]).await;
+    for i in 0..5 {
+        w.herald.post_job(&format!("Job {i}")).await;
+    }
+    let page: Value = w
+        .herald
+        .http
+        .get(w.herald.url("/api/jobs?limit=3"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let titles: Vec<&str> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["title"].as_str().unwrap())
+        .collect();
+    assert_eq!(titles, ["Job 4", "Job 3", "Job 2"]);
+    let cursor = page["next_before"].as_str().unwrap();
+    let rest: Value = w
+        .herald
+        .http
+        .get(w.herald.url(&format!("/api/jobs?limit=3&before={cursor}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let titles: Vec<&str> = rest["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["title"].as_str().unwrap())
+        .collect();
+    assert_eq!(titles, ["Job 1", "Job 0"]);
+    assert!(rest["next_before"].is_null());
+    let one = &page["items"][0];
+    let fetched: Value = w
+        .herald
+        .http
+        .get(w.herald.url(&format!("/api/jobs/{}", one["id"].as_str().unwrap())))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(&fetched, one);
+    for field in ["id", "title", "company", "location", "description", "posted_at"] {
+        assert!(fetched[field].is_string(), "{field}");
+    }
+    assert_eq!(
+        count(&w.db, "SELECT count(*) FROM outbox_events WHERE topic = 'job.posted'").await,
+        5
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dev_login_issues_a_token_that_applies_and_admin_status_shows_the_tree() {
+    let w = world(&[]).await;
+    let job = w.herald.post_job("A").await;
+    let login: Value = w
+        .herald
+        .http
+        .post(w.herald.url("/api/dev/login"))
+        .json(&json!({"email": "Carol@Example.com"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = login["token"].as_str().unwrap();
+    let r = w.herald.apply(token, None, &json!({"job_id": job_id(&job)})).await;
+    assert_eq!(r.status(), 201);
+    let email: String = sqlx::query_scalar("SELECT email FROM applications")
+        .fetch_one(&w.db)
+        .await
+        .unwrap();
+    assert_eq!(email, "carol@example.com", "the recipient comes from the token");
+
+    let status: Value = w
+        .herald
+        .http
+        .get(w.herald.admin_url("/admin/status"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["actors"][0]["name"], "key_registry");
+    assert_eq!(status["actors"][0]["running"], true);
+    assert_eq!(status["redis"], "healthy");
+    assert_eq!(status["outbox"]["pending"], 2);
+    assert_eq!(w.herald.metric("herald_outbox_pending").await, 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dev_login_does_not_exist_when_it_is_off() {
+    let w = world(&[("HERALD_AUTH__DEV_LOGIN", "false")]).await;
+    let r = w
+        .herald
+        .http
+        .post(w.herald.url("/api/dev/login"))
+        .json(&json!({"email": "a@example.com"}))
+        .send()
+        .await
+        .unwrap();
+    problem(r, 404, "not_found").await;
+}

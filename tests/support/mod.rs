@@ -1,0 +1,547 @@
+//! Test harness: real, throwaway PostgreSQL and Redis servers and real Herald
+//! processes, each on a free port on 127.0.0.1, each in its own temp dir.
+//!
+//! - [`Postgres`]: `initdb` once per test binary into a template, copied per
+//!   test (fast); `postgres` started directly (as the `postgres` user when the
+//!   tests run as root, through `setpriv`, so the PID we hold is the server's).
+//!   A test can stop, kill -9 and restart it on the same port and data.
+//! - [`Redis`]: `redis-server` without persistence; kill, restart, FLUSHALL.
+//! - [`Daemon`]: the `herald` binary built by cargo, configured through the
+//!   environment; it prints its bound ports on stdout. Kill -9 or restart it.
+//!
+//! Nothing here sleeps to synchronise: [`eventually`] polls with a deadline.
+//! Every process is ended by PID when its handle drops.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use herald::config::Secret;
+use herald::http::auth::Auth;
+use serde_json::Value;
+
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+pub const JWT_SECRET: &str = "test-jwt-secret-0123456789-0123456789";
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+/// Polls `check` until it returns `Some`, or panics after `timeout` with `what`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn is_root() -> bool {
+    static ROOT: OnceLock<bool> = OnceLock::new();
+    *ROOT.get_or_init(|| {
+        Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+            .unwrap_or(false)
+    })
+}
+
+/// Runs `program` as the `postgres` user when we are root (postgres refuses root).
+fn pg_command(program: &str) -> Command {
+    if is_root() {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid=postgres",
+            "--regid=postgres",
+            "--clear-groups",
+            "--",
+            program,
+        ]);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+fn pg_bin(name: &str) -> String {
+    for dir in ["/usr/lib/postgresql/17/bin", "/usr/lib/postgresql/16/bin", "/usr/lib/postgresql/15/bin"] {
+        let p = Path::new(dir).join(name);
+        if p.exists() {
+            return p.to_string_lossy().into_owned();
+        }
+    }
+    name.to_string()
+}
+
+fn chown_to_postgres(path: &Path) {
+    if is_root() {
+        let status = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(path)
+            .status()
+            .expect("chown");
+        assert!(status.success(), "chown {path:?} failed");
+    }
+}
+
+/// A data directory made by `initdb` once per test binary.
+fn template_cluster() -> PathBuf {
+    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    TEMPLATE
+        .get_or_init(|| {
+            let dir = tempfile::Builder::new()
+                .prefix("herald-pg-template")
+                .tempdir()
+                .expect("tempdir")
+                .keep();
+            chown_to_postgres(&dir);
+            let data = dir.join("data");
+            let out = pg_command(&pg_bin("initdb"))
+                .arg("-D")
+                .arg(&data)
+                .args(["-U", "herald", "--auth=trust", "-E", "UTF8", "--no-sync"])
+                .output()
+                .expect("initdb: is postgresql installed? (scripts/test installs it)");
+            assert!(
+                out.status.success(),
+                "initdb failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            data
+        })
+        .clone()
+}
+
+/// A throwaway PostgreSQL server.
+pub struct Postgres {
+    dir: tempfile::TempDir,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Postgres {
+    pub async fn start() -> Postgres {
+        let template = template_cluster();
+        let dir = tempfile::Builder::new()
+            .prefix("herald-pg")
+            .tempdir()
+            .expect("tempdir");
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(&template)
+            .arg(dir.path().join("data"))
+            .status()
+            .expect("cp");
+        assert!(status.success());
+        std::fs::create_dir_all(dir.path().join("sock")).expect("sock dir");
+        chown_to_postgres(dir.path());
+        let mut pg = Postgres {
+            dir,
+            port: free_port(),
+            child: None,
+        };
+        pg.spawn().await;
+        pg
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("postgres.log"))
+            .expect("log");
+        let child = pg_command(&pg_bin("postgres"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-k")
+            .arg(self.dir.path().join("sock"))
+            .args([
+                "-c", "listen_addresses=127.0.0.1",
+                "-c", "fsync=off",
+                "-c", "synchronous_commit=off",
+                "-c", "full_page_writes=off",
+                "-c", "max_connections=300",
+                "-c", "shared_buffers=32MB",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start postgres");
+        self.child = Some(child);
+        let url = self.url();
+        eventually("postgres to accept connections", Duration::from_secs(30), || {
+            let url = url.clone();
+            async move {
+                let mut conn = sqlx::postgres::PgConnection::connect(&url).await.ok()?;
+                sqlx::query("SELECT 1").execute(&mut conn).await.ok()?;
+                Some(())
+            }
+        })
+        .await;
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://herald@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Fast shutdown (SIGINT), waiting for the server to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(child.id(), "INT");
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and data directory.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.spawn().await;
+    }
+
+    pub async fn pool(&self) -> sqlx::PgPool {
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&self.url())
+            .await
+            .expect("connect to test postgres")
+    }
+}
+
+use sqlx::Connection;
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(child.id(), "KILL");
+            let _ = child.wait();
+        }
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+/// A throwaway Redis server without persistence.
+pub struct Redis {
+    dir: tempfile::TempDir,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Redis {
+    pub async fn start() -> Redis {
+        let dir = tempfile::Builder::new()
+            .prefix("herald-redis")
+            .tempdir()
+            .expect("tempdir");
+        let mut r = Redis {
+            dir,
+            port: free_port(),
+            child: None,
+        };
+        r.spawn().await;
+        r
+    }
+
+    async fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server (scripts/test installs it)");
+        self.child = Some(child);
+        let port = self.port;
+        eventually("redis to answer PING", Duration::from_secs(10), || async move {
+            redis_cli(port, &["PING"]).filter(|r| r == "PONG")
+        })
+        .await;
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(child.id(), "KILL");
+            let _ = child.wait();
+        }
+    }
+
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Option<String> {
+        redis_cli(self.port, args)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn redis_cli(port: u16, args: &[&str]) -> Option<String> {
+    let out = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// A running `herald serve` process.
+pub struct Daemon {
+    dir: tempfile::TempDir,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+    pub public: String,
+    pub admin: String,
+    pub http: reqwest::Client,
+}
+
+impl Daemon {
+    /// Starts Herald on `database_url` (and Redis when given) with test secrets,
+    /// dev login on, and the extra `HERALD_*` settings in `extra`.
+    pub async fn start(database_url: &str, redis_url: Option<&str>, extra: &[(&str, &str)]) -> Daemon {
+        let dir = tempfile::Builder::new()
+            .prefix("herald-daemon")
+            .tempdir()
+            .expect("tempdir");
+        let mut env: Vec<(String, String)> = vec![
+            ("HERALD_DATABASE_URL".into(), database_url.into()),
+            ("HERALD_LISTEN".into(), "127.0.0.1:0".into()),
+            ("HERALD_ADMIN_LISTEN".into(), "127.0.0.1:0".into()),
+            ("HERALD_ADMIN_TOKEN".into(), ADMIN_TOKEN.into()),
+            ("HERALD_JWT_SECRET".into(), JWT_SECRET.into()),
+            ("HERALD_AUTH__DEV_LOGIN".into(), "true".into()),
+            ("HERALD_REDIS__PROBE_INTERVAL_MS".into(), "100".into()),
+            ("HERALD_STATE_DIR".into(), dir.path().join("var").to_string_lossy().into()),
+            ("RUST_LOG".into(), "herald=debug,info".into()),
+        ];
+        if let Some(url) = redis_url {
+            env.push(("HERALD_REDIS_URL".into(), url.into()));
+        }
+        for (k, v) in extra {
+            env.push((k.to_string(), v.to_string()));
+        }
+        let mut daemon = Daemon {
+            dir,
+            env,
+            child: None,
+            public: String::new(),
+            admin: String::new(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("http client"),
+        };
+        daemon.spawn().await;
+        daemon
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
+        cmd.arg("serve");
+        for (k, _) in std::env::vars() {
+            if k.starts_with("HERALD_") || k == "RESEND_API_KEY" || k == "SENTRY_DSN" {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::piped())
+            .stderr(log);
+        let mut child = cmd.spawn().expect("start herald");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.starts_with("herald listening") {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "herald did not start; log:\n{}",
+                    std::fs::read_to_string(self.log_path()).unwrap_or_default()
+                );
+            }
+        };
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|f| f.strip_prefix(&format!("{name}=")))
+                .expect("address in listening line")
+                .to_string()
+        };
+        self.public = field("public");
+        self.admin = field("admin");
+        self.child = Some(child);
+        // Ready once the database answers through the daemon.
+        let http = self.http.clone();
+        let url = format!("{}/readyz", self.public);
+        eventually("herald /readyz", Duration::from_secs(30), || {
+            let (http, url) = (http.clone(), url.clone());
+            async move {
+                let r = http.get(url).send().await.ok()?;
+                r.status().is_success().then_some(())
+            }
+        })
+        .await;
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("herald.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(child.id(), "KILL");
+            let _ = child.wait();
+        }
+    }
+
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.public, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("{}{}", self.admin, path)
+    }
+
+    /// Posts a job as admin; returns it.
+    pub async fn post_job(&self, title: &str) -> Value {
+        let r = self
+            .http
+            .post(self.url("/api/jobs"))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&serde_json::json!({
+                "title": title, "company": "Acme", "location": "Remote",
+                "description": "Build things."
+            }))
+            .send()
+            .await
+            .expect("post job");
+        assert_eq!(r.status(), 201, "post job");
+        r.json().await.expect("job json")
+    }
+
+    /// `POST /api/applications` as `token`, with an optional key and raw JSON body.
+    pub async fn apply(&self, token: &str, key: Option<&str>, body: &Value) -> reqwest::Response {
+        let mut req = self
+            .http
+            .post(self.url("/api/applications"))
+            .bearer_auth(token)
+            .json(body);
+        if let Some(k) = key {
+            req = req.header("Idempotency-Key", k);
+        }
+        req.send().await.expect("apply request")
+    }
+
+    /// The value of a metric line (exact labels as rendered), 0 when absent.
+    pub async fn metric(&self, name_with_labels: &str) -> f64 {
+        let text = self
+            .http
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics body");
+        parse_metric(&text, name_with_labels)
+    }
+}
+
+pub fn parse_metric(text: &str, name_with_labels: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == name_with_labels).then(|| value.parse::<f64>().ok())?
+        })
+        .unwrap_or(0.0)
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- herald log ----\n{}", self.log());
+        }
+        self.kill();
+    }
+}
+
+/// A user token, signed with the shared secret as the job board's login would.
+pub fn user_token(sub: &str) -> String {
+    Auth::new(&Secret::new(ADMIN_TOKEN), &Secret::new(JWT_SECRET))
+        .issue(sub, &format!("{sub}@example.com"), 3600)
+        .expect("issue token")
+}
+
+/// Runs a `SELECT count(*) …` and returns the number.
+pub async fn count(pool: &sqlx::PgPool, sql: &'static str) -> i64 {
+    sqlx::query_scalar(sql)
+        .fetch_one(pool)
+        .await
+        .expect("count query")
+}
