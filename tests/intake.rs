@@ -131,8 +131,8 @@ async fn the_same_key_and_request_replay_the_stored_status_and_body() {
         w.herald
             .metric("herald_idempotency_requests_total{outcome=\"new\"}")
             .await,
-        2.0,
-        "one job post and one application were new"
+        1.0,
+        "the first application was new (the job was posted without a key)"
     );
 }
 

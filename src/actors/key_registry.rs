@@ -31,10 +31,14 @@ pub enum KeyRegistryMsg {
         claim: KeyClaimRequest,
         reply: RpcReplyPort<Result<KeyClaim, StoreError>>,
     },
-    /// The request holding `lease` committed `response`: cache it in Redis.
+    /// The request holding `lease` committed `response`: cache it in Redis
+    /// and clear the in-flight marker, then reply. The request answers its
+    /// client only after this, so a retry never finds a stale marker (409)
+    /// for a request whose response the client already has.
     Completed {
         lease: KeyLease,
         response: StoredResponse,
+        reply: RpcReplyPort<()>,
     },
     /// The request holding `lease` failed with a 5xx: forget the claim.
     Release { lease: KeyLease },
@@ -139,8 +143,12 @@ impl Actor for KeyRegistry {
                     let _ = reply.send(result);
                 });
             }
-            KeyRegistryMsg::Completed { lease, response } => {
-                if let Some(hot) = args.hot.clone().filter(|_| args.mode.is_healthy()) {
+            KeyRegistryMsg::Completed {
+                lease,
+                response,
+                reply,
+            } => match args.hot.clone().filter(|_| args.mode.is_healthy()) {
+                Some(hot) => {
                     let ttl = args.ttl;
                     tokio::spawn(async move {
                         let digest = lease.scope.digest(&lease.key);
@@ -152,9 +160,13 @@ impl Actor for KeyRegistry {
                         if let Err(e) = hot.store_completed(&digest, &outcome, ttl).await {
                             let _ = myself.cast(KeyRegistryMsg::RedisFailed(e.to_string()));
                         }
+                        let _ = reply.send(());
                     });
                 }
-            }
+                None => {
+                    let _ = reply.send(());
+                }
+            },
             KeyRegistryMsg::Release { lease } => {
                 let args = args.clone();
                 tokio::spawn(async move {

@@ -189,6 +189,23 @@ impl AppState {
         }
     }
 
+    /// Hands a committed outcome to the registry and waits (bounded) until
+    /// the hot tier reflects it.
+    async fn completed(&self, lease: KeyLease, response: StoredResponse) {
+        if let Some(registry) = self.actors.key_registry.get() {
+            let _ = registry
+                .call(
+                    |reply| KeyRegistryMsg::Completed {
+                        lease,
+                        response,
+                        reply,
+                    },
+                    Some(Duration::from_secs(1)),
+                )
+                .await;
+        }
+    }
+
     fn tell_registry(&self, message: KeyRegistryMsg) {
         if let Some(registry) = self.actors.key_registry.get() {
             let _ = registry.cast(message);
@@ -229,10 +246,7 @@ impl AppState {
         };
         match operation(Some(lease.clone())).await {
             Ok(response) => {
-                self.tell_registry(KeyRegistryMsg::Completed {
-                    lease,
-                    response: response.clone(),
-                });
+                self.completed(lease, response.clone()).await;
                 Ok(stored_response(response, false))
             }
             Err(StoreError::LeaseLost) => Err(ApiError::InFlight),
@@ -241,10 +255,7 @@ impl AppState {
                 if error.status().is_client_error() {
                     let response = error.stored();
                     match self.store.complete_key(&lease, &response).await {
-                        Ok(()) => self.tell_registry(KeyRegistryMsg::Completed {
-                            lease,
-                            response: response.clone(),
-                        }),
+                        Ok(()) => self.completed(lease, response).await,
                         Err(_) => self.tell_registry(KeyRegistryMsg::Release { lease }),
                     }
                 } else {
