@@ -318,7 +318,11 @@ impl Config {
             "email.max_per_sec",
             "must be positive",
         )?;
-        check(self.email.workers >= 1, "email.workers", "must be at least 1")?;
+        check(
+            self.email.workers >= 1,
+            "email.workers",
+            "must be at least 1",
+        )?;
         check(
             self.retry.base_ms >= 1 && self.retry.cap_ms >= self.retry.base_ms,
             "retry.cap_ms",

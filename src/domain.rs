@@ -18,6 +18,7 @@ pub struct InvalidBody(pub String);
 pub mod topics {
     pub const JOB_POSTED: &str = "job.posted";
     pub const APPLICATION_SUBMITTED: &str = "application.submitted";
+    pub const CHARGE_CREATED: &str = "charge.created";
 }
 
 /// A posted job.
@@ -222,6 +223,118 @@ impl NewApplication {
     }
 }
 
+/// Whether a charge has reached the ledger.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LedgerStatus {
+    Pending,
+    Applied,
+    Dead,
+}
+
+impl LedgerStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LedgerStatus::Pending => "pending",
+            LedgerStatus::Applied => "applied",
+            LedgerStatus::Dead => "dead",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "pending" => Some(LedgerStatus::Pending),
+            "applied" => Some(LedgerStatus::Applied),
+            "dead" => Some(LedgerStatus::Dead),
+            _ => None,
+        }
+    }
+}
+
+/// A charge of one user, applied to the ledger exactly once.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Charge {
+    pub id: Uuid,
+    #[serde(skip)]
+    pub user_id: String,
+    pub amount_cents: i64,
+    pub currency: String,
+    pub description: String,
+    pub ledger_status: LedgerStatus,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewChargeBody {
+    amount_cents: i64,
+    currency: String,
+    description: String,
+}
+
+/// A validated charge request.
+#[derive(Debug, Clone)]
+pub struct NewCharge {
+    /// 1 ..= 10^9 minor units.
+    pub amount_cents: i64,
+    /// An active ISO 4217 code, upper case.
+    pub currency: String,
+    pub description: String,
+}
+
+/// Largest accepted charge, in minor units (SPEC 2).
+pub const MAX_AMOUNT_CENTS: i64 = 1_000_000_000;
+
+/// Active ISO 4217 alphabetic codes.
+const ISO_4217: &[&str] = &[
+    "AED", "AFN", "ALL", "AMD", "ANG", "AOA", "ARS", "AUD", "AWG", "AZN", "BAM", "BBD", "BDT",
+    "BGN", "BHD", "BIF", "BMD", "BND", "BOB", "BOV", "BRL", "BSD", "BTN", "BWP", "BYN", "BZD",
+    "CAD", "CDF", "CHE", "CHF", "CHW", "CLF", "CLP", "CNY", "COP", "COU", "CRC", "CUP", "CVE",
+    "CZK", "DJF", "DKK", "DOP", "DZD", "EGP", "ERN", "ETB", "EUR", "FJD", "FKP", "GBP", "GEL",
+    "GHS", "GIP", "GMD", "GNF", "GTQ", "GYD", "HKD", "HNL", "HTG", "HUF", "IDR", "ILS", "INR",
+    "IQD", "IRR", "ISK", "JMD", "JOD", "JPY", "KES", "KGS", "KHR", "KMF", "KPW", "KRW", "KWD",
+    "KYD", "KZT", "LAK", "LBP", "LKR", "LRD", "LSL", "LYD", "MAD", "MDL", "MGA", "MKD", "MMK",
+    "MNT", "MOP", "MRU", "MUR", "MVR", "MWK", "MXN", "MXV", "MYR", "MZN", "NAD", "NGN", "NIO",
+    "NOK", "NPR", "NZD", "OMR", "PAB", "PEN", "PGK", "PHP", "PKR", "PLN", "PYG", "QAR", "RON",
+    "RSD", "RUB", "RWF", "SAR", "SBD", "SCR", "SDG", "SEK", "SGD", "SHP", "SLE", "SOS", "SRD",
+    "SSP", "STN", "SVC", "SYP", "SZL", "THB", "TJS", "TMT", "TND", "TOP", "TRY", "TTD", "TWD",
+    "TZS", "UAH", "UGX", "USD", "USN", "UYI", "UYU", "UYW", "UZS", "VED", "VES", "VND", "VUV",
+    "WST", "XAF", "XAG", "XAU", "XCD", "XCG", "XDR", "XOF", "XPD", "XPF", "XPT", "XSU", "XUA",
+    "YER", "ZAR", "ZMW", "ZWG",
+];
+
+impl NewCharge {
+    pub fn parse(body: &[u8]) -> Result<NewCharge, InvalidBody> {
+        let raw: NewChargeBody = parse_json(body)?;
+        if !(1..=MAX_AMOUNT_CENTS).contains(&raw.amount_cents) {
+            return Err(InvalidBody(format!(
+                "`amount_cents` must be a positive integer up to {MAX_AMOUNT_CENTS}"
+            )));
+        }
+        if !ISO_4217.contains(&raw.currency.as_str()) {
+            return Err(InvalidBody(
+                "`currency` must be an upper-case ISO 4217 code such as EUR or USD".into(),
+            ));
+        }
+        Ok(NewCharge {
+            amount_cents: raw.amount_cents,
+            currency: raw.currency,
+            description: required_text("description", raw.description, 500)?,
+        })
+    }
+
+    pub fn into_charge(self, id: Uuid, user_id: String, created_at: DateTime<Utc>) -> Charge {
+        Charge {
+            id,
+            user_id,
+            amount_cents: self.amount_cents,
+            currency: self.currency,
+            description: self.description,
+            ledger_status: LedgerStatus::Pending,
+            created_at,
+        }
+    }
+}
+
 /// The dev-login request.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -250,8 +363,9 @@ mod tests {
 
     #[test]
     fn an_application_with_an_unknown_field_is_refused() {
-        let err = NewApplication::parse(br#"{"job_id":"0190a0a0-0000-7000-8000-000000000000","x":1}"#)
-            .unwrap_err();
+        let err =
+            NewApplication::parse(br#"{"job_id":"0190a0a0-0000-7000-8000-000000000000","x":1}"#)
+                .unwrap_err();
         assert!(err.0.contains("unknown field"), "{}", err.0);
     }
 
@@ -266,6 +380,25 @@ mod tests {
         let err = NewJob::parse(br#"{"title":" ","company":"c","location":"l","description":"d"}"#)
             .unwrap_err();
         assert!(err.0.contains("title"));
+    }
+
+    #[test]
+    fn charges_take_a_bounded_positive_integer_and_an_iso_currency() {
+        let ok = |b: &str| NewCharge::parse(b.as_bytes());
+        assert!(ok(r#"{"amount_cents":1,"currency":"EUR","description":"d"}"#).is_ok());
+        assert!(ok(r#"{"amount_cents":1000000000,"currency":"USD","description":"d"}"#).is_ok());
+        for bad in [
+            r#"{"amount_cents":0,"currency":"EUR","description":"d"}"#,
+            r#"{"amount_cents":-5,"currency":"EUR","description":"d"}"#,
+            r#"{"amount_cents":1000000001,"currency":"EUR","description":"d"}"#,
+            r#"{"amount_cents":10.5,"currency":"EUR","description":"d"}"#,
+            r#"{"amount_cents":"10","currency":"EUR","description":"d"}"#,
+            r#"{"amount_cents":10,"currency":"eur","description":"d"}"#,
+            r#"{"amount_cents":10,"currency":"ABC","description":"d"}"#,
+            r#"{"amount_cents":10,"currency":"EUR"}"#,
+        ] {
+            assert!(ok(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

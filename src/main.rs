@@ -7,7 +7,11 @@ use herald::config::Config;
 use herald::server::{self, Listeners};
 
 #[derive(Parser)]
-#[command(name = "herald", version, about = "Real-time job board daemon that never does a side effect twice")]
+#[command(
+    name = "herald",
+    version,
+    about = "Real-time job board daemon that never does a side effect twice"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -28,13 +32,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {},
             _ = term.recv() => {},

@@ -31,15 +31,17 @@ pub struct Listeners {
 impl Listeners {
     /// Binds the addresses of the configuration, naming the key on failure.
     pub async fn bind(config: &Config) -> anyhow::Result<Listeners> {
-        let public = TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("configuration key `listen`: cannot bind {}", config.listen))?;
-        let admin = TcpListener::bind(config.admin_listen).await.with_context(|| {
-            format!(
-                "configuration key `admin_listen`: cannot bind {}",
-                config.admin_listen
-            )
+        let public = TcpListener::bind(config.listen).await.with_context(|| {
+            format!("configuration key `listen`: cannot bind {}", config.listen)
         })?;
+        let admin = TcpListener::bind(config.admin_listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "configuration key `admin_listen`: cannot bind {}",
+                    config.admin_listen
+                )
+            })?;
         Ok(Listeners { public, admin })
     }
 
@@ -48,7 +50,11 @@ impl Listeners {
     }
 }
 
-fn required<'a>(value: &'a Option<Secret>, key: &'static str, env: &str) -> Result<&'a Secret, ConfigError> {
+fn required<'a>(
+    value: &'a Option<Secret>,
+    key: &'static str,
+    env: &str,
+) -> Result<&'a Secret, ConfigError> {
     value.as_ref().ok_or_else(|| ConfigError::Invalid {
         key,
         message: format!("is required (set {env})"),

@@ -50,7 +50,8 @@ async fn application_events(db: &sqlx::PgPool) -> i64 {
 async fn problem(response: reqwest::Response, status: u16, code: &str) -> Value {
     assert_eq!(response.status(), status, "status");
     assert_eq!(
-        response.headers()["content-type"], "application/problem+json",
+        response.headers()["content-type"],
+        "application/problem+json",
         "problem content type"
     );
     let body: Value = response.json().await.expect("problem body");
@@ -179,7 +180,11 @@ async fn in_flight_duplicate_gets_409(kill_redis: bool) {
     let body = json!({"job_id": job_id(&job)});
     let lock = hold_job(&w.db, &job_id(&job)).await;
     let first = {
-        let (herald_url, token, body) = (w.herald.url("/api/applications"), token.clone(), body.clone());
+        let (herald_url, token, body) = (
+            w.herald.url("/api/applications"),
+            token.clone(),
+            body.clone(),
+        );
         let http = w.herald.http.clone();
         tokio::spawn(async move {
             http.post(herald_url)
@@ -240,7 +245,10 @@ async fn the_same_key_with_a_different_request_answers_422_and_nothing_of_the_fi
             .apply(&token, Some("key-1"), &json!({"job_id": job_id(&job_b)}))
             .await;
         let body = problem(other, 422, "idempotency_key_reused").await;
-        assert!(!body.to_string().contains(&first_id), "round {round}: {body}");
+        assert!(
+            !body.to_string().contains(&first_id),
+            "round {round}: {body}"
+        );
         w.redis.cli(&["FLUSHALL"]).expect("flushall");
     }
     assert_eq!(applications(&w.db).await, 1);
@@ -287,13 +295,18 @@ async fn a_malformed_key_answers_400_and_writes_nothing() {
     problem(r, 400, "idempotency_key_invalid").await;
     assert_eq!(applications(&w.db).await, 0);
     assert_eq!(
-        count(&w.db, "SELECT count(*) FROM idempotency_keys WHERE route = '/api/applications'").await,
+        count(
+            &w.db,
+            "SELECT count(*) FROM idempotency_keys WHERE route = '/api/applications'"
+        )
+        .await,
         0
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn applying_again_without_a_key_or_with_a_new_key_returns_the_existing_application_with_200() {
+async fn applying_again_without_a_key_or_with_a_new_key_returns_the_existing_application_with_200()
+{
     let w = world(&[]).await;
     let job = w.herald.post_job("A").await;
     let token = user_token("alice");
@@ -318,8 +331,18 @@ async fn applying_to_an_unknown_job_answers_404_job_not_found() {
     let w = world(&[]).await;
     let token = user_token("alice");
     let body = json!({"job_id": "01900000-0000-7000-8000-000000000000"});
-    problem(w.herald.apply(&token, None, &body).await, 404, "job_not_found").await;
-    problem(w.herald.apply(&token, Some("k"), &body).await, 404, "job_not_found").await;
+    problem(
+        w.herald.apply(&token, None, &body).await,
+        404,
+        "job_not_found",
+    )
+    .await;
+    problem(
+        w.herald.apply(&token, Some("k"), &body).await,
+        404,
+        "job_not_found",
+    )
+    .await;
     let replay = w.herald.apply(&token, Some("k"), &body).await;
     assert_eq!(replay.headers()["idempotent-replayed"], "true");
     problem(replay, 404, "job_not_found").await;
@@ -350,7 +373,10 @@ async fn fifty_rounds_of_two_simultaneous_requests_with_one_key_create_one_appli
                 other => panic!("round {round}: unexpected {other}"),
             }
         }
-        assert_eq!(created, 1, "round {round}: exactly one 201 that is not a replay");
+        assert_eq!(
+            created, 1,
+            "round {round}: exactly one 201 that is not a replay"
+        );
         let (apps, events): (i64, i64) = sqlx::query_as(
             "SELECT (SELECT count(*) FROM applications WHERE user_id = $1),
                     (SELECT count(*) FROM outbox_events e JOIN applications a
@@ -371,10 +397,16 @@ async fn another_user_sending_the_same_key_gets_their_own_new_result() {
     let w = world(&[]).await;
     let job = w.herald.post_job("A").await;
     let body = json!({"job_id": job_id(&job)});
-    let alice = w.herald.apply(&user_token("alice"), Some("shared"), &body).await;
+    let alice = w
+        .herald
+        .apply(&user_token("alice"), Some("shared"), &body)
+        .await;
     assert_eq!(alice.status(), 201);
     let alice: Value = alice.json().await.unwrap();
-    let bob = w.herald.apply(&user_token("bob"), Some("shared"), &body).await;
+    let bob = w
+        .herald
+        .apply(&user_token("bob"), Some("shared"), &body)
+        .await;
     assert_eq!(bob.status(), 201);
     assert!(bob.headers().get("idempotent-replayed").is_none());
     let bob: Value = bob.json().await.unwrap();
@@ -384,7 +416,10 @@ async fn another_user_sending_the_same_key_gets_their_own_new_result() {
     let peek = w
         .herald
         .http
-        .get(w.herald.url(&format!("/api/applications/{}", alice["id"].as_str().unwrap())))
+        .get(w.herald.url(&format!(
+            "/api/applications/{}",
+            alice["id"].as_str().unwrap()
+        )))
         .bearer_auth(user_token("bob"))
         .send()
         .await
@@ -393,7 +428,10 @@ async fn another_user_sending_the_same_key_gets_their_own_new_result() {
     let own = w
         .herald
         .http
-        .get(w.herald.url(&format!("/api/applications/{}", alice["id"].as_str().unwrap())))
+        .get(w.herald.url(&format!(
+            "/api/applications/{}",
+            alice["id"].as_str().unwrap()
+        )))
         .bearer_auth(user_token("alice"))
         .send()
         .await
@@ -442,7 +480,13 @@ async fn with_redis_killed_requests_stay_correct_and_ready_and_the_fallback_gaug
         (herald.metric("herald_redis_fallback").await == 1.0).then_some(())
     })
     .await;
-    let ready = w.herald.http.get(w.herald.url("/readyz")).send().await.unwrap();
+    let ready = w
+        .herald
+        .http
+        .get(w.herald.url("/readyz"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ready.status(), 200, "Redis loss is degraded, still ready");
     let ready: Value = ready.json().await.unwrap();
     assert_eq!(ready["redis"], "fallback");
@@ -461,9 +505,11 @@ async fn with_redis_killed_requests_stay_correct_and_ready_and_the_fallback_gaug
 
     w.redis.restart().await;
     let herald = &w.herald;
-    eventually("fallback gauge back to 0", Duration::from_secs(10), || async move {
-        (herald.metric("herald_redis_fallback").await == 0.0).then_some(())
-    })
+    eventually(
+        "fallback gauge back to 0",
+        Duration::from_secs(10),
+        || async move { (herald.metric("herald_redis_fallback").await == 0.0).then_some(()) },
+    )
     .await;
     let replay = w.herald.apply(&token, Some("k"), &body).await;
     assert_eq!(replay.headers()["idempotent-replayed"], "true");
@@ -471,7 +517,10 @@ async fn with_redis_killed_requests_stay_correct_and_ready_and_the_fallback_gaug
     assert_eq!(application_events(&w.db).await, 1);
     let log = w.herald.log();
     assert!(log.contains("fallback"), "the switch is logged");
-    assert!(log.contains("leaving fallback"), "the switch back is logged");
+    assert!(
+        log.contains("leaving fallback"),
+        "the switch back is logged"
+    );
 }
 
 // ---------------------------------------------------------------- Postgres loss
@@ -531,13 +580,30 @@ async fn with_postgres_stopped_requests_get_503_and_their_retries_succeed_once_a
             first_statuses.push(status);
         }
     }
-    assert!(first_statuses.contains(&503), "some requests met the outage: {first_statuses:?}");
+    assert!(
+        first_statuses.contains(&503),
+        "some requests met the outage: {first_statuses:?}"
+    );
     // While it is down: 503 with Retry-After, for keyed and unkeyed requests.
-    let down = w.herald.apply(&user_token("late"), Some("late"), &body).await;
+    let down = w
+        .herald
+        .apply(&user_token("late"), Some("late"), &body)
+        .await;
     assert!(down.headers().get("retry-after").is_some());
     problem(down, 503, "unavailable").await;
-    problem(w.herald.apply(&user_token("late"), None, &body).await, 503, "unavailable").await;
-    let ready = w.herald.http.get(w.herald.url("/readyz")).send().await.unwrap();
+    problem(
+        w.herald.apply(&user_token("late"), None, &body).await,
+        503,
+        "unavailable",
+    )
+    .await;
+    let ready = w
+        .herald
+        .http
+        .get(w.herald.url("/readyz"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ready.status(), 503);
     assert!(
         first_statuses.iter().all(|s| [201, 503].contains(s)),
@@ -556,17 +622,25 @@ async fn with_postgres_stopped_requests_get_503_and_their_retries_succeed_once_a
     // The clients retry with their keys, honouring Retry-After, until done.
     let (herald, body) = (&w.herald, &body);
     for (token, key) in &ops {
-        eventually("the retry to succeed", Duration::from_secs(30), || async move {
-            let r = herald.apply(token, Some(key), body).await;
-            match r.status().as_u16() {
-                201 | 200 => Some(()),
-                409 | 503 => None,
-                other => panic!("unexpected {other}"),
-            }
-        })
+        eventually(
+            "the retry to succeed",
+            Duration::from_secs(30),
+            || async move {
+                let r = herald.apply(token, Some(key), body).await;
+                match r.status().as_u16() {
+                    201 | 200 => Some(()),
+                    409 | 503 => None,
+                    other => panic!("unexpected {other}"),
+                }
+            },
+        )
         .await;
     }
-    assert_eq!(applications(&w.db).await, 30, "every operation applied once");
+    assert_eq!(
+        applications(&w.db).await,
+        30,
+        "every operation applied once"
+    );
     assert_eq!(application_events(&w.db).await, 30);
 }
 
@@ -580,7 +654,11 @@ async fn a_key_left_in_progress_by_a_crashed_holder_is_taken_over_after_its_leas
     let body = json!({"job_id": job_id(&job)});
     let lock = hold_job(&w.db, &job_id(&job)).await;
     let stuck = {
-        let (url, token, body) = (w.herald.url("/api/applications"), token.clone(), body.clone());
+        let (url, token, body) = (
+            w.herald.url("/api/applications"),
+            token.clone(),
+            body.clone(),
+        );
         let http = w.herald.http.clone();
         tokio::spawn(async move {
             http.post(url)
@@ -593,10 +671,17 @@ async fn a_key_left_in_progress_by_a_crashed_holder_is_taken_over_after_its_leas
     };
     wait_until_blocked(&w.db).await;
     w.herald.kill(); // kill -9 while it holds the key
-    assert!(stuck.await.unwrap().is_err(), "the holder's client saw no response");
+    assert!(
+        stuck.await.unwrap().is_err(),
+        "the holder's client saw no response"
+    );
     lock.rollback().await.unwrap();
     assert_eq!(
-        count(&w.db, "SELECT count(*) FROM idempotency_keys WHERE state = 'in_progress'").await,
+        count(
+            &w.db,
+            "SELECT count(*) FROM idempotency_keys WHERE state = 'in_progress'"
+        )
+        .await,
         1,
         "the crashed holder left its claim behind"
     );
@@ -680,8 +765,18 @@ async fn bad_input_gets_a_4xx_problem_with_a_stable_code_and_never_a_5xx() {
     problem(send_raw("{not json").await.unwrap(), 400, "invalid_body").await;
     problem(send_raw("").await.unwrap(), 400, "invalid_body").await;
     problem(send_raw("[]").await.unwrap(), 400, "invalid_body").await;
-    problem(send_raw(r#"{"job_id": 42}"#).await.unwrap(), 400, "invalid_body").await;
-    problem(send_raw(r#"{"job_id": "nope"}"#).await.unwrap(), 400, "invalid_body").await;
+    problem(
+        send_raw(r#"{"job_id": 42}"#).await.unwrap(),
+        400,
+        "invalid_body",
+    )
+    .await;
+    problem(
+        send_raw(r#"{"job_id": "nope"}"#).await.unwrap(),
+        400,
+        "invalid_body",
+    )
+    .await;
     let unknown = w
         .herald
         .apply(&token, None, &json!({"job_id": job_id(&job), "salary": 1}))
@@ -690,7 +785,12 @@ async fn bad_input_gets_a_4xx_problem_with_a_stable_code_and_never_a_5xx() {
 
     // Over 64 KiB: declared, and streamed without a length.
     let big = json!({"job_id": job_id(&job), "cover_letter": "x".repeat(70 * 1024)});
-    problem(w.herald.apply(&token, None, &big).await, 413, "body_too_large").await;
+    problem(
+        w.herald.apply(&token, None, &big).await,
+        413,
+        "body_too_large",
+    )
+    .await;
     let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
         (0..80).map(|_| Ok(vec![b' '; 1024])).collect();
     let streamed = http
@@ -734,7 +834,13 @@ async fn bad_input_gets_a_4xx_problem_with_a_stable_code_and_never_a_5xx() {
         &jsonwebtoken::EncodingKey::from_secret(support::JWT_SECRET.as_bytes()),
     )
     .unwrap();
-    for bad in [expired.as_str(), forged.as_str(), hs512.as_str(), "garbage", ADMIN_TOKEN] {
+    for bad in [
+        expired.as_str(),
+        forged.as_str(),
+        hs512.as_str(),
+        "garbage",
+        ADMIN_TOKEN,
+    ] {
         problem(w.herald.apply(bad, None, &body).await, 401, "unauthorized").await;
     }
     let basic = http
@@ -758,7 +864,11 @@ async fn bad_input_gets_a_4xx_problem_with_a_stable_code_and_never_a_5xx() {
             .unwrap();
         problem(r, 401, "unauthorized").await;
     }
-    let r = http.get(w.herald.admin_url("/admin/status")).send().await.unwrap();
+    let r = http
+        .get(w.herald.admin_url("/admin/status"))
+        .send()
+        .await
+        .unwrap();
     problem(r, 401, "unauthorized").await;
     let r = http
         .post(w.herald.url("/api/jobs"))
@@ -770,9 +880,17 @@ async fn bad_input_gets_a_4xx_problem_with_a_stable_code_and_never_a_5xx() {
     problem(r, 400, "invalid_body").await;
 
     // Routing and parameters.
-    problem(http.get(w.herald.url("/nope")).send().await.unwrap(), 404, "not_found").await;
     problem(
-        http.get(w.herald.url("/api/jobs/not-a-uuid")).send().await.unwrap(),
+        http.get(w.herald.url("/nope")).send().await.unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+    problem(
+        http.get(w.herald.url("/api/jobs/not-a-uuid"))
+            .send()
+            .await
+            .unwrap(),
         404,
         "not_found",
     )
@@ -839,7 +957,10 @@ async fn jobs_are_listed_newest_first_with_a_before_cursor() {
     let fetched: Value = w
         .herald
         .http
-        .get(w.herald.url(&format!("/api/jobs/{}", one["id"].as_str().unwrap())))
+        .get(
+            w.herald
+                .url(&format!("/api/jobs/{}", one["id"].as_str().unwrap())),
+        )
         .send()
         .await
         .unwrap()
@@ -847,11 +968,22 @@ async fn jobs_are_listed_newest_first_with_a_before_cursor() {
         .await
         .unwrap();
     assert_eq!(&fetched, one);
-    for field in ["id", "title", "company", "location", "description", "posted_at"] {
+    for field in [
+        "id",
+        "title",
+        "company",
+        "location",
+        "description",
+        "posted_at",
+    ] {
         assert!(fetched[field].is_string(), "{field}");
     }
     assert_eq!(
-        count(&w.db, "SELECT count(*) FROM outbox_events WHERE topic = 'job.posted'").await,
+        count(
+            &w.db,
+            "SELECT count(*) FROM outbox_events WHERE topic = 'job.posted'"
+        )
+        .await,
         5
     );
 }
@@ -872,13 +1004,19 @@ async fn dev_login_issues_a_token_that_applies_and_admin_status_shows_the_tree()
         .await
         .unwrap();
     let token = login["token"].as_str().unwrap();
-    let r = w.herald.apply(token, None, &json!({"job_id": job_id(&job)})).await;
+    let r = w
+        .herald
+        .apply(token, None, &json!({"job_id": job_id(&job)}))
+        .await;
     assert_eq!(r.status(), 201);
     let email: String = sqlx::query_scalar("SELECT email FROM applications")
         .fetch_one(&w.db)
         .await
         .unwrap();
-    assert_eq!(email, "carol@example.com", "the recipient comes from the token");
+    assert_eq!(
+        email, "carol@example.com",
+        "the recipient comes from the token"
+    );
 
     let status: Value = w
         .herald
@@ -910,4 +1048,99 @@ async fn dev_login_does_not_exist_when_it_is_off() {
         .await
         .unwrap();
     problem(r, 404, "not_found").await;
+}
+
+// ---------------------------------------------------------------- charges
+
+async fn charge(
+    herald: &Daemon,
+    token: &str,
+    key: Option<&str>,
+    body: &Value,
+) -> reqwest::Response {
+    let mut req = herald
+        .http
+        .post(herald.url("/api/charges"))
+        .bearer_auth(token)
+        .json(body);
+    if let Some(k) = key {
+        req = req.header("Idempotency-Key", k);
+    }
+    req.send().await.expect("charge request")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_charge_without_a_key_answers_400_idempotency_key_missing_and_writes_nothing() {
+    let w = world(&[]).await;
+    let body = json!({"amount_cents": 1500, "currency": "EUR", "description": "Featured post"});
+    let r = charge(&w.herald, &user_token("alice"), None, &body).await;
+    problem(r, 400, "idempotency_key_missing").await;
+    assert_eq!(count(&w.db, "SELECT count(*) FROM charges").await, 0);
+    assert_eq!(count(&w.db, "SELECT count(*) FROM outbox_events").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_charge_is_created_once_replayed_on_retry_and_refused_on_key_reuse() {
+    let w = world(&[]).await;
+    let token = user_token("alice");
+    let body = json!({"amount_cents": 1500, "currency": "EUR", "description": "Featured post"});
+    let first = charge(&w.herald, &token, Some("c-1"), &body).await;
+    assert_eq!(first.status(), 201);
+    let created: Value = first.json().await.unwrap();
+    assert_eq!(created["amount_cents"], 1500);
+    assert_eq!(created["currency"], "EUR");
+    assert_eq!(created["ledger_status"], "pending");
+    let again = charge(&w.herald, &token, Some("c-1"), &body).await;
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(again, created);
+    let changed = json!({"amount_cents": 9900, "currency": "EUR", "description": "Featured post"});
+    problem(
+        charge(&w.herald, &token, Some("c-1"), &changed).await,
+        422,
+        "idempotency_key_reused",
+    )
+    .await;
+    for bad in [
+        json!({"amount_cents": 0, "currency": "EUR", "description": "x"}),
+        json!({"amount_cents": 1_000_000_001u64, "currency": "EUR", "description": "x"}),
+        json!({"amount_cents": 12.5, "currency": "EUR", "description": "x"}),
+        json!({"amount_cents": 100, "currency": "eur", "description": "x"}),
+        json!({"amount_cents": 100, "currency": "EUR", "description": "x", "tip": 1}),
+    ] {
+        problem(
+            charge(&w.herald, &token, Some("c-bad"), &bad).await,
+            400,
+            "invalid_body",
+        )
+        .await;
+    }
+    let id = created["id"].as_str().unwrap();
+    let own = w
+        .herald
+        .http
+        .get(w.herald.url(&format!("/api/charges/{id}")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(own.status(), 200);
+    let theirs = w
+        .herald
+        .http
+        .get(w.herald.url(&format!("/api/charges/{id}")))
+        .bearer_auth(user_token("mallory"))
+        .send()
+        .await
+        .unwrap();
+    problem(theirs, 404, "not_found").await;
+    assert_eq!(count(&w.db, "SELECT count(*) FROM charges").await, 1);
+    assert_eq!(
+        count(
+            &w.db,
+            "SELECT count(*) FROM outbox_events WHERE topic = 'charge.created'"
+        )
+        .await,
+        1
+    );
 }

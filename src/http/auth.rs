@@ -46,9 +46,9 @@ fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
     let value = value
         .to_str()
         .map_err(|_| ApiError::Unauthorized("malformed Authorization header"))?;
-    let (scheme, token) = value
-        .split_once(' ')
-        .ok_or(ApiError::Unauthorized("expected `Authorization: Bearer <token>`"))?;
+    let (scheme, token) = value.split_once(' ').ok_or(ApiError::Unauthorized(
+        "expected `Authorization: Bearer <token>`",
+    ))?;
     if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
         return Err(ApiError::Unauthorized(
             "expected `Authorization: Bearer <token>`",

@@ -73,11 +73,7 @@ where
 {
     warp::method()
         .and(warp::path::full())
-        .and(
-            warp::query::raw()
-                .or(warp::any().map(String::new))
-                .unify(),
-        )
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(warp::header::headers_cloned())
         .and(warp::body::stream())
         .then(
@@ -113,8 +109,8 @@ where
     let mut body = std::pin::pin!(body);
     let mut buf = BytesMut::new();
     while let Some(chunk) = body.next().await {
-        let mut chunk =
-            chunk.map_err(|_| ApiError::InvalidBody("the request body could not be read".into()))?;
+        let mut chunk = chunk
+            .map_err(|_| ApiError::InvalidBody("the request body could not be read".into()))?;
         if buf.len() + chunk.remaining() > limit {
             return Err(ApiError::BodyTooLarge { limit });
         }
@@ -151,8 +147,8 @@ pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, Ap
 
 /// Builds the HTTP response for a stored (or fresh) outcome.
 pub fn stored_response(stored: StoredResponse, replayed: bool) -> Response {
-    let status =
-        http::StatusCode::from_u16(stored.status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+    let status = http::StatusCode::from_u16(stored.status)
+        .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = json_response(status, stored.body);
     if replayed {
         response

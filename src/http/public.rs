@@ -8,6 +8,8 @@
 //! | GET  /api/jobs/{id}           | anyone |
 //! | POST /api/applications        | user   |
 //! | GET  /api/applications/{id}   | user (own only; others get 404) |
+//! | POST /api/charges             | user, Idempotency-Key required |
+//! | GET  /api/charges/{id}        | user (own only; others get 404) |
 //! | POST /api/dev/login           | anyone, dev mode only |
 //! | GET  /healthz, /readyz        | anyone |
 
@@ -22,10 +24,11 @@ use warp::reply::Response;
 use super::problem::{json_response, ApiError};
 use super::{stored, AppState, Request};
 use crate::domain::{
-    parse_json, Application, DevLogin, EmailStatus, Job, NewApplication, NewJob, Page,
+    parse_json, Application, Charge, DevLogin, EmailStatus, Job, NewApplication, NewCharge, NewJob,
+    Page,
 };
 use crate::idempotency::KeyScope;
-use crate::store::ApplyOutcome;
+use crate::store::{ApplyOutcome, StoreError};
 use crate::telemetry::metrics as m;
 
 /// Routes one request of the public listener.
@@ -49,6 +52,12 @@ pub async fn dispatch(state: AppState, request: Request) -> Response {
                 "/api/applications/{id}",
                 get_application(&state, &request, id).await,
             ),
+            (["api", "charges"], &Method::POST) => {
+                ("/api/charges", create_charge(&state, &request).await)
+            }
+            (["api", "charges", id], &Method::GET) => {
+                ("/api/charges/{id}", get_charge(&state, &request, id).await)
+            }
             (["api", "dev", "login"], &Method::POST) => {
                 ("/api/dev/login", dev_login(&state, &request))
             }
@@ -77,8 +86,8 @@ fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
     match segments {
         [""] | ["healthz"] | ["readyz"] => Some("GET"),
         ["api", "jobs"] => Some("GET, POST"),
-        ["api", "jobs", _] | ["api", "applications", _] => Some("GET"),
-        ["api", "applications"] | ["api", "dev", "login"] => Some("POST"),
+        ["api", "jobs", _] | ["api", "applications", _] | ["api", "charges", _] => Some("GET"),
+        ["api", "applications"] | ["api", "charges"] | ["api", "dev", "login"] => Some("POST"),
         _ => None,
     }
 }
@@ -259,6 +268,37 @@ async fn get_application(
     Ok(ok_json(&application.view(false)))
 }
 
+async fn create_charge(state: &AppState, request: &Request) -> Result<Response, ApiError> {
+    let user = state.auth.user(&request.headers)?;
+    let key = super::idempotency_key(&request.headers)?.ok_or(ApiError::IdempotencyKeyMissing)?;
+    let json = body_json(request)?;
+    let new = NewCharge::parse(request.body.as_ref().map_err(clone_error)?)?;
+    let charge = new.into_charge(Uuid::now_v7(), user.id.clone(), Utc::now());
+    let scope = KeyScope {
+        principal: format!("user:{}", user.id),
+        method: "POST",
+        route: "/api/charges",
+    };
+    let render = |charge: &Charge| stored(201, charge);
+    state
+        .run_idempotent(scope, Some(key), &json, |lease| async move {
+            let lease = lease.ok_or_else(|| StoreError::Internal("charge without a key".into()))?;
+            state.store.create_charge(&charge, &lease, &render).await
+        })
+        .await
+}
+
+async fn get_charge(state: &AppState, request: &Request, id: &str) -> Result<Response, ApiError> {
+    let user = state.auth.user(&request.headers)?;
+    let id = Uuid::parse_str(id).map_err(|_| ApiError::NotFound)?;
+    let charge = state
+        .store
+        .get_charge(id, &user.id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    Ok(ok_json(&charge))
+}
+
 fn dev_login(state: &AppState, request: &Request) -> Result<Response, ApiError> {
     if !state.config.auth.dev_login {
         return Err(ApiError::DevLoginDisabled);
@@ -267,11 +307,15 @@ fn dev_login(state: &AppState, request: &Request) -> Result<Response, ApiError> 
     let login: DevLogin = parse_json(body)?;
     let email = login.email.trim().to_ascii_lowercase();
     if !crate::domain::valid_email(&email) {
-        return Err(ApiError::InvalidBody("`email` must be an email address".into()));
+        return Err(ApiError::InvalidBody(
+            "`email` must be an email address".into(),
+        ));
     }
-    let token = state
-        .auth
-        .issue(&format!("dev:{email}"), &email, state.config.auth.dev_token_ttl_secs)?;
+    let token = state.auth.issue(
+        &format!("dev:{email}"),
+        &email,
+        state.config.auth.dev_token_ttl_secs,
+    )?;
     Ok(ok_json(&serde_json::json!({ "token": token })))
 }
 

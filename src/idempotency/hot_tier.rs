@@ -104,7 +104,9 @@ impl HotTier {
 
     /// The cached completed outcome of a key, if Redis still has it.
     pub async fn cached(&self, digest: &str) -> Result<Option<CachedOutcome>, HotTierError> {
-        let raw: Option<String> = self.bounded(self.client.get(Self::done_key(digest))).await?;
+        let raw: Option<String> = self
+            .bounded(self.client.get(Self::done_key(digest)))
+            .await?;
         raw.map(|s| serde_json::from_str(&s).map_err(|e| HotTierError::Corrupt(e.to_string())))
             .transpose()
     }
@@ -130,7 +132,9 @@ impl HotTier {
 
     /// Removes the in-flight marker (request finished or released).
     pub async fn clear_in_flight(&self, digest: &str) -> Result<(), HotTierError> {
-        let _: i64 = self.bounded(self.client.del(Self::lock_key(digest))).await?;
+        let _: i64 = self
+            .bounded(self.client.del(Self::lock_key(digest)))
+            .await?;
         Ok(())
     }
 

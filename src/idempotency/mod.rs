@@ -155,8 +155,10 @@ mod tests {
 
     #[test]
     fn key_order_and_whitespace_do_not_change_the_fingerprint() {
-        let a: serde_json::Value = serde_json::from_str(r#"{"b": [1, {"y":2,"x":1}], "a": "s"}"#).unwrap();
-        let b: serde_json::Value = serde_json::from_str(r#"{"a":"s","b":[1,{"x":1,"y":2}]}"#).unwrap();
+        let a: serde_json::Value =
+            serde_json::from_str(r#"{"b": [1, {"y":2,"x":1}], "a": "s"}"#).unwrap();
+        let b: serde_json::Value =
+            serde_json::from_str(r#"{"a":"s","b":[1,{"x":1,"y":2}]}"#).unwrap();
         assert_eq!(
             Fingerprint::of_request("POST", "/r", &a),
             Fingerprint::of_request("POST", "/r", &b)
@@ -181,8 +183,16 @@ mod tests {
     #[test]
     fn scopes_of_different_principals_never_share_a_digest() {
         let key = IdempotencyKey::parse(b"k").unwrap();
-        let a = KeyScope { principal: "user:a".into(), method: "POST", route: "/r" };
-        let b = KeyScope { principal: "user:b".into(), method: "POST", route: "/r" };
+        let a = KeyScope {
+            principal: "user:a".into(),
+            method: "POST",
+            route: "/r",
+        };
+        let b = KeyScope {
+            principal: "user:b".into(),
+            method: "POST",
+            route: "/r",
+        };
         assert_ne!(a.digest(&key), b.digest(&key));
     }
 }

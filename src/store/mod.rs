@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 use crate::config::Config;
-use crate::domain::{Application, Job};
+use crate::domain::{Application, Charge, Job};
 use crate::idempotency::{Fingerprint, IdempotencyKey, KeyScope, StoredResponse};
 
 /// A storage failure, classified for the HTTP layer.
@@ -153,6 +153,18 @@ pub trait Store: Send + Sync + 'static {
         id: Uuid,
         user_id: &str,
     ) -> Result<Option<Application>, StoreError>;
+
+    /// Inserts the charge and its `charge.created` event and completes the
+    /// (required) key, in one transaction.
+    async fn create_charge(
+        &self,
+        charge: &Charge,
+        lease: &KeyLease,
+        render: Render<'_, Charge>,
+    ) -> Result<StoredResponse, StoreError>;
+
+    /// One charge, only if it belongs to `user_id`.
+    async fn get_charge(&self, id: Uuid, user_id: &str) -> Result<Option<Charge>, StoreError>;
 
     async fn outbox_stats(&self) -> Result<OutboxStats, StoreError>;
 }

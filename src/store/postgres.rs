@@ -21,7 +21,7 @@ use super::{
     ApplyOutcome, KeyClaim, KeyClaimRequest, KeyLease, OutboxStats, Render, Store, StoreError,
 };
 use crate::config::Config;
-use crate::domain::{topics, Application, EmailStatus, Job};
+use crate::domain::{topics, Application, Charge, EmailStatus, Job, LedgerStatus};
 use crate::idempotency::StoredResponse;
 
 /// Postgres error codes that mean "try again later", not "your request is bad".
@@ -138,24 +138,51 @@ impl PgStore {
         }
     }
 
-    async fn insert_outbox(
-        tx: &mut Transaction<'_, Postgres>,
-        topic: &str,
-        aggregate_id: Uuid,
-        payload: serde_json::Value,
+    /// The common end of every business transaction: the outbox event, the
+    /// key's outcome (when the request carries a key), commit.
+    async fn finish(
+        mut tx: Transaction<'_, Postgres>,
+        event: Option<(&str, Uuid, serde_json::Value)>,
+        lease: Option<&KeyLease>,
+        response: &StoredResponse,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO outbox_events (event_id, topic, aggregate_id, payload)
-             VALUES ($1, $2, $3, $4)",
-        )
-        .bind(Uuid::now_v7())
-        .bind(topic)
-        .bind(aggregate_id)
-        .bind(payload)
-        .execute(&mut **tx)
-        .await?;
+        if let Some((topic, aggregate_id, payload)) = event {
+            sqlx::query(
+                "INSERT INTO outbox_events (event_id, topic, aggregate_id, payload)
+                 VALUES ($1, $2, $3, $4)",
+            )
+            .bind(Uuid::now_v7())
+            .bind(topic)
+            .bind(aggregate_id)
+            .bind(payload)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if let Some(lease) = lease {
+            Self::complete_key_in(&mut tx, lease, response).await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
+}
+
+fn charge_from_row(row: &PgRow) -> Result<Charge, sqlx::Error> {
+    let status: String = row.try_get("ledger_status")?;
+    Ok(Charge {
+        id: row.try_get("id")?,
+        user_id: row.try_get("user_id")?,
+        amount_cents: row.try_get("amount_cents")?,
+        currency: row.try_get("currency")?,
+        description: row.try_get("description")?,
+        ledger_status: LedgerStatus::parse(&status).ok_or_else(|| {
+            sqlx::Error::Decode(format!("unknown ledger_status `{status}`").into())
+        })?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<serde_json::Value, StoreError> {
+    serde_json::to_value(value).map_err(|e| StoreError::Internal(e.to_string()))
 }
 
 #[async_trait]
@@ -321,13 +348,9 @@ impl Store for PgStore {
         .bind(job.posted_at)
         .execute(&mut *tx)
         .await?;
-        let payload = serde_json::to_value(job).map_err(|e| StoreError::Internal(e.to_string()))?;
-        Self::insert_outbox(&mut tx, topics::JOB_POSTED, job.id, payload).await?;
         let response = render(job);
-        if let Some(lease) = lease {
-            Self::complete_key_in(&mut tx, lease, &response).await?;
-        }
-        tx.commit().await?;
+        let event = (topics::JOB_POSTED, job.id, to_json(job)?);
+        Self::finish(tx, Some(event), lease, &response).await?;
         Ok(response)
     }
 
@@ -361,7 +384,7 @@ impl Store for PgStore {
         .bind(application.created_at)
         .execute(&mut *tx)
         .await?;
-        let outcome = if inserted.rows_affected() == 1 {
+        let (outcome, event) = if inserted.rows_affected() == 1 {
             let title: String = job.try_get("title")?;
             let company: String = job.try_get("company")?;
             let payload = json!({
@@ -372,14 +395,8 @@ impl Store for PgStore {
                 "job_title": title,
                 "company": company,
             });
-            Self::insert_outbox(
-                &mut tx,
-                topics::APPLICATION_SUBMITTED,
-                application.id,
-                payload,
-            )
-            .await?;
-            ApplyOutcome::Created(application.clone())
+            let event = (topics::APPLICATION_SUBMITTED, application.id, payload);
+            (ApplyOutcome::Created(application.clone()), Some(event))
         } else {
             // The user already applied: return that application, emit nothing.
             let row = sqlx::query(
@@ -391,13 +408,13 @@ impl Store for PgStore {
             .bind(application.job_id)
             .fetch_one(&mut *tx)
             .await?;
-            ApplyOutcome::AlreadyApplied(application_from_row(&row)?)
+            (
+                ApplyOutcome::AlreadyApplied(application_from_row(&row)?),
+                None,
+            )
         };
         let response = render(&outcome);
-        if let Some(lease) = lease {
-            Self::complete_key_in(&mut tx, lease, &response).await?;
-        }
-        tx.commit().await?;
+        Self::finish(tx, event, lease, &response).await?;
         Ok((outcome, response))
     }
 
@@ -416,6 +433,47 @@ impl Store for PgStore {
         .fetch_optional(&self.pool)
         .await?;
         Ok(row.as_ref().map(application_from_row).transpose()?)
+    }
+
+    #[instrument(skip_all)]
+    async fn create_charge(
+        &self,
+        charge: &Charge,
+        lease: &KeyLease,
+        render: Render<'_, Charge>,
+    ) -> Result<StoredResponse, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO charges (id, user_id, amount_cents, currency, description, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(charge.id)
+        .bind(&charge.user_id)
+        .bind(charge.amount_cents)
+        .bind(&charge.currency)
+        .bind(&charge.description)
+        .bind(charge.created_at)
+        .execute(&mut *tx)
+        .await?;
+        let response = render(charge);
+        let mut payload = to_json(charge)?;
+        payload["user_id"] = json!(charge.user_id);
+        let event = (topics::CHARGE_CREATED, charge.id, payload);
+        Self::finish(tx, Some(event), Some(lease), &response).await?;
+        Ok(response)
+    }
+
+    #[instrument(skip_all)]
+    async fn get_charge(&self, id: Uuid, user_id: &str) -> Result<Option<Charge>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, user_id, amount_cents, currency, description, ledger_status, created_at
+               FROM charges WHERE id = $1 AND user_id = $2",
+        )
+        .bind(id)
+        .bind(user_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(charge_from_row).transpose()?)
     }
 
     #[instrument(skip_all)]

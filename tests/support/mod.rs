@@ -83,7 +83,11 @@ fn pg_command(program: &str) -> Command {
 }
 
 fn pg_bin(name: &str) -> String {
-    for dir in ["/usr/lib/postgresql/17/bin", "/usr/lib/postgresql/16/bin", "/usr/lib/postgresql/15/bin"] {
+    for dir in [
+        "/usr/lib/postgresql/17/bin",
+        "/usr/lib/postgresql/16/bin",
+        "/usr/lib/postgresql/15/bin",
+    ] {
         let p = Path::new(dir).join(name);
         if p.exists() {
             return p.to_string_lossy().into_owned();
@@ -179,12 +183,18 @@ impl Postgres {
             .arg("-k")
             .arg(self.dir.path().join("sock"))
             .args([
-                "-c", "listen_addresses=127.0.0.1",
-                "-c", "fsync=off",
-                "-c", "synchronous_commit=off",
-                "-c", "full_page_writes=off",
-                "-c", "max_connections=300",
-                "-c", "shared_buffers=32MB",
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+                "-c",
+                "max_connections=300",
+                "-c",
+                "shared_buffers=32MB",
             ])
             .stdout(Stdio::null())
             .stderr(log)
@@ -192,14 +202,18 @@ impl Postgres {
             .expect("start postgres");
         self.child = Some(child);
         let url = self.url();
-        eventually("postgres to accept connections", Duration::from_secs(30), || {
-            let url = url.clone();
-            async move {
-                let mut conn = sqlx::postgres::PgConnection::connect(&url).await.ok()?;
-                sqlx::query("SELECT 1").execute(&mut conn).await.ok()?;
-                Some(())
-            }
-        })
+        eventually(
+            "postgres to accept connections",
+            Duration::from_secs(30),
+            || {
+                let url = url.clone();
+                async move {
+                    let mut conn = sqlx::postgres::PgConnection::connect(&url).await.ok()?;
+                    sqlx::query("SELECT 1").execute(&mut conn).await.ok()?;
+                    Some(())
+                }
+            },
+        )
         .await;
     }
 
@@ -282,9 +296,11 @@ impl Redis {
             .expect("start redis-server (scripts/test installs it)");
         self.child = Some(child);
         let port = self.port;
-        eventually("redis to answer PING", Duration::from_secs(10), || async move {
-            redis_cli(port, &["PING"]).filter(|r| r == "PONG")
-        })
+        eventually(
+            "redis to answer PING",
+            Duration::from_secs(10),
+            || async move { redis_cli(port, &["PING"]).filter(|r| r == "PONG") },
+        )
         .await;
     }
 
@@ -339,7 +355,11 @@ pub struct Daemon {
 impl Daemon {
     /// Starts Herald on `database_url` (and Redis when given) with test secrets,
     /// dev login on, and the extra `HERALD_*` settings in `extra`.
-    pub async fn start(database_url: &str, redis_url: Option<&str>, extra: &[(&str, &str)]) -> Daemon {
+    pub async fn start(
+        database_url: &str,
+        redis_url: Option<&str>,
+        extra: &[(&str, &str)],
+    ) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("herald-daemon")
             .tempdir()
@@ -352,7 +372,10 @@ impl Daemon {
             ("HERALD_JWT_SECRET".into(), JWT_SECRET.into()),
             ("HERALD_AUTH__DEV_LOGIN".into(), "true".into()),
             ("HERALD_REDIS__PROBE_INTERVAL_MS".into(), "100".into()),
-            ("HERALD_STATE_DIR".into(), dir.path().join("var").to_string_lossy().into()),
+            (
+                "HERALD_STATE_DIR".into(),
+                dir.path().join("var").to_string_lossy().into(),
+            ),
             ("RUST_LOG".into(), "herald=debug,info".into()),
         ];
         if let Some(url) = redis_url {
