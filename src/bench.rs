@@ -1,15 +1,338 @@
 //! `herald bench …`: measurements against a baseline taken in the same run.
+//!
+//! `herald bench intake` measures the apply path against the database doing
+//! the same work without Herald: first `pgbench` runs, at the same
+//! concurrency, a script with the very statements Herald executes per keyed
+//! application (key claim, then one transaction with the job lookup,
+//! application insert, outbox insert and key completion); then a Herald
+//! process (a child, so the load generator is its own process) serves
+//! `POST /api/applications` with a fresh user and key per request. It prints
+//! both rates, Herald's p50/p99 latency and the ratio. Nothing here asserts a
+//! speed: it reports one.
+//!
+//! Point it at a disposable database: `benches/intake.sh` starts throwaway
+//! PostgreSQL and Redis servers and runs it.
 
-use crate::config::Config;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use hdrhistogram::Histogram;
+
+use crate::config::{Config, Secret};
+use crate::http::auth::Auth;
+use crate::store::postgres::{CLAIM_KEY, SUBMIT_APPLICATION};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum BenchCommand {
     /// POST /api/applications against pgbench running the same SQL.
-    Intake,
+    /// Uses HERALD_DATABASE_URL (and HERALD_REDIS_URL when set).
+    Intake {
+        /// Concurrent clients, for both pgbench and Herald.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// Seconds each side runs.
+        #[arg(long, default_value_t = 15)]
+        seconds: u64,
+        /// The pgbench binary.
+        #[arg(long, default_value = "pgbench")]
+        pgbench: String,
+    },
 }
 
-pub async fn run(command: BenchCommand, _config: Config) -> anyhow::Result<()> {
+pub async fn run(command: BenchCommand, config: Config) -> anyhow::Result<()> {
     match command {
-        BenchCommand::Intake => anyhow::bail!("not yet"),
+        BenchCommand::Intake {
+            concurrency,
+            seconds,
+            pgbench,
+        } => intake(config, concurrency, Duration::from_secs(seconds), &pgbench).await,
+    }
+}
+
+/// The pgbench script: the very statements Herald runs per keyed application
+/// ([`CLAIM_KEY`], then [`SUBMIT_APPLICATION`]), with their parameters replaced
+/// by pgbench expressions. A fresh random user and key per transaction.
+fn pgbench_script() -> String {
+    let principal = "('user' || chr(58) || 'pg-' || CAST(:uid AS text))";
+    let key = "('key-' || CAST(:uid AS text))";
+    let user = "('pg-' || CAST(:uid AS text))";
+    let claim = substitute(
+        CLAIM_KEY,
+        &[
+            principal,
+            "'POST'",
+            "'/api/applications'",
+            key,
+            "sha256(CAST('fp' || CAST(:uid AS text) AS bytea))",
+            "gen_random_uuid()",
+            "CAST(30 AS float8)",
+            "CAST(86400 AS float8)",
+        ],
+    );
+    let body = format!("'{}'", "x".repeat(250));
+    let submit = substitute(
+        SUBMIT_APPLICATION,
+        &[
+            "gen_random_uuid()",
+            "CAST(:job AS uuid)",
+            user,
+            "('pg-' || CAST(:uid AS text) || '@example.com')",
+            "CAST(NULL AS text)",
+            "CAST(NULL AS text)",
+            "now()",
+            principal,
+            "'POST'",
+            "'/api/applications'",
+            key,
+            "CAST(:holder AS uuid)",
+            "gen_random_uuid()",
+            "CAST(201 AS int2)",
+            &body,
+        ],
+    );
+    format!("\\set uid random(1, 9000000000000000000)\n{claim} \\gset\n{submit};\n")
+}
+
+/// Replaces `$1`…`$n` (highest first, so `$1` never eats `$12`).
+fn substitute(sql: &str, values: &[&str]) -> String {
+    let mut out = sql.to_string();
+    for (i, value) in values.iter().enumerate().rev() {
+        out = out.replace(&format!("${}", i + 1), value);
+    }
+    out
+}
+
+/// A `herald serve` child process, ended when dropped.
+struct Child {
+    process: std::process::Child,
+    public: String,
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+fn spawn_herald(config: &Config, admin_token: &str, jwt_secret: &str) -> anyhow::Result<Child> {
+    let exe = std::env::current_exe().context("locating the herald binary")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("serve")
+        .env("HERALD_DATABASE_URL", config.database_url.expose())
+        .env("HERALD_LISTEN", "127.0.0.1:0")
+        .env("HERALD_ADMIN_LISTEN", "127.0.0.1:0")
+        .env("HERALD_ADMIN_TOKEN", admin_token)
+        .env("HERALD_JWT_SECRET", jwt_secret)
+        .env("RUST_LOG", "warn")
+        .env(
+            "TOKIO_WORKER_THREADS",
+            std::env::var("BENCH_WORKERS").unwrap_or_else(|_| "2".into()),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    match &config.redis_url {
+        Some(url) => cmd.env("HERALD_REDIS_URL", url.expose()),
+        None => cmd.env_remove("HERALD_REDIS_URL"),
+    };
+    let mut process = cmd.spawn().context("starting herald serve")?;
+    let stdout = process.stdout.take().context("herald stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .context("reading herald's listening line")?;
+    let public = line
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("public="))
+        .context("herald did not print its address")?
+        .to_string();
+    Ok(Child { process, public })
+}
+
+fn run_pgbench(
+    pgbench: &str,
+    url: &str,
+    job_id: &str,
+    concurrency: usize,
+    duration: Duration,
+) -> anyhow::Result<f64> {
+    let script = std::env::temp_dir().join(format!("herald-intake-{}.sql", uuid::Uuid::new_v4()));
+    std::fs::write(&script, pgbench_script())?;
+    let output = Command::new(pgbench)
+        .args(["-n", "-M", "prepared"])
+        .args(["-c", &concurrency.to_string()])
+        .args(["-j", &concurrency.min(4).to_string()])
+        .args(["-T", &duration.as_secs().to_string()])
+        .arg("-f")
+        .arg(&script)
+        .args(["-D", &format!("job={job_id}")])
+        .arg(url)
+        .output()
+        .with_context(|| format!("running {pgbench} (apt-get install postgresql)"))?;
+    let _ = std::fs::remove_file(&script);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        bail!(
+            "pgbench failed: {}{}",
+            stdout,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    stdout
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("tps = ")
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|n| n.parse::<f64>().ok())
+        })
+        .with_context(|| format!("no tps in pgbench output:\n{stdout}"))
+}
+
+async fn intake(
+    config: Config,
+    concurrency: usize,
+    duration: Duration,
+    pgbench: &str,
+) -> anyhow::Result<()> {
+    if config.database_url.scheme() == "sqlite" {
+        bail!(
+            "bench intake compares against pgbench: set HERALD_DATABASE_URL to a postgres:// URL"
+        );
+    }
+    let admin_token = format!("bench-admin-{}", uuid::Uuid::new_v4());
+    let jwt_secret = format!("bench-jwt-secret-{}", uuid::Uuid::new_v4());
+    let herald = spawn_herald(&config, &admin_token, &jwt_secret)?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .timeout(Duration::from_secs(30))
+        .build()?;
+
+    let job: serde_json::Value = http
+        .post(format!("{}/api/jobs", herald.public))
+        .bearer_auth(&admin_token)
+        .json(&serde_json::json!({
+            "title": "Bench", "company": "Herald", "location": "Loopback",
+            "description": "Benchmark job"
+        }))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let job_id = job["id"].as_str().context("job id")?.to_string();
+
+    eprintln!(
+        "bench intake: pgbench, same SQL, {concurrency} clients, {}s ...",
+        duration.as_secs()
+    );
+    let url = config.database_url.expose().to_string();
+    let (pg_tps, job_for_pg) = {
+        let (pgbench, job) = (pgbench.to_string(), job_id.clone());
+        let tps = tokio::task::spawn_blocking(move || {
+            run_pgbench(&pgbench, &url, &job, concurrency, duration)
+        })
+        .await??;
+        (tps, job_id.clone())
+    };
+    let _ = job_for_pg;
+
+    eprintln!(
+        "bench intake: herald POST /api/applications, {concurrency} clients, {}s ...",
+        duration.as_secs()
+    );
+    // Tokens are signed before the clock starts, so the load generator spends
+    // its CPU on requests, not on HMACs. One fresh user per request.
+    let auth = Auth::new(&Secret::new(&admin_token), &Secret::new(&jwt_secret));
+    let per_worker = (duration.as_secs() as usize * 4000 / concurrency).max(100);
+    let mut users = Vec::new();
+    for worker in 0..concurrency {
+        let mut tokens = Vec::with_capacity(per_worker);
+        for n in 0..per_worker {
+            let user = format!("bench-{worker}-{n}");
+            let token = auth
+                .issue(&user, &format!("{user}@example.com"), 3600)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            tokens.push((user, token));
+        }
+        users.push(tokens);
+    }
+    let url = format!("{}/api/applications", herald.public);
+    let body = Arc::new(serde_json::to_vec(
+        &serde_json::json!({ "job_id": job_id }),
+    )?);
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut workers = Vec::new();
+    for tokens in users {
+        let (http, url, body) = (http.clone(), url.clone(), body.clone());
+        workers.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new(3).expect("histogram");
+            let mut errors = 0u64;
+            for (user, token) in tokens {
+                if Instant::now() >= deadline {
+                    break;
+                }
+                let sent = Instant::now();
+                let response = http
+                    .post(&url)
+                    .bearer_auth(token)
+                    .header("Idempotency-Key", &user)
+                    .header("content-type", "application/json")
+                    .body(body.as_ref().clone())
+                    .send()
+                    .await;
+                let elapsed = sent.elapsed();
+                match response {
+                    Ok(r) if r.status() == 201 => {
+                        let _ = r.bytes().await;
+                        hist.record(elapsed.as_micros() as u64).ok();
+                    }
+                    _ => errors += 1,
+                }
+            }
+            Ok::<_, anyhow::Error>((hist, errors))
+        }));
+    }
+    let mut hist = Histogram::<u64>::new(3)?;
+    let mut errors = 0;
+    for w in workers {
+        let (h, e) = w.await??;
+        hist.add(h)?;
+        errors += e;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let herald_rps = hist.len() as f64 / elapsed;
+    let p50 = hist.value_at_quantile(0.50) as f64 / 1000.0;
+    let p99 = hist.value_at_quantile(0.99) as f64 / 1000.0;
+    let ratio = herald_rps / pg_tps;
+    println!(
+        "bench intake ({concurrency} concurrent clients, {}s each)",
+        duration.as_secs()
+    );
+    println!("  pgbench, same SQL per application : {pg_tps:>9.1} tx/s");
+    println!(
+        "  herald POST /api/applications     : {herald_rps:>9.1} req/s  p50 {p50:.2} ms  p99 {p99:.2} ms  ({} ok, {errors} failed)",
+        hist.len()
+    );
+    println!("  ratio herald / pgbench            : {ratio:>9.2}   (target >= 0.70; p99 target <= 25 ms)");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pgbench_script_binds_every_parameter_of_herald_s_statements() {
+        let script = pgbench_script();
+        assert!(!script.contains('$'), "{script}");
+        assert!(script.contains("ON CONFLICT (principal, method, route, key) DO NOTHING"));
+        assert!(script.contains("INSERT INTO outbox_events"));
+        let twelve: Vec<String> = (1..=12).map(|i| format!("v{i}")).collect();
+        let refs: Vec<&str> = twelve.iter().map(String::as_str).collect();
+        assert_eq!(substitute("$1 $12 $2", &refs), "v1 v12 v2");
     }
 }

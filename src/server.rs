@@ -104,6 +104,7 @@ pub async fn run(
     let state = AppState {
         config: config.clone(),
         store,
+        keys: actors.keys.clone(),
         actors: actors.clone(),
         auth,
         redis_mode,

@@ -137,21 +137,31 @@ async fn the_same_key_and_request_replay_the_stored_status_and_body() {
     );
 }
 
-/// Holds the job's row lock so an application's insert (its foreign-key
-/// check) waits: the request is then genuinely "still running".
-async fn hold_job(db: &sqlx::PgPool, job: &str) -> sqlx::Transaction<'static, sqlx::Postgres> {
+/// Makes `user`'s application to `job` wait: an uncommitted application row
+/// for the same (user, job) holds the unique index, so Herald's insert waits
+/// on it inside its statement — the request is then genuinely "still running".
+/// Rolling the returned transaction back lets it finish.
+async fn hold_application(
+    db: &sqlx::PgPool,
+    user: &str,
+    job: &str,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
     let mut tx = db.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM jobs WHERE id = $1::uuid FOR UPDATE")
-        .bind(job)
-        .execute(&mut *tx)
-        .await
-        .unwrap();
+    sqlx::query(
+        "INSERT INTO applications (id, job_id, user_id, email, created_at)
+         VALUES (gen_random_uuid(), $1::uuid, $2, 'holder@example.com', now())",
+    )
+    .bind(job)
+    .bind(user)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
     tx
 }
 
 async fn wait_until_blocked(db: &sqlx::PgPool) {
     eventually(
-        "the first request to wait on the job's row lock",
+        "the first request to wait on the held application",
         Duration::from_secs(10),
         || async move {
             let n = count(
@@ -178,7 +188,7 @@ async fn in_flight_duplicate_gets_409(kill_redis: bool) {
     }
     let token = user_token("alice");
     let body = json!({"job_id": job_id(&job)});
-    let lock = hold_job(&w.db, &job_id(&job)).await;
+    let lock = hold_application(&w.db, "alice", &job_id(&job)).await;
     let first = {
         let (herald_url, token, body) = (
             w.herald.url("/api/applications"),
@@ -652,7 +662,7 @@ async fn a_key_left_in_progress_by_a_crashed_holder_is_taken_over_after_its_leas
     let job = w.herald.post_job("A").await;
     let token = user_token("alice");
     let body = json!({"job_id": job_id(&job)});
-    let lock = hold_job(&w.db, &job_id(&job)).await;
+    let lock = hold_application(&w.db, "alice", &job_id(&job)).await;
     let stuck = {
         let (url, token, body) = (
             w.herald.url("/api/applications"),
@@ -675,6 +685,16 @@ async fn a_key_left_in_progress_by_a_crashed_holder_is_taken_over_after_its_leas
         stuck.await.unwrap().is_err(),
         "the holder's client saw no response"
     );
+    // Its database session dies with it (Postgres would notice the closed
+    // socket on its next read; a session blocked on a lock is ended here).
+    let ended: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+          WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()) t",
+    )
+    .fetch_one(&w.db)
+    .await
+    .unwrap();
+    assert_eq!(ended, 1);
     lock.rollback().await.unwrap();
     assert_eq!(
         count(

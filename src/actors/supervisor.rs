@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tracing::{error, info};
 
-use super::key_registry::{KeyRegistry, KeyRegistryArgs, KeyRegistryMsg};
+use super::key_registry::{KeyRegistry, KeyRegistryArgs, KeyRegistryHandle, KeyRegistryMsg};
 use super::ActorSlot;
 
 /// Handles to the running tree, shared with the HTTP front.
@@ -21,12 +21,15 @@ use super::ActorSlot;
 pub struct ActorTree {
     pub supervisor: ActorRef<SupervisorMsg>,
     pub key_registry: Arc<ActorSlot<KeyRegistryMsg>>,
+    /// The request path's way into the KeyRegistry.
+    pub keys: KeyRegistryHandle,
 }
 
 impl ActorTree {
     /// Starts the tree; returns once every child is running.
     pub async fn start(key_registry_args: KeyRegistryArgs) -> Result<ActorTree, anyhow::Error> {
         let key_registry = ActorSlot::new("key_registry");
+        let keys = KeyRegistryHandle::new(key_registry_args.clone(), key_registry.clone());
         let (supervisor, _handle) = Actor::spawn(
             None,
             HeraldSupervisor,
@@ -39,6 +42,7 @@ impl ActorTree {
         Ok(ActorTree {
             supervisor,
             key_registry,
+            keys,
         })
     }
 

@@ -23,11 +23,10 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 use http::{HeaderMap, HeaderValue, Method};
 use metrics_exporter_prometheus::PrometheusHandle;
-use ractor::rpc::CallResult;
 use warp::reply::Response;
 use warp::Filter;
 
-use crate::actors::key_registry::{KeyRegistryMsg, RedisMode};
+use crate::actors::key_registry::{KeyRegistryHandle, RedisMode};
 use crate::actors::supervisor::ActorTree;
 use crate::config::Config;
 use crate::idempotency::{Fingerprint, IdempotencyKey, KeyScope, StoredResponse};
@@ -44,6 +43,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub store: Arc<dyn Store>,
     pub actors: ActorTree,
+    /// Resolves Idempotency-Keys on the request's own task.
+    pub keys: KeyRegistryHandle,
     pub auth: Auth,
     /// Hot-tier mode, for `/readyz` and `/admin/status`.
     pub redis_mode: RedisMode,
@@ -167,47 +168,6 @@ pub fn stored<T: serde::Serialize>(status: u16, value: &T) -> StoredResponse {
 }
 
 impl AppState {
-    async fn resolve_key(&self, claim: KeyClaimRequest) -> Result<KeyClaim, ApiError> {
-        let registry = self
-            .actors
-            .key_registry
-            .get()
-            .ok_or(ApiError::Unavailable)?;
-        match registry
-            .call(
-                |reply| KeyRegistryMsg::Resolve { claim, reply },
-                Some(Duration::from_secs(10)),
-            )
-            .await
-        {
-            Ok(CallResult::Success(result)) => Ok(result?),
-            _ => Err(ApiError::Unavailable),
-        }
-    }
-
-    /// Hands a committed outcome to the registry and waits (bounded) until
-    /// the hot tier reflects it.
-    async fn completed(&self, lease: KeyLease, response: StoredResponse) {
-        if let Some(registry) = self.actors.key_registry.get() {
-            let _ = registry
-                .call(
-                    |reply| KeyRegistryMsg::Completed {
-                        lease,
-                        response,
-                        reply,
-                    },
-                    Some(Duration::from_secs(1)),
-                )
-                .await;
-        }
-    }
-
-    fn tell_registry(&self, message: KeyRegistryMsg) {
-        if let Some(registry) = self.actors.key_registry.get() {
-            let _ = registry.cast(message);
-        }
-    }
-
     /// Runs a state-changing operation under the idempotency contract:
     /// without a key it just runs; with one, the KeyRegistry decides between
     /// running it (new), replaying the stored outcome, 409 and 422. The
@@ -234,7 +194,7 @@ impl AppState {
             lease: Duration::from_secs(self.config.idempotency.lease_secs),
             ttl: Duration::from_secs(self.config.idempotency.ttl_secs),
         };
-        let lease = match self.resolve_key(claim).await? {
+        let lease = match self.keys.resolve(&claim).await? {
             KeyClaim::Replay(response) => return Ok(stored_response(response, true)),
             KeyClaim::InFlight => return Err(ApiError::InFlight),
             KeyClaim::Mismatch => return Err(ApiError::KeyReused),
@@ -242,7 +202,7 @@ impl AppState {
         };
         match operation(Some(lease.clone())).await {
             Ok(response) => {
-                self.completed(lease, response.clone()).await;
+                self.keys.completed(&lease, &response).await;
                 Ok(stored_response(response, false))
             }
             Err(StoreError::LeaseLost) => Err(ApiError::InFlight),
@@ -251,11 +211,11 @@ impl AppState {
                 if error.status().is_client_error() {
                     let response = error.stored();
                     match self.store.complete_key(&lease, &response).await {
-                        Ok(()) => self.completed(lease, response).await,
-                        Err(_) => self.tell_registry(KeyRegistryMsg::Release { lease }),
+                        Ok(()) => self.keys.completed(&lease, &response).await,
+                        Err(_) => self.keys.release(lease),
                     }
                 } else {
-                    self.tell_registry(KeyRegistryMsg::Release { lease });
+                    self.keys.release(lease);
                 }
                 Err(error)
             }

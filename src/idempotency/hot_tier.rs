@@ -15,7 +15,7 @@
 use std::time::Duration;
 
 use fred::prelude::*;
-use fred::types::{Expiration, SetOptions};
+use fred::types::{Expiration, Value};
 use serde::{Deserialize, Serialize};
 
 use super::{Fingerprint, StoredResponse};
@@ -52,6 +52,26 @@ impl CachedOutcome {
         }
     }
 }
+
+/// What Redis knows about a key, from one round trip.
+#[derive(Debug)]
+pub enum FastPath {
+    /// Completed earlier: the cached outcome.
+    Cached(CachedOutcome),
+    /// Unknown to Redis; this caller now holds the in-flight marker.
+    Marked,
+    /// Another request holds the in-flight marker.
+    Held,
+}
+
+/// GET the completed outcome, or else SET NX the in-flight marker: atomically,
+/// in one round trip (so a replay never plants a marker).
+const LOOKUP_OR_MARK: &str = r#"
+local done = redis.call('GET', KEYS[1])
+if done then return {1, done} end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2} end
+return {3}
+"#;
 
 /// Handle to Redis for the idempotency fast path.
 #[derive(Clone)]
@@ -102,32 +122,33 @@ impl HotTier {
         format!("herald:idem:lock:{digest}")
     }
 
-    /// The cached completed outcome of a key, if Redis still has it.
-    pub async fn cached(&self, digest: &str) -> Result<Option<CachedOutcome>, HotTierError> {
-        let raw: Option<String> = self
-            .bounded(self.client.get(Self::done_key(digest)))
-            .await?;
-        raw.map(|s| serde_json::from_str(&s).map_err(|e| HotTierError::Corrupt(e.to_string())))
-            .transpose()
-    }
-
-    /// Sets the in-flight marker unless one exists; `true` when this caller set it.
-    pub async fn mark_in_flight(
+    /// The cached outcome of a key, or else the in-flight marker for this caller.
+    pub async fn lookup_or_mark(
         &self,
         digest: &str,
         fp: Fingerprint,
         lease: Duration,
-    ) -> Result<bool, HotTierError> {
-        let set: Option<String> = self
-            .bounded(self.client.set(
-                Self::lock_key(digest),
-                fp.to_hex(),
-                Some(Expiration::PX(lease.as_millis() as i64)),
-                Some(SetOptions::NX),
-                false,
+    ) -> Result<FastPath, HotTierError> {
+        let reply: Vec<Value> = self
+            .bounded(self.client.eval(
+                LOOKUP_OR_MARK,
+                vec![Self::done_key(digest), Self::lock_key(digest)],
+                vec![fp.to_hex(), lease.as_millis().to_string()],
             ))
             .await?;
-        Ok(set.is_some())
+        match reply.as_slice() {
+            [tag, done] if tag.as_i64() == Some(1) => {
+                let done = done
+                    .as_str()
+                    .ok_or_else(|| HotTierError::Corrupt("non-string outcome".into()))?;
+                serde_json::from_str(&done)
+                    .map(FastPath::Cached)
+                    .map_err(|e| HotTierError::Corrupt(e.to_string()))
+            }
+            [tag] if tag.as_i64() == Some(2) => Ok(FastPath::Marked),
+            [tag] if tag.as_i64() == Some(3) => Ok(FastPath::Held),
+            other => Err(HotTierError::Corrupt(format!("unexpected reply {other:?}"))),
+        }
     }
 
     /// Removes the in-flight marker (request finished or released).
@@ -138,7 +159,8 @@ impl HotTier {
         Ok(())
     }
 
-    /// Caches a completed outcome for `ttl` and clears the in-flight marker.
+    /// Caches a completed outcome for `ttl` and clears the in-flight marker
+    /// (one pipelined round trip).
     pub async fn store_completed(
         &self,
         digest: &str,
@@ -147,16 +169,19 @@ impl HotTier {
     ) -> Result<(), HotTierError> {
         let value =
             serde_json::to_string(outcome).map_err(|e| HotTierError::Corrupt(e.to_string()))?;
-        let _: Option<String> = self
-            .bounded(self.client.set(
+        let pipeline = self.client.pipeline();
+        let _: () = pipeline
+            .set(
                 Self::done_key(digest),
                 value,
                 Some(Expiration::EX(ttl.as_secs().max(1) as i64)),
                 None,
                 false,
-            ))
+            )
             .await?;
-        self.clear_in_flight(digest).await
+        let _: () = pipeline.del(Self::lock_key(digest)).await?;
+        let _: Vec<Value> = self.bounded(pipeline.all()).await?;
+        Ok(())
     }
 
     /// A round trip to Redis; used by the KeyRegistry's probe.

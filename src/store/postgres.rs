@@ -1,19 +1,23 @@
 //! The Postgres backend of [`Store`](super::Store), the production store.
 //!
-//! Key claims are one atomic `INSERT … ON CONFLICT … DO UPDATE … WHERE`
-//! statement: a free key is inserted, an expired key or a crashed holder's
-//! lapsed lease is taken over, anything else is left alone and then read to
-//! tell replay, in-flight and mismatch apart. Never SELECT-then-INSERT.
+//! Key claims start with one atomic `INSERT … ON CONFLICT DO NOTHING
+//! RETURNING` (never SELECT-then-INSERT): a free key is ours at once. A taken
+//! key is then read to tell replay, in-flight and mismatch apart; an expired
+//! key or a crashed holder's lapsed lease is taken over by an UPDATE fenced on
+//! the previous holder.
 //! Business transactions complete the key with a fencing check on the holder,
 //! so a request that ran past its lease cannot overwrite its successor.
 
+use std::ops::{Deref, DerefMut};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use deadpool::managed::{Manager, Metrics, Object, Pool, PoolError, RecycleError, RecycleResult};
+use deadpool::Runtime;
 use serde_json::json;
-use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions, PgRow};
+use sqlx::{Connection, Postgres, Row, Transaction};
 use tracing::instrument;
 use uuid::Uuid;
 
@@ -59,54 +63,181 @@ impl From<sqlx::migrate::MigrateError> for StoreError {
     }
 }
 
+/// Atomic creation of a key, `in_progress` with a lease. DO NOTHING never
+/// waits on an existing row's lock, so a duplicate of a running request is
+/// answered at once.
+pub const CLAIM_KEY: &str = "INSERT INTO idempotency_keys
+        (principal, method, route, key, fingerprint, state, holder, lease_expires_at, expires_at)
+ VALUES ($1, $2, $3, $4, $5, 'in_progress', $6,
+         now() + make_interval(secs => $7), now() + make_interval(secs => $8))
+ ON CONFLICT (principal, method, route, key) DO NOTHING
+ RETURNING holder";
+
+/// A new application in one statement (Postgres runs all of it in one
+/// transaction, against one snapshot):
+/// - `held`: the request still holds its key's lease, or carries no key ($12
+///   is NULL). Not locked: a lock here would make a concurrent duplicate's
+///   claim wait instead of answering 409;
+/// - `job`: the job exists;
+/// - `app`: the application, unless this user already applied to this job;
+/// - `event`: its `application.submitted` outbox row, only if `app` inserted;
+/// - `done`: the key completed with the 201 response, only if `app` inserted
+///   and the lease is still ours (re-checked on the row's latest version, so a
+///   takeover that committed meanwhile wins: then `completed` is false).
+///
+/// The flags it returns tell the caller which case it was.
+pub const SUBMIT_APPLICATION: &str = "
+WITH held AS (
+    SELECT 1 WHERE $12::uuid IS NULL OR EXISTS (
+        SELECT 1 FROM idempotency_keys
+         WHERE principal = $8 AND method = $9 AND route = $10 AND key = $11
+           AND holder = $12 AND state = 'in_progress')
+), job AS (
+    SELECT id, title, company FROM jobs WHERE id = $2
+), app AS (
+    INSERT INTO applications (id, job_id, user_id, email, resume_url, cover_letter, created_at)
+    SELECT $1, job.id, $3, $4, $5, $6, $7 FROM job, held
+    ON CONFLICT (user_id, job_id) DO NOTHING
+    RETURNING id
+), event AS (
+    INSERT INTO outbox_events (event_id, topic, aggregate_id, payload)
+    SELECT $13, 'application.submitted', app.id,
+           jsonb_build_object('application_id', app.id, 'job_id', job.id,
+                              'user_id', $3::text, 'email', $4::text,
+                              'job_title', job.title, 'company', job.company)
+      FROM app, job
+), done AS (
+    UPDATE idempotency_keys
+       SET state = 'completed', response_status = $14, response_body = $15,
+           lease_expires_at = NULL
+     WHERE principal = $8 AND method = $9 AND route = $10 AND key = $11
+       AND holder = $12 AND state = 'in_progress' AND EXISTS (SELECT 1 FROM app)
+    RETURNING 1
+)
+SELECT EXISTS (SELECT 1 FROM held) AS held,
+       EXISTS (SELECT 1 FROM job) AS job_found,
+       EXISTS (SELECT 1 FROM app) AS created,
+       EXISTS (SELECT 1 FROM done) AS completed";
+
+/// A bare sqlx connection, marked broken when a query on it failed in a way
+/// that says the connection (or the server) is gone.
+pub struct TrackedConn {
+    conn: PgConnection,
+    broken: bool,
+}
+
+impl Deref for TrackedConn {
+    type Target = PgConnection;
+    fn deref(&self) -> &PgConnection {
+        &self.conn
+    }
+}
+
+impl DerefMut for TrackedConn {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        &mut self.conn
+    }
+}
+
+/// deadpool manager of sqlx Postgres connections.
+///
+/// Why not `sqlx::PgPool`: sqlx's pool sends a round trip (Sync) on *every*
+/// release of a connection to re-check it, whatever the options say; on the
+/// intake path that was two extra round trips per request and ~13 % of
+/// Herald's CPU in `herald bench intake`. Here a connection goes back to the
+/// pool as it is; one whose query failed with a connection-class error is
+/// discarded instead, and sqlx itself drains any half-read reply (or a
+/// dropped transaction's rollback) before the connection's next query.
+pub struct PgManager {
+    options: PgConnectOptions,
+}
+
+impl Manager for PgManager {
+    type Type = TrackedConn;
+    type Error = sqlx::Error;
+
+    async fn create(&self) -> Result<TrackedConn, sqlx::Error> {
+        Ok(TrackedConn {
+            conn: PgConnection::connect_with(&self.options).await?,
+            broken: false,
+        })
+    }
+
+    async fn recycle(&self, conn: &mut TrackedConn, _: &Metrics) -> RecycleResult<sqlx::Error> {
+        if conn.broken {
+            Err(RecycleError::message("connection failed earlier"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// One pooled connection held for one store call.
+type Session = Object<PgManager>;
+
+trait Settle {
+    /// Marks the connection broken when `result` says the database is
+    /// unreachable through it, then passes `result` on.
+    fn settle<T>(&mut self, result: Result<T, StoreError>) -> Result<T, StoreError>;
+}
+
+impl Settle for Session {
+    fn settle<T>(&mut self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        if matches!(&result, Err(e) if e.is_unavailable()) {
+            self.broken = true;
+        }
+        result
+    }
+}
+
 /// Postgres store over a connection pool.
 #[derive(Clone)]
 pub struct PgStore {
     /// Bounded pool; a request that cannot get a connection in
     /// `database.acquire_timeout_ms` is answered 503.
-    pool: PgPool,
-}
-
-fn job_from_row(row: &PgRow) -> Result<Job, sqlx::Error> {
-    Ok(Job {
-        id: row.try_get("id")?,
-        title: row.try_get("title")?,
-        company: row.try_get("company")?,
-        location: row.try_get("location")?,
-        description: row.try_get("description")?,
-        posted_at: row.try_get("posted_at")?,
-    })
-}
-
-fn application_from_row(row: &PgRow) -> Result<Application, sqlx::Error> {
-    let status: String = row.try_get("email_status")?;
-    Ok(Application {
-        id: row.try_get("id")?,
-        job_id: row.try_get("job_id")?,
-        user_id: row.try_get("user_id")?,
-        email: row.try_get("email")?,
-        resume_url: row.try_get("resume_url")?,
-        cover_letter: row.try_get("cover_letter")?,
-        email_status: EmailStatus::parse(&status).ok_or_else(|| {
-            sqlx::Error::Decode(format!("unknown email_status `{status}`").into())
-        })?,
-        created_at: row.try_get("created_at")?,
-    })
+    pool: Pool<PgManager>,
+    /// Where to connect, for the migrator's own connection.
+    options: PgConnectOptions,
 }
 
 impl PgStore {
     pub async fn connect(config: &Config) -> Result<PgStore, StoreError> {
-        let pool = PgPoolOptions::new()
-            .max_connections(config.database.max_connections)
-            .acquire_timeout(Duration::from_millis(config.database.acquire_timeout_ms))
-            .connect_lazy(config.database_url.expose())
+        let options: PgConnectOptions = config
+            .database_url
+            .expose()
+            .parse()
             .map_err(|e| StoreError::Internal(format!("database_url: {e}")))?;
-        Ok(PgStore { pool })
+        let acquire = Duration::from_millis(config.database.acquire_timeout_ms);
+        let pool = Pool::builder(PgManager {
+            options: options.clone(),
+        })
+        .max_size(config.database.max_connections as usize)
+        .wait_timeout(Some(acquire))
+        .create_timeout(Some(acquire.max(Duration::from_secs(2))))
+        .recycle_timeout(Some(acquire))
+        .runtime(Runtime::Tokio1)
+        .build()
+        .map_err(|e| StoreError::Internal(format!("database pool: {e}")))?;
+        Ok(PgStore { pool, options })
     }
 
-    /// The pool, for benchmarks and tests that inspect rows.
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
+    async fn session(&self) -> Result<Session, StoreError> {
+        self.pool.get().await.map_err(|e| match e {
+            PoolError::Backend(e) => StoreError::from(e),
+            PoolError::Timeout(_) | PoolError::Closed => {
+                StoreError::Unavailable(format!("no database connection: {e}"))
+            }
+            other => StoreError::Internal(other.to_string()),
+        })
+    }
+
+    fn lease_for(&self, claim: &KeyClaimRequest, holder: Uuid) -> KeyLease {
+        KeyLease {
+            scope: claim.scope.clone(),
+            key: claim.key.clone(),
+            fingerprint: claim.fingerprint,
+            holder,
+        }
     }
 
     /// Marks the key completed inside `tx`, only if `lease` still holds it.
@@ -166,6 +297,32 @@ impl PgStore {
     }
 }
 
+fn job_from_row(row: &PgRow) -> Result<Job, sqlx::Error> {
+    Ok(Job {
+        id: row.try_get("id")?,
+        title: row.try_get("title")?,
+        company: row.try_get("company")?,
+        location: row.try_get("location")?,
+        description: row.try_get("description")?,
+        posted_at: row.try_get("posted_at")?,
+    })
+}
+fn application_from_row(row: &PgRow) -> Result<Application, sqlx::Error> {
+    let status: String = row.try_get("email_status")?;
+    Ok(Application {
+        id: row.try_get("id")?,
+        job_id: row.try_get("job_id")?,
+        user_id: row.try_get("user_id")?,
+        email: row.try_get("email")?,
+        resume_url: row.try_get("resume_url")?,
+        cover_letter: row.try_get("cover_letter")?,
+        email_status: EmailStatus::parse(&status).ok_or_else(|| {
+            sqlx::Error::Decode(format!("unknown email_status `{status}`").into())
+        })?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
 fn charge_from_row(row: &PgRow) -> Result<Charge, sqlx::Error> {
     let status: String = row.try_get("ledger_status")?;
     Ok(Charge {
@@ -193,110 +350,162 @@ impl Store for PgStore {
 
     #[instrument(skip_all)]
     async fn migrate(&self) -> Result<(), StoreError> {
-        sqlx::migrate!("./migrations/postgres")
-            .run(&self.pool)
+        // A one-connection sqlx pool just for this: sqlx's migrator takes any
+        // `Acquire`, and a pool is the one it can hold across its awaits.
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(self.options.clone())
             .await?;
-        Ok(())
+        let result = sqlx::migrate!("./migrations/postgres").run(&pool).await;
+        pool.close().await;
+        Ok(result?)
     }
 
     #[instrument(skip_all)]
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
+        let mut session = self.session().await?;
+        let result: Result<(), StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            sqlx::query("SELECT 1").execute(&mut *conn).await?;
+            Ok(())
+        }
+        .await;
+        session.settle(result)
     }
 
     #[instrument(skip_all)]
     async fn list_jobs(&self, limit: u32, before: Option<Uuid>) -> Result<Vec<Job>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, title, company, location, description, posted_at FROM jobs
-              WHERE ($1::uuid IS NULL OR id < $1)
-              ORDER BY id DESC LIMIT $2",
-        )
-        .bind(before)
-        .bind(limit as i64)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
+        let mut session = self.session().await?;
+        let result: Result<Vec<Job>, StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            let rows = sqlx::query(
+                "SELECT id, title, company, location, description, posted_at FROM jobs
+                  WHERE ($1::uuid IS NULL OR id < $1)
+                  ORDER BY id DESC LIMIT $2",
+            )
+            .bind(before)
+            .bind(limit as i64)
+            .fetch_all(&mut *conn)
+            .await?;
+            Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
+        }
+        .await;
+        session.settle(result)
     }
 
     #[instrument(skip_all)]
     async fn get_job(&self, id: Uuid) -> Result<Option<Job>, StoreError> {
-        let row = sqlx::query(
-            "SELECT id, title, company, location, description, posted_at FROM jobs WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.as_ref().map(job_from_row).transpose()?)
+        let mut session = self.session().await?;
+        let result: Result<Option<Job>, StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            let row = sqlx::query(
+                "SELECT id, title, company, location, description, posted_at FROM jobs WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?;
+            Ok(row.as_ref().map(job_from_row).transpose()?)
+        }
+        .await;
+        session.settle(result)
     }
 
     #[instrument(skip_all)]
     async fn claim_key(&self, claim: &KeyClaimRequest) -> Result<KeyClaim, StoreError> {
-        let holder = Uuid::new_v4();
-        // Two passes at most: the second covers a row deleted by the janitor
-        // between the upsert and the read.
-        for _ in 0..2 {
-            let claimed: Option<Uuid> = sqlx::query_scalar(
-                "INSERT INTO idempotency_keys AS k
-                        (principal, method, route, key, fingerprint, state, holder,
-                         lease_expires_at, expires_at)
-                 VALUES ($1, $2, $3, $4, $5, 'in_progress', $6,
-                         now() + make_interval(secs => $7), now() + make_interval(secs => $8))
-                 ON CONFLICT (principal, method, route, key) DO UPDATE
-                    SET fingerprint = EXCLUDED.fingerprint, state = 'in_progress',
-                        holder = EXCLUDED.holder, lease_expires_at = EXCLUDED.lease_expires_at,
-                        response_status = NULL, response_body = NULL,
-                        created_at = now(), expires_at = EXCLUDED.expires_at
-                  WHERE k.expires_at < now()
-                     OR (k.state = 'in_progress' AND k.lease_expires_at < now()
-                         AND k.fingerprint = EXCLUDED.fingerprint)
-                 RETURNING holder",
-            )
-            .bind(&claim.scope.principal)
-            .bind(claim.scope.method)
-            .bind(claim.scope.route)
-            .bind(claim.key.as_str())
-            .bind(&claim.fingerprint.0[..])
-            .bind(holder)
-            .bind(claim.lease.as_secs_f64())
-            .bind(claim.ttl.as_secs_f64())
-            .fetch_optional(&self.pool)
-            .await?;
-            if claimed == Some(holder) {
-                return Ok(KeyClaim::New(KeyLease {
-                    scope: claim.scope.clone(),
-                    key: claim.key.clone(),
-                    fingerprint: claim.fingerprint,
-                    holder,
-                }));
+        let mut session = self.session().await?;
+        let result: Result<KeyClaim, StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            let holder = Uuid::new_v4();
+            let lease_secs = claim.lease.as_secs_f64();
+            let ttl_secs = claim.ttl.as_secs_f64();
+            // A few passes at most: each retry follows a row that changed under us
+            // (deleted by the janitor, or taken over by another request).
+            for _ in 0..3 {
+                let created: Option<Uuid> = sqlx::query_scalar(CLAIM_KEY)
+                    .bind(&claim.scope.principal)
+                    .bind(claim.scope.method)
+                    .bind(claim.scope.route)
+                    .bind(claim.key.as_str())
+                    .bind(&claim.fingerprint.0[..])
+                    .bind(holder)
+                    .bind(lease_secs)
+                    .bind(ttl_secs)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                if created.is_some() {
+                    return Ok(KeyClaim::New(self.lease_for(claim, holder)));
+                }
+                let existing = sqlx::query(
+                    "SELECT fingerprint, state, holder, response_status, response_body,
+                            expires_at < now() AS expired,
+                            lease_expires_at < now() AS lapsed
+                       FROM idempotency_keys
+                      WHERE principal = $1 AND method = $2 AND route = $3 AND key = $4",
+                )
+                .bind(&claim.scope.principal)
+                .bind(claim.scope.method)
+                .bind(claim.scope.route)
+                .bind(claim.key.as_str())
+                .fetch_optional(&mut *conn)
+                .await?;
+                let Some(row) = existing else { continue };
+                let expired: bool = row.try_get("expired")?;
+                let fingerprint: Vec<u8> = row.try_get("fingerprint")?;
+                let state: String = row.try_get("state")?;
+                let lapsed: Option<bool> = row.try_get("lapsed")?;
+                let previous: Uuid = row.try_get("holder")?;
+                let take_over = expired
+                    || (fingerprint == claim.fingerprint.0
+                        && state == "in_progress"
+                        && lapsed == Some(true));
+                if take_over {
+                    // An expired key starts afresh; a lapsed lease (its holder
+                    // crashed) passes to this request. Fenced on the previous
+                    // holder, so of two racing takeovers exactly one wins.
+                    let taken = sqlx::query(
+                        "UPDATE idempotency_keys
+                            SET fingerprint = $6, state = 'in_progress', holder = $7,
+                                lease_expires_at = now() + make_interval(secs => $8),
+                                response_status = NULL, response_body = NULL,
+                                created_at = now(), expires_at = now() + make_interval(secs => $9)
+                          WHERE principal = $1 AND method = $2 AND route = $3 AND key = $4
+                            AND holder = $5
+                            AND (expires_at < now()
+                                 OR (state = 'in_progress' AND lease_expires_at < now()))",
+                    )
+                    .bind(&claim.scope.principal)
+                    .bind(claim.scope.method)
+                    .bind(claim.scope.route)
+                    .bind(claim.key.as_str())
+                    .bind(previous)
+                    .bind(&claim.fingerprint.0[..])
+                    .bind(holder)
+                    .bind(lease_secs)
+                    .bind(ttl_secs)
+                    .execute(&mut *conn)
+                    .await?;
+                    if taken.rows_affected() == 1 {
+                        return Ok(KeyClaim::New(self.lease_for(claim, holder)));
+                    }
+                    continue;
+                }
+                if fingerprint != claim.fingerprint.0 {
+                    return Ok(KeyClaim::Mismatch);
+                }
+                if state == "completed" {
+                    let status: i16 = row.try_get("response_status")?;
+                    let body: String = row.try_get("response_body")?;
+                    return Ok(KeyClaim::Replay(StoredResponse {
+                        status: status as u16,
+                        body,
+                    }));
+                }
+                return Ok(KeyClaim::InFlight);
             }
-            let existing = sqlx::query(
-                "SELECT fingerprint, state, response_status, response_body FROM idempotency_keys
-                  WHERE principal = $1 AND method = $2 AND route = $3 AND key = $4",
-            )
-            .bind(&claim.scope.principal)
-            .bind(claim.scope.method)
-            .bind(claim.scope.route)
-            .bind(claim.key.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
-            let Some(row) = existing else { continue };
-            let fingerprint: Vec<u8> = row.try_get("fingerprint")?;
-            if fingerprint != claim.fingerprint.0 {
-                return Ok(KeyClaim::Mismatch);
-            }
-            let state: String = row.try_get("state")?;
-            if state == "completed" {
-                let status: i16 = row.try_get("response_status")?;
-                let body: String = row.try_get("response_body")?;
-                return Ok(KeyClaim::Replay(StoredResponse {
-                    status: status as u16,
-                    body,
-                }));
-            }
-            return Ok(KeyClaim::InFlight);
+            Ok(KeyClaim::InFlight)
         }
-        Ok(KeyClaim::InFlight)
+        .await;
+        session.settle(result)
     }
 
     #[instrument(skip_all)]
@@ -305,27 +514,39 @@ impl Store for PgStore {
         lease: &KeyLease,
         response: &StoredResponse,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        Self::complete_key_in(&mut tx, lease, response).await?;
-        tx.commit().await?;
-        Ok(())
+        let mut session = self.session().await?;
+        let result: Result<(), StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            let mut tx = conn.begin().await?;
+            Self::complete_key_in(&mut tx, lease, response).await?;
+            tx.commit().await?;
+            Ok(())
+        }
+        .await;
+        session.settle(result)
     }
 
     #[instrument(skip_all)]
     async fn release_key(&self, lease: &KeyLease) -> Result<(), StoreError> {
-        sqlx::query(
-            "DELETE FROM idempotency_keys
-              WHERE principal = $1 AND method = $2 AND route = $3 AND key = $4
-                AND holder = $5 AND state = 'in_progress'",
-        )
-        .bind(&lease.scope.principal)
-        .bind(lease.scope.method)
-        .bind(lease.scope.route)
-        .bind(lease.key.as_str())
-        .bind(lease.holder)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        let mut session = self.session().await?;
+        let result: Result<(), StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            sqlx::query(
+                "DELETE FROM idempotency_keys
+                  WHERE principal = $1 AND method = $2 AND route = $3 AND key = $4
+                    AND holder = $5 AND state = 'in_progress'",
+            )
+            .bind(&lease.scope.principal)
+            .bind(lease.scope.method)
+            .bind(lease.scope.route)
+            .bind(lease.key.as_str())
+            .bind(lease.holder)
+            .execute(&mut *conn)
+            .await?;
+            Ok(())
+        }
+        .await;
+        session.settle(result)
     }
 
     #[instrument(skip_all)]
@@ -335,23 +556,29 @@ impl Store for PgStore {
         lease: Option<&KeyLease>,
         render: Render<'_, Job>,
     ) -> Result<StoredResponse, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO jobs (id, title, company, location, description, posted_at)
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(job.id)
-        .bind(&job.title)
-        .bind(&job.company)
-        .bind(&job.location)
-        .bind(&job.description)
-        .bind(job.posted_at)
-        .execute(&mut *tx)
-        .await?;
-        let response = render(job);
-        let event = (topics::JOB_POSTED, job.id, to_json(job)?);
-        Self::finish(tx, Some(event), lease, &response).await?;
-        Ok(response)
+        let mut session = self.session().await?;
+        let result: Result<StoredResponse, StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            let mut tx = conn.begin().await?;
+            sqlx::query(
+                "INSERT INTO jobs (id, title, company, location, description, posted_at)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(job.id)
+            .bind(&job.title)
+            .bind(&job.company)
+            .bind(&job.location)
+            .bind(&job.description)
+            .bind(job.posted_at)
+            .execute(&mut *tx)
+            .await?;
+            let response = render(job);
+            let event = (topics::JOB_POSTED, job.id, to_json(job)?);
+            Self::finish(tx, Some(event), lease, &response).await?;
+            Ok(response)
+        }
+        .await;
+        session.settle(result)
     }
 
     #[instrument(skip_all)]
@@ -361,44 +588,60 @@ impl Store for PgStore {
         lease: Option<&KeyLease>,
         render: Render<'_, ApplyOutcome>,
     ) -> Result<(ApplyOutcome, StoredResponse), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let job = sqlx::query("SELECT title, company FROM jobs WHERE id = $1")
-            .bind(application.job_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let Some(job) = job else {
-            return Err(StoreError::JobNotFound);
-        };
-        let inserted = sqlx::query(
-            "INSERT INTO applications
-                    (id, job_id, user_id, email, resume_url, cover_letter, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
-             ON CONFLICT (user_id, job_id) DO NOTHING",
-        )
-        .bind(application.id)
-        .bind(application.job_id)
-        .bind(&application.user_id)
-        .bind(&application.email)
-        .bind(&application.resume_url)
-        .bind(&application.cover_letter)
-        .bind(application.created_at)
-        .execute(&mut *tx)
-        .await?;
-        let (outcome, event) = if inserted.rows_affected() == 1 {
-            let title: String = job.try_get("title")?;
-            let company: String = job.try_get("company")?;
-            let payload = json!({
-                "application_id": application.id,
-                "job_id": application.job_id,
-                "user_id": application.user_id,
-                "email": application.email,
-                "job_title": title,
-                "company": company,
-            });
-            let event = (topics::APPLICATION_SUBMITTED, application.id, payload);
-            (ApplyOutcome::Created(application.clone()), Some(event))
-        } else {
-            // The user already applied: return that application, emit nothing.
+        let mut session = self.session().await?;
+        let result: Result<(ApplyOutcome, StoredResponse), StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            // The common case — a new application — is one atomic statement: the
+            // key's lease is checked (and locked), the application and its event
+            // inserted and the key completed, or nothing at all. One round trip
+            // instead of six; `SUBMIT_APPLICATION` explains each part.
+            let created = ApplyOutcome::Created(application.clone());
+            let response = render(&created);
+            let row = sqlx::query(SUBMIT_APPLICATION)
+                .bind(application.id)
+                .bind(application.job_id)
+                .bind(&application.user_id)
+                .bind(&application.email)
+                .bind(&application.resume_url)
+                .bind(&application.cover_letter)
+                .bind(application.created_at)
+                .bind(lease.map(|l| l.scope.principal.as_str()))
+                .bind(lease.map(|l| l.scope.method))
+                .bind(lease.map(|l| l.scope.route))
+                .bind(lease.map(|l| l.key.as_str()))
+                .bind(lease.map(|l| l.holder))
+                .bind(Uuid::now_v7())
+                .bind(response.status as i16)
+                .bind(&response.body)
+                .fetch_one(&mut *conn)
+                .await?;
+            let (held, job_found, inserted, completed): (bool, bool, bool, bool) = (
+                row.try_get("held")?,
+                row.try_get("job_found")?,
+                row.try_get("created")?,
+                row.try_get("completed")?,
+            );
+            if !held {
+                return Err(StoreError::LeaseLost);
+            }
+            if !job_found {
+                return Err(StoreError::JobNotFound);
+            }
+            if inserted {
+                if lease.is_some() && !completed {
+                    // Ran past its lease and was taken over while inserting: the
+                    // application exists once; the successor's answer ("already
+                    // applied") is the key's outcome, so this client retries to it.
+                    tracing::warn!(
+                        "idempotency lease lost while applying; the successor owns the key"
+                    );
+                    return Err(StoreError::LeaseLost);
+                }
+                return Ok((created, response));
+            }
+            // The user already applied: return that application, emit nothing,
+            // store this answer as the key's outcome.
+            let mut tx = conn.begin().await?;
             let row = sqlx::query(
                 "SELECT id, job_id, user_id, email, resume_url, cover_letter, email_status,
                         created_at
@@ -408,14 +651,13 @@ impl Store for PgStore {
             .bind(application.job_id)
             .fetch_one(&mut *tx)
             .await?;
-            (
-                ApplyOutcome::AlreadyApplied(application_from_row(&row)?),
-                None,
-            )
-        };
-        let response = render(&outcome);
-        Self::finish(tx, event, lease, &response).await?;
-        Ok((outcome, response))
+            let outcome = ApplyOutcome::AlreadyApplied(application_from_row(&row)?);
+            let response = render(&outcome);
+            Self::finish(tx, None, lease, &response).await?;
+            Ok((outcome, response))
+        }
+        .await;
+        session.settle(result)
     }
 
     #[instrument(skip_all)]
@@ -424,15 +666,21 @@ impl Store for PgStore {
         id: Uuid,
         user_id: &str,
     ) -> Result<Option<Application>, StoreError> {
-        let row = sqlx::query(
-            "SELECT id, job_id, user_id, email, resume_url, cover_letter, email_status, created_at
-               FROM applications WHERE id = $1 AND user_id = $2",
-        )
-        .bind(id)
-        .bind(user_id)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.as_ref().map(application_from_row).transpose()?)
+        let mut session = self.session().await?;
+        let result: Result<Option<Application>, StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            let row = sqlx::query(
+                "SELECT id, job_id, user_id, email, resume_url, cover_letter, email_status, created_at
+                   FROM applications WHERE id = $1 AND user_id = $2",
+            )
+            .bind(id)
+            .bind(user_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+            Ok(row.as_ref().map(application_from_row).transpose()?)
+        }
+        .await;
+        session.settle(result)
     }
 
     #[instrument(skip_all)]
@@ -442,56 +690,74 @@ impl Store for PgStore {
         lease: &KeyLease,
         render: Render<'_, Charge>,
     ) -> Result<StoredResponse, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO charges (id, user_id, amount_cents, currency, description, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(charge.id)
-        .bind(&charge.user_id)
-        .bind(charge.amount_cents)
-        .bind(&charge.currency)
-        .bind(&charge.description)
-        .bind(charge.created_at)
-        .execute(&mut *tx)
-        .await?;
-        let response = render(charge);
-        let mut payload = to_json(charge)?;
-        payload["user_id"] = json!(charge.user_id);
-        let event = (topics::CHARGE_CREATED, charge.id, payload);
-        Self::finish(tx, Some(event), Some(lease), &response).await?;
-        Ok(response)
+        let mut session = self.session().await?;
+        let result: Result<StoredResponse, StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            let mut tx = conn.begin().await?;
+            sqlx::query(
+                "INSERT INTO charges (id, user_id, amount_cents, currency, description, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(charge.id)
+            .bind(&charge.user_id)
+            .bind(charge.amount_cents)
+            .bind(&charge.currency)
+            .bind(&charge.description)
+            .bind(charge.created_at)
+            .execute(&mut *tx)
+            .await?;
+            let response = render(charge);
+            let mut payload = to_json(charge)?;
+            payload["user_id"] = json!(charge.user_id);
+            let event = (topics::CHARGE_CREATED, charge.id, payload);
+            Self::finish(tx, Some(event), Some(lease), &response).await?;
+            Ok(response)
+        }
+        .await;
+        session.settle(result)
     }
 
     #[instrument(skip_all)]
     async fn get_charge(&self, id: Uuid, user_id: &str) -> Result<Option<Charge>, StoreError> {
-        let row = sqlx::query(
-            "SELECT id, user_id, amount_cents, currency, description, ledger_status, created_at
-               FROM charges WHERE id = $1 AND user_id = $2",
-        )
-        .bind(id)
-        .bind(user_id)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.as_ref().map(charge_from_row).transpose()?)
+        let mut session = self.session().await?;
+        let result: Result<Option<Charge>, StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            let row = sqlx::query(
+                "SELECT id, user_id, amount_cents, currency, description, ledger_status, created_at
+                   FROM charges WHERE id = $1 AND user_id = $2",
+            )
+            .bind(id)
+            .bind(user_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+            Ok(row.as_ref().map(charge_from_row).transpose()?)
+        }
+        .await;
+        session.settle(result)
     }
 
     #[instrument(skip_all)]
     async fn outbox_stats(&self) -> Result<OutboxStats, StoreError> {
-        let row = sqlx::query(
-            "SELECT count(*) AS pending, min(created_at) AS oldest
-               FROM outbox_events WHERE published_at IS NULL",
-        )
-        .fetch_one(&self.pool)
-        .await?;
-        let pending: i64 = row.try_get("pending")?;
-        let oldest: Option<DateTime<Utc>> = row.try_get("oldest")?;
-        let lag_seconds = oldest
-            .map(|t| (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0)
-            .unwrap_or(0.0);
-        Ok(OutboxStats {
-            pending,
-            lag_seconds,
-        })
+        let mut session = self.session().await?;
+        let result: Result<OutboxStats, StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            let row = sqlx::query(
+                "SELECT count(*) AS pending, min(created_at) AS oldest
+                   FROM outbox_events WHERE published_at IS NULL",
+            )
+            .fetch_one(&mut *conn)
+            .await?;
+            let pending: i64 = row.try_get("pending")?;
+            let oldest: Option<DateTime<Utc>> = row.try_get("oldest")?;
+            let lag_seconds = oldest
+                .map(|t| (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0)
+                .unwrap_or(0.0);
+            Ok(OutboxStats {
+                pending,
+                lag_seconds,
+            })
+        }
+        .await;
+        session.settle(result)
     }
 }

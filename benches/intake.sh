@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs `herald bench intake` against throwaway PostgreSQL and Redis servers
+# (temp dir, free ports, 127.0.0.1), then stops exactly the processes it started.
+# Usage: benches/intake.sh [--seconds N] [--concurrency N]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+pgbin=$(dirname "$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | tail -1)")
+[ -x "$pgbin/initdb" ] || { echo "PostgreSQL not installed (scripts/test installs it)" >&2; exit 1; }
+command -v redis-server >/dev/null || { echo "redis-server not installed (scripts/test installs it)" >&2; exit 1; }
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+as_pg() { if [ "$(id -u)" -eq 0 ]; then setpriv --reuid=postgres --regid=postgres --clear-groups -- "$@"; else "$@"; fi; }
+
+cargo build --release --quiet
+tmp=$(mktemp -d /tmp/herald-bench.XXXXXX)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$tmp"; }
+trap cleanup EXIT
+[ "$(id -u)" -eq 0 ] && chown postgres "$tmp"
+
+pg_port=$(free_port); redis_port=$(free_port)
+as_pg "$pgbin/initdb" -D "$tmp/pg" -U herald --auth=trust -E UTF8 --no-sync >/dev/null
+# Durable settings (fsync on), as production would run.
+as_pg "$pgbin/postgres" -D "$tmp/pg" -p "$pg_port" -k "$tmp" -c listen_addresses=127.0.0.1 \
+    -c max_connections=200 >"$tmp/pg.log" 2>&1 &
+pids+=($!)
+redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >/dev/null &
+pids+=($!)
+for _ in $(seq 100); do "$pgbin/pg_isready" -q -h 127.0.0.1 -p "$pg_port" && break; sleep 0.1; done
+
+export HERALD_DATABASE_URL="postgres://herald@127.0.0.1:$pg_port/postgres"
+# NO_REDIS=1 measures Herald with the database tier alone.
+[ -n "${NO_REDIS:-}" ] || export HERALD_REDIS_URL="redis://127.0.0.1:$redis_port"
+PATH="$pgbin:$PATH" target/release/herald bench intake "$@"
