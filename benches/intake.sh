@@ -10,19 +10,23 @@ pgbin=$(dirname "$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | t
 command -v redis-server >/dev/null || { echo "redis-server not installed (scripts/test installs it)" >&2; exit 1; }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-as_pg() { if [ "$(id -u)" -eq 0 ]; then setpriv --reuid=postgres --regid=postgres --clear-groups -- "$@"; else "$@"; fi; }
+# PostgreSQL refuses to run as root: as root, run it as the postgres user.
+# setpriv execs, so the PID we record is the server's own.
+runas=()
+[ "$(id -u)" -eq 0 ] && runas=(setpriv --reuid=postgres --regid=postgres --clear-groups --)
 
 cargo build --release --quiet
 tmp=$(mktemp -d /tmp/herald-bench.XXXXXX)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$tmp"; }
+# SIGINT is PostgreSQL's fast shutdown (SIGTERM would wait for clients).
+cleanup() { for p in "${pids[@]}"; do kill -INT "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$tmp"; }
 trap cleanup EXIT
 [ "$(id -u)" -eq 0 ] && chown postgres "$tmp"
 
 pg_port=$(free_port); redis_port=$(free_port)
-as_pg "$pgbin/initdb" -D "$tmp/pg" -U herald --auth=trust -E UTF8 --no-sync >/dev/null
+"${runas[@]}" "$pgbin/initdb" -D "$tmp/pg" -U herald --auth=trust -E UTF8 --no-sync >/dev/null
 # Durable settings (fsync on), as production would run.
-as_pg "$pgbin/postgres" -D "$tmp/pg" -p "$pg_port" -k "$tmp" -c listen_addresses=127.0.0.1 \
+"${runas[@]}" "$pgbin/postgres" -D "$tmp/pg" -p "$pg_port" -k "$tmp" -c listen_addresses=127.0.0.1 \
     -c max_connections=200 >"$tmp/pg.log" 2>&1 &
 pids+=($!)
 redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >/dev/null &

@@ -112,6 +112,14 @@ fn substitute(sql: &str, values: &[&str]) -> String {
     out
 }
 
+/// CPU seconds (user + system) a process has used so far, from /proc.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(") ")?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
 /// A `herald serve` child process, ended when dropped.
 struct Child {
     process: std::process::Child,
@@ -260,6 +268,7 @@ async fn intake(
     let (mut pg_tx, mut pg_secs, mut herald_ok, mut herald_secs) = (0.0, 0.0, 0u64, 0.0);
     let mut hist = Histogram::<u64>::new(3)?;
     let mut errors = 0;
+    let mut herald_cpu = 0.0;
     for round in 1..=rounds {
         let (pgbench, job, url) = (pgbench.to_string(), job_id.clone(), url.clone());
         let tps = tokio::task::spawn_blocking(move || {
@@ -269,6 +278,7 @@ async fn intake(
         pg_tx += tps * duration.as_secs_f64();
         pg_secs += duration.as_secs_f64();
 
+        let cpu_before = cpu_seconds(herald.process.id());
         let start = Instant::now();
         let deadline = start + duration;
         let mut workers = Vec::new();
@@ -310,6 +320,9 @@ async fn intake(
             errors += e;
         }
         let secs = start.elapsed().as_secs_f64();
+        if let (Some(a), Some(b)) = (cpu_before, cpu_seconds(herald.process.id())) {
+            herald_cpu += b - a;
+        }
         herald_ok += round_ok;
         herald_secs += secs;
         eprintln!(
@@ -332,6 +345,10 @@ async fn intake(
     );
     println!(
         "  ratio herald / pgbench            : {ratio:>9.2}   (target >= 0.70; p99 target <= 25 ms)"
+    );
+    println!(
+        "  herald process CPU per request    : {:>9.0} us (user + system)",
+        herald_cpu / herald_ok.max(1) as f64 * 1e6
     );
     Ok(())
 }

@@ -93,7 +93,9 @@ where
                         headers,
                         body,
                     };
-                    dispatch(state, request).await
+                    // Boxed: the handler's state machine is large, and warp
+                    // and hyper move the future they are given a few times.
+                    Box::pin(dispatch(state, request)).await
                 }
             },
         )

@@ -159,8 +159,10 @@ impl HotTier {
         Ok(())
     }
 
-    /// Caches a completed outcome for `ttl` and clears the in-flight marker
-    /// (one pipelined round trip).
+    /// Caches a completed outcome for `ttl` and clears the in-flight marker,
+    /// in one pipelined round trip. (Leaving the marker to expire would save
+    /// a command, but an evicted or deleted outcome would then expose a stale
+    /// marker and turn replays into 409s for the rest of the lease.)
     pub async fn store_completed(
         &self,
         digest: &str,
