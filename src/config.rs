@@ -207,6 +207,38 @@ pub struct LogConfig {
     pub filter: String,
 }
 
+/// Turns figment's errors into one message naming each key as it is written
+/// in a file (`relay.max_publish_per_sec`) and, when it came from the
+/// environment, the variable to fix (`HERALD_RELAY__MAX_PUBLISH_PER_SEC`).
+fn describe(errors: figment::Error) -> ConfigError {
+    let messages: Vec<String> = errors
+        .into_iter()
+        .map(|e| {
+            let key = e.path.join(".").to_ascii_lowercase();
+            let from_env = e
+                .metadata
+                .as_ref()
+                .is_some_and(|m| m.name.contains("environment"));
+            let source = match (&e.metadata, from_env) {
+                (_, true) if !key.is_empty() => {
+                    format!(
+                        " (environment variable HERALD_{})",
+                        key.to_ascii_uppercase().replace('.', "__")
+                    )
+                }
+                (Some(m), _) => format!(" (from {})", m.name),
+                (None, _) => String::new(),
+            };
+            if key.is_empty() {
+                format!("{}{source}", e.kind)
+            } else {
+                format!("key `{key}`{source}: {}", e.kind)
+            }
+        })
+        .collect();
+    ConfigError::Parse(messages.join("; "))
+}
+
 impl Config {
     /// Loads defaults, the `HERALD_CONFIG` file and the process environment.
     pub fn load() -> Result<Config, ConfigError> {
@@ -231,11 +263,7 @@ impl Config {
 
     /// Extracts and validates a configuration from layered sources.
     pub fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
-        let config: Config = figment.extract().map_err(|e| {
-            // figment's messages name the key and the source ("for key
-            // `relay.max_publish_per_sec` in HERALD_ environment variable(s)").
-            ConfigError::Parse(e.to_string().replace("default.", ""))
-        })?;
+        let config: Config = figment.extract().map_err(describe)?;
         config.validate()?;
         Ok(config)
     }
