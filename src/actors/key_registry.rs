@@ -133,7 +133,7 @@ impl Actor for KeyRegistry {
             }
             KeyRegistryMsg::ProbeResult(Ok(())) => {
                 if args.mode.set_healthy(true) {
-                    info!("redis hot tier back: leaving fallback");
+                    info!("redis hot tier healthy: fast path on (leaving fallback)");
                     m::redis_fallback(false);
                 }
             }
