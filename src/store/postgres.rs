@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use deadpool::managed::{Manager, Metrics, Object, Pool, PoolError, RecycleError, RecycleResult};
 use deadpool::Runtime;
 use serde_json::json;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPoolOptions, PgRow};
 use sqlx::{Connection, Postgres, Row, Transaction};
 use tracing::instrument;
 use uuid::Uuid;
@@ -26,7 +26,7 @@ use super::{
 };
 use crate::config::Config;
 use crate::domain::{topics, Application, Charge, EmailStatus, Job, LedgerStatus};
-use crate::idempotency::StoredResponse;
+use crate::idempotency::{IdempotencyKey, KeyScope, StoredResponse};
 
 /// Postgres error codes that mean "try again later", not "your request is bad".
 fn is_unavailable_code(code: &str) -> bool {
@@ -253,10 +253,7 @@ impl PgStore {
               WHERE principal = $1 AND method = $2 AND route = $3 AND key = $4
                 AND holder = $5 AND state = 'in_progress'",
         )
-        .bind(&lease.scope.principal)
-        .bind(lease.scope.method)
-        .bind(lease.scope.route)
-        .bind(lease.key.as_str())
+        .bind_key(&lease.scope, &lease.key)
         .bind(lease.holder)
         .bind(response.status as i16)
         .bind(&response.body)
@@ -294,6 +291,21 @@ impl PgStore {
         }
         tx.commit().await?;
         Ok(())
+    }
+}
+
+/// Binds the four columns that identify a key, `$1`…`$4` in every key query:
+/// principal, method, route, key.
+trait BindKey<'q> {
+    fn bind_key(self, scope: &'q KeyScope, key: &'q IdempotencyKey) -> Self;
+}
+
+impl<'q> BindKey<'q> for sqlx::query::Query<'q, Postgres, PgArguments> {
+    fn bind_key(self, scope: &'q KeyScope, key: &'q IdempotencyKey) -> Self {
+        self.bind(&scope.principal)
+            .bind(scope.method)
+            .bind(scope.route)
+            .bind(key.as_str())
     }
 }
 
@@ -421,11 +433,8 @@ impl Store for PgStore {
             // A few passes at most: each retry follows a row that changed under us
             // (deleted by the janitor, or taken over by another request).
             for _ in 0..3 {
-                let created: Option<Uuid> = sqlx::query_scalar(CLAIM_KEY)
-                    .bind(&claim.scope.principal)
-                    .bind(claim.scope.method)
-                    .bind(claim.scope.route)
-                    .bind(claim.key.as_str())
+                let created = sqlx::query(CLAIM_KEY)
+                    .bind_key(&claim.scope, &claim.key)
                     .bind(&claim.fingerprint.0[..])
                     .bind(holder)
                     .bind(lease_secs)
@@ -442,10 +451,7 @@ impl Store for PgStore {
                        FROM idempotency_keys
                       WHERE principal = $1 AND method = $2 AND route = $3 AND key = $4",
                 )
-                .bind(&claim.scope.principal)
-                .bind(claim.scope.method)
-                .bind(claim.scope.route)
-                .bind(claim.key.as_str())
+                .bind_key(&claim.scope, &claim.key)
                 .fetch_optional(&mut *conn)
                 .await?;
                 let Some(row) = existing else { continue };
@@ -473,10 +479,7 @@ impl Store for PgStore {
                             AND (expires_at < now()
                                  OR (state = 'in_progress' AND lease_expires_at < now()))",
                     )
-                    .bind(&claim.scope.principal)
-                    .bind(claim.scope.method)
-                    .bind(claim.scope.route)
-                    .bind(claim.key.as_str())
+                    .bind_key(&claim.scope, &claim.key)
                     .bind(previous)
                     .bind(&claim.fingerprint.0[..])
                     .bind(holder)
@@ -536,10 +539,7 @@ impl Store for PgStore {
                   WHERE principal = $1 AND method = $2 AND route = $3 AND key = $4
                     AND holder = $5 AND state = 'in_progress'",
             )
-            .bind(&lease.scope.principal)
-            .bind(lease.scope.method)
-            .bind(lease.scope.route)
-            .bind(lease.key.as_str())
+            .bind_key(&lease.scope, &lease.key)
             .bind(lease.holder)
             .execute(&mut *conn)
             .await?;
