@@ -96,6 +96,9 @@ impl HotTier {
                 c.connection_timeout = Duration::from_millis(1000);
                 c.internal_command_timeout = timeout;
                 c.max_command_attempts = 1;
+                // Bounded queue to the connection task: a stalled Redis
+                // cannot make commands pile up in memory.
+                c.max_command_buffer_len = 10_000;
             })
             // Unlimited attempts, 200 ms apart: Redis coming back is noticed quickly.
             .set_policy(ReconnectPolicy::new_constant(0, 200))
@@ -104,14 +107,21 @@ impl HotTier {
         Ok(HotTier { client, timeout })
     }
 
+    /// Maps fred's result; the time bound itself is fred's
+    /// `default_command_timeout`, which also drops a command still queued
+    /// while Redis is unreachable (so it is never sent late, after the
+    /// request gave up on it).
     async fn bounded<T>(
         &self,
         fut: impl std::future::Future<Output = Result<T, fred::error::Error>>,
     ) -> Result<T, HotTierError> {
-        match tokio::time::timeout(self.timeout, fut).await {
-            Ok(result) => Ok(result?),
-            Err(_) => Err(HotTierError::Timeout(self.timeout)),
-        }
+        fut.await.map_err(|e| {
+            if e.kind() == &fred::error::ErrorKind::Timeout {
+                HotTierError::Timeout(self.timeout)
+            } else {
+                HotTierError::Redis(e)
+            }
+        })
     }
 
     fn done_key(digest: &str) -> String {
