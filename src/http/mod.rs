@@ -37,6 +37,10 @@ use problem::{json_response, ApiError};
 /// Largest request body accepted (SPEC 2); larger gets 413 `body_too_large`.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
+/// How much of an oversized body is read and dropped before answering 413
+/// (at most 2 s of it); past that the connection is simply closed.
+const MAX_DRAIN_BYTES: usize = 1024 * 1024;
+
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct AppState {
@@ -82,10 +86,7 @@ where
                 let state = state.clone();
                 let dispatch = dispatch.clone();
                 async move {
-                    let body = match check_declared_length(&headers, MAX_BODY_BYTES) {
-                        Ok(()) => read_body(body, MAX_BODY_BYTES).await,
-                        Err(e) => Err(e),
-                    };
+                    let body = read_body(body, MAX_BODY_BYTES).await;
                     let request = Request {
                         method,
                         path: path.as_str().to_string(),
@@ -115,6 +116,18 @@ where
         let mut chunk = chunk
             .map_err(|_| ApiError::InvalidBody("the request body could not be read".into()))?;
         if buf.len() + chunk.remaining() > limit {
+            // Read (and drop) a bounded remainder first, so a client still
+            // sending gets to read the 413 instead of a reset connection.
+            let drain = async {
+                let mut drained = buf.len() + chunk.remaining();
+                while drained < MAX_DRAIN_BYTES {
+                    match body.next().await {
+                        Some(Ok(c)) => drained += c.remaining(),
+                        _ => break,
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
             return Err(ApiError::BodyTooLarge { limit });
         }
         while chunk.has_remaining() {
@@ -125,18 +138,6 @@ where
         }
     }
     Ok(buf.freeze())
-}
-
-/// A 413 before reading anything, when `Content-Length` already says too much.
-pub fn check_declared_length(headers: &HeaderMap, limit: usize) -> Result<(), ApiError> {
-    let declared = headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    match declared {
-        Some(n) if n > limit as u64 => Err(ApiError::BodyTooLarge { limit }),
-        _ => Ok(()),
-    }
 }
 
 /// The `Idempotency-Key` header, validated; `None` when absent.

@@ -507,17 +507,43 @@ impl Daemon {
         r.json().await.expect("job json")
     }
 
-    /// `POST /api/applications` as `token`, with an optional key and raw JSON body.
-    pub async fn apply(&self, token: &str, key: Option<&str>, body: &Value) -> reqwest::Response {
-        let mut req = self
-            .http
-            .post(self.url("/api/applications"))
-            .bearer_auth(token)
-            .json(body);
+    /// `POST path` as `token`, with an optional Idempotency-Key and a JSON body.
+    pub async fn post(
+        &self,
+        path: &str,
+        token: &str,
+        key: Option<&str>,
+        body: &Value,
+    ) -> reqwest::Response {
+        let mut req = self.http.post(self.url(path)).bearer_auth(token).json(body);
         if let Some(k) = key {
             req = req.header("Idempotency-Key", k);
         }
-        req.send().await.expect("apply request")
+        req.send().await.expect("POST request")
+    }
+
+    /// `POST /api/applications`.
+    pub async fn apply(&self, token: &str, key: Option<&str>, body: &Value) -> reqwest::Response {
+        self.post("/api/applications", token, key, body).await
+    }
+
+    /// `GET path` (public listener), the status and the body.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("GET request")
+    }
+
+    /// Waits until a metric has `value`.
+    pub async fn wait_for_metric(&self, name_with_labels: &str, value: f64) {
+        eventually(
+            &format!("{name_with_labels} == {value}"),
+            Duration::from_secs(10),
+            || async move { (self.metric(name_with_labels).await == value).then_some(()) },
+        )
+        .await;
     }
 
     /// The value of a metric line (exact labels as rendered), 0 when absent.
