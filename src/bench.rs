@@ -285,8 +285,8 @@ async fn intake(
         for worker in 0..concurrency {
             let (http, url, body, users) =
                 (http.clone(), target.clone(), body.clone(), users.clone());
+            let mut hist = Histogram::<u64>::new(3)?;
             workers.push(tokio::spawn(async move {
-                let mut hist = Histogram::<u64>::new(3).expect("histogram");
                 let mut errors = 0u64;
                 while Instant::now() < deadline {
                     let next = users[worker].lock().ok().and_then(|mut it| it.next());
