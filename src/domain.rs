@@ -41,6 +41,13 @@ pub struct User {
     pub email: String,
 }
 
+impl User {
+    /// The idempotency principal: a key is never shared between users.
+    pub fn principal(&self) -> String {
+        format!("user:{}", self.id)
+    }
+}
+
 /// Delivery status of an application's confirmation email.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -48,24 +55,6 @@ pub enum EmailStatus {
     Pending,
     Sent,
     Dead,
-}
-
-impl EmailStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EmailStatus::Pending => "pending",
-            EmailStatus::Sent => "sent",
-            EmailStatus::Dead => "dead",
-        }
-    }
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "pending" => Some(EmailStatus::Pending),
-            "sent" => Some(EmailStatus::Sent),
-            "dead" => Some(EmailStatus::Dead),
-            _ => None,
-        }
-    }
 }
 
 /// An application of one user to one job (at most one per pair).
@@ -158,6 +147,12 @@ fn optional_text(
     }
 }
 
+/// Reads a status column (`pending`, `sent`, …) through the enum's own serde
+/// names, so each status is spelt in one place: its `#[serde(rename_all)]`.
+pub fn parse_status<T: serde::de::DeserializeOwned>(s: &str) -> Option<T> {
+    serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
+}
+
 /// Parses a JSON body into `T`, mapping every serde failure to [`InvalidBody`].
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, InvalidBody> {
     serde_json::from_slice(body).map_err(|e| InvalidBody(format!("{e}")))
@@ -230,24 +225,6 @@ pub enum LedgerStatus {
     Pending,
     Applied,
     Dead,
-}
-
-impl LedgerStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LedgerStatus::Pending => "pending",
-            LedgerStatus::Applied => "applied",
-            LedgerStatus::Dead => "dead",
-        }
-    }
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "pending" => Some(LedgerStatus::Pending),
-            "applied" => Some(LedgerStatus::Applied),
-            "dead" => Some(LedgerStatus::Dead),
-            _ => None,
-        }
-    }
 }
 
 /// A charge of one user, applied to the ledger exactly once.
@@ -399,6 +376,14 @@ mod tests {
         ] {
             assert!(ok(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn statuses_parse_from_their_serde_names_only() {
+        assert_eq!(parse_status("sent"), Some(EmailStatus::Sent));
+        assert_eq!(parse_status("applied"), Some(LedgerStatus::Applied));
+        assert_eq!(parse_status::<EmailStatus>("Sent"), None);
+        assert_eq!(parse_status::<LedgerStatus>("sent"), None);
     }
 
     #[test]

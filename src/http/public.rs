@@ -224,14 +224,14 @@ async fn submit_application(state: &AppState, request: &Request) -> Result<Respo
         id: Uuid::now_v7(),
         job_id: new.job_id,
         user_id: user.id.clone(),
-        email: user.email,
+        email: user.email.clone(),
         resume_url: new.resume_url,
         cover_letter: new.cover_letter,
         email_status: EmailStatus::Pending,
         created_at: Utc::now(),
     };
     let scope = KeyScope {
-        principal: format!("user:{}", user.id),
+        principal: user.principal(),
         method: "POST",
         route: "/api/applications",
     };
@@ -275,7 +275,7 @@ async fn create_charge(state: &AppState, request: &Request) -> Result<Response, 
     let new = NewCharge::parse(request.body.as_ref().map_err(clone_error)?)?;
     let charge = new.into_charge(Uuid::now_v7(), user.id.clone(), Utc::now());
     let scope = KeyScope {
-        principal: format!("user:{}", user.id),
+        principal: user.principal(),
         method: "POST",
         route: "/api/charges",
     };

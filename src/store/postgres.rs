@@ -25,7 +25,7 @@ use super::{
     ApplyOutcome, KeyClaim, KeyClaimRequest, KeyLease, OutboxStats, Render, Store, StoreError,
 };
 use crate::config::Config;
-use crate::domain::{topics, Application, Charge, EmailStatus, Job, LedgerStatus};
+use crate::domain::{parse_status, topics, Application, Charge, Job};
 use crate::idempotency::{IdempotencyKey, KeyScope, StoredResponse};
 
 /// Postgres error codes that mean "try again later", not "your request is bad".
@@ -319,8 +319,17 @@ fn job_from_row(row: &PgRow) -> Result<Job, sqlx::Error> {
         posted_at: row.try_get("posted_at")?,
     })
 }
+/// A status column decoded into its enum; an unknown value is a decode error.
+fn status_column<T: serde::de::DeserializeOwned>(
+    row: &PgRow,
+    column: &str,
+) -> Result<T, sqlx::Error> {
+    let value: String = row.try_get(column)?;
+    parse_status(&value)
+        .ok_or_else(|| sqlx::Error::Decode(format!("unknown {column} `{value}`").into()))
+}
+
 fn application_from_row(row: &PgRow) -> Result<Application, sqlx::Error> {
-    let status: String = row.try_get("email_status")?;
     Ok(Application {
         id: row.try_get("id")?,
         job_id: row.try_get("job_id")?,
@@ -328,24 +337,19 @@ fn application_from_row(row: &PgRow) -> Result<Application, sqlx::Error> {
         email: row.try_get("email")?,
         resume_url: row.try_get("resume_url")?,
         cover_letter: row.try_get("cover_letter")?,
-        email_status: EmailStatus::parse(&status).ok_or_else(|| {
-            sqlx::Error::Decode(format!("unknown email_status `{status}`").into())
-        })?,
+        email_status: status_column(row, "email_status")?,
         created_at: row.try_get("created_at")?,
     })
 }
 
 fn charge_from_row(row: &PgRow) -> Result<Charge, sqlx::Error> {
-    let status: String = row.try_get("ledger_status")?;
     Ok(Charge {
         id: row.try_get("id")?,
         user_id: row.try_get("user_id")?,
         amount_cents: row.try_get("amount_cents")?,
         currency: row.try_get("currency")?,
         description: row.try_get("description")?,
-        ledger_status: LedgerStatus::parse(&status).ok_or_else(|| {
-            sqlx::Error::Decode(format!("unknown ledger_status `{status}`").into())
-        })?,
+        ledger_status: status_column(row, "ledger_status")?,
         created_at: row.try_get("created_at")?,
     })
 }
