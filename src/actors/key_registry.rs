@@ -126,7 +126,7 @@ impl Actor for KeyRegistry {
             KeyRegistryMsg::Probe => {
                 if let Some(hot) = args.hot.clone() {
                     tokio::spawn(async move {
-                        let result = hot.ping().await.map_err(|e| e.to_string());
+                        let result = hot.probe().await.map_err(|e| e.to_string());
                         let _ = myself.cast(KeyRegistryMsg::ProbeResult(result));
                     });
                 }
@@ -189,8 +189,8 @@ impl KeyRegistryHandle {
         result
     }
 
-    /// The request holding `lease` committed `response`: cache it in Redis
-    /// and clear the in-flight marker. The request answers its client only
+    /// The request holding `lease` committed `response`: cache it in Redis,
+    /// over the in-flight marker. The request answers its client only
     /// after this, so a retry never finds a stale marker (409) for a request
     /// whose response the client already has.
     pub async fn completed(&self, lease: &KeyLease, response: &StoredResponse) {
@@ -230,10 +230,7 @@ impl KeyRegistryHandle {
         let hot = self.hot();
         let mut marked = false;
         if let Some(hot) = hot {
-            match hot
-                .lookup_or_mark(&digest, claim.fingerprint, claim.lease)
-                .await
-            {
+            match hot.lookup_or_mark(&digest, claim.lease).await {
                 Ok(FastPath::Cached(cached)) => {
                     return Ok(if cached.matches(claim.fingerprint) {
                         KeyClaim::Replay(cached.response())

@@ -1,11 +1,19 @@
 //! The Redis hot tier of the KeyRegistry.
 //!
-//! Two kinds of Redis keys, both optimisations only:
-//! - `herald:idem:done:<digest>`: a completed outcome (fingerprint, status,
-//!   body), so a replay costs one Redis GET and no database query;
-//! - `herald:idem:lock:<digest>`: an in-flight marker set with `SET NX PX`
-//!   (the lease), so a concurrent duplicate is answered 409 without touching
-//!   the database.
+//! One Redis key per scoped idempotency key, `herald:idem:<digest>`, an
+//! optimisation only. It holds one of two things:
+//! - the in-flight marker [`IN_FLIGHT`], planted with `SET NX PX <lease>`, so
+//!   a concurrent duplicate is answered 409 without touching the database;
+//! - the completed outcome (fingerprint, status, body as JSON), written over
+//!   the marker on completion, so a replay costs no database query.
+//!
+//! One command does the whole lookup: `SET key IN_FLIGHT NX PX lease GET`
+//! either plants the marker (reply nil: the caller is first) or leaves the
+//! key alone and returns what it holds (an outcome: replay; the marker: in
+//! flight). Completion is one `SET … EX ttl` over the marker. No Lua and no
+//! second key, so there is no stale marker to outlive its outcome. `NX` with
+//! `GET` needs Redis 7.0 or later; the KeyRegistry's probe runs that very
+//! command, so an older server keeps Herald in fallback with the reason logged.
 //!
 //! Every call is bounded by `redis.command_timeout_ms`; any error or timeout
 //! is returned to the KeyRegistry, which switches to database-only mode. The
@@ -15,7 +23,7 @@
 use std::time::Duration;
 
 use fred::prelude::*;
-use fred::types::{Expiration, Value};
+use fred::types::{Expiration, SetOptions};
 use serde::{Deserialize, Serialize};
 
 use super::{Fingerprint, StoredResponse};
@@ -64,14 +72,12 @@ pub enum FastPath {
     Held,
 }
 
-/// GET the completed outcome, or else SET NX the in-flight marker: atomically,
-/// in one round trip (so a replay never plants a marker).
-const LOOKUP_OR_MARK: &str = r#"
-local done = redis.call('GET', KEYS[1])
-if done then return {1, done} end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2} end
-return {3}
-"#;
+/// The value of a key whose request is still running. A completed outcome is
+/// JSON, so it always starts with `{` and is never mistaken for the marker.
+const IN_FLIGHT: &str = "~";
+
+/// Key the probe plants (and lets expire) to prove `SET NX PX GET` works.
+const PROBE_KEY: &str = "herald:idem:probe";
 
 /// Handle to Redis for the idempotency fast path.
 #[derive(Clone)]
@@ -124,55 +130,53 @@ impl HotTier {
         })
     }
 
-    fn done_key(digest: &str) -> String {
-        format!("herald:idem:done:{digest}")
+    fn key(digest: &str) -> String {
+        format!("herald:idem:{digest}")
     }
 
-    fn lock_key(digest: &str) -> String {
-        format!("herald:idem:lock:{digest}")
+    /// `SET key IN_FLIGHT NX PX lease GET`: plants the marker unless the key
+    /// exists, and returns what it held (`None`: the marker is ours now).
+    async fn set_marker_or_get(
+        &self,
+        key: String,
+        lease: Duration,
+    ) -> Result<Option<String>, HotTierError> {
+        let lease_ms = lease.as_millis().clamp(1, i64::MAX as u128) as i64;
+        self.bounded(self.client.set(
+            key,
+            IN_FLIGHT,
+            Some(Expiration::PX(lease_ms)),
+            Some(SetOptions::NX),
+            true,
+        ))
+        .await
     }
 
-    /// The cached outcome of a key, or else the in-flight marker for this caller.
+    /// The cached outcome of a key, or else the in-flight marker for this
+    /// caller: one round trip, and a replay never plants a marker.
     pub async fn lookup_or_mark(
         &self,
         digest: &str,
-        fp: Fingerprint,
         lease: Duration,
     ) -> Result<FastPath, HotTierError> {
-        let reply: Vec<Value> = self
-            .bounded(self.client.eval(
-                LOOKUP_OR_MARK,
-                vec![Self::done_key(digest), Self::lock_key(digest)],
-                vec![fp.to_hex(), lease.as_millis().to_string()],
-            ))
-            .await?;
-        match reply.as_slice() {
-            [tag, done] if tag.as_i64() == Some(1) => {
-                let done = done
-                    .as_str()
-                    .ok_or_else(|| HotTierError::Corrupt("non-string outcome".into()))?;
-                serde_json::from_str(&done)
-                    .map(FastPath::Cached)
-                    .map_err(|e| HotTierError::Corrupt(e.to_string()))
-            }
-            [tag] if tag.as_i64() == Some(2) => Ok(FastPath::Marked),
-            [tag] if tag.as_i64() == Some(3) => Ok(FastPath::Held),
-            other => Err(HotTierError::Corrupt(format!("unexpected reply {other:?}"))),
+        match self.set_marker_or_get(Self::key(digest), lease).await? {
+            None => Ok(FastPath::Marked),
+            Some(held) if held == IN_FLIGHT => Ok(FastPath::Held),
+            Some(done) => serde_json::from_str(&done)
+                .map(FastPath::Cached)
+                .map_err(|e| HotTierError::Corrupt(e.to_string())),
         }
     }
 
-    /// Removes the in-flight marker (request finished or released).
+    /// Removes this caller's in-flight marker (request released or settled
+    /// by the database). Should the key hold an outcome by then, deleting it
+    /// only costs the next replay a database query.
     pub async fn clear_in_flight(&self, digest: &str) -> Result<(), HotTierError> {
-        let _: i64 = self
-            .bounded(self.client.del(Self::lock_key(digest)))
-            .await?;
+        let _: i64 = self.bounded(self.client.del(Self::key(digest))).await?;
         Ok(())
     }
 
-    /// Caches a completed outcome for `ttl` and clears the in-flight marker,
-    /// in one pipelined round trip. (Leaving the marker to expire would save
-    /// a command, but an evicted or deleted outcome would then expose a stale
-    /// marker and turn replays into 409s for the rest of the lease.)
+    /// Caches a completed outcome for `ttl`, over the in-flight marker.
     pub async fn store_completed(
         &self,
         digest: &str,
@@ -181,24 +185,26 @@ impl HotTier {
     ) -> Result<(), HotTierError> {
         let value =
             serde_json::to_string(outcome).map_err(|e| HotTierError::Corrupt(e.to_string()))?;
-        let pipeline = self.client.pipeline();
-        let _: () = pipeline
-            .set(
-                Self::done_key(digest),
+        let ttl_secs = ttl.as_secs().clamp(1, i64::MAX as u64) as i64;
+        let _: () = self
+            .bounded(self.client.set(
+                Self::key(digest),
                 value,
-                Some(Expiration::EX(ttl.as_secs().max(1) as i64)),
+                Some(Expiration::EX(ttl_secs)),
                 None,
                 false,
-            )
+            ))
             .await?;
-        let _: () = pipeline.del(Self::lock_key(digest)).await?;
-        let _: Vec<Value> = self.bounded(pipeline.all()).await?;
         Ok(())
     }
 
-    /// A round trip to Redis; used by the KeyRegistry's probe.
-    pub async fn ping(&self) -> Result<(), HotTierError> {
-        let _: String = self.bounded(self.client.ping(None)).await?;
+    /// The KeyRegistry's probe: the fast path's own command on a scratch key,
+    /// so a Redis that answers PING but cannot serve it (read-only replica,
+    /// a version before 7.0) is not taken for healthy.
+    pub async fn probe(&self) -> Result<(), HotTierError> {
+        let _ = self
+            .set_marker_or_get(PROBE_KEY.to_string(), Duration::from_millis(1000))
+            .await?;
         Ok(())
     }
 }
