@@ -15,7 +15,11 @@
 //! - [`idempotency`]: the key type, the canonical-JSON fingerprint and the Redis
 //!   hot tier in front of the database's key table.
 //! - [`store`]: the storage trait and its Postgres backend (own migrations).
-//! - [`actors`]: the root supervisor and its children (KeyRegistry, ...).
+//! - [`actors`]: the root supervisor and its children (KeyRegistry,
+//!   OutboxRelay, EmailSender pool, RetryBudget, ...).
+//! - [`broker`]: at-least-once transport of outbox events (Redis Streams).
+//! - [`email`]: the confirmation email and its transports (Resend, `.eml` files).
+//! - [`retry`]: the full-jitter retry schedule.
 //! - [`http`]: routes, authentication, RFC 9457 problem errors, listeners.
 //! - [`telemetry`]: logging and the Prometheus metrics of the contract.
 //! - [`server`]: wires everything together: `server::run(config, listeners, shutdown)`.
@@ -23,10 +27,13 @@
 
 pub mod actors;
 pub mod bench;
+pub mod broker;
 pub mod config;
 pub mod domain;
+pub mod email;
 pub mod http;
 pub mod idempotency;
+pub mod retry;
 pub mod server;
 pub mod store;
 pub mod telemetry;

@@ -70,8 +70,28 @@ async fn migrate(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // SAFETY: no other thread exists yet (the runtime is built below).
+    unsafe { herald::email::resend::open_sdk_rate_limit() };
+    // Several TLS users (sqlx, fred, reqwest) link rustls with different
+    // providers; pick one for the process so none has to guess.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("herald: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run_cli())
+}
+
+async fn run_cli() -> ExitCode {
     let cli = Cli::parse();
     let config = match Config::load() {
         Ok(c) => c,

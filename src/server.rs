@@ -12,15 +12,25 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tracing::info;
+use tracing::{info, warn};
+use uuid::Uuid;
 
+use crate::actors::email_sender::EmailSenderArgs;
 use crate::actors::key_registry::{KeyRegistryArgs, RedisMode};
-use crate::actors::supervisor::ActorTree;
+use crate::actors::outbox_relay::OutboxRelayArgs;
+use crate::actors::retry_budget::{RetryBudgetArgs, RetryBudgetHandle};
+use crate::actors::supervisor::{ActorTree, Slots, TreeArgs};
+use crate::broker::redis_streams::StreamPublisher;
 use crate::config::{Config, ConfigError, Secret};
+use crate::email::file::FileTransport;
+use crate::email::resend::ResendTransport;
+use crate::email::{SendPacer, Transport};
 use crate::http::auth::Auth;
 use crate::http::{admin, listener_filter, public, AppState};
 use crate::idempotency::hot_tier::HotTier;
+use crate::retry::RetryPolicy;
 use crate::store;
+use crate::store::Store;
 
 /// The two bound listeners.
 pub struct Listeners {
@@ -61,6 +71,79 @@ fn required<'a>(
     })
 }
 
+/// The email transport `email.transport` names.
+fn email_transport(config: &Config) -> anyhow::Result<Arc<dyn Transport>> {
+    match config.email.transport.as_str() {
+        "file" => {
+            let dir = config.state_dir.join("mail");
+            let transport = FileTransport::new(dir.clone())
+                .with_context(|| format!("creating the mail directory {}", dir.display()))?;
+            Ok(Arc::new(transport))
+        }
+        "resend" => {
+            let key = required(
+                &config.email.resend_api_key,
+                "email.resend_api_key",
+                "RESEND_API_KEY",
+            )?;
+            let transport = ResendTransport::new(
+                key.expose(),
+                config.email.resend_base_url.as_deref(),
+                Duration::from_secs(10),
+            )
+            .map_err(|message| ConfigError::Invalid {
+                key: "email.resend_base_url",
+                message: format!("{message} (RESEND_BASE_URL)"),
+            })?;
+            Ok(Arc::new(transport))
+        }
+        other => Err(ConfigError::Invalid {
+            key: "email.transport",
+            message: format!(
+                "`{other}` is not a transport (HERALD_EMAIL_TRANSPORT: `resend` or `file`)"
+            ),
+        }
+        .into()),
+    }
+}
+
+/// The OutboxRelay's and EmailSender's arguments, with Redis as the broker.
+fn pipeline_args(
+    config: &Config,
+    redis_url: &str,
+    store: &Arc<dyn Store>,
+    budget: RetryBudgetHandle,
+) -> anyhow::Result<(Option<OutboxRelayArgs>, Option<EmailSenderArgs>)> {
+    let redeliver_after = Duration::from_secs(config.relay.redeliver_after_secs);
+    let publisher = StreamPublisher::connect(redis_url).context("configuration key `redis_url`")?;
+    let listen_url = (config.database_url.scheme() == "postgres"
+        || config.database_url.scheme() == "postgresql")
+        .then(|| config.database_url.expose().to_string());
+    let relay = OutboxRelayArgs {
+        store: store.clone(),
+        publisher,
+        listen_url,
+        max_publish_per_sec: config.relay.max_publish_per_sec,
+        redeliver_after,
+        poll_interval: Duration::from_millis(config.relay.poll_interval_ms),
+    };
+    let sender = EmailSenderArgs {
+        store: store.clone(),
+        redis_url: redis_url.to_string(),
+        consumer_name: format!("herald-{}-{}", std::process::id(), Uuid::new_v4().simple()),
+        transport: email_transport(config)?,
+        from: config.email.from.clone(),
+        workers: config.email.workers as usize,
+        pacer: Arc::new(SendPacer::new(config.email.max_per_sec)),
+        policy: RetryPolicy::from(&config.retry),
+        budget,
+        reclaim_after: redeliver_after
+            .min(Duration::from_secs(30))
+            .max(Duration::from_secs(1)),
+    };
+    Ok((Some(relay), Some(sender)))
+}
+
 /// Runs the daemon until `shutdown` resolves.
 pub async fn run(
     config: Config,
@@ -92,13 +175,31 @@ pub async fn run(
     } else {
         RedisMode::default()
     };
-    let actors = ActorTree::start(KeyRegistryArgs {
-        store: store.clone(),
-        hot,
-        mode: redis_mode.clone(),
-        ttl: Duration::from_secs(config.idempotency.ttl_secs),
-        probe_interval: Duration::from_millis(config.redis.probe_interval_ms),
-    })
+    let slots = Slots::new();
+    let budget = RetryBudgetHandle::new(slots.retry_budget.clone());
+    let (outbox_relay, email_sender) = match &config.redis_url {
+        Some(url) => pipeline_args(&config, url.expose(), &store, budget)?,
+        None => {
+            // The in-process broker of the embedded mode comes with issue 6.
+            warn!("no redis_url: outbox events are stored but not delivered");
+            (None, None)
+        }
+    };
+    let actors = ActorTree::start(
+        TreeArgs {
+            key_registry: KeyRegistryArgs {
+                store: store.clone(),
+                hot,
+                mode: redis_mode.clone(),
+                ttl: Duration::from_secs(config.idempotency.ttl_secs),
+                probe_interval: Duration::from_millis(config.redis.probe_interval_ms),
+            },
+            retry_budget: RetryBudgetArgs::default(),
+            outbox_relay,
+            email_sender,
+        },
+        slots,
+    )
     .await?;
 
     let state = AppState {

@@ -65,6 +65,14 @@ pub mod metrics {
     pub const OUTBOX_LAG_SECONDS: &str = "herald_outbox_lag_seconds";
     pub const HTTP_REQUESTS: &str = "herald_http_requests_total";
     pub const APPLICATIONS_CREATED: &str = "herald_applications_created_total";
+    pub const DELIVERY_ATTEMPTS: &str = "herald_delivery_attempts_total";
+    pub const DELIVERIES: &str = "herald_deliveries_total";
+    pub const EMAILS_SENT: &str = "herald_emails_sent_total";
+    pub const RETRY_BUDGET_TOKENS: &str = "herald_retry_budget_tokens";
+    pub const RELAY_PUBLISHED: &str = "herald_relay_published_total";
+    pub const RELAY_FAILURES: &str = "herald_relay_publish_failures_total";
+    pub const EMAIL_IN_FLIGHT: &str = "herald_email_in_flight";
+    pub const EMAIL_IN_FLIGHT_MAX: &str = "herald_email_in_flight_max";
 
     /// One resolved key: `new`, `replay`, `in_flight` or `mismatch`.
     pub fn idempotency_request(outcome: &'static str) {
@@ -87,5 +95,39 @@ pub mod metrics {
 
     pub fn application_created() {
         ::metrics::counter!(APPLICATIONS_CREATED).increment(1);
+    }
+
+    /// An attempt at a delivery (1-based), before its outcome is known.
+    pub fn delivery_attempt(consumer: &'static str, attempt: i32) {
+        ::metrics::counter!(DELIVERY_ATTEMPTS, "consumer" => consumer, "attempt" => attempt.to_string())
+            .increment(1);
+    }
+
+    /// How a delivered message ended: `ok`, `retry`, `dead`, `deduped` or `deferred`.
+    pub fn delivery(consumer: &'static str, result: &'static str) {
+        ::metrics::counter!(DELIVERIES, "consumer" => consumer, "result" => result).increment(1);
+    }
+
+    pub fn email_sent() {
+        ::metrics::counter!(EMAILS_SENT).increment(1);
+    }
+
+    pub fn retry_budget_tokens(call_site: &'static str, tokens: f64) {
+        ::metrics::gauge!(RETRY_BUDGET_TOKENS, "call_site" => call_site).set(tokens);
+    }
+
+    pub fn relay_published(n: usize) {
+        ::metrics::counter!(RELAY_PUBLISHED).increment(n as u64);
+    }
+
+    pub fn relay_failure() {
+        ::metrics::counter!(RELAY_FAILURES).increment(1);
+    }
+
+    /// Sends in progress in this process's EmailSender pool, and the most
+    /// there ever were (never above `email.workers`).
+    pub fn email_in_flight(now: usize, max: usize) {
+        ::metrics::gauge!(EMAIL_IN_FLIGHT).set(now as f64);
+        ::metrics::gauge!(EMAIL_IN_FLIGHT_MAX).set(max as f64);
     }
 }

@@ -2,17 +2,24 @@
 //!
 //! ```text
 //!   HeraldSupervisor (root; restarts a crashed child with backoff)
-//!   └── KeyRegistry        resolves Idempotency-Keys: Redis hot tier, Postgres truth
+//!   ├── KeyRegistry    resolves Idempotency-Keys: Redis hot tier, Postgres truth
+//!   ├── RetryBudget    token bucket per outbound call site: may this retry run now?
+//!   ├── OutboxRelay    due outbox rows -> broker, rate-capped, marked after the broker took them
+//!   └── EmailSender    pool of workers: broker -> Resend / .eml, inbox dedupe,
+//!                      retry / defer / dead-letter recorded on the outbox row
 //! ```
 //!
-//! Later capabilities hang further children under the same root (OutboxRelay,
-//! EmailSender pool, LedgerConsumer, RetryBudget, SseHub, DlqMonitor). All
-//! durable state lives in the database, so a restarted actor loses nothing.
+//! Later capabilities hang further children under the same root
+//! (LedgerConsumer, SseHub, DlqMonitor). All durable state lives in the
+//! database, so a restarted actor loses nothing.
 //!
 //! The HTTP front never holds an [`ActorRef`] directly: it reads the current
 //! one from an [`ActorSlot`], which the supervisor refills after a restart.
 
+pub mod email_sender;
 pub mod key_registry;
+pub mod outbox_relay;
+pub mod retry_budget;
 pub mod supervisor;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,6 +45,10 @@ impl<M: ractor::Message> ActorSlot<M> {
             current: RwLock::new(None),
             restarts: AtomicU64::new(0),
         })
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.name
     }
 
     pub fn get(&self) -> Option<ActorRef<M>> {

@@ -1,54 +1,156 @@
 //! The root supervisor: starts every child, restarts a crashed one with
-//! exponential backoff, and refills its [`ActorSlot`] so the HTTP front
-//! reaches the new instance.
+//! exponential backoff, and refills its [`ActorSlot`] so the rest of the
+//! daemon reaches the new instance.
 //!
 //! Restarts are handled in `handle_supervisor_evt`: a child that fails (panic
 //! or error) or stops unexpectedly is respawned after `100 ms · 2^n` (capped at
-//! 10 s), where `n` counts restarts within the last minute. Children keep no
-//! state worth saving: everything durable is in the database.
+//! 10 s), where `n` counts that child's restarts within the last minute.
+//! Children keep no state worth saving: everything durable is in the database.
+//!
+//! Each child is described by a [`Child`]: its name, its slot and how to spawn
+//! it. [`SlotChild`] is the one implementation, for any actor whose arguments
+//! can be cloned into each restart.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tracing::{error, info};
 
-use super::key_registry::{KeyRegistry, KeyRegistryArgs, KeyRegistryHandle, KeyRegistryMsg};
-use super::ActorSlot;
+use super::email_sender::{EmailSender, EmailSenderArgs, EmailSenderMsg};
+use super::key_registry::{KeyRegistry, KeyRegistryArgs, KeyRegistryHandle};
+use super::outbox_relay::{OutboxRelay, OutboxRelayArgs, OutboxRelayMsg};
+use super::retry_budget::{RetryBudget, RetryBudgetArgs, RetryBudgetMsg};
+use super::{ActorSlot, ActorStatus};
+
+/// A supervised child: how to (re)spawn it and where its live reference is.
+#[async_trait::async_trait]
+pub trait Child: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Spawns the actor linked to `supervisor` and fills its slot.
+    async fn spawn(&self, supervisor: ActorCell) -> Result<(), ActorProcessingErr>;
+    /// The running instance, if any.
+    fn cell(&self) -> Option<ActorCell>;
+    /// Empties the slot (the instance died) and counts a restart.
+    fn died(&self) -> u64;
+    fn status(&self) -> ActorStatus;
+}
+
+/// A [`Child`] for actor `A`, spawned with clones of `args`.
+pub struct SlotChild<A: Actor> {
+    /// Builds the actor value (actors here are unit structs).
+    actor: fn() -> A,
+    args: A::Arguments,
+    slot: Arc<ActorSlot<A::Msg>>,
+}
+
+impl<A: Actor> SlotChild<A> {
+    pub fn new(actor: fn() -> A, args: A::Arguments, slot: Arc<ActorSlot<A::Msg>>) -> Arc<Self> {
+        Arc::new(SlotChild { actor, args, slot })
+    }
+}
+
+#[async_trait::async_trait]
+impl<A> Child for SlotChild<A>
+where
+    A: Actor,
+    A::Arguments: Clone + Sync,
+{
+    fn name(&self) -> &'static str {
+        self.slot.name()
+    }
+
+    async fn spawn(&self, supervisor: ActorCell) -> Result<(), ActorProcessingErr> {
+        let (actor, _) =
+            Actor::spawn_linked(None, (self.actor)(), self.args.clone(), supervisor).await?;
+        self.slot.set(Some(actor));
+        Ok(())
+    }
+
+    fn cell(&self) -> Option<ActorCell> {
+        self.slot.get().map(|a| a.get_cell())
+    }
+
+    fn died(&self) -> u64 {
+        self.slot.set(None);
+        self.slot.record_restart()
+    }
+
+    fn status(&self) -> ActorStatus {
+        self.slot.status()
+    }
+}
 
 /// Handles to the running tree, shared with the HTTP front.
 #[derive(Clone)]
 pub struct ActorTree {
     pub supervisor: ActorRef<SupervisorMsg>,
-    pub key_registry: Arc<ActorSlot<KeyRegistryMsg>>,
     /// The request path's way into the KeyRegistry.
     pub keys: KeyRegistryHandle,
+    /// Every child, in start order.
+    children: Arc<Vec<Arc<dyn Child>>>,
+}
+
+/// Arguments of every child of the tree.
+pub struct TreeArgs {
+    pub key_registry: KeyRegistryArgs,
+    pub retry_budget: RetryBudgetArgs,
+    /// `None` when the pipeline is off (no broker configured yet).
+    pub outbox_relay: Option<OutboxRelayArgs>,
+    pub email_sender: Option<EmailSenderArgs>,
+}
+
+/// The slots of the pipeline's actors, for those that talk to each other.
+pub struct Slots {
+    pub retry_budget: Arc<ActorSlot<RetryBudgetMsg>>,
+    pub outbox_relay: Arc<ActorSlot<OutboxRelayMsg>>,
+    pub email_sender: Arc<ActorSlot<EmailSenderMsg>>,
+}
+
+impl Slots {
+    pub fn new() -> Slots {
+        Slots {
+            retry_budget: ActorSlot::new("retry_budget"),
+            outbox_relay: ActorSlot::new("outbox_relay"),
+            email_sender: ActorSlot::new("email_sender"),
+        }
+    }
+}
+
+impl Default for Slots {
+    fn default() -> Self {
+        Slots::new()
+    }
 }
 
 impl ActorTree {
     /// Starts the tree; returns once every child is running.
-    pub async fn start(key_registry_args: KeyRegistryArgs) -> Result<ActorTree, anyhow::Error> {
+    pub async fn start(args: TreeArgs, slots: Slots) -> Result<ActorTree, anyhow::Error> {
         let key_registry = ActorSlot::new("key_registry");
-        let keys = KeyRegistryHandle::new(key_registry_args.clone(), key_registry.clone());
-        let (supervisor, _handle) = Actor::spawn(
-            None,
-            HeraldSupervisor,
-            SupervisorArgs {
-                key_registry: key_registry.clone(),
-                key_registry_args,
-            },
-        )
-        .await?;
+        let keys = KeyRegistryHandle::new(args.key_registry.clone(), key_registry.clone());
+        let mut children: Vec<Arc<dyn Child>> = vec![
+            SlotChild::new(|| KeyRegistry, args.key_registry, key_registry),
+            SlotChild::new(|| RetryBudget, args.retry_budget, slots.retry_budget),
+        ];
+        if let Some(relay) = args.outbox_relay {
+            children.push(SlotChild::new(|| OutboxRelay, relay, slots.outbox_relay));
+        }
+        if let Some(sender) = args.email_sender {
+            children.push(SlotChild::new(|| EmailSender, sender, slots.email_sender));
+        }
+        let children = Arc::new(children);
+        let (supervisor, _handle) = Actor::spawn(None, HeraldSupervisor, children.clone()).await?;
         Ok(ActorTree {
             supervisor,
-            key_registry,
             keys,
+            children,
         })
     }
 
     /// Statuses of every child, for `/admin/status`.
-    pub fn status(&self) -> Vec<super::ActorStatus> {
-        vec![self.key_registry.status()]
+    pub fn status(&self) -> Vec<ActorStatus> {
+        self.children.iter().map(|c| c.status()).collect()
     }
 
     /// Stops the tree (children first, via linking).
@@ -62,51 +164,31 @@ pub enum SupervisorMsg {
     Restart(&'static str),
 }
 
-pub struct SupervisorArgs {
-    key_registry: Arc<ActorSlot<KeyRegistryMsg>>,
-    key_registry_args: KeyRegistryArgs,
-}
-
 pub struct SupervisorState {
-    args: SupervisorArgs,
-    /// Recent restart instants, for the backoff.
-    recent_restarts: Vec<Instant>,
+    children: Arc<Vec<Arc<dyn Child>>>,
+    /// Recent restart instants per child, for the backoff.
+    recent_restarts: HashMap<&'static str, Vec<Instant>>,
     stopping: bool,
 }
 
 pub struct HeraldSupervisor;
 
-impl HeraldSupervisor {
-    async fn spawn_key_registry(
-        myself: &ActorRef<SupervisorMsg>,
-        args: &SupervisorArgs,
-    ) -> Result<(), ActorProcessingErr> {
-        let (actor, _) = Actor::spawn_linked(
-            None,
-            KeyRegistry,
-            args.key_registry_args.clone(),
-            myself.get_cell(),
-        )
-        .await?;
-        args.key_registry.set(Some(actor));
-        Ok(())
-    }
-}
-
 impl Actor for HeraldSupervisor {
     type Msg = SupervisorMsg;
     type State = SupervisorState;
-    type Arguments = SupervisorArgs;
+    type Arguments = Arc<Vec<Arc<dyn Child>>>;
 
     async fn pre_start(
         &self,
         myself: ActorRef<Self::Msg>,
-        args: SupervisorArgs,
+        children: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
-        Self::spawn_key_registry(&myself, &args).await?;
+        for child in children.iter() {
+            child.spawn(myself.get_cell()).await?;
+        }
         Ok(SupervisorState {
-            args,
-            recent_restarts: Vec::new(),
+            children,
+            recent_restarts: HashMap::new(),
             stopping: false,
         })
     }
@@ -117,10 +199,11 @@ impl Actor for HeraldSupervisor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         state.stopping = true;
-        if let Some(child) = state.args.key_registry.get() {
-            child.stop(None);
+        for child in state.children.iter().rev() {
+            if let Some(cell) = child.cell() {
+                cell.stop(None);
+            }
         }
-        state.args.key_registry.set(None);
         Ok(())
     }
 
@@ -130,12 +213,13 @@ impl Actor for HeraldSupervisor {
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        match message {
-            SupervisorMsg::Restart("key_registry") if !state.stopping => {
-                Self::spawn_key_registry(&myself, &state.args).await?;
-                info!(actor = "key_registry", "restarted");
-            }
-            SupervisorMsg::Restart(_) => {}
+        let SupervisorMsg::Restart(name) = message;
+        if state.stopping {
+            return Ok(());
+        }
+        if let Some(child) = state.children.iter().find(|c| c.name() == name) {
+            child.spawn(myself.get_cell()).await?;
+            info!(actor = name, "restarted");
         }
         Ok(())
     }
@@ -156,25 +240,23 @@ impl Actor for HeraldSupervisor {
         if state.stopping {
             return Ok(());
         }
-        let is_registry = state
-            .args
-            .key_registry
-            .get()
-            .is_some_and(|r| r.get_id() == cell.get_id());
-        if !is_registry {
+        let Some(child) = state
+            .children
+            .iter()
+            .find(|c| c.cell().is_some_and(|c| c.get_id() == cell.get_id()))
+        else {
             return Ok(());
-        }
-        state.args.key_registry.set(None);
-        let restarts = state.args.key_registry.record_restart();
+        };
+        let name = child.name();
+        let restarts = child.died();
         let now = Instant::now();
-        state
-            .recent_restarts
-            .retain(|t| now.duration_since(*t) < Duration::from_secs(60));
-        state.recent_restarts.push(now);
-        let exp = (state.recent_restarts.len() as u32 - 1).min(7);
+        let recent = state.recent_restarts.entry(name).or_default();
+        recent.retain(|t| now.duration_since(*t) < Duration::from_secs(60));
+        recent.push(now);
+        let exp = (recent.len() as u32 - 1).min(7);
         let delay = Duration::from_millis(100 * 2u64.pow(exp)).min(Duration::from_secs(10));
-        error!(actor = "key_registry", %reason, restarts, ?delay, "actor died; restarting");
-        myself.send_after(delay, || SupervisorMsg::Restart("key_registry"));
+        error!(actor = name, %reason, restarts, ?delay, "actor died; restarting");
+        myself.send_after(delay, move || SupervisorMsg::Restart(name));
         Ok(())
     }
 }

@@ -17,6 +17,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use uuid::Uuid;
 
+use crate::broker::{BrokerError, Envelope};
 use crate::config::Config;
 use crate::domain::{Application, Charge, Job};
 use crate::idempotency::{Fingerprint, IdempotencyKey, KeyScope, StoredResponse};
@@ -167,6 +168,84 @@ pub trait Store: Send + Sync + 'static {
     async fn get_charge(&self, id: Uuid, user_id: &str) -> Result<Option<Charge>, StoreError>;
 
     async fn outbox_stats(&self) -> Result<OutboxStats, StoreError>;
+
+    /// The OutboxRelay's step: claims up to `limit` due, unsettled rows of
+    /// `topics`
+    /// (`FOR UPDATE SKIP LOCKED`, so several relays never claim the same
+    /// row), hands them to `publish`, and only if that succeeded marks them
+    /// published: due again after `redeliver_after` unless a consumer
+    /// settles them first; rows of `fan_out_topics` settle at once. A
+    /// publish failure (or a crash before the commit) leaves the rows as
+    /// they were, to be claimed again.
+    async fn relay_due_events(
+        &self,
+        limit: i64,
+        redeliver_after: Duration,
+        topics: &[&str],
+        fan_out_topics: &[&str],
+        publish: PublishFn<'_>,
+    ) -> Result<RelayStep, StoreError>;
+
+    /// A consumer's step for one delivered envelope: locks its outbox row,
+    /// drops it if already settled, recorded in `consumer`'s inbox or stale
+    /// (its attempt count moved on), otherwise runs `deliver` and records
+    /// the decision in the same transaction: inbox row + local effect +
+    /// settle, a scheduled retry, a deferral, or a dead letter.
+    async fn deliver_event(
+        &self,
+        consumer: &str,
+        envelope: &Envelope,
+        deliver: DeliverFn<'_>,
+    ) -> Result<DeliveryResult, StoreError>;
+}
+
+/// Publishes a batch to the broker; `Ok` only if the broker took all of it.
+pub type PublishFn<'a> = &'a (dyn Fn(Vec<Envelope>) -> futures::future::BoxFuture<'static, Result<(), BrokerError>>
+         + Send
+         + Sync);
+
+/// Performs a delivery attempt, given the attempts already spent, and says
+/// what to record.
+pub type DeliverFn<'a> =
+    &'a (dyn Fn(i32) -> futures::future::BoxFuture<'static, DeliveryDecision> + Send + Sync);
+
+/// What one relay step did.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RelayStep {
+    /// Rows claimed and published.
+    pub published: usize,
+}
+
+/// A consumer's verdict on one attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeliveryDecision {
+    /// The effect happened: record it in the inbox and settle.
+    Done,
+    /// Transient failure: spend an attempt and try again after `after`.
+    Retry { after: Duration, error: String },
+    /// No retry budget: try again after `after` without spending an attempt.
+    Defer { after: Duration },
+    /// Permanent failure, or out of attempts: dead-letter it.
+    Dead { error: String },
+}
+
+/// How a delivered envelope was handled.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeliveryResult {
+    /// `deliver` ran; its decision is recorded. `attempt` is 1-based.
+    Attempted {
+        attempt: i32,
+        decision: DeliveryDecision,
+    },
+    /// Already settled or in this consumer's inbox: nothing to do.
+    Duplicate,
+    /// A copy published before the row's attempt count moved on.
+    Stale,
+    /// The row no longer exists (settled and removed by the janitor).
+    Gone,
+    /// Another worker held the row past the lock timeout; it settles it, or
+    /// the relay republishes it when it comes due.
+    Busy,
 }
 
 /// Connects to the backend named by `database_url`'s scheme.

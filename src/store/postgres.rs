@@ -22,8 +22,10 @@ use tracing::instrument;
 use uuid::Uuid;
 
 use super::{
-    ApplyOutcome, KeyClaim, KeyClaimRequest, KeyLease, OutboxStats, Render, Store, StoreError,
+    ApplyOutcome, DeliverFn, DeliveryDecision, DeliveryResult, KeyClaim, KeyClaimRequest, KeyLease,
+    OutboxStats, PublishFn, RelayStep, Render, Store, StoreError,
 };
+use crate::broker::Envelope;
 use crate::config::Config;
 use crate::domain::{parse_status, topics, Application, Charge, Job};
 use crate::idempotency::{IdempotencyKey, KeyScope, StoredResponse};
@@ -268,6 +270,24 @@ impl PgStore {
 
     /// The common end of every business transaction: the outbox event, the
     /// key's outcome (when the request carries a key), commit.
+    /// The local effect of a settled delivery on its aggregate, in the
+    /// delivery's transaction: an application's `email_status`.
+    async fn apply_effect(
+        tx: &mut Transaction<'_, Postgres>,
+        topic: &str,
+        aggregate_id: Uuid,
+        status: &str,
+    ) -> Result<(), StoreError> {
+        if topic == topics::APPLICATION_SUBMITTED {
+            sqlx::query("UPDATE applications SET email_status = $2 WHERE id = $1")
+                .bind(aggregate_id)
+                .bind(status)
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
+    }
+
     async fn finish(
         mut tx: Transaction<'_, Postgres>,
         event: Option<(&str, Uuid, serde_json::Value)>,
@@ -746,8 +766,8 @@ impl Store for PgStore {
         let result: Result<OutboxStats, StoreError> = async {
             let conn: &mut PgConnection = &mut session;
             let row = sqlx::query(
-                "SELECT count(*) AS pending, min(created_at) AS oldest
-                   FROM outbox_events WHERE published_at IS NULL",
+                "SELECT count(*) AS pending, min(due_at) AS oldest
+                   FROM outbox_events WHERE settled_at IS NULL AND due_at <= now()",
             )
             .fetch_one(&mut *conn)
             .await?;
@@ -760,6 +780,199 @@ impl Store for PgStore {
                 pending,
                 lag_seconds,
             })
+        }
+        .await;
+        session.settle(result)
+    }
+
+    #[instrument(skip_all)]
+    async fn relay_due_events(
+        &self,
+        limit: i64,
+        redeliver_after: Duration,
+        topics: &[&str],
+        fan_out_topics: &[&str],
+        publish: PublishFn<'_>,
+    ) -> Result<RelayStep, StoreError> {
+        let mut session = self.session().await?;
+        let result: Result<RelayStep, StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            let mut tx = conn.begin().await?;
+            let rows = sqlx::query(
+                "SELECT event_id, topic, attempts, payload FROM outbox_events
+                  WHERE settled_at IS NULL AND due_at <= now() AND topic = ANY($2)
+                  ORDER BY due_at
+                  LIMIT $1
+                  FOR UPDATE SKIP LOCKED",
+            )
+            .bind(limit)
+            .bind(topics.iter().map(|t| t.to_string()).collect::<Vec<_>>())
+            .fetch_all(&mut *tx)
+            .await?;
+            if rows.is_empty() {
+                return Ok(RelayStep::default());
+            }
+            let mut envelopes = Vec::with_capacity(rows.len());
+            for row in &rows {
+                envelopes.push(Envelope {
+                    event_id: row.try_get("event_id")?,
+                    topic: row.try_get("topic")?,
+                    attempts: row.try_get("attempts")?,
+                    payload: row.try_get("payload")?,
+                });
+            }
+            let ids: Vec<Uuid> = envelopes.iter().map(|e| e.event_id).collect();
+            // On failure the transaction rolls back: the rows stay due.
+            publish(envelopes)
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            fail::fail_point!("relay-after-publish", |_| std::process::abort());
+            let fan_out: Vec<String> = fan_out_topics.iter().map(|t| t.to_string()).collect();
+            sqlx::query(
+                "UPDATE outbox_events
+                    SET published_at = now(),
+                        due_at = now() + make_interval(secs => $2),
+                        settled_at = CASE WHEN topic = ANY($3) THEN now() END
+                  WHERE event_id = ANY($1)",
+            )
+            .bind(&ids)
+            .bind(redeliver_after.as_secs_f64())
+            .bind(&fan_out)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(RelayStep {
+                published: ids.len(),
+            })
+        }
+        .await;
+        session.settle(result)
+    }
+
+    #[instrument(skip_all, fields(event_id = %envelope.event_id))]
+    async fn deliver_event(
+        &self,
+        consumer: &str,
+        envelope: &Envelope,
+        deliver: DeliverFn<'_>,
+    ) -> Result<DeliveryResult, StoreError> {
+        let mut session = self.session().await?;
+        let result: Result<DeliveryResult, StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            let mut tx = conn.begin().await?;
+            // Another worker may hold the row while it sends a copy of this
+            // event; wait for its outcome rather than skip, but not forever.
+            sqlx::query("SET LOCAL lock_timeout = '5s'")
+                .execute(&mut *tx)
+                .await?;
+            let row = sqlx::query(
+                "SELECT o.attempts, o.settled_at IS NOT NULL AS settled, o.topic,
+                        o.aggregate_id, o.created_at,
+                        EXISTS (SELECT 1 FROM inbox i
+                                 WHERE i.consumer = $2 AND i.event_id = o.event_id) AS in_inbox
+                   FROM outbox_events o
+                  WHERE o.event_id = $1
+                  FOR UPDATE OF o",
+            )
+            .bind(envelope.event_id)
+            .bind(consumer)
+            .fetch_optional(&mut *tx)
+            .await;
+            let row = match row {
+                Ok(Some(row)) => row,
+                Ok(None) => return Ok(DeliveryResult::Gone),
+                Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("55P03") => {
+                    return Ok(DeliveryResult::Busy)
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let attempts: i32 = row.try_get("attempts")?;
+            if row.try_get::<bool, _>("settled")? || row.try_get::<bool, _>("in_inbox")? {
+                return Ok(DeliveryResult::Duplicate);
+            }
+            if attempts != envelope.attempts {
+                return Ok(DeliveryResult::Stale);
+            }
+            let topic: String = row.try_get("topic")?;
+            let aggregate_id: Uuid = row.try_get("aggregate_id")?;
+            let first_at: DateTime<Utc> = row.try_get("created_at")?;
+            let decision = deliver(attempts).await;
+            fail::fail_point!("consumer-after-deliver", |_| std::process::abort());
+            let attempt = attempts + 1;
+            match &decision {
+                DeliveryDecision::Done => {
+                    sqlx::query("INSERT INTO inbox (consumer, event_id) VALUES ($1, $2)")
+                        .bind(consumer)
+                        .bind(envelope.event_id)
+                        .execute(&mut *tx)
+                        .await?;
+                    Self::apply_effect(&mut tx, &topic, aggregate_id, "sent").await?;
+                    sqlx::query(
+                        "UPDATE outbox_events SET settled_at = now(), attempts = $2,
+                                last_error = NULL
+                          WHERE event_id = $1",
+                    )
+                    .bind(envelope.event_id)
+                    .bind(attempt)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                DeliveryDecision::Retry { after, error } => {
+                    sqlx::query(
+                        "UPDATE outbox_events
+                            SET attempts = $2, last_error = $3,
+                                due_at = now() + make_interval(secs => $4)
+                          WHERE event_id = $1",
+                    )
+                    .bind(envelope.event_id)
+                    .bind(attempt)
+                    .bind(error)
+                    .bind(after.as_secs_f64())
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                DeliveryDecision::Defer { after } => {
+                    sqlx::query(
+                        "UPDATE outbox_events SET due_at = now() + make_interval(secs => $2)
+                          WHERE event_id = $1",
+                    )
+                    .bind(envelope.event_id)
+                    .bind(after.as_secs_f64())
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                DeliveryDecision::Dead { error } => {
+                    sqlx::query(
+                        "INSERT INTO dead_letters
+                             (event_id, consumer, topic, attempts, last_error, first_failed_at)
+                         VALUES ($1, $2, $3, $4, $5, $6)
+                         ON CONFLICT (consumer, event_id) DO UPDATE
+                            SET attempts = EXCLUDED.attempts, last_error = EXCLUDED.last_error,
+                                last_failed_at = now()",
+                    )
+                    .bind(envelope.event_id)
+                    .bind(consumer)
+                    .bind(&topic)
+                    .bind(attempt)
+                    .bind(error)
+                    .bind(first_at)
+                    .execute(&mut *tx)
+                    .await?;
+                    Self::apply_effect(&mut tx, &topic, aggregate_id, "dead").await?;
+                    sqlx::query(
+                        "UPDATE outbox_events SET settled_at = now(), attempts = $2,
+                                last_error = $3
+                          WHERE event_id = $1",
+                    )
+                    .bind(envelope.event_id)
+                    .bind(attempt)
+                    .bind(error)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+            tx.commit().await?;
+            Ok(DeliveryResult::Attempted { attempt, decision })
         }
         .await;
         session.settle(result)

@@ -14,6 +14,8 @@
 
 #![allow(dead_code)]
 
+pub mod fake_resend;
+
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -457,6 +459,11 @@ impl Daemon {
         .await;
     }
 
+    /// The daemon's `state_dir` (mail of the `file` transport lands under it).
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("var")
+    }
+
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("herald.log")
     }
@@ -480,6 +487,27 @@ impl Daemon {
     pub async fn restart(&mut self) {
         self.kill();
         self.spawn().await;
+    }
+
+    /// Sets (or, with `None`, removes) an environment variable for the next
+    /// (re)start.
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.env.retain(|(k, _)| k != key);
+        if let Some(value) = value {
+            self.env.push((key.to_string(), value.to_string()));
+        }
+    }
+
+    /// Waits for the process to exit on its own (a failpoint abort); its status.
+    pub async fn wait_for_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let child = self.child.as_mut().expect("daemon running");
+        let status = eventually("herald to exit", timeout, || {
+            let status = child.try_wait().ok().flatten();
+            async move { status }
+        })
+        .await;
+        self.child = None;
+        status
     }
 
     pub fn url(&self, path: &str) -> String {

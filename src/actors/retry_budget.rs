@@ -1,0 +1,207 @@
+//! RetryBudget: one token bucket per outbound call site (SPEC 1 and 4).
+//!
+//! A *retry* (not a first attempt) must take a token. A success puts back a
+//! fraction of one, and the bucket also refills slowly with time, so deferred
+//! deliveries get through eventually even when no new traffic succeeds. With
+//! no token the delivery is deferred (rescheduled, no attempt spent), never
+//! retried at once and never dead-lettered for lack of budget: a downstream
+//! outage costs at most the bucket plus its slow refill in calls, instead of
+//! every queued delivery retrying on its own schedule (a retry storm).
+//!
+//! The actor owns the buckets and exports `herald_retry_budget_tokens
+//! {call_site}`. Callers ask through [`RetryBudgetHandle`], which goes
+//! through the actor's mailbox (deliveries are few; a hop is cheap here).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use super::ActorSlot;
+use crate::telemetry::metrics as m;
+
+/// Shape of every bucket.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryBudgetArgs {
+    /// Tokens a bucket holds when full (and starts with).
+    pub capacity: f64,
+    /// Tokens one success puts back.
+    pub refill_per_success: f64,
+    /// Tokens the bucket regains per second on its own.
+    pub refill_per_sec: f64,
+}
+
+impl Default for RetryBudgetArgs {
+    fn default() -> Self {
+        RetryBudgetArgs {
+            capacity: 10.0,
+            refill_per_success: 0.5,
+            refill_per_sec: 0.5,
+        }
+    }
+}
+
+pub enum RetryBudgetMsg {
+    /// May a retry at this call site run now? Takes a token if so.
+    TryRetry(&'static str, RpcReplyPort<bool>),
+    /// A call at this call site succeeded.
+    Succeeded(&'static str),
+}
+
+/// One call site's bucket.
+#[derive(Debug, Clone)]
+pub struct Bucket {
+    tokens: f64,
+    /// Last time-based refill.
+    refilled_at: Instant,
+}
+
+impl Bucket {
+    fn full(args: &RetryBudgetArgs, now: Instant) -> Bucket {
+        Bucket {
+            tokens: args.capacity,
+            refilled_at: now,
+        }
+    }
+
+    fn refill(&mut self, args: &RetryBudgetArgs, now: Instant) {
+        let elapsed = now.duration_since(self.refilled_at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * args.refill_per_sec).min(args.capacity);
+        self.refilled_at = now;
+    }
+
+    /// Takes a token if one is there.
+    pub fn try_take(&mut self, args: &RetryBudgetArgs, now: Instant) -> bool {
+        self.refill(args, now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    pub fn succeeded(&mut self, args: &RetryBudgetArgs, now: Instant) {
+        self.refill(args, now);
+        self.tokens = (self.tokens + args.refill_per_success).min(args.capacity);
+    }
+}
+
+pub struct RetryBudget;
+
+pub struct RetryBudgetState {
+    args: RetryBudgetArgs,
+    buckets: HashMap<&'static str, Bucket>,
+}
+
+impl RetryBudgetState {
+    fn bucket(&mut self, call_site: &'static str, now: Instant) -> &mut Bucket {
+        let args = self.args;
+        self.buckets
+            .entry(call_site)
+            .or_insert_with(|| Bucket::full(&args, now))
+    }
+}
+
+impl Actor for RetryBudget {
+    type Msg = RetryBudgetMsg;
+    type State = RetryBudgetState;
+    type Arguments = RetryBudgetArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: RetryBudgetArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(RetryBudgetState {
+            args,
+            buckets: HashMap::new(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let now = Instant::now();
+        let args = state.args;
+        let (call_site, tokens) = match message {
+            RetryBudgetMsg::TryRetry(call_site, reply) => {
+                let bucket = state.bucket(call_site, now);
+                let granted = bucket.try_take(&args, now);
+                let _ = reply.send(granted);
+                (call_site, bucket.tokens)
+            }
+            RetryBudgetMsg::Succeeded(call_site) => {
+                let bucket = state.bucket(call_site, now);
+                bucket.succeeded(&args, now);
+                (call_site, bucket.tokens)
+            }
+        };
+        m::retry_budget_tokens(call_site, tokens);
+        Ok(())
+    }
+}
+
+/// The consumers' way to the RetryBudget.
+#[derive(Clone)]
+pub struct RetryBudgetHandle {
+    /// The running actor (refilled by the supervisor on restart).
+    slot: Arc<ActorSlot<RetryBudgetMsg>>,
+}
+
+impl RetryBudgetHandle {
+    pub fn new(slot: Arc<ActorSlot<RetryBudgetMsg>>) -> Self {
+        RetryBudgetHandle { slot }
+    }
+
+    /// Whether a retry at `call_site` may run now. While the actor is being
+    /// restarted the answer is no: the delivery is deferred, not lost.
+    pub async fn try_retry(&self, call_site: &'static str) -> bool {
+        let Some(actor) = self.slot.get() else {
+            return false;
+        };
+        let asked = actor.call(
+            |reply| RetryBudgetMsg::TryRetry(call_site, reply),
+            Some(Duration::from_secs(2)),
+        );
+        matches!(asked.await, Ok(ractor::rpc::CallResult::Success(true)))
+    }
+
+    pub fn succeeded(&self, call_site: &'static str) {
+        if let Some(actor) = self.slot.get() {
+            let _ = actor.cast(RetryBudgetMsg::Succeeded(call_site));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bucket_grants_its_capacity_then_refuses_until_it_refills() {
+        let args = RetryBudgetArgs {
+            capacity: 3.0,
+            refill_per_success: 0.5,
+            refill_per_sec: 1.0,
+        };
+        let t0 = Instant::now();
+        let mut bucket = Bucket::full(&args, t0);
+        let granted = (0..10).filter(|_| bucket.try_take(&args, t0)).count();
+        assert_eq!(granted, 3);
+        // Two successes make one token; time adds one per second.
+        bucket.succeeded(&args, t0);
+        bucket.succeeded(&args, t0);
+        assert!(bucket.try_take(&args, t0));
+        assert!(!bucket.try_take(&args, t0));
+        assert!(bucket.try_take(&args, t0 + Duration::from_millis(1000)));
+        // Never above capacity, however long it waits.
+        let later = t0 + Duration::from_secs(3600);
+        let granted = (0..10).filter(|_| bucket.try_take(&args, later)).count();
+        assert_eq!(granted, 3);
+    }
+}

@@ -1,0 +1,243 @@
+//! Redis Streams broker (fred): one stream per topic, one consumer group per
+//! consuming actor, one consumer name per process.
+//!
+//! - `publish`: `XADD herald:stream:<topic> MAXLEN ~ <n> * event <json>`, all
+//!   envelopes of a relay batch in one pipeline. The relay marks rows
+//!   published only after every XADD of the batch succeeded.
+//! - `read`: `XREADGROUP GROUP <group> <consumer> COUNT n BLOCK ms STREAMS
+//!   <stream> >` on a connection of its own (a blocking read would stall the
+//!   idempotency fast path on a shared one).
+//! - `reclaim`: `XAUTOCLAIM` moves entries another consumer read but never
+//!   acknowledged (it died) to this one once they have been idle long enough.
+//! - A stream or group that vanished (FLUSHALL, a restart without
+//!   persistence) is recreated on the `NOGROUP` error. What it held is not
+//!   lost: those events are still unsettled outbox rows, which the relay
+//!   publishes again after `relay.redeliver_after_secs`.
+//! - `MAXLEN ~` bounds a stream's memory; an entry trimmed before it was read
+//!   is likewise republished from the outbox.
+
+use std::time::Duration;
+
+use fred::prelude::*;
+use fred::types::streams::{XCap, XCapKind, XCapTrim, XReadResponse, XReadValue};
+
+use super::{BrokerError, Delivery, Envelope};
+
+/// Upper bound on a stream's length (approximate trimming).
+const STREAM_MAXLEN: i64 = 1_000_000;
+
+/// The stream that carries `topic`.
+pub fn stream_key(topic: &str) -> String {
+    format!("herald:stream:{topic}")
+}
+
+fn unavailable(e: fred::error::Error) -> BrokerError {
+    BrokerError::Unavailable(e.to_string())
+}
+
+fn is_nogroup(e: &fred::error::Error) -> bool {
+    e.details().contains("NOGROUP")
+}
+
+/// Builds a client of its own (own connection) for the broker.
+fn client(url: &str, timeout: Duration) -> Result<Client, BrokerError> {
+    let config = Config::from_url(url).map_err(unavailable)?;
+    let client = Builder::from_config(config)
+        .with_performance_config(|p| p.default_command_timeout = timeout)
+        .with_connection_config(|c| {
+            c.connection_timeout = Duration::from_secs(1);
+            c.internal_command_timeout = timeout;
+            c.max_command_attempts = 1;
+            c.max_command_buffer_len = 10_000;
+        })
+        .set_policy(ReconnectPolicy::new_constant(0, 200))
+        .build()
+        .map_err(unavailable)?;
+    client.connect();
+    Ok(client)
+}
+
+/// The publishing side, used by the OutboxRelay.
+#[derive(Clone)]
+pub struct StreamPublisher {
+    client: Client,
+}
+
+impl StreamPublisher {
+    pub fn connect(url: &str) -> Result<StreamPublisher, BrokerError> {
+        Ok(StreamPublisher {
+            client: client(url, Duration::from_secs(2))?,
+        })
+    }
+
+    /// Appends every envelope to its topic's stream; `Ok` only if all were
+    /// accepted.
+    pub async fn publish(&self, envelopes: &[Envelope]) -> Result<(), BrokerError> {
+        if envelopes.is_empty() {
+            return Ok(());
+        }
+        let pipeline = self.client.pipeline();
+        for envelope in envelopes {
+            let body = serde_json::to_string(envelope).map_err(|e| BrokerError::Malformed {
+                receipt: envelope.event_id.to_string(),
+                reason: e.to_string(),
+            })?;
+            let cap = XCap::try_from((XCapKind::MaxLen, XCapTrim::AlmostExact, STREAM_MAXLEN))
+                .map_err(unavailable)?;
+            let _: () = pipeline
+                .xadd(
+                    stream_key(&envelope.topic),
+                    false,
+                    cap,
+                    "*",
+                    ("event", body),
+                )
+                .await
+                .map_err(unavailable)?;
+        }
+        let replies: Vec<Result<Value, fred::error::Error>> = pipeline.try_all().await;
+        for reply in replies {
+            reply.map_err(unavailable)?;
+        }
+        Ok(())
+    }
+}
+
+/// One entry read from a stream: a delivery, or an unreadable entry (with
+/// its receipt, to acknowledge and drop).
+pub type Received = Result<Delivery, BrokerError>;
+
+/// `XAUTOCLAIM`'s answer: the next cursor and the claimed entries.
+type Autoclaimed = (String, Vec<XReadValue<String, String, String>>);
+
+/// The consuming side of one consumer group, for one topic.
+pub struct StreamConsumer {
+    client: Client,
+    stream: String,
+    group: String,
+    /// This process's name within the group (unique per process).
+    consumer: String,
+    /// How long one read waits for new entries.
+    block: Duration,
+}
+
+impl StreamConsumer {
+    pub fn connect(
+        url: &str,
+        topic: &str,
+        group: &str,
+        consumer: &str,
+        block: Duration,
+    ) -> Result<StreamConsumer, BrokerError> {
+        Ok(StreamConsumer {
+            client: client(url, block + Duration::from_secs(2))?,
+            stream: stream_key(topic),
+            group: group.to_string(),
+            consumer: consumer.to_string(),
+            block,
+        })
+    }
+
+    /// Creates the stream and the group if missing (idempotent).
+    pub async fn ensure_group(&self) -> Result<(), BrokerError> {
+        let created: Result<Value, _> = self
+            .client
+            .xgroup_create(&self.stream, &self.group, "0", true)
+            .await;
+        match created {
+            Ok(_) => Ok(()),
+            Err(e) if e.details().contains("BUSYGROUP") => Ok(()),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    /// New entries for this consumer, waiting up to the block time.
+    pub async fn read(&self, count: u64) -> Result<Vec<Received>, BrokerError> {
+        let read: Result<XReadResponse<String, String, String, String>, _> = self
+            .client
+            .xreadgroup_map(
+                &self.group,
+                &self.consumer,
+                Some(count),
+                Some(self.block.as_millis() as u64),
+                false,
+                &self.stream,
+                ">",
+            )
+            .await;
+        match read {
+            Ok(mut streams) => Ok(streams
+                .remove(&self.stream)
+                .unwrap_or_default()
+                .into_iter()
+                .map(decode)
+                .collect()),
+            Err(e) if is_nogroup(&e) => {
+                self.ensure_group().await?;
+                Ok(Vec::new())
+            }
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    /// Entries other consumers read and left unacknowledged for `min_idle`.
+    pub async fn reclaim(
+        &self,
+        min_idle: Duration,
+        count: u64,
+    ) -> Result<Vec<Received>, BrokerError> {
+        let claimed: Result<Autoclaimed, _> = self
+            .client
+            .xautoclaim_values(
+                &self.stream,
+                &self.group,
+                &self.consumer,
+                min_idle.as_millis() as u64,
+                "0-0",
+                Some(count),
+                false,
+            )
+            .await;
+        match claimed {
+            Ok((_, entries)) => Ok(entries.into_iter().map(decode).collect()),
+            Err(e) if is_nogroup(&e) => {
+                self.ensure_group().await?;
+                Ok(Vec::new())
+            }
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    /// Acknowledges finished entries.
+    pub async fn ack(&self, receipts: &[String]) -> Result<(), BrokerError> {
+        if receipts.is_empty() {
+            return Ok(());
+        }
+        let acked: Result<i64, _> = self
+            .client
+            .xack(&self.stream, &self.group, receipts.to_vec())
+            .await;
+        match acked {
+            Ok(_) => Ok(()),
+            // The group is gone, and with it the pending entry: nothing to ack.
+            Err(e) if is_nogroup(&e) => Ok(()),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+}
+
+/// A stream entry as a [`Delivery`]; an unreadable one keeps its receipt so
+/// it can be acknowledged and dropped (its outbox row is the real record).
+fn decode((receipt, mut fields): XReadValue<String, String, String>) -> Received {
+    let body = fields
+        .remove("event")
+        .ok_or_else(|| BrokerError::Malformed {
+            receipt: receipt.clone(),
+            reason: "no `event` field".into(),
+        })?;
+    let envelope = serde_json::from_str(&body).map_err(|e| BrokerError::Malformed {
+        receipt: receipt.clone(),
+        reason: e.to_string(),
+    })?;
+    Ok(Delivery { envelope, receipt })
+}

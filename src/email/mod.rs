@@ -1,0 +1,130 @@
+//! Outbound email: what a confirmation says, and the transports that send it.
+//!
+//! The EmailSender pool ([`crate::actors::email_sender`]) builds one
+//! [`Email`] per `application.submitted` event and hands it to a
+//! [`Transport`] with the event id as the idempotency key. A transport only
+//! sends and classifies the outcome ([`SendError`]); rate, retries and dead
+//! letters are Herald's (SPEC 4 and 6), never the transport's.
+
+pub mod file;
+pub mod resend;
+
+use std::time::Duration;
+
+use uuid::Uuid;
+
+/// One email, ready to send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Email {
+    pub from: String,
+    pub to: String,
+    pub subject: String,
+    pub text: String,
+}
+
+impl Email {
+    /// The confirmation for an application, from its event payload. The
+    /// address is the one the applicant's verified token carried.
+    pub fn confirmation(from: &str, payload: &serde_json::Value) -> Result<Email, String> {
+        let field = |name: &str| {
+            payload
+                .get(name)
+                .and_then(|v| v.as_str())
+                .ok_or_else(|| format!("payload has no `{name}`"))
+        };
+        let (to, title, company) = (field("email")?, field("job_title")?, field("company")?);
+        if !crate::domain::valid_email(to) {
+            return Err("payload `email` is not an address".into());
+        }
+        Ok(Email {
+            from: from.to_string(),
+            to: to.to_string(),
+            subject: format!("Your application: {title} at {company}"),
+            text: format!(
+                "Thank you for applying for {title} at {company}.\n\n\
+                 Your application has been received and passed on to the employer.\n\
+                 This is the only confirmation you will get for it.\n"
+            ),
+        })
+    }
+}
+
+/// Why a send did not succeed, classified as SPEC 4 says.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SendError {
+    /// Worth retrying (timeouts, connection errors, 429, 5xx, concurrent
+    /// idempotent request). `retry_after` is the downstream's floor.
+    #[error("transient: {reason}")]
+    Transient {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+    /// Retrying cannot help (other 4xx, invalid payload): dead-letter now.
+    #[error("permanent: {0}")]
+    Permanent(String),
+}
+
+/// Something that sends one email.
+#[async_trait::async_trait]
+pub trait Transport: Send + Sync + 'static {
+    /// Sends `email`; `idempotency_key` (the event id) makes a repeat of the
+    /// same call send nothing new.
+    async fn send(&self, email: &Email, idempotency_key: Uuid) -> Result<(), SendError>;
+}
+
+/// Herald's own outbound rate (`email.max_per_sec`), shared by every worker
+/// of the pool: each send takes the next free slot, `1/rate` apart, and
+/// waits for it. No burst, so a backlog never exceeds the downstream's rate.
+pub struct SendPacer {
+    /// Distance between two sends.
+    interval: Duration,
+    /// The next free slot.
+    next: tokio::sync::Mutex<tokio::time::Instant>,
+}
+
+impl SendPacer {
+    pub fn new(per_sec: f64) -> SendPacer {
+        SendPacer {
+            interval: Duration::from_secs_f64(1.0 / per_sec.max(0.001)),
+            next: tokio::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
+    /// Waits for this caller's slot.
+    pub async fn until_ready(&self) {
+        let slot = {
+            let mut next = self.next.lock().await;
+            let slot = (*next).max(tokio::time::Instant::now());
+            *next = slot + self.interval;
+            slot
+        };
+        tokio::time::sleep_until(slot).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_pacer_spaces_sends_by_the_configured_rate() {
+        let pacer = SendPacer::new(4.0);
+        let start = tokio::time::Instant::now();
+        for _ in 0..9 {
+            pacer.until_ready().await;
+        }
+        // Nine sends at 4/s: the ninth at 2 s, none earlier.
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
+    }
+
+    #[test]
+    fn a_confirmation_names_the_job_and_company_and_goes_to_the_applicant() {
+        let payload = serde_json::json!({
+            "email": "ada@example.com", "job_title": "Rust engineer", "company": "Herald"
+        });
+        let email = Email::confirmation("jobs@herald.test", &payload).unwrap();
+        assert_eq!(email.to, "ada@example.com");
+        assert_eq!(email.subject, "Your application: Rust engineer at Herald");
+        assert!(Email::confirmation("x", &serde_json::json!({"email": "nope"})).is_err());
+    }
+}

@@ -1,0 +1,335 @@
+//! A local stand-in for Resend's `POST /emails`, behaving like the real API
+//! where Herald depends on it:
+//!
+//! - `Authorization: Bearer <key>` required (401 `missing_api_key`, 403
+//!   `invalid_api_key`); JSON body with `from`, `to`, `subject` (422
+//!   `validation_error` otherwise);
+//! - `Idempotency-Key` kept after a success (for the life of the server,
+//!   standing in for Resend's 24 h): the same key with the same body returns
+//!   the first response and sends nothing; with another body 409
+//!   `invalid_idempotent_request`; while the first is still being handled
+//!   409 `concurrent_idempotent_requests`;
+//! - `ratelimit-limit/-remaining/-reset` on every answer; a scripted 429
+//!   carries `retry-after` and `ratelimit-reset`;
+//! - scripted 5xx outages, poison recipients (422), latency.
+//!
+//! Every call is recorded with its time, key and status, and every email
+//! actually "sent" is kept: tests count there, never in Herald.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use warp::http::{Response, StatusCode};
+use warp::hyper::body::Bytes;
+use warp::Filter;
+
+pub const API_KEY: &str = "re_test_0123456789";
+
+/// One call as the server saw it.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub at: Instant,
+    pub key: Option<String>,
+    pub to: Option<String>,
+    pub status: u16,
+}
+
+/// An email the server accepted (and would have sent).
+#[derive(Debug, Clone)]
+pub struct Sent {
+    pub id: String,
+    pub key: Option<String>,
+    pub to: String,
+    pub subject: String,
+}
+
+/// What the server does with the next calls.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Mode {
+    Normal,
+    /// Answer every call with this 5xx.
+    Down(u16),
+    /// Answer the next `n` calls 429 with `retry-after` seconds, then normal.
+    RateLimited {
+        n: u32,
+        retry_after: u64,
+    },
+}
+
+#[derive(Default)]
+struct State {
+    mode: Option<Mode>,
+    /// Recipients answered 422 (a poison message).
+    poison: HashSet<String>,
+    latency: Duration,
+    calls: Vec<Call>,
+    sent: Vec<Sent>,
+    /// Idempotency key -> (body, status, response body), or in progress.
+    keys: HashMap<String, KeyState>,
+}
+
+enum KeyState {
+    InProgress(Value),
+    Done {
+        body: Value,
+        status: u16,
+        response: Value,
+    },
+}
+
+#[derive(Clone)]
+pub struct FakeResend {
+    state: Arc<Mutex<State>>,
+    pub addr: SocketAddr,
+}
+
+impl FakeResend {
+    pub async fn start() -> FakeResend {
+        let state = Arc::new(Mutex::new(State::default()));
+        let shared = state.clone();
+        let route = warp::post()
+            .and(warp::path("emails"))
+            .and(warp::path::end())
+            .and(warp::header::optional::<String>("authorization"))
+            .and(warp::header::optional::<String>("idempotency-key"))
+            .and(warp::body::bytes())
+            .then(move |auth, key, body| handle(shared.clone(), auth, key, body));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind fake resend");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(warp::serve(route).incoming(listener).run());
+        FakeResend { state, addr }
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn set_mode(&self, mode: Mode) {
+        self.state.lock().unwrap().mode = Some(mode);
+    }
+
+    pub fn poison(&self, recipient: &str, on: bool) {
+        let mut state = self.state.lock().unwrap();
+        if on {
+            state.poison.insert(recipient.to_string());
+        } else {
+            state.poison.remove(recipient);
+        }
+    }
+
+    pub fn set_latency(&self, latency: Duration) {
+        self.state.lock().unwrap().latency = latency;
+    }
+
+    pub fn calls(&self) -> Vec<Call> {
+        self.state.lock().unwrap().calls.clone()
+    }
+
+    pub fn sent(&self) -> Vec<Sent> {
+        self.state.lock().unwrap().sent.clone()
+    }
+
+    /// Emails sent to `to`.
+    pub fn sent_to(&self, to: &str) -> usize {
+        self.sent().iter().filter(|s| s.to == to).count()
+    }
+}
+
+fn reply(status: u16, body: Value, extra: &[(&str, String)]) -> Response<String> {
+    let mut headers: Vec<(&str, String)> = vec![
+        ("content-type", "application/json".into()),
+        ("ratelimit-limit", "2".into()),
+        ("ratelimit-remaining", "1".into()),
+        ("ratelimit-reset", "1".into()),
+    ];
+    for (name, value) in extra {
+        headers.retain(|(n, _)| n != name);
+        headers.push((name, value.clone()));
+    }
+    let mut builder = Response::builder().status(StatusCode::from_u16(status).expect("status"));
+    for (name, value) in headers {
+        builder = builder.header(name, value);
+    }
+    builder.body(body.to_string()).expect("response")
+}
+
+fn error(status: u16, name: &str, message: &str) -> Value {
+    json!({ "statusCode": status, "name": name, "message": message })
+}
+
+async fn handle(
+    state: Arc<Mutex<State>>,
+    auth: Option<String>,
+    key: Option<String>,
+    body: Bytes,
+) -> Response<String> {
+    let latency = state.lock().unwrap().latency;
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    let parsed: Option<Value> = serde_json::from_slice(&body).ok();
+    let to = parsed
+        .as_ref()
+        .and_then(|b| b.get("to"))
+        .and_then(|t| t.get(0).or(Some(t)))
+        .and_then(|t| t.as_str())
+        .map(str::to_string);
+    let (status, response, extra) = decide(&state, auth, key.clone(), parsed, to.clone());
+    let mut state = state.lock().unwrap();
+    state.calls.push(Call {
+        at: Instant::now(),
+        key,
+        to,
+        status,
+    });
+    drop(state);
+    reply(status, response, &extra)
+}
+
+fn decide(
+    state: &Arc<Mutex<State>>,
+    auth: Option<String>,
+    key: Option<String>,
+    body: Option<Value>,
+    to: Option<String>,
+) -> (u16, Value, Vec<(&'static str, String)>) {
+    let mut st = state.lock().unwrap();
+    match auth.as_deref() {
+        None => {
+            return (
+                401,
+                error(401, "missing_api_key", "Missing API key"),
+                vec![],
+            )
+        }
+        Some(a) if a != format!("Bearer {API_KEY}") => {
+            return (
+                403,
+                error(403, "invalid_api_key", "API key is invalid"),
+                vec![],
+            )
+        }
+        Some(_) => {}
+    }
+    match st.mode.clone().unwrap_or(Mode::Normal) {
+        Mode::Down(status) => {
+            return (
+                status,
+                error(status, "internal_server_error", "down"),
+                vec![],
+            );
+        }
+        Mode::RateLimited { n, retry_after } if n > 0 => {
+            st.mode = Some(if n > 1 {
+                Mode::RateLimited {
+                    n: n - 1,
+                    retry_after,
+                }
+            } else {
+                Mode::Normal
+            });
+            return (
+                429,
+                error(429, "rate_limit_exceeded", "Too many requests"),
+                vec![
+                    ("retry-after", retry_after.to_string()),
+                    ("ratelimit-reset", retry_after.to_string()),
+                ],
+            );
+        }
+        _ => {}
+    }
+    let Some(body) = body else {
+        return (422, error(422, "validation_error", "Invalid JSON"), vec![]);
+    };
+    let (Some(to), Some(subject)) = (to, body.get("subject").and_then(|s| s.as_str())) else {
+        return (
+            422,
+            error(
+                422,
+                "missing_required_field",
+                "`to` and `subject` are required",
+            ),
+            vec![],
+        );
+    };
+    if body.get("from").and_then(|f| f.as_str()).is_none() {
+        return (
+            422,
+            error(422, "missing_required_field", "`from` is required"),
+            vec![],
+        );
+    }
+    if let Some(key) = &key {
+        match st.keys.get(key) {
+            Some(KeyState::InProgress(_)) => {
+                return (
+                    409,
+                    error(
+                        409,
+                        "concurrent_idempotent_requests",
+                        "Same key in progress",
+                    ),
+                    vec![],
+                )
+            }
+            Some(KeyState::Done {
+                body: first,
+                status,
+                response,
+            }) => {
+                return if *first == body {
+                    (*status, response.clone(), vec![])
+                } else {
+                    (
+                        409,
+                        error(
+                            409,
+                            "invalid_idempotent_request",
+                            "Key used with another body",
+                        ),
+                        vec![],
+                    )
+                };
+            }
+            None => {
+                st.keys
+                    .insert(key.clone(), KeyState::InProgress(body.clone()));
+            }
+        }
+    }
+    let (status, response) = if st.poison.contains(&to) {
+        (422, error(422, "validation_error", "Invalid `to` field"))
+    } else {
+        let id = uuid::Uuid::new_v4().to_string();
+        st.sent.push(Sent {
+            id: id.clone(),
+            key: key.clone(),
+            to,
+            subject: subject.to_string(),
+        });
+        (200, json!({ "id": id }))
+    };
+    if let Some(key) = key {
+        // Only a success is kept for the key; a rejected request may be
+        // sent again under the same key once its cause is fixed.
+        if status == 200 {
+            st.keys.insert(
+                key,
+                KeyState::Done {
+                    body,
+                    status,
+                    response: response.clone(),
+                },
+            );
+        } else {
+            st.keys.remove(&key);
+        }
+    }
+    (status, response, vec![])
+}
