@@ -10,6 +10,9 @@
 //! both rates, Herald's p50/p99 latency and the ratio. Nothing here asserts a
 //! speed: it reports one.
 //!
+//! The daemon under test runs with `relay.enabled = false`: the benchmark
+//! measures intake, and pgbench does no delivery work either.
+//!
 //! Two choices keep the comparison about Herald when everything shares one
 //! small machine. The load generator is a minimal keep-alive HTTP/1.1 client
 //! ([`LoadConnection`], the role `wrk` plays), so the client side costs about
@@ -152,6 +155,12 @@ fn spawn_herald(config: &Config, admin_token: &str, jwt_secret: &str) -> anyhow:
         .env("HERALD_ADMIN_TOKEN", admin_token)
         .env("HERALD_JWT_SECRET", jwt_secret)
         .env("RUST_LOG", "warn")
+        // Intake only: pgbench does no delivery work either.
+        .env("HERALD_RELAY__ENABLED", "false")
+        .env(
+            "HERALD_STATE_DIR",
+            std::env::temp_dir().join("herald-bench-state"),
+        )
         .env(
             "TOKIO_WORKER_THREADS",
             std::env::var("BENCH_WORKERS").unwrap_or_else(|_| "1".into()),

@@ -148,6 +148,9 @@ pub struct IdempotencyConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RelayConfig {
+    /// Whether this process runs the delivery pipeline (relay and consumers).
+    /// Off for an intake-only process, e.g. `herald bench intake`'s daemon.
+    pub enabled: bool,
     /// Catch-up publish rate of the outbox relay.
     pub max_publish_per_sec: u32,
     /// An event published but unconsumed for this long is published again.

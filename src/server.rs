@@ -113,6 +113,7 @@ fn pipeline_args(
     redis_url: &str,
     store: &Arc<dyn Store>,
     budget: RetryBudgetHandle,
+    wake: Arc<tokio::sync::Notify>,
 ) -> anyhow::Result<(Option<OutboxRelayArgs>, Option<EmailSenderArgs>)> {
     let redeliver_after = Duration::from_secs(config.relay.redeliver_after_secs);
     let publisher = StreamPublisher::connect(redis_url).context("configuration key `redis_url`")?;
@@ -123,6 +124,7 @@ fn pipeline_args(
         store: store.clone(),
         publisher,
         listen_url,
+        wake,
         max_publish_per_sec: config.relay.max_publish_per_sec,
         redeliver_after,
         poll_interval: Duration::from_millis(config.relay.poll_interval_ms),
@@ -175,10 +177,15 @@ pub async fn run(
     } else {
         RedisMode::default()
     };
+    let outbox_wake = Arc::new(tokio::sync::Notify::new());
     let slots = Slots::new();
     let budget = RetryBudgetHandle::new(slots.retry_budget.clone());
     let (outbox_relay, email_sender) = match &config.redis_url {
-        Some(url) => pipeline_args(&config, url.expose(), &store, budget)?,
+        _ if !config.relay.enabled => {
+            info!("relay.enabled = false: this process does not deliver outbox events");
+            (None, None)
+        }
+        Some(url) => pipeline_args(&config, url.expose(), &store, budget, outbox_wake.clone())?,
         None => {
             // The in-process broker of the embedded mode comes with issue 6.
             warn!("no redis_url: outbox events are stored but not delivered");
@@ -210,6 +217,7 @@ pub async fn run(
         auth,
         redis_mode,
         prometheus,
+        outbox_wake,
     };
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -21,14 +21,18 @@ DROP INDEX outbox_events_unpublished;
 CREATE INDEX outbox_events_due ON outbox_events (due_at) WHERE settled_at IS NULL;
 CREATE INDEX outbox_events_settled ON outbox_events (settled_at) WHERE settled_at IS NOT NULL;
 
--- Wake the relay when events commit (it also polls).
+-- Wake every relay when a job is posted (relays also poll, and a process
+-- wakes its own relay after its own commits). Only for job.posted: a NOTIFY
+-- takes a database-wide lock at commit, which per application would
+-- serialise the intake path.
 CREATE FUNCTION herald_outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM pg_notify('herald_outbox', '');
     RETURN NULL;
 END $$;
 CREATE TRIGGER outbox_events_notify AFTER INSERT ON outbox_events
-    FOR EACH STATEMENT EXECUTE FUNCTION herald_outbox_notify();
+    FOR EACH ROW WHEN (NEW.topic = 'job.posted')
+    EXECUTE FUNCTION herald_outbox_notify();
 
 -- Inbox: what each consumer has applied, written with the local effect.
 CREATE TABLE inbox (

@@ -9,8 +9,13 @@
 //! `relay.redeliver_after_secs` unless a consumer settles it first, which is
 //! what recovers events Redis lost.
 //!
-//! The relay wakes on Postgres `LISTEN herald_outbox` (a trigger notifies
-//! on every insert) and every `relay.poll_interval_ms`. Publishing is paced
+//! The relay wakes when this process's request handlers commit an event (an
+//! in-process signal), on Postgres `LISTEN herald_outbox` (a trigger
+//! notifies for `job.posted`, whichever process posted it), and every
+//! `relay.poll_interval_ms`. The trigger deliberately skips the high-volume
+//! topics: a NOTIFY takes a database-wide lock at commit, and one per
+//! application halved the intake rate (`herald bench intake`: pgbench with the
+//! same SQL went from ~5,000 to ~2,300 tx/s). Publishing is paced
 //! to `relay.max_publish_per_sec`, so a large backlog (a broker outage)
 //! drains at that rate instead of flooding the consumers. While the broker
 //! or the database fails, the relay backs off (full jitter, up to 5 s) and
@@ -48,6 +53,8 @@ pub struct OutboxRelayArgs {
     pub publisher: StreamPublisher,
     /// `postgres://…` URL for `LISTEN`; `None` polls only.
     pub listen_url: Option<String>,
+    /// Poked by this process's request handlers after a commit with an event.
+    pub wake: Arc<Notify>,
     pub max_publish_per_sec: u32,
     pub redeliver_after: Duration,
     pub poll_interval: Duration,
@@ -75,7 +82,7 @@ impl Actor for OutboxRelay {
         myself: ActorRef<Self::Msg>,
         args: OutboxRelayArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let wake = Arc::new(Notify::new());
+        let wake = args.wake.clone();
         let mut tasks = Vec::new();
         if let Some(url) = args.listen_url.clone() {
             tasks.push(tokio::spawn(listen(url, wake.clone())));

@@ -53,6 +53,10 @@ pub struct AppState {
     /// Hot-tier mode, for `/readyz` and `/admin/status`.
     pub redis_mode: RedisMode,
     pub prometheus: PrometheusHandle,
+    /// Wakes this process's OutboxRelay after a commit that wrote an event,
+    /// so it is relayed at once without a database NOTIFY per transaction
+    /// (which serialises commits); other processes' relays poll.
+    pub outbox_wake: Arc<tokio::sync::Notify>,
 }
 
 /// One incoming request, as the dispatchers see it.
@@ -188,7 +192,9 @@ impl AppState {
         Fut: std::future::Future<Output = Result<StoredResponse, StoreError>>,
     {
         let Some(key) = key else {
-            return Ok(stored_response(operation(None).await?, false));
+            let response = operation(None).await?;
+            self.outbox_wake.notify_one();
+            return Ok(stored_response(response, false));
         };
         let claim = KeyClaimRequest {
             fingerprint: Fingerprint::of_request(scope.method, scope.route, body),
@@ -205,6 +211,7 @@ impl AppState {
         };
         match operation(Some(lease.clone())).await {
             Ok(response) => {
+                self.outbox_wake.notify_one();
                 self.keys.completed(&lease, &response).await;
                 Ok(stored_response(response, false))
             }
