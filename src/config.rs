@@ -197,8 +197,12 @@ pub struct SseConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DlqConfig {
+    /// Alert when a topic holds more open dead letters than this.
     pub alert_threshold: u64,
+    /// Alert when a topic's oldest open dead letter is older than this.
     pub alert_max_age_secs: u64,
+    /// How often the DlqMonitor looks.
+    pub check_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -332,6 +336,11 @@ impl Config {
         check(
             self.redis.probe_interval_ms >= 10,
             "redis.probe_interval_ms",
+            "must be at least 10",
+        )?;
+        check(
+            self.dlq.check_interval_ms >= 10,
+            "dlq.check_interval_ms",
             "must be at least 10",
         )?;
         check(

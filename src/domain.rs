@@ -19,6 +19,8 @@ pub mod topics {
     pub const JOB_POSTED: &str = "job.posted";
     pub const APPLICATION_SUBMITTED: &str = "application.submitted";
     pub const CHARGE_CREATED: &str = "charge.created";
+    /// Every topic, for validating a `?topic=` filter.
+    pub const ALL: [&str; 3] = [JOB_POSTED, APPLICATION_SUBMITTED, CHARGE_CREATED];
 }
 
 /// A posted job.

@@ -101,6 +101,27 @@ async fn run_cli() -> ExitCode {
         }
     };
     herald::telemetry::init_logging(&config.log);
+    // Errors, panics and DLQ alerts go to Sentry when SENTRY_DSN is set; the
+    // guard flushes queued events when the command returns.
+    let dsn = match config
+        .sentry_dsn
+        .as_ref()
+        .map(|d| d.expose().parse::<sentry::types::Dsn>())
+    {
+        None => None,
+        Some(Ok(dsn)) => Some(dsn),
+        Some(Err(e)) => {
+            eprintln!("herald: configuration key `sentry_dsn` (SENTRY_DSN): {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let _sentry = dsn.map(|dsn| {
+        let mut options = sentry::ClientOptions::default();
+        options.dsn = Some(dsn);
+        options.release = sentry::release_name!();
+        options.send_default_pii = false;
+        sentry::init(options)
+    });
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(config).await,
         Command::Migrate => migrate(config).await,

@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tracing::{info, warn};
 use uuid::Uuid;
 
+use crate::actors::dlq_monitor::DlqMonitorArgs;
 use crate::actors::email_sender::EmailSenderArgs;
 use crate::actors::key_registry::{KeyRegistryArgs, RedisMode};
 use crate::actors::outbox_relay::OutboxRelayArgs;
@@ -204,6 +205,12 @@ pub async fn run(
             retry_budget: RetryBudgetArgs::default(),
             outbox_relay,
             email_sender,
+            dlq_monitor: DlqMonitorArgs {
+                store: store.clone(),
+                threshold: i64::try_from(config.dlq.alert_threshold).unwrap_or(i64::MAX),
+                max_age: Duration::from_secs(config.dlq.alert_max_age_secs),
+                interval: Duration::from_millis(config.dlq.check_interval_ms),
+            },
         },
         slots,
     )

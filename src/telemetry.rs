@@ -71,6 +71,7 @@ pub mod metrics {
     pub const RETRY_BUDGET_TOKENS: &str = "herald_retry_budget_tokens";
     pub const RELAY_PUBLISHED: &str = "herald_relay_published_total";
     pub const RELAY_FAILURES: &str = "herald_relay_publish_failures_total";
+    pub const DLQ_DEPTH: &str = "herald_dlq_depth";
     pub const EMAIL_IN_FLIGHT: &str = "herald_email_in_flight";
     pub const EMAIL_IN_FLIGHT_MAX: &str = "herald_email_in_flight_max";
 
@@ -129,5 +130,10 @@ pub mod metrics {
     pub fn email_in_flight(now: usize, max: usize) {
         ::metrics::gauge!(EMAIL_IN_FLIGHT).set(now as f64);
         ::metrics::gauge!(EMAIL_IN_FLIGHT_MAX).set(max as f64);
+    }
+
+    /// Open dead letters, all topics.
+    pub fn dlq_depth(depth: i64) {
+        ::metrics::gauge!(DLQ_DEPTH).set(depth as f64);
     }
 }

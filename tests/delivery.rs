@@ -9,12 +9,14 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::fake_resend::{FakeResend, Mode, API_KEY};
-use support::{count, eventually, user_token, Daemon, Postgres, Redis};
+use support::fake_sentry::FakeSentry;
+use support::{count, eventually, user_token, Daemon, Postgres, Redis, ADMIN_TOKEN};
 
 struct World {
     _pg: Postgres,
     redis: Redis,
     resend: FakeResend,
+    sentry: FakeSentry,
     herald: Daemon,
     db: sqlx::PgPool,
 }
@@ -24,7 +26,9 @@ async fn world(extra: &[(&str, &str)]) -> World {
     let pg = Postgres::start().await;
     let redis = Redis::start().await;
     let resend = FakeResend::start().await;
+    let sentry = FakeSentry::start().await;
     let base = resend.base_url();
+    let dsn = sentry.dsn();
     let mut env: Vec<(&str, &str)> = vec![
         ("HERALD_EMAIL__TRANSPORT", "resend"),
         ("RESEND_API_KEY", API_KEY),
@@ -34,6 +38,8 @@ async fn world(extra: &[(&str, &str)]) -> World {
         ("HERALD_RELAY__POLL_INTERVAL_MS", "200"),
         ("HERALD_RETRY__BASE_MS", "100"),
         ("HERALD_RETRY__CAP_MS", "1000"),
+        ("SENTRY_DSN", &dsn),
+        ("HERALD_DLQ__CHECK_INTERVAL_MS", "200"),
     ];
     env.extend_from_slice(extra);
     let herald = Daemon::start(&pg.url(), Some(&redis.url()), &env).await;
@@ -42,6 +48,7 @@ async fn world(extra: &[(&str, &str)]) -> World {
         _pg: pg,
         redis,
         resend,
+        sentry,
         herald,
         db,
     }
@@ -245,6 +252,187 @@ async fn a_rate_limit_s_retry_after_is_a_floor_for_the_next_attempt() {
             .await,
         1.0
     );
+}
+
+async fn admin(w: &World, method: reqwest::Method, path: &str) -> (u16, Value) {
+    let r = w
+        .herald
+        .http
+        .request(method, w.herald.admin_url(path))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("x-herald-actor", "on-call")
+        .send()
+        .await
+        .expect("admin request");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn poison_alerts_sentry_once_and_an_admin_replay_delivers_exactly_one_email() {
+    let w = world(&[]).await;
+    let job = w.herald.post_job("Data").await;
+    w.resend.poison("eve@example.com", true);
+    w.resend.poison("trent@example.com", true);
+    let first = apply(&w.herald, "eve", &job).await;
+    let alert = eventually("one Sentry alert", Duration::from_secs(30), || {
+        let events = w.sentry.events();
+        async move { events.first().cloned() }
+    })
+    .await;
+    let message = alert["message"].to_string() + &alert["logentry"].to_string();
+    assert!(message.contains("dead letter"), "{alert}");
+    // The protocol leaves out the default level, which is `error`.
+    assert!(
+        matches!(alert["level"].as_str(), None | Some("error")),
+        "{alert}"
+    );
+    assert_eq!(alert["extra"]["topic"], "application.submitted");
+    assert_eq!(alert["extra"]["depth"], 1);
+    let text = alert.to_string();
+    assert!(
+        !text.contains("eve@example.com"),
+        "no address leaves: {text}"
+    );
+    assert!(!text.contains(ADMIN_TOKEN));
+
+    // A second poison message while the alert is open raises nothing new.
+    let second = apply(&w.herald, "trent", &job).await;
+    eventually("second letter dead", Duration::from_secs(30), || {
+        let (db, id) = (w.db.clone(), second.clone());
+        async move { (email_status(&db, &id).await == "dead").then_some(()) }
+    })
+    .await;
+    w.herald.wait_for_metric("herald_dlq_depth", 2.0).await;
+    assert_eq!(w.sentry.events().len(), 1, "one alert per rising edge");
+
+    let (status, list) = admin(
+        &w,
+        reqwest::Method::GET,
+        "/admin/dlq?topic=application.submitted",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let items = list["items"].as_array().expect("items").clone();
+    assert_eq!(items.len(), 2);
+    let letter = items
+        .iter()
+        .find(|l| sqlx::types::Uuid::parse_str(l["event_id"].as_str().unwrap()).is_ok())
+        .expect("a letter");
+    for field in [
+        "id",
+        "event_id",
+        "topic",
+        "consumer",
+        "attempts",
+        "last_error",
+        "first_failed_at",
+        "dead_at",
+    ] {
+        assert!(!letter[field].is_null(), "{field} in {letter}");
+    }
+
+    // The cause is removed; replay every letter of the topic (the first by
+    // id, twice, to show a replay is idempotent).
+    w.resend.poison("eve@example.com", false);
+    w.resend.poison("trent@example.com", false);
+    let first_letter: String = sqlx::query_scalar(
+        "SELECT d.id::text FROM dead_letters d JOIN outbox_events o USING (event_id)
+          WHERE o.aggregate_id = $1::uuid",
+    )
+    .bind(&first)
+    .fetch_one(&w.db)
+    .await
+    .unwrap();
+    let path = format!("/admin/dlq/{first_letter}/replay");
+    let (status, body) = admin(&w, reqwest::Method::POST, &path).await;
+    assert_eq!((status, body["result"].as_str()), (200, Some("replayed")));
+    let (status, body) = admin(&w, reqwest::Method::POST, &path).await;
+    assert_eq!(
+        (status, body["result"].as_str()),
+        (200, Some("already_replayed"))
+    );
+    let (status, body) = admin(
+        &w,
+        reqwest::Method::POST,
+        "/admin/dlq/replay?topic=application.submitted",
+    )
+    .await;
+    assert_eq!((status, body["replayed"].as_u64()), (200, Some(1)));
+
+    wait_for_emails(&w.resend, 2, Duration::from_secs(30)).await;
+    for id in [&first, &second] {
+        eventually("replayed application sent", Duration::from_secs(10), || {
+            let (db, id) = (w.db.clone(), id.to_string());
+            async move { (email_status(&db, &id).await == "sent").then_some(()) }
+        })
+        .await;
+    }
+    eventually(
+        "the monitor logs the resolution",
+        Duration::from_secs(10),
+        || {
+            let log = w.herald.log();
+            async move { log.contains("dead letter alert resolved").then_some(()) }
+        },
+    )
+    .await;
+    w.herald.wait_for_metric("herald_dlq_depth", 0.0).await;
+    assert_eq!(w.resend.sent_to("eve@example.com"), 1);
+    assert_eq!(w.resend.sent_to("trent@example.com"), 1);
+    assert_eq!(w.sentry.events().len(), 1);
+    let audit = count(
+        &w.db,
+        "SELECT count(*) FROM dlq_audit WHERE action = 'replay' AND actor = 'on-call'",
+    )
+    .await;
+    assert_eq!(audit, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_discarded_dead_letter_is_audited_and_can_no_longer_be_replayed() {
+    let w = world(&[]).await;
+    let job = w.herald.post_job("Ops").await;
+    w.resend.poison("oscar@example.com", true);
+    apply(&w.herald, "oscar", &job).await;
+    w.herald.wait_for_metric("herald_dlq_depth", 1.0).await;
+    let id: String = sqlx::query_scalar("SELECT id::text FROM dead_letters")
+        .fetch_one(&w.db)
+        .await
+        .unwrap();
+    let (status, body) = admin(&w, reqwest::Method::DELETE, &format!("/admin/dlq/{id}")).await;
+    assert_eq!((status, body["result"].as_str()), (200, Some("discarded")));
+    let (status, body) = admin(
+        &w,
+        reqwest::Method::POST,
+        &format!("/admin/dlq/{id}/replay"),
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (409, Some("dead_letter_closed"))
+    );
+    let (status, body) = admin(&w, reqwest::Method::GET, "/admin/dlq").await;
+    assert_eq!(
+        (status, body["items"].as_array().map(Vec::len)),
+        (200, Some(0))
+    );
+    let (status, body) = admin(&w, reqwest::Method::GET, "/admin/dlq?topic=nope").await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("invalid_query"))
+    );
+    let (status, _) = admin(&w, reqwest::Method::POST, "/admin/dlq/not-a-uuid/replay").await;
+    assert_eq!(status, 404);
+    assert_eq!(
+        count(
+            &w.db,
+            "SELECT count(*) FROM dlq_audit WHERE action = 'discard' AND actor = 'on-call'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(w.resend.sent().len(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

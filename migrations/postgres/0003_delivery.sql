@@ -15,7 +15,8 @@ ALTER TABLE outbox_events
     ADD COLUMN due_at     timestamptz NOT NULL DEFAULT now(),
     ADD COLUMN attempts   integer NOT NULL DEFAULT 0,
     ADD COLUMN settled_at timestamptz,
-    ADD COLUMN last_error text;
+    ADD COLUMN last_error text,
+    ADD COLUMN first_failed_at timestamptz;
 
 DROP INDEX outbox_events_unpublished;
 CREATE INDEX outbox_events_due ON outbox_events (due_at) WHERE settled_at IS NULL;
@@ -44,13 +45,30 @@ CREATE TABLE inbox (
 CREATE INDEX inbox_processed ON inbox (processed_at);
 
 -- Dead letters: deliveries that failed permanently or ran out of attempts.
+-- One row per (consumer, event) for its whole life: replayed_at or
+-- discarded_at close it; dying again reopens it.
 CREATE TABLE dead_letters (
-    event_id      uuid NOT NULL,
-    consumer      text NOT NULL,
-    topic         text NOT NULL,
-    attempts      integer NOT NULL,
-    last_error    text NOT NULL,
+    id              uuid PRIMARY KEY,
+    event_id        uuid NOT NULL,
+    consumer        text NOT NULL,
+    topic           text NOT NULL,
+    attempts        integer NOT NULL,
+    last_error      text NOT NULL,
     first_failed_at timestamptz NOT NULL,
-    last_failed_at  timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (consumer, event_id)
+    dead_at         timestamptz NOT NULL DEFAULT now(),
+    replayed_at     timestamptz,
+    discarded_at    timestamptz,
+    UNIQUE (consumer, event_id)
+);
+CREATE INDEX dead_letters_open ON dead_letters (dead_at)
+    WHERE replayed_at IS NULL AND discarded_at IS NULL;
+
+-- Who did what to a dead letter, and when.
+CREATE TABLE dlq_audit (
+    id             bigserial PRIMARY KEY,
+    dead_letter_id uuid NOT NULL,
+    event_id       uuid NOT NULL,
+    action         text NOT NULL CHECK (action IN ('replay', 'discard')),
+    actor          text NOT NULL,
+    at             timestamptz NOT NULL DEFAULT now()
 );

@@ -5,17 +5,19 @@
 //!   ├── KeyRegistry    resolves Idempotency-Keys: Redis hot tier, Postgres truth
 //!   ├── RetryBudget    token bucket per outbound call site: may this retry run now?
 //!   ├── OutboxRelay    due outbox rows -> broker, rate-capped, marked after the broker took them
-//!   └── EmailSender    pool of workers: broker -> Resend / .eml, inbox dedupe,
-//!                      retry / defer / dead-letter recorded on the outbox row
+//!   ├── EmailSender    pool of workers: broker -> Resend / .eml, inbox dedupe,
+//!   │                  retry / defer / dead-letter recorded on the outbox row
+//!   └── DlqMonitor     dead-letter depth and age -> herald_dlq_depth, Sentry alerts
 //! ```
 //!
 //! Later capabilities hang further children under the same root
-//! (LedgerConsumer, SseHub, DlqMonitor). All durable state lives in the
+//! (LedgerConsumer, SseHub). All durable state lives in the
 //! database, so a restarted actor loses nothing.
 //!
 //! The HTTP front never holds an [`ActorRef`] directly: it reads the current
 //! one from an [`ActorSlot`], which the supervisor refills after a restart.
 
+pub mod dlq_monitor;
 pub mod email_sender;
 pub mod key_registry;
 pub mod outbox_relay;

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tracing::{error, info};
 
+use super::dlq_monitor::{DlqMonitor, DlqMonitorArgs};
 use super::email_sender::{EmailSender, EmailSenderArgs, EmailSenderMsg};
 use super::key_registry::{KeyRegistry, KeyRegistryArgs, KeyRegistryHandle};
 use super::outbox_relay::{OutboxRelay, OutboxRelayArgs, OutboxRelayMsg};
@@ -99,6 +100,7 @@ pub struct TreeArgs {
     /// `None` when the pipeline is off (no broker configured yet).
     pub outbox_relay: Option<OutboxRelayArgs>,
     pub email_sender: Option<EmailSenderArgs>,
+    pub dlq_monitor: DlqMonitorArgs,
 }
 
 /// The slots of the pipeline's actors, for those that talk to each other.
@@ -139,6 +141,11 @@ impl ActorTree {
         if let Some(sender) = args.email_sender {
             children.push(SlotChild::new(|| EmailSender, sender, slots.email_sender));
         }
+        children.push(SlotChild::new(
+            || DlqMonitor,
+            args.dlq_monitor,
+            ActorSlot::new("dlq_monitor"),
+        ));
         let children = Arc::new(children);
         let (supervisor, _handle) = Actor::spawn(None, HeraldSupervisor, children.clone()).await?;
         Ok(ActorTree {

@@ -1,13 +1,20 @@
 //! The admin listener: `/metrics` (no auth, for the scraper) and `/admin/*`
-//! (admin token on every route).
+//! (admin token on every route): status, and the dead-letter queue (list,
+//! replay one, replay many, discard), every DLQ action audited with who
+//! (`X-Herald-Actor`, else `admin`) and when.
 
 use std::time::Duration;
 
 use http::{HeaderValue, Method, StatusCode};
 use warp::reply::Response;
 
+use uuid::Uuid;
+
 use super::problem::{json_response, ApiError};
+use super::public::{list_params, ok_json};
 use super::{AppState, Request};
+use crate::domain::topics;
+use crate::store::DlqAction;
 use crate::telemetry::metrics as m;
 
 /// Routes one request of the admin listener.
@@ -16,7 +23,17 @@ pub async fn dispatch(state: AppState, request: Request) -> Response {
     let result = match (segments.as_slice(), &request.method) {
         (["metrics"], &Method::GET) => Ok(metrics(&state).await),
         (["admin", "status"], &Method::GET) => status(&state, &request).await,
-        (["metrics"], _) | (["admin", "status"], _) => Err(ApiError::MethodNotAllowed),
+        (["admin", "dlq"], &Method::GET) => list_dlq(&state, &request).await,
+        (["admin", "dlq", "replay"], &Method::POST) => replay_many(&state, &request).await,
+        (["admin", "dlq", id, "replay"], &Method::POST) => replay_one(&state, &request, id).await,
+        (["admin", "dlq", id], &Method::DELETE) if *id != "replay" => {
+            discard(&state, &request, id).await
+        }
+        (["metrics"], _)
+        | (["admin", "status"], _)
+        | (["admin", "dlq"], _)
+        | (["admin", "dlq", _], _)
+        | (["admin", "dlq", _, "replay"], _) => Err(ApiError::MethodNotAllowed),
         _ => Err(ApiError::NotFound),
     };
     result.unwrap_or_else(ApiError::into_response)
@@ -52,9 +69,107 @@ async fn status(state: &AppState, request: &Request) -> Result<Response, ApiErro
         "actors": state.actors.status(),
         "redis": state.redis_mode.label(),
         "outbox": outbox,
+        "dlq": state.store.dlq_stats().await.ok(),
     });
     Ok(json_response(
         StatusCode::OK,
         serde_json::to_string(&body).unwrap_or_default(),
     ))
+}
+
+/// Who is acting, for the audit: `X-Herald-Actor` when it is a short
+/// printable name, else `admin`.
+fn actor(request: &Request) -> String {
+    request
+        .headers
+        .get("x-herald-actor")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| {
+            !v.is_empty() && v.len() <= 64 && v.chars().all(|c| c.is_ascii_graphic() || c == ' ')
+        })
+        .unwrap_or("admin")
+        .to_string()
+}
+
+/// `?topic=`: one of Herald's topics.
+fn topic_param(query: &str) -> Result<Option<&'static str>, ApiError> {
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        if let Some(("topic", value)) = pair.split_once('=') {
+            return topics::ALL
+                .iter()
+                .find(|t| **t == value)
+                .copied()
+                .map(Some)
+                .ok_or_else(|| {
+                    ApiError::InvalidQuery(format!(
+                        "`topic` must be one of {}",
+                        topics::ALL.join(", ")
+                    ))
+                });
+        }
+    }
+    Ok(None)
+}
+
+fn letter_id(id: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(id).map_err(|_| ApiError::NotFound)
+}
+
+async fn list_dlq(state: &AppState, request: &Request) -> Result<Response, ApiError> {
+    state.auth.admin(&request.headers)?;
+    let topic = topic_param(&request.query)?;
+    let (limit, before) = list_params(&request.query)?;
+    let items = state.store.list_dead_letters(topic, limit, before).await?;
+    let next_before = (items.len() == limit as usize)
+        .then(|| items.last().map(|l| l.id.to_string()))
+        .flatten();
+    Ok(ok_json(&serde_json::json!({
+        "items": items,
+        "next_before": next_before,
+    })))
+}
+
+async fn replay_one(state: &AppState, request: &Request, id: &str) -> Result<Response, ApiError> {
+    state.auth.admin(&request.headers)?;
+    let id = letter_id(id)?;
+    let who = actor(request);
+    let action = state.store.replay_dead_letter(id, &who).await?;
+    match action {
+        DlqAction::NotFound => Err(ApiError::NotFound),
+        DlqAction::AlreadyDiscarded => Err(ApiError::DeadLetterClosed("discarded", "replayed")),
+        action => {
+            if action == DlqAction::Replayed {
+                tracing::info!(dead_letter = %id, actor = %who, "dead letter replayed");
+                state.outbox_wake.notify_one();
+            }
+            Ok(ok_json(&serde_json::json!({ "id": id, "result": action })))
+        }
+    }
+}
+
+async fn replay_many(state: &AppState, request: &Request) -> Result<Response, ApiError> {
+    state.auth.admin(&request.headers)?;
+    let topic = topic_param(&request.query)?;
+    let who = actor(request);
+    let replayed = state.store.replay_dead_letters(topic, &who).await?;
+    tracing::info!(replayed, topic = topic.unwrap_or("*"), actor = %who, "dead letters replayed");
+    state.outbox_wake.notify_one();
+    Ok(ok_json(&serde_json::json!({ "replayed": replayed })))
+}
+
+async fn discard(state: &AppState, request: &Request, id: &str) -> Result<Response, ApiError> {
+    state.auth.admin(&request.headers)?;
+    let id = letter_id(id)?;
+    let who = actor(request);
+    match state.store.discard_dead_letter(id, &who).await? {
+        DlqAction::NotFound => Err(ApiError::NotFound),
+        DlqAction::AlreadyReplayed => Err(ApiError::DeadLetterClosed("replayed", "discarded")),
+        action => {
+            if action == DlqAction::Discarded {
+                tracing::info!(dead_letter = %id, actor = %who, "dead letter discarded");
+            }
+            Ok(ok_json(&serde_json::json!({ "id": id, "result": action })))
+        }
+    }
 }

@@ -40,6 +40,8 @@ pub enum ApiError {
     KeyReused,
     #[error("dev login is disabled")]
     DevLoginDisabled,
+    #[error("this dead letter was {0}; it can no longer be {1}")]
+    DeadLetterClosed(&'static str, &'static str),
     #[error("service temporarily unavailable; retry later")]
     Unavailable,
     #[error("internal error")]
@@ -70,7 +72,7 @@ impl ApiError {
                 StatusCode::NOT_FOUND
             }
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::InFlight => StatusCode::CONFLICT,
+            ApiError::InFlight | ApiError::DeadLetterClosed(..) => StatusCode::CONFLICT,
             ApiError::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -89,6 +91,7 @@ impl ApiError {
             ApiError::JobNotFound => "job_not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::InFlight => "idempotency_in_flight",
+            ApiError::DeadLetterClosed(..) => "dead_letter_closed",
             ApiError::KeyReused => "idempotency_key_reused",
             ApiError::Unavailable => "unavailable",
             ApiError::Internal => "internal",
@@ -107,6 +110,7 @@ impl ApiError {
             ApiError::JobNotFound => "Job not found",
             ApiError::MethodNotAllowed => "Method not allowed",
             ApiError::InFlight => "Request in progress",
+            ApiError::DeadLetterClosed(..) => "Dead letter closed",
             ApiError::KeyReused => "Idempotency-Key reused",
             ApiError::Unavailable => "Service unavailable",
             ApiError::Internal => "Internal error",

@@ -100,7 +100,7 @@ fn not_routed(segments: &[&str]) -> ApiError {
     }
 }
 
-fn ok_json<T: serde::Serialize>(value: &T) -> Response {
+pub(super) fn ok_json<T: serde::Serialize>(value: &T) -> Response {
     json_response(
         StatusCode::OK,
         serde_json::to_string(value).unwrap_or_default(),
@@ -137,8 +137,9 @@ async fn readyz(state: &AppState) -> Result<Response, ApiError> {
     }
 }
 
-/// Parses `?limit=&before=` of the jobs list.
-fn list_params(query: &str) -> Result<(u32, Option<Uuid>), ApiError> {
+/// Parses `?limit=&before=` of a list (jobs, dead letters); other names are
+/// left to the caller.
+pub(super) fn list_params(query: &str) -> Result<(u32, Option<Uuid>), ApiError> {
     let mut limit = 20;
     let mut before = None;
     for pair in query.split('&').filter(|p| !p.is_empty()) {

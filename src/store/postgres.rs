@@ -22,13 +22,42 @@ use tracing::instrument;
 use uuid::Uuid;
 
 use super::{
-    ApplyOutcome, DeliverFn, DeliveryDecision, DeliveryResult, KeyClaim, KeyClaimRequest, KeyLease,
-    OutboxStats, PublishFn, RelayStep, Render, Store, StoreError,
+    ApplyOutcome, DeadLetter, DeliverFn, DeliveryDecision, DeliveryResult, DlqAction,
+    DlqTopicStats, KeyClaim, KeyClaimRequest, KeyLease, OutboxStats, PublishFn, RelayStep, Render,
+    Store, StoreError,
 };
 use crate::broker::Envelope;
 use crate::config::Config;
 use crate::domain::{parse_status, topics, Application, Charge, Job};
 use crate::idempotency::{IdempotencyKey, KeyScope, StoredResponse};
+
+/// Reopens open dead letters for delivery, in one statement: closes them as
+/// replayed, audits each, puts their events back in the outbox (due now,
+/// attempts reset) and their applications back to `pending`. `$1` a topic
+/// or NULL, `$2` the actor, `$3` one letter's id or NULL.
+const REPLAY_DEAD_LETTERS: &str = "
+WITH letters AS (
+    UPDATE dead_letters SET replayed_at = now()
+     WHERE replayed_at IS NULL AND discarded_at IS NULL
+       AND ($1::text IS NULL OR topic = $1)
+       AND ($3::uuid IS NULL OR id = $3)
+    RETURNING id, event_id
+), audit AS (
+    INSERT INTO dlq_audit (dead_letter_id, event_id, action, actor)
+    SELECT id, event_id, 'replay', $2 FROM letters
+), events AS (
+    UPDATE outbox_events o
+       SET settled_at = NULL, attempts = 0, due_at = now(), last_error = NULL,
+           first_failed_at = NULL
+      FROM letters l
+     WHERE o.event_id = l.event_id
+    RETURNING o.topic, o.aggregate_id
+), apps AS (
+    UPDATE applications a SET email_status = 'pending'
+      FROM events e
+     WHERE e.topic = 'application.submitted' AND a.id = e.aggregate_id
+)
+SELECT count(*) AS replayed FROM letters";
 
 /// Postgres error codes that mean "try again later", not "your request is bad".
 fn is_unavailable_code(code: &str) -> bool {
@@ -270,6 +299,29 @@ impl PgStore {
 
     /// The common end of every business transaction: the outbox event, the
     /// key's outcome (when the request carries a key), commit.
+    /// Locks a dead letter: `None` if it does not exist, `Some(None)` while
+    /// open, `Some(Some(action))` if already closed that way.
+    async fn lock_dead_letter(
+        tx: &mut Transaction<'_, Postgres>,
+        id: Uuid,
+    ) -> Result<Option<Option<DlqAction>>, StoreError> {
+        let row = sqlx::query(
+            "SELECT replayed_at IS NOT NULL AS replayed, discarded_at IS NOT NULL AS discarded
+               FROM dead_letters WHERE id = $1 FOR UPDATE",
+        )
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        Ok(Some(if row.try_get::<bool, _>("replayed")? {
+            Some(DlqAction::AlreadyReplayed)
+        } else if row.try_get::<bool, _>("discarded")? {
+            Some(DlqAction::AlreadyDiscarded)
+        } else {
+            None
+        }))
+    }
+
     /// The local effect of a settled delivery on its aggregate, in the
     /// delivery's transaction: an application's `email_status`.
     async fn apply_effect(
@@ -867,7 +919,7 @@ impl Store for PgStore {
                 .await?;
             let row = sqlx::query(
                 "SELECT o.attempts, o.settled_at IS NOT NULL AS settled, o.topic,
-                        o.aggregate_id, o.created_at,
+                        o.aggregate_id, o.first_failed_at,
                         EXISTS (SELECT 1 FROM inbox i
                                  WHERE i.consumer = $2 AND i.event_id = o.event_id) AS in_inbox
                    FROM outbox_events o
@@ -895,7 +947,9 @@ impl Store for PgStore {
             }
             let topic: String = row.try_get("topic")?;
             let aggregate_id: Uuid = row.try_get("aggregate_id")?;
-            let first_at: DateTime<Utc> = row.try_get("created_at")?;
+            let first_at: DateTime<Utc> = row
+                .try_get::<Option<DateTime<Utc>>, _>("first_failed_at")?
+                .unwrap_or_else(Utc::now);
             let decision = deliver(attempts).await;
             fail::fail_point!("consumer-after-deliver", |_| std::process::abort());
             let attempt = attempts + 1;
@@ -921,7 +975,8 @@ impl Store for PgStore {
                     sqlx::query(
                         "UPDATE outbox_events
                             SET attempts = $2, last_error = $3,
-                                due_at = now() + make_interval(secs => $4)
+                                due_at = now() + make_interval(secs => $4),
+                                first_failed_at = COALESCE(first_failed_at, now())
                           WHERE event_id = $1",
                     )
                     .bind(envelope.event_id)
@@ -944,11 +999,11 @@ impl Store for PgStore {
                 DeliveryDecision::Dead { error } => {
                     sqlx::query(
                         "INSERT INTO dead_letters
-                             (event_id, consumer, topic, attempts, last_error, first_failed_at)
-                         VALUES ($1, $2, $3, $4, $5, $6)
+                             (event_id, consumer, topic, attempts, last_error, first_failed_at, id)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7)
                          ON CONFLICT (consumer, event_id) DO UPDATE
                             SET attempts = EXCLUDED.attempts, last_error = EXCLUDED.last_error,
-                                last_failed_at = now()",
+                                dead_at = now(), replayed_at = NULL, discarded_at = NULL",
                     )
                     .bind(envelope.event_id)
                     .bind(consumer)
@@ -956,6 +1011,7 @@ impl Store for PgStore {
                     .bind(attempt)
                     .bind(error)
                     .bind(first_at)
+                    .bind(Uuid::now_v7())
                     .execute(&mut *tx)
                     .await?;
                     Self::apply_effect(&mut tx, &topic, aggregate_id, "dead").await?;
@@ -973,6 +1029,155 @@ impl Store for PgStore {
             }
             tx.commit().await?;
             Ok(DeliveryResult::Attempted { attempt, decision })
+        }
+        .await;
+        session.settle(result)
+    }
+
+    #[instrument(skip_all)]
+    async fn list_dead_letters(
+        &self,
+        topic: Option<&str>,
+        limit: u32,
+        before: Option<Uuid>,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        let mut session = self.session().await?;
+        let result: Result<Vec<DeadLetter>, StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            let rows = sqlx::query(
+                "SELECT id, event_id, topic, consumer, attempts, last_error, first_failed_at,
+                        dead_at
+                   FROM dead_letters
+                  WHERE replayed_at IS NULL AND discarded_at IS NULL
+                    AND ($1::text IS NULL OR topic = $1)
+                    AND ($2::uuid IS NULL OR id < $2)
+                  ORDER BY id DESC
+                  LIMIT $3",
+            )
+            .bind(topic)
+            .bind(before)
+            .bind(i64::from(limit))
+            .fetch_all(&mut *conn)
+            .await?;
+            rows.iter()
+                .map(|row| {
+                    Ok(DeadLetter {
+                        id: row.try_get("id")?,
+                        event_id: row.try_get("event_id")?,
+                        topic: row.try_get("topic")?,
+                        consumer: row.try_get("consumer")?,
+                        attempts: row.try_get("attempts")?,
+                        last_error: row.try_get("last_error")?,
+                        first_failed_at: row.try_get("first_failed_at")?,
+                        dead_at: row.try_get("dead_at")?,
+                    })
+                })
+                .collect()
+        }
+        .await;
+        session.settle(result)
+    }
+
+    #[instrument(skip_all)]
+    async fn replay_dead_letter(&self, id: Uuid, actor: &str) -> Result<DlqAction, StoreError> {
+        let mut session = self.session().await?;
+        let result: Result<DlqAction, StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            let mut tx = conn.begin().await?;
+            let Some(closed) = Self::lock_dead_letter(&mut tx, id).await? else {
+                return Ok(DlqAction::NotFound);
+            };
+            if let Some(closed) = closed {
+                return Ok(closed);
+            }
+            sqlx::query(REPLAY_DEAD_LETTERS)
+                .bind(None::<String>)
+                .bind(actor)
+                .bind(Some(id))
+                .fetch_one(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(DlqAction::Replayed)
+        }
+        .await;
+        session.settle(result)
+    }
+
+    #[instrument(skip_all)]
+    async fn replay_dead_letters(
+        &self,
+        topic: Option<&str>,
+        actor: &str,
+    ) -> Result<u64, StoreError> {
+        let mut session = self.session().await?;
+        let result: Result<u64, StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            let replayed: i64 = sqlx::query_scalar(REPLAY_DEAD_LETTERS)
+                .bind(topic)
+                .bind(actor)
+                .bind(None::<Uuid>)
+                .fetch_one(&mut *conn)
+                .await?;
+            Ok(replayed.max(0) as u64)
+        }
+        .await;
+        session.settle(result)
+    }
+
+    #[instrument(skip_all)]
+    async fn discard_dead_letter(&self, id: Uuid, actor: &str) -> Result<DlqAction, StoreError> {
+        let mut session = self.session().await?;
+        let result: Result<DlqAction, StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            let mut tx = conn.begin().await?;
+            let Some(closed) = Self::lock_dead_letter(&mut tx, id).await? else {
+                return Ok(DlqAction::NotFound);
+            };
+            if let Some(closed) = closed {
+                return Ok(closed);
+            }
+            sqlx::query(
+                "WITH letter AS (
+                     UPDATE dead_letters SET discarded_at = now() WHERE id = $1
+                     RETURNING id, event_id
+                 )
+                 INSERT INTO dlq_audit (dead_letter_id, event_id, action, actor)
+                 SELECT id, event_id, 'discard', $2 FROM letter",
+            )
+            .bind(id)
+            .bind(actor)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(DlqAction::Discarded)
+        }
+        .await;
+        session.settle(result)
+    }
+
+    #[instrument(skip_all)]
+    async fn dlq_stats(&self) -> Result<Vec<DlqTopicStats>, StoreError> {
+        let mut session = self.session().await?;
+        let result: Result<Vec<DlqTopicStats>, StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            let rows = sqlx::query(
+                "SELECT topic, count(*) AS depth,
+                        EXTRACT(EPOCH FROM now() - min(dead_at))::float8 AS oldest
+                   FROM dead_letters
+                  WHERE replayed_at IS NULL AND discarded_at IS NULL
+                  GROUP BY topic ORDER BY topic",
+            )
+            .fetch_all(&mut *conn)
+            .await?;
+            rows.iter()
+                .map(|row| {
+                    Ok(DlqTopicStats {
+                        topic: row.try_get("topic")?,
+                        depth: row.try_get("depth")?,
+                        oldest_age_seconds: row.try_get::<f64, _>("oldest")?.max(0.0),
+                    })
+                })
+                .collect()
         }
         .await;
         session.settle(result)

@@ -15,6 +15,7 @@
 #![allow(dead_code)]
 
 pub mod fake_resend;
+pub mod fake_sentry;
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
