@@ -34,9 +34,13 @@ pub struct RetryBudgetArgs {
 
 impl Default for RetryBudgetArgs {
     fn default() -> Self {
+        // A success puts back a tenth of the bucket (one token, what a
+        // successful retry took), so once the downstream recovers, deferred
+        // deliveries drain at the pool's pace; during an outage only the
+        // slow refill lets retries through: at most 10 + 0.5/s of them.
         RetryBudgetArgs {
             capacity: 10.0,
-            refill_per_success: 0.5,
+            refill_per_success: 1.0,
             refill_per_sec: 0.5,
         }
     }
