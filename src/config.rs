@@ -106,6 +106,7 @@ pub struct Config {
     pub retry: RetryConfig,
     pub sse: SseConfig,
     pub dlq: DlqConfig,
+    pub janitor: JanitorConfig,
     pub log: LogConfig,
 }
 
@@ -134,6 +135,18 @@ pub struct RedisConfig {
     pub command_timeout_ms: u64,
     /// How often Redis is probed to notice loss and recovery.
     pub probe_interval_ms: u64,
+}
+
+/// The janitor: what it deletes, how much at a time, how often.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JanitorConfig {
+    /// Pause between two sweeps.
+    pub interval_ms: u64,
+    /// Rows per delete statement (keeps every lock short).
+    pub batch: u32,
+    /// How long settled outbox rows and inbox rows are kept.
+    pub retention_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -336,6 +349,16 @@ impl Config {
         check(
             self.redis.probe_interval_ms >= 10,
             "redis.probe_interval_ms",
+            "must be at least 10",
+        )?;
+        check(
+            self.janitor.batch >= 1 && self.janitor.batch <= 100_000,
+            "janitor.batch",
+            "must be from 1 to 100000",
+        )?;
+        check(
+            self.janitor.interval_ms >= 10,
+            "janitor.interval_ms",
             "must be at least 10",
         )?;
         check(

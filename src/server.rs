@@ -17,6 +17,7 @@ use uuid::Uuid;
 
 use crate::actors::dlq_monitor::DlqMonitorArgs;
 use crate::actors::email_sender::EmailSenderArgs;
+use crate::actors::janitor::JanitorArgs;
 use crate::actors::key_registry::{KeyRegistryArgs, RedisMode};
 use crate::actors::outbox_relay::OutboxRelayArgs;
 use crate::actors::retry_budget::{RetryBudgetArgs, RetryBudgetHandle};
@@ -210,6 +211,12 @@ pub async fn run(
                 threshold: i64::try_from(config.dlq.alert_threshold).unwrap_or(i64::MAX),
                 max_age: Duration::from_secs(config.dlq.alert_max_age_secs),
                 interval: Duration::from_millis(config.dlq.check_interval_ms),
+            },
+            janitor: JanitorArgs {
+                store: store.clone(),
+                interval: Duration::from_millis(config.janitor.interval_ms),
+                batch: config.janitor.batch,
+                retention: Duration::from_secs(config.janitor.retention_secs),
             },
         },
         slots,

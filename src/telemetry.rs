@@ -72,6 +72,7 @@ pub mod metrics {
     pub const RELAY_PUBLISHED: &str = "herald_relay_published_total";
     pub const RELAY_FAILURES: &str = "herald_relay_publish_failures_total";
     pub const DLQ_DEPTH: &str = "herald_dlq_depth";
+    pub const JANITOR_DELETED: &str = "herald_janitor_deleted_total";
     pub const EMAIL_IN_FLIGHT: &str = "herald_email_in_flight";
     pub const EMAIL_IN_FLIGHT_MAX: &str = "herald_email_in_flight_max";
 
@@ -135,5 +136,10 @@ pub mod metrics {
     /// Open dead letters, all topics.
     pub fn dlq_depth(depth: i64) {
         ::metrics::gauge!(DLQ_DEPTH).set(depth as f64);
+    }
+
+    /// Rows the janitor deleted from `table`.
+    pub fn janitor_deleted(table: &'static str, rows: u64) {
+        ::metrics::counter!(JANITOR_DELETED, "table" => table).increment(rows);
     }
 }

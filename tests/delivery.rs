@@ -602,3 +602,80 @@ async fn a_twenty_second_resend_outage_causes_no_retry_storm_and_loses_nothing()
         "the budget deferred retries"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_janitor_deletes_what_expired_in_small_batches_and_keeps_what_is_still_needed() {
+    let w = world(&[
+        ("HERALD_JANITOR__INTERVAL_MS", "100"),
+        ("HERALD_JANITOR__BATCH", "7"),
+        ("HERALD_JANITOR__RETENTION_SECS", "0"),
+    ])
+    .await;
+    let job = w.herald.post_job("Cleanup").await;
+    w.resend.poison("dead0@example.com", true);
+    let users: Vec<String> = (0..20).map(|i| format!("clean{i}")).collect();
+    apply_many(&[&w.herald], &job, users).await;
+    apply(&w.herald, "dead0", &job).await;
+    wait_for_emails(&w.resend, 20, Duration::from_secs(30)).await;
+    // Every settled event and inbox row goes (in batches of 7); the dead
+    // letter's event stays, a replay needs it.
+    eventually("settled rows purged", Duration::from_secs(20), || {
+        let db = w.db.clone();
+        async move {
+            let outbox = count(&db, "SELECT count(*) FROM outbox_events").await;
+            let inbox = count(&db, "SELECT count(*) FROM inbox").await;
+            (outbox == 1 && inbox == 0).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(
+        count(
+            &w.db,
+            "SELECT count(*) FROM outbox_events o JOIN dead_letters d USING (event_id)"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        w.herald
+            .metric(r#"herald_janitor_deleted_total{table="inbox"}"#)
+            .await,
+        20.0
+    );
+    // Expired keys go, unless a request still holds one.
+    sqlx::query(
+        "UPDATE idempotency_keys SET expires_at = now() - interval '1 second'
+          WHERE key IN ('apply-clean0', 'apply-clean1')",
+    )
+    .execute(&w.db)
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE idempotency_keys SET state = 'in_progress', lease_expires_at = now() + interval '1 hour'
+          WHERE key = 'apply-clean1'",
+    )
+    .execute(&w.db)
+    .await
+    .unwrap();
+    eventually("the expired key purged", Duration::from_secs(10), || {
+        let db = w.db.clone();
+        async move {
+            let left = count(
+                &db,
+                "SELECT count(*) FROM idempotency_keys WHERE key IN ('apply-clean0', 'apply-clean1')",
+            )
+            .await;
+            (left == 1).then_some(())
+        }
+    })
+    .await;
+    let kept: String =
+        sqlx::query_scalar("SELECT key FROM idempotency_keys WHERE key LIKE 'apply-clean_'")
+            .fetch_all(&w.db)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|k: &String| k == "apply-clean1" || k == "apply-clean0")
+            .unwrap();
+    assert_eq!(kept, "apply-clean1", "a held key is never purged");
+}

@@ -1041,6 +1041,7 @@ async fn dev_login_issues_a_token_that_applies_and_admin_status_shows_the_tree()
         "outbox_relay",
         "email_sender",
         "dlq_monitor",
+        "janitor",
     ];
     assert_eq!(
         actors,

@@ -7,7 +7,8 @@
 //!   ├── OutboxRelay    due outbox rows -> broker, rate-capped, marked after the broker took them
 //!   ├── EmailSender    pool of workers: broker -> Resend / .eml, inbox dedupe,
 //!   │                  retry / defer / dead-letter recorded on the outbox row
-//!   └── DlqMonitor     dead-letter depth and age -> herald_dlq_depth, Sentry alerts
+//!   ├── DlqMonitor     dead-letter depth and age -> herald_dlq_depth, Sentry alerts
+//!   └── Janitor        expired keys, settled outbox rows, old inbox rows: small batches
 //! ```
 //!
 //! Later capabilities hang further children under the same root
@@ -19,6 +20,7 @@
 
 pub mod dlq_monitor;
 pub mod email_sender;
+pub mod janitor;
 pub mod key_registry;
 pub mod outbox_relay;
 pub mod retry_budget;

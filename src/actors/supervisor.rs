@@ -20,6 +20,7 @@ use tracing::{error, info};
 
 use super::dlq_monitor::{DlqMonitor, DlqMonitorArgs};
 use super::email_sender::{EmailSender, EmailSenderArgs, EmailSenderMsg};
+use super::janitor::{Janitor, JanitorArgs};
 use super::key_registry::{KeyRegistry, KeyRegistryArgs, KeyRegistryHandle};
 use super::outbox_relay::{OutboxRelay, OutboxRelayArgs, OutboxRelayMsg};
 use super::retry_budget::{RetryBudget, RetryBudgetArgs, RetryBudgetMsg};
@@ -101,6 +102,7 @@ pub struct TreeArgs {
     pub outbox_relay: Option<OutboxRelayArgs>,
     pub email_sender: Option<EmailSenderArgs>,
     pub dlq_monitor: DlqMonitorArgs,
+    pub janitor: JanitorArgs,
 }
 
 /// The slots of the pipeline's actors, for those that talk to each other.
@@ -145,6 +147,11 @@ impl ActorTree {
             || DlqMonitor,
             args.dlq_monitor,
             ActorSlot::new("dlq_monitor"),
+        ));
+        children.push(SlotChild::new(
+            || Janitor,
+            args.janitor,
+            ActorSlot::new("janitor"),
         ));
         let children = Arc::new(children);
         let (supervisor, _handle) = Actor::spawn(None, HeraldSupervisor, children.clone()).await?;

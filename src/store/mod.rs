@@ -223,6 +223,19 @@ pub trait Store: Send + Sync + 'static {
 
     /// Depth and oldest age of the open dead letters, per topic.
     async fn dlq_stats(&self) -> Result<Vec<DlqTopicStats>, StoreError>;
+
+    /// One janitor pass: deletes at most `batch` rows of each kind: expired
+    /// idempotency keys, settled outbox rows and inbox rows older than
+    /// `retention`. Each delete is its own short statement.
+    async fn purge_expired(&self, batch: u32, retention: Duration) -> Result<Purged, StoreError>;
+}
+
+/// What one janitor pass deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Purged {
+    pub keys: u64,
+    pub outbox: u64,
+    pub inbox: u64,
 }
 
 /// A dead letter as the admin API shows it.

@@ -21,6 +21,7 @@ use sqlx::{Connection, Postgres, Row, Transaction};
 use tracing::instrument;
 use uuid::Uuid;
 
+use super::Purged;
 use super::{
     ApplyOutcome, DeadLetter, DeliverFn, DeliveryDecision, DeliveryResult, DlqAction,
     DlqTopicStats, KeyClaim, KeyClaimRequest, KeyLease, OutboxStats, PublishFn, RelayStep, Render,
@@ -1178,6 +1179,60 @@ impl Store for PgStore {
                     })
                 })
                 .collect()
+        }
+        .await;
+        session.settle(result)
+    }
+
+    #[instrument(skip_all)]
+    async fn purge_expired(&self, batch: u32, retention: Duration) -> Result<Purged, StoreError> {
+        let mut session = self.session().await?;
+        let result: Result<Purged, StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            let batch = i64::from(batch);
+            let retention = retention.as_secs_f64();
+            // Each statement picks a bounded set of rows with SKIP LOCKED, so
+            // it never waits on, nor holds for long, a row in use.
+            let keys = sqlx::query(
+                "DELETE FROM idempotency_keys WHERE ctid IN (
+                     SELECT ctid FROM idempotency_keys
+                      WHERE expires_at < now() AND state <> 'in_progress'
+                      LIMIT $1 FOR UPDATE SKIP LOCKED)",
+            )
+            .bind(batch)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            let outbox = sqlx::query(
+                "DELETE FROM outbox_events WHERE event_id IN (
+                     SELECT event_id FROM outbox_events
+                      WHERE settled_at < now() - make_interval(secs => $2)
+                        AND NOT EXISTS (SELECT 1 FROM dead_letters d
+                                         WHERE d.event_id = outbox_events.event_id
+                                           AND d.replayed_at IS NULL AND d.discarded_at IS NULL)
+                      LIMIT $1 FOR UPDATE SKIP LOCKED)",
+            )
+            .bind(batch)
+            .bind(retention)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            let inbox = sqlx::query(
+                "DELETE FROM inbox WHERE (consumer, event_id) IN (
+                     SELECT consumer, event_id FROM inbox
+                      WHERE processed_at < now() - make_interval(secs => $2)
+                      LIMIT $1 FOR UPDATE SKIP LOCKED)",
+            )
+            .bind(batch)
+            .bind(retention)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            Ok(Purged {
+                keys,
+                outbox,
+                inbox,
+            })
         }
         .await;
         session.settle(result)
