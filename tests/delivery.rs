@@ -679,3 +679,151 @@ async fn the_janitor_deletes_what_expired_in_small_batches_and_keeps_what_is_sti
             .unwrap();
     assert_eq!(kept, "apply-clean1", "a held key is never purged");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backlog_left_by_a_redis_outage_drains_at_the_relay_rate_with_bounded_concurrency() {
+    const ROWS: i64 = 18_000;
+    const RATE: f64 = 600.0;
+    let mut w = world(&[
+        ("HERALD_RELAY__MAX_PUBLISH_PER_SEC", "600"),
+        ("HERALD_RELAY__REDELIVER_AFTER_SECS", "120"),
+        ("HERALD_EMAIL__MAX_PER_SEC", "5000"),
+        ("HERALD_EMAIL__WORKERS", "4"),
+    ])
+    .await;
+    let job = w.herald.post_job("Backlog").await;
+    eventually("job event settled", Duration::from_secs(10), || {
+        let db = w.db.clone();
+        async move {
+            let open = count(
+                &db,
+                "SELECT count(*) FROM outbox_events WHERE settled_at IS NULL",
+            )
+            .await;
+            (open == 0).then_some(())
+        }
+    })
+    .await;
+    w.redis.kill();
+    // The backlog: 18,000 committed applications and their events, written
+    // while the broker is down (in SQL, for speed; the rows are exactly what
+    // the apply path writes).
+    let job_id: uuid::Uuid = job["id"].as_str().unwrap().parse().unwrap();
+    sqlx::query(
+        "WITH apps AS (
+             INSERT INTO applications (id, job_id, user_id, email, created_at)
+             SELECT gen_random_uuid(), $1, 'backlog' || n, 'backlog' || n || '@example.com', now()
+               FROM generate_series(1, $2) AS n
+             RETURNING id, user_id, email
+         )
+         INSERT INTO outbox_events (event_id, topic, aggregate_id, payload)
+         SELECT gen_random_uuid(), 'application.submitted', a.id,
+                jsonb_build_object('application_id', a.id, 'job_id', $1::uuid,
+                                   'user_id', a.user_id, 'email', a.email,
+                                   'job_title', 'Backlog', 'company', 'Herald')
+           FROM apps a",
+    )
+    .bind(job_id)
+    .bind(ROWS)
+    .execute(&w.db)
+    .await
+    .expect("backlog");
+    w.herald
+        .wait_for_metric_above("herald_relay_publish_failures_total", 0.0)
+        .await;
+    assert_eq!(w.herald.metric("herald_outbox_pending").await, ROWS as f64);
+    w.redis.restart().await;
+
+    wait_for_emails(&w.resend, ROWS as usize, Duration::from_secs(180)).await;
+    eventually("every event settled", Duration::from_secs(30), || {
+        let db = w.db.clone();
+        async move {
+            let open = count(
+                &db,
+                "SELECT count(*) FROM outbox_events WHERE settled_at IS NULL",
+            )
+            .await;
+            (open == 0).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(w.resend.sent().len(), ROWS as usize);
+    assert_eq!(distinct_recipients(&w.resend), ROWS as usize);
+    let span: f64 = sqlx::query_scalar(
+        "SELECT EXTRACT(EPOCH FROM max(published_at) - min(published_at))::float8
+           FROM outbox_events WHERE topic = 'application.submitted'",
+    )
+    .fetch_one(&w.db)
+    .await
+    .unwrap();
+    let rate = (ROWS - 1) as f64 / span;
+    eprintln!("backlog drained at {rate:.1} events/s (relay.max_publish_per_sec {RATE})");
+    assert!(
+        (rate - RATE).abs() <= RATE * 0.15,
+        "drained at {rate:.1}/s, configured {RATE}/s"
+    );
+    let max_in_flight = w.herald.metric("herald_email_in_flight_max").await;
+    assert!(
+        (1.0..=4.0).contains(&max_in_flight),
+        "concurrency peaked at {max_in_flight} with 4 workers"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_recorded_retry_schedule_of_200_failures_spreads_as_full_jitter() {
+    // Window of a first retry: base = 20 s, so the schedule stays readable.
+    let w = world(&[
+        ("HERALD_RETRY__BASE_MS", "20000"),
+        ("HERALD_RETRY__CAP_MS", "300000"),
+    ])
+    .await;
+    let job = w.herald.post_job("Jitter").await;
+    w.resend.set_mode(Mode::Down(503));
+    let users: Vec<String> = (0..200).map(|i| format!("jitter{i}")).collect();
+    apply_many(&[&w.herald], &job, users).await;
+    eventually("200 first attempts failed", Duration::from_secs(30), || {
+        let db = w.db.clone();
+        async move {
+            let failed = count(
+                &db,
+                "SELECT count(*) FROM outbox_events
+                  WHERE topic = 'application.submitted' AND attempts >= 1",
+            )
+            .await;
+            (failed == 200).then_some(())
+        }
+    })
+    .await;
+    // The delay each failure scheduled: due_at - the failure's time.
+    let delays: Vec<f64> = sqlx::query_scalar(
+        "SELECT EXTRACT(EPOCH FROM due_at - first_failed_at)::float8 FROM outbox_events
+          WHERE topic = 'application.submitted' AND attempts = 1",
+    )
+    .fetch_all(&w.db)
+    .await
+    .unwrap();
+    assert!(
+        delays.len() >= 190,
+        "{} schedules still readable",
+        delays.len()
+    );
+    assert!(
+        delays.iter().all(|d| (-0.05..=20.05).contains(d)),
+        "{delays:?}"
+    );
+    // Uniform over [0, 20 s]: each 5 s quarter holds about a quarter of them
+    // (binomial, +-3 sigma), and the spread is a uniform's (sd 20/sqrt 12).
+    let n = delays.len() as f64;
+    for quarter in 0..4 {
+        let (lo, hi) = (quarter as f64 * 5.0, quarter as f64 * 5.0 + 5.0);
+        let share = delays.iter().filter(|d| **d >= lo && **d < hi).count() as f64;
+        let sigma = (n * 0.25 * 0.75).sqrt();
+        assert!(
+            (share - n / 4.0).abs() <= 3.0 * sigma,
+            "quarter {quarter}: {share} of {n}"
+        );
+    }
+    let mean = delays.iter().sum::<f64>() / n;
+    let sd = (delays.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / n).sqrt();
+    assert!((sd - 20.0 / 12f64.sqrt()).abs() < 1.5, "sd {sd:.2} s");
+}

@@ -576,6 +576,16 @@ impl Daemon {
     }
 
     /// The value of a metric line (exact labels as rendered), 0 when absent.
+    /// Waits until a metric exceeds `value`.
+    pub async fn wait_for_metric_above(&self, name_with_labels: &str, value: f64) {
+        eventually(
+            &format!("{name_with_labels} > {value}"),
+            Duration::from_secs(30),
+            || async move { (self.metric(name_with_labels).await > value).then_some(()) },
+        )
+        .await;
+    }
+
     pub async fn metric(&self, name_with_labels: &str) -> f64 {
         let text = self
             .http
