@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Runs `herald bench intake` against throwaway PostgreSQL and Redis servers
-# (temp dir, free ports, 127.0.0.1), then stops exactly the processes it started.
+# Runs `herald bench intake` (or, as benches/delivery.sh, `herald bench
+# delivery`) against throwaway PostgreSQL and Redis servers (temp dir, free
+# ports, 127.0.0.1), then stops exactly the processes it started.
 # Usage: benches/intake.sh [--seconds N] [--concurrency N]
+#        benches/delivery.sh [--events N] [--concurrency N] [--rounds N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +17,10 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 runas=()
 [ "$(id -u)" -eq 0 ] && runas=(setpriv --reuid=postgres --regid=postgres --clear-groups --)
 
+if [ "$(basename "$0")" = delivery.sh ]; then
+    command -v node >/dev/null || { echo "node not installed (the BullMQ peer needs it)" >&2; exit 1; }
+    [ -d benches/bullmq/node_modules ] || (cd benches/bullmq && npm ci --no-audit --no-fund --silent)
+fi
 cargo build --release --quiet
 tmp=$(mktemp -d /tmp/herald-bench.XXXXXX)
 pids=()
@@ -36,4 +42,6 @@ for _ in $(seq 100); do "$pgbin/pg_isready" -q -h 127.0.0.1 -p "$pg_port" && bre
 export HERALD_DATABASE_URL="postgres://herald@127.0.0.1:$pg_port/postgres"
 # NO_REDIS=1 measures Herald with the database tier alone.
 [ -n "${NO_REDIS:-}" ] || export HERALD_REDIS_URL="redis://127.0.0.1:$redis_port"
-PATH="$pgbin:$PATH" target/release/herald bench intake "$@"
+bench=intake
+[ "$(basename "$0")" = delivery.sh ] && bench=delivery
+PATH="$pgbin:$PATH" target/release/herald bench "$bench" "$@"

@@ -55,6 +55,26 @@ pub enum BenchCommand {
         #[arg(long, default_value = "pgbench")]
         pgbench: String,
     },
+    /// End-to-end delivery (outbox insert -> email accepted by a zero-latency
+    /// fake Resend) against BullMQ moving the same jobs through the same call.
+    /// Uses HERALD_DATABASE_URL and HERALD_REDIS_URL (both required).
+    Delivery {
+        /// Events (and BullMQ jobs).
+        #[arg(long, default_value_t = 20_000)]
+        events: u32,
+        /// Consumer concurrency: Herald's email.workers and BullMQ's Worker.
+        #[arg(long, default_value_t = 16)]
+        concurrency: u32,
+        /// Alternating rounds (Herald, then BullMQ).
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        /// The BullMQ peer script (its node_modules installed beside it).
+        #[arg(long, default_value = "benches/bullmq/peer.mjs")]
+        peer: String,
+        /// The node binary.
+        #[arg(long, default_value = "node")]
+        node: String,
+    },
 }
 
 pub async fn run(command: BenchCommand, config: Config) -> anyhow::Result<()> {
@@ -67,6 +87,23 @@ pub async fn run(command: BenchCommand, config: Config) -> anyhow::Result<()> {
         } => {
             let duration = Duration::from_secs(seconds.max(1));
             intake(config, concurrency, duration, rounds.max(1), &pgbench).await
+        }
+        BenchCommand::Delivery {
+            events,
+            concurrency,
+            rounds,
+            peer,
+            node,
+        } => {
+            delivery(
+                config,
+                events.max(1),
+                concurrency.max(1),
+                rounds.max(1),
+                &peer,
+                &node,
+            )
+            .await
         }
     }
 }
@@ -145,7 +182,12 @@ impl Drop for Child {
     }
 }
 
-fn spawn_herald(config: &Config, admin_token: &str, jwt_secret: &str) -> anyhow::Result<Child> {
+fn spawn_herald(
+    config: &Config,
+    admin_token: &str,
+    jwt_secret: &str,
+    extra: &[(&str, String)],
+) -> anyhow::Result<Child> {
     let exe = std::env::current_exe().context("locating the herald binary")?;
     let mut cmd = Command::new(exe);
     cmd.arg("serve")
@@ -155,8 +197,6 @@ fn spawn_herald(config: &Config, admin_token: &str, jwt_secret: &str) -> anyhow:
         .env("HERALD_ADMIN_TOKEN", admin_token)
         .env("HERALD_JWT_SECRET", jwt_secret)
         .env("RUST_LOG", "warn")
-        // Intake only: pgbench does no delivery work either.
-        .env("HERALD_RELAY__ENABLED", "false")
         .env(
             "HERALD_STATE_DIR",
             std::env::temp_dir().join("herald-bench-state"),
@@ -165,6 +205,7 @@ fn spawn_herald(config: &Config, admin_token: &str, jwt_secret: &str) -> anyhow:
             "TOKIO_WORKER_THREADS",
             std::env::var("BENCH_WORKERS").unwrap_or_else(|_| "1".into()),
         )
+        .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     match &config.redis_url {
@@ -306,7 +347,13 @@ async fn intake(
     }
     let admin_token = format!("bench-admin-{}", uuid::Uuid::new_v4());
     let jwt_secret = format!("bench-jwt-secret-{}", uuid::Uuid::new_v4());
-    let herald = spawn_herald(&config, &admin_token, &jwt_secret)?;
+    // Intake only: pgbench does no delivery work either.
+    let herald = spawn_herald(
+        &config,
+        &admin_token,
+        &jwt_secret,
+        &[("HERALD_RELAY__ENABLED", "false".into())],
+    )?;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(concurrency)
         .timeout(Duration::from_secs(30))
@@ -442,6 +489,215 @@ async fn intake(
     println!(
         "  herald process CPU per request    : {:>9.0} us (user + system)",
         herald_cpu / herald_ok.max(1) as f64 * 1e6
+    );
+    Ok(())
+}
+
+/// A zero-latency stand-in for Resend's `POST /emails`: answers 200 with an
+/// id and counts distinct idempotency keys (an email per key).
+struct BenchResend {
+    base_url: String,
+    keys: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    calls: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl BenchResend {
+    async fn start() -> anyhow::Result<BenchResend> {
+        use warp::Filter;
+        let keys = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+        let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (k, c) = (keys.clone(), calls.clone());
+        let route = warp::post()
+            .and(warp::path("emails"))
+            .and(warp::header::optional::<String>("idempotency-key"))
+            .and(warp::body::bytes())
+            .map(move |key: Option<String>, _body: bytes::Bytes| {
+                c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if let (Some(key), Ok(mut keys)) = (key, k.lock()) {
+                    keys.insert(key);
+                }
+                warp::reply::json(&serde_json::json!({"id": uuid::Uuid::new_v4().to_string()}))
+            });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        tokio::spawn(warp::serve(route).incoming(listener).run());
+        Ok(BenchResend {
+            base_url: format!("http://{addr}"),
+            keys,
+            calls,
+        })
+    }
+
+    fn emails(&self) -> usize {
+        self.keys.lock().map(|k| k.len()).unwrap_or(0)
+    }
+}
+
+/// One Herald round: `events` applications committed with their outbox
+/// events in one statement, timed until the fake Resend holds every email.
+async fn delivery_round_herald(
+    db: &sqlx::PgPool,
+    job_id: uuid::Uuid,
+    round: usize,
+    events: u32,
+    resend: &BenchResend,
+) -> anyhow::Result<f64> {
+    let before = resend.emails();
+    let start = Instant::now();
+    sqlx::query(
+        "WITH apps AS (
+             INSERT INTO applications (id, job_id, user_id, email, created_at)
+             SELECT gen_random_uuid(), $1, 'bench-' || $3 || '-' || n,
+                    'bench-' || $3 || '-' || n || '@example.com', now()
+               FROM generate_series(1, $2) AS n
+             RETURNING id, user_id, email
+         )
+         INSERT INTO outbox_events (event_id, topic, aggregate_id, payload)
+         SELECT gen_random_uuid(), 'application.submitted', a.id,
+                jsonb_build_object('application_id', a.id, 'job_id', $1::uuid,
+                                   'user_id', a.user_id, 'email', a.email,
+                                   'job_title', 'Bench', 'company', 'Herald')
+           FROM apps a",
+    )
+    .bind(job_id)
+    .bind(i64::from(events))
+    .bind(round as i64)
+    .execute(db)
+    .await?;
+    let deadline = start + Duration::from_secs(600);
+    while resend.emails() < before + events as usize {
+        if Instant::now() > deadline {
+            bail!(
+                "herald delivered {} of {events} in 600 s",
+                resend.emails() - before
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(f64::from(events) / start.elapsed().as_secs_f64())
+}
+
+/// One BullMQ round, by the peer script; its rate.
+fn delivery_round_bullmq(
+    node: &str,
+    peer: &str,
+    redis_url: &str,
+    resend_url: &str,
+    events: u32,
+    concurrency: u32,
+) -> anyhow::Result<f64> {
+    let output = Command::new(node)
+        .arg(peer)
+        .args([
+            redis_url,
+            resend_url,
+            &events.to_string(),
+            &concurrency.to_string(),
+        ])
+        .output()
+        .with_context(|| format!("running {node} {peer} (benches/delivery.sh installs it)"))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        bail!(
+            "the BullMQ peer failed: {stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let report: serde_json::Value = stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .with_context(|| format!("no report from the BullMQ peer:\n{stdout}"))?;
+    report["rate"]
+        .as_f64()
+        .context("no rate in the peer's report")
+}
+
+async fn delivery(
+    config: Config,
+    events: u32,
+    concurrency: u32,
+    rounds: usize,
+    peer: &str,
+    node: &str,
+) -> anyhow::Result<()> {
+    if !config.database_url.scheme().starts_with("postgres") {
+        bail!("bench delivery needs HERALD_DATABASE_URL=postgres://…");
+    }
+    let redis_url = config
+        .redis_url
+        .as_ref()
+        .context("bench delivery needs HERALD_REDIS_URL (both sides use that Redis)")?
+        .expose()
+        .to_string();
+    let resend = BenchResend::start().await?;
+    let admin_token = format!("bench-admin-{}", uuid::Uuid::new_v4());
+    let jwt_secret = format!("bench-jwt-secret-{}", uuid::Uuid::new_v4());
+    let herald = spawn_herald(
+        &config,
+        &admin_token,
+        &jwt_secret,
+        &[
+            ("HERALD_EMAIL__TRANSPORT", "resend".into()),
+            ("RESEND_API_KEY", "re_bench".into()),
+            ("RESEND_BASE_URL", resend.base_url.clone()),
+            ("HERALD_EMAIL__WORKERS", concurrency.to_string()),
+            ("HERALD_EMAIL__MAX_PER_SEC", "1000000".into()),
+            ("HERALD_RELAY__MAX_PUBLISH_PER_SEC", "1000000".into()),
+            ("HERALD_RELAY__REDELIVER_AFTER_SECS", "600".into()),
+        ],
+    )?;
+    let http = reqwest::Client::new();
+    let job: serde_json::Value = http
+        .post(format!("{}/api/jobs", herald.public))
+        .bearer_auth(&admin_token)
+        .json(&serde_json::json!({
+            "title": "Bench", "company": "Herald", "location": "Loopback",
+            "description": "Benchmark job"
+        }))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let job_id: uuid::Uuid = job["id"].as_str().context("job id")?.parse()?;
+    let db = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(config.database_url.expose())
+        .await?;
+
+    let (mut herald_rates, mut bullmq_rates) = (Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        let h = delivery_round_herald(&db, job_id, round, events, &resend).await?;
+        let (node, peer, redis, url) = (
+            node.to_string(),
+            peer.to_string(),
+            redis_url.clone(),
+            resend.base_url.clone(),
+        );
+        let b = tokio::task::spawn_blocking(move || {
+            delivery_round_bullmq(&node, &peer, &redis, &url, events, concurrency)
+        })
+        .await??;
+        eprintln!("  round {round}/{rounds}: herald {h:.0} events/s, bullmq {b:.0} jobs/s");
+        herald_rates.push(h);
+        bullmq_rates.push(b);
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (h, b) = (mean(&herald_rates), mean(&bullmq_rates));
+    let calls = resend.calls.load(std::sync::atomic::Ordering::Relaxed);
+    println!(
+        "bench delivery: {events} events per side per round, consumer concurrency {concurrency}, {rounds} alternating rounds"
+    );
+    println!("  herald  outbox insert -> email accepted : {h:>9.1} events/s (transactional enqueue, inbox dedupe)");
+    println!("  bullmq  addBulk -> job completed        : {b:>9.1} jobs/s");
+    println!(
+        "  ratio herald / bullmq                   : {:>9.2}   (target >= 1.0)",
+        h / b
+    );
+    println!(
+        "  fake Resend: {} emails from {calls} calls (both sides)",
+        resend.emails()
     );
     Ok(())
 }

@@ -153,9 +153,11 @@ impl StreamConsumer {
 
     /// New entries for this consumer, waiting up to the block time.
     pub async fn read(&self, count: u64) -> Result<Vec<Received>, BrokerError> {
-        let read: Result<XReadResponse<String, String, String, String>, _> = self
+        // A read that times out answers nil, which fred cannot turn into a
+        // map: take the raw value and convert only a non-nil one.
+        let read: Result<Value, _> = self
             .client
-            .xreadgroup_map(
+            .xreadgroup(
                 &self.group,
                 &self.consumer,
                 Some(count),
@@ -165,6 +167,13 @@ impl StreamConsumer {
                 ">",
             )
             .await;
+        let read = read.and_then(|value| {
+            if value.is_null() {
+                Ok(XReadResponse::new())
+            } else {
+                value.into_xread_response::<String, String, String, String>()
+            }
+        });
         match read {
             Ok(mut streams) => Ok(streams
                 .remove(&self.stream)

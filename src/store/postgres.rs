@@ -32,6 +32,20 @@ use crate::config::Config;
 use crate::domain::{parse_status, topics, Application, Charge, Job};
 use crate::idempotency::{IdempotencyKey, KeyScope, StoredResponse};
 
+/// Records a delivered event: the consumer's inbox row, the local effect
+/// (an application's `email_status`, as [`PgStore::apply_effect`] does for
+/// the other outcomes) and the row settled. `$1` consumer, `$2` event id,
+/// `$3` attempts spent, `$4` topic, `$5` aggregate id.
+const SETTLE_DELIVERED: &str = "
+WITH inbox_row AS (
+    INSERT INTO inbox (consumer, event_id) VALUES ($1, $2)
+), effect AS (
+    UPDATE applications SET email_status = 'sent'
+     WHERE $4 = 'application.submitted' AND id = $5
+)
+UPDATE outbox_events SET settled_at = now(), attempts = $3, last_error = NULL
+ WHERE event_id = $2";
+
 /// Reopens open dead letters for delivery, in one statement: closes them as
 /// replayed, audits each, puts their events back in the outbox (due now,
 /// attempts reset) and their applications back to `pending`. `$1` a topic
@@ -912,11 +926,11 @@ impl Store for PgStore {
         let mut session = self.session().await?;
         let result: Result<DeliveryResult, StoreError> = async {
             let conn: &mut PgConnection = &mut session;
-            let mut tx = conn.begin().await?;
             // Another worker may hold the row while it sends a copy of this
-            // event; wait for its outcome rather than skip, but not forever.
-            sqlx::query("SET LOCAL lock_timeout = '5s'")
-                .execute(&mut *tx)
+            // event (or the relay, while it marks it published): wait for its
+            // outcome rather than skip, but not forever. One round trip.
+            let mut tx = conn
+                .begin_with("BEGIN; SET LOCAL lock_timeout = '5s'")
                 .await?;
             let row = sqlx::query(
                 "SELECT o.attempts, o.settled_at IS NOT NULL AS settled, o.topic,
@@ -956,21 +970,15 @@ impl Store for PgStore {
             let attempt = attempts + 1;
             match &decision {
                 DeliveryDecision::Done => {
-                    sqlx::query("INSERT INTO inbox (consumer, event_id) VALUES ($1, $2)")
+                    // Inbox row, local effect and settling in one statement.
+                    sqlx::query(SETTLE_DELIVERED)
                         .bind(consumer)
                         .bind(envelope.event_id)
+                        .bind(attempt)
+                        .bind(&topic)
+                        .bind(aggregate_id)
                         .execute(&mut *tx)
                         .await?;
-                    Self::apply_effect(&mut tx, &topic, aggregate_id, "sent").await?;
-                    sqlx::query(
-                        "UPDATE outbox_events SET settled_at = now(), attempts = $2,
-                                last_error = NULL
-                          WHERE event_id = $1",
-                    )
-                    .bind(envelope.event_id)
-                    .bind(attempt)
-                    .execute(&mut *tx)
-                    .await?;
                 }
                 DeliveryDecision::Retry { after, error } => {
                     sqlx::query(
