@@ -181,13 +181,20 @@ pub async fn run(
     };
     let outbox_wake = Arc::new(tokio::sync::Notify::new());
     let slots = Slots::new();
-    let budget = RetryBudgetHandle::new(slots.retry_budget.clone());
+    let budget_args = RetryBudgetArgs::default();
+    let budget = RetryBudgetHandle::new(slots.retry_budget.clone(), budget_args.view.clone());
     let (outbox_relay, email_sender) = match &config.redis_url {
         _ if !config.relay.enabled => {
             info!("relay.enabled = false: this process does not deliver outbox events");
             (None, None)
         }
-        Some(url) => pipeline_args(&config, url.expose(), &store, budget, outbox_wake.clone())?,
+        Some(url) => pipeline_args(
+            &config,
+            url.expose(),
+            &store,
+            budget.clone(),
+            outbox_wake.clone(),
+        )?,
         None => {
             // The in-process broker of the embedded mode comes with issue 6.
             warn!("no redis_url: outbox events are stored but not delivered");
@@ -203,7 +210,7 @@ pub async fn run(
                 ttl: Duration::from_secs(config.idempotency.ttl_secs),
                 probe_interval: Duration::from_millis(config.redis.probe_interval_ms),
             },
-            retry_budget: RetryBudgetArgs::default(),
+            retry_budget: budget_args,
             outbox_relay,
             email_sender,
             dlq_monitor: DlqMonitorArgs {
@@ -232,6 +239,7 @@ pub async fn run(
         redis_mode,
         prometheus,
         outbox_wake,
+        budget,
     };
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

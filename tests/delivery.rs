@@ -252,6 +252,11 @@ async fn a_rate_limit_s_retry_after_is_a_floor_for_the_next_attempt() {
             .await,
         1.0
     );
+    // The retry went through the RetryBudget, which /admin/status shows.
+    let (status, body) = admin(&w, reqwest::Method::GET, "/admin/status").await;
+    assert_eq!(status, 200);
+    let tokens = body["retry_budget_tokens"]["email_api"].as_f64();
+    assert!(tokens.is_some_and(|t| (0.0..=10.0).contains(&t)), "{body}");
 }
 
 async fn admin(w: &World, method: reqwest::Method, path: &str) -> (u16, Value) {

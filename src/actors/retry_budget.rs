@@ -21,8 +21,12 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use super::ActorSlot;
 use crate::telemetry::metrics as m;
 
+/// The tokens of every call site as last seen by the actor, for
+/// `/admin/status`.
+pub type TokensView = Arc<std::sync::Mutex<std::collections::BTreeMap<&'static str, f64>>>;
+
 /// Shape of every bucket.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RetryBudgetArgs {
     /// Tokens a bucket holds when full (and starts with).
     pub capacity: f64,
@@ -30,6 +34,8 @@ pub struct RetryBudgetArgs {
     pub refill_per_success: f64,
     /// Tokens the bucket regains per second on its own.
     pub refill_per_sec: f64,
+    /// Where the actor publishes the token counts.
+    pub view: TokensView,
 }
 
 impl Default for RetryBudgetArgs {
@@ -42,6 +48,7 @@ impl Default for RetryBudgetArgs {
             capacity: 10.0,
             refill_per_success: 1.0,
             refill_per_sec: 0.5,
+            view: TokensView::default(),
         }
     }
 }
@@ -101,10 +108,10 @@ pub struct RetryBudgetState {
 
 impl RetryBudgetState {
     fn bucket(&mut self, call_site: &'static str, now: Instant) -> &mut Bucket {
-        let args = self.args;
+        let args = &self.args;
         self.buckets
             .entry(call_site)
-            .or_insert_with(|| Bucket::full(&args, now))
+            .or_insert_with(|| Bucket::full(args, now))
     }
 }
 
@@ -131,7 +138,7 @@ impl Actor for RetryBudget {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         let now = Instant::now();
-        let args = state.args;
+        let args = state.args.clone();
         let (call_site, tokens) = match message {
             RetryBudgetMsg::TryRetry(call_site, reply) => {
                 let bucket = state.bucket(call_site, now);
@@ -146,6 +153,9 @@ impl Actor for RetryBudget {
             }
         };
         m::retry_budget_tokens(call_site, tokens);
+        if let Ok(mut view) = args.view.lock() {
+            view.insert(call_site, tokens);
+        }
         Ok(())
     }
 }
@@ -155,11 +165,18 @@ impl Actor for RetryBudget {
 pub struct RetryBudgetHandle {
     /// The running actor (refilled by the supervisor on restart).
     slot: Arc<ActorSlot<RetryBudgetMsg>>,
+    /// The actor's published token counts.
+    view: TokensView,
 }
 
 impl RetryBudgetHandle {
-    pub fn new(slot: Arc<ActorSlot<RetryBudgetMsg>>) -> Self {
-        RetryBudgetHandle { slot }
+    pub fn new(slot: Arc<ActorSlot<RetryBudgetMsg>>, view: TokensView) -> Self {
+        RetryBudgetHandle { slot, view }
+    }
+
+    /// Tokens per call site, as of the last retry or success there.
+    pub fn tokens(&self) -> std::collections::BTreeMap<&'static str, f64> {
+        self.view.lock().map(|v| v.clone()).unwrap_or_default()
     }
 
     /// Whether a retry at `call_site` may run now. While the actor is being
@@ -192,6 +209,7 @@ mod tests {
             capacity: 3.0,
             refill_per_success: 0.5,
             refill_per_sec: 1.0,
+            view: TokensView::default(),
         };
         let t0 = Instant::now();
         let mut bucket = Bucket::full(&args, t0);

@@ -70,6 +70,7 @@ async fn status(state: &AppState, request: &Request) -> Result<Response, ApiErro
         "redis": state.redis_mode.label(),
         "outbox": outbox,
         "dlq": state.store.dlq_stats().await.ok(),
+        "retry_budget_tokens": state.budget.tokens(),
     });
     Ok(json_response(
         StatusCode::OK,

@@ -57,6 +57,8 @@ pub struct AppState {
     /// so it is relayed at once without a database NOTIFY per transaction
     /// (which serialises commits); other processes' relays poll.
     pub outbox_wake: Arc<tokio::sync::Notify>,
+    /// The RetryBudget's token counts, for `/admin/status`.
+    pub budget: crate::actors::retry_budget::RetryBudgetHandle,
 }
 
 /// One incoming request, as the dispatchers see it.
