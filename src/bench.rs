@@ -354,24 +354,8 @@ async fn intake(
         &jwt_secret,
         &[("HERALD_RELAY__ENABLED", "false".into())],
     )?;
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(concurrency)
-        .timeout(Duration::from_secs(30))
-        .build()?;
 
-    let job: serde_json::Value = http
-        .post(format!("{}/api/jobs", herald.public))
-        .bearer_auth(&admin_token)
-        .json(&serde_json::json!({
-            "title": "Bench", "company": "Herald", "location": "Loopback",
-            "description": "Benchmark job"
-        }))
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    let job_id = job["id"].as_str().context("job id")?.to_string();
+    let job_id = post_bench_job(&herald.public, &admin_token).await?;
 
     // Tokens are signed before any clock starts, so the load generator
     // spends its CPU on requests, not on HMACs. One fresh user per request.
@@ -493,6 +477,41 @@ async fn intake(
     Ok(())
 }
 
+/// `$2` committed applications to job `$1` and their `application.submitted`
+/// events, in one statement: what the apply path writes, for a backlog or a
+/// delivery benchmark. Users are `$3` + n (address `$3` + n `@example.com`);
+/// `$4` is the job title the emails name.
+pub const COMMITTED_APPLICATIONS: &str = "
+WITH apps AS (
+    INSERT INTO applications (id, job_id, user_id, email, created_at)
+    SELECT gen_random_uuid(), $1, $3 || n, $3 || n || '@example.com', now()
+      FROM generate_series(1, $2) AS n
+    RETURNING id, user_id, email
+)
+INSERT INTO outbox_events (event_id, topic, aggregate_id, payload)
+SELECT gen_random_uuid(), 'application.submitted', a.id,
+       jsonb_build_object('application_id', a.id, 'job_id', $1::uuid,
+                          'user_id', a.user_id, 'email', a.email,
+                          'job_title', $4::text, 'company', 'Herald')
+  FROM apps a";
+
+/// Posts the benchmark's job through Herald's admin API; its id.
+async fn post_bench_job(public: &str, admin_token: &str) -> anyhow::Result<String> {
+    let job: serde_json::Value = reqwest::Client::new()
+        .post(format!("{public}/api/jobs"))
+        .bearer_auth(admin_token)
+        .json(&serde_json::json!({
+            "title": "Bench", "company": "Herald", "location": "Loopback",
+            "description": "Benchmark job"
+        }))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    Ok(job["id"].as_str().context("job id")?.to_string())
+}
+
 /// A zero-latency stand-in for Resend's `POST /emails`: answers 200 with an
 /// id and counts distinct idempotency keys (an email per key).
 struct BenchResend {
@@ -544,26 +563,13 @@ async fn delivery_round_herald(
 ) -> anyhow::Result<f64> {
     let before = resend.emails();
     let start = Instant::now();
-    sqlx::query(
-        "WITH apps AS (
-             INSERT INTO applications (id, job_id, user_id, email, created_at)
-             SELECT gen_random_uuid(), $1, 'bench-' || $3 || '-' || n,
-                    'bench-' || $3 || '-' || n || '@example.com', now()
-               FROM generate_series(1, $2) AS n
-             RETURNING id, user_id, email
-         )
-         INSERT INTO outbox_events (event_id, topic, aggregate_id, payload)
-         SELECT gen_random_uuid(), 'application.submitted', a.id,
-                jsonb_build_object('application_id', a.id, 'job_id', $1::uuid,
-                                   'user_id', a.user_id, 'email', a.email,
-                                   'job_title', 'Bench', 'company', 'Herald')
-           FROM apps a",
-    )
-    .bind(job_id)
-    .bind(i64::from(events))
-    .bind(round as i64)
-    .execute(db)
-    .await?;
+    sqlx::query(COMMITTED_APPLICATIONS)
+        .bind(job_id)
+        .bind(i64::from(events))
+        .bind(format!("bench-{round}-"))
+        .bind("Bench")
+        .execute(db)
+        .await?;
     let deadline = start + Duration::from_secs(600);
     while resend.emails() < before + events as usize {
         if Instant::now() > deadline {
@@ -647,20 +653,9 @@ async fn delivery(
             ("HERALD_RELAY__REDELIVER_AFTER_SECS", "600".into()),
         ],
     )?;
-    let http = reqwest::Client::new();
-    let job: serde_json::Value = http
-        .post(format!("{}/api/jobs", herald.public))
-        .bearer_auth(&admin_token)
-        .json(&serde_json::json!({
-            "title": "Bench", "company": "Herald", "location": "Loopback",
-            "description": "Benchmark job"
-        }))
-        .send()
+    let job_id: uuid::Uuid = post_bench_job(&herald.public, &admin_token)
         .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    let job_id: uuid::Uuid = job["id"].as_str().context("job id")?.parse()?;
+        .parse()?;
     let db = sqlx::postgres::PgPoolOptions::new()
         .max_connections(2)
         .connect(config.database_url.expose())

@@ -64,6 +64,20 @@ impl RetryPolicy {
     }
 }
 
+/// The schedule of Herald's own reconnects (relay, consumers) after
+/// `failures` consecutive failures: full jitter, 200 ms doubling to 5 s.
+const RECONNECT: RetryPolicy = RetryPolicy {
+    base: Duration::from_millis(200),
+    cap: Duration::from_secs(5),
+    max_attempts: u32::MAX,
+};
+
+/// How long to pause after `failures` consecutive failures of a loop that
+/// talks to Redis or the database.
+pub fn reconnect_pause(failures: u32) -> Duration {
+    RECONNECT.delay(failures, None, &mut rand::rng())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

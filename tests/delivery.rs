@@ -76,6 +76,22 @@ async fn wait_for_emails(resend: &FakeResend, n: usize, timeout: Duration) {
     .await;
 }
 
+/// Waits until every outbox event is settled (delivered, dead or fanned out).
+async fn wait_until_settled(db: &sqlx::PgPool, timeout: Duration) {
+    eventually("every event settled", timeout, || {
+        let db = db.clone();
+        async move {
+            let open = count(
+                &db,
+                "SELECT count(*) FROM outbox_events WHERE settled_at IS NULL",
+            )
+            .await;
+            (open == 0).then_some(())
+        }
+    })
+    .await;
+}
+
 async fn email_status(db: &sqlx::PgPool, application_id: &str) -> String {
     let id: uuid::Uuid = application_id.parse().expect("uuid");
     sqlx::query_scalar("SELECT email_status FROM applications WHERE id = $1")
@@ -110,18 +126,7 @@ async fn a_hundred_applications_send_exactly_a_hundred_emails() {
         assert_eq!(email_status(&w.db, id).await, "sent");
     }
     // Nothing more arrives once everything has settled.
-    eventually("every event settled", Duration::from_secs(10), || {
-        let db = w.db.clone();
-        async move {
-            let open = count(
-                &db,
-                "SELECT count(*) FROM outbox_events WHERE settled_at IS NULL",
-            )
-            .await;
-            (open == 0).then_some(())
-        }
-    })
-    .await;
+    wait_until_settled(&w.db, Duration::from_secs(10)).await;
     assert_eq!(w.resend.sent().len(), 100);
     assert_eq!(
         w.herald
@@ -136,18 +141,7 @@ async fn a_relay_crash_between_publish_and_mark_republishes_and_still_sends_one_
     let mut w = world(&[]).await;
     let job = w.herald.post_job("Backend").await;
     // The job's own event is relayed first, so the crash hits the application's.
-    eventually("job event settled", Duration::from_secs(10), || {
-        let db = w.db.clone();
-        async move {
-            let open = count(
-                &db,
-                "SELECT count(*) FROM outbox_events WHERE settled_at IS NULL",
-            )
-            .await;
-            (open == 0).then_some(())
-        }
-    })
-    .await;
+    wait_until_settled(&w.db, Duration::from_secs(10)).await;
     w.herald
         .set_env("FAILPOINTS", Some("relay-after-publish=1*return"));
     w.herald.restart().await;
@@ -503,18 +497,7 @@ async fn two_daemons_on_one_database_send_one_email_per_application() {
     let users: Vec<String> = (0..500).map(|i| format!("pair{i}")).collect();
     apply_many(&[&w.herald, &second], &job, users).await;
     wait_for_emails(&w.resend, 500, Duration::from_secs(90)).await;
-    eventually("every event settled", Duration::from_secs(20), || {
-        let db = w.db.clone();
-        async move {
-            let open = count(
-                &db,
-                "SELECT count(*) FROM outbox_events WHERE settled_at IS NULL",
-            )
-            .await;
-            (open == 0).then_some(())
-        }
-    })
-    .await;
+    wait_until_settled(&w.db, Duration::from_secs(20)).await;
     assert_eq!(w.resend.sent().len(), 500);
     assert_eq!(distinct_recipients(&w.resend), 500);
     let sent_by_both = w.herald.metric("herald_emails_sent_total").await
@@ -547,18 +530,7 @@ async fn redis_losing_everything_mid_delivery_still_delivers_every_event_once() 
     assert_eq!(w.redis.cli(&["FLUSHALL"]).as_deref(), Some("OK"));
     // relay.redeliver_after_secs (2 s) plus draining 200 at 25/s.
     wait_for_emails(&w.resend, 200, Duration::from_secs(60)).await;
-    eventually("every event settled", Duration::from_secs(20), || {
-        let db = w.db.clone();
-        async move {
-            let open = count(
-                &db,
-                "SELECT count(*) FROM outbox_events WHERE settled_at IS NULL",
-            )
-            .await;
-            (open == 0).then_some(())
-        }
-    })
-    .await;
+    wait_until_settled(&w.db, Duration::from_secs(20)).await;
     assert_eq!(w.resend.sent().len(), 200);
     assert_eq!(distinct_recipients(&w.resend), 200);
     w.herald
@@ -697,42 +669,20 @@ async fn a_backlog_left_by_a_redis_outage_drains_at_the_relay_rate_with_bounded_
     ])
     .await;
     let job = w.herald.post_job("Backlog").await;
-    eventually("job event settled", Duration::from_secs(10), || {
-        let db = w.db.clone();
-        async move {
-            let open = count(
-                &db,
-                "SELECT count(*) FROM outbox_events WHERE settled_at IS NULL",
-            )
-            .await;
-            (open == 0).then_some(())
-        }
-    })
-    .await;
+    wait_until_settled(&w.db, Duration::from_secs(10)).await;
     w.redis.kill();
     // The backlog: 18,000 committed applications and their events, written
     // while the broker is down (in SQL, for speed; the rows are exactly what
     // the apply path writes).
     let job_id: uuid::Uuid = job["id"].as_str().unwrap().parse().unwrap();
-    sqlx::query(
-        "WITH apps AS (
-             INSERT INTO applications (id, job_id, user_id, email, created_at)
-             SELECT gen_random_uuid(), $1, 'backlog' || n, 'backlog' || n || '@example.com', now()
-               FROM generate_series(1, $2) AS n
-             RETURNING id, user_id, email
-         )
-         INSERT INTO outbox_events (event_id, topic, aggregate_id, payload)
-         SELECT gen_random_uuid(), 'application.submitted', a.id,
-                jsonb_build_object('application_id', a.id, 'job_id', $1::uuid,
-                                   'user_id', a.user_id, 'email', a.email,
-                                   'job_title', 'Backlog', 'company', 'Herald')
-           FROM apps a",
-    )
-    .bind(job_id)
-    .bind(ROWS)
-    .execute(&w.db)
-    .await
-    .expect("backlog");
+    sqlx::query(herald::bench::COMMITTED_APPLICATIONS)
+        .bind(job_id)
+        .bind(ROWS)
+        .bind("backlog")
+        .bind("Backlog")
+        .execute(&w.db)
+        .await
+        .expect("backlog");
     w.herald
         .wait_for_metric_above("herald_relay_publish_failures_total", 0.0)
         .await;
@@ -740,18 +690,7 @@ async fn a_backlog_left_by_a_redis_outage_drains_at_the_relay_rate_with_bounded_
     w.redis.restart().await;
 
     wait_for_emails(&w.resend, ROWS as usize, Duration::from_secs(180)).await;
-    eventually("every event settled", Duration::from_secs(30), || {
-        let db = w.db.clone();
-        async move {
-            let open = count(
-                &db,
-                "SELECT count(*) FROM outbox_events WHERE settled_at IS NULL",
-            )
-            .await;
-            (open == 0).then_some(())
-        }
-    })
-    .await;
+    wait_until_settled(&w.db, Duration::from_secs(30)).await;
     assert_eq!(w.resend.sent().len(), ROWS as usize);
     assert_eq!(distinct_recipients(&w.resend), ROWS as usize);
     let span: f64 = sqlx::query_scalar(

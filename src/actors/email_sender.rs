@@ -35,11 +35,12 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use super::retry_budget::RetryBudgetHandle;
+use super::spawn_loop;
 use crate::broker::redis_streams::StreamConsumer;
 use crate::broker::{BrokerError, Delivery};
 use crate::domain::topics;
 use crate::email::{Email, SendError, SendPacer, Transport};
-use crate::retry::RetryPolicy;
+use crate::retry::{reconnect_pause, RetryPolicy};
 use crate::store::{DeliveryDecision, DeliveryResult, Store};
 use crate::telemetry::metrics as m;
 
@@ -85,17 +86,12 @@ impl Actor for EmailSender {
         myself: ActorRef<Self::Msg>,
         args: EmailSenderArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let reader = tokio::spawn(async move {
-            let ended = std::panic::AssertUnwindSafe(read_loop(args))
-                .catch_unwind()
-                .await;
-            let reason = match ended {
-                Ok(Ok(())) => "reader loop returned".to_string(),
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => "reader loop panicked".to_string(),
-            };
-            let _ = myself.cast(EmailSenderMsg::LoopEnded(reason));
-        });
+        let reader = spawn_loop(
+            myself,
+            "email reader loop",
+            read_loop(args),
+            EmailSenderMsg::LoopEnded,
+        );
         Ok(EmailSenderState { reader })
     }
 
@@ -177,9 +173,7 @@ async fn read_loop(args: EmailSenderArgs) -> Result<(), BrokerError> {
             Err(e) => {
                 drop(first);
                 failures = failures.saturating_add(1);
-                let window =
-                    Duration::from_millis(200u64 << failures.min(5)).min(Duration::from_secs(5));
-                let pause = rand::rng().random_range(Duration::ZERO..=window);
+                let pause = reconnect_pause(failures);
                 warn!(error = %e, ?pause, "email consumer cannot read the stream");
                 tokio::time::sleep(pause).await;
                 if let Err(e) = consumer.ensure_group().await {

@@ -78,6 +78,30 @@ impl<M: ractor::Message> ActorSlot<M> {
     }
 }
 
+/// Runs an actor's long-lived loop on its own task and, should the loop
+/// ever end (an error, a return, a panic), sends the actor `ended(reason)`,
+/// which the actor answers by failing, so its supervisor restarts it.
+pub fn spawn_loop<M, E>(
+    myself: ActorRef<M>,
+    what: &'static str,
+    work: impl std::future::Future<Output = Result<(), E>> + Send + 'static,
+    ended: fn(String) -> M,
+) -> tokio::task::JoinHandle<()>
+where
+    M: ractor::Message,
+    E: std::fmt::Display,
+{
+    use futures::FutureExt;
+    tokio::spawn(async move {
+        let reason = match std::panic::AssertUnwindSafe(work).catch_unwind().await {
+            Ok(Ok(())) => format!("{what} returned"),
+            Ok(Err(e)) => format!("{what} failed: {e}"),
+            Err(_) => format!("{what} panicked"),
+        };
+        let _ = myself.cast(ended(reason));
+    })
+}
+
 /// One line of the actor tree in `/admin/status`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ActorStatus {

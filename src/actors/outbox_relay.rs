@@ -30,15 +30,16 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use rand::Rng;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use super::spawn_loop;
 use crate::broker::redis_streams::StreamPublisher;
 use crate::broker::Envelope;
 use crate::domain::topics;
+use crate::retry::reconnect_pause;
 use crate::store::Store;
 use crate::telemetry::metrics as m;
 
@@ -87,16 +88,15 @@ impl Actor for OutboxRelay {
         if let Some(url) = args.listen_url.clone() {
             tasks.push(tokio::spawn(listen(url, wake.clone())));
         }
-        let relay = tokio::spawn(async move {
-            let ended = std::panic::AssertUnwindSafe(relay_loop(args, wake))
-                .catch_unwind()
-                .await;
-            let reason = match ended {
-                Ok(()) => "relay loop returned".to_string(),
-                Err(_) => "relay loop panicked".to_string(),
-            };
-            let _ = myself.cast(OutboxRelayMsg::LoopEnded(reason));
-        });
+        let relay = spawn_loop(
+            myself,
+            "relay loop",
+            async move {
+                relay_loop(args, wake).await;
+                Ok::<(), std::convert::Infallible>(())
+            },
+            OutboxRelayMsg::LoopEnded,
+        );
         tasks.push(relay);
         Ok(OutboxRelayState { tasks })
     }
@@ -187,9 +187,7 @@ async fn relay_loop(args: OutboxRelayArgs, wake: Arc<Notify>) {
             Err(e) => {
                 failures = failures.saturating_add(1);
                 m::relay_failure();
-                let window =
-                    Duration::from_millis(200u64 << failures.min(5)).min(Duration::from_secs(5));
-                let pause = rand::rng().random_range(Duration::ZERO..=window);
+                let pause = reconnect_pause(failures);
                 warn!(error = %e, failures, ?pause, "outbox relay step failed; rows stay due");
                 tokio::time::sleep(pause).await;
                 next_slot = Instant::now();
