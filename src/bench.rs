@@ -173,6 +173,9 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
 struct Child {
     process: std::process::Child,
     public: String,
+    /// Fresh per run: the child's admin token and JWT secret.
+    admin_token: String,
+    jwt_secret: String,
 }
 
 impl Drop for Child {
@@ -182,20 +185,17 @@ impl Drop for Child {
     }
 }
 
-fn spawn_herald(
-    config: &Config,
-    admin_token: &str,
-    jwt_secret: &str,
-    extra: &[(&str, String)],
-) -> anyhow::Result<Child> {
+fn spawn_herald(config: &Config, extra: &[(&str, String)]) -> anyhow::Result<Child> {
+    let admin_token = format!("bench-admin-{}", uuid::Uuid::new_v4());
+    let jwt_secret = format!("bench-jwt-secret-{}", uuid::Uuid::new_v4());
     let exe = std::env::current_exe().context("locating the herald binary")?;
     let mut cmd = Command::new(exe);
     cmd.arg("serve")
         .env("HERALD_DATABASE_URL", config.database_url.expose())
         .env("HERALD_LISTEN", "127.0.0.1:0")
         .env("HERALD_ADMIN_LISTEN", "127.0.0.1:0")
-        .env("HERALD_ADMIN_TOKEN", admin_token)
-        .env("HERALD_JWT_SECRET", jwt_secret)
+        .env("HERALD_ADMIN_TOKEN", &admin_token)
+        .env("HERALD_JWT_SECRET", &jwt_secret)
         .env("RUST_LOG", "warn")
         .env(
             "HERALD_STATE_DIR",
@@ -223,7 +223,12 @@ fn spawn_herald(
         .find_map(|f| f.strip_prefix("public="))
         .context("herald did not print its address")?
         .to_string();
-    Ok(Child { process, public })
+    Ok(Child {
+        process,
+        public,
+        admin_token,
+        jwt_secret,
+    })
 }
 
 fn run_pgbench(
@@ -345,21 +350,17 @@ async fn intake(
             "bench intake compares against pgbench: set HERALD_DATABASE_URL to a postgres:// URL"
         );
     }
-    let admin_token = format!("bench-admin-{}", uuid::Uuid::new_v4());
-    let jwt_secret = format!("bench-jwt-secret-{}", uuid::Uuid::new_v4());
     // Intake only: pgbench does no delivery work either.
-    let herald = spawn_herald(
-        &config,
-        &admin_token,
-        &jwt_secret,
-        &[("HERALD_RELAY__ENABLED", "false".into())],
-    )?;
+    let herald = spawn_herald(&config, &[("HERALD_RELAY__ENABLED", "false".into())])?;
 
-    let job_id = post_bench_job(&herald.public, &admin_token).await?;
+    let job_id = post_bench_job(&herald).await?;
 
     // Tokens are signed before any clock starts, so the load generator
     // spends its CPU on requests, not on HMACs. One fresh user per request.
-    let auth = Auth::new(&Secret::new(&admin_token), &Secret::new(&jwt_secret));
+    let auth = Auth::new(
+        &Secret::new(&herald.admin_token),
+        &Secret::new(&herald.jwt_secret),
+    );
     let per_worker = (duration.as_secs() as usize * rounds * 4000 / concurrency).max(100);
     let mut users = Vec::new();
     for worker in 0..concurrency {
@@ -496,10 +497,10 @@ SELECT gen_random_uuid(), 'application.submitted', a.id,
   FROM apps a";
 
 /// Posts the benchmark's job through Herald's admin API; its id.
-async fn post_bench_job(public: &str, admin_token: &str) -> anyhow::Result<String> {
+async fn post_bench_job(herald: &Child) -> anyhow::Result<String> {
     let job: serde_json::Value = reqwest::Client::new()
-        .post(format!("{public}/api/jobs"))
-        .bearer_auth(admin_token)
+        .post(format!("{}/api/jobs", herald.public))
+        .bearer_auth(&herald.admin_token)
         .json(&serde_json::json!({
             "title": "Bench", "company": "Herald", "location": "Loopback",
             "description": "Benchmark job"
@@ -637,12 +638,8 @@ async fn delivery(
         .expose()
         .to_string();
     let resend = BenchResend::start().await?;
-    let admin_token = format!("bench-admin-{}", uuid::Uuid::new_v4());
-    let jwt_secret = format!("bench-jwt-secret-{}", uuid::Uuid::new_v4());
     let herald = spawn_herald(
         &config,
-        &admin_token,
-        &jwt_secret,
         &[
             ("HERALD_EMAIL__TRANSPORT", "resend".into()),
             ("RESEND_API_KEY", "re_bench".into()),
@@ -653,9 +650,7 @@ async fn delivery(
             ("HERALD_RELAY__REDELIVER_AFTER_SECS", "600".into()),
         ],
     )?;
-    let job_id: uuid::Uuid = post_bench_job(&herald.public, &admin_token)
-        .await?
-        .parse()?;
+    let job_id: uuid::Uuid = post_bench_job(&herald).await?.parse()?;
     let db = sqlx::postgres::PgPoolOptions::new()
         .max_connections(2)
         .connect(config.database_url.expose())

@@ -76,20 +76,19 @@ async fn wait_for_emails(resend: &FakeResend, n: usize, timeout: Duration) {
     .await;
 }
 
-/// Waits until every outbox event is settled (delivered, dead or fanned out).
-async fn wait_until_settled(db: &sqlx::PgPool, timeout: Duration) {
-    eventually("every event settled", timeout, || {
+/// Waits until the `SELECT count(*) …` `sql` answers `expected`.
+async fn wait_for_count(db: &sqlx::PgPool, sql: &'static str, expected: i64, timeout: Duration) {
+    eventually(&format!("{sql} = {expected}"), timeout, || {
         let db = db.clone();
-        async move {
-            let open = count(
-                &db,
-                "SELECT count(*) FROM outbox_events WHERE settled_at IS NULL",
-            )
-            .await;
-            (open == 0).then_some(())
-        }
+        async move { (count(&db, sql).await == expected).then_some(()) }
     })
     .await;
+}
+
+/// Waits until every outbox event is settled (delivered, dead or fanned out).
+async fn wait_until_settled(db: &sqlx::PgPool, timeout: Duration) {
+    let open = "SELECT count(*) FROM outbox_events WHERE settled_at IS NULL";
+    wait_for_count(db, open, 0, timeout).await;
 }
 
 async fn email_status(db: &sqlx::PgPool, application_id: &str) -> String {
@@ -548,15 +547,13 @@ async fn a_twenty_second_resend_outage_causes_no_retry_storm_and_loses_nothing()
     ])
     .await;
     let job = w.herald.post_job("Support").await;
-    w.resend.set_mode(Mode::Down(503));
-    let outage = std::time::Instant::now();
+    // Resend is down for 20 s from now and then recovers on its own.
+    let outage_ends = std::time::Instant::now() + Duration::from_secs(20);
+    w.resend.set_mode(Mode::DownUntil(503, outage_ends));
     let users: Vec<String> = (0..200).map(|i| format!("outage{i}")).collect();
     apply_many(&[&w.herald], &job, users).await;
-    let remaining = Duration::from_secs(20).saturating_sub(outage.elapsed());
-    // The outage lasts 20 s whatever happens; this waits for time, not for
-    // an event (there is nothing to wait for while Resend is down).
-    tokio::time::sleep(remaining).await;
-    w.resend.set_mode(Mode::Normal);
+    wait_for_emails(&w.resend, 200, Duration::from_secs(140)).await;
+    assert!(std::time::Instant::now() >= outage_ends);
     let during_outage = w.resend.calls().iter().filter(|c| c.status == 503).count();
     eprintln!("outage: {during_outage} calls to the down API for 200 due deliveries");
     // 200 deliveries were due in the window (one first attempt each).
@@ -568,7 +565,6 @@ async fn a_twenty_second_resend_outage_causes_no_retry_storm_and_loses_nothing()
         during_outage >= 200,
         "every first attempt was made: {during_outage}"
     );
-    wait_for_emails(&w.resend, 200, Duration::from_secs(120)).await;
     assert_eq!(distinct_recipients(&w.resend), 200);
     assert_eq!(count(&w.db, "SELECT count(*) FROM dead_letters").await, 0);
     assert!(
@@ -596,15 +592,15 @@ async fn the_janitor_deletes_what_expired_in_small_batches_and_keeps_what_is_sti
     wait_for_emails(&w.resend, 20, Duration::from_secs(30)).await;
     // Every settled event and inbox row goes (in batches of 7); the dead
     // letter's event stays, a replay needs it.
-    eventually("settled rows purged", Duration::from_secs(20), || {
-        let db = w.db.clone();
-        async move {
-            let outbox = count(&db, "SELECT count(*) FROM outbox_events").await;
-            let inbox = count(&db, "SELECT count(*) FROM inbox").await;
-            (outbox == 1 && inbox == 0).then_some(())
-        }
-    })
+    wait_for_count(
+        &w.db,
+        "SELECT count(*) FROM inbox",
+        0,
+        Duration::from_secs(20),
+    )
     .await;
+    let outbox = "SELECT count(*) FROM outbox_events";
+    wait_for_count(&w.db, outbox, 1, Duration::from_secs(20)).await;
     assert_eq!(
         count(
             &w.db,
@@ -634,18 +630,9 @@ async fn the_janitor_deletes_what_expired_in_small_batches_and_keeps_what_is_sti
     .execute(&w.db)
     .await
     .unwrap();
-    eventually("the expired key purged", Duration::from_secs(10), || {
-        let db = w.db.clone();
-        async move {
-            let left = count(
-                &db,
-                "SELECT count(*) FROM idempotency_keys WHERE key IN ('apply-clean0', 'apply-clean1')",
-            )
-            .await;
-            (left == 1).then_some(())
-        }
-    })
-    .await;
+    let both =
+        "SELECT count(*) FROM idempotency_keys WHERE key IN ('apply-clean0', 'apply-clean1')";
+    wait_for_count(&w.db, both, 1, Duration::from_secs(10)).await;
     let kept: String =
         sqlx::query_scalar("SELECT key FROM idempotency_keys WHERE key LIKE 'apply-clean_'")
             .fetch_all(&w.db)
@@ -725,19 +712,9 @@ async fn the_recorded_retry_schedule_of_200_failures_spreads_as_full_jitter() {
     w.resend.set_mode(Mode::Down(503));
     let users: Vec<String> = (0..200).map(|i| format!("jitter{i}")).collect();
     apply_many(&[&w.herald], &job, users).await;
-    eventually("200 first attempts failed", Duration::from_secs(30), || {
-        let db = w.db.clone();
-        async move {
-            let failed = count(
-                &db,
-                "SELECT count(*) FROM outbox_events
-                  WHERE topic = 'application.submitted' AND attempts >= 1",
-            )
-            .await;
-            (failed == 200).then_some(())
-        }
-    })
-    .await;
+    let failed = "SELECT count(*) FROM outbox_events
+                   WHERE topic = 'application.submitted' AND attempts >= 1";
+    wait_for_count(&w.db, failed, 200, Duration::from_secs(30)).await;
     // The delay each failure scheduled: due_at - the failure's time.
     let delays: Vec<f64> = sqlx::query_scalar(
         "SELECT EXTRACT(EPOCH FROM due_at - first_failed_at)::float8 FROM outbox_events

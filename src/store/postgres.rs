@@ -74,6 +74,18 @@ WITH letters AS (
 )
 SELECT count(*) AS replayed FROM letters";
 
+/// Discards one open dead letter, audited. `$1` its id, `$2` the actor.
+const DISCARD_DEAD_LETTER: &str = "
+WITH letter AS (
+    UPDATE dead_letters SET discarded_at = now()
+     WHERE id = $1 AND replayed_at IS NULL AND discarded_at IS NULL
+    RETURNING id, event_id
+), audit AS (
+    INSERT INTO dlq_audit (dead_letter_id, event_id, action, actor)
+    SELECT id, event_id, 'discard', $2 FROM letter
+)
+SELECT count(*) FROM letter";
+
 /// Postgres error codes that mean "try again later", not "your request is bad".
 fn is_unavailable_code(code: &str) -> bool {
     code.starts_with("08") // connection exception
@@ -314,27 +326,44 @@ impl PgStore {
 
     /// The common end of every business transaction: the outbox event, the
     /// key's outcome (when the request carries a key), commit.
-    /// Locks a dead letter: `None` if it does not exist, `Some(None)` while
-    /// open, `Some(Some(action))` if already closed that way.
-    async fn lock_dead_letter(
-        tx: &mut Transaction<'_, Postgres>,
+    /// Closes one open dead letter as `how` (`Replayed` or `Discarded`),
+    /// audited, in one statement conditioned on the letter being open; if
+    /// nothing was closed, says why (unknown id, or closed earlier).
+    async fn close_dead_letter(
+        &self,
         id: Uuid,
-    ) -> Result<Option<Option<DlqAction>>, StoreError> {
-        let row = sqlx::query(
-            "SELECT replayed_at IS NOT NULL AS replayed, discarded_at IS NOT NULL AS discarded
-               FROM dead_letters WHERE id = $1 FOR UPDATE",
-        )
-        .bind(id)
-        .fetch_optional(&mut **tx)
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        Ok(Some(if row.try_get::<bool, _>("replayed")? {
-            Some(DlqAction::AlreadyReplayed)
-        } else if row.try_get::<bool, _>("discarded")? {
-            Some(DlqAction::AlreadyDiscarded)
-        } else {
-            None
-        }))
+        actor: &str,
+        how: DlqAction,
+    ) -> Result<DlqAction, StoreError> {
+        let mut session = self.session().await?;
+        let result: Result<DlqAction, StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            let closed: i64 = match how {
+                DlqAction::Replayed => sqlx::query_scalar(REPLAY_DEAD_LETTERS)
+                    .bind(None::<String>)
+                    .bind(actor)
+                    .bind(Some(id)),
+                _ => sqlx::query_scalar(DISCARD_DEAD_LETTER).bind(id).bind(actor),
+            }
+            .fetch_one(&mut *conn)
+            .await?;
+            if closed > 0 {
+                return Ok(how);
+            }
+            let row = sqlx::query(
+                "SELECT replayed_at IS NOT NULL AS replayed FROM dead_letters WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?;
+            Ok(match row {
+                None => DlqAction::NotFound,
+                Some(row) if row.try_get::<bool, _>("replayed")? => DlqAction::AlreadyReplayed,
+                Some(_) => DlqAction::AlreadyDiscarded,
+            })
+        }
+        .await;
+        session.settle(result)
     }
 
     /// The local effect of a settled delivery on its aggregate, in the
@@ -1089,27 +1118,7 @@ impl Store for PgStore {
 
     #[instrument(skip_all)]
     async fn replay_dead_letter(&self, id: Uuid, actor: &str) -> Result<DlqAction, StoreError> {
-        let mut session = self.session().await?;
-        let result: Result<DlqAction, StoreError> = async {
-            let conn: &mut PgConnection = &mut session;
-            let mut tx = conn.begin().await?;
-            let Some(closed) = Self::lock_dead_letter(&mut tx, id).await? else {
-                return Ok(DlqAction::NotFound);
-            };
-            if let Some(closed) = closed {
-                return Ok(closed);
-            }
-            sqlx::query(REPLAY_DEAD_LETTERS)
-                .bind(None::<String>)
-                .bind(actor)
-                .bind(Some(id))
-                .fetch_one(&mut *tx)
-                .await?;
-            tx.commit().await?;
-            Ok(DlqAction::Replayed)
-        }
-        .await;
-        session.settle(result)
+        self.close_dead_letter(id, actor, DlqAction::Replayed).await
     }
 
     #[instrument(skip_all)]
@@ -1135,33 +1144,8 @@ impl Store for PgStore {
 
     #[instrument(skip_all)]
     async fn discard_dead_letter(&self, id: Uuid, actor: &str) -> Result<DlqAction, StoreError> {
-        let mut session = self.session().await?;
-        let result: Result<DlqAction, StoreError> = async {
-            let conn: &mut PgConnection = &mut session;
-            let mut tx = conn.begin().await?;
-            let Some(closed) = Self::lock_dead_letter(&mut tx, id).await? else {
-                return Ok(DlqAction::NotFound);
-            };
-            if let Some(closed) = closed {
-                return Ok(closed);
-            }
-            sqlx::query(
-                "WITH letter AS (
-                     UPDATE dead_letters SET discarded_at = now() WHERE id = $1
-                     RETURNING id, event_id
-                 )
-                 INSERT INTO dlq_audit (dead_letter_id, event_id, action, actor)
-                 SELECT id, event_id, 'discard', $2 FROM letter",
-            )
-            .bind(id)
-            .bind(actor)
-            .execute(&mut *tx)
-            .await?;
-            tx.commit().await?;
-            Ok(DlqAction::Discarded)
-        }
-        .await;
-        session.settle(result)
+        self.close_dead_letter(id, actor, DlqAction::Discarded)
+            .await
     }
 
     #[instrument(skip_all)]

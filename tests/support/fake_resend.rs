@@ -52,6 +52,9 @@ pub enum Mode {
     Normal,
     /// Answer every call with this 5xx.
     Down(u16),
+    /// Answer every call with this 5xx until the instant, then normally: an
+    /// outage of a fixed length that ends on its own, as a real one would.
+    DownUntil(u16, Instant),
     /// Answer the next `n` calls 429 with `retry-after` seconds, then normal.
     RateLimited {
         n: u32,
@@ -168,6 +171,8 @@ async fn handle(
     key: Option<String>,
     body: Bytes,
 ) -> Response<String> {
+    // Simulated response time: the behaviour this double offers, not a
+    // synchronisation.
     let latency = state.lock().unwrap().latency;
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
@@ -217,7 +222,10 @@ fn decide(
         Some(_) => {}
     }
     match st.mode.clone().unwrap_or(Mode::Normal) {
-        Mode::Down(status) => {
+        Mode::DownUntil(_, until) if Instant::now() >= until => {
+            st.mode = Some(Mode::Normal);
+        }
+        Mode::Down(status) | Mode::DownUntil(status, _) => {
             return (
                 status,
                 error(status, "internal_server_error", "down"),
