@@ -202,9 +202,17 @@ pub struct RetryConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SseConfig {
+    /// New stream connections admitted per second (a fifth of a second's
+    /// worth may come at once); the rest get a jittered `retry:`.
     pub admit_per_sec: f64,
+    /// Events a client may fall behind before it is evicted.
     pub client_queue: usize,
+    /// Events kept for `Last-Event-ID` resume.
     pub history: usize,
+    /// Jobs in the snapshot a new client receives.
+    pub snapshot_jobs: usize,
+    /// Longest wait, after SIGTERM, for open connections before exiting.
+    pub shutdown_grace_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -407,6 +415,11 @@ impl Config {
             "must be at least 1",
         )?;
         check(self.sse.history >= 1, "sse.history", "must be at least 1")?;
+        check(
+            (1..=1000).contains(&self.sse.snapshot_jobs),
+            "sse.snapshot_jobs",
+            "must be between 1 and 1000",
+        )?;
         check(
             matches!(self.log.format.as_str(), "pretty" | "json"),
             "log.format",

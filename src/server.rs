@@ -21,6 +21,7 @@ use crate::actors::janitor::JanitorArgs;
 use crate::actors::key_registry::{KeyRegistryArgs, RedisMode};
 use crate::actors::outbox_relay::OutboxRelayArgs;
 use crate::actors::retry_budget::{RetryBudgetArgs, RetryBudgetHandle};
+use crate::actors::sse_hub::{Admission, SseHubArgs, SseHubHandle};
 use crate::actors::supervisor::{ActorTree, Slots, TreeArgs};
 use crate::broker::redis_streams::StreamPublisher;
 use crate::config::{Config, ConfigError, Secret};
@@ -181,6 +182,11 @@ pub async fn run(
     };
     let outbox_wake = Arc::new(tokio::sync::Notify::new());
     let slots = Slots::new();
+    let sse = SseHubHandle {
+        slot: slots.sse_hub.clone(),
+        admission: Arc::new(Admission::new(config.sse.admit_per_sec)),
+        client_queue: config.sse.client_queue,
+    };
     let budget_args = RetryBudgetArgs::default();
     let budget = RetryBudgetHandle::new(slots.retry_budget.clone(), budget_args.view.clone());
     let (outbox_relay, email_sender) = match &config.redis_url {
@@ -225,6 +231,12 @@ pub async fn run(
                 batch: config.janitor.batch,
                 retention: Duration::from_secs(config.janitor.retention_secs),
             },
+            sse_hub: SseHubArgs {
+                store: store.clone(),
+                redis_url: config.redis_url.as_ref().map(|u| u.expose().to_string()),
+                snapshot_jobs: config.sse.snapshot_jobs,
+                history: config.sse.history,
+            },
         },
         slots,
     )
@@ -240,17 +252,22 @@ pub async fn run(
         prometheus,
         outbox_wake,
         budget,
+        sse: sse.clone(),
     };
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
+        // Streams never end by themselves: end them (each with a jittered
+        // `retry:`) so the servers' graceful shutdown can complete.
+        sse.close_all();
         let _ = stop_tx.send(true);
     });
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
 
+    let stop_rx_deadline = stop_rx.clone();
     let (public_addr, admin_addr) = listeners.addresses()?;
     info!(%public_addr, %admin_addr, backend = state.store.backend(), "herald serving");
     let public_server = warp::serve(listener_filter(state.clone(), public::dispatch))
@@ -261,7 +278,17 @@ pub async fn run(
         .incoming(listeners.admin)
         .graceful(stopped(stop_rx))
         .run();
-    tokio::join!(public_server, admin_server);
+    // Graceful, but bounded: a client that stops reading must not hold the
+    // process (warp waits for every open connection).
+    let grace = Duration::from_millis(config.sse.shutdown_grace_ms);
+    let deadline = async move {
+        stopped(stop_rx_deadline).await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        _ = async { tokio::join!(public_server, admin_server) } => {}
+        _ = deadline => warn!(?grace, "shutdown grace elapsed; closing the remaining connections"),
+    }
     actors.stop();
     info!("herald stopped");
     Ok(())

@@ -75,6 +75,10 @@ pub mod metrics {
     pub const JANITOR_DELETED: &str = "herald_janitor_deleted_total";
     pub const EMAIL_IN_FLIGHT: &str = "herald_email_in_flight";
     pub const EMAIL_IN_FLIGHT_MAX: &str = "herald_email_in_flight_max";
+    pub const SSE_CLIENTS: &str = "herald_sse_clients";
+    pub const SSE_EVICTED: &str = "herald_sse_evicted_total";
+    pub const SSE_REJECTED: &str = "herald_sse_rejected_total";
+    pub const SSE_EVENTS: &str = "herald_sse_events_total";
 
     /// One resolved key: `new`, `replay`, `in_flight` or `mismatch`.
     pub fn idempotency_request(outcome: &'static str) {
@@ -141,5 +145,25 @@ pub mod metrics {
     /// Rows the janitor deleted from `table`.
     pub fn janitor_deleted(table: &'static str, rows: u64) {
         ::metrics::counter!(JANITOR_DELETED, "table" => table).increment(rows);
+    }
+
+    /// Stream clients this process's hub is feeding.
+    pub fn sse_clients(n: usize) {
+        ::metrics::gauge!(SSE_CLIENTS).set(n as f64);
+    }
+
+    /// Clients dropped because their queue was full.
+    pub fn sse_evicted(n: u64) {
+        ::metrics::counter!(SSE_EVICTED).increment(n);
+    }
+
+    /// Connects over the admission rate (answered with `retry:` only).
+    pub fn sse_rejected() {
+        ::metrics::counter!(SSE_REJECTED).increment(1);
+    }
+
+    /// `job.posted` events this process's hub announced.
+    pub fn sse_event() {
+        ::metrics::counter!(SSE_EVENTS).increment(1);
     }
 }

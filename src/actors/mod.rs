@@ -8,12 +8,14 @@
 //!   ├── EmailSender    pool of workers: broker -> Resend / .eml, inbox dedupe,
 //!   │                  retry / defer / dead-letter recorded on the outbox row
 //!   ├── DlqMonitor     dead-letter depth and age -> herald_dlq_depth, Sentry alerts
-//!   └── Janitor        expired keys, settled outbox rows, old inbox rows: small batches
+//!   ├── Janitor        expired keys, settled outbox rows, old inbox rows: small batches
+//!   └── SseHub         job.posted (every process reads the whole stream) -> bounded
+//!                      per-client queues; snapshot and history in memory
 //! ```
 //!
 //! Later capabilities hang further children under the same root
-//! (LedgerConsumer, SseHub). All durable state lives in the
-//! database, so a restarted actor loses nothing.
+//! (LedgerConsumer). All durable state lives in the database, so a restarted
+//! actor loses nothing (a restarted SseHub closes its streams; clients resume).
 //!
 //! The HTTP front never holds an [`ActorRef`] directly: it reads the current
 //! one from an [`ActorSlot`], which the supervisor refills after a restart.
@@ -24,6 +26,7 @@ pub mod janitor;
 pub mod key_registry;
 pub mod outbox_relay;
 pub mod retry_budget;
+pub mod sse_hub;
 pub mod supervisor;
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -24,6 +24,7 @@ use super::janitor::{Janitor, JanitorArgs};
 use super::key_registry::{KeyRegistry, KeyRegistryArgs, KeyRegistryHandle};
 use super::outbox_relay::{OutboxRelay, OutboxRelayArgs, OutboxRelayMsg};
 use super::retry_budget::{RetryBudget, RetryBudgetArgs, RetryBudgetMsg};
+use super::sse_hub::{SseHub, SseHubArgs, SseHubMsg};
 use super::{ActorSlot, ActorStatus};
 
 /// A supervised child: how to (re)spawn it and where its live reference is.
@@ -103,6 +104,7 @@ pub struct TreeArgs {
     pub email_sender: Option<EmailSenderArgs>,
     pub dlq_monitor: DlqMonitorArgs,
     pub janitor: JanitorArgs,
+    pub sse_hub: SseHubArgs,
 }
 
 /// The slots of the pipeline's actors, for those that talk to each other.
@@ -110,6 +112,7 @@ pub struct Slots {
     pub retry_budget: Arc<ActorSlot<RetryBudgetMsg>>,
     pub outbox_relay: Arc<ActorSlot<OutboxRelayMsg>>,
     pub email_sender: Arc<ActorSlot<EmailSenderMsg>>,
+    pub sse_hub: Arc<ActorSlot<SseHubMsg>>,
 }
 
 impl Slots {
@@ -118,6 +121,7 @@ impl Slots {
             retry_budget: ActorSlot::new("retry_budget"),
             outbox_relay: ActorSlot::new("outbox_relay"),
             email_sender: ActorSlot::new("email_sender"),
+            sse_hub: ActorSlot::new("sse_hub"),
         }
     }
 }
@@ -153,6 +157,7 @@ impl ActorTree {
             args.janitor,
             ActorSlot::new("janitor"),
         ));
+        children.push(SlotChild::new(|| SseHub, args.sse_hub, slots.sse_hub));
         let children = Arc::new(children);
         let (supervisor, _handle) = Actor::spawn(None, HeraldSupervisor, children.clone()).await?;
         Ok(ActorTree {

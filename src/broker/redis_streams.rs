@@ -15,13 +15,17 @@
 //!   publishes again after `relay.redeliver_after_secs`.
 //! - `MAXLEN ~` bounds a stream's memory; an entry trimmed before it was read
 //!   is likewise republished from the outbox.
+//! - [`StreamTail`]: fan-out without a group. Every process's SseHub reads
+//!   all of `job.posted` with plain `XREAD` from its own cursor, so a job
+//!   posted on any process reaches the stream clients of every process, and
+//!   the entry id is the event's global cursor (SPEC 5).
 
 use std::time::Duration;
 
 use fred::prelude::*;
 use fred::types::streams::{XCap, XCapKind, XCapTrim, XReadResponse, XReadValue};
 
-use super::{BrokerError, Delivery, Envelope};
+use super::{BrokerError, Delivery, Envelope, EventCursor};
 
 /// Upper bound on a stream's length (approximate trimming).
 const STREAM_MAXLEN: i64 = 1_000_000;
@@ -249,4 +253,74 @@ fn decode((receipt, mut fields): XReadValue<String, String, String>) -> Received
         reason: e.to_string(),
     })?;
     Ok(Delivery { envelope, receipt })
+}
+
+/// Every entry of one topic's stream, read without a consumer group (each
+/// reader sees everything), from a cursor the reader keeps.
+pub struct StreamTail {
+    client: Client,
+    stream: String,
+    /// How long one read waits for new entries.
+    block: Duration,
+}
+
+/// One entry read by a [`StreamTail`]: its cursor, and its envelope unless
+/// it was unreadable.
+pub type Tailed = (EventCursor, Result<Envelope, BrokerError>);
+
+impl StreamTail {
+    pub fn connect(url: &str, topic: &str, block: Duration) -> Result<StreamTail, BrokerError> {
+        Ok(StreamTail {
+            client: client(url, block + Duration::from_secs(2))?,
+            stream: stream_key(topic),
+            block,
+        })
+    }
+
+    /// The id of the newest entry ([`EventCursor::ZERO`] for an empty or
+    /// missing stream): reading after it yields only what comes next.
+    pub async fn newest(&self) -> Result<EventCursor, BrokerError> {
+        let newest: Vec<XReadValue<String, String, String>> = self
+            .client
+            .xrevrange_values(&self.stream, "+", "-", Some(1))
+            .await
+            .map_err(unavailable)?;
+        Ok(newest
+            .first()
+            .and_then(|(id, _)| EventCursor::parse(id))
+            .unwrap_or(EventCursor::ZERO))
+    }
+
+    /// Entries after `cursor`, waiting up to the block time for one.
+    pub async fn read_after(
+        &self,
+        cursor: EventCursor,
+        count: u64,
+    ) -> Result<Vec<Tailed>, BrokerError> {
+        let read: Value = self
+            .client
+            .xread(
+                Some(count),
+                Some(self.block.as_millis() as u64),
+                &self.stream,
+                cursor.to_string(),
+            )
+            .await
+            .map_err(unavailable)?;
+        if read.is_null() {
+            return Ok(Vec::new());
+        }
+        let mut streams = read
+            .into_xread_response::<String, String, String, String>()
+            .map_err(unavailable)?;
+        Ok(streams
+            .remove(&self.stream)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|entry| {
+                let cursor = EventCursor::parse(&entry.0)?;
+                Some((cursor, decode(entry).map(|d| d.envelope)))
+            })
+            .collect())
+    }
 }

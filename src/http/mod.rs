@@ -14,6 +14,7 @@ pub mod admin;
 pub mod auth;
 pub mod problem;
 pub mod public;
+pub mod stream;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -59,6 +60,8 @@ pub struct AppState {
     pub outbox_wake: Arc<tokio::sync::Notify>,
     /// The RetryBudget's token counts, for `/admin/status`.
     pub budget: crate::actors::retry_budget::RetryBudgetHandle,
+    /// The live job stream's hub: admission, subscribe, snapshot.
+    pub sse: crate::actors::sse_hub::SseHubHandle,
 }
 
 /// One incoming request, as the dispatchers see it.

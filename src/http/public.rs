@@ -5,6 +5,7 @@
 //! | GET  /                        | anyone |
 //! | GET  /api/jobs                | anyone |
 //! | POST /api/jobs                | admin  |
+//! | GET  /api/jobs/stream         | anyone (SSE, [`super::stream`]) |
 //! | GET  /api/jobs/{id}           | anyone |
 //! | POST /api/applications        | user   |
 //! | GET  /api/applications/{id}   | user (own only; others get 404) |
@@ -43,6 +44,10 @@ pub async fn dispatch(state: AppState, request: Request) -> Response {
             (["readyz"], &Method::GET) => ("/readyz", readyz(&state).await),
             (["api", "jobs"], &Method::GET) => ("/api/jobs", list_jobs(&state, &request).await),
             (["api", "jobs"], &Method::POST) => ("/api/jobs", post_job(&state, &request).await),
+            (["api", "jobs", "stream"], &Method::GET) => (
+                "/api/jobs/stream",
+                Ok(super::stream::job_stream(&state, &request).await),
+            ),
             (["api", "jobs", id], &Method::GET) => ("/api/jobs/{id}", get_job(&state, id).await),
             (["api", "applications"], &Method::POST) => (
                 "/api/applications",

@@ -16,6 +16,7 @@
 
 pub mod fake_resend;
 pub mod fake_sentry;
+pub mod sse;
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -198,6 +199,9 @@ impl Postgres {
                 "max_connections=300",
                 "-c",
                 "shared_buffers=32MB",
+                // Lets a test count the statements a code path ran.
+                "-c",
+                "shared_preload_libraries=pg_stat_statements",
             ])
             .stdout(Stdio::null())
             .stderr(log)
@@ -488,6 +492,13 @@ impl Daemon {
     pub async fn restart(&mut self) {
         self.kill();
         self.spawn().await;
+    }
+
+    /// SIGTERM: asks for a graceful shutdown.
+    pub fn terminate(&self) {
+        if let Some(pid) = self.pid() {
+            signal(pid, "TERM");
+        }
     }
 
     /// Sets (or, with `None`, removes) an environment variable for the next

@@ -1,0 +1,175 @@
+//! `GET /api/jobs/stream`: the live job stream as Server-Sent Events (SPEC 5).
+//!
+//! A connect is admitted through the hub's token bucket, subscribes to the
+//! [`SseHub`](crate::actors::sse_hub) *first*, then asks it for the snapshot
+//! (or, with a `Last-Event-ID` the history still covers, the events missed
+//! since), then forwards the queued deltas past the cursor it has sent. The
+//! answer is always HTTP 200 — a browser's EventSource gives up for good on
+//! anything else — and a connect that cannot be served now (over the rate,
+//! hub restarting, shutting down) gets only a jittered `retry:` and is closed.
+//!
+//! Every stream opens with a per-client jittered `retry:`, carries a
+//! heartbeat comment every 15 s, and ends — when the hub evicts the client,
+//! restarts, or shuts down — with another jittered `retry:`, so clients do
+//! not come back in one wave. No database query is made on any of these paths.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::Stream;
+use http::{HeaderValue, StatusCode};
+use rand::Rng;
+use warp::reply::{Reply, Response};
+
+use super::{AppState, Request};
+use crate::actors::sse_hub::{CatchUp, NotAdmitted, StreamEvent, Subscription};
+use crate::broker::EventCursor;
+
+/// Heartbeat comment interval (SPEC 5).
+const HEARTBEAT: Duration = Duration::from_secs(15);
+
+/// `retry:` windows, in milliseconds: on connect, when turned away, when the
+/// stream ends (eviction, restart, shutdown).
+const RETRY_ON_CONNECT_MS: (u64, u64) = (1_000, 4_000);
+const RETRY_TURNED_AWAY_MS: (u64, u64) = (2_000, 8_000);
+const RETRY_ON_END_MS: (u64, u64) = (1_000, 10_000);
+
+fn retry_frame((low, high): (u64, u64)) -> Bytes {
+    let millis = rand::rng().random_range(low..=high);
+    Bytes::from(format!("retry: {millis}\n\n"))
+}
+
+/// The client's resume cursor; a malformed one is ignored (fresh snapshot):
+/// a stream request is never refused for it.
+fn last_event_id(request: &Request) -> Option<EventCursor> {
+    request
+        .headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(EventCursor::parse)
+}
+
+fn event_stream(body: warp::reply::Response) -> Response {
+    let mut response = body;
+    *response.status_mut() = StatusCode::OK;
+    let headers = response.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache, no-store"),
+    );
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+}
+
+/// A 200 carrying only a jittered `retry:`, then the end of the stream.
+fn turned_away() -> Response {
+    event_stream(Response::new(retry_frame(RETRY_TURNED_AWAY_MS).into()))
+}
+
+/// Fails only under the `failpoints` feature: how long to pause between
+/// subscribing and asking for the snapshot (the race SPEC 5 closes).
+fn pause_after_subscribe() -> Option<Duration> {
+    fail::fail_point!("sse-after-subscribe", |ms| ms
+        .and_then(|ms| ms.parse().ok())
+        .map(Duration::from_millis));
+    None
+}
+
+pub async fn job_stream(state: &AppState, request: &Request) -> Response {
+    let subscription = match state.sse.subscribe().await {
+        Ok(subscription) => subscription,
+        Err(NotAdmitted::OverRate | NotAdmitted::Unavailable) => return turned_away(),
+    };
+    if let Some(pause) = pause_after_subscribe() {
+        tokio::time::sleep(pause).await;
+    }
+    let mut frames = VecDeque::from([retry_frame(RETRY_ON_CONNECT_MS)]);
+    let sent_upto = match state
+        .sse
+        .catch_up(&subscription, last_event_id(request))
+        .await
+    {
+        CatchUp::Snapshot { cursor, frame } => {
+            frames.push_back(frame);
+            cursor
+        }
+        CatchUp::Missed { cursor, events } => {
+            frames.extend(events.iter().map(|e| e.frame.clone()));
+            cursor
+        }
+        CatchUp::NotReady => return turned_away(),
+    };
+    let stream = ClientStream {
+        frames,
+        subscription,
+        sent_upto,
+        heartbeat: tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT),
+        ended: false,
+    };
+    event_stream(warp::reply::stream(stream).into_response())
+}
+
+/// One client's body: the catch-up frames, then its queue past `sent_upto`,
+/// heartbeats in between, a jittered `retry:` at the end.
+struct ClientStream {
+    /// Frames to write before anything from the queue.
+    frames: VecDeque<Bytes>,
+    subscription: Subscription,
+    /// The newest cursor this client has been sent (snapshot or event);
+    /// queued events at or before it are already shown.
+    sent_upto: EventCursor,
+    heartbeat: tokio::time::Interval,
+    ended: bool,
+}
+
+impl Stream for ClientStream {
+    type Item = Result<Bytes, Infallible>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if let Some(frame) = this.frames.pop_front() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        loop {
+            match this.subscription.queue.poll_recv(cx) {
+                Poll::Ready(Some(event)) => {
+                    if let Some(frame) = this.forward(&event) {
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
+                }
+                Poll::Ready(None) => {
+                    // Evicted, or the hub restarted or is shutting down.
+                    this.ended = true;
+                    return Poll::Ready(Some(Ok(retry_frame(RETRY_ON_END_MS))));
+                }
+                Poll::Pending => break,
+            }
+        }
+        if this.heartbeat.poll_tick(cx).is_ready() {
+            return Poll::Ready(Some(Ok(Bytes::from_static(b": heartbeat\n\n"))));
+        }
+        Poll::Pending
+    }
+}
+
+impl ClientStream {
+    fn forward(&mut self, event: &Arc<StreamEvent>) -> Option<Bytes> {
+        if event.cursor <= self.sent_upto {
+            return None;
+        }
+        self.sent_upto = event.cursor;
+        Some(event.frame.clone())
+    }
+}
