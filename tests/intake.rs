@@ -1042,6 +1042,7 @@ async fn dev_login_issues_a_token_that_applies_and_admin_status_shows_the_tree()
         "email_sender",
         "dlq_monitor",
         "janitor",
+        "sse_hub",
     ];
     assert_eq!(
         actors,

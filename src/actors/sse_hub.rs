@@ -160,7 +160,10 @@ impl SseHubState {
         }
         let jobs: Vec<&serde_json::Value> = self.latest.iter().map(|(_, job)| job).collect();
         let data = serde_json::json!({ "jobs": jobs }).to_string();
-        let frame = Bytes::from(format!("id: {}\nevent: snapshot\ndata: {data}\n\n", self.cursor));
+        let frame = Bytes::from(format!(
+            "id: {}\nevent: snapshot\ndata: {data}\n\n",
+            self.cursor
+        ));
         self.snapshot = Some(frame.clone());
         frame
     }
@@ -177,7 +180,10 @@ impl SseHubState {
         if !self.remember(id) {
             return;
         }
-        let frame = Bytes::from(format!("id: {cursor}\nevent: {}\ndata: {job}\n\n", topics::JOB_POSTED));
+        let frame = Bytes::from(format!(
+            "id: {cursor}\nevent: {}\ndata: {job}\n\n",
+            topics::JOB_POSTED
+        ));
         self.latest.push_front((id, job));
         self.latest.truncate(self.args.snapshot_jobs);
         self.snapshot = None;
@@ -190,14 +196,15 @@ impl SseHubState {
         }
         m::sse_event();
         let mut evicted = 0;
-        self.clients.retain(|_, queue| match queue.try_send(event.clone()) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                evicted += 1;
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-        });
+        self.clients
+            .retain(|_, queue| match queue.try_send(event.clone()) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    evicted += 1;
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            });
         if evicted > 0 {
             m::sse_evicted(evicted);
         }
@@ -299,10 +306,8 @@ async fn follow_stream(
                         Err(e) => warn!(error = %e, "sse hub: unreadable stream entry skipped"),
                     }
                 }
-                if !batch.is_empty() {
-                    if myself.cast(SseHubMsg::Published(batch)).is_err() {
-                        return Ok(());
-                    }
+                if !batch.is_empty() && myself.cast(SseHubMsg::Published(batch)).is_err() {
+                    return Ok(()); // the hub is gone
                 }
             }
             Err(e) => {
@@ -517,8 +522,11 @@ impl SseHubHandle {
         subscription: &Subscription,
         after: Option<EventCursor>,
     ) -> CatchUp {
-        ractor::call!(subscription.hub, |reply| SseHubMsg::CatchUp { after, reply })
-            .unwrap_or(CatchUp::NotReady)
+        ractor::call!(subscription.hub, |reply| SseHubMsg::CatchUp {
+            after,
+            reply
+        })
+        .unwrap_or(CatchUp::NotReady)
     }
 
     /// Ends every open stream (shutdown).

@@ -67,7 +67,8 @@ impl EventCursor {
             Some((m, s)) => (m, s),
             None => (text, "0"),
         };
-        let digits = |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit());
+        let digits =
+            |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit());
         if !digits(millis) || !digits(seq) {
             return None;
         }
@@ -94,12 +95,25 @@ mod tests {
         assert_eq!(a.to_string(), "1700000000000-3");
         assert!(a < EventCursor::parse("1700000000000-10").unwrap());
         assert!(a < EventCursor::parse("1700000000001-0").unwrap());
-        assert_eq!(EventCursor::parse("42"), Some(EventCursor { millis: 42, seq: 0 }));
+        assert_eq!(
+            EventCursor::parse("42"),
+            Some(EventCursor { millis: 42, seq: 0 })
+        );
     }
 
     #[test]
     fn a_malformed_cursor_is_refused_not_guessed() {
-        for bad in ["", "-", "1-", "-1", "a-1", "1-2-3", "1 -2", "99999999999999999999999-0", "+1-0"] {
+        for bad in [
+            "",
+            "-",
+            "1-",
+            "-1",
+            "a-1",
+            "1-2-3",
+            "1 -2",
+            "99999999999999999999999-0",
+            "+1-0",
+        ] {
             assert_eq!(EventCursor::parse(bad), None, "{bad:?}");
         }
     }

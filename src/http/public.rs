@@ -2,7 +2,7 @@
 //!
 //! | method, path                  | who    |
 //! |-------------------------------|--------|
-//! | GET  /                        | anyone |
+//! | GET  /, /app.js, /style.css   | anyone (the web page, `web/`) |
 //! | GET  /api/jobs                | anyone |
 //! | POST /api/jobs                | admin  |
 //! | GET  /api/jobs/stream         | anyone (SSE, [`super::stream`]) |
@@ -39,7 +39,15 @@ pub async fn dispatch(state: AppState, request: Request) -> Response {
     async move {
         let segments: Vec<&str> = request.path.trim_matches('/').split('/').collect();
         let (route, result) = match (segments.as_slice(), &request.method) {
-            ([""], &Method::GET) => ("/", Ok(index_page())),
+            ([""], &Method::GET) => ("/", Ok(asset(INDEX_HTML, "text/html; charset=utf-8"))),
+            (["app.js"], &Method::GET) => (
+                "/app.js",
+                Ok(asset(APP_JS, "text/javascript; charset=utf-8")),
+            ),
+            (["style.css"], &Method::GET) => (
+                "/style.css",
+                Ok(asset(STYLE_CSS, "text/css; charset=utf-8")),
+            ),
             (["healthz"], &Method::GET) => ("/healthz", Ok(healthz())),
             (["readyz"], &Method::GET) => ("/readyz", readyz(&state).await),
             (["api", "jobs"], &Method::GET) => ("/api/jobs", list_jobs(&state, &request).await),
@@ -89,7 +97,7 @@ pub async fn dispatch(state: AppState, request: Request) -> Response {
 /// The methods a known path accepts (for 405 and `Allow`).
 fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
     match segments {
-        [""] | ["healthz"] | ["readyz"] => Some("GET"),
+        [""] | ["app.js"] | ["style.css"] | ["healthz"] | ["readyz"] => Some("GET"),
         ["api", "jobs"] => Some("GET, POST"),
         ["api", "jobs", _] | ["api", "applications", _] | ["api", "charges", _] => Some("GET"),
         ["api", "applications"] | ["api", "charges"] | ["api", "dev", "login"] => Some("POST"),
@@ -112,16 +120,26 @@ pub(super) fn ok_json<T: serde::Serialize>(value: &T) -> Response {
     )
 }
 
-fn index_page() -> Response {
-    let mut response = Response::new(
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Herald</title>\
-         </head><body><h1>Herald job board</h1><p>The live page arrives with the stream \
-         (see <code>/api/jobs</code> meanwhile).</p></body></html>"
-            .into(),
-    );
-    response.headers_mut().insert(
+/// The web page's three files, compiled into the binary (no build step, no
+/// files to deploy beside it).
+const INDEX_HTML: &str = include_str!("../../web/index.html");
+const APP_JS: &str = include_str!("../../web/app.js");
+const STYLE_CSS: &str = include_str!("../../web/style.css");
+
+fn asset(body: &'static str, content_type: &'static str) -> Response {
+    let mut response = Response::new(body.into());
+    let headers = response.headers_mut();
+    headers.insert(
         http::header::CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
+        HeaderValue::from_static(content_type),
+    );
+    headers.insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache"),
+    );
+    headers.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
     );
     response
 }

@@ -14,8 +14,10 @@
 
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod fake_resend;
 pub mod fake_sentry;
+pub mod proxy;
 pub mod sse;
 
 use std::io::{BufRead, BufReader};

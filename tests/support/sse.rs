@@ -124,13 +124,18 @@ impl SseClient {
             let mut client = SseClient::connect_once(url, last_event_id).await;
             let opening = client.next(Duration::from_secs(10)).await;
             assert!(
-                opening.as_ref().is_some_and(|e| e.event == "retry" && e.retry.is_some()),
+                opening
+                    .as_ref()
+                    .is_some_and(|e| e.event == "retry" && e.retry.is_some()),
                 "a stream opens with a retry: field, got {opening:?}"
             );
             if client.next(Duration::from_secs(10)).await.is_some() || !client.closed {
                 return client;
             }
-            assert!(Instant::now() < deadline, "the stream kept turning this client away");
+            assert!(
+                Instant::now() < deadline,
+                "the stream kept turning this client away"
+            );
         }
     }
 
@@ -152,7 +157,10 @@ impl SseClient {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_string();
-        assert!(content_type.starts_with("text/event-stream"), "{content_type}");
+        assert!(
+            content_type.starts_with("text/event-stream"),
+            "{content_type}"
+        );
         let (tx, rx) = mpsc::unbounded_channel();
         let task = tokio::spawn(async move {
             let mut body = response.bytes_stream();
@@ -192,7 +200,12 @@ impl SseClient {
 
     /// Reads until `done(seen)` holds; panics with what was seen if it does
     /// not within `within`.
-    pub async fn read_until(&mut self, what: &str, within: Duration, done: impl Fn(&[Event]) -> bool) {
+    pub async fn read_until(
+        &mut self,
+        what: &str,
+        within: Duration,
+        done: impl Fn(&[Event]) -> bool,
+    ) {
         let deadline = Instant::now() + within;
         while !done(&self.seen) {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -203,7 +216,10 @@ impl SseClient {
         assert!(
             done(&self.seen),
             "{what}: not reached within {within:?}; saw {:?}",
-            self.seen.iter().map(|e| (&e.event, e.id.as_deref())).collect::<Vec<_>>()
+            self.seen
+                .iter()
+                .map(|e| (&e.event, e.id.as_deref()))
+                .collect::<Vec<_>>()
         );
     }
 

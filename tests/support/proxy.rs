@@ -1,0 +1,166 @@
+//! A lossy HTTP proxy between a browser and Herald: it forwards every
+//! request (streams included) and, when told to, loses the response of the
+//! next `POST /api/applications` after Herald has acted on it — the status
+//! line and headers go out, then the connection is cut before the body, as
+//! when a network drops mid-response. It records what passed through so a
+//! test can see the retries and the keys they carried.
+
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+
+/// One request that passed through.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub idempotency_key: Option<String>,
+    /// Whether its response was cut.
+    pub dropped: bool,
+}
+
+struct Shared {
+    upstream: String,
+    http: reqwest::Client,
+    drop_next_apply: AtomicBool,
+    seen: Mutex<Vec<Seen>>,
+}
+
+pub struct LossyProxy {
+    pub url: String,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for LossyProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+type Body = BoxBody<Bytes, std::io::Error>;
+
+impl LossyProxy {
+    pub async fn start(upstream: &str) -> LossyProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let shared = Arc::new(Shared {
+            upstream: upstream.trim_end_matches('/').to_string(),
+            http: reqwest::Client::new(),
+            drop_next_apply: AtomicBool::new(false),
+            seen: Mutex::new(Vec::new()),
+        });
+        let accept_shared = shared.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let shared = accept_shared.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| forward(shared.clone(), req));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        LossyProxy { url, shared, task }
+    }
+
+    /// Loses the response of the next `POST /api/applications`.
+    pub fn drop_next_apply(&self) {
+        self.shared.drop_next_apply.store(true, Ordering::SeqCst);
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.shared.seen.lock().expect("seen").clone()
+    }
+}
+
+async fn forward(
+    shared: Arc<Shared>,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let (parts, body) = request.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.to_string())
+        .unwrap_or_default();
+    let is_apply = parts.method == hyper::Method::POST && parts.uri.path() == "/api/applications";
+    let dropped = is_apply && shared.drop_next_apply.swap(false, Ordering::SeqCst);
+    shared.seen.lock().expect("seen").push(Seen {
+        method: parts.method.to_string(),
+        path: path.clone(),
+        idempotency_key: parts
+            .headers
+            .get("idempotency-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+        dropped,
+    });
+    let mut upstream = shared
+        .http
+        .request(parts.method.clone(), format!("{}{}", shared.upstream, path))
+        .body(body);
+    for (name, value) in &parts.headers {
+        if name != hyper::header::HOST && name != hyper::header::CONTENT_LENGTH {
+            upstream = upstream.header(name, value);
+        }
+    }
+    let answer = match upstream.send().await {
+        Ok(answer) => answer,
+        Err(_) => {
+            let mut bad = Response::new(empty());
+            *bad.status_mut() = hyper::StatusCode::BAD_GATEWAY;
+            return Ok(bad);
+        }
+    };
+    let mut response = Response::builder().status(answer.status());
+    for (name, value) in answer.headers() {
+        if name != hyper::header::TRANSFER_ENCODING && name != hyper::header::CONNECTION {
+            response = response.header(name, value);
+        }
+    }
+    let body: Body = if dropped {
+        // Herald has committed; the client gets the head and half the body,
+        // then a cut. (Cutting before any byte would let Chromium resend the
+        // request by itself on a fresh connection, hiding the loss from the
+        // page.) The pause lets the first half leave before the cut.
+        let full = answer.bytes().await.unwrap_or_default();
+        let half = full.slice(..full.len() / 2);
+        let frames =
+            futures::stream::iter([Ok(Frame::data(half))]).chain(futures::stream::once(async {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                Err::<Frame<Bytes>, _>(std::io::Error::other("response lost in transit"))
+            }));
+        BodyExt::boxed(StreamBody::new(frames))
+    } else {
+        BodyExt::boxed(StreamBody::new(
+            answer
+                .bytes_stream()
+                .map(|chunk| chunk.map(Frame::data).map_err(std::io::Error::other)),
+        ))
+    };
+    Ok(response.body(body).expect("response"))
+}
+
+fn empty() -> Body {
+    BodyExt::boxed(http_body_util::Empty::new().map_err(|never| match never {}))
+}

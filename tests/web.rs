@@ -1,0 +1,258 @@
+//! The job board page in a real browser (headless Chromium), against a real
+//! Herald on Postgres + Redis, sending email through a fake Resend, with a
+//! lossy proxy between the browser and Herald. What the page shows is read
+//! from the DOM; what happened, from the database and the fake Resend.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use fantoccini::Locator;
+use support::browser::Browser;
+use support::fake_resend::{FakeResend, API_KEY};
+use support::proxy::LossyProxy;
+use support::{count, eventually, Daemon, Postgres, Redis};
+
+const TITLES: &str =
+    "return Array.from(document.querySelectorAll('#jobs .job-title')).map(e => e.textContent)";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_page_streams_new_jobs_and_a_lost_apply_response_still_applies_once() {
+    let pg = Postgres::start().await;
+    let redis = Redis::start().await;
+    let resend = FakeResend::start().await;
+    let base = resend.base_url();
+    let herald = Daemon::start(
+        &pg.url(),
+        Some(&redis.url()),
+        &[
+            ("HERALD_EMAIL__TRANSPORT", "resend"),
+            ("RESEND_API_KEY", API_KEY),
+            ("RESEND_BASE_URL", &base),
+            ("HERALD_EMAIL__MAX_PER_SEC", "100"),
+        ],
+    )
+    .await;
+    let db = pg.pool().await;
+    herald.post_job("Rust engineer").await;
+    herald.post_job("Site reliability engineer").await;
+    let proxy = LossyProxy::start(&herald.public).await;
+    let browser = Browser::start(1280, 900).await;
+    browser
+        .client
+        .goto(&format!("{}/", proxy.url))
+        .await
+        .expect("open page");
+
+    // The snapshot fills the list.
+    browser
+        .wait_for(
+            "the snapshot's jobs on the page",
+            Duration::from_secs(15),
+            &format!("const t = (() => {{ {TITLES} }})(); return t.includes('Rust engineer') && t.includes('Site reliability engineer');"),
+        )
+        .await;
+    browser
+        .wait_for(
+            "the stream to be live",
+            Duration::from_secs(10),
+            "return document.getElementById('connection').dataset.state === 'live'",
+        )
+        .await;
+
+    // A job posted through the API appears without a reload, within 1 s.
+    herald.post_job("Live posting").await;
+    let posted = Instant::now();
+    browser
+        .wait_for(
+            "the posted job on the page",
+            Duration::from_secs(5),
+            &format!("return (() => {{ {TITLES} }})().includes('Live posting')"),
+        )
+        .await;
+    let shown_after = posted.elapsed();
+    eprintln!("job visible {shown_after:?} after the POST answered");
+    assert!(
+        shown_after <= Duration::from_secs(1),
+        "took {shown_after:?}"
+    );
+    let first = browser
+        .js("return document.querySelector('#jobs .job-title').textContent")
+        .await;
+    assert_eq!(first, "Live posting", "the newest job is on top");
+
+    // Dev sign-in by email.
+    let email = browser
+        .client
+        .find(Locator::Id("email"))
+        .await
+        .expect("email field");
+    email
+        .send_keys("ada@example.com")
+        .await
+        .expect("type email");
+    browser
+        .client
+        .find(Locator::Id("sign-in-button"))
+        .await
+        .expect("sign-in button")
+        .click()
+        .await
+        .expect("click sign in");
+    browser
+        .wait_for(
+            "signed in",
+            Duration::from_secs(10),
+            "return !document.getElementById('signed-in').hidden && document.getElementById('who').textContent",
+        )
+        .await;
+
+    // Open the job: the detail shows, and focus moves to its heading.
+    browser
+        .js("document.querySelector('#jobs li .job').click(); return true")
+        .await;
+    let focused = browser
+        .wait_for(
+            "the detail with focus on its heading",
+            Duration::from_secs(5),
+            "return !document.getElementById('detail').hidden && document.activeElement.id",
+        )
+        .await;
+    assert_eq!(focused, "detail-title");
+
+    // Apply, with the first response lost between Herald and the browser.
+    proxy.drop_next_apply();
+    browser
+        .client
+        .find(Locator::Id("apply"))
+        .await
+        .expect("apply button")
+        .click()
+        .await
+        .expect("click apply");
+    let status = browser
+        .wait_for(
+            "Applied",
+            Duration::from_secs(30),
+            "const s = document.getElementById('apply-status'); return s.dataset.state === 'applied' && [s.textContent, s.dataset.attempts]",
+        )
+        .await;
+    eprintln!("apply status: {status}");
+    let attempts: u32 = status[1]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .expect("attempts");
+    assert!(
+        attempts >= 2,
+        "the page retried after the lost response: {status}"
+    );
+    assert!(status[0]
+        .as_str()
+        .unwrap_or_default()
+        .starts_with("Applied"));
+
+    let applies: Vec<_> = proxy
+        .seen()
+        .into_iter()
+        .filter(|s| s.method == "POST" && s.path == "/api/applications")
+        .collect();
+    assert!(applies.len() >= 2, "{applies:?}");
+    assert!(applies[0].dropped, "the first response was the one lost");
+    let key = applies[0]
+        .idempotency_key
+        .clone()
+        .expect("a key on the first attempt");
+    assert!(
+        applies
+            .iter()
+            .all(|a| a.idempotency_key.as_deref() == Some(key.as_str())),
+        "every attempt carried the same key: {applies:?}"
+    );
+
+    // One application, one email.
+    assert_eq!(count(&db, "SELECT count(*) FROM applications").await, 1);
+    eventually(
+        "the confirmation email",
+        Duration::from_secs(30),
+        || async { (resend.sent_to("ada@example.com") >= 1).then_some(()) },
+    )
+    .await;
+    eventually("every event settled", Duration::from_secs(30), || {
+        let db = db.clone();
+        async move {
+            (count(
+                &db,
+                "SELECT count(*) FROM outbox_events WHERE settled_at IS NULL",
+            )
+            .await
+                == 0)
+                .then_some(())
+        }
+    })
+    .await;
+    assert_eq!(resend.sent_to("ada@example.com"), 1, "exactly one email");
+
+    // A reload keeps the outcome (sessionStorage) instead of offering Apply.
+    browser.client.refresh().await.expect("reload");
+    browser
+        .wait_for(
+            "the list after reload",
+            Duration::from_secs(15),
+            &format!("return (() => {{ {TITLES} }})().includes('Live posting')"),
+        )
+        .await;
+    browser
+        .js("Array.from(document.querySelectorAll('#jobs li')).find(li => li.textContent.includes('Live posting')).querySelector('button').click(); return true")
+        .await;
+    browser
+        .wait_for(
+            "Applied after a reload",
+            Duration::from_secs(5),
+            "return document.getElementById('apply-status').dataset.state === 'applied' && document.getElementById('apply').hidden",
+        )
+        .await;
+
+    browser.save_screenshot("web-page.png").await;
+    browser.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_is_readable_on_a_phone_and_labels_its_controls() {
+    let pg = Postgres::start().await;
+    let redis = Redis::start().await;
+    let herald = Daemon::start(&pg.url(), Some(&redis.url()), &[]).await;
+    herald
+        .post_job("A job with a rather long title that must wrap on a small screen")
+        .await;
+    let browser = Browser::start(390, 844).await;
+    browser
+        .client
+        .goto(&format!("{}/", herald.public))
+        .await
+        .expect("open page");
+    browser
+        .wait_for(
+            "the job on the page",
+            Duration::from_secs(15),
+            &format!("return (() => {{ {TITLES} }})().length === 1"),
+        )
+        .await;
+    let overflow = browser
+        .js("return document.documentElement.scrollWidth - window.innerWidth")
+        .await;
+    assert!(
+        overflow.as_i64().unwrap_or(1) <= 0,
+        "no horizontal scrolling on a phone: {overflow}"
+    );
+    // Every input has a label; the live regions exist.
+    let unlabelled = browser
+        .js("return Array.from(document.querySelectorAll('input')).filter(i => !document.querySelector(`label[for=\"${i.id}\"]`)).length")
+        .await;
+    assert_eq!(unlabelled, 0);
+    let live = browser
+        .js("return ['connection', 'apply-status'].every(id => document.getElementById(id).getAttribute('role') === 'status')")
+        .await;
+    assert_eq!(live, true);
+    browser.save_screenshot("web-page-phone.png").await;
+    browser.close().await;
+}

@@ -1,0 +1,337 @@
+// Herald's job board page: a live job list over Server-Sent Events, job
+// details, dev sign-in and an apply button that can be clicked, retried and
+// reloaded without ever applying twice.
+//
+// - The list comes from GET /api/jobs/stream: an `event: snapshot`, then one
+//   `event: job.posted` per new job. The browser's EventSource reconnects on
+//   its own, honouring the server's jittered `retry:` and resuming with
+//   Last-Event-ID, so the page only has to render what arrives (deduplicated
+//   by job id, which a fresh snapshot after a long absence needs).
+// - Apply: one Idempotency-Key per (job, apply intent), made before the first
+//   attempt and kept in sessionStorage until the server gives a definitive
+//   answer, so a retry, a double click or a reload reuses it and the server
+//   replays instead of applying again. Network errors, 409, 429 and 5xx are
+//   retried with full jitter, never sooner than a Retry-After.
+"use strict";
+
+(() => {
+  const RETRY = { baseMs: 500, capMs: 8000, attempts: 6 };
+  const store = window.sessionStorage;
+  const $ = (id) => document.getElementById(id);
+
+  const state = {
+    jobs: new Map(), // id -> job
+    order: [], // ids, newest first
+    selected: null,
+    token: store.getItem("herald:token"),
+    email: store.getItem("herald:email"),
+    applying: false,
+  };
+
+  // ---- account -----------------------------------------------------------
+
+  function renderAccount() {
+    const signedIn = Boolean(state.token);
+    $("sign-in").hidden = signedIn;
+    $("signed-in").hidden = !signedIn;
+    $("who").textContent = state.email || "";
+  }
+
+  $("sign-in").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const email = $("email").value.trim();
+    const error = $("sign-in-error");
+    error.hidden = true;
+    if (!$("email").checkValidity() || !email) {
+      showError(error, "Enter an email address.");
+      $("email").focus();
+      return;
+    }
+    try {
+      const response = await fetch("/api/dev/login", {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ email }),
+      });
+      const body = await response.json();
+      if (!response.ok) {
+        showError(error, body.detail || body.title || "Sign-in failed.");
+        return;
+      }
+      state.token = body.token;
+      state.email = email;
+      store.setItem("herald:token", body.token);
+      store.setItem("herald:email", email);
+      renderAccount();
+      renderDetail();
+      $("sign-out").focus();
+    } catch (_) {
+      showError(error, "Cannot reach the server. Check your connection and try again.");
+    }
+  });
+
+  $("sign-out").addEventListener("click", () => {
+    state.token = null;
+    state.email = null;
+    store.removeItem("herald:token");
+    store.removeItem("herald:email");
+    renderAccount();
+    renderDetail();
+    $("email").focus();
+  });
+
+  function showError(element, message) {
+    element.textContent = message;
+    element.hidden = false;
+  }
+
+  // ---- live job list -----------------------------------------------------
+
+  function addJob(job, atTop) {
+    if (!job || !job.id || state.jobs.has(job.id)) return false;
+    state.jobs.set(job.id, job);
+    if (atTop) state.order.unshift(job.id);
+    else state.order.push(job.id);
+    return true;
+  }
+
+  function jobItem(job) {
+    const li = document.createElement("li");
+    li.dataset.jobId = job.id;
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "job";
+    const title = document.createElement("span");
+    title.className = "job-title";
+    title.textContent = job.title;
+    const meta = document.createElement("span");
+    meta.className = "job-meta";
+    meta.textContent = `${job.company} · ${job.location}`;
+    button.append(title, meta);
+    button.addEventListener("click", () => select(job.id));
+    li.append(button);
+    return li;
+  }
+
+  function renderJobs() {
+    const list = $("jobs");
+    list.replaceChildren(...state.order.map((id) => jobItem(state.jobs.get(id))));
+    $("jobs-empty").hidden = state.order.length > 0;
+    markSelected();
+  }
+
+  function markSelected() {
+    for (const li of $("jobs").children) {
+      const current = li.dataset.jobId === state.selected;
+      li.firstChild.setAttribute("aria-current", current ? "true" : "false");
+    }
+  }
+
+  function setConnection(label, status) {
+    const element = $("connection");
+    element.textContent = label;
+    element.dataset.state = status;
+  }
+
+  function connect() {
+    const source = new EventSource("/api/jobs/stream");
+    source.addEventListener("open", () => setConnection("Live", "live"));
+    source.addEventListener("error", () =>
+      setConnection("Reconnecting…", "reconnecting"));
+    source.addEventListener("snapshot", (event) => {
+      const { jobs } = JSON.parse(event.data);
+      // Newest first; jobs already shown (a resume's fresh snapshot) stay once.
+      const known = state.order.filter((id) => !jobs.some((j) => j.id === id));
+      state.jobs = new Map(known.map((id) => [id, state.jobs.get(id)]));
+      state.order = [];
+      for (const job of jobs) addJob(job, false);
+      for (const id of known) state.order.push(id);
+      setConnection("Live", "live");
+      renderJobs();
+    });
+    source.addEventListener("job.posted", (event) => {
+      const job = JSON.parse(event.data);
+      if (addJob(job, true)) {
+        $("jobs").prepend(jobItem(job));
+        $("jobs-empty").hidden = true;
+        markSelected();
+      }
+    });
+  }
+
+  // ---- detail and apply --------------------------------------------------
+
+  function select(id) {
+    state.selected = id;
+    markSelected();
+    renderDetail();
+    $("detail-title").focus();
+  }
+
+  function renderDetail() {
+    const job = state.jobs.get(state.selected);
+    $("detail").hidden = !job;
+    if (!job) return;
+    $("detail-title").textContent = job.title;
+    $("detail-company").textContent = job.company;
+    $("detail-location").textContent = job.location;
+    const posted = $("detail-posted");
+    posted.dateTime = job.posted_at;
+    posted.textContent = new Date(job.posted_at).toLocaleString();
+    $("detail-description").textContent = job.description;
+    const intent = loadIntent(job.id);
+    $("apply-retry").hidden = true;
+    $("apply").hidden = false;
+    $("apply").disabled = state.applying;
+    if (!intent) {
+      setStatus("idle", state.token ? "" : "Sign in to apply.");
+    } else if (intent.outcome === "applied") {
+      setStatus("applied", "Applied — a confirmation email is on its way.");
+      $("apply").hidden = true;
+    } else if (intent.outcome === "already") {
+      setStatus("already", "Already applied — you applied to this job before.");
+      $("apply").hidden = true;
+    } else {
+      // Sent before, answer never seen (a reload mid-way): the same key
+      // finishes it without applying twice.
+      setStatus("error", "Your last application was not confirmed.");
+      $("apply").hidden = true;
+      $("apply-retry").hidden = false;
+    }
+  }
+
+  function setStatus(status, message, attempts) {
+    const element = $("apply-status");
+    element.dataset.state = status;
+    if (attempts !== undefined) element.dataset.attempts = String(attempts);
+    element.textContent = message;
+  }
+
+  const intentName = (jobId) => `herald:apply:${jobId}`;
+
+  function loadIntent(jobId) {
+    try {
+      return JSON.parse(store.getItem(intentName(jobId)));
+    } catch (_) {
+      return null;
+    }
+  }
+
+  function saveIntent(jobId, intent) {
+    store.setItem(intentName(jobId), JSON.stringify(intent));
+  }
+
+  function newKey() {
+    if (window.crypto && crypto.randomUUID) return crypto.randomUUID();
+    const bytes = crypto.getRandomValues(new Uint8Array(16));
+    return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+  }
+
+  // Full jitter: anywhere in [0, min(cap, base·2^n)], never below Retry-After.
+  function retryDelay(attempt, retryAfterSeconds) {
+    const span = Math.min(RETRY.capMs, RETRY.baseMs * 2 ** attempt);
+    const jittered = Math.random() * span;
+    const floor = Number.isFinite(retryAfterSeconds) ? retryAfterSeconds * 1000 : 0;
+    return Math.max(jittered, floor);
+  }
+
+  const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+  // One attempt: the parsed answer, or {retry: true} for anything that says
+  // "try again later" (the network, 409, 429, 5xx).
+  async function attemptApply(jobId, key) {
+    let response;
+    let body;
+    try {
+      response = await fetch("/api/applications", {
+        method: "POST",
+        headers: {
+          "content-type": "application/json",
+          authorization: `Bearer ${state.token}`,
+          "idempotency-key": key,
+        },
+        body: JSON.stringify({ job_id: jobId }),
+      });
+      body = await response.json();
+    } catch (_) {
+      // No answer, or an answer cut off: the outcome is unknown.
+      return { retry: true, reason: "network" };
+    }
+    const status = response.status;
+    if (status === 409 || status === 429 || status >= 500) {
+      return {
+        retry: true,
+        reason: String(status),
+        retryAfter: Number(response.headers.get("retry-after")),
+      };
+    }
+    return { status, body };
+  }
+
+  async function apply(fresh) {
+    const jobId = state.selected;
+    if (!jobId || state.applying) return;
+    if (!state.token) {
+      setStatus("error", "Sign in to apply.");
+      $("email").focus();
+      return;
+    }
+    let intent = loadIntent(jobId);
+    if (!intent || fresh) {
+      intent = { key: newKey(), outcome: "pending" };
+      saveIntent(jobId, intent);
+    }
+    state.applying = true;
+    $("apply").disabled = true;
+    $("apply-retry").hidden = true;
+    let answer;
+    for (let attempt = 0; attempt < RETRY.attempts; attempt++) {
+      setStatus("applying", attempt === 0 ? "Applying…" : "Applying… (retrying)", attempt + 1);
+      answer = await attemptApply(jobId, intent.key);
+      if (!answer.retry) break;
+      if (attempt + 1 < RETRY.attempts) await sleep(retryDelay(attempt, answer.retryAfter));
+    }
+    state.applying = false;
+    $("apply").disabled = false;
+    if (answer.retry) {
+      setStatus("error", "We could not confirm your application. Your place is kept: try again.");
+      $("apply-retry").hidden = false;
+      $("apply-retry").focus();
+      return;
+    }
+    const { status, body } = answer;
+    if (status === 201 || (status === 200 && body && body.already_applied === false)) {
+      saveIntent(jobId, { ...intent, outcome: "applied", application: body.id });
+    } else if (status === 200) {
+      saveIntent(jobId, { ...intent, outcome: "already", application: body.id });
+    } else if (status === 401) {
+      state.token = null;
+      store.removeItem("herald:token");
+      renderAccount();
+      store.removeItem(intentName(jobId));
+      setStatus("error", "Your session expired. Sign in again, then apply.");
+      $("email").focus();
+      return;
+    } else {
+      // A definitive refusal (job gone, invalid request): this intent is over.
+      store.removeItem(intentName(jobId));
+      const detail = (body && (body.detail || body.title)) || `Error ${status}`;
+      setStatus("error", `Could not apply: ${detail}`);
+      $("apply-retry").hidden = false;
+      return;
+    }
+    renderDetail();
+  }
+
+  $("apply").addEventListener("click", () => apply(false));
+  $("apply-retry").addEventListener("click", () => {
+    const intent = loadIntent(state.selected);
+    // Same key while the outcome is unknown; a new intent after a refusal.
+    apply(!intent);
+  });
+
+  renderAccount();
+  // After the load event, so the open stream never keeps the page "loading".
+  if (document.readyState === "complete") connect();
+  else window.addEventListener("load", connect, { once: true });
+})();
