@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Runs `herald bench intake` (or, as benches/delivery.sh, `herald bench
-# delivery`) against throwaway PostgreSQL and Redis servers (temp dir, free
+# Runs `herald bench intake` (or, as benches/delivery.sh or benches/stream.sh,
+# `herald bench delivery` / `herald bench stream`) against throwaway PostgreSQL and Redis servers (temp dir, free
 # ports, 127.0.0.1), then stops exactly the processes it started.
 # Usage: benches/intake.sh [--seconds N] [--concurrency N]
 #        benches/delivery.sh [--events N] [--concurrency N] [--rounds N]
+#        benches/stream.sh [--clients N] [--jobs N] [--interval-ms N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,6 +43,5 @@ for _ in $(seq 100); do "$pgbin/pg_isready" -q -h 127.0.0.1 -p "$pg_port" && bre
 export HERALD_DATABASE_URL="postgres://herald@127.0.0.1:$pg_port/postgres"
 # NO_REDIS=1 measures Herald with the database tier alone.
 [ -n "${NO_REDIS:-}" ] || export HERALD_REDIS_URL="redis://127.0.0.1:$redis_port"
-bench=intake
-[ "$(basename "$0")" = delivery.sh ] && bench=delivery
+bench=$(basename "$0" .sh)
 PATH="$pgbin:$PATH" target/release/herald bench "$bench" "$@"

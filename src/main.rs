@@ -12,6 +12,20 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use herald::config::Config;
 use herald::server::{self, Listeners};
 
+/// mimalloc's `purge_delay` option (its index in `mi_option_t`).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Gives freed pages back to the OS at once instead of after mimalloc's
+/// default 10 ms. Ten thousand open streams each free their request buffers
+/// at slightly different moments; with the delay those pages stay resident
+/// and `herald bench stream` peaked at 335 MB instead of 276 MB, for no
+/// measurable CPU difference in `herald bench intake`.
+fn purge_freed_memory_promptly() {
+    // SAFETY: sets a process-wide allocator option; mimalloc allows it at
+    // any time, and it only changes when freed memory is returned.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+}
+
 #[derive(Parser)]
 #[command(
     name = "herald",
@@ -73,6 +87,7 @@ async fn migrate(config: Config) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     // SAFETY: no other thread exists yet (the runtime is built below).
     unsafe { herald::email::resend::open_sdk_rate_limit() };
+    purge_freed_memory_promptly();
     // Several TLS users (sqlx, fred, reqwest) link rustls with different
     // providers; pick one for the process so none has to guess.
     let _ = rustls::crypto::ring::default_provider().install_default();

@@ -16,6 +16,17 @@ use crate::config::LogConfig;
 pub fn init_logging(config: &LogConfig) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.filter));
+    // warp logs every connection a client drops mid-response (a closed tab
+    // on a live stream) as an ERROR; that is the normal end of a stream, and
+    // ten thousand of them would drown the log. Unless asked for explicitly.
+    let filter = match format!("{filter}").contains("warp::server") {
+        true => filter,
+        false => filter.add_directive(
+            "warp::server::run=off"
+                .parse()
+                .unwrap_or_else(|_| tracing_subscriber::filter::LevelFilter::OFF.into()),
+        ),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -72,7 +72,12 @@ fn event_stream(body: warp::reply::Response) -> Response {
 
 /// A 200 carrying only a jittered `retry:`, then the end of the stream.
 fn turned_away() -> Response {
-    event_stream(Response::new(retry_frame(RETRY_TURNED_AWAY_MS).into()))
+    let mut response = event_stream(Response::new(retry_frame(RETRY_TURNED_AWAY_MS).into()));
+    // Closed, not kept alive: the point is to shed this connection now.
+    response
+        .headers_mut()
+        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 /// Fails only under the `failpoints` feature: how long to pause between

@@ -22,8 +22,13 @@
 //! worker mostly adds cross-thread wake-ups (on the 2-core reference machine,
 //! 125 µs of Herald CPU per request with two workers against 106 µs with one).
 //!
+//! `herald bench stream` ([`stream`]) holds thousands of live job streams on
+//! one process and reports delivery latency and peak memory.
+//!
 //! Point it at a disposable database: `benches/intake.sh` starts throwaway
 //! PostgreSQL and Redis servers and runs it.
+
+mod stream;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -75,6 +80,20 @@ pub enum BenchCommand {
         #[arg(long, default_value = "node")]
         node: String,
     },
+    /// Delivery latency of `job.posted` to many concurrent stream clients
+    /// on one process, and that process's peak memory.
+    /// Uses HERALD_DATABASE_URL and HERALD_REDIS_URL.
+    Stream {
+        /// Concurrent stream clients.
+        #[arg(long, default_value_t = 10_000)]
+        clients: usize,
+        /// Jobs posted once every client has its snapshot.
+        #[arg(long, default_value_t = 100)]
+        jobs: usize,
+        /// Pause between two posts.
+        #[arg(long, default_value_t = 50)]
+        interval_ms: u64,
+    },
 }
 
 pub async fn run(command: BenchCommand, config: Config) -> anyhow::Result<()> {
@@ -87,6 +106,19 @@ pub async fn run(command: BenchCommand, config: Config) -> anyhow::Result<()> {
         } => {
             let duration = Duration::from_secs(seconds.max(1));
             intake(config, concurrency, duration, rounds.max(1), &pgbench).await
+        }
+        BenchCommand::Stream {
+            clients,
+            jobs,
+            interval_ms,
+        } => {
+            stream::stream(
+                config,
+                clients.max(1),
+                jobs.max(1),
+                Duration::from_millis(interval_ms),
+            )
+            .await
         }
         BenchCommand::Delivery {
             events,
