@@ -6,6 +6,9 @@
 //! for answers. The [`actors::key_registry`] resolves an `Idempotency-Key` into
 //! new / in-flight / replay / mismatch; the business row, its outbox event and
 //! the key's outcome then commit in one transaction through the [`store`].
+//! Committed events leave through the outbox relay and the broker to their
+//! consumers (email) and to every process's [`actors::sse_hub`], which feeds
+//! the live job stream of the web page (`web/`, compiled in).
 //!
 //! # Layout
 //!
@@ -16,11 +19,13 @@
 //!   hot tier in front of the database's key table.
 //! - [`store`]: the storage trait and its Postgres backend (own migrations).
 //! - [`actors`]: the root supervisor and its children (KeyRegistry,
-//!   OutboxRelay, EmailSender pool, RetryBudget, ...).
-//! - [`broker`]: at-least-once transport of outbox events (Redis Streams).
+//!   OutboxRelay, EmailSender pool, RetryBudget, DlqMonitor, Janitor, SseHub).
+//! - [`broker`]: at-least-once transport of outbox events (Redis Streams), and
+//!   the global event cursor the stream's `id:` carries.
 //! - [`email`]: the confirmation email and its transports (Resend, `.eml` files).
 //! - [`retry`]: the full-jitter retry schedule.
-//! - [`http`]: routes, authentication, RFC 9457 problem errors, listeners.
+//! - [`http`]: routes, authentication, RFC 9457 problem errors, listeners, the
+//!   SSE stream, the web page's files.
 //! - [`telemetry`]: logging and the Prometheus metrics of the contract.
 //! - [`server`]: wires everything together: `server::run(config, listeners, shutdown)`.
 //! - [`bench`]: `herald bench …`, measurements against a baseline taken in the same run.

@@ -32,18 +32,9 @@ fn stream_url(herald: &Daemon) -> String {
 
 /// Posts `title` with a description of `description_len` bytes.
 async fn post_job_sized(herald: &Daemon, title: &str, description_len: usize) {
-    let r = herald
-        .http
-        .post(herald.url("/api/jobs"))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&serde_json::json!({
-            "title": title, "company": "Acme", "location": "Remote",
-            "description": "d".repeat(description_len),
-        }))
-        .send()
-        .await
-        .expect("post job");
-    assert_eq!(r.status(), 201);
+    herald
+        .post_job_described(title, &"d".repeat(description_len))
+        .await;
 }
 
 /// Reads until `client` has shown `title`, then returns.

@@ -534,13 +534,18 @@ impl Daemon {
 
     /// Posts a job as admin; returns it.
     pub async fn post_job(&self, title: &str) -> Value {
+        self.post_job_described(title, "Build things.").await
+    }
+
+    /// Posts a job with its description as admin; returns it.
+    pub async fn post_job_described(&self, title: &str, description: &str) -> Value {
         let r = self
             .http
             .post(self.url("/api/jobs"))
             .bearer_auth(ADMIN_TOKEN)
             .json(&serde_json::json!({
                 "title": title, "company": "Acme", "location": "Remote",
-                "description": "Build things."
+                "description": description
             }))
             .send()
             .await
