@@ -211,6 +211,8 @@ pub struct SseConfig {
     pub history: usize,
     /// Jobs in the snapshot a new client receives.
     pub snapshot_jobs: usize,
+    /// Heartbeat comment interval on an open stream.
+    pub heartbeat_ms: u64,
     /// Longest wait, after SIGTERM, for open connections before exiting.
     pub shutdown_grace_ms: u64,
 }
@@ -415,6 +417,11 @@ impl Config {
             "must be at least 1",
         )?;
         check(self.sse.history >= 1, "sse.history", "must be at least 1")?;
+        check(
+            self.sse.heartbeat_ms >= 100,
+            "sse.heartbeat_ms",
+            "must be at least 100",
+        )?;
         check(
             (1..=1000).contains(&self.sse.snapshot_jobs),
             "sse.snapshot_jobs",

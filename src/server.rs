@@ -186,6 +186,7 @@ pub async fn run(
         slot: slots.sse_hub.clone(),
         admission: Arc::new(Admission::new(config.sse.admit_per_sec)),
         client_queue: config.sse.client_queue,
+        heartbeat: Duration::from_millis(config.sse.heartbeat_ms),
     };
     let budget_args = RetryBudgetArgs::default();
     let budget = RetryBudgetHandle::new(slots.retry_budget.clone(), budget_args.view.clone());

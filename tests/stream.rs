@@ -129,6 +129,18 @@ async fn twenty_clients_connecting_while_fifty_jobs_are_posted_each_see_every_jo
     let titles: Vec<String> = (0..5)
         .flat_map(|wave| (0..10).map(move |i| format!("race-{wave}-{i}")))
         .collect();
+    // Each stream opened with its own jittered `retry:` (1-4 s).
+    let opening: Vec<u64> = clients.iter().filter_map(|c| c.seen[0].retry).collect();
+    assert_eq!(opening.len(), 20);
+    assert!(
+        opening.iter().all(|ms| (1_000..=4_000).contains(ms)),
+        "{opening:?}"
+    );
+    let distinct: std::collections::HashSet<_> = opening.iter().collect();
+    assert!(
+        distinct.len() >= 10,
+        "per-client jitter, not one value: {opening:?}"
+    );
     for (n, client) in clients.iter_mut().enumerate() {
         read_until_title(client, "sentinel").await;
         let counts = client.counts_with_prefix("race-");
@@ -466,4 +478,27 @@ async fn sigterm_ends_every_stream_with_a_jittered_retry_and_the_process_exits()
         retries.iter().all(|ms| (1_000..=10_000).contains(ms)),
         "{retries:?}"
     );
+}
+
+#[tokio::test]
+async fn an_idle_stream_carries_heartbeat_comments() {
+    let w = world(&[("HERALD_SSE__HEARTBEAT_MS", "200")]).await;
+    // Once the hub serves snapshots (SseClient reconnects until it does)...
+    drop(SseClient::connect(&stream_url(&w.herald), None).await);
+    // ...a plain connection, read as bytes: comments are not events.
+    let response = reqwest::get(stream_url(&w.herald)).await.expect("connect");
+    let mut body = response.bytes_stream();
+    let mut text = String::new();
+    let started = Instant::now();
+    while text.matches(": heartbeat\n\n").count() < 3 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no heartbeats: {text:?}"
+        );
+        match tokio::time::timeout(Duration::from_secs(5), body.next()).await {
+            Ok(Some(Ok(chunk))) => text.push_str(&String::from_utf8_lossy(&chunk)),
+            other => panic!("stream ended or stalled: {other:?}; got {text:?}"),
+        }
+    }
+    assert!(text.contains("event: snapshot"), "{text}");
 }

@@ -472,6 +472,9 @@ pub struct SseHubHandle {
     pub admission: Arc<Admission>,
     /// Capacity of each client's queue (`sse.client_queue`).
     pub client_queue: usize,
+    /// Comment sent on an idle stream this often (`sse.heartbeat_ms`), so
+    /// proxies and browsers do not take it for dead.
+    pub heartbeat: Duration,
 }
 
 /// Why a connect is answered with `retry:` alone.

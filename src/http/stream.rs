@@ -9,7 +9,7 @@
 //! hub restarting, shutting down) gets only a jittered `retry:` and is closed.
 //!
 //! Every stream opens with a per-client jittered `retry:`, carries a
-//! heartbeat comment every 15 s, and ends — when the hub evicts the client,
+//! heartbeat comment every `sse.heartbeat_ms` (15 s, SPEC 5), and ends — when the hub evicts the client,
 //! restarts, or shuts down — with another jittered `retry:`, so clients do
 //! not come back in one wave. No database query is made on any of these paths.
 
@@ -29,9 +29,6 @@ use warp::reply::{Reply, Response};
 use super::{AppState, Request};
 use crate::actors::sse_hub::{CatchUp, NotAdmitted, StreamEvent, Subscription};
 use crate::broker::EventCursor;
-
-/// Heartbeat comment interval (SPEC 5).
-const HEARTBEAT: Duration = Duration::from_secs(15);
 
 /// `retry:` windows, in milliseconds: on connect, when turned away, when the
 /// stream ends (eviction, restart, shutdown).
@@ -117,7 +114,10 @@ pub async fn job_stream(state: &AppState, request: &Request) -> Response {
         frames,
         subscription,
         sent_upto,
-        heartbeat: tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT),
+        heartbeat: {
+            let every = state.sse.heartbeat;
+            tokio::time::interval_at(tokio::time::Instant::now() + every, every)
+        },
         ended: false,
     };
     event_stream(warp::reply::stream(stream).into_response())
