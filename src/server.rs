@@ -15,10 +15,12 @@ use tokio::net::TcpListener;
 use tracing::{info, warn};
 use uuid::Uuid;
 
+use crate::actors::consumer::{ConsumerArgs, PoolArgs};
 use crate::actors::dlq_monitor::DlqMonitorArgs;
-use crate::actors::email_sender::EmailSenderArgs;
+use crate::actors::email_sender::{EmailSender, EmailSenderArgs};
 use crate::actors::janitor::JanitorArgs;
 use crate::actors::key_registry::{KeyRegistryArgs, RedisMode};
+use crate::actors::ledger::LedgerConsumer;
 use crate::actors::outbox_relay::OutboxRelayArgs;
 use crate::actors::retry_budget::{RetryBudgetArgs, RetryBudgetHandle};
 use crate::actors::sse_hub::{Admission, SseHubArgs, SseHubHandle};
@@ -110,14 +112,22 @@ fn email_transport(config: &Config) -> anyhow::Result<Arc<dyn Transport>> {
     }
 }
 
-/// The OutboxRelay's and EmailSender's arguments, with Redis as the broker.
+/// The delivery pipeline's actors: relay and consumers.
+#[derive(Default)]
+struct Pipeline {
+    relay: Option<OutboxRelayArgs>,
+    email_sender: Option<ConsumerArgs<EmailSender>>,
+    ledger: Option<ConsumerArgs<LedgerConsumer>>,
+}
+
+/// The pipeline's arguments, with Redis as the broker.
 fn pipeline_args(
     config: &Config,
     redis_url: &str,
     store: &Arc<dyn Store>,
     budget: RetryBudgetHandle,
     wake: Arc<tokio::sync::Notify>,
-) -> anyhow::Result<(Option<OutboxRelayArgs>, Option<EmailSenderArgs>)> {
+) -> anyhow::Result<Pipeline> {
     let redeliver_after = Duration::from_secs(config.relay.redeliver_after_secs);
     let publisher = StreamPublisher::connect(redis_url).context("configuration key `redis_url`")?;
     let listen_url = (config.database_url.scheme() == "postgres"
@@ -132,21 +142,35 @@ fn pipeline_args(
         redeliver_after,
         poll_interval: Duration::from_millis(config.relay.poll_interval_ms),
     };
-    let sender = EmailSenderArgs {
-        store: store.clone(),
+    let pool = PoolArgs {
         redis_url: redis_url.to_string(),
         consumer_name: format!("herald-{}-{}", std::process::id(), Uuid::new_v4().simple()),
-        transport: email_transport(config)?,
-        from: config.email.from.clone(),
         workers: config.email.workers as usize,
-        pacer: Arc::new(SendPacer::new(config.email.max_per_sec)),
-        policy: RetryPolicy::from(&config.retry),
-        budget,
         reclaim_after: redeliver_after
             .min(Duration::from_secs(30))
             .max(Duration::from_secs(1)),
     };
-    Ok((Some(relay), Some(sender)))
+    let sender = ConsumerArgs {
+        pool: pool.clone(),
+        handler: Arc::new(EmailSender::new(EmailSenderArgs {
+            store: store.clone(),
+            transport: email_transport(config)?,
+            from: config.email.from.clone(),
+            pacer: Arc::new(SendPacer::new(config.email.max_per_sec)),
+            policy: RetryPolicy::from(&config.retry),
+            budget,
+        })),
+    };
+    // Ledger writes are short local transactions: a small pool suffices.
+    let ledger = ConsumerArgs {
+        pool: PoolArgs { workers: 4, ..pool },
+        handler: Arc::new(LedgerConsumer::new(store.clone())),
+    };
+    Ok(Pipeline {
+        relay: Some(relay),
+        email_sender: Some(sender),
+        ledger: Some(ledger),
+    })
 }
 
 /// Runs the daemon until `shutdown` resolves.
@@ -190,10 +214,10 @@ pub async fn run(
     };
     let budget_args = RetryBudgetArgs::default();
     let budget = RetryBudgetHandle::new(slots.retry_budget.clone(), budget_args.view.clone());
-    let (outbox_relay, email_sender) = match &config.redis_url {
+    let pipeline = match &config.redis_url {
         _ if !config.relay.enabled => {
             info!("relay.enabled = false: this process does not deliver outbox events");
-            (None, None)
+            Pipeline::default()
         }
         Some(url) => pipeline_args(
             &config,
@@ -205,7 +229,7 @@ pub async fn run(
         None => {
             // The in-process broker of the embedded mode comes with issue 6.
             warn!("no redis_url: outbox events are stored but not delivered");
-            (None, None)
+            Pipeline::default()
         }
     };
     let actors = ActorTree::start(
@@ -218,8 +242,9 @@ pub async fn run(
                 probe_interval: Duration::from_millis(config.redis.probe_interval_ms),
             },
             retry_budget: budget_args,
-            outbox_relay,
-            email_sender,
+            outbox_relay: pipeline.relay,
+            email_sender: pipeline.email_sender,
+            ledger: pipeline.ledger,
             dlq_monitor: DlqMonitorArgs {
                 store: store.clone(),
                 threshold: i64::try_from(config.dlq.alert_threshold).unwrap_or(i64::MAX),

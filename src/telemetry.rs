@@ -86,6 +86,7 @@ pub mod metrics {
     pub const JANITOR_DELETED: &str = "herald_janitor_deleted_total";
     pub const EMAIL_IN_FLIGHT: &str = "herald_email_in_flight";
     pub const EMAIL_IN_FLIGHT_MAX: &str = "herald_email_in_flight_max";
+    pub const LEDGER_ENTRIES: &str = "herald_ledger_entries_total";
     pub const SSE_CLIENTS: &str = "herald_sse_clients";
     pub const SSE_EVICTED: &str = "herald_sse_evicted_total";
     pub const SSE_REJECTED: &str = "herald_sse_rejected_total";
@@ -156,6 +157,11 @@ pub mod metrics {
     /// Rows the janitor deleted from `table`.
     pub fn janitor_deleted(table: &'static str, rows: u64) {
         ::metrics::counter!(JANITOR_DELETED, "table" => table).increment(rows);
+    }
+
+    /// A charge applied to the ledger by this process.
+    pub fn ledger_entry() {
+        ::metrics::counter!(LEDGER_ENTRIES).increment(1);
     }
 
     /// Stream clients this process's hub is feeding.

@@ -753,3 +753,124 @@ async fn the_recorded_retry_schedule_of_200_failures_spreads_as_full_jitter() {
     let sd = (delays.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / n).sqrt();
     assert!((sd - 60.0 / 12f64.sqrt()).abs() < 2.0, "sd {sd:.2} s");
 }
+
+/// Creates a charge as `user`; returns its id.
+async fn charge(herald: &Daemon, user: &str, amount_cents: i64) -> String {
+    let r = herald
+        .post(
+            "/api/charges",
+            &user_token(user),
+            Some(&format!("charge-{user}-{amount_cents}")),
+            &json!({"amount_cents": amount_cents, "currency": "EUR", "description": "Featured listing"}),
+        )
+        .await;
+    assert_eq!(r.status(), 201, "charge");
+    let body: Value = r.json().await.unwrap();
+    body["id"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_charges_make_exactly_fifty_ledger_entries() {
+    let w = world(&[]).await;
+    let mut ids = Vec::new();
+    for i in 0..50 {
+        ids.push(charge(&w.herald, &format!("payer{i}"), 100 + i).await);
+    }
+    wait_for_count(
+        &w.db,
+        "SELECT count(*) FROM ledger_entries",
+        50,
+        Duration::from_secs(30),
+    )
+    .await;
+    wait_until_settled(&w.db, Duration::from_secs(30)).await;
+    assert_eq!(
+        count(&w.db, "SELECT count(*) FROM ledger_entries").await,
+        50
+    );
+    assert_eq!(
+        count(
+            &w.db,
+            "SELECT count(*) FROM charges WHERE ledger_status = 'applied'"
+        )
+        .await,
+        50
+    );
+    assert_eq!(w.herald.metric("herald_ledger_entries_total").await, 50.0);
+    // The amounts went in as charged.
+    let total: i64 = sqlx::query_scalar("SELECT sum(amount_cents)::int8 FROM ledger_entries")
+        .fetch_one(&w.db)
+        .await
+        .unwrap();
+    assert_eq!(total, (0..50).map(|i| 100 + i).sum::<i64>());
+    let r = w
+        .herald
+        .http
+        .get(w.herald.url(&format!("/api/charges/{}", ids[0])))
+        .bearer_auth(user_token("payer0"))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["ledger_status"], "applied", "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_relay_crash_between_publish_and_mark_for_a_charge_republishes_and_applies_it_once() {
+    let mut w = world(&[]).await;
+    w.herald
+        .set_env("FAILPOINTS", Some("relay-after-publish=1*return"));
+    w.herald.restart().await;
+    let id = charge(&w.herald, "lin", 4_200).await;
+    let status = w.herald.wait_for_exit(Duration::from_secs(20)).await;
+    assert!(!status.success(), "the failpoint aborted the daemon");
+    let stream = "herald:stream:charge.created";
+    assert_eq!(w.redis.cli(&["XLEN", stream]).as_deref(), Some("1"));
+    assert_eq!(
+        count(
+            &w.db,
+            "SELECT count(*) FROM outbox_events WHERE published_at IS NOT NULL"
+        )
+        .await,
+        0,
+        "the mark was rolled back with the crash"
+    );
+
+    w.herald.set_env("FAILPOINTS", None);
+    w.herald.restart().await;
+    wait_for_count(
+        &w.db,
+        "SELECT count(*) FROM ledger_entries",
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(
+        w.redis.cli(&["XLEN", stream]).as_deref(),
+        Some("2"),
+        "the event was published twice"
+    );
+    // Both copies handled (none pending in the ledger group), still one entry.
+    eventually("both copies handled", Duration::from_secs(20), || {
+        let pending = w.redis.cli(&["XPENDING", stream, "ledger"]);
+        async move { pending.filter(|p| p.starts_with('0')).map(|_| ()) }
+    })
+    .await;
+    wait_until_settled(&w.db, Duration::from_secs(10)).await;
+    assert_eq!(count(&w.db, "SELECT count(*) FROM ledger_entries").await, 1);
+    let status: String = sqlx::query_scalar("SELECT ledger_status FROM charges WHERE id = $1")
+        .bind(id.parse::<uuid::Uuid>().unwrap())
+        .fetch_one(&w.db)
+        .await
+        .unwrap();
+    assert_eq!(status, "applied");
+    // The restarted process applied one copy and recognised the other.
+    assert_eq!(w.herald.metric("herald_ledger_entries_total").await, 1.0);
+    assert!(
+        w.herald
+            .metric("herald_deliveries_total{consumer=\"ledger\",result=\"deduped\"}")
+            .await
+            >= 1.0,
+        "the second copy found its inbox row"
+    );
+}

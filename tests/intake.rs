@@ -1040,6 +1040,7 @@ async fn dev_login_issues_a_token_that_applies_and_admin_status_shows_the_tree()
         "retry_budget",
         "outbox_relay",
         "email_sender",
+        "ledger",
         "dlq_monitor",
         "janitor",
         "sse_hub",

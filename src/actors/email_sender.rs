@@ -1,11 +1,9 @@
 //! EmailSender: the pool that turns `application.submitted` events into
 //! exactly one confirmation email each (SPEC 1, 4, 6).
 //!
-//! A reader task takes entries from the `application.submitted` stream as
-//! this process's member of the `email` consumer group, and hands each to a
-//! worker; at most `email.workers` run at once (a semaphore; the reader never
-//! reads more than there are free workers). Every so often it also reclaims
-//! entries a dead process read and never acknowledged (`XAUTOCLAIM`).
+//! The reading side is the shared consumer pool ([`super::consumer`]): this
+//! process's member of the `email` group on the `application.submitted`
+//! stream, at most `email.workers` sends at once.
 //!
 //! A worker delivers through [`Store::deliver_event`], which locks the
 //! event's outbox row for the attempt and records the outcome with it:
@@ -27,21 +25,19 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use futures::FutureExt;
-use ractor::{Actor, ActorProcessingErr, ActorRef};
 use rand::Rng;
-use tokio::sync::Semaphore;
-use tokio::task::JoinHandle;
-use tracing::{info, warn};
 
+#[cfg(doc)]
+use super::consumer::ConsumerActor;
+use super::consumer::{self, Handler};
 use super::retry_budget::RetryBudgetHandle;
-use super::spawn_loop;
-use crate::broker::redis_streams::StreamConsumer;
-use crate::broker::{BrokerError, Delivery};
+use crate::broker::Delivery;
 use crate::domain::topics;
 use crate::email::{Email, SendError, SendPacer, Transport};
-use crate::retry::{reconnect_pause, RetryPolicy};
-use crate::store::{DeliveryDecision, DeliveryResult, Store};
+use crate::retry::RetryPolicy;
+use crate::store::{DeliveryDecision, Store};
 use crate::telemetry::metrics as m;
 
 /// The consumer's name in inboxes, dead letters, metrics and the group.
@@ -52,67 +48,11 @@ pub const CALL_SITE: &str = "email_api";
 #[derive(Clone)]
 pub struct EmailSenderArgs {
     pub store: Arc<dyn Store>,
-    pub redis_url: String,
-    /// This process's consumer name (unique per process start).
-    pub consumer_name: String,
     pub transport: Arc<dyn Transport>,
     pub from: String,
-    pub workers: usize,
     pub pacer: Arc<SendPacer>,
     pub policy: RetryPolicy,
     pub budget: RetryBudgetHandle,
-    /// Idle time after which another process's unacknowledged entry is taken over.
-    pub reclaim_after: Duration,
-}
-
-pub enum EmailSenderMsg {
-    /// The reader loop ended (it never should): fail, so the supervisor restarts us.
-    LoopEnded(String),
-}
-
-pub struct EmailSender;
-
-pub struct EmailSenderState {
-    reader: JoinHandle<()>,
-}
-
-impl Actor for EmailSender {
-    type Msg = EmailSenderMsg;
-    type State = EmailSenderState;
-    type Arguments = EmailSenderArgs;
-
-    async fn pre_start(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        args: EmailSenderArgs,
-    ) -> Result<Self::State, ActorProcessingErr> {
-        let reader = spawn_loop(
-            myself,
-            "email reader loop",
-            read_loop(args),
-            EmailSenderMsg::LoopEnded,
-        );
-        Ok(EmailSenderState { reader })
-    }
-
-    async fn post_stop(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        state.reader.abort();
-        Ok(())
-    }
-
-    async fn handle(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        message: Self::Msg,
-        _state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        let EmailSenderMsg::LoopEnded(reason) = message;
-        Err(reason.into())
-    }
 }
 
 /// Sends in progress, and the most there ever were.
@@ -134,136 +74,49 @@ impl InFlight {
     }
 }
 
-async fn read_loop(args: EmailSenderArgs) -> Result<(), BrokerError> {
-    let consumer = Arc::new(StreamConsumer::connect(
-        &args.redis_url,
-        topics::APPLICATION_SUBMITTED,
-        CONSUMER,
-        &args.consumer_name,
-        Duration::from_millis(1000),
-    )?);
-    let workers = Arc::new(Semaphore::new(args.workers.max(1)));
-    let in_flight = Arc::new(InFlight::default());
-    let mut last_reclaim = tokio::time::Instant::now();
-    let mut failures: u32 = 0;
-    loop {
-        // Wait for a free worker before reading, then read no more than
-        // there are free workers.
-        let first = workers
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| BrokerError::Unavailable("worker pool closed".into()))?;
-        let free = 1 + workers.available_permits();
-        let read = if last_reclaim.elapsed() >= args.reclaim_after / 2 {
-            last_reclaim = tokio::time::Instant::now();
-            match consumer.reclaim(args.reclaim_after, free as u64).await {
-                Ok(reclaimed) if !reclaimed.is_empty() => Ok(reclaimed),
-                Ok(_) => consumer.read(free as u64).await,
-                Err(e) => Err(e),
-            }
-        } else {
-            consumer.read(free as u64).await
-        };
-        let entries = match read {
-            Ok(entries) => {
-                failures = 0;
-                entries
-            }
-            Err(e) => {
-                drop(first);
-                failures = failures.saturating_add(1);
-                let pause = reconnect_pause(failures);
-                warn!(error = %e, ?pause, "email consumer cannot read the stream");
-                tokio::time::sleep(pause).await;
-                if let Err(e) = consumer.ensure_group().await {
-                    warn!(error = %e, "email consumer group not ready");
-                }
-                continue;
-            }
-        };
-        let mut permit = Some(first);
-        for entry in entries {
-            let permit = match permit.take() {
-                Some(p) => p,
-                None => match workers.clone().acquire_owned().await {
-                    Ok(p) => p,
-                    Err(_) => return Ok(()),
-                },
-            };
-            let delivery = match entry {
-                Ok(delivery) => delivery,
-                Err(BrokerError::Malformed { receipt, reason }) => {
-                    // Its outbox row is the real record; the relay republishes it.
-                    warn!(%receipt, %reason, "unreadable stream entry dropped");
-                    let _ = consumer.ack(&[receipt]).await;
-                    continue;
-                }
-                Err(e) => {
-                    warn!(error = %e, "stream entry unusable");
-                    continue;
-                }
-            };
-            let (args, consumer, in_flight) = (args.clone(), consumer.clone(), in_flight.clone());
-            tokio::spawn(async move {
-                in_flight.enter();
-                let settled = handle_delivery(&args, &delivery).await;
-                in_flight.leave();
-                if settled {
-                    if let Err(e) = consumer.ack(std::slice::from_ref(&delivery.receipt)).await {
-                        warn!(error = %e, "ack failed; the entry will be reclaimed and deduped");
-                    }
-                }
-                drop(permit);
-            });
+/// Sends one confirmation per `application.submitted` entry: the handler of
+/// the EmailSender actor, a [`ConsumerActor`] with `email.workers` workers.
+pub struct EmailSender {
+    args: EmailSenderArgs,
+    in_flight: InFlight,
+}
+
+impl EmailSender {
+    pub fn new(args: EmailSenderArgs) -> EmailSender {
+        EmailSender {
+            args,
+            in_flight: InFlight::default(),
         }
     }
 }
 
-/// Delivers one stream entry; `true` when it may be acknowledged.
-async fn handle_delivery(args: &EmailSenderArgs, delivery: &Delivery) -> bool {
-    let envelope = &delivery.envelope;
-    if envelope.topic != topics::APPLICATION_SUBMITTED {
-        return true;
+impl Handler for EmailSender {
+    fn consumer(&self) -> &'static str {
+        CONSUMER
     }
-    let attempt_args = args.clone();
-    let event_id = envelope.event_id;
-    let payload = envelope.payload.clone();
-    let deliver = move |attempts: i32| {
-        let (args, payload) = (attempt_args.clone(), payload.clone());
-        async move { attempt(&args, event_id, &payload, attempts).await }.boxed()
-    };
-    match args.store.deliver_event(CONSUMER, envelope, &deliver).await {
-        Ok(DeliveryResult::Attempted { attempt, decision }) => {
-            let result = match &decision {
-                DeliveryDecision::Done => {
-                    m::email_sent();
-                    "ok"
-                }
-                DeliveryDecision::Retry { after, error } => {
-                    info!(%event_id, attempt, ?after, %error, "email send failed; retry scheduled");
-                    "retry"
-                }
-                DeliveryDecision::Defer { .. } => "deferred",
-                DeliveryDecision::Dead { error } => {
-                    warn!(%event_id, attempt, %error, "email dead-lettered");
-                    "dead"
-                }
+
+    fn topic(&self) -> &'static str {
+        topics::APPLICATION_SUBMITTED
+    }
+
+    fn handle<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, bool> {
+        async move {
+            self.in_flight.enter();
+            let envelope = &delivery.envelope;
+            let event_id = envelope.event_id;
+            let deliver = |attempts: i32| {
+                let (args, payload) = (self.args.clone(), envelope.payload.clone());
+                async move { attempt(&args, event_id, &payload, attempts).await }.boxed()
             };
-            m::delivery(CONSUMER, result);
-            true
+            let outcome = self
+                .args
+                .store
+                .deliver_event(CONSUMER, envelope, &deliver)
+                .await;
+            self.in_flight.leave();
+            consumer::settle(CONSUMER, event_id, outcome, m::email_sent)
         }
-        Ok(DeliveryResult::Duplicate | DeliveryResult::Stale | DeliveryResult::Gone) => {
-            m::delivery(CONSUMER, "deduped");
-            true
-        }
-        // Another worker holds the row and settles it.
-        Ok(DeliveryResult::Busy) => true,
-        Err(e) => {
-            // Nothing recorded: leave the entry pending, to be reclaimed.
-            warn!(%event_id, error = %e, "delivery not recorded; it will be retried");
-            false
-        }
+        .boxed()
     }
 }
 

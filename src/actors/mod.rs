@@ -7,23 +7,27 @@
 //!   ├── OutboxRelay    due outbox rows -> broker, rate-capped, marked after the broker took them
 //!   ├── EmailSender    pool of workers: broker -> Resend / .eml, inbox dedupe,
 //!   │                  retry / defer / dead-letter recorded on the outbox row
+//!   ├── LedgerConsumer charge.created -> one ledger entry per charge, written with
+//!   │                  its inbox row in one transaction
 //!   ├── DlqMonitor     dead-letter depth and age -> herald_dlq_depth, Sentry alerts
 //!   ├── Janitor        expired keys, settled outbox rows, old inbox rows: small batches
 //!   └── SseHub         job.posted (every process reads the whole stream) -> bounded
 //!                      per-client queues; snapshot and history in memory
 //! ```
 //!
-//! Later capabilities hang further children under the same root
-//! (LedgerConsumer). All durable state lives in the database, so a restarted
+//! EmailSender and LedgerConsumer share one stream-consumer pool
+//! ([`consumer`]). All durable state lives in the database, so a restarted
 //! actor loses nothing (a restarted SseHub closes its streams; clients resume).
 //!
 //! The HTTP front never holds an [`ActorRef`] directly: it reads the current
 //! one from an [`ActorSlot`], which the supervisor refills after a restart.
 
+pub mod consumer;
 pub mod dlq_monitor;
 pub mod email_sender;
 pub mod janitor;
 pub mod key_registry;
+pub mod ledger;
 pub mod outbox_relay;
 pub mod retry_budget;
 pub mod sse_hub;

@@ -45,7 +45,11 @@ use crate::telemetry::metrics as m;
 
 /// Topics the relay publishes, and which of them settle on publish
 /// (fan-out: nobody records them in an inbox).
-const RELAYED_TOPICS: [&str; 2] = [topics::APPLICATION_SUBMITTED, topics::JOB_POSTED];
+const RELAYED_TOPICS: [&str; 3] = [
+    topics::APPLICATION_SUBMITTED,
+    topics::CHARGE_CREATED,
+    topics::JOB_POSTED,
+];
 const FAN_OUT_TOPICS: [&str; 1] = [topics::JOB_POSTED];
 
 #[derive(Clone)]

@@ -18,10 +18,12 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tracing::{error, info};
 
+use super::consumer::{ConsumerActor, ConsumerArgs, ConsumerMsg};
 use super::dlq_monitor::{DlqMonitor, DlqMonitorArgs};
-use super::email_sender::{EmailSender, EmailSenderArgs, EmailSenderMsg};
+use super::email_sender::EmailSender;
 use super::janitor::{Janitor, JanitorArgs};
 use super::key_registry::{KeyRegistry, KeyRegistryArgs, KeyRegistryHandle};
+use super::ledger::LedgerConsumer;
 use super::outbox_relay::{OutboxRelay, OutboxRelayArgs, OutboxRelayMsg};
 use super::retry_budget::{RetryBudget, RetryBudgetArgs, RetryBudgetMsg};
 use super::sse_hub::{SseHub, SseHubArgs, SseHubMsg};
@@ -101,7 +103,8 @@ pub struct TreeArgs {
     pub retry_budget: RetryBudgetArgs,
     /// `None` when the pipeline is off (no broker configured yet).
     pub outbox_relay: Option<OutboxRelayArgs>,
-    pub email_sender: Option<EmailSenderArgs>,
+    pub email_sender: Option<ConsumerArgs<EmailSender>>,
+    pub ledger: Option<ConsumerArgs<LedgerConsumer>>,
     pub dlq_monitor: DlqMonitorArgs,
     pub janitor: JanitorArgs,
     pub sse_hub: SseHubArgs,
@@ -111,7 +114,7 @@ pub struct TreeArgs {
 pub struct Slots {
     pub retry_budget: Arc<ActorSlot<RetryBudgetMsg>>,
     pub outbox_relay: Arc<ActorSlot<OutboxRelayMsg>>,
-    pub email_sender: Arc<ActorSlot<EmailSenderMsg>>,
+    pub email_sender: Arc<ActorSlot<ConsumerMsg>>,
     pub sse_hub: Arc<ActorSlot<SseHubMsg>>,
 }
 
@@ -145,7 +148,18 @@ impl ActorTree {
             children.push(SlotChild::new(|| OutboxRelay, relay, slots.outbox_relay));
         }
         if let Some(sender) = args.email_sender {
-            children.push(SlotChild::new(|| EmailSender, sender, slots.email_sender));
+            children.push(SlotChild::new(
+                ConsumerActor::<EmailSender>::new,
+                sender,
+                slots.email_sender,
+            ));
+        }
+        if let Some(ledger) = args.ledger {
+            children.push(SlotChild::new(
+                ConsumerActor::<LedgerConsumer>::new,
+                ledger,
+                ActorSlot::new("ledger"),
+            ));
         }
         children.push(SlotChild::new(
             || DlqMonitor,

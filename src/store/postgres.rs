@@ -33,8 +33,10 @@ use crate::domain::{parse_status, topics, Application, Charge, Job};
 use crate::idempotency::{IdempotencyKey, KeyScope, StoredResponse};
 
 /// Records a delivered event: the consumer's inbox row, the local effect
-/// (an application's `email_status`, as [`PgStore::apply_effect`] does for
-/// the other outcomes) and the row settled. `$1` consumer, `$2` event id,
+/// (an application's `email_status`; for a charge, its ledger entry and
+/// `ledger_status`, as [`PgStore::apply_effect`] does for the other outcomes)
+/// and the row settled, all in one statement, so a charge's ledger entry
+/// exists exactly when its inbox row does. `$1` consumer, `$2` event id,
 /// `$3` attempts spent, `$4` topic, `$5` aggregate id.
 const SETTLE_DELIVERED: &str = "
 WITH inbox_row AS (
@@ -42,6 +44,13 @@ WITH inbox_row AS (
 ), effect AS (
     UPDATE applications SET email_status = 'sent'
      WHERE $4 = 'application.submitted' AND id = $5
+), ledger AS (
+    INSERT INTO ledger_entries (charge_id, event_id, user_id, amount_cents, currency)
+    SELECT c.id, $2, c.user_id, c.amount_cents, c.currency FROM charges c
+     WHERE $4 = 'charge.created' AND c.id = $5
+), charge AS (
+    UPDATE charges SET ledger_status = 'applied'
+     WHERE $4 = 'charge.created' AND id = $5
 )
 UPDATE outbox_events SET settled_at = now(), attempts = $3, last_error = NULL
  WHERE event_id = $2";
@@ -71,6 +80,10 @@ WITH letters AS (
     UPDATE applications a SET email_status = 'pending'
       FROM events e
      WHERE e.topic = 'application.submitted' AND a.id = e.aggregate_id
+), charges AS (
+    UPDATE charges c SET ledger_status = 'pending'
+      FROM events e
+     WHERE e.topic = 'charge.created' AND c.id = e.aggregate_id
 )
 SELECT count(*) AS replayed FROM letters";
 
@@ -374,13 +387,18 @@ impl PgStore {
         aggregate_id: Uuid,
         status: &str,
     ) -> Result<(), StoreError> {
-        if topic == topics::APPLICATION_SUBMITTED {
-            sqlx::query("UPDATE applications SET email_status = $2 WHERE id = $1")
-                .bind(aggregate_id)
-                .bind(status)
-                .execute(&mut **tx)
-                .await?;
-        }
+        let update = match topic {
+            topics::APPLICATION_SUBMITTED => {
+                "UPDATE applications SET email_status = $2 WHERE id = $1"
+            }
+            topics::CHARGE_CREATED => "UPDATE charges SET ledger_status = $2 WHERE id = $1",
+            _ => return Ok(()),
+        };
+        sqlx::query(update)
+            .bind(aggregate_id)
+            .bind(status)
+            .execute(&mut **tx)
+            .await?;
         Ok(())
     }
 
