@@ -29,10 +29,13 @@
 //! - [`telemetry`]: logging and the Prometheus metrics of the contract.
 //! - [`server`]: wires everything together: `server::run(config, listeners, shutdown)`.
 //! - [`bench`]: `herald bench …`, measurements against a baseline taken in the same run.
+//! - [`client`]: the retrying client (one key per operation, full jitter,
+//!   Retry-After, a retry budget, a transcript) used by tools and tests.
 
 pub mod actors;
 pub mod bench;
 pub mod broker;
+pub mod client;
 pub mod config;
 pub mod domain;
 pub mod email;

@@ -69,7 +69,7 @@ pub struct Bucket {
 }
 
 impl Bucket {
-    fn full(args: &RetryBudgetArgs, now: Instant) -> Bucket {
+    pub fn full(args: &RetryBudgetArgs, now: Instant) -> Bucket {
         Bucket {
             tokens: args.capacity,
             refilled_at: now,
