@@ -46,6 +46,9 @@ enum Command {
     /// Benchmarks that print ratios against a baseline measured in the same run.
     #[command(subcommand)]
     Bench(herald::bench::BenchCommand),
+    /// Drive duplicated, concurrent operations through a lossy proxy at a
+    /// live daemon and check that side effects equal operations (exit 1 if not).
+    Attack(herald::client::attack::AttackArgs),
 }
 
 async fn shutdown_signal() {
@@ -141,6 +144,11 @@ async fn run_cli() -> ExitCode {
         Command::Serve => serve(config).await,
         Command::Migrate => migrate(config).await,
         Command::Bench(cmd) => herald::bench::run(cmd, config).await,
+        Command::Attack(args) => match herald::client::attack::attack(args, &config).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(anyhow::anyhow!("side effects differ from operations")),
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -87,6 +87,8 @@ pub mod metrics {
     pub const EMAIL_IN_FLIGHT: &str = "herald_email_in_flight";
     pub const EMAIL_IN_FLIGHT_MAX: &str = "herald_email_in_flight_max";
     pub const LEDGER_ENTRIES: &str = "herald_ledger_entries_total";
+    pub const EMAILS_DELIVERED: &str = "herald_emails_delivered";
+    pub const LEDGER_ROWS: &str = "herald_ledger_entries";
     pub const SSE_CLIENTS: &str = "herald_sse_clients";
     pub const SSE_EVICTED: &str = "herald_sse_evicted_total";
     pub const SSE_REJECTED: &str = "herald_sse_rejected_total";
@@ -157,6 +159,14 @@ pub mod metrics {
     /// Rows the janitor deleted from `table`.
     pub fn janitor_deleted(table: &'static str, rows: u64) {
         ::metrics::counter!(JANITOR_DELETED, "table" => table).increment(rows);
+    }
+
+    /// The effects as the database records them (read at each scrape): the
+    /// same from every process, and unchanged by a restart, unlike the
+    /// per-process `_total` counters.
+    pub fn durable_effects(emails_delivered: i64, ledger_entries: i64) {
+        ::metrics::gauge!(EMAILS_DELIVERED).set(emails_delivered as f64);
+        ::metrics::gauge!(LEDGER_ROWS).set(ledger_entries as f64);
     }
 
     /// A charge applied to the ledger by this process.

@@ -8,9 +8,9 @@ mod support;
 use std::time::{Duration, Instant};
 
 use fantoccini::Locator;
+use herald::client::lossy_proxy::LossyProxy;
 use support::browser::Browser;
 use support::fake_resend::{FakeResend, API_KEY};
-use support::proxy::LossyProxy;
 use support::{count, eventually, Daemon, Postgres, Redis};
 
 const TITLES: &str =
@@ -36,7 +36,19 @@ async fn the_page_streams_new_jobs_and_a_lost_apply_response_still_applies_once(
     let db = pg.pool().await;
     herald.post_job("Rust engineer").await;
     herald.post_job("Site reliability engineer").await;
-    let proxy = LossyProxy::start(&herald.public).await;
+    // Loses the response of the first apply after `drop_first_apply` is set.
+    let drop_first_apply = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let armed = drop_first_apply.clone();
+    let proxy = LossyProxy::start(
+        &herald.public,
+        Box::new(move |method, path| {
+            method == hyper::Method::POST
+                && path == "/api/applications"
+                && armed.swap(false, std::sync::atomic::Ordering::SeqCst)
+        }),
+    )
+    .await
+    .expect("proxy");
     let browser = Browser::start(1280, 900).await;
     browser
         .client
@@ -121,7 +133,7 @@ async fn the_page_streams_new_jobs_and_a_lost_apply_response_still_applies_once(
     assert_eq!(focused, "detail-title");
 
     // Apply, with the first response lost between Herald and the browser.
-    proxy.drop_next_apply();
+    drop_first_apply.store(true, std::sync::atomic::Ordering::SeqCst);
     browser
         .client
         .find(Locator::Id("apply"))

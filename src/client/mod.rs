@@ -19,6 +19,9 @@
 //!   delay before it, status or network error, Retry-After), the evidence
 //!   that the schedule above is what actually happened.
 
+pub mod attack;
+pub mod lossy_proxy;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 

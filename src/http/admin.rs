@@ -44,6 +44,7 @@ async fn refresh_outbox_gauges(state: &AppState) -> Option<crate::store::OutboxS
     match tokio::time::timeout(Duration::from_secs(1), state.store.outbox_stats()).await {
         Ok(Ok(stats)) => {
             m::outbox(stats.pending, stats.lag_seconds);
+            m::durable_effects(stats.emails_delivered, stats.ledger_entries);
             Some(stats)
         }
         _ => None,

@@ -97,6 +97,11 @@ pub struct OutboxStats {
     pub pending: i64,
     /// Age of the oldest unpublished row, 0 when none.
     pub lag_seconds: f64,
+    /// Applications whose confirmation is recorded as sent: the durable
+    /// count of emails, the same from every process and across restarts.
+    pub emails_delivered: i64,
+    /// Rows in the ledger (one per applied charge).
+    pub ledger_entries: i64,
 }
 
 /// Herald's durable state. Implementations are cheap to share (`Arc<dyn Store>`).

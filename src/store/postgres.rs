@@ -880,7 +880,10 @@ impl Store for PgStore {
         let result: Result<OutboxStats, StoreError> = async {
             let conn: &mut PgConnection = &mut session;
             let row = sqlx::query(
-                "SELECT count(*) AS pending, min(due_at) AS oldest
+                "SELECT count(*) AS pending, min(due_at) AS oldest,
+                        (SELECT count(*) FROM applications WHERE email_status = 'sent')
+                            AS emails_delivered,
+                        (SELECT count(*) FROM ledger_entries) AS ledger_entries
                    FROM outbox_events WHERE settled_at IS NULL AND due_at <= now()",
             )
             .fetch_one(&mut *conn)
@@ -893,6 +896,8 @@ impl Store for PgStore {
             Ok(OutboxStats {
                 pending,
                 lag_seconds,
+                emails_delivered: row.try_get("emails_delivered")?,
+                ledger_entries: row.try_get("ledger_entries")?,
             })
         }
         .await;

@@ -17,7 +17,6 @@
 pub mod browser;
 pub mod fake_resend;
 pub mod fake_sentry;
-pub mod proxy;
 pub mod sse;
 
 use std::io::{BufRead, BufReader};

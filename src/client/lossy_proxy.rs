@@ -1,14 +1,13 @@
-//! A lossy HTTP proxy between a browser and Herald: it forwards every
-//! request (streams included) and, when told to, loses the response of the
-//! next `POST /api/applications` after Herald has acted on it — the status
-//! line and headers go out, then the connection is cut before the body, as
-//! when a network drops mid-response. It records what passed through so a
-//! test can see the retries and the keys they carried.
-
-#![allow(dead_code)]
+//! A lossy HTTP proxy in front of Herald, for `herald attack` and the
+//! browser tests: it forwards every request (streams included) and loses the
+//! responses its [`DropRule`] picks *after* Herald has acted on them — the
+//! status line, the headers and half the body go out, then the connection
+//! is cut, as when a network drops mid-response. (Cutting before any byte
+//! would let an HTTP client such as Chromium resend the request on its own,
+//! hiding the loss from the caller.) It records what passed through, so a
+//! caller can see the retries and the keys they carried.
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -30,10 +29,13 @@ pub struct Seen {
     pub dropped: bool,
 }
 
+/// Decides, per request (method, path), whether to lose its response.
+pub type DropRule = Box<dyn Fn(&hyper::Method, &str) -> bool + Send + Sync>;
+
 struct Shared {
     upstream: String,
     http: reqwest::Client,
-    drop_next_apply: AtomicBool,
+    drop: DropRule,
     seen: Mutex<Vec<Seen>>,
 }
 
@@ -52,15 +54,14 @@ impl Drop for LossyProxy {
 type Body = BoxBody<Bytes, std::io::Error>;
 
 impl LossyProxy {
-    pub async fn start(upstream: &str) -> LossyProxy {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind proxy");
-        let url = format!("http://{}", listener.local_addr().expect("addr"));
+    /// Listens on a free port of 127.0.0.1, forwarding to `upstream`.
+    pub async fn start(upstream: &str, drop: DropRule) -> std::io::Result<LossyProxy> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
         let shared = Arc::new(Shared {
             upstream: upstream.trim_end_matches('/').to_string(),
             http: reqwest::Client::new(),
-            drop_next_apply: AtomicBool::new(false),
+            drop,
             seen: Mutex::new(Vec::new()),
         });
         let accept_shared = shared.clone();
@@ -75,16 +76,16 @@ impl LossyProxy {
                 });
             }
         });
-        LossyProxy { url, shared, task }
+        Ok(LossyProxy { url, shared, task })
     }
 
-    /// Loses the response of the next `POST /api/applications`.
-    pub fn drop_next_apply(&self) {
-        self.shared.drop_next_apply.store(true, Ordering::SeqCst);
-    }
-
+    /// Every request so far, in arrival order.
     pub fn seen(&self) -> Vec<Seen> {
-        self.shared.seen.lock().expect("seen").clone()
+        self.shared
+            .seen
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
     }
 }
 
@@ -103,18 +104,19 @@ async fn forward(
         .path_and_query()
         .map(|p| p.to_string())
         .unwrap_or_default();
-    let is_apply = parts.method == hyper::Method::POST && parts.uri.path() == "/api/applications";
-    let dropped = is_apply && shared.drop_next_apply.swap(false, Ordering::SeqCst);
-    shared.seen.lock().expect("seen").push(Seen {
-        method: parts.method.to_string(),
-        path: path.clone(),
-        idempotency_key: parts
-            .headers
-            .get("idempotency-key")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string),
-        dropped,
-    });
+    let dropped = (shared.drop)(&parts.method, parts.uri.path());
+    if let Ok(mut seen) = shared.seen.lock() {
+        seen.push(Seen {
+            method: parts.method.to_string(),
+            path: path.clone(),
+            idempotency_key: parts
+                .headers
+                .get("idempotency-key")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+            dropped,
+        });
+    }
     let mut upstream = shared
         .http
         .request(parts.method.clone(), format!("{}{}", shared.upstream, path))
@@ -158,7 +160,11 @@ async fn forward(
                 .map(|chunk| chunk.map(Frame::data).map_err(std::io::Error::other)),
         ))
     };
-    Ok(response.body(body).expect("response"))
+    Ok(response.body(body).unwrap_or_else(|_| {
+        let mut bad = Response::new(empty());
+        *bad.status_mut() = hyper::StatusCode::BAD_GATEWAY;
+        bad
+    }))
 }
 
 fn empty() -> Body {
