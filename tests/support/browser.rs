@@ -139,12 +139,16 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        // The driver itself, then its process group (the browsers it started).
+        // The driver's process group (the driver and the browsers it
+        // started), by the group id the driver got at spawn. Through libc, not
+        // `kill -KILL -<pgid>`: procps' kill read that as `kill(-1, …)` — every
+        // process on the machine.
+        let group = i32::try_from(self.driver.id()).unwrap_or(0);
+        if group > 1 {
+            // SAFETY: sends a signal to our own child's process group.
+            unsafe { libc::kill(-group, libc::SIGKILL) };
+        }
         let _ = self.driver.kill();
-        let _ = Command::new("kill")
-            .arg("-KILL")
-            .arg(format!("-{}", self.driver.id()))
-            .status();
         let _ = self.driver.wait();
     }
 }
