@@ -11,30 +11,21 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use rand::Rng;
-use support::fake_resend::{FakeResend, API_KEY};
-use support::{count, eventually, free_port, Daemon, Postgres, Redis, ADMIN_TOKEN, JWT_SECRET};
+use support::{count, eventually, free_port, Daemon, Stack, ADMIN_TOKEN, JWT_SECRET};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_thousand_duplicated_operations_with_lost_responses_have_exactly_a_thousand_effects() {
-    let pg = Postgres::start().await;
-    let redis = Redis::start().await;
-    let resend = FakeResend::start().await;
-    let base = resend.base_url();
-    let herald = Daemon::start(
-        &pg.url(),
-        Some(&redis.url()),
-        &[
-            ("HERALD_EMAIL__TRANSPORT", "resend"),
-            ("RESEND_API_KEY", API_KEY),
-            ("RESEND_BASE_URL", &base),
-            ("HERALD_EMAIL__MAX_PER_SEC", "1000"),
-            ("HERALD_EMAIL__WORKERS", "8"),
-            ("HERALD_RELAY__MAX_PUBLISH_PER_SEC", "5000"),
-        ],
-    )
-    .await;
-    let transcript = tempfile::NamedTempFile::new().unwrap();
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+/// The daemon settings of both runs: fast email and relay, and a killed
+/// process's claims and published events back soon.
+const FAST: [(&str, &str); 4] = [
+    ("HERALD_EMAIL__WORKERS", "8"),
+    ("HERALD_RELAY__MAX_PUBLISH_PER_SEC", "5000"),
+    ("HERALD_RELAY__REDELIVER_AFTER_SECS", "2"),
+    ("HERALD_IDEMPOTENCY__LEASE_SECS", "3"),
+];
+
+/// `herald attack` with the figures against `herald`.
+fn attack(herald: &Daemon, transcript: &std::path::Path) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"));
+    command
         .args([
             "attack",
             "--target",
@@ -45,47 +36,35 @@ async fn a_thousand_duplicated_operations_with_lost_responses_have_exactly_a_tho
         .args(["--ops", "1000", "--dup-rate", "0.3", "--concurrency", "32"])
         .args(["--drop-response-rate", "0.15", "--drain-secs", "120"])
         .arg("--transcript")
-        .arg(transcript.path())
+        .arg(transcript)
         .env("HERALD_ADMIN_TOKEN", ADMIN_TOKEN)
         .env("HERALD_JWT_SECRET", JWT_SECRET)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "error")
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-        .await
-        .expect("run herald attack");
+        .stderr(Stdio::piped());
+    command
+}
+
+/// The verdict passed, and the effects are exact where they land: 500
+/// applications -> 500 distinct emails at the fake Resend, 500 charges ->
+/// 500 ledger entries, nothing more once every event has settled. The
+/// transcript shows one key per operation and that responses were lost.
+async fn assert_exact(stack: &Stack, output: std::process::Output, transcript: &std::path::Path) {
     let stdout = String::from_utf8_lossy(&output.stdout);
     eprintln!("{stdout}{}", String::from_utf8_lossy(&output.stderr));
     assert!(output.status.success(), "the verdict passed");
     assert!(stdout.contains("PASS"), "{stdout}");
-
-    // Where the effects land: 500 applications -> 500 distinct emails, 500
-    // charges -> 500 ledger entries; nothing more arrives once all settled.
-    let db = pg.pool().await;
-    assert_eq!(count(&db, "SELECT count(*) FROM applications").await, 500);
-    assert_eq!(count(&db, "SELECT count(*) FROM charges").await, 500);
-    eventually("every event settled", Duration::from_secs(60), || {
-        let db = db.clone();
-        async move {
-            (count(
-                &db,
-                "SELECT count(*) FROM outbox_events WHERE settled_at IS NULL",
-            )
-            .await
-                == 0)
-                .then_some(())
-        }
-    })
-    .await;
-    assert_eq!(count(&db, "SELECT count(*) FROM ledger_entries").await, 500);
-    let sent = resend.sent();
+    let db = &stack.db;
+    assert_eq!(count(db, "SELECT count(*) FROM applications").await, 500);
+    assert_eq!(count(db, "SELECT count(*) FROM charges").await, 500);
+    stack.wait_until_settled(Duration::from_secs(60)).await;
+    assert_eq!(count(db, "SELECT count(*) FROM ledger_entries").await, 500);
+    let sent = stack.resend.sent();
     let recipients: HashSet<&str> = sent.iter().map(|s| s.to.as_str()).collect();
-    assert_eq!(sent.len(), 500, "one email per application");
-    assert_eq!(recipients.len(), 500);
+    assert_eq!(recipients.len(), 500, "every applicant got an email");
+    assert_eq!(sent.len(), 500, "and only one");
 
-    // The losses and duplicates really happened: more attempts than
-    // operations, retries that reused their operation's key.
-    let lines = std::fs::read_to_string(transcript.path()).unwrap();
+    let lines = std::fs::read_to_string(transcript).unwrap();
     let records: Vec<serde_json::Value> = lines
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -103,56 +82,38 @@ async fn a_thousand_duplicated_operations_with_lost_responses_have_exactly_a_tho
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_duplicated_operations_with_lost_responses_have_exactly_a_thousand_effects() {
+    let stack = Stack::start(&FAST).await;
+    let transcript = tempfile::NamedTempFile::new().unwrap();
+    let output = attack(&stack.herald, transcript.path())
+        .output()
+        .await
+        .expect("run herald attack");
+    assert_exact(&stack, output, transcript.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_same_attack_stays_exact_when_the_daemon_is_killed_three_times() {
-    let pg = Postgres::start().await;
-    let redis = Redis::start().await;
-    let resend = FakeResend::start().await;
-    let base = resend.base_url();
     // Fixed ports, so the restarted daemon answers where the attack points.
     let public = format!("127.0.0.1:{}", free_port());
     let admin = format!("127.0.0.1:{}", free_port());
-    let mut herald = Daemon::start(
-        &pg.url(),
-        Some(&redis.url()),
-        &[
-            ("HERALD_LISTEN", &public),
-            ("HERALD_ADMIN_LISTEN", &admin),
-            ("HERALD_EMAIL__TRANSPORT", "resend"),
-            ("RESEND_API_KEY", API_KEY),
-            ("RESEND_BASE_URL", &base),
-            ("HERALD_EMAIL__MAX_PER_SEC", "1000"),
-            ("HERALD_EMAIL__WORKERS", "8"),
-            ("HERALD_RELAY__MAX_PUBLISH_PER_SEC", "5000"),
-            // A killed process's claims and published events come back soon.
-            ("HERALD_RELAY__REDELIVER_AFTER_SECS", "2"),
-            ("HERALD_IDEMPOTENCY__LEASE_SECS", "3"),
-        ],
-    )
-    .await;
-    let attack = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args([
-            "attack",
-            "--target",
-            &herald.public,
-            "--admin",
-            &herald.admin,
-        ])
-        .args(["--ops", "1000", "--dup-rate", "0.3", "--concurrency", "32"])
-        .args(["--drop-response-rate", "0.15", "--drain-secs", "120"])
-        .env("HERALD_ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("HERALD_JWT_SECRET", JWT_SECRET)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+    let mut settings = FAST.to_vec();
+    settings.extend([
+        ("HERALD_LISTEN", public.as_str()),
+        ("HERALD_ADMIN_LISTEN", admin.as_str()),
+    ]);
+    let mut stack = Stack::start(&settings).await;
+    let transcript = tempfile::NamedTempFile::new().unwrap();
+    let running = attack(&stack.herald, transcript.path())
         .spawn()
         .expect("start herald attack");
 
     // Three SIGKILLs at random points of progress (rows committed so far),
     // each followed by a restart on the same ports.
-    let db = pg.pool().await;
     let mut at: Vec<i64> = (0..3).map(|_| rand::rng().random_range(50..900)).collect();
     at.sort_unstable();
     for threshold in at {
+        let db = stack.db.clone();
         eventually(&format!("{threshold} operations committed"), Duration::from_secs(120), || {
             let db = db.clone();
             async move {
@@ -161,37 +122,10 @@ async fn the_same_attack_stays_exact_when_the_daemon_is_killed_three_times() {
             }
         })
         .await;
-        herald.kill();
+        stack.herald.kill();
         eprintln!("killed at {threshold} committed operations");
-        herald.restart().await;
+        stack.herald.restart().await;
     }
-    let output = attack.wait_with_output().await.expect("attack output");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    eprintln!("{stdout}{}", String::from_utf8_lossy(&output.stderr));
-    assert!(
-        output.status.success(),
-        "the verdict passed across the kills"
-    );
-    assert!(stdout.contains("PASS"), "{stdout}");
-
-    assert_eq!(count(&db, "SELECT count(*) FROM applications").await, 500);
-    assert_eq!(count(&db, "SELECT count(*) FROM charges").await, 500);
-    eventually("every event settled", Duration::from_secs(60), || {
-        let db = db.clone();
-        async move {
-            (count(
-                &db,
-                "SELECT count(*) FROM outbox_events WHERE settled_at IS NULL",
-            )
-            .await
-                == 0)
-                .then_some(())
-        }
-    })
-    .await;
-    assert_eq!(count(&db, "SELECT count(*) FROM ledger_entries").await, 500);
-    let sent = resend.sent();
-    let recipients: HashSet<&str> = sent.iter().map(|s| s.to.as_str()).collect();
-    assert_eq!(recipients.len(), 500, "every applicant got an email");
-    assert_eq!(sent.len(), 500, "and only one");
+    let output = running.wait_with_output().await.expect("attack output");
+    assert_exact(&stack, output, transcript.path()).await;
 }

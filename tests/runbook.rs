@@ -9,8 +9,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::fake_resend::{FakeResend, API_KEY};
-use support::{count, eventually, user_token, Daemon, Postgres, Redis, ADMIN_TOKEN};
+use support::{count, eventually, user_token, Daemon, Stack, ADMIN_TOKEN};
 
 /// The runbook's calls: name -> the command of the `sh` block after its marker.
 fn runbook_calls() -> HashMap<String, String> {
@@ -77,23 +76,8 @@ async fn every_admin_call_in_the_runbook_works_as_written() {
     }
     assert_eq!(calls.len(), expected.len(), "every call is exercised here");
 
-    let pg = Postgres::start().await;
-    let redis = Redis::start().await;
-    let resend = FakeResend::start().await;
-    let base = resend.base_url();
-    let herald = Daemon::start(
-        &pg.url(),
-        Some(&redis.url()),
-        &[
-            ("HERALD_EMAIL__TRANSPORT", "resend"),
-            ("RESEND_API_KEY", API_KEY),
-            ("RESEND_BASE_URL", &base),
-            ("HERALD_EMAIL__MAX_PER_SEC", "100"),
-            ("HERALD_DLQ__CHECK_INTERVAL_MS", "200"),
-        ],
-    )
-    .await;
-    let db = pg.pool().await;
+    let stack = Stack::start(&[("HERALD_DLQ__CHECK_INTERVAL_MS", "200")]).await;
+    let (herald, resend, db) = (&stack.herald, &stack.resend, stack.db.clone());
     let job = herald.post_job("Runbook").await;
     let users = ["replayme", "discardme", "bytopic"];
     for user in users {
@@ -116,13 +100,13 @@ async fn every_admin_call_in_the_runbook_works_as_written() {
     herald.wait_for_metric("herald_dlq_depth", 3.0).await;
 
     // Triage.
-    let status: Value = serde_json::from_str(&run(&calls, "status", &herald, None)).unwrap();
+    let status: Value = serde_json::from_str(&run(&calls, "status", herald, None)).unwrap();
     assert!(
         status["actors"].as_array().is_some_and(|a| !a.is_empty()),
         "{status}"
     );
     assert_eq!(status["redis"], "healthy");
-    let signals = run(&calls, "signals", &herald, None);
+    let signals = run(&calls, "signals", herald, None);
     for metric in [
         "herald_idempotency_requests_total",
         "herald_delivery_attempts_total",
@@ -131,11 +115,11 @@ async fn every_admin_call_in_the_runbook_works_as_written() {
     ] {
         assert!(signals.contains(metric), "{metric} in:\n{signals}");
     }
-    assert!(run(&calls, "deliveries", &herald, None).contains("result=\"dead\""));
-    assert!(run(&calls, "outbox", &herald, None).contains("herald_outbox_pending"));
+    assert!(run(&calls, "deliveries", herald, None).contains("result=\"dead\""));
+    assert!(run(&calls, "outbox", herald, None).contains("herald_outbox_pending"));
 
     // The DLQ: list, fix the cause, replay one, discard one, replay the topic.
-    let list: Value = serde_json::from_str(&run(&calls, "dlq-list", &herald, None)).unwrap();
+    let list: Value = serde_json::from_str(&run(&calls, "dlq-list", herald, None)).unwrap();
     let letters = list["items"].as_array().expect("items");
     assert_eq!(letters.len(), 3, "{list}");
     // Which letter is whose, through its event's payload.
@@ -156,7 +140,7 @@ async fn every_admin_call_in_the_runbook_works_as_written() {
     let replayed: Value = serde_json::from_str(&run(
         &calls,
         "dlq-replay-one",
-        &herald,
+        herald,
         Some(&by_user["replayme@example.com"]),
     ))
     .unwrap();
@@ -164,13 +148,13 @@ async fn every_admin_call_in_the_runbook_works_as_written() {
     let discarded: Value = serde_json::from_str(&run(
         &calls,
         "dlq-discard",
-        &herald,
+        herald,
         Some(&by_user["discardme@example.com"]),
     ))
     .unwrap();
     assert_eq!(discarded["result"], "discarded", "{discarded}");
     let by_topic: Value =
-        serde_json::from_str(&run(&calls, "dlq-replay-topic", &herald, None)).unwrap();
+        serde_json::from_str(&run(&calls, "dlq-replay-topic", herald, None)).unwrap();
     assert_eq!(
         by_topic["replayed"], 1,
         "only the one still open: {by_topic}"

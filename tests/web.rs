@@ -10,30 +10,15 @@ use std::time::{Duration, Instant};
 use fantoccini::Locator;
 use herald::client::lossy_proxy::LossyProxy;
 use support::browser::Browser;
-use support::fake_resend::{FakeResend, API_KEY};
-use support::{count, eventually, Daemon, Postgres, Redis};
+use support::{count, eventually, Daemon, Postgres, Redis, Stack};
 
 const TITLES: &str =
     "return Array.from(document.querySelectorAll('#jobs .job-title')).map(e => e.textContent)";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_page_streams_new_jobs_and_a_lost_apply_response_still_applies_once() {
-    let pg = Postgres::start().await;
-    let redis = Redis::start().await;
-    let resend = FakeResend::start().await;
-    let base = resend.base_url();
-    let herald = Daemon::start(
-        &pg.url(),
-        Some(&redis.url()),
-        &[
-            ("HERALD_EMAIL__TRANSPORT", "resend"),
-            ("RESEND_API_KEY", API_KEY),
-            ("RESEND_BASE_URL", &base),
-            ("HERALD_EMAIL__MAX_PER_SEC", "100"),
-        ],
-    )
-    .await;
-    let db = pg.pool().await;
+    let stack = Stack::start(&[]).await;
+    let (herald, resend, db) = (&stack.herald, &stack.resend, stack.db.clone());
     herald.post_job("Rust engineer").await;
     herald.post_job("Site reliability engineer").await;
     // Loses the response of the first apply after `drop_first_apply` is set.
@@ -189,19 +174,7 @@ async fn the_page_streams_new_jobs_and_a_lost_apply_response_still_applies_once(
         || async { (resend.sent_to("ada@example.com") >= 1).then_some(()) },
     )
     .await;
-    eventually("every event settled", Duration::from_secs(30), || {
-        let db = db.clone();
-        async move {
-            (count(
-                &db,
-                "SELECT count(*) FROM outbox_events WHERE settled_at IS NULL",
-            )
-            .await
-                == 0)
-                .then_some(())
-        }
-    })
-    .await;
+    stack.wait_until_settled(Duration::from_secs(30)).await;
     assert_eq!(resend.sent_to("ada@example.com"), 1, "exactly one email");
 
     // A reload keeps the outcome (sessionStorage) instead of offering Apply.

@@ -650,3 +650,48 @@ pub async fn count(pool: &sqlx::PgPool, sql: &'static str) -> i64 {
         .await
         .expect("count query")
 }
+
+/// Postgres, Redis, a fake Resend and one daemon sending email through it:
+/// the world of the tests that count emails where they land.
+pub struct Stack {
+    pub pg: Postgres,
+    pub redis: Redis,
+    pub resend: fake_resend::FakeResend,
+    pub herald: Daemon,
+    pub db: sqlx::PgPool,
+}
+
+impl Stack {
+    /// Starts it all; `extra` settings go to the daemon after the email ones.
+    pub async fn start(extra: &[(&str, &str)]) -> Stack {
+        let pg = Postgres::start().await;
+        let redis = Redis::start().await;
+        let resend = fake_resend::FakeResend::start().await;
+        let base = resend.base_url();
+        let mut env: Vec<(&str, &str)> = vec![
+            ("HERALD_EMAIL__TRANSPORT", "resend"),
+            ("RESEND_API_KEY", fake_resend::API_KEY),
+            ("RESEND_BASE_URL", &base),
+            ("HERALD_EMAIL__MAX_PER_SEC", "1000"),
+        ];
+        env.extend_from_slice(extra);
+        let herald = Daemon::start(&pg.url(), Some(&redis.url()), &env).await;
+        let db = pg.pool().await;
+        Stack {
+            pg,
+            redis,
+            resend,
+            herald,
+            db,
+        }
+    }
+
+    /// Waits until every outbox event is settled (delivered, dead or fanned out).
+    pub async fn wait_until_settled(&self, within: Duration) {
+        eventually("every outbox event settled", within, || async {
+            let open = "SELECT count(*) FROM outbox_events WHERE settled_at IS NULL";
+            (count(&self.db, open).await == 0).then_some(())
+        })
+        .await;
+    }
+}
