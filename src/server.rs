@@ -25,7 +25,9 @@ use crate::actors::outbox_relay::OutboxRelayArgs;
 use crate::actors::retry_budget::{RetryBudgetArgs, RetryBudgetHandle};
 use crate::actors::sse_hub::{Admission, SseHubArgs, SseHubHandle};
 use crate::actors::supervisor::{ActorTree, Slots, TreeArgs};
-use crate::broker::redis_streams::StreamPublisher;
+use crate::broker::in_process::InProcessBroker;
+use crate::broker::redis_streams::RedisBroker;
+use crate::broker::Broker;
 use crate::config::{Config, ConfigError, Secret};
 use crate::email::file::FileTransport;
 use crate::email::resend::ResendTransport;
@@ -120,22 +122,21 @@ struct Pipeline {
     ledger: Option<ConsumerArgs<LedgerConsumer>>,
 }
 
-/// The pipeline's arguments, with Redis as the broker.
+/// The pipeline's arguments, around `broker`.
 fn pipeline_args(
     config: &Config,
-    redis_url: &str,
+    broker: &Arc<dyn Broker>,
     store: &Arc<dyn Store>,
     budget: RetryBudgetHandle,
     wake: Arc<tokio::sync::Notify>,
 ) -> anyhow::Result<Pipeline> {
     let redeliver_after = Duration::from_secs(config.relay.redeliver_after_secs);
-    let publisher = StreamPublisher::connect(redis_url).context("configuration key `redis_url`")?;
     let listen_url = (config.database_url.scheme() == "postgres"
         || config.database_url.scheme() == "postgresql")
         .then(|| config.database_url.expose().to_string());
     let relay = OutboxRelayArgs {
         store: store.clone(),
-        publisher,
+        publisher: broker.clone(),
         listen_url,
         wake,
         max_publish_per_sec: config.relay.max_publish_per_sec,
@@ -143,7 +144,7 @@ fn pipeline_args(
         poll_interval: Duration::from_millis(config.relay.poll_interval_ms),
     };
     let pool = PoolArgs {
-        redis_url: redis_url.to_string(),
+        broker: broker.clone(),
         consumer_name: format!("herald-{}-{}", std::process::id(), Uuid::new_v4().simple()),
         workers: config.email.workers as usize,
         reclaim_after: redeliver_after
@@ -214,24 +215,23 @@ pub async fn run(
     };
     let budget_args = RetryBudgetArgs::default();
     let budget = RetryBudgetHandle::new(slots.retry_budget.clone(), budget_args.view.clone());
-    let pipeline = match &config.redis_url {
-        _ if !config.relay.enabled => {
-            info!("relay.enabled = false: this process does not deliver outbox events");
-            Pipeline::default()
+    // Redis Streams when configured (shared by every process); otherwise
+    // the in-process broker of the embedded mode.
+    let broker: Arc<dyn Broker> = match &config.redis_url {
+        Some(url) => {
+            Arc::new(RedisBroker::connect(url.expose()).context("configuration key `redis_url`")?)
         }
-        Some(url) => pipeline_args(
-            &config,
-            url.expose(),
-            &store,
-            budget.clone(),
-            outbox_wake.clone(),
-        )?,
-        None => {
-            // The in-process broker of the embedded mode comes with issue 6.
-            warn!("no redis_url: outbox events are stored but not delivered");
-            Pipeline::default()
-        }
+        None => Arc::new(InProcessBroker::new()),
     };
+    let pipeline = if config.relay.enabled {
+        pipeline_args(&config, &broker, &store, budget.clone(), outbox_wake.clone())?
+    } else {
+        info!("relay.enabled = false: this process does not deliver outbox events");
+        Pipeline::default()
+    };
+    // Without Redis and without a relay, nothing would ever reach the
+    // in-process broker: the stream then serves snapshots only.
+    let stream_broker = (config.redis_url.is_some() || config.relay.enabled).then(|| broker.clone());
     let actors = ActorTree::start(
         TreeArgs {
             key_registry: KeyRegistryArgs {
@@ -259,7 +259,7 @@ pub async fn run(
             },
             sse_hub: SseHubArgs {
                 store: store.clone(),
-                redis_url: config.redis_url.as_ref().map(|u| u.expose().to_string()),
+                broker: stream_broker,
                 snapshot_jobs: config.sse.snapshot_jobs,
                 history: config.sse.history,
             },
@@ -295,7 +295,7 @@ pub async fn run(
 
     let stop_rx_deadline = stop_rx.clone();
     let (public_addr, admin_addr) = listeners.addresses()?;
-    info!(%public_addr, %admin_addr, backend = state.store.backend(), "herald serving");
+    info!(%public_addr, %admin_addr, backend = state.store.backend(), broker = broker.name(), "herald serving");
     let public_server = warp::serve(listener_filter(state.clone(), public::dispatch))
         .incoming(listeners.public)
         .graceful(stopped(stop_rx.clone()))

@@ -1,9 +1,9 @@
 //! The consuming side shared by every broker consumer (EmailSender,
-//! LedgerConsumer): a reader task takes entries from one topic's stream as
-//! this process's member of the consumer's group and hands each to a worker;
+//! LedgerConsumer): a reader task takes entries from one topic as this
+//! process's member of the consumer's group (Redis Streams or in-process) and hands each to a worker;
 //! at most `workers` run at once (a semaphore; the reader never reads more
 //! than there are free workers). Every so often it also reclaims entries a
-//! dead process read and never acknowledged (`XAUTOCLAIM`).
+//! dead reader took and never acknowledged (`XAUTOCLAIM` on Redis).
 //!
 //! What a worker does with an entry is the consumer's [`Handler`]; it
 //! answers whether the entry may be acknowledged (its outcome is recorded in
@@ -21,8 +21,7 @@ use tracing::warn;
 use uuid::Uuid;
 
 use super::spawn_loop;
-use crate::broker::redis_streams::StreamConsumer;
-use crate::broker::{BrokerError, Delivery};
+use crate::broker::{Broker, BrokerError, Delivery};
 use crate::retry::reconnect_pause;
 use crate::store::{DeliveryDecision, DeliveryResult, StoreError};
 use crate::telemetry::metrics as m;
@@ -40,7 +39,8 @@ pub trait Handler: Send + Sync + 'static {
 /// Where and how widely a consumer reads.
 #[derive(Clone)]
 pub struct PoolArgs {
-    pub redis_url: String,
+    /// Redis Streams, or the in-process broker of the embedded mode.
+    pub broker: Arc<dyn Broker>,
     /// This process's name within the group (unique per process start).
     pub consumer_name: String,
     pub workers: usize,
@@ -51,13 +51,12 @@ pub struct PoolArgs {
 /// Reads and dispatches entries until the pool closes.
 pub async fn consume<H: Handler>(pool: PoolArgs, handler: Arc<H>) -> Result<(), BrokerError> {
     let name = handler.consumer();
-    let consumer = Arc::new(StreamConsumer::connect(
-        &pool.redis_url,
+    let consumer = pool.broker.group(
         handler.topic(),
         name,
         &pool.consumer_name,
         Duration::from_millis(1000),
-    )?);
+    )?;
     let workers = Arc::new(Semaphore::new(pool.workers.max(1)));
     let mut last_reclaim = tokio::time::Instant::now();
     let mut failures: u32 = 0;

@@ -36,8 +36,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::spawn_loop;
-use crate::broker::redis_streams::StreamPublisher;
-use crate::broker::Envelope;
+use crate::broker::{Broker, Envelope};
 use crate::domain::topics;
 use crate::retry::reconnect_pause;
 use crate::store::Store;
@@ -55,8 +54,10 @@ const FAN_OUT_TOPICS: [&str; 1] = [topics::JOB_POSTED];
 #[derive(Clone)]
 pub struct OutboxRelayArgs {
     pub store: Arc<dyn Store>,
-    pub publisher: StreamPublisher,
-    /// `postgres://…` URL for `LISTEN`; `None` polls only.
+    /// Redis Streams, or the in-process broker of the embedded mode.
+    pub publisher: Arc<dyn Broker>,
+    /// `postgres://…` URL for `LISTEN`; `None` (SQLite) relies on the
+    /// in-process wake-up and the poll.
     pub listen_url: Option<String>,
     /// Poked by this process's request handlers after a commit with an event.
     pub wake: Arc<Notify>,

@@ -1,8 +1,9 @@
 //! SseHub: the live job stream's fan-out (SPEC 5).
 //!
 //! ```text
-//!  Redis Stream herald:stream:job.posted   (every process reads all of it: XREAD)
-//!        │  StreamTail task, owned by the hub: cursor → Published(batch)
+//!  broker topic job.posted   (every process reads all of it: a Tail —
+//!        │                     XREAD on Redis, the log itself in-process)
+//!        │  tail task, owned by the hub: cursor → Published(batch)
 //!        ▼
 //!  SseHub actor ── latest jobs (the snapshot, in memory)
 //!        │         history ring (the last `sse.history` events, for Last-Event-ID)
@@ -45,8 +46,7 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use super::{spawn_loop, ActorSlot};
-use crate::broker::redis_streams::StreamTail;
-use crate::broker::EventCursor;
+use crate::broker::{Broker, EventCursor};
 use crate::domain::topics;
 use crate::retry::reconnect_pause;
 use crate::store::Store;
@@ -58,9 +58,10 @@ const READ_BATCH: u64 = 500;
 #[derive(Clone)]
 pub struct SseHubArgs {
     pub store: Arc<dyn Store>,
-    /// Where `job.posted` is read from; `None` (no broker yet, issue 6): the
-    /// snapshot is read once and no deltas arrive.
-    pub redis_url: Option<String>,
+    /// Where `job.posted` is read from; `None` (this process delivers
+    /// nothing: `relay.enabled = false` without Redis): the snapshot is read
+    /// once and no deltas arrive.
+    pub broker: Option<Arc<dyn Broker>>,
     /// How many of the latest jobs the snapshot carries.
     pub snapshot_jobs: usize,
     /// How many events the history ring keeps for `Last-Event-ID`.
@@ -241,17 +242,12 @@ fn job_id(job: &serde_json::Value) -> Option<Uuid> {
 async fn follow_stream(
     myself: ActorRef<SseHubMsg>,
     store: Arc<dyn Store>,
-    redis_url: Option<String>,
+    broker: Option<Arc<dyn Broker>>,
     snapshot_jobs: usize,
 ) -> anyhow::Result<()> {
-    let tail = match &redis_url {
-        Some(url) => Some(StreamTail::connect(
-            url,
-            topics::JOB_POSTED,
-            Duration::from_secs(5),
-        )?),
-        None => None,
-    };
+    let tail = broker
+        .map(|b| b.tail(topics::JOB_POSTED, Duration::from_secs(5)))
+        .transpose()?;
     // The stream's position first, the database second: a job committed in
     // between is then both in the snapshot and after the cursor, never in
     // neither.
@@ -290,7 +286,7 @@ async fn follow_stream(
         return Ok(()); // the hub is gone
     }
     let Some(tail) = tail else {
-        warn!("no redis_url: the job stream serves its snapshot but no live deltas until issue 6's in-process broker");
+        warn!("no broker in this process: the job stream serves its snapshot but no live deltas");
         return std::future::pending().await;
     };
     failures = 0;
@@ -335,7 +331,7 @@ impl Actor for SseHub {
             follow_stream(
                 myself,
                 args.store.clone(),
-                args.redis_url.clone(),
+                args.broker.clone(),
                 args.snapshot_jobs,
             ),
             SseHubMsg::TailEnded,

@@ -8,13 +8,80 @@
 //! their inbox. The broker is never the only copy of anything: every envelope
 //! comes from an outbox row that stays unsettled until a consumer settles it.
 //!
-//! Production uses Redis Streams ([`redis_streams`]); the embedded mode's
-//! in-process broker arrives with the SQLite backend (issue 6).
+//! Two implementations of [`Broker`]: Redis Streams ([`redis_streams`]) in
+//! production, shared by every process, and the in-process broker
+//! ([`in_process`]) when no `redis_url` is configured (the embedded mode).
+//! Both give the actors the same three roles:
+//!
+//! - publish (the OutboxRelay), Ok only once the broker holds the batch;
+//! - a consumer group per consuming actor ([`GroupReader`]): read, ack, and
+//!   reclaim what a dead reader left unacknowledged;
+//! - a tail ([`Tail`]) per SseHub: every entry of a topic, from a cursor.
 
+pub mod in_process;
 pub mod redis_streams;
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
+
+/// Where events go between the relay and the consumers.
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// `redis` or `in-process`, for `/admin/status` and the log.
+    fn name(&self) -> &'static str;
+
+    /// Appends every envelope to its topic; `Ok` only if all were accepted.
+    async fn publish(&self, envelopes: &[Envelope]) -> Result<(), BrokerError>;
+
+    /// This process's member `consumer` of `group`, reading `topic`; a read
+    /// waits up to `block` for new entries.
+    fn group(
+        &self,
+        topic: &str,
+        group: &str,
+        consumer: &str,
+        block: Duration,
+    ) -> Result<Arc<dyn GroupReader>, BrokerError>;
+
+    /// Every entry of `topic` from a cursor; a read waits up to `block`.
+    fn tail(&self, topic: &str, block: Duration) -> Result<Box<dyn Tail>, BrokerError>;
+}
+
+/// One entry read by a group member: a delivery, or an unreadable entry
+/// (with its receipt, to acknowledge and drop).
+pub type Received = Result<Delivery, BrokerError>;
+
+/// One entry read by a [`Tail`]: its cursor, and its envelope unless it was
+/// unreadable.
+pub type Tailed = (EventCursor, Result<Envelope, BrokerError>);
+
+/// The consuming side of one consumer group, for one topic.
+#[async_trait]
+pub trait GroupReader: Send + Sync {
+    /// Creates the topic and the group if missing (idempotent).
+    async fn ensure_group(&self) -> Result<(), BrokerError>;
+    /// New entries for this member, waiting up to the block time.
+    async fn read(&self, count: u64) -> Result<Vec<Received>, BrokerError>;
+    /// Entries members read and left unacknowledged for `min_idle`.
+    async fn reclaim(&self, min_idle: Duration, count: u64) -> Result<Vec<Received>, BrokerError>;
+    /// Acknowledges finished entries.
+    async fn ack(&self, receipts: &[String]) -> Result<(), BrokerError>;
+}
+
+/// Every entry of one topic, read without a group (each reader sees all).
+#[async_trait]
+pub trait Tail: Send + Sync {
+    /// The newest entry's cursor ([`EventCursor::ZERO`] when empty): reading
+    /// after it yields only what comes next.
+    async fn newest(&self) -> Result<EventCursor, BrokerError>;
+    /// Entries after `cursor`, waiting up to the block time for one.
+    async fn read_after(&self, cursor: EventCursor, count: u64)
+        -> Result<Vec<Tailed>, BrokerError>;
+}
 
 /// One outbox event on its way to a consumer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,7 +113,8 @@ pub enum BrokerError {
 }
 
 /// A position in the one global order in which events were published: a
-/// Redis Stream entry id (`<milliseconds>-<sequence>`). The SSE `id:` of
+/// Redis Stream entry id (`<milliseconds>-<sequence>`; the in-process broker
+/// numbers its entries the same way). The SSE `id:` of
 /// every stream event, and what `Last-Event-ID` carries back; the same in
 /// every process, so a client may resume on any of them (SPEC 5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]

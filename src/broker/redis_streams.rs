@@ -22,10 +22,15 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use async_trait::async_trait;
 use fred::prelude::*;
 use fred::types::streams::{XCap, XCapKind, XCapTrim, XReadResponse, XReadValue};
 
-use super::{BrokerError, Delivery, Envelope, EventCursor};
+use super::{
+    Broker, BrokerError, Delivery, Envelope, EventCursor, GroupReader, Received, Tail, Tailed,
+};
 
 /// Upper bound on a stream's length (approximate trimming).
 const STREAM_MAXLEN: i64 = 1_000_000;
@@ -107,10 +112,6 @@ impl StreamPublisher {
     }
 }
 
-/// One entry read from a stream: a delivery, or an unreadable entry (with
-/// its receipt, to acknowledge and drop).
-pub type Received = Result<Delivery, BrokerError>;
-
 /// `XAUTOCLAIM`'s answer: the next cursor and the claimed entries.
 type Autoclaimed = (String, Vec<XReadValue<String, String, String>>);
 
@@ -142,8 +143,11 @@ impl StreamConsumer {
         })
     }
 
-    /// Creates the stream and the group if missing (idempotent).
-    pub async fn ensure_group(&self) -> Result<(), BrokerError> {
+}
+
+#[async_trait]
+impl GroupReader for StreamConsumer {
+    async fn ensure_group(&self) -> Result<(), BrokerError> {
         let created: Result<Value, _> = self
             .client
             .xgroup_create(&self.stream, &self.group, "0", true)
@@ -155,8 +159,7 @@ impl StreamConsumer {
         }
     }
 
-    /// New entries for this consumer, waiting up to the block time.
-    pub async fn read(&self, count: u64) -> Result<Vec<Received>, BrokerError> {
+    async fn read(&self, count: u64) -> Result<Vec<Received>, BrokerError> {
         // A read that times out answers nil, which fred cannot turn into a
         // map: take the raw value and convert only a non-nil one.
         let read: Result<Value, _> = self
@@ -193,8 +196,7 @@ impl StreamConsumer {
         }
     }
 
-    /// Entries other consumers read and left unacknowledged for `min_idle`.
-    pub async fn reclaim(
+    async fn reclaim(
         &self,
         min_idle: Duration,
         count: u64,
@@ -221,8 +223,7 @@ impl StreamConsumer {
         }
     }
 
-    /// Acknowledges finished entries.
-    pub async fn ack(&self, receipts: &[String]) -> Result<(), BrokerError> {
+    async fn ack(&self, receipts: &[String]) -> Result<(), BrokerError> {
         if receipts.is_empty() {
             return Ok(());
         }
@@ -264,10 +265,6 @@ pub struct StreamTail {
     block: Duration,
 }
 
-/// One entry read by a [`StreamTail`]: its cursor, and its envelope unless
-/// it was unreadable.
-pub type Tailed = (EventCursor, Result<Envelope, BrokerError>);
-
 impl StreamTail {
     pub fn connect(url: &str, topic: &str, block: Duration) -> Result<StreamTail, BrokerError> {
         Ok(StreamTail {
@@ -277,9 +274,11 @@ impl StreamTail {
         })
     }
 
-    /// The id of the newest entry ([`EventCursor::ZERO`] for an empty or
-    /// missing stream): reading after it yields only what comes next.
-    pub async fn newest(&self) -> Result<EventCursor, BrokerError> {
+}
+
+#[async_trait]
+impl Tail for StreamTail {
+    async fn newest(&self) -> Result<EventCursor, BrokerError> {
         let newest: Vec<XReadValue<String, String, String>> = self
             .client
             .xrevrange_values(&self.stream, "+", "-", Some(1))
@@ -291,8 +290,7 @@ impl StreamTail {
             .unwrap_or(EventCursor::ZERO))
     }
 
-    /// Entries after `cursor`, waiting up to the block time for one.
-    pub async fn read_after(
+    async fn read_after(
         &self,
         cursor: EventCursor,
         count: u64,
@@ -322,5 +320,49 @@ impl StreamTail {
                 Some((cursor, decode(entry).map(|d| d.envelope)))
             })
             .collect())
+    }
+}
+
+/// The Redis Streams [`Broker`]: the publisher's connection, and the URL
+/// from which each group member and tail opens its own (blocking reads must
+/// not stall anyone else's commands).
+pub struct RedisBroker {
+    url: String,
+    publisher: StreamPublisher,
+}
+
+impl RedisBroker {
+    pub fn connect(url: &str) -> Result<RedisBroker, BrokerError> {
+        Ok(RedisBroker {
+            url: url.to_string(),
+            publisher: StreamPublisher::connect(url)?,
+        })
+    }
+}
+
+#[async_trait]
+impl Broker for RedisBroker {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn publish(&self, envelopes: &[Envelope]) -> Result<(), BrokerError> {
+        self.publisher.publish(envelopes).await
+    }
+
+    fn group(
+        &self,
+        topic: &str,
+        group: &str,
+        consumer: &str,
+        block: Duration,
+    ) -> Result<Arc<dyn GroupReader>, BrokerError> {
+        Ok(Arc::new(StreamConsumer::connect(
+            &self.url, topic, group, consumer, block,
+        )?))
+    }
+
+    fn tail(&self, topic: &str, block: Duration) -> Result<Box<dyn Tail>, BrokerError> {
+        Ok(Box::new(StreamTail::connect(&self.url, topic, block)?))
     }
 }

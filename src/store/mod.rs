@@ -3,13 +3,15 @@
 //! Everything Herald must not lose lives behind this trait: jobs, applications,
 //! idempotency keys and the transactional outbox. A backend is chosen by the
 //! scheme of `database_url` ([`connect`]); each backend owns its migrations
-//! folder under `migrations/<backend>/`. Postgres is the production backend;
-//! the SQLite backend of the embedded mode plugs in behind the same trait.
+//! folder under `migrations/<backend>/`. Postgres ([`postgres`]) is the
+//! production backend; SQLite ([`sqlite`]) is the embedded mode's, one file
+//! and nothing to install.
 //!
 //! The one rule every backend keeps: a business row, its outbox event and the
 //! idempotency key's `completed` outcome commit in **one** transaction.
 
 pub mod postgres;
+pub mod sqlite;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,6 +46,76 @@ impl StoreError {
     pub fn is_unavailable(&self) -> bool {
         matches!(self, StoreError::Unavailable(_))
     }
+}
+
+/// Postgres error codes that mean "try again later", not "your request is bad".
+fn is_unavailable_pg_code(code: &str) -> bool {
+    code.starts_with("08") // connection exception
+        || code.starts_with("53") // insufficient resources (too many connections, disk full)
+        || code.starts_with("57P") // admin shutdown, crash shutdown, cannot connect now
+        || code == "40001" // serialization failure
+        || code == "40P01" // deadlock detected
+}
+
+/// SQLite result codes (primary code: the low byte of the extended one) that
+/// mean "try again later": busy, locked, I/O error, disk full, cannot open.
+fn is_unavailable_sqlite_code(code: Option<&str>) -> bool {
+    let primary = code.and_then(|c| c.parse::<i32>().ok()).map(|c| c & 0xff);
+    matches!(primary, Some(5 | 6 | 10 | 13 | 14))
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Protocol(_) => StoreError::Unavailable(e.to_string()),
+            sqlx::Error::Database(db) => {
+                let unavailable = if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+                    is_unavailable_sqlite_code(db.code().as_deref())
+                } else {
+                    db.code().is_some_and(|c| is_unavailable_pg_code(&c))
+                };
+                if unavailable {
+                    StoreError::Unavailable(e.to_string())
+                } else {
+                    StoreError::Internal(e.to_string())
+                }
+            }
+            _ => StoreError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for StoreError {
+    fn from(e: sqlx::migrate::MigrateError) -> Self {
+        match e {
+            sqlx::migrate::MigrateError::Execute(inner) => inner.into(),
+            other => StoreError::Internal(other.to_string()),
+        }
+    }
+}
+
+
+/// A status column decoded into its enum through its serde names; an
+/// unknown value is a decode error. Shared by both backends' row mappers.
+fn status_column<R, T>(row: &R, column: &str) -> Result<T, sqlx::Error>
+where
+    R: sqlx::Row,
+    for<'c> &'c str: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    T: serde::de::DeserializeOwned,
+{
+    let value: String = row.try_get(column)?;
+    crate::domain::parse_status(&value)
+        .ok_or_else(|| sqlx::Error::Decode(format!("unknown {column} `{value}`").into()))
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<serde_json::Value, StoreError> {
+    serde_json::to_value(value).map_err(|e| StoreError::Internal(e.to_string()))
 }
 
 /// A request to claim an idempotency key.
@@ -330,11 +402,7 @@ pub enum DeliveryResult {
 pub async fn connect(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
     match config.database_url.scheme() {
         "postgres" | "postgresql" => Ok(Arc::new(postgres::PgStore::connect(config).await?)),
-        "sqlite" => Err(StoreError::Unavailable(
-            "the embedded SQLite backend is not built yet; set HERALD_DATABASE_URL to a \
-             postgres:// URL"
-                .into(),
-        )),
+        "sqlite" => Ok(Arc::new(sqlite::SqliteStore::connect(config).await?)),
         other => Err(StoreError::Unavailable(format!(
             "unsupported database_url scheme `{other}`"
         ))),

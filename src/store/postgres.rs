@@ -21,15 +21,14 @@ use sqlx::{Connection, Postgres, Row, Transaction};
 use tracing::instrument;
 use uuid::Uuid;
 
-use super::Purged;
 use super::{
-    ApplyOutcome, DeadLetter, DeliverFn, DeliveryDecision, DeliveryResult, DlqAction,
+    status_column, to_json, ApplyOutcome, Purged, DeadLetter, DeliverFn, DeliveryDecision, DeliveryResult, DlqAction,
     DlqTopicStats, KeyClaim, KeyClaimRequest, KeyLease, OutboxStats, PublishFn, RelayStep, Render,
     Store, StoreError,
 };
 use crate::broker::Envelope;
 use crate::config::Config;
-use crate::domain::{parse_status, topics, Application, Charge, Job};
+use crate::domain::{topics, Application, Charge, Job};
 use crate::idempotency::{IdempotencyKey, KeyScope, StoredResponse};
 
 /// Records a delivered event: the consumer's inbox row, the local effect
@@ -98,41 +97,6 @@ WITH letter AS (
     SELECT id, event_id, 'discard', $2 FROM letter
 )
 SELECT count(*) FROM letter";
-
-/// Postgres error codes that mean "try again later", not "your request is bad".
-fn is_unavailable_code(code: &str) -> bool {
-    code.starts_with("08") // connection exception
-        || code.starts_with("53") // insufficient resources (too many connections, disk full)
-        || code.starts_with("57P") // admin shutdown, crash shutdown, cannot connect now
-        || code == "40001" // serialization failure
-        || code == "40P01" // deadlock detected
-}
-
-impl From<sqlx::Error> for StoreError {
-    fn from(e: sqlx::Error) -> Self {
-        match &e {
-            sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::WorkerCrashed
-            | sqlx::Error::Protocol(_) => StoreError::Unavailable(e.to_string()),
-            sqlx::Error::Database(db) if db.code().is_some_and(|c| is_unavailable_code(&c)) => {
-                StoreError::Unavailable(e.to_string())
-            }
-            _ => StoreError::Internal(e.to_string()),
-        }
-    }
-}
-
-impl From<sqlx::migrate::MigrateError> for StoreError {
-    fn from(e: sqlx::migrate::MigrateError) -> Self {
-        match e {
-            sqlx::migrate::MigrateError::Execute(inner) => inner.into(),
-            other => StoreError::Internal(other.to_string()),
-        }
-    }
-}
 
 /// Atomic creation of a key, `in_progress` with a lease. DO NOTHING never
 /// waits on an existing row's lock, so a duplicate of a running request is
@@ -453,16 +417,6 @@ fn job_from_row(row: &PgRow) -> Result<Job, sqlx::Error> {
         posted_at: row.try_get("posted_at")?,
     })
 }
-/// A status column decoded into its enum; an unknown value is a decode error.
-fn status_column<T: serde::de::DeserializeOwned>(
-    row: &PgRow,
-    column: &str,
-) -> Result<T, sqlx::Error> {
-    let value: String = row.try_get(column)?;
-    parse_status(&value)
-        .ok_or_else(|| sqlx::Error::Decode(format!("unknown {column} `{value}`").into()))
-}
-
 fn application_from_row(row: &PgRow) -> Result<Application, sqlx::Error> {
     Ok(Application {
         id: row.try_get("id")?,
@@ -486,10 +440,6 @@ fn charge_from_row(row: &PgRow) -> Result<Charge, sqlx::Error> {
         ledger_status: status_column(row, "ledger_status")?,
         created_at: row.try_get("created_at")?,
     })
-}
-
-fn to_json<T: serde::Serialize>(value: &T) -> Result<serde_json::Value, StoreError> {
-    serde_json::to_value(value).map_err(|e| StoreError::Internal(e.to_string()))
 }
 
 #[async_trait]
