@@ -113,8 +113,10 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
-    /// Whether `POST /api/dev/login` exists. Never on in production.
-    pub dev_login: bool,
+    /// Whether `POST /api/dev/login` exists. Absent: on in the embedded mode
+    /// (a `sqlite://` database), off otherwise. Never on in production.
+    #[serde(default)]
+    pub dev_login: Option<bool>,
     /// Lifetime of a dev-login token.
     pub dev_token_ttl_secs: u64,
 }
@@ -270,6 +272,16 @@ fn describe(errors: figment::Error) -> ConfigError {
 }
 
 impl Config {
+    /// The embedded mode: a `sqlite://` database (SPEC 9).
+    pub fn is_embedded(&self) -> bool {
+        self.database_url.scheme() == "sqlite"
+    }
+
+    /// Whether `POST /api/dev/login` exists (`auth.dev_login`, or by mode).
+    pub fn dev_login(&self) -> bool {
+        self.auth.dev_login.unwrap_or_else(|| self.is_embedded())
+    }
+
     /// Loads defaults, the `HERALD_CONFIG` file and the process environment.
     pub fn load() -> Result<Config, ConfigError> {
         Self::from_figment(Self::figment())

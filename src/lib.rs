@@ -17,11 +17,13 @@
 //! - [`domain`]: typed request and resource values that validate on construction.
 //! - [`idempotency`]: the key type, the canonical-JSON fingerprint and the Redis
 //!   hot tier in front of the database's key table.
-//! - [`store`]: the storage trait and its Postgres backend (own migrations).
+//! - [`store`]: the storage trait and its backends, Postgres and SQLite, each
+//!   with its own migrations folder, chosen by `database_url`'s scheme.
+//! - [`secrets`]: the embedded mode's generated admin token and JWT secret.
 //! - [`actors`]: the root supervisor and its children (KeyRegistry,
 //!   OutboxRelay, EmailSender pool, RetryBudget, DlqMonitor, Janitor, SseHub).
-//! - [`broker`]: at-least-once transport of outbox events (Redis Streams), and
-//!   the global event cursor the stream's `id:` carries.
+//! - [`broker`]: at-least-once transport of outbox events (Redis Streams, or
+//!   in-process without Redis), and the event cursor the stream's `id:` carries.
 //! - [`email`]: the confirmation email and its transports (Resend, `.eml` files).
 //! - [`retry`]: the full-jitter retry schedule.
 //! - [`http`]: routes, authentication, RFC 9457 problem errors, listeners, the
@@ -42,6 +44,7 @@ pub mod email;
 pub mod http;
 pub mod idempotency;
 pub mod retry;
+pub mod secrets;
 pub mod server;
 pub mod store;
 pub mod telemetry;

@@ -72,11 +72,31 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(mut config: Config) -> anyhow::Result<()> {
+    let new_admin_token = herald::secrets::ensure_embedded_secrets(&mut config)?;
     let listeners = Listeners::bind(&config).await?;
     let (public, admin) = listeners.addresses()?;
     // One machine-readable line on stdout: tests and scripts read the ports from it.
     println!("herald listening public=http://{public} admin=http://{admin}");
+    if config.is_embedded() {
+        println!();
+        println!("  Herald is running (embedded: {}, in-process broker, {} email).", config.database_url.expose(), config.email.transport);
+        println!("  Job board:  http://{public}/");
+        println!("  Admin API:  http://{admin}/admin/status   (Authorization: Bearer <admin token>)");
+        match &new_admin_token {
+            Some(token) => println!(
+                "  Admin token (shown once; kept in {}): {}",
+                config.state_dir.join("admin_token").display(),
+                token.expose()
+            ),
+            None if config.admin_token.is_some() => println!(
+                "  Admin token: as configured, or in {}",
+                config.state_dir.join("admin_token").display()
+            ),
+            None => {}
+        }
+        println!();
+    }
     server::run(config, listeners, shutdown_signal()).await
 }
 

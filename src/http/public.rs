@@ -324,7 +324,7 @@ async fn get_charge(state: &AppState, request: &Request, id: &str) -> Result<Res
 }
 
 fn dev_login(state: &AppState, request: &Request) -> Result<Response, ApiError> {
-    if !state.config.auth.dev_login {
+    if !state.config.dev_login() {
         return Err(ApiError::DevLoginDisabled);
     }
     let body = request.body.as_ref().map_err(clone_error)?;
