@@ -4,42 +4,41 @@
 //! Every outcome is read from outside the code under test: HTTP responses,
 //! rows in the database, `/metrics`.
 
+#[macro_use]
 mod support;
 
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::{count, eventually, user_token, Daemon, Postgres, Redis, ADMIN_TOKEN};
+use support::{count, eventually, user_token, Backend, Backing, Daemon, Db, ADMIN_TOKEN};
 
 struct World {
-    pg: Postgres,
-    redis: Redis,
+    b: Backing,
     herald: Daemon,
-    db: sqlx::PgPool,
+    db: Db,
 }
 
+/// A daemon on Postgres + Redis (the tests that need those servers).
 async fn world(extra: &[(&str, &str)]) -> World {
-    let pg = Postgres::start().await;
-    let redis = Redis::start().await;
-    let herald = Daemon::start(&pg.url(), Some(&redis.url()), extra).await;
-    let db = pg.pool().await;
-    World {
-        pg,
-        redis,
-        herald,
-        db,
-    }
+    world_on(Backend::Postgres, extra).await
+}
+
+async fn world_on(backend: Backend, extra: &[(&str, &str)]) -> World {
+    let b = Backing::start(backend).await;
+    let herald = b.daemon(extra).await;
+    let db = b.db().await;
+    World { b, herald, db }
 }
 
 fn job_id(job: &Value) -> String {
     job["id"].as_str().expect("job id").to_string()
 }
 
-async fn applications(db: &sqlx::PgPool) -> i64 {
+async fn applications(db: &Db) -> i64 {
     count(db, "SELECT count(*) FROM applications").await
 }
 
-async fn application_events(db: &sqlx::PgPool) -> i64 {
+async fn application_events(db: &Db) -> i64 {
     count(
         db,
         "SELECT count(*) FROM outbox_events WHERE topic = 'application.submitted'",
@@ -63,9 +62,8 @@ async fn problem(response: reqwest::Response, status: u16, code: &str) -> Value 
 
 // ---------------------------------------------------------------- outcome table
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_new_key_and_a_new_application_answer_201_with_the_application() {
-    let w = world(&[]).await;
+async fn a_new_key_and_a_new_application_answer_201_with_the_application(backend: Backend) {
+    let w = world_on(backend, &[]).await;
     let job = w.herald.post_job("Rust engineer").await;
     let token = user_token("alice");
     let r = w
@@ -89,9 +87,8 @@ async fn a_new_key_and_a_new_application_answer_201_with_the_application() {
     assert_eq!(completed, 1, "the key's outcome committed with the rows");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_same_key_and_request_replay_the_stored_status_and_body() {
-    let w = world(&[]).await;
+async fn the_same_key_and_request_replay_the_stored_status_and_body(backend: Backend) {
+    let w = world_on(backend, &[]).await;
     let job = w.herald.post_job("Rust engineer").await;
     let token = user_token("alice");
     let body = json!({"job_id": job_id(&job), "cover_letter": "Hello"});
@@ -164,27 +161,32 @@ async fn wait_until_blocked(db: &sqlx::PgPool) {
         "the first request to wait on the held application",
         Duration::from_secs(10),
         || async move {
-            let n = count(
-                db,
+            let n: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
             )
-            .await;
+            .fetch_one(db)
+            .await
+            .expect("pg_stat_activity");
             (n >= 1).then_some(())
         },
     )
     .await;
 }
 
-async fn in_flight_duplicate_gets_409(kill_redis: bool) {
-    let mut w = world(&[]).await;
+async fn in_flight_duplicate_gets_409(backend: Backend, kill_redis: bool) {
+    // The first keyed request holds its claim for 3 s after taking it.
+    let mut w = world_on(
+        backend,
+        &[("FAILPOINTS", "intake-after-claim=1*return(3000)")],
+    )
+    .await;
     let job = w.herald.post_job("Rust engineer").await;
     if kill_redis {
-        w.redis.kill();
+        w.b.redis_mut().kill();
         w.herald.wait_for_metric("herald_redis_fallback", 1.0).await;
     }
     let token = user_token("alice");
     let body = json!({"job_id": job_id(&job)});
-    let lock = hold_application(&w.db, "alice", &job_id(&job)).await;
     let first = {
         let (herald_url, token, body) = (
             w.herald.url("/api/applications"),
@@ -202,11 +204,18 @@ async fn in_flight_duplicate_gets_409(kill_redis: bool) {
                 .unwrap()
         })
     };
-    wait_until_blocked(&w.db).await;
+    eventually(
+        "the first request to hold its claim",
+        Duration::from_secs(10),
+        || async {
+            let held = "SELECT count(*) FROM idempotency_keys WHERE state = 'in_progress'";
+            (count(&w.db, held).await == 1).then_some(())
+        },
+    )
+    .await;
     let second = w.herald.apply(&token, Some("key-1"), &body).await;
     assert_eq!(second.headers()["retry-after"], "1");
     problem(second, 409, "idempotency_in_flight").await;
-    lock.rollback().await.unwrap();
     let first = first.await.unwrap();
     assert_eq!(first.status(), 201);
     let retry = w.herald.apply(&token, Some("key-1"), &body).await;
@@ -221,19 +230,19 @@ async fn in_flight_duplicate_gets_409(kill_redis: bool) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_same_key_while_the_first_request_runs_answers_409_with_retry_after() {
-    in_flight_duplicate_gets_409(false).await;
+async fn the_same_key_while_the_first_request_runs_answers_409_with_retry_after(
+    backend: Backend,
+) {
+    in_flight_duplicate_gets_409(backend, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_same_key_while_the_first_request_runs_answers_409_without_redis_too() {
-    in_flight_duplicate_gets_409(true).await;
+    in_flight_duplicate_gets_409(Backend::Postgres, true).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_same_key_with_a_different_request_answers_422_and_nothing_of_the_first() {
-    let w = world(&[]).await;
+async fn the_same_key_with_a_different_request_answers_422_and_nothing_of_the_first(backend: Backend) {
+    let w = world_on(backend, &[]).await;
     let job_a = w.herald.post_job("A").await;
     let job_b = w.herald.post_job("B").await;
     let token = user_token("alice");
@@ -255,7 +264,9 @@ async fn the_same_key_with_a_different_request_answers_422_and_nothing_of_the_fi
             !body.to_string().contains(&first_id),
             "round {round}: {body}"
         );
-        w.redis.cli(&["FLUSHALL"]).expect("flushall");
+        if let Some(redis) = &w.b.redis {
+            redis.cli(&["FLUSHALL"]).expect("flushall");
+        }
     }
     assert_eq!(applications(&w.db).await, 1);
     assert_eq!(
@@ -266,9 +277,8 @@ async fn the_same_key_with_a_different_request_answers_422_and_nothing_of_the_fi
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_malformed_key_answers_400_and_writes_nothing() {
-    let w = world(&[]).await;
+async fn a_malformed_key_answers_400_and_writes_nothing(backend: Backend) {
+    let w = world_on(backend, &[]).await;
     let job = w.herald.post_job("A").await;
     let token = user_token("alice");
     let long = "k".repeat(256);
@@ -310,10 +320,8 @@ async fn a_malformed_key_answers_400_and_writes_nothing() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn applying_again_without_a_key_or_with_a_new_key_returns_the_existing_application_with_200()
-{
-    let w = world(&[]).await;
+async fn applying_again_without_a_key_or_with_a_new_key_returns_the_existing_application_with_200(backend: Backend) {
+    let w = world_on(backend, &[]).await;
     let job = w.herald.post_job("A").await;
     let token = user_token("alice");
     let body = json!({"job_id": job_id(&job)});
@@ -332,9 +340,8 @@ async fn applying_again_without_a_key_or_with_a_new_key_returns_the_existing_app
     assert_eq!(application_events(&w.db).await, 1, "no second email event");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn applying_to_an_unknown_job_answers_404_job_not_found() {
-    let w = world(&[]).await;
+async fn applying_to_an_unknown_job_answers_404_job_not_found(backend: Backend) {
+    let w = world_on(backend, &[]).await;
     let token = user_token("alice");
     let body = json!({"job_id": "01900000-0000-7000-8000-000000000000"});
     problem(
@@ -358,9 +365,8 @@ async fn applying_to_an_unknown_job_answers_404_job_not_found() {
 
 // ---------------------------------------------------------------- concurrency
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn fifty_rounds_of_two_simultaneous_requests_with_one_key_create_one_application_each() {
-    let w = world(&[]).await;
+async fn fifty_rounds_of_two_simultaneous_requests_with_one_key_create_one_application_each(backend: Backend) {
+    let w = world_on(backend, &[]).await;
     let job = w.herald.post_job("A").await;
     let body = json!({"job_id": job_id(&job)});
     for round in 0..50 {
@@ -398,9 +404,8 @@ async fn fifty_rounds_of_two_simultaneous_requests_with_one_key_create_one_appli
     assert_eq!(application_events(&w.db).await, 50);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn another_user_sending_the_same_key_gets_their_own_new_result() {
-    let w = world(&[]).await;
+async fn another_user_sending_the_same_key_gets_their_own_new_result(backend: Backend) {
+    let w = world_on(backend, &[]).await;
     let job = w.herald.post_job("A").await;
     let body = json!({"job_id": job_id(&job)});
     let alice = w
@@ -459,15 +464,15 @@ async fn a_flushall_between_a_request_and_its_retry_still_replays() {
     let first = w.herald.apply(&token, Some("k"), &body).await;
     assert_eq!(first.status(), 201);
     let first = first.text().await.unwrap();
-    assert_eq!(w.redis.cli(&["FLUSHALL"]).as_deref(), Some("OK"));
+    assert_eq!(w.b.redis().cli(&["FLUSHALL"]).as_deref(), Some("OK"));
     let retry = w.herald.apply(&token, Some("k"), &body).await;
     assert_eq!(retry.status(), 201);
     assert_eq!(retry.headers()["idempotent-replayed"], "true");
     assert_eq!(retry.text().await.unwrap(), first);
     // A deleted single key is the same story.
-    let keys = w.redis.cli(&["KEYS", "herald:idem:*"]).unwrap();
+    let keys = w.b.redis().cli(&["KEYS", "herald:idem:*"]).unwrap();
     for key in keys.lines() {
-        w.redis.cli(&["DEL", key]);
+        w.b.redis().cli(&["DEL", key]);
     }
     let again = w.herald.apply(&token, Some("k"), &body).await;
     assert_eq!(again.headers()["idempotent-replayed"], "true");
@@ -481,7 +486,7 @@ async fn with_redis_killed_requests_stay_correct_and_ready_and_the_fallback_gaug
     let job_a = w.herald.post_job("A").await;
     let job_b = w.herald.post_job("B").await;
     assert_eq!(w.herald.metric("herald_redis_fallback").await, 0.0);
-    w.redis.kill();
+    w.b.redis_mut().kill();
     w.herald.wait_for_metric("herald_redis_fallback", 1.0).await;
     let ready = w.herald.get("/readyz").await;
     assert_eq!(ready.status(), 200, "Redis loss is degraded, still ready");
@@ -500,7 +505,7 @@ async fn with_redis_killed_requests_stay_correct_and_ready_and_the_fallback_gaug
     problem(other, 422, "idempotency_key_reused").await;
     assert_eq!(w.herald.apply(&token, None, &body).await.status(), 200);
 
-    w.redis.restart().await;
+    w.b.redis_mut().restart().await;
     w.herald.wait_for_metric("herald_redis_fallback", 0.0).await;
     let replay = w.herald.apply(&token, Some("k"), &body).await;
     assert_eq!(replay.headers()["idempotent-replayed"], "true");
@@ -572,7 +577,7 @@ async fn with_postgres_stopped_requests_get_503_and_their_retries_succeed_once_a
         async move { (counter.load(std::sync::atomic::Ordering::SeqCst) >= 8).then_some(()) }
     })
     .await;
-    w.pg.stop();
+    w.b.pg_mut().stop();
     let mut ops = Vec::new();
     for client in clients {
         ops.extend(client.await.unwrap());
@@ -592,7 +597,7 @@ async fn with_postgres_stopped_requests_get_503_and_their_retries_succeed_once_a
     let ready = w.herald.get("/readyz").await;
     assert_eq!(ready.status(), 503);
 
-    w.pg.restart().await;
+    w.b.pg_mut().restart().await;
     // Nothing half-written: every application has its event, and vice versa.
     let orphans = count(
         &w.db,
@@ -637,7 +642,8 @@ async fn a_key_left_in_progress_by_a_crashed_holder_is_taken_over_after_its_leas
     let job = w.herald.post_job("A").await;
     let token = user_token("alice");
     let body = json!({"job_id": job_id(&job)});
-    let lock = hold_application(&w.db, "alice", &job_id(&job)).await;
+    let pg_db = w.b.pg().pool().await;
+    let lock = hold_application(&pg_db, "alice", &job_id(&job)).await;
     let stuck = {
         let (url, token, body) = (
             w.herald.url("/api/applications"),
@@ -654,7 +660,7 @@ async fn a_key_left_in_progress_by_a_crashed_holder_is_taken_over_after_its_leas
                 .await
         })
     };
-    wait_until_blocked(&w.db).await;
+    wait_until_blocked(&pg_db).await;
     w.herald.kill(); // kill -9 while it holds the key
     assert!(
         stuck.await.unwrap().is_err(),
@@ -666,7 +672,7 @@ async fn a_key_left_in_progress_by_a_crashed_holder_is_taken_over_after_its_leas
         "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
           WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()) t",
     )
-    .fetch_one(&w.db)
+    .fetch_one(&pg_db)
     .await
     .unwrap();
     assert_eq!(ended, 1);
@@ -709,7 +715,7 @@ async fn a_key_left_in_progress_by_a_crashed_holder_is_taken_over_after_its_leas
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_daemons_share_keys_a_retry_on_the_other_process_replays() {
     let w = world(&[]).await;
-    let other = Daemon::start(&w.pg.url(), Some(&w.redis.url()), &[]).await;
+    let other = Daemon::start(&w.b.pg().url(), Some(&w.b.redis().url()), &[]).await;
     let job = w.herald.post_job("A").await;
     let token = user_token("alice");
     let body = json!({"job_id": job_id(&job)});
@@ -720,7 +726,7 @@ async fn two_daemons_share_keys_a_retry_on_the_other_process_replays() {
     assert_eq!(retry.headers()["idempotent-replayed"], "true");
     assert_eq!(retry.text().await.unwrap(), first);
     // Also when the retry must go to the database.
-    w.redis.cli(&["FLUSHALL"]);
+    w.b.redis().cli(&["FLUSHALL"]);
     let retry = other.apply(&token, Some("k"), &body).await;
     assert_eq!(retry.headers()["idempotent-replayed"], "true");
 
@@ -743,9 +749,8 @@ async fn two_daemons_share_keys_a_retry_on_the_other_process_replays() {
 
 // ---------------------------------------------------------------- bad input
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn bad_input_gets_a_4xx_problem_with_a_stable_code_and_never_a_5xx() {
-    let w = world(&[]).await;
+async fn bad_input_gets_a_4xx_problem_with_a_stable_code_and_never_a_5xx(backend: Backend) {
+    let w = world_on(backend, &[]).await;
     let job = w.herald.post_job("A").await;
     let token = user_token("alice");
     let url = w.herald.url("/api/applications");
@@ -906,9 +911,8 @@ async fn bad_input_gets_a_4xx_problem_with_a_stable_code_and_never_a_5xx() {
 
 // ---------------------------------------------------------------- the rest of the API
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn jobs_are_listed_newest_first_with_a_before_cursor() {
-    let w = world(&[]).await;
+async fn jobs_are_listed_newest_first_with_a_before_cursor(backend: Backend) {
+    let w = world_on(backend, &[]).await;
     for i in 0..5 {
         w.herald.post_job(&format!("Job {i}")).await;
     }
@@ -983,9 +987,8 @@ async fn jobs_are_listed_newest_first_with_a_before_cursor() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn dev_login_issues_a_token_that_applies_and_admin_status_shows_the_tree() {
-    let w = world(&[]).await;
+async fn dev_login_issues_a_token_that_applies_and_admin_status_shows_the_tree(backend: Backend) {
+    let w = world_on(backend, &[]).await;
     let job = w.herald.post_job("A").await;
     let login: Value = w
         .herald
@@ -1050,7 +1053,12 @@ async fn dev_login_issues_a_token_that_applies_and_admin_status_shows_the_tree()
         expected.map(|n| (n.to_string(), true)).to_vec(),
         "{status}"
     );
-    assert_eq!(status["redis"], "healthy");
+    let (backend, redis) = match backend {
+        Backend::Postgres => ("postgres", "healthy"),
+        Backend::Sqlite => ("sqlite", "disabled"),
+    };
+    assert_eq!(status["backend"], backend);
+    assert_eq!(status["redis"], redis);
     // The dev transport writes the confirmation as an .eml file, and the
     // outbox drains: the job's event and the application's are settled.
     let mail = w.herald.state_dir().join("mail");
@@ -1088,9 +1096,8 @@ async fn dev_login_issues_a_token_that_applies_and_admin_status_shows_the_tree()
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn dev_login_does_not_exist_when_it_is_off() {
-    let w = world(&[("HERALD_AUTH__DEV_LOGIN", "false")]).await;
+async fn dev_login_does_not_exist_when_it_is_off(backend: Backend) {
+    let w = world_on(backend, &[("HERALD_AUTH__DEV_LOGIN", "false")]).await;
     let r = w
         .herald
         .http
@@ -1113,9 +1120,8 @@ async fn charge(
     herald.post("/api/charges", token, key, body).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_charge_without_a_key_answers_400_idempotency_key_missing_and_writes_nothing() {
-    let w = world(&[]).await;
+async fn a_charge_without_a_key_answers_400_idempotency_key_missing_and_writes_nothing(backend: Backend) {
+    let w = world_on(backend, &[]).await;
     let body = json!({"amount_cents": 1500, "currency": "EUR", "description": "Featured post"});
     let r = charge(&w.herald, &user_token("alice"), None, &body).await;
     problem(r, 400, "idempotency_key_missing").await;
@@ -1123,9 +1129,8 @@ async fn a_charge_without_a_key_answers_400_idempotency_key_missing_and_writes_n
     assert_eq!(count(&w.db, "SELECT count(*) FROM outbox_events").await, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_charge_is_created_once_replayed_on_retry_and_refused_on_key_reuse() {
-    let w = world(&[]).await;
+async fn a_charge_is_created_once_replayed_on_retry_and_refused_on_key_reuse(backend: Backend) {
+    let w = world_on(backend, &[]).await;
     let token = user_token("alice");
     let body = json!({"amount_cents": 1500, "currency": "EUR", "description": "Featured post"});
     let first = charge(&w.herald, &token, Some("c-1"), &body).await;
@@ -1188,3 +1193,21 @@ async fn a_charge_is_created_once_replayed_on_retry_and_refused_on_key_reuse() {
         1
     );
 }
+
+on_both_backends!(
+    the_same_key_while_the_first_request_runs_answers_409_with_retry_after,
+    a_new_key_and_a_new_application_answer_201_with_the_application,
+    the_same_key_and_request_replay_the_stored_status_and_body,
+    the_same_key_with_a_different_request_answers_422_and_nothing_of_the_first,
+    a_malformed_key_answers_400_and_writes_nothing,
+    applying_again_without_a_key_or_with_a_new_key_returns_the_existing_application_with_200,
+    applying_to_an_unknown_job_answers_404_job_not_found,
+    fifty_rounds_of_two_simultaneous_requests_with_one_key_create_one_application_each,
+    another_user_sending_the_same_key_gets_their_own_new_result,
+    bad_input_gets_a_4xx_problem_with_a_stable_code_and_never_a_5xx,
+    jobs_are_listed_newest_first_with_a_before_cursor,
+    dev_login_issues_a_token_that_applies_and_admin_status_shows_the_tree,
+    dev_login_does_not_exist_when_it_is_off,
+    a_charge_without_a_key_answers_400_idempotency_key_missing_and_writes_nothing,
+    a_charge_is_created_once_replayed_on_retry_and_refused_on_key_reuse,
+);

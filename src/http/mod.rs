@@ -214,6 +214,11 @@ impl AppState {
             KeyClaim::Mismatch => return Err(ApiError::KeyReused),
             KeyClaim::New(lease) => lease,
         };
+        // Failpoint: a request that holds its claim for a while (the
+        // in-flight duplicate case of SPEC 2, on any backend).
+        if let Some(pause) = failpoint_pause("intake-after-claim") {
+            tokio::time::sleep(pause).await;
+        }
         match operation(Some(lease.clone())).await {
             Ok(response) => {
                 self.outbox_wake.notify_one();
@@ -236,4 +241,13 @@ impl AppState {
             }
         }
     }
+}
+
+/// A pause armed through the failpoint `name` (`name=return(<ms>)`); always
+/// `None` unless built with the `failpoints` feature and armed.
+pub(crate) fn failpoint_pause(name: &str) -> Option<Duration> {
+    fail::fail_point!(name, |ms| ms
+        .and_then(|ms| ms.parse().ok())
+        .map(Duration::from_millis));
+    None
 }

@@ -18,7 +18,6 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures::Stream;
@@ -77,21 +76,14 @@ fn turned_away() -> Response {
     response
 }
 
-/// Fails only under the `failpoints` feature: how long to pause between
-/// subscribing and asking for the snapshot (the race SPEC 5 closes).
-fn pause_after_subscribe() -> Option<Duration> {
-    fail::fail_point!("sse-after-subscribe", |ms| ms
-        .and_then(|ms| ms.parse().ok())
-        .map(Duration::from_millis));
-    None
-}
-
 pub async fn job_stream(state: &AppState, request: &Request) -> Response {
     let subscription = match state.sse.subscribe().await {
         Ok(subscription) => subscription,
         Err(NotAdmitted::OverRate | NotAdmitted::Unavailable) => return turned_away(),
     };
-    if let Some(pause) = pause_after_subscribe() {
+    // Failpoint: a pause between subscribing and asking for the snapshot
+    // (the race SPEC 5 closes).
+    if let Some(pause) = super::failpoint_pause("sse-after-subscribe") {
         tokio::time::sleep(pause).await;
     }
     let mut frames = VecDeque::from([retry_frame(RETRY_ON_CONNECT_MS)]);

@@ -9,6 +9,10 @@
 //! - [`Daemon`]: the `herald` binary built by cargo, configured through the
 //!   environment; it prints its bound ports on stdout. Kill -9 or restart it.
 //!
+//! - [`Backend`] / [`Backing`]: the behaviour suites run on both backends —
+//!   Postgres + Redis, and the embedded SQLite file with the in-process
+//!   broker — through [`on_both_backends!`]; [`Db`] reads rows from either.
+//!
 //! Nothing here sleeps to synchronise: [`eventually`] polls with a deadline.
 //! Every process is ended by PID when its handle drops.
 
@@ -643,29 +647,152 @@ pub fn user_token(sub: &str) -> String {
         .expect("issue token")
 }
 
+/// A pool on either backend's database, for reading rows from outside the
+/// daemon. Statements must be portable: `$1` placeholders, no Postgres-only
+/// functions; compare ids as text (`CAST(id AS TEXT) = $1`).
+pub type Db = sqlx::AnyPool;
+
 /// Runs a `SELECT count(*) …` and returns the number.
-pub async fn count(pool: &sqlx::PgPool, sql: &'static str) -> i64 {
+pub async fn count(pool: &Db, sql: &'static str) -> i64 {
     sqlx::query_scalar(sql)
         .fetch_one(pool)
         .await
         .expect("count query")
 }
 
+/// Which store (and broker) a behaviour test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Postgres + Redis: the production mode.
+    Postgres,
+    /// One SQLite file and the in-process broker: the embedded mode.
+    Sqlite,
+}
+
+/// What a daemon on one backend needs: Postgres and Redis servers, or a
+/// directory for the SQLite file.
+pub struct Backing {
+    pub backend: Backend,
+    pub pg: Option<Postgres>,
+    pub redis: Option<Redis>,
+    /// Holds the SQLite file.
+    dir: Option<tempfile::TempDir>,
+}
+
+impl Backing {
+    pub async fn start(backend: Backend) -> Backing {
+        match backend {
+            Backend::Postgres => Backing {
+                backend,
+                pg: Some(Postgres::start().await),
+                redis: Some(Redis::start().await),
+                dir: None,
+            },
+            Backend::Sqlite => Backing {
+                backend,
+                pg: None,
+                redis: None,
+                dir: Some(
+                    tempfile::Builder::new()
+                        .prefix("herald-sqlite")
+                        .tempdir()
+                        .expect("tempdir"),
+                ),
+            },
+        }
+    }
+
+    /// `HERALD_DATABASE_URL` for the daemon.
+    pub fn database_url(&self) -> String {
+        match (&self.pg, &self.dir) {
+            (Some(pg), _) => pg.url(),
+            (None, Some(dir)) => format!("sqlite://{}", dir.path().join("herald.db").display()),
+            (None, None) => unreachable!("a backing has a database"),
+        }
+    }
+
+    /// `HERALD_REDIS_URL`, if this backend has Redis.
+    pub fn redis_url(&self) -> Option<String> {
+        self.redis.as_ref().map(|r| r.url())
+    }
+
+    /// Starts a daemon on this backing.
+    pub async fn daemon(&self, extra: &[(&str, &str)]) -> Daemon {
+        Daemon::start(&self.database_url(), self.redis_url().as_deref(), extra).await
+    }
+
+    /// A pool reading the daemon's database (after the daemon migrated it).
+    pub async fn db(&self) -> Db {
+        sqlx::any::install_default_drivers();
+        sqlx::any::AnyPoolOptions::new()
+            .max_connections(4)
+            .connect(&self.database_url())
+            .await
+            .expect("connect to the test database")
+    }
+
+    /// The Postgres server (Postgres-only tests).
+    pub fn pg(&self) -> &Postgres {
+        self.pg.as_ref().expect("a Postgres-only test on the Postgres backend")
+    }
+
+    pub fn pg_mut(&mut self) -> &mut Postgres {
+        self.pg.as_mut().expect("a Postgres-only test on the Postgres backend")
+    }
+
+    /// The Redis server (Postgres + Redis-only tests).
+    pub fn redis(&self) -> &Redis {
+        self.redis.as_ref().expect("a Redis test on the Postgres backend")
+    }
+
+    pub fn redis_mut(&mut self) -> &mut Redis {
+        self.redis.as_mut().expect("a Redis test on the Postgres backend")
+    }
+}
+
+/// Declares each named `async fn name(backend: Backend)` as two tests,
+/// `postgres::name` and `sqlite::name`: one behaviour suite, both backends.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name($crate::support::Backend::Postgres).await
+                }
+            )*
+        }
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name($crate::support::Backend::Sqlite).await
+                }
+            )*
+        }
+    };
+}
+
 /// Postgres, Redis, a fake Resend and one daemon sending email through it:
 /// the world of the tests that count emails where they land.
 pub struct Stack {
-    pub pg: Postgres,
-    pub redis: Redis,
+    pub backing: Backing,
     pub resend: fake_resend::FakeResend,
     pub herald: Daemon,
-    pub db: sqlx::PgPool,
+    pub db: Db,
 }
 
 impl Stack {
-    /// Starts it all; `extra` settings go to the daemon after the email ones.
+    /// Starts it all on Postgres + Redis; `extra` settings go to the daemon
+    /// after the email ones.
     pub async fn start(extra: &[(&str, &str)]) -> Stack {
-        let pg = Postgres::start().await;
-        let redis = Redis::start().await;
+        Stack::start_on(Backend::Postgres, extra).await
+    }
+
+    /// Starts it all on `backend`.
+    pub async fn start_on(backend: Backend, extra: &[(&str, &str)]) -> Stack {
+        let backing = Backing::start(backend).await;
         let resend = fake_resend::FakeResend::start().await;
         let base = resend.base_url();
         let mut env: Vec<(&str, &str)> = vec![
@@ -675,11 +802,10 @@ impl Stack {
             ("HERALD_EMAIL__MAX_PER_SEC", "1000"),
         ];
         env.extend_from_slice(extra);
-        let herald = Daemon::start(&pg.url(), Some(&redis.url()), &env).await;
-        let db = pg.pool().await;
+        let herald = backing.daemon(&env).await;
+        let db = backing.db().await;
         Stack {
-            pg,
-            redis,
+            backing,
             resend,
             herald,
             db,
