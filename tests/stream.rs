@@ -1,8 +1,9 @@
-//! The live job stream (SPEC 5), against real Postgres, Redis and Herald
-//! processes: the subscribe/snapshot race, resume, eviction, the reconnect
+//! The live job stream (SPEC 5), against real Herald processes on both
+//! backends (Postgres + Redis Streams; SQLite + the in-process broker): the subscribe/snapshot race, resume, eviction, the reconnect
 //! storm, fan-out across processes and shutdown. What a client saw is read
 //! from the stream itself; what the database did, from pg_stat_statements.
 
+#[macro_use]
 mod support;
 
 use std::collections::HashMap;
@@ -10,20 +11,23 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use support::sse::SseClient;
-use support::{Daemon, Postgres, Redis, ADMIN_TOKEN};
+use support::{Backend, Backing, Daemon, ADMIN_TOKEN};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 struct World {
-    pg: Postgres,
-    redis: Redis,
+    b: Backing,
     herald: Daemon,
 }
 
+/// A daemon on Postgres + Redis (the tests that need those servers).
 async fn world(extra: &[(&str, &str)]) -> World {
-    let pg = Postgres::start().await;
-    let redis = Redis::start().await;
-    let herald = Daemon::start(&pg.url(), Some(&redis.url()), extra).await;
-    World { pg, redis, herald }
+    world_on(Backend::Postgres, extra).await
+}
+
+async fn world_on(backend: Backend, extra: &[(&str, &str)]) -> World {
+    let b = Backing::start(backend).await;
+    let herald = b.daemon(extra).await;
+    World { b, herald }
 }
 
 fn stream_url(herald: &Daemon) -> String {
@@ -58,9 +62,8 @@ fn assert_each_once(counts: &HashMap<String, usize>, titles: &[String], who: &st
     }
 }
 
-#[tokio::test]
-async fn a_job_posted_between_subscribe_and_snapshot_reaches_the_client_exactly_once() {
-    let w = world(&[("FAILPOINTS", "sse-after-subscribe=1*return(3000)")]).await;
+async fn a_job_posted_between_subscribe_and_snapshot_reaches_the_client_exactly_once(backend: Backend) {
+    let w = world_on(backend, &[("FAILPOINTS", "sse-after-subscribe=1*return(3000)")]).await;
     // This connect subscribes, then pauses 3 s before asking for its snapshot.
     let url = stream_url(&w.herald);
     let connecting = tokio::spawn(async move { SseClient::connect(&url, None).await });
@@ -95,9 +98,8 @@ async fn a_job_posted_between_subscribe_and_snapshot_reaches_the_client_exactly_
     );
 }
 
-#[tokio::test]
-async fn twenty_clients_connecting_while_fifty_jobs_are_posted_each_see_every_job_once() {
-    let w = world(&[]).await;
+async fn twenty_clients_connecting_while_fifty_jobs_are_posted_each_see_every_job_once(backend: Backend) {
+    let w = world_on(backend, &[]).await;
     let mut posting = Vec::new();
     let mut clients = Vec::new();
     for wave in 0..5 {
@@ -154,9 +156,8 @@ async fn twenty_clients_connecting_while_fifty_jobs_are_posted_each_see_every_jo
     }
 }
 
-#[tokio::test]
-async fn a_client_resuming_with_last_event_id_receives_exactly_what_it_missed() {
-    let w = world(&[]).await;
+async fn a_client_resuming_with_last_event_id_receives_exactly_what_it_missed(backend: Backend) {
+    let w = world_on(backend, &[]).await;
     w.herald.post_job("old").await;
     let mut first = SseClient::connect(&stream_url(&w.herald), None).await;
     // Shown in the snapshot, or as a delta right after it.
@@ -195,9 +196,8 @@ async fn a_client_resuming_with_last_event_id_receives_exactly_what_it_missed() 
     assert_eq!(ids.len(), 11);
 }
 
-#[tokio::test]
-async fn a_cursor_older_than_the_history_or_malformed_gets_a_fresh_snapshot() {
-    let w = world(&[("HERALD_SSE__HISTORY", "5")]).await;
+async fn a_cursor_older_than_the_history_or_malformed_gets_a_fresh_snapshot(backend: Backend) {
+    let w = world_on(backend, &[("HERALD_SSE__HISTORY", "5")]).await;
     let mut first = SseClient::connect(&stream_url(&w.herald), None).await;
     first
         .read_until("snapshot", Duration::from_secs(10), |seen| {
@@ -258,9 +258,8 @@ fn rss_kib(pid: u32) -> u64 {
         .expect("VmRSS")
 }
 
-#[tokio::test]
-async fn a_client_that_stops_reading_is_evicted_while_the_others_keep_receiving() {
-    let w = world(&[("HERALD_SSE__CLIENT_QUEUE", "8")]).await;
+async fn a_client_that_stops_reading_is_evicted_while_the_others_keep_receiving(backend: Backend) {
+    let w = world_on(backend, &[("HERALD_SSE__CLIENT_QUEUE", "8")]).await;
     let mut healthy = SseClient::connect(&stream_url(&w.herald), None).await;
     // Warm up, then note the memory before the slow client arrives.
     for i in 0..20 {
@@ -317,7 +316,7 @@ async fn a_client_that_stops_reading_is_evicted_while_the_others_keep_receiving(
 async fn a_connect_storm_is_admitted_at_the_configured_rate_and_costs_no_database_query() {
     let w = world(&[("HERALD_SSE__ADMIT_PER_SEC", "200")]).await;
     w.herald.post_job("listed").await;
-    let db = w.pg.pool().await;
+    let db = w.b.pg().pool().await;
     sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
         .execute(&db)
         .await
@@ -429,8 +428,8 @@ async fn a_connect_storm_is_admitted_at_the_configured_rate_and_costs_no_databas
 #[tokio::test]
 async fn a_job_posted_on_one_process_reaches_a_stream_client_on_another() {
     let w = world(&[]).await;
-    let redis_url = w.redis.url();
-    let other = Daemon::start(&w.pg.url(), Some(&redis_url), &[]).await;
+    let redis_url = w.b.redis().url();
+    let other = Daemon::start(&w.b.pg().url(), Some(&redis_url), &[]).await;
     let mut on_other = SseClient::connect(&stream_url(&other), None).await;
     let mut on_first = SseClient::connect(&stream_url(&w.herald), None).await;
     w.herald.post_job("posted-on-a").await;
@@ -446,9 +445,8 @@ async fn a_job_posted_on_one_process_reaches_a_stream_client_on_another() {
     assert_eq!(id(&on_other), id(&on_first));
 }
 
-#[tokio::test]
-async fn sigterm_ends_every_stream_with_a_jittered_retry_and_the_process_exits() {
-    let mut w = world(&[("HERALD_SSE__SHUTDOWN_GRACE_MS", "2000")]).await;
+async fn sigterm_ends_every_stream_with_a_jittered_retry_and_the_process_exits(backend: Backend) {
+    let mut w = world_on(backend, &[("HERALD_SSE__SHUTDOWN_GRACE_MS", "2000")]).await;
     let mut clients = Vec::new();
     for _ in 0..5 {
         let mut c = SseClient::connect(&stream_url(&w.herald), None).await;
@@ -480,9 +478,8 @@ async fn sigterm_ends_every_stream_with_a_jittered_retry_and_the_process_exits()
     );
 }
 
-#[tokio::test]
-async fn an_idle_stream_carries_heartbeat_comments() {
-    let w = world(&[("HERALD_SSE__HEARTBEAT_MS", "200")]).await;
+async fn an_idle_stream_carries_heartbeat_comments(backend: Backend) {
+    let w = world_on(backend, &[("HERALD_SSE__HEARTBEAT_MS", "200")]).await;
     // Once the hub serves snapshots (SseClient reconnects until it does)...
     drop(SseClient::connect(&stream_url(&w.herald), None).await);
     // ...a plain connection, read as bytes: comments are not events.
@@ -502,3 +499,13 @@ async fn an_idle_stream_carries_heartbeat_comments() {
     }
     assert!(text.contains("event: snapshot"), "{text}");
 }
+
+on_both_backends!(
+    a_job_posted_between_subscribe_and_snapshot_reaches_the_client_exactly_once,
+    twenty_clients_connecting_while_fifty_jobs_are_posted_each_see_every_job_once,
+    a_client_resuming_with_last_event_id_receives_exactly_what_it_missed,
+    a_cursor_older_than_the_history_or_malformed_gets_a_fresh_snapshot,
+    a_client_that_stops_reading_is_evicted_while_the_others_keep_receiving,
+    sigterm_ends_every_stream_with_a_jittered_retry_and_the_process_exits,
+    an_idle_stream_carries_heartbeat_comments,
+);
