@@ -94,6 +94,8 @@ pub struct Config {
     pub jwt_secret: Option<Secret>,
     /// Directory for generated secrets and embedded state.
     pub state_dir: PathBuf,
+    /// After SIGTERM, the process exits within this long, finished or not.
+    pub shutdown_deadline_ms: u64,
     /// Sentry DSN (`SENTRY_DSN`); absent disables error reporting.
     #[serde(default)]
     pub sentry_dsn: Option<Secret>,

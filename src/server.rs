@@ -232,7 +232,7 @@ pub async fn run(
     // Without Redis and without a relay, nothing would ever reach the
     // in-process broker: the stream then serves snapshots only.
     let stream_broker = (config.redis_url.is_some() || config.relay.enabled).then(|| broker.clone());
-    let actors = ActorTree::start(
+    let (actors, mut tree) = ActorTree::start(
         TreeArgs {
             key_registry: KeyRegistryArgs {
                 store: store.clone(),
@@ -282,8 +282,17 @@ pub async fn run(
     };
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let deadline = Duration::from_millis(config.shutdown_deadline_ms);
     tokio::spawn(async move {
         shutdown.await;
+        info!(?deadline, "shutting down: no new connections; streams end with a retry");
+        // The hard stop: whatever still runs at the deadline is cut off
+        // (nothing is lost: unsettled work is redone after the restart).
+        std::thread::spawn(move || {
+            std::thread::sleep(deadline);
+            eprintln!("herald: shutdown deadline ({deadline:?}) passed; exiting now");
+            std::process::exit(1);
+        });
         // Streams never end by themselves: end them (each with a jittered
         // `retry:`) so the servers' graceful shutdown can complete.
         sse.close_all();
@@ -314,8 +323,16 @@ pub async fn run(
     tokio::select! {
         _ = async { tokio::join!(public_server, admin_server) } => {}
         _ = deadline => warn!(?grace, "shutdown grace elapsed; closing the remaining connections"),
+        _ = &mut tree => {
+            // The supervisor escalated (an actor kept crashing): exit with an
+            // error so the service manager restarts the process.
+            anyhow::bail!("the actor tree stopped: an actor kept crashing (see the log)");
+        }
     }
+    // In-flight deliveries get the rest of the deadline to record their
+    // outcome; anything cut off stays unsettled and is redone after restart.
     actors.stop();
+    let _ = tree.await;
     info!("herald stopped");
     Ok(())
 }

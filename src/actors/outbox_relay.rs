@@ -158,6 +158,9 @@ async fn relay_loop(args: OutboxRelayArgs, wake: Arc<Notify>) {
     let mut failures: u32 = 0;
     loop {
         tokio::time::sleep_until(next_slot).await;
+        // Failpoint (`outbox-relay-step=panic`): a crash inside an actor, for
+        // the supervision tests.
+        fail::fail_point!("outbox-relay-step");
         let publisher = args.publisher.clone();
         let publish = move |envelopes: Vec<Envelope>| {
             let publisher = publisher.clone();

@@ -3,8 +3,14 @@
 //! daemon reaches the new instance.
 //!
 //! Restarts are handled in `handle_supervisor_evt`: a child that fails (panic
-//! or error) or stops unexpectedly is respawned after `100 ms · 2^n` (capped at
-//! 10 s), where `n` counts that child's restarts within the last minute.
+//! or error) or stops unexpectedly is reported (an error log line and a Sentry
+//! event; a panic's own Sentry event comes from the panic hook) and respawned
+//! after `100 ms · 2^n` (capped at 10 s), where `n` counts that child's
+//! restarts within the last minute. A child that dies more than
+//! [`MAX_RESTARTS_PER_MINUTE`] times in a minute is not restarted again: the
+//! supervisor escalates (a fatal Sentry event) and stops, the daemon exits
+//! with an error, and its service manager (systemd, Docker) restarts the whole
+//! process instead of letting one actor loop hot.
 //! Children keep no state worth saving: everything durable is in the database.
 //!
 //! Each child is described by a [`Child`]: its name, its slot and how to spawn
@@ -28,6 +34,10 @@ use super::outbox_relay::{OutboxRelay, OutboxRelayArgs, OutboxRelayMsg};
 use super::retry_budget::{RetryBudget, RetryBudgetArgs, RetryBudgetMsg};
 use super::sse_hub::{SseHub, SseHubArgs, SseHubMsg};
 use super::{ActorSlot, ActorStatus};
+
+/// Deaths of one child within a minute that are still restarted; one more
+/// escalates.
+pub const MAX_RESTARTS_PER_MINUTE: usize = 5;
 
 /// A supervised child: how to (re)spawn it and where its live reference is.
 #[async_trait::async_trait]
@@ -136,8 +146,13 @@ impl Default for Slots {
 }
 
 impl ActorTree {
-    /// Starts the tree; returns once every child is running.
-    pub async fn start(args: TreeArgs, slots: Slots) -> Result<ActorTree, anyhow::Error> {
+    /// Starts the tree; returns once every child is running, with the
+    /// supervisor's join handle: it finishes when the tree stops (at shutdown,
+    /// or when the supervisor escalated).
+    pub async fn start(
+        args: TreeArgs,
+        slots: Slots,
+    ) -> Result<(ActorTree, tokio::task::JoinHandle<()>), anyhow::Error> {
         let key_registry = ActorSlot::new("key_registry");
         let keys = KeyRegistryHandle::new(args.key_registry.clone(), key_registry.clone());
         let mut children: Vec<Arc<dyn Child>> = vec![
@@ -173,12 +188,15 @@ impl ActorTree {
         ));
         children.push(SlotChild::new(|| SseHub, args.sse_hub, slots.sse_hub));
         let children = Arc::new(children);
-        let (supervisor, _handle) = Actor::spawn(None, HeraldSupervisor, children.clone()).await?;
-        Ok(ActorTree {
-            supervisor,
-            keys,
-            children,
-        })
+        let (supervisor, handle) = Actor::spawn(None, HeraldSupervisor, children.clone()).await?;
+        Ok((
+            ActorTree {
+                supervisor,
+                keys,
+                children,
+            },
+            handle,
+        ))
     }
 
     /// Statuses of every child, for `/admin/status`.
@@ -286,9 +304,25 @@ impl Actor for HeraldSupervisor {
         let recent = state.recent_restarts.entry(name).or_default();
         recent.retain(|t| now.duration_since(*t) < Duration::from_secs(60));
         recent.push(now);
+        if recent.len() > MAX_RESTARTS_PER_MINUTE {
+            let message = format!(
+                "actor {name} died {} times within a minute (last: {reason}); escalating: \
+                 the daemon stops so its service manager restarts it",
+                recent.len()
+            );
+            error!(actor = name, %reason, restarts, "{message}");
+            sentry::capture_message(&message, sentry::Level::Fatal);
+            state.stopping = true;
+            myself.stop(Some(message));
+            return Ok(());
+        }
         let exp = (recent.len() as u32 - 1).min(7);
         let delay = Duration::from_millis(100 * 2u64.pow(exp)).min(Duration::from_secs(10));
         error!(actor = name, %reason, restarts, ?delay, "actor died; restarting");
+        sentry::capture_message(
+            &format!("actor {name} died ({reason}); restarting in {delay:?}"),
+            sentry::Level::Error,
+        );
         myself.send_after(delay, move || SupervisorMsg::Restart(name));
         Ok(())
     }
