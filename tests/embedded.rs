@@ -1,0 +1,300 @@
+//! The embedded mode and restarts under load (SPEC 9, SPEC 10.9):
+//!
+//! - the README's run command on a machine with nothing configured — no
+//!   Postgres, no Redis, no config file, no environment — serves a working
+//!   board: post a job, see it on the stream, apply, find the `.eml`;
+//! - 300 applications through the retrying client while the daemon is killed
+//!   with SIGKILL twice, or stopped with SIGTERM twice, and started again:
+//!   exactly 300 emails reach the fake Resend. Both backends.
+
+#[macro_use]
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use herald::client::{ClientPolicy, Operation, RetryingClient};
+use herald::retry::RetryPolicy;
+use serde_json::{json, Value};
+use support::sse::SseClient;
+use support::{count, eventually, user_token, Backend, Stack};
+
+/// Ends the child when dropped (by PID, as every test process here).
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_run_command_with_nothing_configured_serves_a_board_that_posts_streams_applies_and_mails(
+) {
+    // `cargo run --release` runs this binary with no arguments: `serve`.
+    let cwd = tempfile::tempdir().unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_herald"));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("HERALD_") || key == "RESEND_API_KEY" || key == "SENTRY_DSN" {
+            command.env_remove(key);
+        }
+    }
+    let mut child = command
+        .current_dir(cwd.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start herald");
+    let stdout = child.stdout.take().unwrap();
+    let _running = Running(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // What it prints: the page's URL, the admin listener, the new admin token.
+    let mut printed = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !printed.iter().any(|l: &String| l.contains("Admin token")) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => printed.push(line),
+            Err(_) => panic!("herald printed no admin token: {printed:?}"),
+        }
+    }
+    let text = printed.join("\n");
+    assert!(text.contains("Job board:  http://127.0.0.1:8080/"), "{text}");
+    assert!(text.contains("Admin API:  http://127.0.0.1:9091/"), "{text}");
+    let token = text
+        .lines()
+        .find_map(|l| l.contains("Admin token").then(|| l.rsplit(' ').next()))
+        .flatten()
+        .unwrap()
+        .to_string();
+    let stored = std::fs::read_to_string(cwd.path().join("var/admin_token")).unwrap();
+    assert_eq!(token, stored.trim(), "the printed token is the stored one");
+
+    let http = reqwest::Client::new();
+    let base = "http://127.0.0.1:8080";
+    let page = http.get(base).send().await.unwrap().text().await.unwrap();
+    assert!(page.contains("app.js"), "the web page: {page}");
+    let mut stream = SseClient::connect(&format!("{base}/api/jobs/stream"), None).await;
+    stream
+        .read_until("snapshot", Duration::from_secs(10), |seen| {
+            seen.iter().any(|e| e.event == "snapshot")
+        })
+        .await;
+    let job: Value = http
+        .post(format!("{base}/api/jobs"))
+        .bearer_auth(&token)
+        .json(&json!({"title": "Embedded engineer", "company": "Acme",
+                      "location": "Remote", "description": "Nothing to install."}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    stream
+        .read_until("the job on the stream", Duration::from_secs(10), |seen| {
+            seen.iter().any(|e| e.data.contains("Embedded engineer"))
+        })
+        .await;
+    assert_eq!(
+        stream
+            .seen
+            .iter()
+            .filter(|e| e.data.contains("Embedded engineer"))
+            .count(),
+        1
+    );
+    let login: Value = http
+        .post(format!("{base}/api/dev/login"))
+        .json(&json!({"email": "newcomer@example.com"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let applied = http
+        .post(format!("{base}/api/applications"))
+        .bearer_auth(login["token"].as_str().unwrap())
+        .header("Idempotency-Key", "first-application")
+        .json(&json!({"job_id": job["id"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(applied.status(), 201);
+    let mail = cwd.path().join("var/mail");
+    let eml = eventually("the confirmation .eml", Duration::from_secs(20), || {
+        let mail = mail.clone();
+        async move {
+            let entry = std::fs::read_dir(&mail).ok()?.flatten().next()?;
+            std::fs::read_to_string(entry.path()).ok()
+        }
+    })
+    .await;
+    assert!(eml.contains("newcomer@example.com"), "{eml}");
+    assert!(eml.contains("Embedded engineer"), "{eml}");
+    assert_eq!(std::fs::read_dir(&mail).unwrap().count(), 1);
+    assert!(cwd.path().join("var/herald.db").exists(), "embedded SQLite file");
+}
+
+/// How the daemon is interrupted under load.
+#[derive(Clone, Copy, Debug)]
+enum Interruption {
+    /// kill -9: nothing gets to finish.
+    Kill,
+    /// SIGTERM: graceful, within `shutdown_deadline_ms`.
+    Terminate,
+}
+
+const DEADLINE_MS: u64 = 5000;
+
+/// 300 applications (one user each, one key each, retried by the client
+/// until answered) while the daemon is interrupted twice and started again
+/// on the same ports: every application is answered 201 and exactly 300
+/// emails arrive.
+async fn three_hundred_applications_survive_two_interruptions(
+    backend: Backend,
+    how: Interruption,
+) {
+    const N: usize = 300;
+    let deadline = DEADLINE_MS.to_string();
+    let mut s = Stack::start_on(
+        backend,
+        &[
+            ("HERALD_RELAY__REDELIVER_AFTER_SECS", "2"),
+            ("HERALD_RELAY__POLL_INTERVAL_MS", "200"),
+            ("HERALD_SHUTDOWN_DEADLINE_MS", &deadline),
+            ("HERALD_SSE__SHUTDOWN_GRACE_MS", "1000"),
+            // A request killed after claiming its key leaves it in progress;
+            // its retry takes it over once this lease lapses.
+            ("HERALD_IDEMPOTENCY__LEASE_SECS", "3"),
+        ],
+    )
+    .await;
+    // Restarts come back on the same ports, so the client keeps its URL.
+    let public = s.herald.public.trim_start_matches("http://").to_string();
+    let admin = s.herald.admin.trim_start_matches("http://").to_string();
+    s.herald.set_env("HERALD_LISTEN", Some(&public));
+    s.herald.set_env("HERALD_ADMIN_LISTEN", Some(&admin));
+    let job = s.herald.post_job("Under fire").await;
+
+    let policy = ClientPolicy {
+        retry: RetryPolicy {
+            base: Duration::from_millis(100),
+            cap: Duration::from_secs(2),
+            max_attempts: 40,
+        },
+        // Patient enough for two restarts and a lapsed lease.
+        budget: herald::actors::retry_budget::RetryBudgetArgs {
+            capacity: 2000.0,
+            refill_per_success: 1.0,
+            refill_per_sec: 50.0,
+            view: Default::default(),
+        },
+        ..ClientPolicy::default()
+    };
+    let client = RetryingClient::new(&s.herald.public, policy).unwrap();
+    let answered = Arc::new(AtomicUsize::new(0));
+    let load = {
+        let (client, answered, job_id) = (client.clone(), answered.clone(), job["id"].clone());
+        tokio::spawn(async move {
+            futures::stream::iter(0..N)
+                .map(|i| {
+                    let (client, answered) = (client.clone(), answered.clone());
+                    let op = Operation::post(
+                        "/api/applications",
+                        &user_token(&format!("load{i}")),
+                        json!({ "job_id": job_id }),
+                    );
+                    async move {
+                        let answer = client.execute(&op).await;
+                        answered.fetch_add(1, Ordering::Relaxed);
+                        answer.map(|a| a.status).map_err(|e| e.to_string())
+                    }
+                })
+                .buffer_unordered(16)
+                .collect::<Vec<_>>()
+                .await
+        })
+    };
+    for threshold in [N / 3, 2 * N / 3] {
+        eventually(
+            &format!("{threshold} answered"),
+            Duration::from_secs(120),
+            || {
+                let n = answered.load(Ordering::Relaxed);
+                async move { (n >= threshold).then_some(()) }
+            },
+        )
+        .await;
+        match how {
+            Interruption::Kill => s.herald.kill(),
+            Interruption::Terminate => {
+                let asked = Instant::now();
+                s.herald.terminate();
+                let status = s
+                    .herald
+                    .wait_for_exit(Duration::from_millis(DEADLINE_MS + 5000))
+                    .await;
+                let took = asked.elapsed();
+                assert!(
+                    status.success(),
+                    "a graceful exit, not the deadline's: {status}"
+                );
+                assert!(
+                    took <= Duration::from_millis(DEADLINE_MS),
+                    "exited within the deadline: {took:?}"
+                );
+            }
+        }
+        s.herald.restart().await;
+    }
+    let statuses = load.await.unwrap();
+    // The interruptions hit traffic: attempts failed and were retried.
+    let records = client.transcript().records();
+    let failed = records.iter().filter(|r| r.status.is_none()).count();
+    let retried = records.iter().filter(|r| r.attempt > 1).count();
+    assert!(failed > 0 && retried > 0, "{failed} failed, {retried} retried");
+    eprintln!("{how:?}: {} attempts, {failed} without an answer, {retried} retries", records.len());
+    let created = statuses.iter().filter(|r| r == &&Ok(201)).count();
+    assert_eq!(created, N, "every application answered 201: {statuses:?}");
+    eventually(&format!("{N} emails"), Duration::from_secs(120), || {
+        let sent = s.resend.sent().len();
+        async move { (sent >= N).then_some(()) }
+    })
+    .await;
+    s.herald.wait_for_metric("herald_emails_delivered", N as f64).await;
+    s.wait_until_settled(Duration::from_secs(30)).await;
+    assert_eq!(count(&s.db, "SELECT count(*) FROM applications").await, N as i64);
+    assert_eq!(s.resend.sent().len(), N, "exactly one email per application");
+    for i in 0..N {
+        assert_eq!(s.resend.sent_to(&format!("load{i}@example.com")), 1, "load{i}");
+    }
+}
+
+async fn three_hundred_applications_with_two_sigkills_send_exactly_three_hundred_emails(
+    backend: Backend,
+) {
+    three_hundred_applications_survive_two_interruptions(backend, Interruption::Kill).await;
+}
+
+async fn sigterm_under_load_exits_within_the_deadline_and_the_retries_land_after_restart(
+    backend: Backend,
+) {
+    three_hundred_applications_survive_two_interruptions(backend, Interruption::Terminate).await;
+}
+
+on_both_backends!(
+    three_hundred_applications_with_two_sigkills_send_exactly_three_hundred_emails,
+    sigterm_under_load_exits_within_the_deadline_and_the_retries_land_after_restart,
+);
