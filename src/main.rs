@@ -1,4 +1,4 @@
-//! The `herald` command: `serve`, `migrate`, `bench`.
+//! The `herald` command: `serve`, `migrate`, `healthcheck`, `bench`, `attack`.
 
 use std::process::ExitCode;
 
@@ -43,6 +43,9 @@ enum Command {
     Serve,
     /// Apply pending database migrations and exit.
     Migrate,
+    /// Exit 0 if the daemon on this configuration's `listen` address answers
+    /// `/readyz` (the Docker HEALTHCHECK; no curl needed in the image).
+    Healthcheck,
     /// Benchmarks that print ratios against a baseline measured in the same run.
     #[command(subcommand)]
     Bench(herald::bench::BenchCommand),
@@ -80,9 +83,15 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
     println!("herald listening public=http://{public} admin=http://{admin}");
     if config.is_embedded() {
         println!();
-        println!("  Herald is running (embedded: {}, in-process broker, {} email).", config.database_url.expose(), config.email.transport);
+        println!(
+            "  Herald is running (embedded: {}, in-process broker, {} email).",
+            config.database_url.expose(),
+            config.email.transport
+        );
         println!("  Job board:  http://{public}/");
-        println!("  Admin API:  http://{admin}/admin/status   (Authorization: Bearer <admin token>)");
+        println!(
+            "  Admin API:  http://{admin}/admin/status   (Authorization: Bearer <admin token>)"
+        );
         match &new_admin_token {
             Some(token) => println!(
                 "  Admin token (shown once; kept in {}): {}",
@@ -104,6 +113,27 @@ async fn migrate(config: Config) -> anyhow::Result<()> {
     let store = herald::store::connect(&config).await?;
     store.migrate().await?;
     println!("migrations applied ({})", store.backend());
+    Ok(())
+}
+
+async fn healthcheck(config: &Config) -> anyhow::Result<()> {
+    let mut address = config.listen;
+    if address.ip().is_unspecified() {
+        // Bound to every interface: ask on loopback.
+        address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let url = format!("http://{address}/readyz");
+    let response = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(3))
+        .build()?
+        .get(&url)
+        .send()
+        .await?;
+    anyhow::ensure!(
+        response.status().is_success(),
+        "{url} answered {}",
+        response.status()
+    );
     Ok(())
 }
 
@@ -163,6 +193,7 @@ async fn run_cli() -> ExitCode {
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(config).await,
         Command::Migrate => migrate(config).await,
+        Command::Healthcheck => healthcheck(&config).await,
         Command::Bench(cmd) => herald::bench::run(cmd, config).await,
         Command::Attack(args) => match herald::client::attack::attack(args, &config).await {
             Ok(true) => Ok(()),

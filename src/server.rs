@@ -224,14 +224,21 @@ pub async fn run(
         None => Arc::new(InProcessBroker::new()),
     };
     let pipeline = if config.relay.enabled {
-        pipeline_args(&config, &broker, &store, budget.clone(), outbox_wake.clone())?
+        pipeline_args(
+            &config,
+            &broker,
+            &store,
+            budget.clone(),
+            outbox_wake.clone(),
+        )?
     } else {
         info!("relay.enabled = false: this process does not deliver outbox events");
         Pipeline::default()
     };
     // Without Redis and without a relay, nothing would ever reach the
     // in-process broker: the stream then serves snapshots only.
-    let stream_broker = (config.redis_url.is_some() || config.relay.enabled).then(|| broker.clone());
+    let stream_broker =
+        (config.redis_url.is_some() || config.relay.enabled).then(|| broker.clone());
     let (actors, mut tree) = ActorTree::start(
         TreeArgs {
             key_registry: KeyRegistryArgs {
@@ -285,7 +292,11 @@ pub async fn run(
     let deadline = Duration::from_millis(config.shutdown_deadline_ms);
     tokio::spawn(async move {
         shutdown.await;
-        info!(?deadline, "shutting down: no new connections; streams end with a retry");
+        info!(
+            ?deadline,
+            "shutting down: no new connections; streams end with a retry"
+        );
+        notify_service_manager(&[sd_notify::NotifyState::Stopping]);
         // The hard stop: whatever still runs at the deadline is cut off
         // (nothing is lost: unsettled work is redone after the restart).
         std::thread::spawn(move || {
@@ -305,6 +316,12 @@ pub async fn run(
     let stop_rx_deadline = stop_rx.clone();
     let (public_addr, admin_addr) = listeners.addresses()?;
     info!(%public_addr, %admin_addr, backend = state.store.backend(), broker = broker.name(), "herald serving");
+    // systemd `Type=notify`: ready once the store is migrated, the actor
+    // tree runs and the listeners are bound (a no-op without NOTIFY_SOCKET).
+    notify_service_manager(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status("serving"),
+    ]);
     let public_server = warp::serve(listener_filter(state.clone(), public::dispatch))
         .incoming(listeners.public)
         .graceful(stopped(stop_rx.clone()))
@@ -335,4 +352,12 @@ pub async fn run(
     let _ = tree.await;
     info!("herald stopped");
     Ok(())
+}
+
+/// Tells the service manager (systemd's `NOTIFY_SOCKET`) about a state
+/// change; without one it does nothing. A failure is logged, never fatal.
+fn notify_service_manager(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        warn!(error = %e, "cannot notify the service manager");
+    }
 }

@@ -40,7 +40,7 @@ async fn reusing_a_key_with_a_changed_body_is_answered_422_and_not_retried() {
     assert_eq!(refused.status, 422);
     assert_eq!(refused.body["code"], "idempotency_key_reused");
     assert_eq!(refused.attempts, 1, "a 422 is not retried");
-    let db = pg.pool().await;
+    let db = support::any_pool(&pg.url()).await;
     assert_eq!(count(&db, "SELECT count(*) FROM charges").await, 1);
     let records = client.transcript().records();
     assert_eq!(records.len(), 3, "{records:?}");
@@ -109,7 +109,7 @@ async fn while_the_database_is_down_the_client_honours_retry_after_and_spreads_i
         assert_eq!(answer.status, 201, "{:?}", answer.body);
         assert!(answer.attempts >= 2);
     }
-    let db = pg.pool().await;
+    let db = support::any_pool(&pg.url()).await;
     assert_eq!(count(&db, "SELECT count(*) FROM applications").await, 20);
 
     let records = client.transcript().records();

@@ -136,7 +136,9 @@ async fn a_hundred_applications_send_exactly_a_hundred_emails(backend: Backend) 
     );
 }
 
-async fn a_relay_crash_between_publish_and_mark_republishes_and_still_sends_one_email(backend: Backend) {
+async fn a_relay_crash_between_publish_and_mark_republishes_and_still_sends_one_email(
+    backend: Backend,
+) {
     let mut w = world_on(backend, &[]).await;
     let job = w.herald.post_job("Backend").await;
     // The job's own event is relayed first, so the crash hits the application's.
@@ -185,7 +187,9 @@ async fn a_relay_crash_between_publish_and_mark_republishes_and_still_sends_one_
     assert_eq!(w.resend.sent_to("ada@example.com"), 1);
 }
 
-async fn a_consumer_crash_after_the_send_retries_with_the_same_key_and_sends_once(backend: Backend) {
+async fn a_consumer_crash_after_the_send_retries_with_the_same_key_and_sends_once(
+    backend: Backend,
+) {
     let mut w = world_on(backend, &[]).await;
     let job = w.herald.post_job("Frontend").await;
     w.herald
@@ -271,7 +275,9 @@ async fn admin(w: &World, method: reqwest::Method, path: &str) -> (u16, Value) {
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
-async fn poison_alerts_sentry_once_and_an_admin_replay_delivers_exactly_one_email(backend: Backend) {
+async fn poison_alerts_sentry_once_and_an_admin_replay_delivers_exactly_one_email(
+    backend: Backend,
+) {
     let w = world_on(backend, &[]).await;
     let job = w.herald.post_job("Data").await;
     w.resend.poison("eve@example.com", true);
@@ -542,10 +548,13 @@ async fn redis_losing_everything_mid_delivery_still_delivers_every_event_once() 
 
 async fn a_twenty_second_resend_outage_causes_no_retry_storm_and_loses_nothing(backend: Backend) {
     // The SPEC's default schedule (base 1 s, cap 300 s, 10 attempts).
-    let w = world_on(backend, &[
-        ("HERALD_RETRY__BASE_MS", "1000"),
-        ("HERALD_RETRY__CAP_MS", "300000"),
-    ])
+    let w = world_on(
+        backend,
+        &[
+            ("HERALD_RETRY__BASE_MS", "1000"),
+            ("HERALD_RETRY__CAP_MS", "300000"),
+        ],
+    )
     .await;
     let job = w.herald.post_job("Support").await;
     // Resend is down for 20 s from now and then recovers on its own.
@@ -577,12 +586,17 @@ async fn a_twenty_second_resend_outage_causes_no_retry_storm_and_loses_nothing(b
     );
 }
 
-async fn the_janitor_deletes_what_expired_in_small_batches_and_keeps_what_is_still_needed(backend: Backend) {
-    let w = world_on(backend, &[
-        ("HERALD_JANITOR__INTERVAL_MS", "100"),
-        ("HERALD_JANITOR__BATCH", "7"),
-        ("HERALD_JANITOR__RETENTION_SECS", "0"),
-    ])
+async fn the_janitor_deletes_what_expired_in_small_batches_and_keeps_what_is_still_needed(
+    backend: Backend,
+) {
+    let w = world_on(
+        backend,
+        &[
+            ("HERALD_JANITOR__INTERVAL_MS", "100"),
+            ("HERALD_JANITOR__BATCH", "7"),
+            ("HERALD_JANITOR__RETENTION_SECS", "0"),
+        ],
+    )
     .await;
     let job = w.herald.post_job("Cleanup").await;
     w.resend.poison("dead0@example.com", true);
@@ -711,10 +725,13 @@ async fn the_recorded_retry_schedule_of_200_failures_spreads_as_full_jitter(back
     // would be retried, and its first delay lost) is one of the few delays
     // shorter than the second or two the 200 take to fail, which is <= 3 %
     // of the window and cannot empty the first quarter.
-    let w = world_on(backend, &[
-        ("HERALD_RETRY__BASE_MS", "60000"),
-        ("HERALD_RETRY__CAP_MS", "300000"),
-    ])
+    let w = world_on(
+        backend,
+        &[
+            ("HERALD_RETRY__BASE_MS", "60000"),
+            ("HERALD_RETRY__CAP_MS", "300000"),
+        ],
+    )
     .await;
     let job = w.herald.post_job("Jitter").await;
     w.resend.set_mode(Mode::Down(503));
@@ -808,10 +825,11 @@ async fn fifty_charges_make_exactly_fifty_ledger_entries(backend: Backend) {
     );
     assert_eq!(w.herald.metric("herald_ledger_entries_total").await, 50.0);
     // The amounts went in as charged.
-    let total: i64 = sqlx::query_scalar("SELECT CAST(sum(amount_cents) AS BIGINT) FROM ledger_entries")
-        .fetch_one(&w.db)
-        .await
-        .unwrap();
+    let total: i64 =
+        sqlx::query_scalar("SELECT CAST(sum(amount_cents) AS BIGINT) FROM ledger_entries")
+            .fetch_one(&w.db)
+            .await
+            .unwrap();
     assert_eq!(total, (0..50).map(|i| 100 + i).sum::<i64>());
     let r = w
         .herald
@@ -825,7 +843,9 @@ async fn fifty_charges_make_exactly_fifty_ledger_entries(backend: Backend) {
     assert_eq!(body["ledger_status"], "applied", "{body}");
 }
 
-async fn a_relay_crash_between_publish_and_mark_for_a_charge_republishes_and_applies_it_once(backend: Backend) {
+async fn a_relay_crash_between_publish_and_mark_for_a_charge_republishes_and_applies_it_once(
+    backend: Backend,
+) {
     let mut w = world_on(backend, &[]).await;
     w.herald
         .set_env("FAILPOINTS", Some("relay-after-publish=1*return"));
@@ -875,9 +895,9 @@ async fn a_relay_crash_between_publish_and_mark_for_a_charge_republishes_and_app
     let status: String =
         sqlx::query_scalar("SELECT ledger_status FROM charges WHERE CAST(id AS TEXT) = $1")
             .bind(id.clone())
-        .fetch_one(&w.db)
-        .await
-        .unwrap();
+            .fetch_one(&w.db)
+            .await
+            .unwrap();
     assert_eq!(status, "applied");
     // The restarted process applied one copy and recognised the other.
     assert_eq!(w.herald.metric("herald_ledger_entries_total").await, 1.0);

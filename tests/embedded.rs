@@ -69,8 +69,14 @@ async fn the_run_command_with_nothing_configured_serves_a_board_that_posts_strea
         }
     }
     let text = printed.join("\n");
-    assert!(text.contains("Job board:  http://127.0.0.1:8080/"), "{text}");
-    assert!(text.contains("Admin API:  http://127.0.0.1:9091/"), "{text}");
+    assert!(
+        text.contains("Job board:  http://127.0.0.1:8080/"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Admin API:  http://127.0.0.1:9091/"),
+        "{text}"
+    );
     let token = text
         .lines()
         .find_map(|l| l.contains("Admin token").then(|| l.rsplit(' ').next()))
@@ -144,7 +150,10 @@ async fn the_run_command_with_nothing_configured_serves_a_board_that_posts_strea
     assert!(eml.contains("newcomer@example.com"), "{eml}");
     assert!(eml.contains("Embedded engineer"), "{eml}");
     assert_eq!(std::fs::read_dir(&mail).unwrap().count(), 1);
-    assert!(cwd.path().join("var/herald.db").exists(), "embedded SQLite file");
+    assert!(
+        cwd.path().join("var/herald.db").exists(),
+        "embedded SQLite file"
+    );
 }
 
 /// How the daemon is interrupted under load.
@@ -162,10 +171,7 @@ const DEADLINE_MS: u64 = 5000;
 /// until answered) while the daemon is interrupted twice and started again
 /// on the same ports: every application is answered 201 and exactly 300
 /// emails arrive.
-async fn three_hundred_applications_survive_two_interruptions(
-    backend: Backend,
-    how: Interruption,
-) {
+async fn three_hundred_applications_survive_two_interruptions(backend: Backend, how: Interruption) {
     const N: usize = 300;
     let deadline = DEADLINE_MS.to_string();
     let mut s = Stack::start_on(
@@ -264,8 +270,14 @@ async fn three_hundred_applications_survive_two_interruptions(
     let records = client.transcript().records();
     let failed = records.iter().filter(|r| r.status.is_none()).count();
     let retried = records.iter().filter(|r| r.attempt > 1).count();
-    assert!(failed > 0 && retried > 0, "{failed} failed, {retried} retried");
-    eprintln!("{how:?}: {} attempts, {failed} without an answer, {retried} retries", records.len());
+    assert!(
+        failed > 0 && retried > 0,
+        "{failed} failed, {retried} retried"
+    );
+    eprintln!(
+        "{how:?}: {} attempts, {failed} without an answer, {retried} retries",
+        records.len()
+    );
     let created = statuses.iter().filter(|r| r == &&Ok(201)).count();
     assert_eq!(created, N, "every application answered 201: {statuses:?}");
     eventually(&format!("{N} emails"), Duration::from_secs(120), || {
@@ -273,12 +285,25 @@ async fn three_hundred_applications_survive_two_interruptions(
         async move { (sent >= N).then_some(()) }
     })
     .await;
-    s.herald.wait_for_metric("herald_emails_delivered", N as f64).await;
+    s.herald
+        .wait_for_metric("herald_emails_delivered", N as f64)
+        .await;
     s.wait_until_settled(Duration::from_secs(30)).await;
-    assert_eq!(count(&s.db, "SELECT count(*) FROM applications").await, N as i64);
-    assert_eq!(s.resend.sent().len(), N, "exactly one email per application");
+    assert_eq!(
+        count(&s.db, "SELECT count(*) FROM applications").await,
+        N as i64
+    );
+    assert_eq!(
+        s.resend.sent().len(),
+        N,
+        "exactly one email per application"
+    );
     for i in 0..N {
-        assert_eq!(s.resend.sent_to(&format!("load{i}@example.com")), 1, "load{i}");
+        assert_eq!(
+            s.resend.sent_to(&format!("load{i}@example.com")),
+            1,
+            "load{i}"
+        );
     }
 }
 

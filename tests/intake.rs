@@ -230,9 +230,7 @@ async fn in_flight_duplicate_gets_409(backend: Backend, kill_redis: bool) {
     );
 }
 
-async fn the_same_key_while_the_first_request_runs_answers_409_with_retry_after(
-    backend: Backend,
-) {
+async fn the_same_key_while_the_first_request_runs_answers_409_with_retry_after(backend: Backend) {
     in_flight_duplicate_gets_409(backend, false).await;
 }
 
@@ -241,7 +239,9 @@ async fn the_same_key_while_the_first_request_runs_answers_409_without_redis_too
     in_flight_duplicate_gets_409(Backend::Postgres, true).await;
 }
 
-async fn the_same_key_with_a_different_request_answers_422_and_nothing_of_the_first(backend: Backend) {
+async fn the_same_key_with_a_different_request_answers_422_and_nothing_of_the_first(
+    backend: Backend,
+) {
     let w = world_on(backend, &[]).await;
     let job_a = w.herald.post_job("A").await;
     let job_b = w.herald.post_job("B").await;
@@ -320,7 +320,9 @@ async fn a_malformed_key_answers_400_and_writes_nothing(backend: Backend) {
     );
 }
 
-async fn applying_again_without_a_key_or_with_a_new_key_returns_the_existing_application_with_200(backend: Backend) {
+async fn applying_again_without_a_key_or_with_a_new_key_returns_the_existing_application_with_200(
+    backend: Backend,
+) {
     let w = world_on(backend, &[]).await;
     let job = w.herald.post_job("A").await;
     let token = user_token("alice");
@@ -365,7 +367,9 @@ async fn applying_to_an_unknown_job_answers_404_job_not_found(backend: Backend) 
 
 // ---------------------------------------------------------------- concurrency
 
-async fn fifty_rounds_of_two_simultaneous_requests_with_one_key_create_one_application_each(backend: Backend) {
+async fn fifty_rounds_of_two_simultaneous_requests_with_one_key_create_one_application_each(
+    backend: Backend,
+) {
     let w = world_on(backend, &[]).await;
     let job = w.herald.post_job("A").await;
     let body = json!({"job_id": job_id(&job)});
@@ -1120,7 +1124,9 @@ async fn charge(
     herald.post("/api/charges", token, key, body).await
 }
 
-async fn a_charge_without_a_key_answers_400_idempotency_key_missing_and_writes_nothing(backend: Backend) {
+async fn a_charge_without_a_key_answers_400_idempotency_key_missing_and_writes_nothing(
+    backend: Backend,
+) {
     let w = world_on(backend, &[]).await;
     let body = json!({"amount_cents": 1500, "currency": "EUR", "description": "Featured post"});
     let r = charge(&w.herald, &user_token("alice"), None, &body).await;

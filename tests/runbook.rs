@@ -125,13 +125,14 @@ async fn every_admin_call_in_the_runbook_works_as_written() {
     // Which letter is whose, through its event's payload.
     let mut by_user: HashMap<String, String> = HashMap::new();
     for letter in letters {
-        let event_id: uuid::Uuid = letter["event_id"].as_str().unwrap().parse().unwrap();
-        let email: String =
-            sqlx::query_scalar("SELECT payload->>'email' FROM outbox_events WHERE event_id = $1")
-                .bind(event_id)
-                .fetch_one(&db)
-                .await
-                .unwrap();
+        let event_id = letter["event_id"].as_str().unwrap().to_string();
+        let email: String = sqlx::query_scalar(
+            "SELECT payload->>'email' FROM outbox_events WHERE CAST(event_id AS TEXT) = $1",
+        )
+        .bind(event_id)
+        .fetch_one(&db)
+        .await
+        .unwrap();
         by_user.insert(email, letter["id"].as_str().unwrap().to_string());
     }
     for user in users {

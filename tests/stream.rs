@@ -62,8 +62,14 @@ fn assert_each_once(counts: &HashMap<String, usize>, titles: &[String], who: &st
     }
 }
 
-async fn a_job_posted_between_subscribe_and_snapshot_reaches_the_client_exactly_once(backend: Backend) {
-    let w = world_on(backend, &[("FAILPOINTS", "sse-after-subscribe=1*return(3000)")]).await;
+async fn a_job_posted_between_subscribe_and_snapshot_reaches_the_client_exactly_once(
+    backend: Backend,
+) {
+    let w = world_on(
+        backend,
+        &[("FAILPOINTS", "sse-after-subscribe=1*return(3000)")],
+    )
+    .await;
     // This connect subscribes, then pauses 3 s before asking for its snapshot.
     let url = stream_url(&w.herald);
     let connecting = tokio::spawn(async move { SseClient::connect(&url, None).await });
@@ -98,7 +104,9 @@ async fn a_job_posted_between_subscribe_and_snapshot_reaches_the_client_exactly_
     );
 }
 
-async fn twenty_clients_connecting_while_fifty_jobs_are_posted_each_see_every_job_once(backend: Backend) {
+async fn twenty_clients_connecting_while_fifty_jobs_are_posted_each_see_every_job_once(
+    backend: Backend,
+) {
     let w = world_on(backend, &[]).await;
     let mut posting = Vec::new();
     let mut clients = Vec::new();

@@ -16,10 +16,7 @@ use support::{eventually, user_token, Backend, Backing, Daemon};
 
 /// A daemon on `backend` sending through a fake Resend and reporting to a
 /// fake Sentry, with the failpoints `failpoints` armed.
-async fn start(
-    backend: Backend,
-    failpoints: &str,
-) -> (Backing, FakeResend, FakeSentry, Daemon) {
+async fn start(backend: Backend, failpoints: &str) -> (Backing, FakeResend, FakeSentry, Daemon) {
     let b = Backing::start(backend).await;
     let resend = FakeResend::start().await;
     let sentry = FakeSentry::start().await;
@@ -92,9 +89,11 @@ async fn a_panicking_actor_is_reported_and_restarted_and_nothing_is_lost(backend
     for i in 0..10 {
         apply(&herald, &format!("before{i}"), &job).await;
     }
-    eventually("the relay to be restarted", Duration::from_secs(20), || async {
-        (relay_restarts(&herald).await == (1, true)).then_some(())
-    })
+    eventually(
+        "the relay to be restarted",
+        Duration::from_secs(20),
+        || async { (relay_restarts(&herald).await == (1, true)).then_some(()) },
+    )
     .await;
     for i in 0..10 {
         apply(&herald, &format!("after{i}"), &job).await;

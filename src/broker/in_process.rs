@@ -80,7 +80,14 @@ impl Topic {
             let keep_from = self
                 .groups
                 .values()
-                .map(|g| g.pending.keys().next().copied().unwrap_or(g.next).min(g.next))
+                .map(|g| {
+                    g.pending
+                        .keys()
+                        .next()
+                        .copied()
+                        .unwrap_or(g.next)
+                        .min(g.next)
+                })
                 .min()
                 .unwrap_or(EventCursor::ZERO);
             let drop = self.index_from(keep_from);
@@ -386,7 +393,9 @@ mod tests {
     }
 
     fn n(received: &Received) -> i64 {
-        received.as_ref().unwrap().envelope.payload["n"].as_i64().unwrap()
+        received.as_ref().unwrap().envelope.payload["n"]
+            .as_i64()
+            .unwrap()
     }
 
     #[tokio::test]

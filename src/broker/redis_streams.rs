@@ -142,7 +142,6 @@ impl StreamConsumer {
             block,
         })
     }
-
 }
 
 #[async_trait]
@@ -196,11 +195,7 @@ impl GroupReader for StreamConsumer {
         }
     }
 
-    async fn reclaim(
-        &self,
-        min_idle: Duration,
-        count: u64,
-    ) -> Result<Vec<Received>, BrokerError> {
+    async fn reclaim(&self, min_idle: Duration, count: u64) -> Result<Vec<Received>, BrokerError> {
         let claimed: Result<Autoclaimed, _> = self
             .client
             .xautoclaim_values(
@@ -273,7 +268,6 @@ impl StreamTail {
             block,
         })
     }
-
 }
 
 #[async_trait]

@@ -246,6 +246,8 @@ impl AppState {
 /// A pause armed through the failpoint `name` (`name=return(<ms>)`); always
 /// `None` unless built with the `failpoints` feature and armed.
 pub(crate) fn failpoint_pause(name: &str) -> Option<Duration> {
+    #[cfg(not(feature = "failpoints"))]
+    let _ = name;
     fail::fail_point!(name, |ms| ms
         .and_then(|ms| ms.parse().ok())
         .map(Duration::from_millis));

@@ -99,7 +99,6 @@ impl From<sqlx::migrate::MigrateError> for StoreError {
     }
 }
 
-
 /// A status column decoded into its enum through its serde names; an
 /// unknown value is a decode error. Shared by both backends' row mappers.
 fn status_column<R, T>(row: &R, column: &str) -> Result<T, sqlx::Error>

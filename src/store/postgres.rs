@@ -22,9 +22,9 @@ use tracing::instrument;
 use uuid::Uuid;
 
 use super::{
-    status_column, to_json, ApplyOutcome, Purged, DeadLetter, DeliverFn, DeliveryDecision, DeliveryResult, DlqAction,
-    DlqTopicStats, KeyClaim, KeyClaimRequest, KeyLease, OutboxStats, PublishFn, RelayStep, Render,
-    Store, StoreError,
+    status_column, to_json, ApplyOutcome, DeadLetter, DeliverFn, DeliveryDecision, DeliveryResult,
+    DlqAction, DlqTopicStats, KeyClaim, KeyClaimRequest, KeyLease, OutboxStats, PublishFn, Purged,
+    RelayStep, Render, Store, StoreError,
 };
 use crate::broker::Envelope;
 use crate::config::Config;

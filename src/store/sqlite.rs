@@ -43,9 +43,9 @@ use tracing::instrument;
 use uuid::Uuid;
 
 use super::{
-    status_column, to_json, ApplyOutcome, DeadLetter, DeliverFn, DeliveryDecision,
-    DeliveryResult, DlqAction, DlqTopicStats, KeyClaim, KeyClaimRequest, KeyLease, OutboxStats,
-    PublishFn, Purged, RelayStep, Render, Store, StoreError,
+    status_column, to_json, ApplyOutcome, DeadLetter, DeliverFn, DeliveryDecision, DeliveryResult,
+    DlqAction, DlqTopicStats, KeyClaim, KeyClaimRequest, KeyLease, OutboxStats, PublishFn, Purged,
+    RelayStep, Render, Store, StoreError,
 };
 use crate::broker::Envelope;
 use crate::config::Config;
@@ -152,9 +152,8 @@ impl SqliteStore {
             .map_err(|e| StoreError::Internal(format!("database_url: {e}")))?;
         let path = options.get_filename().to_path_buf();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                StoreError::Unavailable(format!("creating {}: {e}", dir.display()))
-            })?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Unavailable(format!("creating {}: {e}", dir.display())))?;
         }
         let options = options
             .create_if_missing(true)
@@ -214,10 +213,14 @@ impl SqliteStore {
         let sql = format!(
             "SELECT 1 FROM idempotency_keys WHERE {KEY_WHERE} AND holder = ? AND state = 'in_progress'"
         );
-        let row = bind_key(sqlx::query(AssertSqlSafe(sql)), &lease.scope, lease.key.as_str())
-            .bind(lease.holder.to_string())
-            .fetch_optional(&mut **tx)
-            .await?;
+        let row = bind_key(
+            sqlx::query(AssertSqlSafe(sql)),
+            &lease.scope,
+            lease.key.as_str(),
+        )
+        .bind(lease.holder.to_string())
+        .fetch_optional(&mut **tx)
+        .await?;
         Ok(row.is_some())
     }
 
@@ -259,7 +262,9 @@ impl SqliteStore {
         status: &str,
     ) -> Result<(), StoreError> {
         let update = match topic {
-            topics::APPLICATION_SUBMITTED => "UPDATE applications SET email_status = ? WHERE id = ?",
+            topics::APPLICATION_SUBMITTED => {
+                "UPDATE applications SET email_status = ? WHERE id = ?"
+            }
             topics::CHARGE_CREATED => "UPDATE charges SET ledger_status = ? WHERE id = ?",
             _ => return Ok(()),
         };
@@ -331,10 +336,12 @@ impl SqliteStore {
 
     /// Why a dead letter could not be closed: unknown, or closed earlier.
     async fn closed_earlier(&self, id: Uuid) -> Result<DlqAction, StoreError> {
-        let row = sqlx::query("SELECT replayed_at IS NOT NULL AS replayed FROM dead_letters WHERE id = ?")
-            .bind(id.to_string())
-            .fetch_optional(&self.reader)
-            .await?;
+        let row = sqlx::query(
+            "SELECT replayed_at IS NOT NULL AS replayed FROM dead_letters WHERE id = ?",
+        )
+        .bind(id.to_string())
+        .fetch_optional(&self.reader)
+        .await?;
         Ok(match row {
             None => DlqAction::NotFound,
             Some(row) if row.try_get::<bool, _>("replayed")? => DlqAction::AlreadyReplayed,
@@ -351,7 +358,9 @@ impl Store for SqliteStore {
 
     #[instrument(skip_all)]
     async fn migrate(&self) -> Result<(), StoreError> {
-        sqlx::migrate!("./migrations/sqlite").run(&self.writer).await?;
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&self.writer)
+            .await?;
         // One process owns an embedded database: a lease still held at start
         // was left by a process that died (kill -9); release it, so its rows
         // are delivered now rather than when the lease runs out.
@@ -434,9 +443,13 @@ impl Store for SqliteStore {
                     lease_expires_at
                FROM idempotency_keys WHERE {KEY_WHERE}"
         );
-        let row = bind_key(sqlx::query(AssertSqlSafe(sql)), &claim.scope, claim.key.as_str())
-            .fetch_one(&mut *tx)
-            .await?;
+        let row = bind_key(
+            sqlx::query(AssertSqlSafe(sql)),
+            &claim.scope,
+            claim.key.as_str(),
+        )
+        .fetch_one(&mut *tx)
+        .await?;
         let fingerprint: Vec<u8> = row.try_get("fingerprint")?;
         let state: String = row.try_get("state")?;
         let expired = row.try_get::<i64, _>("expires_at")? < now;
@@ -498,10 +511,14 @@ impl Store for SqliteStore {
         let sql = format!(
             "DELETE FROM idempotency_keys WHERE {KEY_WHERE} AND holder = ? AND state = 'in_progress'"
         );
-        bind_key(sqlx::query(AssertSqlSafe(sql)), &lease.scope, lease.key.as_str())
-            .bind(lease.holder.to_string())
-            .execute(&self.writer)
-            .await?;
+        bind_key(
+            sqlx::query(AssertSqlSafe(sql)),
+            &lease.scope,
+            lease.key.as_str(),
+        )
+        .bind(lease.holder.to_string())
+        .execute(&self.writer)
+        .await?;
         Ok(())
     }
 
@@ -587,8 +604,9 @@ impl Store for SqliteStore {
         }
         // The user already applied: return that application, emit nothing,
         // store this answer as the key's outcome.
-        let sql =
-            format!("SELECT {APPLICATION_COLUMNS} FROM applications WHERE user_id = ? AND job_id = ?");
+        let sql = format!(
+            "SELECT {APPLICATION_COLUMNS} FROM applications WHERE user_id = ? AND job_id = ?"
+        );
         let row = sqlx::query(AssertSqlSafe(sql))
             .bind(&application.user_id)
             .bind(application.job_id.to_string())
@@ -606,7 +624,8 @@ impl Store for SqliteStore {
         id: Uuid,
         user_id: &str,
     ) -> Result<Option<Application>, StoreError> {
-        let sql = format!("SELECT {APPLICATION_COLUMNS} FROM applications WHERE id = ? AND user_id = ?");
+        let sql =
+            format!("SELECT {APPLICATION_COLUMNS} FROM applications WHERE id = ? AND user_id = ?");
         let row = sqlx::query(AssertSqlSafe(sql))
             .bind(id.to_string())
             .bind(user_id)
@@ -735,7 +754,9 @@ impl Store for SqliteStore {
             placeholders(fan_out_topics.len()),
             placeholders(ids.len())
         );
-        let mut query = sqlx::query(AssertSqlSafe(sql)).bind(now).bind(now + us(redeliver_after));
+        let mut query = sqlx::query(AssertSqlSafe(sql))
+            .bind(now)
+            .bind(now + us(redeliver_after));
         for topic in fan_out_topics {
             query = query.bind(*topic);
         }
@@ -826,12 +847,14 @@ impl Store for SqliteStore {
             DeliveryDecision::Done => {
                 let held = settle(None).execute(&mut *tx).await?.rows_affected() == 1;
                 if held {
-                    sqlx::query("INSERT INTO inbox (consumer, event_id, processed_at) VALUES (?, ?, ?)")
-                        .bind(consumer)
-                        .bind(&event_id)
-                        .bind(now)
-                        .execute(&mut *tx)
-                        .await?;
+                    sqlx::query(
+                        "INSERT INTO inbox (consumer, event_id, processed_at) VALUES (?, ?, ?)",
+                    )
+                    .bind(consumer)
+                    .bind(&event_id)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
                     match topic.as_str() {
                         topics::APPLICATION_SUBMITTED => {
                             Self::apply_effect(&mut tx, &topic, &aggregate_id, "sent").await?;

@@ -660,6 +660,16 @@ pub async fn count(pool: &Db, sql: &'static str) -> i64 {
         .expect("count query")
 }
 
+/// A [`Db`] on `url` (either backend).
+pub async fn any_pool(url: &str) -> Db {
+    sqlx::any::install_default_drivers();
+    sqlx::any::AnyPoolOptions::new()
+        .max_connections(4)
+        .connect(url)
+        .await
+        .expect("connect to the test database")
+}
+
 /// Which store (and broker) a behaviour test runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -723,30 +733,33 @@ impl Backing {
 
     /// A pool reading the daemon's database (after the daemon migrated it).
     pub async fn db(&self) -> Db {
-        sqlx::any::install_default_drivers();
-        sqlx::any::AnyPoolOptions::new()
-            .max_connections(4)
-            .connect(&self.database_url())
-            .await
-            .expect("connect to the test database")
+        any_pool(&self.database_url()).await
     }
 
     /// The Postgres server (Postgres-only tests).
     pub fn pg(&self) -> &Postgres {
-        self.pg.as_ref().expect("a Postgres-only test on the Postgres backend")
+        self.pg
+            .as_ref()
+            .expect("a Postgres-only test on the Postgres backend")
     }
 
     pub fn pg_mut(&mut self) -> &mut Postgres {
-        self.pg.as_mut().expect("a Postgres-only test on the Postgres backend")
+        self.pg
+            .as_mut()
+            .expect("a Postgres-only test on the Postgres backend")
     }
 
     /// The Redis server (Postgres + Redis-only tests).
     pub fn redis(&self) -> &Redis {
-        self.redis.as_ref().expect("a Redis test on the Postgres backend")
+        self.redis
+            .as_ref()
+            .expect("a Redis test on the Postgres backend")
     }
 
     pub fn redis_mut(&mut self) -> &mut Redis {
-        self.redis.as_mut().expect("a Redis test on the Postgres backend")
+        self.redis
+            .as_mut()
+            .expect("a Redis test on the Postgres backend")
     }
 }
 
