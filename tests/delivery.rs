@@ -11,7 +11,9 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use support::fake_resend::{FakeResend, Mode, API_KEY};
 use support::fake_sentry::FakeSentry;
-use support::{count, eventually, user_token, Backend, Backing, Daemon, Db, ADMIN_TOKEN};
+use support::{
+    apply_as as apply, count, eventually, user_token, Backend, Backing, Daemon, Db, ADMIN_TOKEN,
+};
 
 struct World {
     b: Backing,
@@ -57,18 +59,22 @@ async fn world_on(backend: Backend, extra: &[(&str, &str)]) -> World {
     }
 }
 
-/// Applies as `user` for `job`; returns the application id.
-async fn apply(herald: &Daemon, user: &str, job: &Value) -> String {
-    let r = herald
-        .apply(
-            &user_token(user),
-            Some(&format!("apply-{user}")),
-            &json!({"job_id": job["id"]}),
-        )
-        .await;
-    assert_eq!(r.status(), 201, "apply as {user}");
-    let body: Value = r.json().await.expect("json");
-    body["id"].as_str().expect("id").to_string()
+/// After a relay crash between publish and mark, on Redis: the stream holds
+/// the event twice and `group` has handled both copies (none pending), so a
+/// duplicate had every chance to show up. (The in-process broker's first
+/// copy died with the process.)
+async fn both_copies_handled_on_redis(w: &World, stream: &str, group: &str) {
+    let Some(redis) = &w.b.redis else { return };
+    assert_eq!(
+        redis.cli(&["XLEN", stream]).as_deref(),
+        Some("2"),
+        "the event was published twice"
+    );
+    eventually("both copies handled", Duration::from_secs(20), || {
+        let pending = redis.cli(&["XPENDING", stream, group]);
+        async move { pending.filter(|p| p.starts_with('0')).map(|_| ()) }
+    })
+    .await;
 }
 
 async fn wait_for_emails(resend: &FakeResend, n: usize, timeout: Duration) {
@@ -171,19 +177,7 @@ async fn a_relay_crash_between_publish_and_mark_republishes_and_still_sends_one_
     // The restarted process published it again (the first copy died with
     // the in-process broker, or sits in the Redis stream).
     assert!(w.herald.metric("herald_relay_published_total").await >= 1.0);
-    if let Some(redis) = &w.b.redis {
-        assert_eq!(
-            redis.cli(&["XLEN", stream]).as_deref(),
-            Some("2"),
-            "the event was published twice"
-        );
-        // Give a duplicate every chance to show up: both copies are settled.
-        eventually("both copies handled", Duration::from_secs(10), || {
-            let pending = redis.cli(&["XPENDING", stream, "email"]);
-            async move { pending.filter(|p| p.starts_with('0')).map(|_| ()) }
-        })
-        .await;
-    }
+    both_copies_handled_on_redis(&w, stream, "email").await;
     assert_eq!(w.resend.sent_to("ada@example.com"), 1);
 }
 
@@ -877,19 +871,7 @@ async fn a_relay_crash_between_publish_and_mark_for_a_charge_republishes_and_app
     )
     .await;
     assert!(w.herald.metric("herald_relay_published_total").await >= 1.0);
-    if let Some(redis) = &w.b.redis {
-        assert_eq!(
-            redis.cli(&["XLEN", stream]).as_deref(),
-            Some("2"),
-            "the event was published twice"
-        );
-        // Both copies handled (none pending in the ledger group), still one entry.
-        eventually("both copies handled", Duration::from_secs(20), || {
-            let pending = redis.cli(&["XPENDING", stream, "ledger"]);
-            async move { pending.filter(|p| p.starts_with('0')).map(|_| ()) }
-        })
-        .await;
-    }
+    both_copies_handled_on_redis(&w, stream, "ledger").await;
     wait_until_settled(&w.db, Duration::from_secs(10)).await;
     assert_eq!(count(&w.db, "SELECT count(*) FROM ledger_entries").await, 1);
     let status: String =

@@ -9,10 +9,10 @@ mod support;
 
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use support::fake_resend::{FakeResend, API_KEY};
 use support::fake_sentry::FakeSentry;
-use support::{eventually, user_token, Backend, Backing, Daemon};
+use support::{apply_as, eventually, Backend, Backing, Daemon};
 
 /// A daemon on `backend` sending through a fake Resend and reporting to a
 /// fake Sentry, with the failpoints `failpoints` armed.
@@ -41,17 +41,6 @@ fn messages(sentry: &FakeSentry) -> Vec<String> {
         .iter()
         .map(|e| e.to_string())
         .collect::<Vec<_>>()
-}
-
-async fn apply(herald: &Daemon, user: &str, job: &Value) {
-    let r = herald
-        .apply(
-            &user_token(user),
-            Some(&format!("apply-{user}")),
-            &json!({"job_id": job["id"]}),
-        )
-        .await;
-    assert_eq!(r.status(), 201, "apply as {user}");
 }
 
 async fn relay_restarts(herald: &Daemon) -> (u64, bool) {
@@ -87,7 +76,7 @@ async fn a_panicking_actor_is_reported_and_restarted_and_nothing_is_lost(backend
     .await;
     let job = herald.post_job("Supervised").await;
     for i in 0..10 {
-        apply(&herald, &format!("before{i}"), &job).await;
+        apply_as(&herald, &format!("before{i}"), &job).await;
     }
     eventually(
         "the relay to be restarted",
@@ -96,7 +85,7 @@ async fn a_panicking_actor_is_reported_and_restarted_and_nothing_is_lost(backend
     )
     .await;
     for i in 0..10 {
-        apply(&herald, &format!("after{i}"), &job).await;
+        apply_as(&herald, &format!("after{i}"), &job).await;
     }
     eventually("20 emails", Duration::from_secs(30), || {
         let sent = resend.sent().len();

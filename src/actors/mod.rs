@@ -1,17 +1,19 @@
 //! The supervised actor tree.
 //!
 //! ```text
-//!   HeraldSupervisor (root; restarts a crashed child with backoff)
-//!   ├── KeyRegistry    resolves Idempotency-Keys: Redis hot tier, Postgres truth
+//!   HeraldSupervisor (root; restarts a crashed child with backoff, reports it to
+//!   │                 Sentry, escalates — stops the daemon — when one keeps crashing)
+//!   ├── KeyRegistry    resolves Idempotency-Keys: Redis hot tier (if any), the database as truth
 //!   ├── RetryBudget    token bucket per outbound call site: may this retry run now?
-//!   ├── OutboxRelay    due outbox rows -> broker, rate-capped, marked after the broker took them
+//!   ├── OutboxRelay    due outbox rows -> broker (Redis Streams or in-process), rate-capped,
+//!   │                  marked after the broker took them
 //!   ├── EmailSender    pool of workers: broker -> Resend / .eml, inbox dedupe,
 //!   │                  retry / defer / dead-letter recorded on the outbox row
 //!   ├── LedgerConsumer charge.created -> one ledger entry per charge, written with
 //!   │                  its inbox row in one transaction
 //!   ├── DlqMonitor     dead-letter depth and age -> herald_dlq_depth, Sentry alerts
 //!   ├── Janitor        expired keys, settled outbox rows, old inbox rows: small batches
-//!   └── SseHub         job.posted (every process reads the whole stream) -> bounded
+//!   └── SseHub         job.posted (every process reads the whole topic) -> bounded
 //!                      per-client queues; snapshot and history in memory
 //! ```
 //!

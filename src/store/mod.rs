@@ -246,9 +246,9 @@ pub trait Store: Send + Sync + 'static {
     async fn outbox_stats(&self) -> Result<OutboxStats, StoreError>;
 
     /// The OutboxRelay's step: claims up to `limit` due, unsettled rows of
-    /// `topics`
-    /// (`FOR UPDATE SKIP LOCKED`, so several relays never claim the same
-    /// row), hands them to `publish`, and only if that succeeded marks them
+    /// `topics` (Postgres: `FOR UPDATE SKIP LOCKED`, so several relays never
+    /// claim the same row; SQLite: one write transaction that skips rows a
+    /// consumer holds a lease on), hands them to `publish`, and only if that succeeded marks them
     /// published: due again after `redeliver_after` unless a consumer
     /// settles them first; rows of `fan_out_topics` settle at once. A
     /// publish failure (or a crash before the commit) leaves the rows as
@@ -262,7 +262,9 @@ pub trait Store: Send + Sync + 'static {
         publish: PublishFn<'_>,
     ) -> Result<RelayStep, StoreError>;
 
-    /// A consumer's step for one delivered envelope: locks its outbox row,
+    /// A consumer's step for one delivered envelope: locks its outbox row
+    /// (Postgres: `FOR UPDATE`; SQLite: a lease, so no transaction stays open
+    /// during the send),
     /// drops it if already settled, recorded in `consumer`'s inbox or stale
     /// (its attempt count moved on), otherwise runs `deliver` and records
     /// the decision in the same transaction: inbox row + local effect +

@@ -208,6 +208,21 @@ impl SqliteStore {
         }
     }
 
+    /// A write transaction for a business write: if the request carries a
+    /// key, it must still hold the key's lease (else `LeaseLost`).
+    async fn write_holding(
+        &self,
+        lease: Option<&KeyLease>,
+    ) -> Result<Transaction<'static, Sqlite>, StoreError> {
+        let mut tx = self.write().await?;
+        if let Some(lease) = lease {
+            if !Self::holds(&mut tx, lease).await? {
+                return Err(StoreError::LeaseLost);
+            }
+        }
+        Ok(tx)
+    }
+
     /// Whether `lease` still holds its key, inside `tx`.
     async fn holds(tx: &mut Transaction<'_, Sqlite>, lease: &KeyLease) -> Result<bool, StoreError> {
         let sql = format!(
@@ -529,12 +544,7 @@ impl Store for SqliteStore {
         lease: Option<&KeyLease>,
         render: Render<'_, Job>,
     ) -> Result<StoredResponse, StoreError> {
-        let mut tx = self.write().await?;
-        if let Some(lease) = lease {
-            if !Self::holds(&mut tx, lease).await? {
-                return Err(StoreError::LeaseLost);
-            }
-        }
+        let mut tx = self.write_holding(lease).await?;
         sqlx::query(
             "INSERT INTO jobs (id, title, company, location, description, posted_at)
              VALUES (?, ?, ?, ?, ?, ?)",
@@ -560,12 +570,7 @@ impl Store for SqliteStore {
         lease: Option<&KeyLease>,
         render: Render<'_, ApplyOutcome>,
     ) -> Result<(ApplyOutcome, StoredResponse), StoreError> {
-        let mut tx = self.write().await?;
-        if let Some(lease) = lease {
-            if !Self::holds(&mut tx, lease).await? {
-                return Err(StoreError::LeaseLost);
-            }
-        }
+        let mut tx = self.write_holding(lease).await?;
         let job = sqlx::query("SELECT title, company FROM jobs WHERE id = ?")
             .bind(application.job_id.to_string())
             .fetch_optional(&mut *tx)
@@ -641,10 +646,7 @@ impl Store for SqliteStore {
         lease: &KeyLease,
         render: Render<'_, Charge>,
     ) -> Result<StoredResponse, StoreError> {
-        let mut tx = self.write().await?;
-        if !Self::holds(&mut tx, lease).await? {
-            return Err(StoreError::LeaseLost);
-        }
+        let mut tx = self.write_holding(Some(lease)).await?;
         sqlx::query(
             "INSERT INTO charges (id, user_id, amount_cents, currency, description, created_at)
              VALUES (?, ?, ?, ?, ?, ?)",

@@ -647,6 +647,21 @@ pub fn user_token(sub: &str) -> String {
         .expect("issue token")
 }
 
+/// Applies as `user` (key `apply-<user>`) for `job`, expecting 201; returns
+/// the application id.
+pub async fn apply_as(herald: &Daemon, user: &str, job: &Value) -> String {
+    let r = herald
+        .apply(
+            &user_token(user),
+            Some(&format!("apply-{user}")),
+            &serde_json::json!({"job_id": job["id"]}),
+        )
+        .await;
+    assert_eq!(r.status(), 201, "apply as {user}");
+    let body: Value = r.json().await.expect("json");
+    body["id"].as_str().expect("id").to_string()
+}
+
 /// A pool on either backend's database, for reading rows from outside the
 /// daemon. Statements must be portable: `$1` placeholders, no Postgres-only
 /// functions; compare ids as text (`CAST(id AS TEXT) = $1`).
