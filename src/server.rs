@@ -286,6 +286,7 @@ pub async fn run(
         outbox_wake,
         budget,
         sse: sse.clone(),
+        broker: broker.name(),
     };
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

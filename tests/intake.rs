@@ -1057,11 +1057,12 @@ async fn dev_login_issues_a_token_that_applies_and_admin_status_shows_the_tree(b
         expected.map(|n| (n.to_string(), true)).to_vec(),
         "{status}"
     );
-    let (backend, redis) = match backend {
-        Backend::Postgres => ("postgres", "healthy"),
-        Backend::Sqlite => ("sqlite", "disabled"),
+    let (backend, broker, redis) = match backend {
+        Backend::Postgres => ("postgres", "redis", "healthy"),
+        Backend::Sqlite => ("sqlite", "in-process", "disabled"),
     };
     assert_eq!(status["backend"], backend);
+    assert_eq!(status["broker"], broker);
     assert_eq!(status["redis"], redis);
     // The dev transport writes the confirmation as an .eml file, and the
     // outbox drains: the job's event and the application's are settled.

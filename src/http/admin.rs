@@ -67,6 +67,7 @@ async fn status(state: &AppState, request: &Request) -> Result<Response, ApiErro
     let body = serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
         "backend": state.store.backend(),
+        "broker": state.broker,
         "actors": state.actors.status(),
         "redis": state.redis_mode.label(),
         "outbox": outbox,

@@ -62,6 +62,8 @@ pub struct AppState {
     pub budget: crate::actors::retry_budget::RetryBudgetHandle,
     /// The live job stream's hub: admission, subscribe, snapshot.
     pub sse: crate::actors::sse_hub::SseHubHandle,
+    /// The broker's name (`redis` or `in-process`), for `/admin/status`.
+    pub broker: &'static str,
 }
 
 /// One incoming request, as the dispatchers see it.
