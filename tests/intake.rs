@@ -134,45 +134,6 @@ async fn the_same_key_and_request_replay_the_stored_status_and_body(backend: Bac
     );
 }
 
-/// Makes `user`'s application to `job` wait: an uncommitted application row
-/// for the same (user, job) holds the unique index, so Herald's insert waits
-/// on it inside its statement — the request is then genuinely "still running".
-/// Rolling the returned transaction back lets it finish.
-async fn hold_application(
-    db: &sqlx::PgPool,
-    user: &str,
-    job: &str,
-) -> sqlx::Transaction<'static, sqlx::Postgres> {
-    let mut tx = db.begin().await.unwrap();
-    sqlx::query(
-        "INSERT INTO applications (id, job_id, user_id, email, created_at)
-         VALUES (gen_random_uuid(), $1::uuid, $2, 'holder@example.com', now())",
-    )
-    .bind(job)
-    .bind(user)
-    .execute(&mut *tx)
-    .await
-    .unwrap();
-    tx
-}
-
-async fn wait_until_blocked(db: &sqlx::PgPool) {
-    eventually(
-        "the first request to wait on the held application",
-        Duration::from_secs(10),
-        || async move {
-            let n: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
-            )
-            .fetch_one(db)
-            .await
-            .expect("pg_stat_activity");
-            (n >= 1).then_some(())
-        },
-    )
-    .await;
-}
-
 async fn in_flight_duplicate_gets_409(backend: Backend, kill_redis: bool) {
     // The first keyed request holds its claim for 3 s after taking it.
     let mut w = world_on(
@@ -640,14 +601,21 @@ async fn with_postgres_stopped_requests_get_503_and_their_retries_succeed_once_a
 
 // ---------------------------------------------------------------- crashed holder
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_key_left_in_progress_by_a_crashed_holder_is_taken_over_after_its_lease() {
-    let mut w = world(&[("HERALD_IDEMPOTENCY__LEASE_SECS", "2")]).await;
+async fn a_key_left_in_progress_by_a_crashed_holder_is_taken_over_after_its_lease(
+    backend: Backend,
+) {
+    // The first keyed request stops right after claiming its key…
+    let mut w = world_on(
+        backend,
+        &[
+            ("HERALD_IDEMPOTENCY__LEASE_SECS", "2"),
+            ("FAILPOINTS", "intake-after-claim=1*return(60000)"),
+        ],
+    )
+    .await;
     let job = w.herald.post_job("A").await;
     let token = user_token("alice");
     let body = json!({"job_id": job_id(&job)});
-    let pg_db = w.b.pg().pool().await;
-    let lock = hold_application(&pg_db, "alice", &job_id(&job)).await;
     let stuck = {
         let (url, token, body) = (
             w.herald.url("/api/applications"),
@@ -664,32 +632,23 @@ async fn a_key_left_in_progress_by_a_crashed_holder_is_taken_over_after_its_leas
                 .await
         })
     };
-    wait_until_blocked(&pg_db).await;
-    w.herald.kill(); // kill -9 while it holds the key
+    let held = "SELECT count(*) FROM idempotency_keys WHERE state = 'in_progress'";
+    eventually("the claim", Duration::from_secs(10), || async {
+        (count(&w.db, held).await == 1).then_some(())
+    })
+    .await;
+    // …and the process dies with it: kill -9 while it holds the key.
+    w.herald.kill();
     assert!(
         stuck.await.unwrap().is_err(),
         "the holder's client saw no response"
     );
-    // Its database session dies with it (Postgres would notice the closed
-    // socket on its next read; a session blocked on a lock is ended here).
-    let ended: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-          WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()) t",
-    )
-    .fetch_one(&pg_db)
-    .await
-    .unwrap();
-    assert_eq!(ended, 1);
-    lock.rollback().await.unwrap();
     assert_eq!(
-        count(
-            &w.db,
-            "SELECT count(*) FROM idempotency_keys WHERE state = 'in_progress'"
-        )
-        .await,
+        count(&w.db, held).await,
         1,
         "the crashed holder left its claim behind"
     );
+    w.herald.set_env("FAILPOINTS", None);
     w.herald.restart().await;
     let saw_409 = std::sync::atomic::AtomicBool::new(false);
     let (herald, token, body, seen) = (&w.herald, &token, &body, &saw_409);
@@ -1202,6 +1161,7 @@ async fn a_charge_is_created_once_replayed_on_retry_and_refused_on_key_reuse(bac
 }
 
 on_both_backends!(
+    a_key_left_in_progress_by_a_crashed_holder_is_taken_over_after_its_lease,
     the_same_key_while_the_first_request_runs_answers_409_with_retry_after,
     a_new_key_and_a_new_application_answer_201_with_the_application,
     the_same_key_and_request_replay_the_stored_status_and_body,
