@@ -261,6 +261,7 @@ async fn three_hundred_applications_survive_two_interruptions(backend: Backend, 
                     took <= Duration::from_millis(DEADLINE_MS),
                     "exited within the deadline: {took:?}"
                 );
+                eprintln!("{backend:?}: SIGTERM under load, exited 0 after {took:?}");
             }
         }
         s.herald.restart().await;
