@@ -305,6 +305,17 @@ impl Config {
             .merge(Env::raw().only(&["SENTRY_DSN"]))
     }
 
+    /// The built-in defaults overlaid with one TOML document (no file, no
+    /// environment): what a `HERALD_CONFIG` file alone would give. Used by
+    /// the config fuzz target.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        Self::from_figment(
+            Figment::new()
+                .merge(Toml::string(DEFAULT_TOML))
+                .merge(Toml::string(text)),
+        )
+    }
+
     /// Extracts and validates a configuration from layered sources.
     pub fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
         let config: Config = figment.extract().map_err(describe)?;

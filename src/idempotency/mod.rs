@@ -167,6 +167,19 @@ mod tests {
     }
 
     #[test]
+    fn a_body_s_canonical_form_is_a_fixed_point_even_for_long_decimals() {
+        // Found by fuzz_fingerprint: without correctly rounded float parsing
+        // (serde_json's `float_roundtrip`), this number re-parsed from its
+        // canonical text was one ulp away, so the canonical form drifted.
+        let body: serde_json::Value =
+            serde_json::from_str("[1e308,-1.0,1234576.901234567890]").unwrap();
+        let canonical = canonical_json(&body);
+        let again: serde_json::Value = serde_json::from_str(&canonical).unwrap();
+        assert_eq!(again, body);
+        assert_eq!(canonical_json(&again), canonical);
+    }
+
+    #[test]
     fn a_changed_body_or_route_changes_the_fingerprint() {
         let a = json!({"job_id": "1"});
         let b = json!({"job_id": "2"});
