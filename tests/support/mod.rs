@@ -116,23 +116,36 @@ fn chown_to_postgres(path: &Path) {
     }
 }
 
-/// A data directory made by `initdb` once per test binary.
+/// A data directory made by `initdb` once and kept in cargo's test temp dir
+/// (`target/tmp/pg-template-<initdb path hash>`), copied per test. Made in a
+/// staging directory and renamed into place, so concurrent test binaries
+/// never see half a template; earlier versions leaked one per binary run
+/// into /tmp.
 fn template_cluster() -> PathBuf {
     static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
     static LOCK: Mutex<()> = Mutex::new(());
     let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     TEMPLATE
         .get_or_init(|| {
-            let dir = tempfile::Builder::new()
-                .prefix("herald-pg-template")
-                .tempdir()
-                .expect("tempdir")
-                .keep();
-            chown_to_postgres(&dir);
-            let data = dir.join("data");
-            let out = pg_command(&pg_bin("initdb"))
+            let initdb = pg_bin("initdb");
+            let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
+            let name: String = initdb
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                .collect();
+            let data = root.join(format!("pg-template{name}"));
+            if data.join("PG_VERSION").exists() {
+                return data;
+            }
+            let staging = tempfile::Builder::new()
+                .prefix("pg-template-staging")
+                .tempdir_in(root)
+                .expect("tempdir");
+            chown_to_postgres(staging.path());
+            let made = staging.path().join("data");
+            let out = pg_command(&initdb)
                 .arg("-D")
-                .arg(&data)
+                .arg(&made)
                 .args(["-U", "herald", "--auth=trust", "-E", "UTF8", "--no-sync"])
                 .output()
                 .expect("initdb: is postgresql installed? (scripts/test installs it)");
@@ -141,6 +154,10 @@ fn template_cluster() -> PathBuf {
                 "initdb failed: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
+            // Another binary may have won the race; its template is as good.
+            if std::fs::rename(&made, &data).is_err() {
+                assert!(data.join("PG_VERSION").exists(), "template at {data:?}");
+            }
             data
         })
         .clone()
