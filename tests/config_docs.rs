@@ -1,0 +1,118 @@
+//! The README's configuration table is checked against the configuration
+//! itself: every key of `config/default.toml` (the compiled-in defaults,
+//! which `Config` deserialises with `deny_unknown_fields`) is documented, and
+//! every documented key exists.
+
+use std::collections::BTreeSet;
+
+use figment::providers::{Format, Toml};
+use figment::value::{Dict, Value};
+use figment::Figment;
+
+/// Keys that have no default (absent unless configured), documented too.
+const OPTIONAL_KEYS: [&str; 7] = [
+    "redis_url",
+    "admin_token",
+    "jwt_secret",
+    "sentry_dsn",
+    "email.resend_api_key",
+    "email.resend_base_url",
+    "auth.dev_login",
+];
+
+fn flatten(prefix: &str, dict: &Dict, out: &mut BTreeSet<String>) {
+    for (key, value) in dict {
+        let path = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        match value {
+            Value::Dict(_, inner) => flatten(&path, inner, out),
+            _ => {
+                out.insert(path);
+            }
+        }
+    }
+}
+
+fn default_keys() -> BTreeSet<String> {
+    let dict: Dict = Figment::from(Toml::string(herald::config::DEFAULT_TOML))
+        .extract()
+        .expect("config/default.toml parses");
+    let mut keys = BTreeSet::new();
+    flatten("", &dict, &mut keys);
+    keys
+}
+
+/// Every `backticked` key in the first column of the README's
+/// `## Configuration` table.
+fn documented_keys() -> BTreeSet<String> {
+    let readme =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+            .unwrap();
+    let section = readme
+        .split("## Configuration")
+        .nth(1)
+        .expect("a Configuration section");
+    section
+        .lines()
+        .skip_while(|l| !l.starts_with("| key"))
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .flat_map(|l| {
+            let first = l.trim_matches('|').split('|').next().unwrap_or("");
+            first
+                .split('`')
+                .skip(1)
+                .step_by(2)
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn every_configuration_key_is_documented_and_every_documented_key_exists() {
+    let defaults = default_keys();
+    let documented = documented_keys();
+    assert!(defaults.len() > 30, "{defaults:?}");
+    let undocumented: Vec<_> = defaults.difference(&documented).collect();
+    assert!(
+        undocumented.is_empty(),
+        "keys missing from the README's configuration table: {undocumented:?}"
+    );
+    let known: BTreeSet<String> = defaults
+        .iter()
+        .cloned()
+        .chain(OPTIONAL_KEYS.iter().map(|k| k.to_string()))
+        .collect();
+    let unknown: Vec<_> = documented.difference(&known).collect();
+    assert!(
+        unknown.is_empty(),
+        "the README documents keys that do not exist: {unknown:?}"
+    );
+}
+
+#[test]
+fn every_optional_key_is_accepted_by_the_configuration() {
+    // `deny_unknown_fields` refuses a key that does not exist.
+    let values = [
+        ("redis_url", "\"redis://127.0.0.1:6379\""),
+        ("admin_token", "\"0123456789abcdef\""),
+        ("jwt_secret", "\"0123456789abcdef0123456789abcdef\""),
+        ("sentry_dsn", "\"https://key@o0.ingest.sentry.io/0\""),
+        ("email.resend_api_key", "\"re_test\""),
+        ("email.resend_base_url", "\"http://127.0.0.1:1\""),
+        ("auth.dev_login", "true"),
+    ];
+    assert_eq!(values.len(), OPTIONAL_KEYS.len());
+    for (key, value) in values {
+        let toml = match key.split_once('.') {
+            Some((table, field)) => format!("[{table}]\n{field} = {value}\n"),
+            None => format!("{key} = {value}\n"),
+        };
+        herald::config::Config::from_toml(&toml)
+            .unwrap_or_else(|e| panic!("{key} is not accepted: {e}"));
+    }
+}
