@@ -12,16 +12,15 @@ mod support;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use herald::client::{ClientPolicy, Operation, RetryingClient};
-use herald::retry::RetryPolicy;
 use serde_json::{json, Value};
 use support::sse::SseClient;
-use support::{count, eventually, user_token, Backend, Stack};
+use support::{
+    count, eventually, patient_client, send_applications, wait_answered, Backend, Stack,
+};
 
 /// Ends the child when dropped (by PID, as every test process here).
 struct Running(std::process::Child);
@@ -188,61 +187,14 @@ async fn three_hundred_applications_survive_two_interruptions(backend: Backend, 
     )
     .await;
     // Restarts come back on the same ports, so the client keeps its URL.
-    let public = s.herald.public.trim_start_matches("http://").to_string();
-    let admin = s.herald.admin.trim_start_matches("http://").to_string();
-    s.herald.set_env("HERALD_LISTEN", Some(&public));
-    s.herald.set_env("HERALD_ADMIN_LISTEN", Some(&admin));
+    s.herald.keep_ports();
     let job = s.herald.post_job("Under fire").await;
-
-    let policy = ClientPolicy {
-        retry: RetryPolicy {
-            base: Duration::from_millis(100),
-            cap: Duration::from_secs(2),
-            max_attempts: 40,
-        },
-        // Patient enough for two restarts and a lapsed lease.
-        budget: herald::actors::retry_budget::RetryBudgetArgs {
-            capacity: 2000.0,
-            refill_per_success: 1.0,
-            refill_per_sec: 50.0,
-            view: Default::default(),
-        },
-        ..ClientPolicy::default()
-    };
-    let client = RetryingClient::new(&s.herald.public, policy).unwrap();
+    let client = patient_client(&s.herald.public);
     let answered = Arc::new(AtomicUsize::new(0));
-    let load = {
-        let (client, answered, job_id) = (client.clone(), answered.clone(), job["id"].clone());
-        tokio::spawn(async move {
-            futures::stream::iter(0..N)
-                .map(|i| {
-                    let (client, answered) = (client.clone(), answered.clone());
-                    let op = Operation::post(
-                        "/api/applications",
-                        &user_token(&format!("load{i}")),
-                        json!({ "job_id": job_id }),
-                    );
-                    async move {
-                        let answer = client.execute(&op).await;
-                        answered.fetch_add(1, Ordering::Relaxed);
-                        answer.map(|a| a.status).map_err(|e| e.to_string())
-                    }
-                })
-                .buffer_unordered(16)
-                .collect::<Vec<_>>()
-                .await
-        })
-    };
+    let users = (0..N).map(|i| format!("load{i}")).collect();
+    let load = send_applications(&client, &job, users, 16, answered.clone());
     for threshold in [N / 3, 2 * N / 3] {
-        eventually(
-            &format!("{threshold} answered"),
-            Duration::from_secs(120),
-            || {
-                let n = answered.load(Ordering::Relaxed);
-                async move { (n >= threshold).then_some(()) }
-            },
-        )
-        .await;
+        wait_answered(&answered, threshold).await;
         match how {
             Interruption::Kill => s.herald.kill(),
             Interruption::Terminate => {

@@ -10,17 +10,14 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use herald::client::lossy_proxy::LossyProxy;
-use herald::client::{ClientPolicy, Operation, RetryingClient};
-use herald::retry::RetryPolicy;
-use serde_json::{json, Value};
+use herald::client::RetryingClient;
 use support::fake_resend::Mode;
-use support::{count, eventually, user_token, Stack, ADMIN_TOKEN};
+use support::{count, eventually, patient_client, send_applications, wait_answered, Stack};
 
 /// Applications per row.
 const N: usize = 30;
@@ -47,88 +44,6 @@ fn matrix_rows() -> Vec<(String, String)> {
         .collect()
 }
 
-/// A client patient enough for restarts, outages and lapsed leases.
-fn patient_client(base_url: &str) -> RetryingClient {
-    let policy = ClientPolicy {
-        retry: RetryPolicy {
-            base: Duration::from_millis(100),
-            cap: Duration::from_secs(2),
-            max_attempts: 60,
-        },
-        budget: herald::actors::retry_budget::RetryBudgetArgs {
-            capacity: 5000.0,
-            refill_per_success: 1.0,
-            refill_per_sec: 100.0,
-            view: Default::default(),
-        },
-        ..ClientPolicy::default()
-    };
-    RetryingClient::new(base_url, policy).expect("client")
-}
-
-/// Sends one application per user (8 at a time) in the background; counts
-/// the answered ones in `answered`.
-fn send_applications(
-    client: &RetryingClient,
-    job: &Value,
-    users: Vec<String>,
-    answered: Arc<AtomicUsize>,
-) -> tokio::task::JoinHandle<Vec<Result<u16, String>>> {
-    let (client, job_id) = (client.clone(), job["id"].clone());
-    tokio::spawn(async move {
-        futures::stream::iter(users)
-            .map(|user| {
-                let (client, answered) = (client.clone(), answered.clone());
-                let op = Operation::post(
-                    "/api/applications",
-                    &user_token(&user),
-                    json!({ "job_id": job_id }),
-                );
-                async move {
-                    let answer = client.execute(&op).await;
-                    answered.fetch_add(1, Ordering::Relaxed);
-                    answer.map(|a| a.status).map_err(|e| e.to_string())
-                }
-            })
-            .buffer_unordered(8)
-            .collect()
-            .await
-    })
-}
-
-async fn wait_answered(answered: &AtomicUsize, at_least: usize) {
-    eventually(
-        &format!("{at_least} answered"),
-        Duration::from_secs(60),
-        || {
-            let n = answered.load(Ordering::Relaxed);
-            async move { (n >= at_least).then_some(()) }
-        },
-    )
-    .await;
-}
-
-async fn relay_restarts(s: &Stack) -> u64 {
-    let status: Value = s
-        .herald
-        .http
-        .get(s.herald.admin_url("/admin/status"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    status["actors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|a| a["name"] == "outbox_relay")
-        .and_then(|a| a["restarts"].as_u64())
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_row_of_the_failure_matrix_loses_nothing() {
     let rows = matrix_rows();
@@ -144,10 +59,7 @@ async fn every_row_of_the_failure_matrix_loses_nothing() {
     ])
     .await;
     // Restarts come back on the same ports.
-    let public = s.herald.public.trim_start_matches("http://").to_string();
-    let admin = s.herald.admin.trim_start_matches("http://").to_string();
-    s.herald.set_env("HERALD_LISTEN", Some(&public));
-    s.herald.set_env("HERALD_ADMIN_LISTEN", Some(&admin));
+    s.herald.keep_ports();
     let job = s.herald.post_job("Failure matrix").await;
     let client = patient_client(&s.herald.public);
     let mut expected = 0;
@@ -161,14 +73,14 @@ async fn every_row_of_the_failure_matrix_loses_nothing() {
         let answered = Arc::new(AtomicUsize::new(0));
         let statuses = match component.as_str() {
             "Herald process (kill -9)" => {
-                let load = send_applications(&client, &job, users.clone(), answered.clone());
+                let load = send_applications(&client, &job, users.clone(), 8, answered.clone());
                 wait_answered(&answered, N / 4).await;
                 s.herald.kill();
                 s.herald.restart().await;
                 load.await.unwrap()
             }
             "Herald process (SIGTERM)" => {
-                let load = send_applications(&client, &job, users.clone(), answered.clone());
+                let load = send_applications(&client, &job, users.clone(), 8, answered.clone());
                 wait_answered(&answered, N / 4).await;
                 s.herald.terminate();
                 let status = s.herald.wait_for_exit(Duration::from_secs(10)).await;
@@ -183,11 +95,11 @@ async fn every_row_of_the_failure_matrix_loses_nothing() {
                 );
                 s.herald.restart().await;
                 s.herald.set_env("FAILPOINTS", None);
-                let load = send_applications(&client, &job, users.clone(), answered.clone());
+                let load = send_applications(&client, &job, users.clone(), 8, answered.clone());
                 let statuses = load.await.unwrap();
                 // A restarted process counts its restarts from zero.
                 eventually("the relay restarted", Duration::from_secs(20), || async {
-                    (relay_restarts(&s).await > 0).then_some(())
+                    (s.herald.actor_status("outbox_relay").await.0 > 0).then_some(())
                 })
                 .await;
                 statuses
@@ -195,7 +107,7 @@ async fn every_row_of_the_failure_matrix_loses_nothing() {
             "Redis" => {
                 s.backing.redis_mut().kill();
                 s.herald.wait_for_metric("herald_redis_fallback", 1.0).await;
-                let statuses = send_applications(&client, &job, users.clone(), answered.clone())
+                let statuses = send_applications(&client, &job, users.clone(), 8, answered.clone())
                     .await
                     .unwrap();
                 s.backing.redis_mut().restart().await;
@@ -213,7 +125,7 @@ async fn every_row_of_the_failure_matrix_loses_nothing() {
                 };
                 let seen_before = unavailable(&client);
                 s.backing.pg_mut().stop();
-                let load = send_applications(&client, &job, users.clone(), answered.clone());
+                let load = send_applications(&client, &job, users.clone(), 8, answered.clone());
                 eventually(
                     "503 while Postgres is down",
                     Duration::from_secs(30),
@@ -228,7 +140,7 @@ async fn every_row_of_the_failure_matrix_loses_nothing() {
             }
             "Resend" => {
                 s.resend.set_mode(Mode::Down(503));
-                let statuses = send_applications(&client, &job, users.clone(), answered.clone())
+                let statuses = send_applications(&client, &job, users.clone(), 8, answered.clone())
                     .await
                     .unwrap();
                 eventually("sends failing", Duration::from_secs(30), || {
@@ -247,9 +159,10 @@ async fn every_row_of_the_failure_matrix_loses_nothing() {
                 .await
                 .unwrap();
                 let via_proxy = patient_client(&proxy.url);
-                let statuses = send_applications(&via_proxy, &job, users.clone(), answered.clone())
-                    .await
-                    .unwrap();
+                let statuses =
+                    send_applications(&via_proxy, &job, users.clone(), 8, answered.clone())
+                        .await
+                        .unwrap();
                 let dropped = proxy.seen().iter().filter(|r| r.dropped).count();
                 assert!(dropped > 0, "responses were lost on the way back");
                 statuses

@@ -979,17 +979,7 @@ async fn dev_login_issues_a_token_that_applies_and_admin_status_shows_the_tree(b
         "the recipient comes from the token"
     );
 
-    let status: Value = w
-        .herald
-        .http
-        .get(w.herald.admin_url("/admin/status"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = w.herald.admin_status().await;
     let actors: Vec<(String, bool)> = status["actors"]
         .as_array()
         .unwrap()

@@ -9,7 +9,6 @@ mod support;
 
 use std::time::Duration;
 
-use serde_json::Value;
 use support::fake_resend::{FakeResend, API_KEY};
 use support::fake_sentry::FakeSentry;
 use support::{apply_as, eventually, Backend, Backing, Daemon};
@@ -43,30 +42,6 @@ fn messages(sentry: &FakeSentry) -> Vec<String> {
         .collect::<Vec<_>>()
 }
 
-async fn relay_restarts(herald: &Daemon) -> (u64, bool) {
-    let status: Value = herald
-        .http
-        .get(herald.admin_url("/admin/status"))
-        .bearer_auth(support::ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let relay = status["actors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|a| a["name"] == "outbox_relay")
-        .cloned()
-        .unwrap();
-    (
-        relay["restarts"].as_u64().unwrap(),
-        relay["running"].as_bool().unwrap(),
-    )
-}
-
 async fn a_panicking_actor_is_reported_and_restarted_and_nothing_is_lost(backend: Backend) {
     // The relay's fifth step panics: after start, while requests arrive.
     let (_b, resend, sentry, herald) = start(
@@ -81,7 +56,7 @@ async fn a_panicking_actor_is_reported_and_restarted_and_nothing_is_lost(backend
     eventually(
         "the relay to be restarted",
         Duration::from_secs(20),
-        || async { (relay_restarts(&herald).await == (1, true)).then_some(()) },
+        || async { (herald.actor_status("outbox_relay").await == (1, true)).then_some(()) },
     )
     .await;
     for i in 0..10 {
@@ -113,7 +88,7 @@ async fn a_panicking_actor_is_reported_and_restarted_and_nothing_is_lost(backend
         !reported.iter().any(|e| e.contains("escalating")),
         "{reported:?}"
     );
-    assert_eq!(relay_restarts(&herald).await, (1, true));
+    assert_eq!(herald.actor_status("outbox_relay").await, (1, true));
 }
 
 async fn an_actor_that_keeps_crashing_escalates_and_the_daemon_exits(backend: Backend) {

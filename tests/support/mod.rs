@@ -603,6 +603,44 @@ impl Daemon {
             .expect("GET request")
     }
 
+    /// `GET /admin/status` as admin.
+    pub async fn admin_status(&self) -> Value {
+        self.http
+            .get(self.admin_url("/admin/status"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .expect("admin status")
+            .json()
+            .await
+            .expect("admin status json")
+    }
+
+    /// `(restarts, running)` of the named actor, from `/admin/status`.
+    pub async fn actor_status(&self, name: &str) -> (u64, bool) {
+        let status = self.admin_status().await;
+        let actor = status["actors"]
+            .as_array()
+            .expect("actors")
+            .iter()
+            .find(|a| a["name"] == name)
+            .unwrap_or_else(|| panic!("no actor {name} in {status}"))
+            .clone();
+        (
+            actor["restarts"].as_u64().expect("restarts"),
+            actor["running"].as_bool().expect("running"),
+        )
+    }
+
+    /// Makes later restarts bind the ports this process has now, so a client
+    /// keeps its URL across a kill and restart.
+    pub fn keep_ports(&mut self) {
+        let public = self.public.trim_start_matches("http://").to_string();
+        let admin = self.admin.trim_start_matches("http://").to_string();
+        self.set_env("HERALD_LISTEN", Some(&public));
+        self.set_env("HERALD_ADMIN_LISTEN", Some(&admin));
+    }
+
     /// Waits until a metric has `value`.
     pub async fn wait_for_metric(&self, name_with_labels: &str, value: f64) {
         eventually(
@@ -677,6 +715,73 @@ pub async fn apply_as(herald: &Daemon, user: &str, job: &Value) -> String {
     assert_eq!(r.status(), 201, "apply as {user}");
     let body: Value = r.json().await.expect("json");
     body["id"].as_str().expect("id").to_string()
+}
+
+/// A retrying client patient enough for restarts, outages and lapsed
+/// leases: up to 60 attempts, full jitter capped at 2 s, a large budget.
+pub fn patient_client(base_url: &str) -> herald::client::RetryingClient {
+    let policy = herald::client::ClientPolicy {
+        retry: herald::retry::RetryPolicy {
+            base: Duration::from_millis(100),
+            cap: Duration::from_secs(2),
+            max_attempts: 60,
+        },
+        budget: herald::actors::retry_budget::RetryBudgetArgs {
+            capacity: 5000.0,
+            refill_per_success: 1.0,
+            refill_per_sec: 100.0,
+            view: Default::default(),
+        },
+        ..herald::client::ClientPolicy::default()
+    };
+    herald::client::RetryingClient::new(base_url, policy).expect("client")
+}
+
+/// Sends one application to `job` per user, `concurrency` at a time, each
+/// one operation (one key) retried by `client` until answered, in the
+/// background; counts answered ones in `answered`. The final statuses (or
+/// why the client gave up).
+pub fn send_applications(
+    client: &herald::client::RetryingClient,
+    job: &Value,
+    users: Vec<String>,
+    concurrency: usize,
+    answered: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> tokio::task::JoinHandle<Vec<Result<u16, String>>> {
+    use futures::StreamExt;
+    let (client, job_id) = (client.clone(), job["id"].clone());
+    tokio::spawn(async move {
+        futures::stream::iter(users)
+            .map(|user| {
+                let (client, answered) = (client.clone(), answered.clone());
+                let op = herald::client::Operation::post(
+                    "/api/applications",
+                    &user_token(&user),
+                    serde_json::json!({ "job_id": job_id }),
+                );
+                async move {
+                    let answer = client.execute(&op).await;
+                    answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    answer.map(|a| a.status).map_err(|e| e.to_string())
+                }
+            })
+            .buffer_unordered(concurrency)
+            .collect()
+            .await
+    })
+}
+
+/// Waits until `answered` reaches `at_least`.
+pub async fn wait_answered(answered: &std::sync::atomic::AtomicUsize, at_least: usize) {
+    eventually(
+        &format!("{at_least} answered"),
+        Duration::from_secs(120),
+        || {
+            let n = answered.load(std::sync::atomic::Ordering::Relaxed);
+            async move { (n >= at_least).then_some(()) }
+        },
+    )
+    .await;
 }
 
 /// A pool on either backend's database, for reading rows from outside the
