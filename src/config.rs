@@ -367,6 +367,11 @@ impl Config {
             "must be at least 1",
         )?;
         check(
+            self.shutdown_deadline_ms >= 1000,
+            "shutdown_deadline_ms",
+            "must be at least 1000 (a SIGTERM shutdown needs time to drain)",
+        )?;
+        check(
             self.idempotency.ttl_secs >= 1,
             "idempotency.ttl_secs",
             "must be at least 1",
@@ -500,6 +505,12 @@ mod tests {
     fn an_out_of_range_value_names_the_key() {
         let err = with("email.transport", "pigeon").unwrap_err();
         assert!(err.to_string().contains("email.transport"), "{err}");
+    }
+
+    #[test]
+    fn a_shutdown_deadline_too_short_to_drain_names_the_key() {
+        let err = with("shutdown_deadline_ms", 0).unwrap_err();
+        assert!(err.to_string().contains("shutdown_deadline_ms"), "{err}");
     }
 
     #[test]
