@@ -109,6 +109,7 @@ pub struct Config {
     pub sse: SseConfig,
     pub dlq: DlqConfig,
     pub janitor: JanitorConfig,
+    pub limits: LimitsConfig,
     pub log: LogConfig,
 }
 
@@ -230,6 +231,39 @@ pub struct DlqConfig {
     pub alert_max_age_secs: u64,
     /// How often the DlqMonitor looks.
     pub check_interval_ms: u64,
+}
+
+/// The public listener's abuse limits ([`crate::http::limits`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// The per-client buckets and stream caps; off only for load tests
+    /// that come from one address.
+    pub per_ip: bool,
+    /// Header the operator's own reverse proxy sets to the client address
+    /// (its last entry counts); unset, the TCP peer is the client. Setting it
+    /// without such a proxy lets clients pick their own address.
+    #[serde(default)]
+    pub trusted_proxy_header: Option<String>,
+    /// `POST /api/applications` per client: sustained rate and burst.
+    pub apply_per_sec: f64,
+    pub apply_burst: u32,
+    /// `POST /api/charges` per client.
+    pub charges_per_sec: f64,
+    pub charges_burst: u32,
+    /// `POST /api/dev/login` per client.
+    pub dev_login_per_sec: f64,
+    pub dev_login_burst: u32,
+    /// `GET /api/jobs/stream` connects per client.
+    pub stream_connects_per_sec: f64,
+    pub stream_connect_burst: u32,
+    /// Streams one client may hold open at once.
+    pub streams_per_ip: usize,
+    /// Longest a request may take to arrive and be answered (a stream's
+    /// body is exempt once it started); past it 408 or 503.
+    pub request_timeout_ms: u64,
+    /// Deepest nesting of arrays/objects a JSON body may have.
+    pub json_max_depth: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -405,6 +439,62 @@ impl Config {
             self.dlq.check_interval_ms >= 10,
             "dlq.check_interval_ms",
             "must be at least 10",
+        )?;
+        let l = &self.limits;
+        for (rate, burst, rate_key, burst_key) in [
+            (
+                l.apply_per_sec,
+                l.apply_burst,
+                "limits.apply_per_sec",
+                "limits.apply_burst",
+            ),
+            (
+                l.charges_per_sec,
+                l.charges_burst,
+                "limits.charges_per_sec",
+                "limits.charges_burst",
+            ),
+            (
+                l.dev_login_per_sec,
+                l.dev_login_burst,
+                "limits.dev_login_per_sec",
+                "limits.dev_login_burst",
+            ),
+            (
+                l.stream_connects_per_sec,
+                l.stream_connect_burst,
+                "limits.stream_connects_per_sec",
+                "limits.stream_connect_burst",
+            ),
+        ] {
+            check(
+                rate.is_finite() && rate >= 0.001,
+                rate_key,
+                "must be at least 0.001 (turn every limit off with limits.per_ip = false)",
+            )?;
+            check(burst >= 1, burst_key, "must be at least 1")?;
+        }
+        check(
+            l.streams_per_ip >= 1,
+            "limits.streams_per_ip",
+            "must be at least 1",
+        )?;
+        check(
+            l.request_timeout_ms >= 100,
+            "limits.request_timeout_ms",
+            "must be at least 100",
+        )?;
+        check(
+            (2..=128).contains(&l.json_max_depth),
+            "limits.json_max_depth",
+            "must be from 2 to 128",
+        )?;
+        check(
+            l.trusted_proxy_header
+                .as_deref()
+                .is_none_or(|h| http::HeaderName::from_bytes(h.trim().as_bytes()).is_ok()),
+            "limits.trusted_proxy_header",
+            "must be an HTTP header name, e.g. X-Forwarded-For",
         )?;
         check(
             self.relay.max_publish_per_sec >= 1,

@@ -33,6 +33,7 @@ use crate::email::file::FileTransport;
 use crate::email::resend::ResendTransport;
 use crate::email::{SendPacer, Transport};
 use crate::http::auth::Auth;
+use crate::http::limits::AbuseLimits;
 use crate::http::{admin, listener_filter, public, AppState};
 use crate::idempotency::hot_tier::HotTier;
 use crate::retry::RetryPolicy;
@@ -287,7 +288,18 @@ pub async fn run(
         budget,
         sse: sse.clone(),
         broker: broker.name(),
+        limits: Arc::new(AbuseLimits::new(&config.limits)),
     };
+    // Clients whose buckets are full again are forgotten, so the limit
+    // tables hold only recent clients however many addresses come by.
+    let limits = state.limits.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            every.tick().await;
+            limits.forget_idle_clients();
+        }
+    });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let deadline = Duration::from_millis(config.shutdown_deadline_ms);

@@ -92,6 +92,8 @@ pub mod metrics {
     pub const SSE_CLIENTS: &str = "herald_sse_clients";
     pub const SSE_EVICTED: &str = "herald_sse_evicted_total";
     pub const SSE_REJECTED: &str = "herald_sse_rejected_total";
+    /// Requests refused by a per-client limit, by action.
+    pub const RATE_LIMITED: &str = "herald_rate_limited_total";
     pub const SSE_EVENTS: &str = "herald_sse_events_total";
 
     /// One resolved key: `new`, `replay`, `in_flight` or `mismatch`.
@@ -187,6 +189,12 @@ pub mod metrics {
     /// Connects over the admission rate (answered with `retry:` only).
     pub fn sse_rejected() {
         ::metrics::counter!(SSE_REJECTED).increment(1);
+    }
+
+    /// A request refused by a per-client abuse limit (`apply`, `charge`,
+    /// `dev_login`, `stream_connect`, `streams_open`).
+    pub fn rate_limited(action: &'static str) {
+        ::metrics::counter!(RATE_LIMITED, "action" => action).increment(1);
     }
 
     /// `job.posted` events this process's hub announced.

@@ -10,7 +10,7 @@ use figment::value::{Dict, Value};
 use figment::Figment;
 
 /// Keys that have no default (absent unless configured), documented too.
-const OPTIONAL_KEYS: [&str; 7] = [
+const OPTIONAL_KEYS: [&str; 8] = [
     "redis_url",
     "admin_token",
     "jwt_secret",
@@ -18,6 +18,7 @@ const OPTIONAL_KEYS: [&str; 7] = [
     "email.resend_api_key",
     "email.resend_base_url",
     "auth.dev_login",
+    "limits.trusted_proxy_header",
 ];
 
 fn flatten(prefix: &str, dict: &Dict, out: &mut BTreeSet<String>) {
@@ -105,6 +106,7 @@ fn every_optional_key_is_accepted_by_the_configuration() {
         ("email.resend_api_key", "\"re_test\""),
         ("email.resend_base_url", "\"http://127.0.0.1:1\""),
         ("auth.dev_login", "true"),
+        ("limits.trusted_proxy_header", "\"X-Forwarded-For\""),
     ];
     assert_eq!(values.len(), OPTIONAL_KEYS.len());
     for (key, value) in values {

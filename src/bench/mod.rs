@@ -228,6 +228,9 @@ fn spawn_herald(config: &Config, extra: &[(&str, String)]) -> anyhow::Result<Chi
         .env("HERALD_ADMIN_LISTEN", "127.0.0.1:0")
         .env("HERALD_ADMIN_TOKEN", &admin_token)
         .env("HERALD_JWT_SECRET", &jwt_secret)
+        // The load comes from one address; per-client limits would measure
+        // themselves instead of the daemon.
+        .env("HERALD_LIMITS__PER_IP", "false")
         .env("RUST_LOG", "warn")
         .env(
             "HERALD_STATE_DIR",

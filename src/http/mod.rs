@@ -12,11 +12,13 @@
 
 pub mod admin;
 pub mod auth;
+pub mod limits;
 pub mod problem;
 pub mod public;
 pub mod stream;
 
 use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -64,6 +66,8 @@ pub struct AppState {
     pub sse: crate::actors::sse_hub::SseHubHandle,
     /// The broker's name (`redis` or `in-process`), for `/admin/status`.
     pub broker: &'static str,
+    /// Per-client rate buckets and open-stream counts of the public listener.
+    pub limits: Arc<limits::AbuseLimits>,
 }
 
 /// One incoming request, as the dispatchers see it.
@@ -72,6 +76,9 @@ pub struct Request {
     pub path: String,
     pub query: String,
     pub headers: HeaderMap,
+    /// Who the request is counted against by the abuse limits (the peer's
+    /// address, or the trusted proxy header's).
+    pub client: IpAddr,
     /// The body, already bounded by [`MAX_BODY_BYTES`]; the error is the 413
     /// (or unreadable body) to answer if a handler wants the body.
     pub body: Result<Bytes, ApiError>,
@@ -91,14 +98,36 @@ where
         .and(warp::path::full())
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(warp::header::headers_cloned())
+        .and(warp::addr::remote())
         .and(warp::body::stream())
         .then(
-            move |method, path: warp::path::FullPath, query, headers: HeaderMap, body| {
+            move |method,
+                  path: warp::path::FullPath,
+                  query,
+                  headers: HeaderMap,
+                  peer: Option<SocketAddr>,
+                  body| {
                 let state = state.clone();
                 let dispatch = dispatch.clone();
                 async move {
-                    let body = read_body(body, MAX_BODY_BYTES).await;
+                    // One deadline for the body to arrive and the answer to
+                    // be ready (a stream's body, once started, is exempt):
+                    // a slow sender gets 408, a stuck handler 503.
+                    let timeout_ms = state.config.limits.request_timeout_ms;
+                    let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
+                    let body =
+                        match tokio::time::timeout_at(deadline, read_body(body, MAX_BODY_BYTES))
+                            .await
+                        {
+                            // The depth check runs before any parser sees the body.
+                            Ok(body) => body.and_then(|bytes| {
+                                limits::check_json_depth(&bytes, state.config.limits.json_max_depth)
+                                    .map(|()| bytes)
+                            }),
+                            Err(_) => return ApiError::RequestTimeout(timeout_ms).into_response(),
+                        };
                     let request = Request {
+                        client: state.limits.client_of(peer, &headers),
                         method,
                         path: path.as_str().to_string(),
                         query,
@@ -107,7 +136,15 @@ where
                     };
                     // Boxed: the handler's state machine is large, and warp
                     // and hyper move the future they are given a few times.
-                    Box::pin(dispatch(state, request)).await
+                    match tokio::time::timeout_at(deadline, Box::pin(dispatch(state, request)))
+                        .await
+                    {
+                        Ok(response) => response,
+                        Err(_) => {
+                            tracing::warn!(timeout_ms, "request timed out in its handler");
+                            ApiError::Unavailable.into_response()
+                        }
+                    }
                 }
             },
         )

@@ -42,6 +42,10 @@ pub enum ApiError {
     DevLoginDisabled,
     #[error("this dead letter was {0}; it can no longer be {1}")]
     DeadLetterClosed(&'static str, &'static str),
+    #[error("too many requests from this client; retry in {retry_after_secs} s")]
+    RateLimited { retry_after_secs: u64 },
+    #[error("the request was not received within {0} ms")]
+    RequestTimeout(u64),
     #[error("service temporarily unavailable; retry later")]
     Unavailable,
     #[error("internal error")]
@@ -74,6 +78,8 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::InFlight | ApiError::DeadLetterClosed(..) => StatusCode::CONFLICT,
             ApiError::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -93,6 +99,8 @@ impl ApiError {
             ApiError::InFlight => "idempotency_in_flight",
             ApiError::DeadLetterClosed(..) => "dead_letter_closed",
             ApiError::KeyReused => "idempotency_key_reused",
+            ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::RequestTimeout(_) => "request_timeout",
             ApiError::Unavailable => "unavailable",
             ApiError::Internal => "internal",
         }
@@ -112,6 +120,8 @@ impl ApiError {
             ApiError::InFlight => "Request in progress",
             ApiError::DeadLetterClosed(..) => "Dead letter closed",
             ApiError::KeyReused => "Idempotency-Key reused",
+            ApiError::RateLimited { .. } => "Too many requests",
+            ApiError::RequestTimeout(_) => "Request timeout",
             ApiError::Unavailable => "Service unavailable",
             ApiError::Internal => "Internal error",
         }
@@ -148,6 +158,12 @@ impl ApiError {
         match self {
             ApiError::InFlight | ApiError::Unavailable => {
                 headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ApiError::RateLimited { retry_after_secs } => {
+                headers.insert(RETRY_AFTER, HeaderValue::from(retry_after_secs.max(1)));
+            }
+            ApiError::RequestTimeout(_) => {
+                headers.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
             }
             ApiError::Unauthorized(_) => {
                 headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

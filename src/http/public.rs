@@ -22,6 +22,7 @@ use tracing::{info_span, Instrument};
 use uuid::Uuid;
 use warp::reply::Response;
 
+use super::limits::Action;
 use super::problem::{json_response, ApiError};
 use super::{stored, AppState, Request};
 use crate::domain::{
@@ -240,6 +241,9 @@ async fn post_job(state: &AppState, request: &Request) -> Result<Response, ApiEr
 }
 
 async fn submit_application(state: &AppState, request: &Request) -> Result<Response, ApiError> {
+    // Before anything else (and before the key is claimed): a refused
+    // request leaves no trace a retry would trip over.
+    state.limits.check(Action::Apply, request.client)?;
     let user = state.auth.user(&request.headers)?;
     let key = super::idempotency_key(&request.headers)?;
     let json = body_json(request)?;
@@ -293,6 +297,7 @@ async fn get_application(
 }
 
 async fn create_charge(state: &AppState, request: &Request) -> Result<Response, ApiError> {
+    state.limits.check(Action::Charge, request.client)?;
     let user = state.auth.user(&request.headers)?;
     let key = super::idempotency_key(&request.headers)?.ok_or(ApiError::IdempotencyKeyMissing)?;
     let json = body_json(request)?;
@@ -327,6 +332,7 @@ fn dev_login(state: &AppState, request: &Request) -> Result<Response, ApiError> 
     if !state.config.dev_login() {
         return Err(ApiError::DevLoginDisabled);
     }
+    state.limits.check(Action::DevLogin, request.client)?;
     let body = request.body.as_ref().map_err(clone_error)?;
     let login: DevLogin = parse_json(body)?;
     let email = login.email.trim().to_ascii_lowercase();

@@ -77,6 +77,12 @@ fn turned_away() -> Response {
 }
 
 pub async fn job_stream(state: &AppState, request: &Request) -> Response {
+    // This client's own limits first (connect rate, open streams), then the
+    // process-wide admission: one address cannot use up everyone's rate.
+    let slot = match state.limits.open_stream(request.client) {
+        Ok(slot) => slot,
+        Err(_) => return turned_away(),
+    };
     let subscription = match state.sse.subscribe().await {
         Ok(subscription) => subscription,
         Err(NotAdmitted::OverRate | NotAdmitted::Unavailable) => return turned_away(),
@@ -105,6 +111,7 @@ pub async fn job_stream(state: &AppState, request: &Request) -> Response {
     let stream = ClientStream {
         frames,
         subscription,
+        _slot: slot,
         sent_upto,
         heartbeat: {
             let every = state.sse.heartbeat;
@@ -126,6 +133,9 @@ struct ClientStream {
     sent_upto: EventCursor,
     heartbeat: tokio::time::Interval,
     ended: bool,
+    /// This client's place in its open-stream count, given back when the
+    /// stream ends (`None` with the per-client limits off).
+    _slot: Option<super::limits::StreamSlot>,
 }
 
 impl Stream for ClientStream {

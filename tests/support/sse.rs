@@ -141,8 +141,19 @@ impl SseClient {
 
     /// One connect, as it comes.
     pub async fn connect_once(url: &str, last_event_id: Option<&str>) -> SseClient {
+        SseClient::connect_once_from(url, last_event_id, None).await
+    }
+
+    /// One connect from the local address `from` (127.0.0.x stands for
+    /// another client to the per-client limits).
+    pub async fn connect_once_from(
+        url: &str,
+        last_event_id: Option<&str>,
+        from: Option<std::net::IpAddr>,
+    ) -> SseClient {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
+            .local_address(from)
             .build()
             .expect("client");
         let mut request = http.get(url).header("accept", "text/event-stream");

@@ -1,0 +1,498 @@
+//! Abuse limits (issue 7): per-client token buckets on apply, charges and dev
+//! login answer 429 `rate_limited` with `Retry-After` and leave every other
+//! client alone; a client's open streams are capped (turned away with a
+//! `retry:`, never a non-200); deep JSON and slow bodies are refused with a
+//! clear 4xx; a proxy header is believed only when the operator names it.
+//!
+//! Other clients are other loopback addresses: the test's requests leave
+//! from 127.0.0.2, 127.0.0.3, … (`local_address`), so the daemon sees
+//! distinct peers without any header trickery.
+
+#[macro_use]
+mod support;
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::sse::SseClient;
+use support::{eventually, user_token, Backend, Backing, Daemon};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn from(last_octet: u8) -> IpAddr {
+    IpAddr::from([127, 0, 0, last_octet])
+}
+
+/// An HTTP client whose connections leave from 127.0.0.`last_octet`.
+fn client_at(last_octet: u8) -> reqwest::Client {
+    reqwest::Client::builder()
+        .local_address(from(last_octet))
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client")
+}
+
+/// An embedded daemon with the per-client limits on and `extra` settings.
+async fn limited(extra: &[(&str, &str)]) -> (Backing, Daemon) {
+    let b = Backing::start(Backend::Sqlite).await;
+    let mut settings = vec![("HERALD_LIMITS__PER_IP", "true")];
+    settings.extend_from_slice(extra);
+    let herald = b.daemon(&settings).await;
+    (b, herald)
+}
+
+async fn post_as(
+    http: &reqwest::Client,
+    herald: &Daemon,
+    path: &str,
+    token: &str,
+    key: &str,
+    body: &Value,
+) -> reqwest::Response {
+    http.post(herald.url(path))
+        .bearer_auth(token)
+        .header("Idempotency-Key", key)
+        .json(body)
+        .send()
+        .await
+        .expect("POST")
+}
+
+/// Asserts a 429 problem with a whole-second `Retry-After`; returns it.
+async fn assert_rate_limited(response: reqwest::Response) -> u64 {
+    assert_eq!(response.status(), 429);
+    let retry_after: u64 = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("429 carries Retry-After in whole seconds");
+    assert!((1..=1000).contains(&retry_after), "Retry-After {retry_after}");
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let problem: Value = response.json().await.expect("problem body");
+    assert_eq!(problem["code"], "rate_limited");
+    assert_eq!(problem["status"], 429);
+    retry_after
+}
+
+#[tokio::test]
+async fn a_burst_of_applications_over_the_per_client_limit_gets_429_and_other_clients_are_unaffected(
+) {
+    let (b, herald) = limited(&[
+        ("HERALD_LIMITS__APPLY_PER_SEC", "0.5"),
+        ("HERALD_LIMITS__APPLY_BURST", "5"),
+    ])
+    .await;
+    let job = herald.post_job("Rate limited").await;
+    let body = json!({ "job_id": job["id"] });
+    let noisy = client_at(1);
+    let quiet = client_at(2);
+
+    // The noisy client's burst: 5 go through, the 6th is refused.
+    for i in 0..5 {
+        let r = post_as(
+            &noisy,
+            &herald,
+            "/api/applications",
+            &user_token(&format!("noisy{i}")),
+            &format!("k{i}"),
+            &body,
+        )
+        .await;
+        assert_eq!(r.status(), 201, "within the burst");
+    }
+    let refused_token = user_token("noisy5");
+    let r = post_as(
+        &noisy,
+        &herald,
+        "/api/applications",
+        &refused_token,
+        "k5",
+        &body,
+    )
+    .await;
+    assert_rate_limited(r).await;
+
+    // Meanwhile another client has its own full bucket.
+    for i in 0..5 {
+        let r = post_as(
+            &quiet,
+            &herald,
+            "/api/applications",
+            &user_token(&format!("quiet{i}")),
+            &format!("q{i}"),
+            &body,
+        )
+        .await;
+        assert_eq!(
+            r.status(),
+            201,
+            "another client is not limited by the noisy one"
+        );
+    }
+
+    // The refused request left nothing behind: retried with the same key
+    // once a token is back, it is created (not replayed, not 409).
+    let started = Instant::now();
+    let created = eventually(
+        "the refused application to go through",
+        Duration::from_secs(15),
+        || {
+            let (noisy, herald, token, body) = (&noisy, &herald, &refused_token, &body);
+            async move {
+                let r = post_as(noisy, herald, "/api/applications", token, "k5", body).await;
+                match r.status().as_u16() {
+                    429 => None,
+                    status => Some((status, r.headers().contains_key("idempotent-replayed"))),
+                }
+            }
+        },
+    )
+    .await;
+    assert_eq!(created, (201, false), "after {:?}", started.elapsed());
+
+    let db = b.db().await;
+    assert_eq!(
+        support::count(&db, "SELECT COUNT(*) FROM applications").await,
+        11
+    );
+    assert!(
+        herald
+            .metric("herald_rate_limited_total{action=\"apply\"}")
+            .await
+            >= 1.0
+    );
+}
+
+#[tokio::test]
+async fn charges_and_dev_logins_have_buckets_of_their_own() {
+    let (_b, herald) = limited(&[
+        ("HERALD_LIMITS__CHARGES_PER_SEC", "0.01"),
+        ("HERALD_LIMITS__CHARGES_BURST", "3"),
+        ("HERALD_LIMITS__DEV_LOGIN_PER_SEC", "0.01"),
+        ("HERALD_LIMITS__DEV_LOGIN_BURST", "2"),
+    ])
+    .await;
+    let here = client_at(1);
+    let token = user_token("payer");
+    let charge =
+        |n: u32| json!({ "amount_cents": 100 + n, "currency": "EUR", "description": "Listing" });
+    for n in 0..3 {
+        let r = post_as(
+            &here,
+            &herald,
+            "/api/charges",
+            &token,
+            &format!("c{n}"),
+            &charge(n),
+        )
+        .await;
+        assert_eq!(r.status(), 201);
+    }
+    let r = post_as(&here, &herald, "/api/charges", &token, "c3", &charge(3)).await;
+    let retry_after = assert_rate_limited(r).await;
+    // 0.01 tokens a second: the next one is about 100 s away.
+    assert!(retry_after >= 60, "Retry-After {retry_after}");
+
+    let login = |email: &str| {
+        here.post(herald.url("/api/dev/login"))
+            .json(&json!({ "email": email }))
+            .send()
+    };
+    // Charges used up their bucket, not the dev-login one.
+    for n in 0..2 {
+        let r = login(&format!("dev{n}@example.com")).await.expect("login");
+        assert_eq!(r.status(), 200);
+    }
+    assert_rate_limited(login("dev2@example.com").await.expect("login")).await;
+    // Another client logs in and pays.
+    let elsewhere = client_at(3);
+    let r = elsewhere
+        .post(herald.url("/api/dev/login"))
+        .json(&json!({ "email": "other@example.com" }))
+        .send()
+        .await
+        .expect("login");
+    assert_eq!(r.status(), 200);
+    let r = post_as(
+        &elsewhere,
+        &herald,
+        "/api/charges",
+        &user_token("other"),
+        "o1",
+        &charge(9),
+    )
+    .await;
+    assert_eq!(r.status(), 201);
+}
+
+#[tokio::test]
+async fn the_open_stream_limit_per_client_holds_and_a_closed_stream_gives_its_place_back() {
+    let (_b, herald) = limited(&[
+        ("HERALD_LIMITS__STREAMS_PER_IP", "3"),
+        ("HERALD_SSE__HEARTBEAT_MS", "200"),
+    ])
+    .await;
+    herald.post_job("Streamed").await;
+    let url = herald.url("/api/jobs/stream");
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let mut s = SseClient::connect_once_from(&url, None, Some(from(1))).await;
+        s.next(Duration::from_secs(10))
+            .await
+            .expect("opening retry");
+        let snapshot = s.next(Duration::from_secs(10)).await.expect("snapshot");
+        assert_eq!(snapshot.event, "snapshot");
+        open.push(s);
+    }
+    // The fourth from the same client: 200 with only a retry:, then closed.
+    let mut fourth = SseClient::connect_once_from(&url, None, Some(from(1))).await;
+    let only = fourth.next(Duration::from_secs(10)).await.expect("a retry");
+    assert_eq!(only.event, "retry");
+    assert!(only.retry.is_some_and(|ms| ms >= 1000));
+    assert!(fourth.next(Duration::from_secs(10)).await.is_none());
+    assert!(fourth.closed, "a turned-away stream is closed");
+
+    // Another client still gets the stream.
+    let mut other = SseClient::connect_once_from(&url, None, Some(from(2))).await;
+    other
+        .next(Duration::from_secs(10))
+        .await
+        .expect("opening retry");
+    assert_eq!(
+        other
+            .next(Duration::from_secs(10))
+            .await
+            .expect("snapshot")
+            .event,
+        "snapshot"
+    );
+
+    // One of the three hangs up; its place comes back (the server notices
+    // on its next heartbeat write).
+    drop(open.pop());
+    eventually(
+        "a freed stream place to be reused",
+        Duration::from_secs(10),
+        || {
+            let url = url.clone();
+            async move {
+                let mut s = SseClient::connect_once_from(&url, None, Some(from(1))).await;
+                s.next(Duration::from_secs(5)).await?;
+                let next = s.next(Duration::from_secs(5)).await?;
+                (next.event == "snapshot").then_some(())
+            }
+        },
+    )
+    .await;
+    assert!(
+        herald
+            .metric("herald_rate_limited_total{action=\"streams_open\"}")
+            .await
+            >= 1.0
+    );
+}
+
+#[tokio::test]
+async fn stream_connects_over_the_per_client_rate_are_told_to_come_back_later() {
+    let (_b, herald) = limited(&[
+        ("HERALD_LIMITS__STREAM_CONNECTS_PER_SEC", "0.01"),
+        ("HERALD_LIMITS__STREAM_CONNECT_BURST", "2"),
+    ])
+    .await;
+    let url = herald.url("/api/jobs/stream");
+    let mut kept = Vec::new();
+    for _ in 0..2 {
+        let mut s = SseClient::connect_once_from(&url, None, Some(from(1))).await;
+        s.next(Duration::from_secs(10))
+            .await
+            .expect("opening retry");
+        assert_eq!(
+            s.next(Duration::from_secs(10))
+                .await
+                .expect("snapshot")
+                .event,
+            "snapshot"
+        );
+        kept.push(s);
+    }
+    let mut third = SseClient::connect_once_from(&url, None, Some(from(1))).await;
+    assert_eq!(
+        third
+            .next(Duration::from_secs(10))
+            .await
+            .expect("retry")
+            .event,
+        "retry"
+    );
+    assert!(third.next(Duration::from_secs(10)).await.is_none() && third.closed);
+    let mut other = SseClient::connect_once_from(&url, None, Some(from(4))).await;
+    other
+        .next(Duration::from_secs(10))
+        .await
+        .expect("opening retry");
+    assert_eq!(
+        other
+            .next(Duration::from_secs(10))
+            .await
+            .expect("snapshot")
+            .event,
+        "snapshot"
+    );
+    assert!(
+        herald
+            .metric("herald_rate_limited_total{action=\"stream_connect\"}")
+            .await
+            >= 1.0
+    );
+}
+
+#[tokio::test]
+async fn deeply_nested_json_is_refused_with_400_before_it_is_parsed() {
+    let (_b, herald) = limited(&[("HERALD_LIMITS__JSON_MAX_DEPTH", "8")]).await;
+    let token = user_token("nester");
+    let nested =
+        |depth: usize| format!("{{\"job_id\":{}1{}}}", "[".repeat(depth), "]".repeat(depth));
+    for depth in [8, 30_000] {
+        let r = herald
+            .http
+            .post(herald.url("/api/applications"))
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .body(nested(depth))
+            .send()
+            .await
+            .expect("POST");
+        assert_eq!(r.status(), 400, "depth {depth}");
+        let problem: Value = r.json().await.expect("problem");
+        assert_eq!(problem["code"], "invalid_body");
+        assert!(
+            problem["detail"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("nested deeper than 8"),
+            "{problem}"
+        );
+    }
+    // Depth 7 (the object plus 6 arrays) reaches the parser, which refuses
+    // the type, not the depth.
+    let r = herald
+        .http
+        .post(herald.url("/api/applications"))
+        .bearer_auth(&token)
+        .body(nested(6))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(r.status(), 400);
+    let problem: Value = r.json().await.expect("problem");
+    assert!(
+        !problem["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("nested"),
+        "{problem}"
+    );
+}
+
+#[tokio::test]
+async fn a_body_that_arrives_too_slowly_gets_408_and_the_connection_is_closed() {
+    let (b, herald) = limited(&[("HERALD_LIMITS__REQUEST_TIMEOUT_MS", "500")]).await;
+    let address = herald
+        .url("/")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let mut socket = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /api/applications HTTP/1.1\r\nhost: {address}\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"job_id\":",
+        user_token("slow")
+    );
+    socket.write_all(head.as_bytes()).await.expect("write");
+    // ... and nothing more. The daemon answers by itself.
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), socket.read_to_end(&mut answer))
+        .await
+        .expect("the daemon answers and closes within its timeout")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"code\":\"request_timeout\""), "{answer}");
+    let db = b.db().await;
+    assert_eq!(
+        support::count(&db, "SELECT COUNT(*) FROM applications").await,
+        0
+    );
+    // The daemon is fine for everyone else.
+    assert_eq!(herald.get("/api/jobs").await.status(), 200);
+}
+
+#[tokio::test]
+async fn a_forwarded_for_header_is_believed_only_when_the_operator_names_it() {
+    let body = |job: &Value| json!({ "job_id": job["id"] });
+    let spoofer = client_at(1);
+    let send = |herald: &Daemon, user: &str, forwarded: &str, job: &Value| {
+        spoofer
+            .post(herald.url("/api/applications"))
+            .bearer_auth(user_token(user))
+            .header("x-forwarded-for", forwarded)
+            .json(&body(job))
+            .send()
+    };
+
+    // Off by default: a client cannot escape its bucket by claiming to be
+    // somebody else.
+    let (_b, direct) = limited(&[
+        ("HERALD_LIMITS__APPLY_PER_SEC", "0.01"),
+        ("HERALD_LIMITS__APPLY_BURST", "2"),
+    ])
+    .await;
+    let job = direct.post_job("Direct").await;
+    for (i, forwarded) in ["198.51.100.1", "198.51.100.2"].iter().enumerate() {
+        let r = send(&direct, &format!("d{i}"), forwarded, &job)
+            .await
+            .expect("POST");
+        assert_eq!(r.status(), 201);
+    }
+    assert_rate_limited(
+        send(&direct, "d2", "198.51.100.3", &job)
+            .await
+            .expect("POST"),
+    )
+    .await;
+
+    // Behind the operator's proxy: the header's last address is the client.
+    let (_b2, proxied) = limited(&[
+        ("HERALD_LIMITS__APPLY_PER_SEC", "0.01"),
+        ("HERALD_LIMITS__APPLY_BURST", "2"),
+        ("HERALD_LIMITS__TRUSTED_PROXY_HEADER", "X-Forwarded-For"),
+    ])
+    .await;
+    let job = proxied.post_job("Proxied").await;
+    for i in 0..2 {
+        let r = send(&proxied, &format!("p{i}"), "10.9.9.9, 203.0.113.7", &job)
+            .await
+            .expect("POST");
+        assert_eq!(r.status(), 201);
+    }
+    assert_rate_limited(
+        send(&proxied, "p2", "10.9.9.9, 203.0.113.7", &job)
+            .await
+            .expect("POST"),
+    )
+    .await;
+    // A claimed first hop does not matter; another real client does.
+    let r = send(&proxied, "p3", "203.0.113.7, 203.0.113.8", &job)
+        .await
+        .expect("POST");
+    assert_eq!(
+        r.status(),
+        201,
+        "another client behind the proxy has its own bucket"
+    );
+}
