@@ -245,9 +245,36 @@ pub struct Charge {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NewChargeBody {
+    #[serde(deserialize_with = "whole_number")]
     amount_cents: i64,
     currency: String,
     description: String,
+}
+
+/// An integer as JSON Schema defines one: `120` or `120.0` (a number with
+/// no fractional part), never `120.5` or `"120"`. The published contract
+/// (docs/openapi.yaml) says `type: integer`, so whatever a schema-driven
+/// client may send as one is accepted; the range is checked by the caller.
+fn whole_number<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
+    use serde::de::{Error, Unexpected};
+    match serde_json::Number::deserialize(deserializer)? {
+        n if n.is_i64() => n
+            .as_i64()
+            .ok_or_else(|| D::Error::custom("integer out of range")),
+        n if n.is_u64() => Err(D::Error::invalid_value(
+            Unexpected::Other("an integer too large"),
+            &"an integer",
+        )),
+        n => {
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            // Exactly representable whole numbers only (|f| < 2^53).
+            if f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0 {
+                Ok(f as i64)
+            } else {
+                Err(D::Error::invalid_value(Unexpected::Float(f), &"an integer"))
+            }
+        }
+    }
 }
 
 /// A validated charge request.
@@ -366,7 +393,12 @@ mod tests {
         let ok = |b: &str| NewCharge::parse(b.as_bytes());
         assert!(ok(r#"{"amount_cents":1,"currency":"EUR","description":"d"}"#).is_ok());
         assert!(ok(r#"{"amount_cents":1000000000,"currency":"USD","description":"d"}"#).is_ok());
+        // JSON Schema's integer: a number with no fractional part.
+        let whole = ok(r#"{"amount_cents":245982.0,"currency":"EUR","description":"d"}"#);
+        assert_eq!(whole.map(|c| c.amount_cents).ok(), Some(245982));
         for bad in [
+            r#"{"amount_cents":1e300,"currency":"EUR","description":"d"}"#,
+            r#"{"amount_cents":18446744073709551615,"currency":"EUR","description":"d"}"#,
             r#"{"amount_cents":0,"currency":"EUR","description":"d"}"#,
             r#"{"amount_cents":-5,"currency":"EUR","description":"d"}"#,
             r#"{"amount_cents":1000000001,"currency":"EUR","description":"d"}"#,

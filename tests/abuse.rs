@@ -67,7 +67,10 @@ async fn assert_rate_limited(response: reqwest::Response) -> u64 {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
         .expect("429 carries Retry-After in whole seconds");
-    assert!((1..=1000).contains(&retry_after), "Retry-After {retry_after}");
+    assert!(
+        (1..=1000).contains(&retry_after),
+        "Retry-After {retry_after}"
+    );
     assert_eq!(
         response.headers()["content-type"],
         "application/problem+json"
