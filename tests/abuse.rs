@@ -232,6 +232,29 @@ async fn charges_and_dev_logins_have_buckets_of_their_own() {
     assert_eq!(r.status(), 201);
 }
 
+/// A stream from 127.0.0.`octet` that is served: the opening `retry:`,
+/// then a snapshot.
+async fn served_stream(url: &str, octet: u8) -> SseClient {
+    let mut s = SseClient::connect_once_from(url, None, Some(from(octet))).await;
+    s.next(Duration::from_secs(10))
+        .await
+        .expect("opening retry");
+    let snapshot = s.next(Duration::from_secs(10)).await.expect("snapshot");
+    assert_eq!(snapshot.event, "snapshot");
+    s
+}
+
+/// A stream from 127.0.0.`octet` that is turned away: HTTP 200 (asserted by
+/// the client) carrying only a `retry:` of at least a second, then closed.
+async fn assert_turned_away(url: &str, octet: u8) {
+    let mut s = SseClient::connect_once_from(url, None, Some(from(octet))).await;
+    let only = s.next(Duration::from_secs(10)).await.expect("a retry");
+    assert_eq!(only.event, "retry");
+    assert!(only.retry.is_some_and(|ms| ms >= 1000));
+    assert!(s.next(Duration::from_secs(10)).await.is_none());
+    assert!(s.closed, "a turned-away stream is closed");
+}
+
 #[tokio::test]
 async fn the_open_stream_limit_per_client_holds_and_a_closed_stream_gives_its_place_back() {
     let (_b, herald) = limited(&[
@@ -243,36 +266,11 @@ async fn the_open_stream_limit_per_client_holds_and_a_closed_stream_gives_its_pl
     let url = herald.url("/api/jobs/stream");
     let mut open = Vec::new();
     for _ in 0..3 {
-        let mut s = SseClient::connect_once_from(&url, None, Some(from(1))).await;
-        s.next(Duration::from_secs(10))
-            .await
-            .expect("opening retry");
-        let snapshot = s.next(Duration::from_secs(10)).await.expect("snapshot");
-        assert_eq!(snapshot.event, "snapshot");
-        open.push(s);
+        open.push(served_stream(&url, 1).await);
     }
-    // The fourth from the same client: 200 with only a retry:, then closed.
-    let mut fourth = SseClient::connect_once_from(&url, None, Some(from(1))).await;
-    let only = fourth.next(Duration::from_secs(10)).await.expect("a retry");
-    assert_eq!(only.event, "retry");
-    assert!(only.retry.is_some_and(|ms| ms >= 1000));
-    assert!(fourth.next(Duration::from_secs(10)).await.is_none());
-    assert!(fourth.closed, "a turned-away stream is closed");
-
-    // Another client still gets the stream.
-    let mut other = SseClient::connect_once_from(&url, None, Some(from(2))).await;
-    other
-        .next(Duration::from_secs(10))
-        .await
-        .expect("opening retry");
-    assert_eq!(
-        other
-            .next(Duration::from_secs(10))
-            .await
-            .expect("snapshot")
-            .event,
-        "snapshot"
-    );
+    // The fourth from the same client is turned away; another client is not.
+    assert_turned_away(&url, 1).await;
+    let _other = served_stream(&url, 2).await;
 
     // One of the three hangs up; its place comes back (the server notices
     // on its next heartbeat write).
@@ -307,44 +305,9 @@ async fn stream_connects_over_the_per_client_rate_are_told_to_come_back_later() 
     ])
     .await;
     let url = herald.url("/api/jobs/stream");
-    let mut kept = Vec::new();
-    for _ in 0..2 {
-        let mut s = SseClient::connect_once_from(&url, None, Some(from(1))).await;
-        s.next(Duration::from_secs(10))
-            .await
-            .expect("opening retry");
-        assert_eq!(
-            s.next(Duration::from_secs(10))
-                .await
-                .expect("snapshot")
-                .event,
-            "snapshot"
-        );
-        kept.push(s);
-    }
-    let mut third = SseClient::connect_once_from(&url, None, Some(from(1))).await;
-    assert_eq!(
-        third
-            .next(Duration::from_secs(10))
-            .await
-            .expect("retry")
-            .event,
-        "retry"
-    );
-    assert!(third.next(Duration::from_secs(10)).await.is_none() && third.closed);
-    let mut other = SseClient::connect_once_from(&url, None, Some(from(4))).await;
-    other
-        .next(Duration::from_secs(10))
-        .await
-        .expect("opening retry");
-    assert_eq!(
-        other
-            .next(Duration::from_secs(10))
-            .await
-            .expect("snapshot")
-            .event,
-        "snapshot"
-    );
+    let _kept = [served_stream(&url, 1).await, served_stream(&url, 1).await];
+    assert_turned_away(&url, 1).await;
+    let _other = served_stream(&url, 4).await;
     assert!(
         herald
             .metric("herald_rate_limited_total{action=\"stream_connect\"}")
