@@ -861,6 +861,25 @@ async fn bad_input_gets_a_4xx_problem_with_a_stable_code_and_never_a_5xx(backend
     let r = http.delete(w.herald.url("/api/jobs")).send().await.unwrap();
     assert_eq!(r.headers()["allow"], "GET, POST");
     problem(r, 405, "method_not_allowed").await;
+    // The admin listener names its methods too (schemathesis found it did not).
+    for (method, path, allow) in [
+        (reqwest::Method::POST, "/metrics", "GET"),
+        (reqwest::Method::DELETE, "/admin/dlq", "GET"),
+        (reqwest::Method::GET, "/admin/dlq/replay", "POST"),
+        (
+            reqwest::Method::PUT,
+            "/admin/dlq/00000000-0000-0000-0000-000000000000",
+            "DELETE",
+        ),
+    ] {
+        let r = http
+            .request(method, w.herald.admin_url(path))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.headers()["allow"], allow, "{path}");
+        problem(r, 405, "method_not_allowed").await;
+    }
     for q in ["limit=0", "limit=101", "limit=x", "before=zzz"] {
         let r = http
             .get(w.herald.url(&format!("/api/jobs?{q}")))

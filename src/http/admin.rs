@@ -29,14 +29,19 @@ pub async fn dispatch(state: AppState, request: Request) -> Response {
         (["admin", "dlq", id], &Method::DELETE) if *id != "replay" => {
             discard(&state, &request, id).await
         }
-        (["metrics"], _)
-        | (["admin", "status"], _)
-        | (["admin", "dlq"], _)
-        | (["admin", "dlq", _], _)
-        | (["admin", "dlq", _, "replay"], _) => Err(ApiError::MethodNotAllowed),
-        _ => Err(ApiError::NotFound),
+        (path, _) => Err(ApiError::unrouted(allowed_methods(path))),
     };
     result.unwrap_or_else(ApiError::into_response)
+}
+
+/// The methods a known admin path accepts (for 405 and `Allow`).
+fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
+    match segments {
+        ["metrics"] | ["admin", "status"] | ["admin", "dlq"] => Some("GET"),
+        ["admin", "dlq", "replay"] | ["admin", "dlq", _, "replay"] => Some("POST"),
+        ["admin", "dlq", _] => Some("DELETE"),
+        _ => None,
+    }
 }
 
 /// Refreshes the gauges that are read from the database, then renders.

@@ -32,8 +32,9 @@ pub enum ApiError {
     NotFound,
     #[error("no such job")]
     JobNotFound,
-    #[error("method not allowed")]
-    MethodNotAllowed,
+    /// 405; `allow` is the path's methods, sent as `Allow` (RFC 9110 15.5.6).
+    #[error("method not allowed; this path accepts {allow}")]
+    MethodNotAllowed { allow: &'static str },
     #[error("a request with this Idempotency-Key is still being processed; retry later")]
     InFlight,
     #[error("this Idempotency-Key was used for a different request")]
@@ -75,7 +76,7 @@ impl ApiError {
             ApiError::NotFound | ApiError::JobNotFound | ApiError::DevLoginDisabled => {
                 StatusCode::NOT_FOUND
             }
-            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::InFlight | ApiError::DeadLetterClosed(..) => StatusCode::CONFLICT,
             ApiError::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -95,7 +96,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::NotFound | ApiError::DevLoginDisabled => "not_found",
             ApiError::JobNotFound => "job_not_found",
-            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::InFlight => "idempotency_in_flight",
             ApiError::DeadLetterClosed(..) => "dead_letter_closed",
             ApiError::KeyReused => "idempotency_key_reused",
@@ -116,7 +117,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => "Unauthorized",
             ApiError::NotFound | ApiError::DevLoginDisabled => "Not found",
             ApiError::JobNotFound => "Job not found",
-            ApiError::MethodNotAllowed => "Method not allowed",
+            ApiError::MethodNotAllowed { .. } => "Method not allowed",
             ApiError::InFlight => "Request in progress",
             ApiError::DeadLetterClosed(..) => "Dead letter closed",
             ApiError::KeyReused => "Idempotency-Key reused",
@@ -145,6 +146,15 @@ impl ApiError {
         }
     }
 
+    /// What a request that matched no route gets: 405 with `Allow` when the
+    /// path exists (`allow` is its methods), else 404.
+    pub fn unrouted(allow: Option<&'static str>) -> ApiError {
+        match allow {
+            Some(allow) => ApiError::MethodNotAllowed { allow },
+            None => ApiError::NotFound,
+        }
+    }
+
     pub fn into_response(self) -> Response {
         let mut response = json_response(
             self.status(),
@@ -164,6 +174,9 @@ impl ApiError {
             }
             ApiError::RequestTimeout(_) => {
                 headers.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            ApiError::MethodNotAllowed { allow } => {
+                headers.insert(http::header::ALLOW, HeaderValue::from_static(allow));
             }
             ApiError::Unauthorized(_) => {
                 headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

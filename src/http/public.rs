@@ -75,16 +75,9 @@ pub async fn dispatch(state: AppState, request: Request) -> Response {
             (["api", "dev", "login"], &Method::POST) => {
                 ("/api/dev/login", dev_login(&state, &request))
             }
-            (path, _) => ("other", Err(not_routed(path))),
+            (path, _) => ("other", Err(ApiError::unrouted(allowed_methods(path)))),
         };
         let mut response = result.unwrap_or_else(ApiError::into_response);
-        if let Some(allow) = allowed_methods(&segments) {
-            if response.status() == StatusCode::METHOD_NOT_ALLOWED {
-                response
-                    .headers_mut()
-                    .insert(http::header::ALLOW, HeaderValue::from_static(allow));
-            }
-        }
         if let Ok(v) = HeaderValue::from_str(&request_id.to_string()) {
             response.headers_mut().insert("x-request-id", v);
         }
@@ -103,14 +96,6 @@ fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
         ["api", "jobs", _] | ["api", "applications", _] | ["api", "charges", _] => Some("GET"),
         ["api", "applications"] | ["api", "charges"] | ["api", "dev", "login"] => Some("POST"),
         _ => None,
-    }
-}
-
-fn not_routed(segments: &[&str]) -> ApiError {
-    if allowed_methods(segments).is_some() {
-        ApiError::MethodNotAllowed
-    } else {
-        ApiError::NotFound
     }
 }
 
