@@ -666,16 +666,19 @@ impl Daemon {
     }
 
     pub async fn metric(&self, name_with_labels: &str) -> f64 {
-        let text = self
-            .http
+        parse_metric(&self.metrics_text().await, name_with_labels)
+    }
+
+    /// The whole Prometheus exposition of the admin listener.
+    pub async fn metrics_text(&self) -> String {
+        self.http
             .get(self.admin_url("/metrics"))
             .send()
             .await
             .expect("metrics")
             .text()
             .await
-            .expect("metrics body");
-        parse_metric(&text, name_with_labels)
+            .expect("metrics body")
     }
 }
 
