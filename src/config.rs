@@ -18,7 +18,7 @@ use std::path::PathBuf;
 
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The defaults, as shipped in `config/default.toml`.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
@@ -47,6 +47,13 @@ impl Secret {
     }
 }
 
+/// Serialised as `[redacted]`: a rendered configuration never carries a secret.
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str("[redacted]")
+    }
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret([redacted])")
@@ -67,6 +74,13 @@ impl DatabaseUrl {
     }
 }
 
+/// Serialised like `Debug`: the scheme, the rest redacted.
+impl Serialize for DatabaseUrl {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&format_args!("{}://[redacted]", self.scheme()))
+    }
+}
+
 impl fmt::Debug for DatabaseUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "DatabaseUrl({}://[redacted])", self.scheme())
@@ -74,7 +88,7 @@ impl fmt::Debug for DatabaseUrl {
 }
 
 /// The whole configuration of one Herald process.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// `postgres://…` (production) or `sqlite://…` (embedded); chooses the store backend.
@@ -113,7 +127,7 @@ pub struct Config {
     pub log: LogConfig,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     /// Whether `POST /api/dev/login` exists. Absent: on in the embedded mode
@@ -124,7 +138,7 @@ pub struct AuthConfig {
     pub dev_token_ttl_secs: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseConfig {
     /// Pool size; bounds the database work one process can have in flight.
@@ -133,7 +147,7 @@ pub struct DatabaseConfig {
     pub acquire_timeout_ms: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
     /// Upper bound of every Redis command; past it the database answers alone.
@@ -143,7 +157,7 @@ pub struct RedisConfig {
 }
 
 /// The janitor: what it deletes, how much at a time, how often.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct JanitorConfig {
     /// Pause between two sweeps.
@@ -154,7 +168,7 @@ pub struct JanitorConfig {
     pub retention_secs: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdempotencyConfig {
     /// Retention of a key and its stored response.
@@ -163,7 +177,7 @@ pub struct IdempotencyConfig {
     pub lease_secs: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RelayConfig {
     /// Whether this process runs the delivery pipeline (relay and consumers).
@@ -177,7 +191,7 @@ pub struct RelayConfig {
     pub poll_interval_ms: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EmailConfig {
     /// `resend` or `file`.
@@ -196,7 +210,7 @@ pub struct EmailConfig {
     pub resend_base_url: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryConfig {
     pub base_ms: u64,
@@ -204,7 +218,7 @@ pub struct RetryConfig {
     pub max_attempts: u32,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SseConfig {
     /// New stream connections admitted per second (a fifth of a second's
@@ -222,7 +236,7 @@ pub struct SseConfig {
     pub shutdown_grace_ms: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DlqConfig {
     /// Alert when a topic holds more open dead letters than this.
@@ -234,7 +248,7 @@ pub struct DlqConfig {
 }
 
 /// The public listener's abuse limits ([`crate::http::limits`]).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
     /// The per-client buckets and stream caps; off only for load tests
@@ -266,7 +280,7 @@ pub struct LimitsConfig {
     pub json_max_depth: usize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     /// `pretty` or `json`.

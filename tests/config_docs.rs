@@ -1,7 +1,8 @@
 //! The README's configuration table is checked against the configuration
 //! itself: every key of `config/default.toml` (the compiled-in defaults,
-//! which `Config` deserialises with `deny_unknown_fields`) is documented, and
-//! every documented key exists.
+//! which `Config` deserialises with `deny_unknown_fields`) is documented,
+//! every documented key exists, and every field of the `Config` struct (as it
+//! serialises, optional fields included) is a documented key.
 
 use std::collections::BTreeSet;
 
@@ -117,4 +118,52 @@ fn every_optional_key_is_accepted_by_the_configuration() {
         herald::config::Config::from_toml(&toml)
             .unwrap_or_else(|e| panic!("{key} is not accepted: {e}"));
     }
+}
+
+/// Every leaf key of a serialised configuration, `table.field` style.
+fn struct_keys(prefix: &str, value: &serde_json::Value, out: &mut BTreeSet<String>) {
+    match value {
+        serde_json::Value::Object(fields) => {
+            for (key, inner) in fields {
+                let path = if prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                struct_keys(&path, inner, out);
+            }
+        }
+        _ => {
+            out.insert(prefix.to_string());
+        }
+    }
+}
+
+#[test]
+fn every_field_of_the_config_struct_is_a_documented_key_and_no_secret_is_rendered() {
+    let config = herald::config::Config::from_toml(
+        "admin_token = \"0123456789abcdef\"\njwt_secret = \"sekrit-0123456789abcdef0123456789\"\n",
+    )
+    .expect("defaults parse");
+    let rendered = serde_json::to_value(&config).expect("config serialises");
+    let mut fields = BTreeSet::new();
+    struct_keys("", &rendered, &mut fields);
+    let documented = documented_keys();
+    assert!(fields.len() > 30, "{fields:?}");
+    let undocumented: Vec<_> = fields.difference(&documented).collect();
+    assert!(
+        undocumented.is_empty(),
+        "Config fields missing from the README's configuration table: {undocumented:?}"
+    );
+    let not_fields: Vec<_> = documented.difference(&fields).collect();
+    assert!(
+        not_fields.is_empty(),
+        "the README documents keys that are not Config fields: {not_fields:?}"
+    );
+    let text = rendered.to_string();
+    assert!(
+        !text.contains("sekrit") && !text.contains("0123456789abcdef"),
+        "{text}"
+    );
+    assert_eq!(rendered["admin_token"], "[redacted]");
 }
