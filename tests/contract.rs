@@ -26,9 +26,10 @@ use std::time::Duration;
 use serde_json::Value;
 use support::{apply_as, eventually, user_token, Backend, Stack, ADMIN_TOKEN};
 
-/// The same cases on every run; change it to explore, keep it to reproduce.
+/// The same cases on every run (`HERALD_CONTRACT_SEED` overrides it, to explore).
 const SEED: &str = "20261124";
-/// Examples per operation and phase (the coverage phase adds its own).
+/// Examples per operation and phase, the coverage phase adding its own
+/// (`HERALD_CONTRACT_EXAMPLES` overrides it for a longer run).
 const EXAMPLES_PER_OPERATION: &str = "80";
 /// Acceptance floor: generated test cases over both runs on one backend.
 const AT_LEAST_CASES: u64 = 2_000;
@@ -39,6 +40,11 @@ const DEAD_LETTER_USERS: [&str; 3] = ["dl-ada", "dl-bob", "dl-cy"];
 
 fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// `name` from the environment when set, else `default`.
+fn setting(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_string())
 }
 
 /// One schemathesis run's JSON report (`--report json`).
@@ -107,8 +113,11 @@ async fn run_schemathesis(
         .args(filter)
         .args(["--checks", "all"])
         .args(["--phases", "coverage,fuzzing,stateful"])
-        .args(["--max-examples", EXAMPLES_PER_OPERATION])
-        .args(["--seed", SEED])
+        .args([
+            "--max-examples",
+            &setting("HERALD_CONTRACT_EXAMPLES", EXAMPLES_PER_OPERATION),
+        ])
+        .args(["--seed", &setting("HERALD_CONTRACT_SEED", SEED)])
         .args(["--generation-database", "none"])
         .args(["--no-color", "--report", "json"])
         .arg("--report-json-path")
