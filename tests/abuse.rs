@@ -118,6 +118,18 @@ async fn a_burst_of_applications_over_the_per_client_limit_gets_429_and_other_cl
     )
     .await;
     assert_rate_limited(r).await;
+    // Over its bucket, a request without a valid token still learns that
+    // first: 401, not "retry later".
+    let r = post_as(
+        &noisy,
+        &herald,
+        "/api/applications",
+        "not-a-token",
+        "k-bad-token",
+        &body,
+    )
+    .await;
+    assert_eq!(r.status(), 401, "authentication comes before the bucket");
 
     // Meanwhile another client has its own full bucket.
     for i in 0..5 {

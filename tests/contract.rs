@@ -8,13 +8,15 @@
 //! recipients, so the dead-letter queue holds letters the admin operations'
 //! links can reach) and two schemathesis runs: the public operations against
 //! the public listener, the admin operations against the admin listener.
-//! Every check and the coverage, fuzzing and stateful phases run, with a
-//! fixed seed and a bounded number of examples per operation, so a run is
-//! reproducible (`st replay` prints the failing case). Schemathesis itself is
-//! installed by `scripts/test` into `target/tools/schemathesis`; its settings
-//! (credentials per security scheme, the statuses a valid request may get,
-//! the never-ending stream read up to its first event) are in
-//! `tests/contract/schemathesis.toml`.
+//! Then the same daemon restarts with tight per-client limits and the public
+//! operations run again, so the 429s (and streams turned away) are held to
+//! the document too. Every check and the coverage, fuzzing and stateful
+//! phases run, with a fixed seed and a bounded number of examples per
+//! operation, so a run is reproducible (`st replay` prints the failing
+//! case). Schemathesis itself is installed by `scripts/test` into
+//! `target/tools/schemathesis`; its settings (credentials per security
+//! scheme, the statuses a valid request may get, the never-ending stream read
+//! up to its first event) are in `tests/contract/schemathesis.toml`.
 
 #[macro_use]
 mod support;
@@ -24,19 +26,36 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{apply_as, eventually, user_token, Backend, Stack, ADMIN_TOKEN};
+use support::{apply_as, eventually, user_token, Backend, Daemon, Stack, ADMIN_TOKEN};
 
 /// The same cases on every run (`HERALD_CONTRACT_SEED` overrides it, to explore).
 const SEED: &str = "20261124";
 /// Examples per operation and phase, the coverage phase adding its own
 /// (`HERALD_CONTRACT_EXAMPLES` overrides it for a longer run).
 const EXAMPLES_PER_OPERATION: &str = "80";
-/// Acceptance floor: generated test cases over both runs on one backend.
+/// Examples per operation for the run under tight limits (mostly 429s).
+const LIMITED_EXAMPLES_PER_OPERATION: &str = "30";
+/// Acceptance floor: generated test cases over the runs on one backend.
 const AT_LEAST_CASES: u64 = 2_000;
 /// Upper bound on one schemathesis run (a run takes well under a minute here).
 const RUN_LIMIT: Duration = Duration::from_secs(600);
 /// Recipients the fake Resend refuses for good: their letters end in the DLQ.
 const DEAD_LETTER_USERS: [&str; 3] = ["dl-ada", "dl-bob", "dl-cy"];
+/// The admin listener serves these paths; the public listener the rest.
+const ADMIN_PATHS: &str = "^/(admin|metrics)";
+/// Per-client limits tight enough that schemathesis meets every refusal.
+const TIGHT_LIMITS: [(&str, &str); 10] = [
+    ("HERALD_LIMITS__PER_IP", "true"),
+    ("HERALD_LIMITS__APPLY_PER_SEC", "1"),
+    ("HERALD_LIMITS__APPLY_BURST", "3"),
+    ("HERALD_LIMITS__CHARGES_PER_SEC", "1"),
+    ("HERALD_LIMITS__CHARGES_BURST", "3"),
+    ("HERALD_LIMITS__DEV_LOGIN_PER_SEC", "1"),
+    ("HERALD_LIMITS__DEV_LOGIN_BURST", "3"),
+    ("HERALD_LIMITS__STREAM_CONNECTS_PER_SEC", "1"),
+    ("HERALD_LIMITS__STREAM_CONNECT_BURST", "3"),
+    ("HERALD_LIMITS__STREAMS_PER_IP", "2"),
+];
 
 fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
@@ -49,8 +68,10 @@ fn setting(name: &str, default: &str) -> String {
 
 /// One schemathesis run's JSON report (`--report json`).
 struct Report {
-    listener: &'static str,
+    /// Which run (public, admin, limited), for messages.
+    run: &'static str,
     json: Value,
+    /// What schemathesis printed: its account of any failure, with `st replay`.
     output: String,
 }
 
@@ -59,7 +80,7 @@ impl Report {
         self.json
             .pointer(pointer)
             .and_then(Value::as_u64)
-            .unwrap_or_else(|| panic!("{}: no {pointer} in report", self.listener))
+            .unwrap_or_else(|| panic!("{} run: no {pointer} in report", self.run))
     }
 
     /// Panics with schemathesis' own account unless the run found nothing.
@@ -73,25 +94,28 @@ impl Report {
             && self.count("/operations/tested") == self.count("/operations/selected");
         assert!(
             clean,
-            "schemathesis found problems on the {} listener:\n{}\nreport: {:#}",
-            self.listener, self.output, self.json
+            "schemathesis found problems in the {} run:\n{}\nreport: {:#}",
+            self.run, self.output, self.json
         );
         for phase in ["coverage", "fuzzing", "stateful"] {
             assert_eq!(
                 self.json["phases"][phase]["status"], "success",
-                "{} listener: {phase} phase did not run clean\n{}",
-                self.listener, self.output
+                "{} run: the {phase} phase did not run clean\n{}",
+                self.run, self.output
             );
         }
     }
 }
 
-/// Runs schemathesis on the operations `filter` selects, against `base_url`.
+/// Runs schemathesis against `base_url` with every check and phase, then
+/// `args` (which operations, which checks to leave out); `run` names it.
+/// Returns its report once it is known to be clean.
 async fn run_schemathesis(
     dir: &Path,
-    listener: &'static str,
+    run: &'static str,
     base_url: &str,
-    filter: [&str; 2],
+    examples: &str,
+    args: &[&str],
 ) -> Report {
     let st = repo("target/tools/schemathesis/bin/st");
     assert!(
@@ -99,7 +123,7 @@ async fn run_schemathesis(
         "{} is missing: scripts/test installs schemathesis",
         st.display()
     );
-    let report_path = dir.join(format!("{listener}.json"));
+    let report_path = dir.join(format!("{run}.json"));
     let mut command = tokio::process::Command::new(&st);
     command
         .current_dir(dir)
@@ -110,13 +134,10 @@ async fn run_schemathesis(
         .arg("run")
         .arg(repo("docs/openapi.yaml"))
         .args(["--url", base_url])
-        .args(filter)
         .args(["--checks", "all"])
+        .args(args)
         .args(["--phases", "coverage,fuzzing,stateful"])
-        .args([
-            "--max-examples",
-            &setting("HERALD_CONTRACT_EXAMPLES", EXAMPLES_PER_OPERATION),
-        ])
+        .args(["--max-examples", examples])
         .args(["--seed", &setting("HERALD_CONTRACT_SEED", SEED)])
         .args(["--generation-database", "none"])
         .args(["--no-color", "--report", "json"])
@@ -126,40 +147,48 @@ async fn run_schemathesis(
         .kill_on_drop(true);
     let out = tokio::time::timeout(RUN_LIMIT, command.output())
         .await
-        .unwrap_or_else(|_| {
-            panic!("schemathesis on the {listener} listener ran past {RUN_LIMIT:?}")
-        })
+        .unwrap_or_else(|_| panic!("schemathesis ({run} run) ran past {RUN_LIMIT:?}"))
         .unwrap_or_else(|e| panic!("{}: {e}", st.display()));
     let output =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     let text = std::fs::read_to_string(&report_path)
-        .unwrap_or_else(|e| panic!("no report from the {listener} run ({e}):\n{output}"));
+        .unwrap_or_else(|e| panic!("no report from the {run} run ({e}):\n{output}"));
     let json = serde_json::from_str(&text).expect("schemathesis report is JSON");
-    let report = Report {
-        listener,
-        json,
-        output,
-    };
+    let report = Report { run, json, output };
     assert!(
         out.status.success(),
-        "schemathesis exited {} on the {listener} listener:\n{}",
+        "schemathesis exited {} in the {run} run:\n{}",
         out.status,
         report.output
     );
+    report.assert_clean();
     report
 }
 
-/// Sum of `herald_http_requests_total` over 5xx statuses (public listener).
-fn server_errors(metrics: &str) -> f64 {
+/// Sum of a counter over all its label sets, optionally only those whose
+/// labels contain `labels_with`.
+fn counter_sum(metrics: &str, name: &str, labels_with: &str) -> f64 {
     metrics
         .lines()
-        .filter(|l| l.starts_with("herald_http_requests_total{") && l.contains("status=\"5"))
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(labels_with))
         .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
         .sum()
 }
 
+/// The daemon's own account agrees with schemathesis': it counted requests,
+/// answered none of them with a 5xx, and is still up and ready.
+async fn assert_no_server_error_and_ready(herald: &Daemon) -> String {
+    let metrics = herald.metrics_text().await;
+    let requests = counter_sum(&metrics, "herald_http_requests_total", "");
+    assert!(requests > 0.0, "requests are counted:\n{metrics}");
+    let server_errors = counter_sum(&metrics, "herald_http_requests_total", "status=\"5");
+    assert_eq!(server_errors, 0.0, "{metrics}");
+    assert_eq!(herald.get("/readyz").await.status(), 200);
+    metrics
+}
+
 async fn schemathesis_finds_no_5xx_and_no_response_outside_the_openapi_document(backend: Backend) {
-    let w = Stack::start_on(backend, &[]).await;
+    let mut w = Stack::start_on(backend, &[]).await;
     let job = w.herald.post_job("Contract engineer").await;
     for user in DEAD_LETTER_USERS {
         w.resend.poison(&format!("{user}@example.com"), true);
@@ -175,37 +204,61 @@ async fn schemathesis_finds_no_5xx_and_no_response_outside_the_openapi_document(
         .prefix("herald-contract")
         .tempdir()
         .expect("tempdir");
-    // The admin listener serves /admin/* and /metrics; the public one the rest.
-    let admin_paths = "^/(admin|metrics)";
-    let mut runs = Vec::new();
-    for (listener, base_url, filter) in [
-        ("public", &w.herald.public, "--exclude-path-regex"),
-        ("admin", &w.herald.admin, "--include-path-regex"),
-    ] {
-        let run = run_schemathesis(dir.path(), listener, base_url, [filter, admin_paths]).await;
-        run.assert_clean();
-        runs.push(run);
-    }
+    let examples = setting("HERALD_CONTRACT_EXAMPLES", EXAMPLES_PER_OPERATION);
+    let public = ["--exclude-path-regex", ADMIN_PATHS];
+    let mut runs = vec![
+        run_schemathesis(dir.path(), "public", &w.herald.public, &examples, &public).await,
+        run_schemathesis(
+            dir.path(),
+            "admin",
+            &w.herald.admin,
+            &examples,
+            &["--include-path-regex", ADMIN_PATHS],
+        )
+        .await,
+    ];
     let operations = runs[0].count("/operations/total");
     let tested: u64 = runs.iter().map(|r| r.count("/operations/tested")).sum();
     assert_eq!(tested, operations, "every operation of the document is run");
+    assert_no_server_error_and_ready(&w.herald).await;
+
+    // Under tight limits most valid requests get 429 (so that check is left
+    // out); every answer must still be one the document allows.
+    for (key, value) in TIGHT_LIMITS {
+        w.herald.set_env(key, Some(value));
+    }
+    w.herald.restart().await;
+    let limited = [
+        &public[..],
+        &["--exclude-checks", "positive_data_acceptance"],
+    ]
+    .concat();
+    runs.push(
+        run_schemathesis(
+            dir.path(),
+            "limited",
+            &w.herald.public,
+            LIMITED_EXAMPLES_PER_OPERATION,
+            &limited,
+        )
+        .await,
+    );
+    let metrics = assert_no_server_error_and_ready(&w.herald).await;
+    for action in ["apply", "charge", "dev_login", "stream_connect"] {
+        let refused = counter_sum(
+            &metrics,
+            "herald_rate_limited_total",
+            &format!("action=\"{action}\""),
+        );
+        assert!(refused > 0.0, "no {action} was refused:\n{metrics}");
+    }
+
     let cases: u64 = runs.iter().map(|r| r.count("/test_cases/generated")).sum();
     assert!(
         cases >= AT_LEAST_CASES,
         "only {cases} generated cases (want at least {AT_LEAST_CASES})"
     );
     eprintln!("{backend:?}: {cases} cases over {operations} operations, no failures");
-
-    // The daemon's own account agrees: it never answered a 5xx, and it is
-    // still up and ready.
-    let metrics = w.herald.metrics_text().await;
-    assert!(
-        metrics.contains("herald_http_requests_total{"),
-        "requests are counted"
-    );
-    assert_eq!(server_errors(&metrics), 0.0, "{metrics}");
-    let ready = w.herald.get("/readyz").await;
-    assert_eq!(ready.status(), 200);
 }
 
 on_both_backends!(schemathesis_finds_no_5xx_and_no_response_outside_the_openapi_document);

@@ -231,3 +231,108 @@ impl From<StoreError> for ApiError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::ApiError;
+
+    /// One error of every kind.
+    fn one_of_each() -> Vec<ApiError> {
+        let all = vec![
+            ApiError::BodyTooLarge { limit: 1 },
+            ApiError::InvalidBody(String::new()),
+            ApiError::InvalidQuery(String::new()),
+            ApiError::IdempotencyKeyInvalid,
+            ApiError::IdempotencyKeyMissing,
+            ApiError::Unauthorized(""),
+            ApiError::NotFound,
+            ApiError::JobNotFound,
+            ApiError::MethodNotAllowed { allow: "GET" },
+            ApiError::InFlight,
+            ApiError::KeyReused,
+            ApiError::DevLoginDisabled,
+            ApiError::DeadLetterClosed("", ""),
+            ApiError::RateLimited {
+                retry_after_secs: 1,
+            },
+            ApiError::RequestTimeout(1),
+            ApiError::Unavailable,
+            ApiError::Internal,
+        ];
+        // A new variant fails to compile here until it is listed above too.
+        for error in &all {
+            match error {
+                ApiError::BodyTooLarge { .. }
+                | ApiError::InvalidBody(_)
+                | ApiError::InvalidQuery(_)
+                | ApiError::IdempotencyKeyInvalid
+                | ApiError::IdempotencyKeyMissing
+                | ApiError::Unauthorized(_)
+                | ApiError::NotFound
+                | ApiError::JobNotFound
+                | ApiError::MethodNotAllowed { .. }
+                | ApiError::InFlight
+                | ApiError::KeyReused
+                | ApiError::DevLoginDisabled
+                | ApiError::DeadLetterClosed(..)
+                | ApiError::RateLimited { .. }
+                | ApiError::RequestTimeout(_)
+                | ApiError::Unavailable
+                | ApiError::Internal => {}
+            }
+        }
+        all
+    }
+
+    /// The `code` values the daemon can send.
+    fn codes() -> BTreeSet<String> {
+        one_of_each().iter().map(|e| e.code().to_string()).collect()
+    }
+
+    fn words(list: &str) -> BTreeSet<String> {
+        list.split(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+            .filter(|w| !w.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn the_openapi_problem_schema_lists_exactly_the_codes_the_daemon_sends() {
+        let spec = include_str!("../../docs/openapi.yaml");
+        let schema = spec.split("    Problem:\n").nth(1).expect("Problem schema");
+        let list = schema
+            .split("enum: [")
+            .nth(1)
+            .and_then(|rest| rest.split(']').next())
+            .expect("the code enum");
+        assert_eq!(words(list), codes());
+    }
+
+    #[test]
+    fn the_readme_lists_exactly_the_codes_the_daemon_sends() {
+        let readme = include_str!("../../README.md");
+        let list = readme
+            .split("with a stable `code`\n(")
+            .nth(1)
+            .and_then(|rest| rest.split(';').next())
+            .expect("the README's list of codes");
+        let listed: BTreeSet<String> = list
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect();
+        assert_eq!(listed, codes());
+    }
+
+    #[test]
+    fn every_problem_names_its_code_in_its_type_and_its_status_is_an_error() {
+        for error in one_of_each() {
+            let problem = error.problem();
+            assert_eq!(problem.kind, format!("urn:herald:problem:{}", problem.code));
+            assert!((400..600).contains(&problem.status), "{problem:?}");
+        }
+    }
+}

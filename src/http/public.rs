@@ -226,10 +226,11 @@ async fn post_job(state: &AppState, request: &Request) -> Result<Response, ApiEr
 }
 
 async fn submit_application(state: &AppState, request: &Request) -> Result<Response, ApiError> {
-    // Before anything else (and before the key is claimed): a refused
-    // request leaves no trace a retry would trip over.
-    state.limits.check(Action::Apply, request.client)?;
     let user = state.auth.user(&request.headers)?;
+    // Right after authentication (a 401 is the truer answer to a bad token
+    // than "retry later") and before the key is claimed: a refused request
+    // leaves no trace a retry would trip over.
+    state.limits.check(Action::Apply, request.client)?;
     let key = super::idempotency_key(&request.headers)?;
     let json = body_json(request)?;
     let new = NewApplication::parse(request.body.as_ref().map_err(clone_error)?)?;
@@ -282,8 +283,8 @@ async fn get_application(
 }
 
 async fn create_charge(state: &AppState, request: &Request) -> Result<Response, ApiError> {
-    state.limits.check(Action::Charge, request.client)?;
     let user = state.auth.user(&request.headers)?;
+    state.limits.check(Action::Charge, request.client)?;
     let key = super::idempotency_key(&request.headers)?.ok_or(ApiError::IdempotencyKeyMissing)?;
     let json = body_json(request)?;
     let new = NewCharge::parse(request.body.as_ref().map_err(clone_error)?)?;
