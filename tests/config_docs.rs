@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 
 use figment::providers::{Format, Toml};
-use figment::value::{Dict, Value};
+use figment::value::Dict;
 use figment::Figment;
 
 /// Keys that have no default (absent unless configured), documented too.
@@ -22,29 +22,43 @@ const OPTIONAL_KEYS: [&str; 8] = [
     "limits.trusted_proxy_header",
 ];
 
-fn flatten(prefix: &str, dict: &Dict, out: &mut BTreeSet<String>) {
-    for (key, value) in dict {
-        let path = if prefix.is_empty() {
-            key.clone()
-        } else {
-            format!("{prefix}.{key}")
-        };
-        match value {
-            Value::Dict(_, inner) => flatten(&path, inner, out),
-            _ => {
-                out.insert(path);
+/// Every leaf key of a configuration tree, `table.field` style.
+fn leaf_keys(prefix: &str, value: &serde_json::Value, out: &mut BTreeSet<String>) {
+    match value {
+        serde_json::Value::Object(fields) => {
+            for (key, inner) in fields {
+                let path = if prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                leaf_keys(&path, inner, out);
             }
         }
+        _ => {
+            out.insert(prefix.to_string());
+        }
     }
+}
+
+/// The keys of `value` (a configuration tree, as JSON).
+fn keys_of(value: &serde_json::Value) -> BTreeSet<String> {
+    let mut keys = BTreeSet::new();
+    leaf_keys("", value, &mut keys);
+    keys
 }
 
 fn default_keys() -> BTreeSet<String> {
     let dict: Dict = Figment::from(Toml::string(herald::config::DEFAULT_TOML))
         .extract()
         .expect("config/default.toml parses");
-    let mut keys = BTreeSet::new();
-    flatten("", &dict, &mut keys);
-    keys
+    keys_of(&serde_json::to_value(dict).expect("defaults as JSON"))
+}
+
+/// Panics with `what` and the offenders unless every key of `keys` is in `within`.
+fn assert_all_in(keys: &BTreeSet<String>, within: &BTreeSet<String>, what: &str) {
+    let outside: Vec<_> = keys.difference(within).collect();
+    assert!(outside.is_empty(), "{what}: {outside:?}");
 }
 
 /// Every `backticked` key in the first column of the README's
@@ -79,20 +93,20 @@ fn every_configuration_key_is_documented_and_every_documented_key_exists() {
     let defaults = default_keys();
     let documented = documented_keys();
     assert!(defaults.len() > 30, "{defaults:?}");
-    let undocumented: Vec<_> = defaults.difference(&documented).collect();
-    assert!(
-        undocumented.is_empty(),
-        "keys missing from the README's configuration table: {undocumented:?}"
+    assert_all_in(
+        &defaults,
+        &documented,
+        "keys missing from the README's configuration table",
     );
     let known: BTreeSet<String> = defaults
         .iter()
         .cloned()
         .chain(OPTIONAL_KEYS.iter().map(|k| k.to_string()))
         .collect();
-    let unknown: Vec<_> = documented.difference(&known).collect();
-    assert!(
-        unknown.is_empty(),
-        "the README documents keys that do not exist: {unknown:?}"
+    assert_all_in(
+        &documented,
+        &known,
+        "the README documents keys that do not exist",
     );
 }
 
@@ -120,25 +134,6 @@ fn every_optional_key_is_accepted_by_the_configuration() {
     }
 }
 
-/// Every leaf key of a serialised configuration, `table.field` style.
-fn struct_keys(prefix: &str, value: &serde_json::Value, out: &mut BTreeSet<String>) {
-    match value {
-        serde_json::Value::Object(fields) => {
-            for (key, inner) in fields {
-                let path = if prefix.is_empty() {
-                    key.clone()
-                } else {
-                    format!("{prefix}.{key}")
-                };
-                struct_keys(&path, inner, out);
-            }
-        }
-        _ => {
-            out.insert(prefix.to_string());
-        }
-    }
-}
-
 #[test]
 fn every_field_of_the_config_struct_is_a_documented_key_and_no_secret_is_rendered() {
     let config = herald::config::Config::from_toml(
@@ -146,19 +141,18 @@ fn every_field_of_the_config_struct_is_a_documented_key_and_no_secret_is_rendere
     )
     .expect("defaults parse");
     let rendered = serde_json::to_value(&config).expect("config serialises");
-    let mut fields = BTreeSet::new();
-    struct_keys("", &rendered, &mut fields);
+    let fields = keys_of(&rendered);
     let documented = documented_keys();
     assert!(fields.len() > 30, "{fields:?}");
-    let undocumented: Vec<_> = fields.difference(&documented).collect();
-    assert!(
-        undocumented.is_empty(),
-        "Config fields missing from the README's configuration table: {undocumented:?}"
+    assert_all_in(
+        &fields,
+        &documented,
+        "Config fields missing from the README's configuration table",
     );
-    let not_fields: Vec<_> = documented.difference(&fields).collect();
-    assert!(
-        not_fields.is_empty(),
-        "the README documents keys that are not Config fields: {not_fields:?}"
+    assert_all_in(
+        &documented,
+        &fields,
+        "the README documents keys that are not Config fields",
     );
     let text = rendered.to_string();
     assert!(

@@ -261,7 +261,7 @@ mod tests {
             ApiError::Unavailable,
             ApiError::Internal,
         ];
-        // A new variant fails to compile here until it is listed above too.
+        // A new variant stops this match compiling: add it here and to the list above.
         for error in &all {
             match error {
                 ApiError::BodyTooLarge { .. }
