@@ -3,11 +3,13 @@
 # stage is Debian slim with only CA certificates, running as a non-root user.
 #
 #   docker build -t herald .
-#   docker run -p 8080:8080 -p 127.0.0.1:9091:9091 -v herald-data:/var/lib/herald herald
+#   docker run --env-file /etc/herald/herald.env -p 8080:8080 -p 127.0.0.1:9091:9091 herald
 #
-# Production: pass HERALD_DATABASE_URL=postgres://…, HERALD_REDIS_URL,
-# HERALD_ADMIN_TOKEN, HERALD_JWT_SECRET, RESEND_API_KEY, SENTRY_DSN
-# (docs/DEPLOY.md).
+# The image is production-shaped: HERALD_MODE=production, so without
+# HERALD_DATABASE_URL=postgres://… (and HERALD_REDIS_URL, HERALD_ADMIN_TOKEN,
+# HERALD_JWT_SECRET, RESEND_API_KEY, SENTRY_DSN: docs/DEPLOY.md) it exits 2
+# naming what is missing instead of running embedded. For a one-file try-out
+# pass HERALD_MODE=embedded (docs/DEPLOY.md).
 
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
@@ -29,12 +31,13 @@ COPY --from=build /herald /usr/local/bin/herald
 # The `herald` user made above, by number (resolvable on any host).
 USER 10001:10001
 WORKDIR /var/lib/herald
-# Embedded defaults (override for production); listeners on every interface
-# inside the container: publish the admin port to loopback only.
-ENV HERALD_LISTEN=0.0.0.0:8080 \
+# Production unless told otherwise; listeners on every interface inside the
+# container: publish the admin port to loopback only. Dev login stays off on
+# 0.0.0.0 unless HERALD_AUTH__DEV_LOGIN=true is passed.
+ENV HERALD_MODE=production \
+    HERALD_LISTEN=0.0.0.0:8080 \
     HERALD_ADMIN_LISTEN=0.0.0.0:9091 \
     HERALD_STATE_DIR=/var/lib/herald \
-    HERALD_DATABASE_URL=sqlite:///var/lib/herald/herald.db \
     HERALD_LOG__FORMAT=json
 VOLUME ["/var/lib/herald"]
 EXPOSE 8080 9091

@@ -4,7 +4,10 @@
 //! runs from any directory) is overlaid by the TOML file named in
 //! `HERALD_CONFIG`, then by `HERALD_*` environment variables, nested keys joined
 //! with `__` (`HERALD_RELAY__MAX_PUBLISH_PER_SEC=500` sets
-//! `relay.max_publish_per_sec`). A few third-party names are honoured as they
+//! `relay.max_publish_per_sec`). People also write a section's keys with a
+//! single `_` (`HERALD_EMAIL_FROM`), so that form is read too: a name that
+//! is not a top-level key and starts with a section's name and `_` sets that
+//! section's key ([`env_key`]). A few third-party names are honoured as they
 //! are spelled by their vendors: `RESEND_API_KEY`, `RESEND_BASE_URL`,
 //! `SENTRY_DSN`.
 //!
@@ -22,6 +25,66 @@ use serde::{Deserialize, Serialize};
 
 /// The defaults, as shipped in `config/default.toml`.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// The top-level keys that are not sections. `redis_url` and `database_url`
+/// start like the `redis` and `database` sections, so these are matched
+/// first. A unit test keeps this list equal to [`Config`]'s fields.
+pub const TOP_LEVEL_KEYS: [&str; 10] = [
+    "database_url",
+    "redis_url",
+    "listen",
+    "admin_listen",
+    "admin_token",
+    "jwt_secret",
+    "state_dir",
+    "shutdown_deadline_ms",
+    "sentry_dsn",
+    "mode",
+];
+
+/// The sections (`[email]`, …); a unit test keeps the list equal to
+/// [`Config`]'s table fields.
+pub const SECTIONS: [&str; 13] = [
+    "auth",
+    "database",
+    "redis",
+    "idempotency",
+    "relay",
+    "email",
+    "retry",
+    "sse",
+    "dlq",
+    "janitor",
+    "limits",
+    "connections",
+    "log",
+];
+
+/// The configuration key an environment variable sets, from its name
+/// without the `HERALD_` prefix, in any case: `RELAY__MAX_PUBLISH_PER_SEC`
+/// and `RELAY_MAX_PUBLISH_PER_SEC` both give `relay.max_publish_per_sec`,
+/// `DATABASE_URL` gives `database_url`. A name that matches nothing is
+/// returned as it is and refused by name when the configuration is read.
+pub fn env_key(name: &str) -> String {
+    let name = name.to_ascii_lowercase();
+    if name.contains("__") {
+        return name.replace("__", ".");
+    }
+    if TOP_LEVEL_KEYS.contains(&name.as_str()) {
+        return name;
+    }
+    for section in SECTIONS {
+        if let Some(field) = name
+            .strip_prefix(section)
+            .and_then(|rest| rest.strip_prefix('_'))
+        {
+            if !field.is_empty() {
+                return format!("{section}.{field}");
+            }
+        }
+    }
+    name
+}
 
 /// A configuration problem, always naming the key it is about.
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +176,12 @@ pub struct Config {
     /// Sentry DSN (`SENTRY_DSN`); absent disables error reporting.
     #[serde(default)]
     pub sentry_dsn: Option<Secret>,
+    /// What this deployment must be: `production` refuses to start unless
+    /// `database_url` is Postgres (so a unit or image whose settings did not
+    /// load fails loudly instead of running embedded); `embedded` is the
+    /// one-file try-out; unset, `database_url` decides.
+    #[serde(default)]
+    pub mode: Option<Mode>,
     pub auth: AuthConfig,
     pub database: DatabaseConfig,
     pub redis: RedisConfig,
@@ -124,9 +193,41 @@ pub struct Config {
     pub dlq: DlqConfig,
     pub janitor: JanitorConfig,
     pub limits: LimitsConfig,
+    pub connections: ConnectionsConfig,
     pub log: LogConfig,
 }
 
+/// The two shapes of a deployment (`mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// One process, one SQLite file, nothing else to run.
+    Embedded,
+    /// Postgres (and usually Redis, Resend, Sentry); several processes.
+    Production,
+}
+
+/// Bounds on the TCP connections both listeners hold
+/// ([`crate::http::connections`]).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionsConfig {
+    /// A request head must be complete within this long of the server
+    /// starting to wait for it (from the connect, or from the first byte
+    /// after the previous response); past it the connection is closed.
+    pub header_read_timeout_ms: u64,
+    /// A keep-alive connection with no request in progress is closed after
+    /// this long (above a load balancer's own idle timeout, 60 s on most).
+    pub idle_timeout_ms: u64,
+    /// Most connections the public listener holds at once; past it a new
+    /// connection is answered 503 and closed at once.
+    pub max: usize,
+    /// Most connections one client address holds on the public listener
+    /// (off with `limits.per_ip = false`).
+    pub per_ip: usize,
+    /// Most connections the admin listener holds at once.
+    pub admin_max: usize,
+}
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
@@ -259,12 +360,16 @@ pub struct LimitsConfig {
     /// without such a proxy lets clients pick their own address.
     #[serde(default)]
     pub trusted_proxy_header: Option<String>,
-    /// `POST /api/applications` per client: sustained rate and burst.
+    /// `POST /api/applications` per user: sustained rate and burst.
     pub apply_per_sec: f64,
     pub apply_burst: u32,
-    /// `POST /api/charges` per client.
+    /// `POST /api/charges` per user.
     pub charges_per_sec: f64,
     pub charges_burst: u32,
+    /// Every authenticated action of one client address together: a
+    /// ceiling generous enough for a NAT full of people.
+    pub authenticated_per_ip_per_sec: f64,
+    pub authenticated_per_ip_burst: u32,
     /// `POST /api/dev/login` per client.
     pub dev_login_per_sec: f64,
     pub dev_login_burst: u32,
@@ -322,14 +427,19 @@ fn describe(errors: figment::Error) -> ConfigError {
 }
 
 impl Config {
-    /// The embedded mode: a `sqlite://` database (SPEC 9).
+    /// The embedded mode: a `sqlite://` database.
     pub fn is_embedded(&self) -> bool {
         self.database_url.scheme() == "sqlite"
     }
 
-    /// Whether `POST /api/dev/login` exists (`auth.dev_login`, or by mode).
+    /// Whether `POST /api/dev/login` exists: as `auth.dev_login` says, else
+    /// only in the embedded mode on a loopback `listen` address — dev login
+    /// hands a token for any email to whoever can reach the port, so it is
+    /// never on unasked where others can.
     pub fn dev_login(&self) -> bool {
-        self.auth.dev_login.unwrap_or_else(|| self.is_embedded())
+        self.auth
+            .dev_login
+            .unwrap_or_else(|| self.is_embedded() && self.listen.ip().is_loopback())
     }
 
     /// Loads defaults, the `HERALD_CONFIG` file and the process environment.
@@ -344,7 +454,11 @@ impl Config {
             figment = figment.merge(Toml::file_exact(path));
         }
         figment
-            .merge(Env::prefixed("HERALD_").ignore(&["CONFIG"]).split("__"))
+            .merge(
+                Env::prefixed("HERALD_")
+                    .ignore(&["CONFIG"])
+                    .map(|name| env_key(name.as_str()).into()),
+            )
             .merge(
                 Env::raw()
                     .only(&["RESEND_API_KEY", "RESEND_BASE_URL"])
@@ -388,6 +502,21 @@ impl Config {
             "database_url",
             "must start with postgres:// or sqlite://",
         )?;
+        match self.mode {
+            Some(Mode::Production) => check(
+                !self.is_embedded(),
+                "database_url",
+                "mode = production needs a Postgres database_url (HERALD_DATABASE_URL=postgres://…), \
+                 but it is the embedded sqlite:// one: were the production settings (the \
+                 environment file) loaded? For a one-file try-out set HERALD_MODE=embedded",
+            )?,
+            Some(Mode::Embedded) => check(
+                self.is_embedded(),
+                "database_url",
+                "mode = embedded runs on a sqlite:// database_url; unset mode for Postgres",
+            )?,
+            None => {}
+        }
         if let Some(url) = &self.redis_url {
             check(
                 url.expose().starts_with("redis://") || url.expose().starts_with("rediss://"),
@@ -469,6 +598,12 @@ impl Config {
                 "limits.charges_burst",
             ),
             (
+                l.authenticated_per_ip_per_sec,
+                l.authenticated_per_ip_burst,
+                "limits.authenticated_per_ip_per_sec",
+                "limits.authenticated_per_ip_burst",
+            ),
+            (
                 l.dev_login_per_sec,
                 l.dev_login_burst,
                 "limits.dev_login_per_sec",
@@ -509,6 +644,24 @@ impl Config {
                 .is_none_or(|h| http::HeaderName::from_bytes(h.trim().as_bytes()).is_ok()),
             "limits.trusted_proxy_header",
             "must be an HTTP header name, e.g. X-Forwarded-For",
+        )?;
+        let c = &self.connections;
+        check(
+            c.header_read_timeout_ms >= 100,
+            "connections.header_read_timeout_ms",
+            "must be at least 100",
+        )?;
+        check(
+            c.idle_timeout_ms >= 100,
+            "connections.idle_timeout_ms",
+            "must be at least 100",
+        )?;
+        check(c.max >= 1, "connections.max", "must be at least 1")?;
+        check(c.per_ip >= 1, "connections.per_ip", "must be at least 1")?;
+        check(
+            c.admin_max >= 1,
+            "connections.admin_max",
+            "must be at least 1",
         )?;
         check(
             self.relay.max_publish_per_sec >= 1,
@@ -588,6 +741,82 @@ mod tests {
         let config = with("listen", "127.0.0.1:8080").expect("defaults are valid");
         assert_eq!(config.relay.max_publish_per_sec, 500);
         assert_eq!(config.idempotency.ttl_secs, 86_400);
+    }
+
+    /// The default configuration as JSON (optional fields as `null`).
+    fn default_json() -> serde_json::Value {
+        serde_json::to_value(with("listen", "127.0.0.1:8080").unwrap()).unwrap()
+    }
+
+    #[test]
+    fn the_key_lists_name_every_field_of_config() {
+        let json = default_json();
+        let fields = json.as_object().unwrap();
+        let mut sections: Vec<&str> = fields
+            .iter()
+            .filter(|(_, v)| v.is_object())
+            .map(|(k, _)| k.as_str())
+            .collect();
+        let mut top: Vec<&str> = fields
+            .iter()
+            .filter(|(_, v)| !v.is_object())
+            .map(|(k, _)| k.as_str())
+            .collect();
+        let (mut want_sections, mut want_top) = (SECTIONS.to_vec(), TOP_LEVEL_KEYS.to_vec());
+        for list in [&mut sections, &mut top, &mut want_sections, &mut want_top] {
+            list.sort_unstable();
+        }
+        assert_eq!(sections, want_sections);
+        assert_eq!(top, want_top);
+    }
+
+    #[test]
+    fn environment_names_map_to_keys_in_both_forms() {
+        for (name, key) in [
+            ("EMAIL_FROM", "email.from"),
+            ("EMAIL__FROM", "email.from"),
+            ("email_transport", "email.transport"),
+            ("RELAY_MAX_PUBLISH_PER_SEC", "relay.max_publish_per_sec"),
+            ("RELAY__MAX_PUBLISH_PER_SEC", "relay.max_publish_per_sec"),
+            ("DATABASE_URL", "database_url"),
+            ("REDIS_URL", "redis_url"),
+            ("DATABASE_MAX_CONNECTIONS", "database.max_connections"),
+            ("REDIS_COMMAND_TIMEOUT_MS", "redis.command_timeout_ms"),
+            ("LIMITS_PER_IP", "limits.per_ip"),
+            ("ADMIN_LISTEN", "admin_listen"),
+            ("EMAILFROM", "emailfrom"),
+        ] {
+            assert_eq!(env_key(name), key, "{name}");
+        }
+    }
+
+    #[test]
+    fn dev_login_is_off_unasked_on_a_reachable_address() {
+        let loopback = with("listen", "127.0.0.1:8080").unwrap();
+        assert!(loopback.dev_login());
+        let public = with("listen", "0.0.0.0:8080").unwrap();
+        assert!(!public.dev_login());
+        let asked = Config::from_figment(
+            Figment::new()
+                .merge(Toml::string(DEFAULT_TOML))
+                .merge(Serialized::default("listen", "0.0.0.0:8080"))
+                .merge(Serialized::default("auth.dev_login", true)),
+        )
+        .unwrap();
+        assert!(asked.dev_login());
+    }
+
+    #[test]
+    fn production_mode_refuses_the_embedded_database() {
+        let err = with("mode", "production").unwrap_err();
+        assert!(err.to_string().contains("HERALD_DATABASE_URL"), "{err}");
+        let ok = Config::from_figment(
+            Figment::new()
+                .merge(Toml::string(DEFAULT_TOML))
+                .merge(Serialized::default("mode", "production"))
+                .merge(Serialized::default("database_url", "postgres://h@db/h")),
+        );
+        assert!(ok.is_ok());
     }
 
     #[test]

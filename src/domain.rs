@@ -3,7 +3,7 @@
 //! Request types are parsed with `deny_unknown_fields` and then validated on
 //! construction ([`NewJob::parse`], [`NewApplication::parse`]), so a value of
 //! these types is always acceptable to the store. Resource types serialise to
-//! the JSON shapes of SPEC section 2 (ids as strings, times RFC 3339).
+//! the JSON shapes of the HTTP API (docs/openapi.yaml) (ids as strings, times RFC 3339).
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -287,7 +287,7 @@ pub struct NewCharge {
     pub description: String,
 }
 
-/// Largest accepted charge, in minor units (SPEC 2).
+/// Largest accepted charge, in minor units.
 pub const MAX_AMOUNT_CENTS: i64 = 1_000_000_000;
 
 /// Active ISO 4217 alphabetic codes.

@@ -43,6 +43,9 @@ enum Command {
     Serve,
     /// Apply pending database migrations and exit.
     Migrate,
+    /// Print the configuration this environment gives, as JSON (secrets
+    /// redacted), and exit: 0 if it is valid, 2 naming the bad key if not.
+    Config,
     /// Exit 0 if the daemon on this configuration's `listen` address answers
     /// `/readyz` (the Docker HEALTHCHECK; no curl needed in the image).
     Healthcheck,
@@ -79,40 +82,67 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
     let new_admin_token = herald::secrets::ensure_embedded_secrets(&mut config)?;
     let listeners = Listeners::bind(&config).await?;
     let (public, admin) = listeners.addresses()?;
-    // One machine-readable line on stdout: tests and scripts read the ports from it.
-    println!("herald listening public=http://{public} admin=http://{admin}");
+    if config.dev_login() && !config.listen.ip().is_loopback() {
+        tracing::warn!(
+            listen = %config.listen,
+            "auth.dev_login is on and the public listener is not loopback: anyone who \
+             reaches it can sign in as any email address"
+        );
+    }
+    let broker = if config.redis_url.is_some() {
+        "Redis"
+    } else {
+        "in-process"
+    };
+    let dev_login = if config.dev_login() { "on" } else { "off" };
+    // Printed once the daemon is ready (migrated, actors running), never
+    // before: the first line is the machine-readable one tests and scripts
+    // read the ports from.
+    let mut banner = format!("herald listening public=http://{public} admin=http://{admin}\n");
     if config.is_embedded() {
-        println!();
-        println!(
-            "  Herald is running (embedded: {}, in-process broker, {} email).",
+        banner.push_str(&format!(
+            "\n  Herald is running (embedded: {}, {broker} broker, {} email, dev login {dev_login}).\n",
             config.database_url.expose(),
             config.email.transport
-        );
-        println!("  Job board:  http://{public}/");
-        println!(
-            "  Admin API:  http://{admin}/admin/status   (Authorization: Bearer <admin token>)"
-        );
+        ));
+        banner.push_str(&format!("  Job board:  http://{public}/\n"));
+        banner.push_str(&format!(
+            "  Admin API:  http://{admin}/admin/status   (Authorization: Bearer <admin token>)\n"
+        ));
         match &new_admin_token {
-            Some(token) => println!(
-                "  Admin token (shown once; kept in {}): {}",
+            Some(token) => banner.push_str(&format!(
+                "  Admin token (shown once; kept in {}): {}\n",
                 config.state_dir.join("admin_token").display(),
                 token.expose()
-            ),
-            None if config.admin_token.is_some() => println!(
-                "  Admin token: as configured, or in {}",
+            )),
+            None if config.admin_token.is_some() => banner.push_str(&format!(
+                "  Admin token: as configured, or in {}\n",
                 config.state_dir.join("admin_token").display()
-            ),
+            )),
             None => {}
         }
-        println!();
+    } else {
+        banner.push_str(&format!(
+            "  Herald is running (production: {}, {broker} broker, {} email, dev login {dev_login}).\n",
+            config.database_url.scheme(),
+            config.email.transport
+        ));
     }
-    server::run(config, listeners, shutdown_signal()).await
+    let ready = move || {
+        println!("{banner}");
+    };
+    server::run(config, listeners, shutdown_signal(), ready).await
 }
 
 async fn migrate(config: Config) -> anyhow::Result<()> {
     let store = herald::store::connect(&config).await?;
     store.migrate().await?;
     println!("migrations applied ({})", store.backend());
+    Ok(())
+}
+
+fn print_config(config: &Config) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(config)?);
     Ok(())
 }
 
@@ -138,6 +168,10 @@ async fn healthcheck(config: &Config) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    // Everything Herald creates (the SQLite file and its WAL, generated
+    // secrets, `.eml` files, their directories) is its own: 0600 and 0700.
+    // SAFETY: umask only swaps the process's file-creation mask.
+    unsafe { libc::umask(0o077) };
     // SAFETY: no other thread exists yet (the runtime is built below).
     unsafe { herald::email::resend::open_sdk_rate_limit() };
     purge_freed_memory_promptly();
@@ -193,6 +227,7 @@ async fn run_cli() -> ExitCode {
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(config).await,
         Command::Migrate => migrate(config).await,
+        Command::Config => print_config(&config),
         Command::Healthcheck => healthcheck(&config).await,
         Command::Bench(cmd) => herald::bench::run(cmd, config).await,
         Command::Attack(args) => match herald::client::attack::attack(args, &config).await {

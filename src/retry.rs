@@ -1,4 +1,4 @@
-//! The retry schedule of every outbound call (SPEC 4): full jitter,
+//! The retry schedule of every outbound call: full jitter,
 //! `sleep = random(0, min(cap, base · 2^attempt))`, with a downstream's
 //! `Retry-After` (or Resend's `ratelimit_reset`) as a floor.
 //!

@@ -1,4 +1,4 @@
-//! Generated secrets of the embedded mode (SPEC 9).
+//! Generated secrets of the embedded mode.
 //!
 //! `cargo run --release` must work with no configuration at all, yet the
 //! admin listener and user tokens still need secrets. So, in the embedded

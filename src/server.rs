@@ -33,6 +33,7 @@ use crate::email::file::FileTransport;
 use crate::email::resend::ResendTransport;
 use crate::email::{SendPacer, Transport};
 use crate::http::auth::Auth;
+use crate::http::connections::{self, ConnectionLimits};
 use crate::http::limits::AbuseLimits;
 use crate::http::{admin, listener_filter, public, AppState};
 use crate::idempotency::hot_tier::HotTier;
@@ -176,10 +177,13 @@ fn pipeline_args(
 }
 
 /// Runs the daemon until `shutdown` resolves.
+/// `ready` is called once, when the daemon serves: migrated, actors
+/// running, listeners bound.
 pub async fn run(
     config: Config,
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    ready: impl FnOnce(),
 ) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let auth = Auth::new(
@@ -187,6 +191,22 @@ pub async fn run(
         required(&config.jwt_secret, "jwt_secret", "HERALD_JWT_SECRET")?,
     );
     let prometheus = crate::telemetry::prometheus();
+    // Every connection is a file: the caps must fit under the process's
+    // open-files limit, with room for the database and Redis pools.
+    match raise_open_files_limit() {
+        Ok(files) => {
+            let wanted = (config.connections.max + config.connections.admin_max) as u64 + 512;
+            if files < wanted {
+                warn!(
+                    open_files_limit = files,
+                    connections_max = config.connections.max,
+                    "the open-files limit is below connections.max + connections.admin_max + 512: \
+                     raise it (systemd LimitNOFILE, docker --ulimit nofile) or lower connections.max"
+                );
+            }
+        }
+        Err(e) => warn!(error = %e, "cannot raise the open-files limit"),
+    }
 
     let store = store::connect(&config).await?;
     store
@@ -335,14 +355,38 @@ pub async fn run(
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status("serving"),
     ]);
-    let public_server = warp::serve(listener_filter(state.clone(), public::dispatch))
-        .incoming(listeners.public)
-        .graceful(stopped(stop_rx.clone()))
-        .run();
-    let admin_server = warp::serve(listener_filter(state.clone(), admin::dispatch))
-        .incoming(listeners.admin)
-        .graceful(stopped(stop_rx))
-        .run();
+    ready();
+    let limits = &config.limits;
+    // Behind a trusted proxy every connection is the proxy's: a per-address
+    // connection cap would cap the proxy, so it applies only without one.
+    let per_ip_connections = (limits.per_ip && limits.trusted_proxy_header.is_none())
+        .then_some(config.connections.per_ip);
+    let public_server = connections::serve(
+        listeners.public,
+        listener_filter(state.clone(), public::dispatch),
+        ConnectionLimits {
+            listener: "public",
+            max: config.connections.max,
+            per_ip: per_ip_connections,
+            header_read_timeout: Duration::from_millis(config.connections.header_read_timeout_ms),
+            idle_timeout: Duration::from_millis(config.connections.idle_timeout_ms),
+        },
+        |peer| crate::http::limits::per_host(peer.ip()),
+        stopped(stop_rx.clone()),
+    );
+    let admin_server = connections::serve(
+        listeners.admin,
+        listener_filter(state.clone(), admin::dispatch),
+        ConnectionLimits {
+            listener: "admin",
+            max: config.connections.admin_max,
+            per_ip: None,
+            header_read_timeout: Duration::from_millis(config.connections.header_read_timeout_ms),
+            idle_timeout: Duration::from_millis(config.connections.idle_timeout_ms),
+        },
+        |peer| peer.ip(),
+        stopped(stop_rx),
+    );
     // Graceful, but bounded: a client that stops reading must not hold the
     // process (warp waits for every open connection).
     let grace = Duration::from_millis(config.sse.shutdown_grace_ms);
@@ -365,6 +409,27 @@ pub async fn run(
     let _ = tree.await;
     info!("herald stopped");
     Ok(())
+}
+
+/// Raises this process's soft open-files limit to its hard limit (children
+/// inherit it) and returns the new soft limit: every connection is a file,
+/// and the default soft limit (1024) is far below `connections.max`.
+pub fn raise_open_files_limit() -> std::io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        limit.rlim_cur = limit.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(limit.rlim_cur)
 }
 
 /// Tells the service manager (systemd's `NOTIFY_SOCKET`) about a state

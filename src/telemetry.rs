@@ -3,7 +3,7 @@
 //! Logs go through `tracing` to stderr, JSON when `log.format = "json"`.
 //! Metrics use the `metrics` facade with the Prometheus exporter; `/metrics`
 //! on the admin listener renders them. The metric names in [`metrics`] are part
-//! of the product contract (SPEC section 7).
+//! of the product contract.
 
 use std::sync::OnceLock;
 
@@ -95,6 +95,12 @@ pub mod metrics {
     /// Requests refused by a per-client limit, by action.
     pub const RATE_LIMITED: &str = "herald_rate_limited_total";
     pub const SSE_EVENTS: &str = "herald_sse_events_total";
+    /// Connections refused at accept, by listener and cap (`max`, `per_ip`).
+    pub const CONNECTIONS_REFUSED: &str = "herald_connections_refused_total";
+    /// Connections open now, by listener.
+    pub const CONNECTIONS_OPEN: &str = "herald_connections_open";
+    /// Connections closed because a request head did not arrive in time.
+    pub const CONNECTIONS_TIMED_OUT: &str = "herald_connections_header_timeout_total";
 
     /// One resolved key: `new`, `replay`, `in_flight` or `mismatch`.
     pub fn idempotency_request(outcome: &'static str) {
@@ -200,5 +206,21 @@ pub mod metrics {
     /// `job.posted` events this process's hub announced.
     pub fn sse_event() {
         ::metrics::counter!(SSE_EVENTS).increment(1);
+    }
+
+    /// A connection refused at accept (`reason`: the cap it met).
+    pub fn connection_refused(listener: &'static str, reason: &'static str) {
+        ::metrics::counter!(CONNECTIONS_REFUSED, "listener" => listener, "reason" => reason)
+            .increment(1);
+    }
+
+    /// How many connections a listener holds now.
+    pub fn connections_open(listener: &'static str, n: usize) {
+        ::metrics::gauge!(CONNECTIONS_OPEN, "listener" => listener).set(n as f64);
+    }
+
+    /// A connection closed because its request head was overdue.
+    pub fn connection_timed_out(listener: &'static str) {
+        ::metrics::counter!(CONNECTIONS_TIMED_OUT, "listener" => listener).increment(1);
     }
 }

@@ -1,4 +1,4 @@
-//! `herald attack` against a live daemon (SPEC 10.1): 1,000 logical
+//! `herald attack` against a live daemon: 1,000 logical
 //! operations, 30 % sent twice concurrently, 15 % of responses lost by the
 //! attack's proxy. The count is checked where the effects land — the fake
 //! Resend and the ledger table — as well as by the command's own verdict

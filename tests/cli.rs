@@ -71,3 +71,109 @@ fn a_missing_admin_token_fails_at_start_naming_the_key_and_its_variable() {
         "no secret in the message: {stderr}"
     );
 }
+
+/// `herald serve` on an embedded database under `dir`, reading the line that
+/// says it is ready; returns the child (killed on drop by the caller).
+fn serve_embedded(dir: &std::path::Path, database: &str) -> std::process::Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("HERALD_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.arg("serve")
+        .env("HERALD_DATABASE_URL", format!("sqlite://{database}"))
+        .env("HERALD_STATE_DIR", dir.join("var"))
+        .env("HERALD_LISTEN", "127.0.0.1:0")
+        .env("HERALD_ADMIN_LISTEN", "127.0.0.1:0")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run herald")
+}
+
+/// Waits for `child` to print its ready line (true) or exit (false).
+fn wait_ready(child: &mut std::process::Child) -> bool {
+    use std::io::BufRead;
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.starts_with("herald listening") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(60)).is_ok()
+}
+
+#[test]
+fn embedded_files_are_private_and_a_second_process_on_the_same_file_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let database = dir.path().join("var/herald.db");
+    let mut first = serve_embedded(dir.path(), &database.display().to_string());
+    assert!(wait_ready(&mut first), "the first process starts");
+
+    let mode = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    let var = dir.path().join("var");
+    assert_eq!(mode(&var), 0o700, "state dir");
+    for file in ["herald.db", "herald.db-wal", "admin_token", "jwt_secret"] {
+        assert_eq!(mode(&var.join(file)), 0o600, "{file}");
+    }
+    assert_eq!(mode(&var.join("mail")), 0o700, "mail dir");
+
+    let second = serve_embedded(dir.path(), &database.display().to_string());
+    let out = second.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the second process must not run");
+    assert!(
+        stderr.contains("another Herald process is using") && stderr.contains("herald.db.lock"),
+        "{stderr}"
+    );
+    let _ = first.kill();
+    let _ = first.wait();
+}
+
+#[test]
+fn a_database_in_a_directory_that_does_not_exist_is_an_error_not_a_new_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let typo = dir.path().join("hreald/herald.db");
+    let child = serve_embedded(dir.path(), &typo.display().to_string());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("does not exist") && stderr.contains("hreald"),
+        "{stderr}"
+    );
+    assert!(!typo.exists() && !dir.path().join("hreald").exists());
+}
+
+#[test]
+fn config_prints_the_effective_configuration_without_secrets() {
+    let (code, stdout, stderr) = herald(
+        &[
+            ("HERALD_EMAIL_FROM", "Acme Jobs <jobs@acme.example>"),
+            ("HERALD_ADMIN_TOKEN", "super-secret-admin-token"),
+        ],
+        &["config"],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let config: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(config["email"]["from"], "Acme Jobs <jobs@acme.example>");
+    assert_eq!(config["admin_token"], "[redacted]");
+    assert!(!stdout.contains("super-secret"));
+    let (code, _, stderr) = herald(&[("HERALD_MODE", "production")], &["config"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("HERALD_DATABASE_URL"), "{stderr}");
+}

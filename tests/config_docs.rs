@@ -11,7 +11,8 @@ use figment::value::Dict;
 use figment::Figment;
 
 /// Keys that have no default (absent unless configured), documented too.
-const OPTIONAL_KEYS: [&str; 8] = [
+const OPTIONAL_KEYS: [&str; 9] = [
+    "mode",
     "redis_url",
     "admin_token",
     "jwt_secret",
@@ -114,6 +115,7 @@ fn every_configuration_key_is_documented_and_every_documented_key_exists() {
 fn every_optional_key_is_accepted_by_the_configuration() {
     // `deny_unknown_fields` refuses a key that does not exist.
     let values = [
+        ("mode", "\"embedded\""),
         ("redis_url", "\"redis://127.0.0.1:6379\""),
         ("admin_token", "\"0123456789abcdef\""),
         ("jwt_secret", "\"0123456789abcdef0123456789abcdef\""),
@@ -160,4 +162,273 @@ fn every_field_of_the_config_struct_is_a_documented_key_and_no_secret_is_rendere
         "{text}"
     );
     assert_eq!(rendered["admin_token"], "[redacted]");
+}
+
+/// The files a person copies environment names from.
+const DOCUMENTS: [&str; 4] = ["README.md", "docs", "Dockerfile", "deploy/herald.service"];
+
+/// Names in those files that are not the daemon's configuration, and the
+/// file that does read each (checked, so an entry cannot outlive its use).
+const NOT_DAEMON_NAMES: [(&str, &str); 6] = [
+    ("HERALD_CONTRACT_ADMIN_TOKEN", "tests/contract.rs"),
+    ("HERALD_CONTRACT_USER_TOKEN", "tests/contract.rs"),
+    ("HERALD_CONTRACT_EXAMPLES", "tests/contract.rs"),
+    ("HERALD_CONTRACT_SEED", "tests/contract.rs"),
+    ("HERALD_REQUIRE_ADVISORIES", "scripts/deny"),
+    ("HERALD_ADVISORY_DB_BUNDLE", "scripts/deny"),
+];
+
+/// Every `HERALD_*`, `RESEND_*` and `SENTRY_DSN` name the documents show,
+/// with the values they show it with (`NAME=value`, `NAME: value`).
+fn documented_names() -> std::collections::BTreeMap<String, Vec<String>> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    for doc in DOCUMENTS {
+        let path = root.join(doc);
+        if path.is_dir() {
+            for entry in std::fs::read_dir(&path).unwrap() {
+                let entry = entry.unwrap().path();
+                if entry.extension().is_some_and(|e| e == "md") {
+                    files.push(entry);
+                }
+            }
+        } else {
+            files.push(path);
+        }
+    }
+    let mut names: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let bytes = text.as_bytes();
+        let mut i = 0;
+        while i < bytes.len() {
+            if !text.is_char_boundary(i) {
+                i += 1;
+                continue;
+            }
+            let rest = &text[i..];
+            let starts = ["HERALD_", "RESEND_", "SENTRY_DSN"]
+                .iter()
+                .any(|p| rest.starts_with(p));
+            let boundary =
+                i == 0 || !(bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_');
+            if !(starts && boundary) {
+                i += 1;
+                continue;
+            }
+            let len = rest
+                .find(|c: char| !(c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'))
+                .unwrap_or(rest.len());
+            let name = rest[..len].trim_end_matches('_').to_string();
+            if !name.contains('_') {
+                // `HERALD_*` and the like: a family, not a name.
+                i += len.max(1);
+                continue;
+            }
+            let after = &rest[len..];
+            let value = after
+                .strip_prefix('=')
+                .or_else(|| {
+                    // `NAME: value` only as a YAML mapping (a compose file's
+                    // `environment:`), not in prose.
+                    let line_start = text[..i].rfind('\n').map_or(0, |n| n + 1);
+                    text[line_start..i]
+                        .trim()
+                        .is_empty()
+                        .then(|| after.strip_prefix(": "))
+                        .flatten()
+                })
+                .map(|v| {
+                    // A quoted value runs to its closing quote.
+                    let quoted = ['\'', '"']
+                        .into_iter()
+                        .find(|q| v.starts_with(*q))
+                        .and_then(|q| v[1..].split(q).next());
+                    let v = quoted.unwrap_or_else(|| v.split_whitespace().next().unwrap_or(""));
+                    // Prose around a value (`…=production, so …`) is not part of it.
+                    v.trim_end_matches([',', ';', ')', ':', '.', '`', '\\'])
+                        .trim_start_matches('`')
+                        .to_string()
+                });
+            let entry = names.entry(name).or_default();
+            if let Some(v) = value {
+                entry.push(v);
+            }
+            i += len.max(1);
+        }
+    }
+    names
+}
+
+/// A value the documents show literally (not a placeholder), if any.
+fn literal(values: &[String]) -> Option<String> {
+    values
+        .iter()
+        .find(|v| {
+            !v.is_empty()
+                && !v.contains('…')
+                && !v.contains("...")
+                && !v.contains('$')
+                && !v.contains('<')
+        })
+        .cloned()
+}
+
+/// What `herald config` prints under this environment: the configuration
+/// as JSON, or the error it exits 2 with.
+fn herald_config(env: &[(String, String)]) -> Result<serde_json::Value, String> {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_herald"));
+    cmd.arg("config");
+    for (name, _) in std::env::vars() {
+        if name.starts_with("HERALD_") || name.starts_with("RESEND_") || name == "SENTRY_DSN" {
+            cmd.env_remove(name);
+        }
+    }
+    for (name, value) in env {
+        cmd.env(name, value);
+    }
+    let output = cmd.output().expect("herald runs");
+    if output.status.success() {
+        serde_json::from_slice(&output.stdout).map_err(|e| e.to_string())
+    } else {
+        Err(format!(
+            "exit {:?}: {}",
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr)
+        ))
+    }
+}
+
+/// The configuration key a documented name sets, and its other spelling
+/// (`HERALD_EMAIL_FROM` ⇄ `HERALD_EMAIL__FROM`) when it has one.
+fn key_and_other_form(name: &str) -> (String, Option<String>) {
+    match name {
+        "SENTRY_DSN" => ("sentry_dsn".into(), None),
+        "RESEND_API_KEY" => ("email.resend_api_key".into(), None),
+        "RESEND_BASE_URL" => ("email.resend_base_url".into(), None),
+        _ => {
+            let bare = name.strip_prefix("HERALD_").unwrap();
+            let key = herald::config::env_key(bare);
+            let other = key.split_once('.').map(|(section, field)| {
+                let field = field.to_ascii_uppercase();
+                let section = section.to_ascii_uppercase();
+                if bare.contains("__") {
+                    format!("HERALD_{section}_{field}")
+                } else {
+                    format!("HERALD_{section}__{field}")
+                }
+            });
+            (key, other)
+        }
+    }
+}
+
+/// A valid value for `key` where the documents show only a placeholder.
+fn stand_in(key: &str) -> String {
+    if let Some(default) = default_value(key) {
+        return default;
+    }
+    match key {
+        "database_url" => "postgres://herald:pw@127.0.0.1:1/herald",
+        "redis_url" => "redis://127.0.0.1:1",
+        "admin_token" => "0123456789abcdef-admin",
+        "jwt_secret" => "0123456789abcdef0123456789abcdef-jwt",
+        "sentry_dsn" => "https://key@127.0.0.1:1/0",
+        "email.resend_api_key" => "re_stand_in",
+        "email.resend_base_url" => "http://127.0.0.1:1",
+        "auth.dev_login" => "true",
+        "mode" => "embedded",
+        other => panic!(
+            "no stand-in value for `{other}`: show a literal value in the docs or add one here"
+        ),
+    }
+    .to_string()
+}
+
+/// The default of `key` as `herald config` prints it, unless it has none.
+fn default_value(key: &str) -> Option<String> {
+    let config = herald::config::Config::from_toml("").ok()?;
+    let json = serde_json::to_value(config).ok()?;
+    match at(&json, key) {
+        serde_json::Value::Null => None,
+        serde_json::Value::String(s) if s.contains("[redacted]") => None,
+        serde_json::Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    }
+}
+
+/// The value at a dotted key of the printed configuration.
+fn at<'a>(config: &'a serde_json::Value, key: &str) -> &'a serde_json::Value {
+    key.split('.').fold(config, |v, part| &v[part])
+}
+
+#[test]
+fn every_environment_name_the_documents_show_is_accepted_by_the_daemon_in_both_forms() {
+    let names = documented_names();
+    assert!(names.len() >= 15, "too few names found: {names:?}");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    for (name, reader) in NOT_DAEMON_NAMES {
+        let text = std::fs::read_to_string(root.join(reader)).unwrap();
+        assert!(text.contains(name), "{name} is not read by {reader}");
+    }
+    let mut checked = 0;
+    for (name, values) in &names {
+        if name == "HERALD_CONFIG" || NOT_DAEMON_NAMES.iter().any(|(n, _)| n == name) {
+            continue;
+        }
+        let (key, other) = key_and_other_form(name);
+        // Every literal value the documents show, or a stand-in.
+        let mut shown_values: Vec<String> = values
+            .iter()
+            .filter(|v| literal(std::slice::from_ref(*v)).is_some())
+            .cloned()
+            .collect();
+        shown_values.sort();
+        shown_values.dedup();
+        if shown_values.is_empty() {
+            shown_values.push(stand_in(&key));
+        }
+        for value in shown_values {
+            // What a production run needs besides (Postgres, secrets).
+            let mut base: Vec<(String, String)> = Vec::new();
+            if key != "database_url" && !(key == "mode" && value == "embedded") {
+                base.push(("HERALD_DATABASE_URL".into(), stand_in("database_url")));
+            }
+            if key != "admin_token" {
+                base.push(("HERALD_ADMIN_TOKEN".into(), stand_in("admin_token")));
+            }
+            if key != "jwt_secret" {
+                base.push(("HERALD_JWT_SECRET".into(), stand_in("jwt_secret")));
+            }
+            for form in std::iter::once(name.clone()).chain(other.clone()) {
+                let mut env = base.clone();
+                env.push((form.clone(), value.clone()));
+                let config = herald_config(&env).unwrap_or_else(|e| {
+                    panic!("the docs show {name}; `{form}={value}` is refused: {e}")
+                });
+                let got = at(&config, &key);
+                let shown = match got {
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                let secret = shown == "[redacted]" || shown.ends_with("://[redacted]");
+                let same_number = matches!(
+                    (shown.parse::<f64>(), value.parse::<f64>()),
+                    (Ok(a), Ok(b)) if a == b
+                );
+                assert!(
+                    secret || shown == value || same_number,
+                    "`{form}={value}` set `{key}` to {got}"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 20, "only {checked} names checked");
+    // And a name nobody documents is refused by name, not ignored.
+    let err = herald_config(&[("HERALD_EMAIL_FORM".into(), "x".into())]).unwrap_err();
+    assert!(
+        err.contains("exit Some(2)") && err.contains("form"),
+        "{err}"
+    );
 }

@@ -1,5 +1,5 @@
 //! The delivery pipeline, end to end: outbox -> relay -> Redis Streams ->
-//! EmailSender -> a fake Resend, with the failures SPEC 4 names. Counts are
+//! EmailSender -> a fake Resend, with the failures a provider shows. Counts are
 //! read where the effect lands (the fake Resend) and from `/metrics` and the
 //! database, never from Herald's own idea of what it did.
 
@@ -541,7 +541,7 @@ async fn redis_losing_everything_mid_delivery_still_delivers_every_event_once() 
 }
 
 async fn a_twenty_second_resend_outage_causes_no_retry_storm_and_loses_nothing(backend: Backend) {
-    // The SPEC's default schedule (base 1 s, cap 300 s, 10 attempts).
+    // The default schedule (base 1 s, cap 300 s, 10 attempts).
     let w = world_on(
         backend,
         &[

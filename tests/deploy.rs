@@ -120,3 +120,155 @@ async fn healthcheck_exits_zero_for_a_ready_daemon_and_non_zero_without_one() {
     herald.kill();
     assert!(!check().success());
 }
+
+/// Runs `herald <args>` with only `env` as its configuration; exit code and
+/// stderr, or a panic if it neither exits nor fails within 20 s.
+fn herald_with(env: &[(String, String)], args: &[&str]) -> (Option<i32>, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("HERALD_") || k.starts_with("RESEND_") || k == "SENTRY_DSN" {
+            cmd.env_remove(k);
+        }
+    }
+    let state = tempfile::tempdir().unwrap();
+    cmd.current_dir(state.path())
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("run herald");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("herald {args:?} kept running with {env:?}: it must refuse to start");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The `Environment=` settings of the unit file.
+fn unit_environment() -> Vec<(String, String)> {
+    std::fs::read_to_string(repo("deploy/herald.service"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("Environment="))
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The `ENV` settings of the Dockerfile's runtime stage.
+fn image_environment() -> Vec<(String, String)> {
+    let dockerfile = std::fs::read_to_string(repo("Dockerfile")).unwrap();
+    let block = dockerfile
+        .split("\nENV ")
+        .nth(1)
+        .expect("an ENV instruction")
+        .split("\n\n")
+        .next()
+        .unwrap();
+    let mut env = Vec::new();
+    for line in block.lines() {
+        if line.trim_start().starts_with('#') {
+            break;
+        }
+        let kv = line.trim().trim_end_matches('\\').trim();
+        if let Some((k, v)) = kv.split_once('=') {
+            env.push((k.to_string(), v.to_string()));
+        }
+    }
+    env
+}
+
+#[test]
+fn the_unit_and_the_image_without_their_production_settings_refuse_to_start() {
+    let unit = std::fs::read_to_string(repo("deploy/herald.service")).unwrap();
+    assert!(
+        unit.lines()
+            .any(|l| l == "EnvironmentFile=/etc/herald/herald.env"),
+        "the settings file must be required (no leading -)"
+    );
+    for (what, env) in [("unit", unit_environment()), ("image", image_environment())] {
+        assert!(
+            env.iter()
+                .any(|(k, v)| k == "HERALD_MODE" && v == "production"),
+            "{what}: {env:?}"
+        );
+        let (code, stdout, stderr) = herald_with(&env, &["serve"]);
+        assert_eq!(code, Some(2), "{what}: {stdout}{stderr}");
+        assert!(
+            stderr.contains("HERALD_DATABASE_URL") && stderr.contains("production"),
+            "{what}: {stderr}"
+        );
+        assert!(
+            !stdout.contains("listening"),
+            "{what} must not serve: {stdout}"
+        );
+    }
+}
+
+/// The production settings block of docs/DEPLOY.md, read the way systemd's
+/// `EnvironmentFile=` and Docker's `--env-file` read a file.
+fn deploy_env_file() -> Vec<(String, String)> {
+    let deploy = std::fs::read_to_string(repo("docs/DEPLOY.md")).unwrap();
+    let block = deploy
+        .split("Put these in the environment file")
+        .nth(1)
+        .and_then(|rest| rest.split("```sh\n").nth(1))
+        .and_then(|rest| rest.split("```").next())
+        .expect("DEPLOY.md's production settings block");
+    let mut env = Vec::new();
+    for line in block.lines() {
+        if line.trim().is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (k, v) = line
+            .split_once('=')
+            .unwrap_or_else(|| panic!("not NAME=value: {line}"));
+        // Both readers keep the rest of the line: a comment or quotes there
+        // would become part of the value.
+        assert!(!v.contains(" #"), "inline comment in `{line}`");
+        assert!(
+            !v.starts_with('\'') && !v.starts_with('"'),
+            "quoted: `{line}`"
+        );
+        env.push((k.to_string(), v.to_string()));
+    }
+    env
+}
+
+#[test]
+fn the_deploy_settings_block_is_a_valid_env_file_that_herald_accepts_as_written() {
+    let mut env = deploy_env_file();
+    assert!(env.len() >= 10, "{env:?}");
+    // Only the placeholders (…) are filled in; every other value as written.
+    for (k, v) in env.iter_mut() {
+        if v.contains('…') {
+            *v = match k.as_str() {
+                "HERALD_DATABASE_URL" => "postgres://herald:pw@127.0.0.1:1/herald".into(),
+                "HERALD_ADMIN_TOKEN" => "0123456789abcdef-admin".into(),
+                "HERALD_JWT_SECRET" => "0123456789abcdef0123456789abcdef-jwt".into(),
+                "RESEND_API_KEY" => "re_placeholder".into(),
+                "SENTRY_DSN" => "https://key@127.0.0.1:1/0".into(),
+                other => panic!("no stand-in for the placeholder of {other}"),
+            };
+        }
+    }
+    let (code, stdout, stderr) = herald_with(&env, &["config"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let config: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(config["mode"], "production");
+    assert_eq!(config["email"]["transport"], "resend");
+    assert_eq!(config["email"]["from"], "Acme Jobs <jobs@acme.example>");
+    assert_eq!(config["log"]["format"], "json");
+    assert_eq!(config["listen"], "0.0.0.0:8080");
+    // Dev login is off there, unasked.
+    assert!(config["auth"]["dev_login"].is_null());
+}

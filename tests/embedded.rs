@@ -1,4 +1,4 @@
-//! The embedded mode and restarts under load (SPEC 9, SPEC 10.9):
+//! The embedded mode and restarts under load:
 //!
 //! - the README's run command on a machine with nothing configured — no
 //!   Postgres, no Redis, no config file, no environment — serves a working

@@ -1,4 +1,4 @@
-//! The live job stream (SPEC 5), against real Herald processes on both
+//! The live job stream, against real Herald processes on both
 //! backends (Postgres + Redis Streams; SQLite + the in-process broker): the subscribe/snapshot race, resume, eviction, the reconnect
 //! storm, fan-out across processes and shutdown. What a client saw is read
 //! from the stream itself; what the database did, from pg_stat_statements.

@@ -1,4 +1,4 @@
-//! Supervision (SPEC 1): an actor that panics is reported to Sentry and
+//! Supervision: an actor that panics is reported to Sentry and
 //! restarted by the root supervisor while requests keep being served and no
 //! event is lost; an actor that keeps crashing makes the daemon escalate
 //! (exit with an error, for its service manager to restart) instead of

@@ -1,4 +1,4 @@
-//! DlqMonitor: watches the dead letters and pages through Sentry (SPEC 4, 7).
+//! DlqMonitor: watches the dead letters and pages through Sentry.
 //!
 //! Every `dlq.check_interval_ms` it reads depth and oldest age per topic and
 //! exports `herald_dlq_depth`. A topic whose depth exceeds

@@ -1,5 +1,5 @@
 //! EmailSender: the pool that turns `application.submitted` events into
-//! exactly one confirmation email each (SPEC 1, 4, 6).
+//! exactly one confirmation email each.
 //!
 //! The reading side is the shared consumer pool ([`super::consumer`]): this
 //! process's member of the `email` group on the `application.submitted`

@@ -1,4 +1,4 @@
-//! Janitor: keeps the tables that grow with traffic bounded (SPEC 3, 4).
+//! Janitor: keeps the tables that grow with traffic bounded.
 //!
 //! Deletes expired idempotency keys (never one in progress), settled outbox
 //! rows and inbox rows older than `janitor.retention_secs` (an outbox row of

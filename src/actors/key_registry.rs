@@ -1,5 +1,5 @@
 //! KeyRegistry: resolves an `Idempotency-Key` into new / in-flight / replay /
-//! mismatch (SPEC section 3).
+//! mismatch.
 //!
 //! Two tiers. Redis ([`HotTier`]) answers replays of completed keys and
 //! concurrent duplicates without a database query; Postgres is the truth and

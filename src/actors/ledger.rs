@@ -1,5 +1,5 @@
 //! LedgerConsumer: applies each `charge.created` event to the ledger exactly
-//! once (SPEC 1, 4).
+//! once.
 //!
 //! It reads the `charge.created` stream as this process's member of the
 //! `ledger` consumer group (the shared pool of [`super::consumer`]). Its

@@ -1,4 +1,4 @@
-//! OutboxRelay: moves committed outbox rows to the broker (SPEC 4).
+//! OutboxRelay: moves committed outbox rows to the broker.
 //!
 //! One step ([`Store::relay_due_events`]) claims a batch of due rows with
 //! `FOR UPDATE SKIP LOCKED` (several daemons never claim the same row),

@@ -1,4 +1,4 @@
-//! RetryBudget: one token bucket per outbound call site (SPEC 1 and 4).
+//! RetryBudget: one token bucket per outbound call site.
 //!
 //! A *retry* (not a first attempt) must take a token. A success puts back a
 //! fraction of one, and the bucket also refills slowly with time, so deferred

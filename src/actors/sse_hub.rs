@@ -1,4 +1,4 @@
-//! SseHub: the live job stream's fan-out (SPEC 5).
+//! SseHub: the live job stream's fan-out.
 //!
 //! ```text
 //!  broker topic job.posted   (every process reads all of it: a Tail —
@@ -424,8 +424,7 @@ impl Actor for SseHub {
     }
 }
 
-/// Admits new stream connections at `sse.admit_per_sec` (SPEC 5's
-/// reconnect-storm guard). A burst of a fifth of a second's worth is allowed;
+/// Admits new stream connections at `sse.admit_per_sec`. A burst of a fifth of a second's worth is allowed;
 /// past it a connect is turned away with a jittered `retry:`.
 pub struct Admission {
     rate: f64,

@@ -28,26 +28,6 @@ use crate::config::Config;
 /// Title prefix of the benchmark's jobs; the index follows it.
 const TITLE_PREFIX: &str = "stream-bench-";
 
-/// Raises this process's soft open-files limit to its hard limit (children
-/// inherit it); returns the new soft limit.
-fn raise_open_files_limit() -> anyhow::Result<u64> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            bail!("getrlimit: {}", std::io::Error::last_os_error());
-        }
-        limit.rlim_cur = limit.rlim_max;
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-            bail!("setrlimit: {}", std::io::Error::last_os_error());
-        }
-    }
-    Ok(limit.rlim_cur)
-}
-
 /// Peak resident set of a process, from /proc (kB).
 fn peak_rss_kib(pid: u32) -> Option<u64> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -176,7 +156,7 @@ pub async fn stream(
     if config.redis_url.is_none() {
         bail!("bench stream needs HERALD_REDIS_URL (jobs reach the hub through Redis)");
     }
-    let open_files = raise_open_files_limit()?;
+    let open_files = crate::server::raise_open_files_limit()?;
     if (open_files as usize) < clients + 256 {
         bail!("open-files limit {open_files} is too low for {clients} clients (ulimit -Hn)");
     }

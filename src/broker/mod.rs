@@ -1,4 +1,4 @@
-//! The broker between the OutboxRelay and the consumers (SPEC 4).
+//! The broker between the OutboxRelay and the consumers.
 //!
 //! The relay publishes [`Envelope`]s; each consumer reads the topics it
 //! handles as one member of a consumer group and acknowledges what it has
@@ -116,7 +116,7 @@ pub enum BrokerError {
 /// Redis Stream entry id (`<milliseconds>-<sequence>`; the in-process broker
 /// numbers its entries the same way). The SSE `id:` of
 /// every stream event, and what `Last-Event-ID` carries back; the same in
-/// every process, so a client may resume on any of them (SPEC 5).
+/// every process, so a client may resume on any of them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct EventCursor {
     pub millis: u64,

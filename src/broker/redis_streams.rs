@@ -18,7 +18,7 @@
 //! - [`StreamTail`]: fan-out without a group. Every process's SseHub reads
 //!   all of `job.posted` with plain `XREAD` from its own cursor, so a job
 //!   posted on any process reaches the stream clients of every process, and
-//!   the entry id is the event's global cursor (SPEC 5).
+//!   the entry id is the event's global cursor.
 
 use std::time::Duration;
 

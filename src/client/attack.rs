@@ -1,4 +1,4 @@
-//! `herald attack`: the promise checked on a live daemon (SPEC 10).
+//! `herald attack`: the promise checked on a live daemon.
 //!
 //! It drives `--ops` logical operations (applications and charges, half
 //! each, every one by a fresh user so each should cause exactly one side

@@ -1,4 +1,4 @@
-//! Herald's retrying client (SPEC 4, 10): what a well-behaved caller of the
+//! Herald's retrying client: what a well-behaved caller of the
 //! API does, used by `herald attack` and by the tests.
 //!
 //! - One [`Operation`] is one logical action. Its `Idempotency-Key` is made

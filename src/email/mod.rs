@@ -4,7 +4,7 @@
 //! [`Email`] per `application.submitted` event and hands it to a
 //! [`Transport`] with the event id as the idempotency key. A transport only
 //! sends and classifies the outcome ([`SendError`]); rate, retries and dead
-//! letters are Herald's (SPEC 4 and 6), never the transport's.
+//! letters are Herald's, never the transport's.
 
 pub mod file;
 pub mod resend;
@@ -49,7 +49,7 @@ impl Email {
     }
 }
 
-/// Why a send did not succeed, classified as SPEC 4 says.
+/// Why a send did not succeed, classified for the retry policy (docs/ARCHITECTURE.md).
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SendError {
     /// Worth retrying (timeouts, connection errors, 429, 5xx, concurrent

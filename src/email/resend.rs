@@ -4,7 +4,7 @@
 //! nothing new. `email.resend_base_url` (or `RESEND_BASE_URL`) points it at
 //! another server, which is how the tests reach their fake Resend.
 //!
-//! Two things of the SDK are kept out of Herald's way (SPEC 6):
+//! Two things of the SDK are kept out of Herald's way:
 //! - its client-side limiter (a burst of `RESEND_RATE_LIMIT` then one send
 //!   per 1.1 s) is opened wide by [`open_sdk_rate_limit`] before any thread
 //!   starts; Herald's own `email.max_per_sec` decides the rate;
@@ -62,7 +62,7 @@ impl ResendTransport {
     }
 }
 
-/// SPEC 4's classification of what Resend (or the way to it) answered.
+/// The retry classification of what Resend (or the way to it) answered.
 fn classify(error: resend_rs::Error) -> SendError {
     use resend_rs::Error as E;
     match error {

@@ -1,4 +1,4 @@
-//! Authentication of the two principals (SPEC section 2).
+//! Authentication of the two principals.
 //!
 //! - **user**: `Authorization: Bearer <JWT>`, HS256 only, claims `sub`, `email`,
 //!   `exp`, signed with `HERALD_JWT_SECRET` by the job board's login (or by

@@ -2,6 +2,14 @@
 //! apply, charge, log in and connect streams, and how many streams it may
 //! hold open.
 //!
+//! Authenticated actions (apply, charges) are limited **per principal**: a
+//! campus, office or carrier NAT puts hundreds of people behind one address,
+//! and one of them applying fast must not refuse the others. Their address
+//! only meets a generous ceiling shared by all its authenticated requests
+//! (`limits.authenticated_per_ip_per_sec`, `…_burst`), there to stop one
+//! host minting users to get around the per-user bucket. Anonymous actions
+//! (dev login, stream connects) can only be counted per address.
+//!
 //! A client is its IP address — the TCP peer's, or, only when the operator
 //! names one (`limits.trusted_proxy_header`), the last address in the header
 //! their own reverse proxy writes. IPv6 clients are counted per /64 (one
@@ -9,7 +17,7 @@
 //! GCRA token bucket per client (`governor`'s keyed limiter): a client over
 //! its bucket gets 429 `rate_limited` with `Retry-After`, and nobody else is
 //! affected. Stream connects over the rate, and connects past
-//! `limits.streams_per_ip` open streams, are turned away the way SPEC 5
+//! `limits.streams_per_ip` open streams, are turned away the way the stream
 //! sheds load — HTTP 200 carrying only a jittered `retry:` — because a
 //! browser's EventSource stops reconnecting for good on any other status.
 //!
@@ -39,13 +47,13 @@ pub enum Action {
     StreamConnect,
 }
 
-/// One action's per-client bucket.
-struct Bucket {
-    limiter: DefaultKeyedRateLimiter<IpAddr>,
+/// One action's bucket per client (an address, or a principal).
+struct Bucket<K: std::hash::Hash + Eq + Clone = IpAddr> {
+    limiter: DefaultKeyedRateLimiter<K>,
 }
 
-impl Bucket {
-    fn new(per_sec: f64, burst: u32) -> Bucket {
+impl<K: std::hash::Hash + Eq + Clone> Bucket<K> {
+    fn new(per_sec: f64, burst: u32) -> Bucket<K> {
         // Validated in `Config`: per_sec > 0 and burst ≥ 1.
         let period = Duration::from_secs_f64(1.0 / per_sec.max(1e-6)).max(Duration::from_nanos(1));
         let quota = Quota::with_period(period)
@@ -57,7 +65,7 @@ impl Bucket {
     }
 
     /// `Ok`, or how long until this client has a token again.
-    fn take(&self, client: &IpAddr) -> Result<(), Duration> {
+    fn take(&self, client: &K) -> Result<(), Duration> {
         self.limiter
             .check_key(client)
             .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
@@ -70,8 +78,11 @@ pub struct AbuseLimits {
     per_ip: bool,
     /// Header holding the client address, set by the operator's own proxy.
     trusted_proxy_header: Option<http::HeaderName>,
-    apply: Bucket,
-    charge: Bucket,
+    /// Per principal.
+    apply: Bucket<String>,
+    charge: Bucket<String>,
+    /// Per address: every authenticated request's ceiling.
+    authenticated: Bucket,
     dev_login: Bucket,
     stream_connect: Bucket,
     /// Most streams one client may hold open at once.
@@ -118,6 +129,10 @@ impl AbuseLimits {
                 .and_then(|h| http::HeaderName::from_bytes(h.trim().as_bytes()).ok()),
             apply: Bucket::new(config.apply_per_sec, config.apply_burst),
             charge: Bucket::new(config.charges_per_sec, config.charges_burst),
+            authenticated: Bucket::new(
+                config.authenticated_per_ip_per_sec,
+                config.authenticated_per_ip_burst,
+            ),
             dev_login: Bucket::new(config.dev_login_per_sec, config.dev_login_burst),
             stream_connect: Bucket::new(
                 config.stream_connects_per_sec,
@@ -143,24 +158,48 @@ impl AbuseLimits {
         per_host(ip)
     }
 
-    /// Takes a token from `client`'s bucket for `action`, or says 429.
+    /// Takes a token for an anonymous `action` from `client`'s bucket, or
+    /// says 429.
     pub fn check(&self, action: Action, client: IpAddr) -> Result<(), ApiError> {
+        if !self.per_ip {
+            return Ok(());
+        }
+        let bucket = match action {
+            Action::DevLogin => &self.dev_login,
+            Action::StreamConnect => &self.stream_connect,
+            // Authenticated actions go through `check_user`; asked here, the
+            // address's ceiling is what applies.
+            Action::Apply | Action::Charge => &self.authenticated,
+        };
+        bucket
+            .take(&client)
+            .map_err(|wait| refused(action.name(), wait))
+    }
+
+    /// Takes a token for an authenticated `action` from `principal`'s own
+    /// bucket, then one from the ceiling of the address it came from; 429 if
+    /// either is empty. The principal's bucket goes first, so one user over
+    /// their limit does not spend the address's ceiling that others share.
+    pub fn check_user(
+        &self,
+        action: Action,
+        principal: &str,
+        client: IpAddr,
+    ) -> Result<(), ApiError> {
         if !self.per_ip {
             return Ok(());
         }
         let bucket = match action {
             Action::Apply => &self.apply,
             Action::Charge => &self.charge,
-            Action::DevLogin => &self.dev_login,
-            Action::StreamConnect => &self.stream_connect,
+            Action::DevLogin | Action::StreamConnect => return self.check(action, client),
         };
-        bucket.take(&client).map_err(|wait| {
-            crate::telemetry::metrics::rate_limited(action.name());
-            ApiError::RateLimited {
-                // Whole seconds, rounded up: never earlier than a token.
-                retry_after_secs: wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
-            }
-        })
+        bucket
+            .take(&principal.to_string())
+            .map_err(|wait| refused(action.name(), wait))?;
+        self.authenticated
+            .take(&client)
+            .map_err(|wait| refused("authenticated_per_ip", wait))
     }
 
     /// Admits one more stream for `client`: over the connect rate or at the
@@ -198,12 +237,11 @@ impl AbuseLimits {
     /// Forgets clients whose buckets are full again, so the tables hold only
     /// recent clients (called periodically by the server).
     pub fn forget_idle_clients(&self) {
-        for bucket in [
-            &self.apply,
-            &self.charge,
-            &self.dev_login,
-            &self.stream_connect,
-        ] {
+        for bucket in [&self.apply, &self.charge] {
+            bucket.limiter.retain_recent();
+            bucket.limiter.shrink_to_fit();
+        }
+        for bucket in [&self.authenticated, &self.dev_login, &self.stream_connect] {
             bucket.limiter.retain_recent();
             bucket.limiter.shrink_to_fit();
         }
@@ -222,8 +260,17 @@ impl Action {
     }
 }
 
+/// The 429 for a bucket that is empty for `wait` more, counted by `label`.
+fn refused(label: &'static str, wait: Duration) -> ApiError {
+    crate::telemetry::metrics::rate_limited(label);
+    ApiError::RateLimited {
+        // Whole seconds, rounded up: never earlier than a token.
+        retry_after_secs: wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
+    }
+}
+
 /// An IPv6 client is its /64; an IPv4 client (or IPv4-mapped) its address.
-fn per_host(ip: IpAddr) -> IpAddr {
+pub fn per_host(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(_) => ip,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -282,6 +329,8 @@ mod tests {
             apply_burst: burst,
             charges_per_sec: per_sec,
             charges_burst: burst,
+            authenticated_per_ip_per_sec: 1.0,
+            authenticated_per_ip_burst: 100,
             dev_login_per_sec: per_sec,
             dev_login_burst: burst,
             stream_connects_per_sec: 1000.0,
@@ -296,19 +345,48 @@ mod tests {
     fn a_burst_is_allowed_then_refused_with_a_whole_second_retry_after() {
         let l = limits(0.5, 3, 1, None);
         let a: IpAddr = "10.0.0.1".parse().unwrap();
-        let b: IpAddr = "10.0.0.2".parse().unwrap();
         for _ in 0..3 {
-            assert!(l.check(Action::Apply, a).is_ok());
+            assert!(l.check_user(Action::Apply, "ada", a).is_ok());
         }
-        match l.check(Action::Apply, a) {
+        match l.check_user(Action::Apply, "ada", a) {
             Err(ApiError::RateLimited { retry_after_secs }) => {
                 assert!((1..=2).contains(&retry_after_secs), "{retry_after_secs}")
             }
             other => panic!("expected 429, got {other:?}"),
         }
-        // Another client, and another action of the same client, are apart.
-        assert!(l.check(Action::Apply, b).is_ok());
-        assert!(l.check(Action::Charge, a).is_ok());
+        // Another user behind the same address, and another action of the
+        // same user, are apart.
+        assert!(l.check_user(Action::Apply, "bob", a).is_ok());
+        assert!(l.check_user(Action::Charge, "ada", a).is_ok());
+    }
+
+    #[test]
+    fn an_address_meets_only_its_ceiling_however_many_users_it_carries() {
+        let l = limits(0.01, 1, 1, None);
+        let nat: IpAddr = "10.0.0.1".parse().unwrap();
+        // Ceiling burst 100: a hundred users at once are all let through …
+        for user in 0..100 {
+            assert!(l
+                .check_user(Action::Apply, &format!("u{user}"), nat)
+                .is_ok());
+        }
+        // … the next one meets the address's ceiling, another address not.
+        assert!(l.check_user(Action::Apply, "u100", nat).is_err());
+        assert!(l
+            .check_user(Action::Apply, "u101", "10.0.0.2".parse().unwrap())
+            .is_ok());
+    }
+
+    #[test]
+    fn anonymous_actions_are_counted_per_address() {
+        let l = limits(0.5, 2, 1, None);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        assert!(l.check(Action::DevLogin, a).is_ok());
+        assert!(l.check(Action::DevLogin, a).is_ok());
+        assert!(l.check(Action::DevLogin, a).is_err());
+        assert!(l
+            .check(Action::DevLogin, "10.0.0.2".parse().unwrap())
+            .is_ok());
     }
 
     #[test]

@@ -12,6 +12,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod connections;
 pub mod limits;
 pub mod problem;
 pub mod public;
@@ -37,7 +38,7 @@ use crate::store::{KeyClaim, KeyClaimRequest, KeyLease, Store, StoreError};
 use auth::Auth;
 use problem::{json_response, ApiError};
 
-/// Largest request body accepted (SPEC 2); larger gets 413 `body_too_large`.
+/// Largest request body accepted; larger gets 413 `body_too_large`.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// How much of an oversized body is read and dropped before answering 413
@@ -98,7 +99,10 @@ where
         .and(warp::path::full())
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(warp::header::headers_cloned())
-        .and(warp::addr::remote())
+        .and(
+            warp::ext::optional::<connections::Peer>()
+                .map(|p: Option<connections::Peer>| p.map(|p| p.0)),
+        )
         .and(warp::body::stream())
         .then(
             move |method,
@@ -254,7 +258,7 @@ impl AppState {
             KeyClaim::New(lease) => lease,
         };
         // Failpoint: a request that holds its claim for a while (the
-        // in-flight duplicate case of SPEC 2, on any backend).
+        // in-flight duplicate case, on any backend).
         if let Some(pause) = failpoint_pause("intake-after-claim") {
             tokio::time::sleep(pause).await;
         }

@@ -1,4 +1,4 @@
-//! The public listener: the job board API (SPEC section 2).
+//! The public listener: the job board API.
 //!
 //! | method, path                  | who    |
 //! |-------------------------------|--------|
@@ -230,7 +230,9 @@ async fn submit_application(state: &AppState, request: &Request) -> Result<Respo
     // Right after authentication (a 401 is the truer answer to a bad token
     // than "retry later") and before the key is claimed: a refused request
     // leaves no trace a retry would trip over.
-    state.limits.check(Action::Apply, request.client)?;
+    state
+        .limits
+        .check_user(Action::Apply, &user.id, request.client)?;
     let key = super::idempotency_key(&request.headers)?;
     let json = body_json(request)?;
     let new = NewApplication::parse(request.body.as_ref().map_err(clone_error)?)?;
@@ -284,7 +286,9 @@ async fn get_application(
 
 async fn create_charge(state: &AppState, request: &Request) -> Result<Response, ApiError> {
     let user = state.auth.user(&request.headers)?;
-    state.limits.check(Action::Charge, request.client)?;
+    state
+        .limits
+        .check_user(Action::Charge, &user.id, request.client)?;
     let key = super::idempotency_key(&request.headers)?.ok_or(ApiError::IdempotencyKeyMissing)?;
     let json = body_json(request)?;
     let new = NewCharge::parse(request.body.as_ref().map_err(clone_error)?)?;

@@ -1,4 +1,4 @@
-//! `GET /api/jobs/stream`: the live job stream as Server-Sent Events (SPEC 5).
+//! `GET /api/jobs/stream`: the live job stream as Server-Sent Events.
 //!
 //! A connect is admitted through the hub's token bucket, subscribes to the
 //! [`SseHub`](crate::actors::sse_hub) *first*, then asks it for the snapshot
@@ -9,7 +9,7 @@
 //! hub restarting, shutting down) gets only a jittered `retry:` and is closed.
 //!
 //! Every stream opens with a per-client jittered `retry:`, carries a
-//! heartbeat comment every `sse.heartbeat_ms` (15 s, SPEC 5), and ends — when the hub evicts the client,
+//! heartbeat comment every `sse.heartbeat_ms` (15 s), and ends — when the hub evicts the client,
 //! restarts, or shuts down — with another jittered `retry:`, so clients do
 //! not come back in one wave. No database query is made on any of these paths.
 
@@ -88,7 +88,7 @@ pub async fn job_stream(state: &AppState, request: &Request) -> Response {
         Err(NotAdmitted::OverRate | NotAdmitted::Unavailable) => return turned_away(),
     };
     // Failpoint: a pause between subscribing and asking for the snapshot
-    // (the race SPEC 5 closes).
+    // (the race this order closes).
     if let Some(pause) = super::failpoint_pause("sse-after-subscribe") {
         tokio::time::sleep(pause).await;
     }

@@ -180,9 +180,12 @@ impl DerefMut for TrackedConn {
 /// release of a connection to re-check it, whatever the options say; on the
 /// intake path that was two extra round trips per request and ~13 % of
 /// Herald's CPU in `herald bench intake`. Here a connection goes back to the
-/// pool as it is; one whose query failed with a connection-class error is
-/// discarded instead, and sqlx itself drains any half-read reply (or a
-/// dropped transaction's rollback) before the connection's next query.
+/// pool as it is when it is clean; one whose query failed with a
+/// connection-class error is discarded instead. One that is not clean — a
+/// transaction dropped without commit only *queues* its ROLLBACK in sqlx's
+/// write buffer — is flushed before it goes back ([`Session`]'s drop), so
+/// no row lock outlives the call that took it; recycling refuses one still
+/// inside a transaction.
 pub struct PgManager {
     options: PgConnectOptions,
 }
@@ -200,15 +203,70 @@ impl Manager for PgManager {
 
     async fn recycle(&self, conn: &mut TrackedConn, _: &Metrics) -> RecycleResult<sqlx::Error> {
         if conn.broken {
-            Err(RecycleError::message("connection failed earlier"))
-        } else {
-            Ok(())
+            return Err(RecycleError::message("connection failed earlier"));
         }
+        if conn.should_flush() {
+            // Its return-time flush did not run (no runtime, or timed out).
+            conn.flush().await?;
+        }
+        if conn.is_in_transaction() {
+            return Err(RecycleError::message(
+                "connection still inside a transaction",
+            ));
+        }
+        Ok(())
     }
 }
 
-/// One pooled connection held for one store call.
-type Session = Object<PgManager>;
+/// Longest a returning connection may take to finish its queued ROLLBACK
+/// before it is discarded instead.
+const RETURN_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One pooled connection held for one store call. Dropped with a queued
+/// ROLLBACK (an early return or an error inside a transaction, or the whole
+/// call cut off by the request timeout), it sends it and waits for the
+/// answer on a task of its own before the connection rejoins the pool: the
+/// transaction's row locks are released now, not whenever the connection
+/// happens to be used next.
+struct Session(Option<Object<PgManager>>);
+
+impl Deref for Session {
+    type Target = Object<PgManager>;
+    fn deref(&self) -> &Object<PgManager> {
+        // Only `drop` takes the object out.
+        self.0
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("session used after drop"))
+    }
+}
+
+impl DerefMut for Session {
+    fn deref_mut(&mut self) -> &mut Object<PgManager> {
+        self.0
+            .as_mut()
+            .unwrap_or_else(|| unreachable!("session used after drop"))
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let Some(mut conn) = self.0.take() else {
+            return;
+        };
+        if !conn.should_flush() && !conn.is_in_transaction() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            let flushed = tokio::time::timeout(RETURN_FLUSH_TIMEOUT, conn.flush()).await;
+            if !matches!(flushed, Ok(Ok(()))) || conn.is_in_transaction() {
+                conn.broken = true;
+            }
+        });
+    }
+}
 
 trait Settle {
     /// Marks the connection broken when `result` says the database is
@@ -257,13 +315,17 @@ impl PgStore {
     }
 
     async fn session(&self) -> Result<Session, StoreError> {
-        self.pool.get().await.map_err(|e| match e {
-            PoolError::Backend(e) => StoreError::from(e),
-            PoolError::Timeout(_) | PoolError::Closed => {
-                StoreError::Unavailable(format!("no database connection: {e}"))
-            }
-            other => StoreError::Internal(other.to_string()),
-        })
+        self.pool
+            .get()
+            .await
+            .map(|c| Session(Some(c)))
+            .map_err(|e| match e {
+                PoolError::Backend(e) => StoreError::from(e),
+                PoolError::Timeout(_) | PoolError::Closed => {
+                    StoreError::Unavailable(format!("no database connection: {e}"))
+                }
+                other => StoreError::Internal(other.to_string()),
+            })
     }
 
     fn lease_for(&self, claim: &KeyClaimRequest, holder: Uuid) -> KeyLease {

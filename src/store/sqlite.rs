@@ -26,7 +26,10 @@
 //! commit in one transaction. UUIDs are stored as text, instants as integer
 //! microseconds (see `migrations/sqlite/0001_schema.sql`).
 
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -143,6 +146,49 @@ pub struct SqliteStore {
     writer: SqlitePool,
     /// Read-only connections for queries that write nothing.
     reader: SqlitePool,
+    /// `<file>.lock`, locked for as long as this process runs: the embedded
+    /// mode is one process per file, and a second one is refused at start.
+    _single_process: Arc<std::fs::File>,
+}
+
+/// Whether two paths name the same directory, as written or once resolved.
+fn same_place(a: &Path, b: &Path) -> bool {
+    let clean = |p: &Path| p.components().collect::<PathBuf>();
+    clean(a) == clean(b) || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+}
+
+/// Makes `dir` (and its parents) with mode 0700 if it is missing.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+/// Takes the embedded mode's one-process lock on the database `path`.
+fn lock_single_process(path: &Path) -> Result<std::fs::File, StoreError> {
+    let lock_path = PathBuf::from(format!("{}.lock", path.display()));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(|e| StoreError::Unavailable(format!("opening {}: {e}", lock_path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Unavailable(format!(
+            "another Herald process is using {} (it holds {}): the embedded mode runs one \
+             process per SQLite file; stop the other one, or give this one its own \
+             HERALD_DATABASE_URL and HERALD_STATE_DIR",
+            path.display(),
+            lock_path.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(StoreError::Unavailable(format!(
+            "locking {}: {e}",
+            lock_path.display()
+        ))),
+    }
 }
 
 impl SqliteStore {
@@ -151,9 +197,27 @@ impl SqliteStore {
         let options = SqliteConnectOptions::from_str(url)
             .map_err(|e| StoreError::Internal(format!("database_url: {e}")))?;
         let path = options.get_filename().to_path_buf();
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        // Herald makes its own state directory; any other directory must
+        // exist, so a mistyped path is an error instead of a new, empty
+        // database somewhere unexpected.
+        if same_place(dir, &config.state_dir) {
+            create_private_dir(dir)
                 .map_err(|e| StoreError::Unavailable(format!("creating {}: {e}", dir.display())))?;
+        } else if !dir.is_dir() {
+            return Err(StoreError::Unavailable(format!(
+                "database_url: the directory {} does not exist (Herald creates only its \
+                 state_dir, {}); check HERALD_DATABASE_URL for a typo",
+                dir.display(),
+                config.state_dir.display()
+            )));
+        }
+        let single_process = lock_single_process(&path)?;
+        if !path.exists() {
+            tracing::info!(path = %path.display(), "creating a new, empty database");
         }
         let options = options
             .create_if_missing(true)
@@ -171,7 +235,20 @@ impl SqliteStore {
             .max_connections(config.database.max_connections.clamp(1, 8))
             .acquire_timeout(acquire)
             .connect_lazy_with(options.read_only(true));
-        Ok(SqliteStore { writer, reader })
+        // Files made before the process umask was 0077 (an older Herald).
+        for suffix in ["", "-wal", "-shm"] {
+            let file = PathBuf::from(format!("{}{suffix}", path.display()));
+            if file.exists() {
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).map_err(
+                    |e| StoreError::Unavailable(format!("chmod 600 {}: {e}", file.display())),
+                )?;
+            }
+        }
+        Ok(SqliteStore {
+            writer,
+            reader,
+            _single_process: Arc::new(single_process),
+        })
     }
 
     /// A write transaction: the database's write lock is taken at `BEGIN`.
