@@ -909,3 +909,151 @@ on_both_backends!(
     fifty_charges_make_exactly_fifty_ledger_entries,
     a_relay_crash_between_publish_and_mark_for_a_charge_republishes_and_applies_it_once,
 );
+
+/// Sessions of the test database that sat `idle in transaction` for over
+/// three seconds: a transaction nobody is running. (A live one is idle
+/// between its statements for microseconds; the longest legitimate pause is
+/// the relay's publish to a Redis that is down, bounded by 2 s.)
+async fn abandoned_transactions(db: &Db) -> i64 {
+    count(
+        db,
+        "SELECT count(*) FROM pg_stat_activity
+          WHERE datname = current_database() AND state = 'idle in transaction'
+            AND state_change < now() - interval '3 seconds'",
+    )
+    .await
+}
+
+/// Asserts that no session stays idle in a transaction, sampled for `how_long`.
+async fn assert_no_abandoned_transaction_for(db: &Db, how_long: Duration, during: &str) {
+    let until = std::time::Instant::now() + how_long;
+    while std::time::Instant::now() < until {
+        let n = abandoned_transactions(db).await;
+        if n > 0 {
+            let last: Vec<String> = sqlx::query_scalar(
+                "SELECT query || ' (' || CAST(now() - state_change AS TEXT) || ')'
+                   FROM pg_stat_activity
+                  WHERE datname = current_database() AND state = 'idle in transaction'",
+            )
+            .fetch_all(db)
+            .await
+            .unwrap_or_default();
+            panic!("{n} session(s) idle in transaction for over 3 s {during}; last statements: {last:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn no_connection_goes_back_to_the_pool_inside_a_transaction() {
+    // The relay's pace in production (a poll a second) and a pool grown by a
+    // burst of requests: a connection given back with its transaction open
+    // then waits many seconds for its next use, as it would in production.
+    let mut w = world(&[("HERALD_RELAY__POLL_INTERVAL_MS", "1000")]).await;
+    let job = w.herald.post_job("Locks").await;
+    futures::future::join_all((0..40).map(|_| w.herald.get("/api/jobs?limit=100"))).await;
+    // Intake: new, replayed (same key) and already-applied (another key).
+    for i in 0..10 {
+        let user = format!("locker{i}");
+        apply(&w.herald, &user, &job).await;
+        apply(&w.herald, &user, &job).await;
+        let again = w
+            .herald
+            .apply(
+                &user_token(&user),
+                Some(&format!("again-{user}")),
+                &json!({"job_id": job["id"]}),
+            )
+            .await;
+        assert_eq!(again.status(), 200, "already applied");
+    }
+    eventually("10 emails sent", Duration::from_secs(30), || {
+        let db = &w.db;
+        async move {
+            (count(
+                db,
+                "SELECT count(*) FROM applications WHERE email_status = 'sent'",
+            )
+            .await
+                == 10)
+                .then_some(())
+        }
+    })
+    .await;
+    // Empty relay polls, one a second.
+    assert_no_abandoned_transaction_for(&w.db, Duration::from_secs(5), "after empty relay polls")
+        .await;
+
+    // A duplicate delivery: one event's stream entry, added again.
+    let stream = "herald:stream:application.submitted";
+    let redis = w.b.redis();
+    let entry = redis
+        .cli(&["XRANGE", stream, "-", "+", "COUNT", "1"])
+        .unwrap();
+    let event = entry
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .expect("an event body")
+        .to_string();
+    redis.cli(&["XADD", stream, "*", "event", &event]).unwrap();
+    eventually(
+        "the duplicate deduplicated",
+        Duration::from_secs(20),
+        || {
+            let herald = &w.herald;
+            async move {
+                let deduped = herald
+                    .metric("herald_deliveries_total{consumer=\"email\",result=\"deduped\"}")
+                    .await;
+                (deduped >= 1.0).then_some(())
+            }
+        },
+    )
+    .await;
+    assert_no_abandoned_transaction_for(
+        &w.db,
+        Duration::from_secs(4),
+        "after a duplicate delivery",
+    )
+    .await;
+
+    // Relay publish failures: Redis gone while events are due.
+    w.b.redis_mut().kill();
+    let job2 = w.herald.post_job("Locks while Redis is down").await;
+    apply(&w.herald, "late-locker", &job2).await;
+    eventually("publish failures", Duration::from_secs(20), || {
+        let herald = &w.herald;
+        async move {
+            (herald.metric("herald_relay_publish_failures_total").await >= 3.0).then_some(())
+        }
+    })
+    .await;
+    assert_no_abandoned_transaction_for(&w.db, Duration::from_secs(4), "after publish failures")
+        .await;
+    w.b.redis_mut().restart().await;
+    eventually("the late email sent", Duration::from_secs(30), || {
+        let db = &w.db;
+        async move {
+            (count(
+                db,
+                "SELECT count(*) FROM applications WHERE email_status = 'sent'",
+            )
+            .await
+                == 11)
+                .then_some(())
+        }
+    })
+    .await;
+    assert_no_abandoned_transaction_for(&w.db, Duration::from_secs(4), "at the end").await;
+    // Every row the daemon touched can be locked at once.
+    let mut tx = w.db.begin().await.unwrap();
+    for table in ["outbox_events", "idempotency_keys", "applications", "inbox"] {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT 1 FROM {table} FOR UPDATE NOWAIT"
+        )))
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap_or_else(|e| panic!("{table} rows are locked: {e}"));
+    }
+    tx.rollback().await.unwrap();
+}
