@@ -20,7 +20,15 @@ runas=()
 
 if [ "$(basename "$0")" = delivery.sh ]; then
     command -v node >/dev/null || { echo "node not installed (the BullMQ peer needs it)" >&2; exit 1; }
-    [ -d benches/bullmq/node_modules ] || (cd benches/bullmq && npm ci --no-audit --no-fund --silent)
+    if ! [ -d benches/bullmq/node_modules ]; then
+        echo "benches/delivery.sh: installing the BullMQ peer (npm ci in benches/bullmq)" >&2
+        # Loud on failure: npm's own error, then ours, then a non-zero exit.
+        (cd benches/bullmq && npm ci --no-audit --no-fund) || {
+            rm -rf benches/bullmq/node_modules
+            echo "benches/delivery.sh: npm ci failed in benches/bullmq (see above)" >&2
+            exit 1
+        }
+    fi
 fi
 cargo build --release --quiet
 tmp=$(mktemp -d /tmp/herald-bench.XXXXXX)

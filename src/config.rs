@@ -674,6 +674,11 @@ impl Config {
             "must be `resend` or `file`",
         )?;
         check(
+            !self.email.from.contains(['\r', '\n']),
+            "email.from",
+            "must be one line (it is the From header)",
+        )?;
+        check(
             self.email.max_per_sec > 0.0,
             "email.max_per_sec",
             "must be positive",

@@ -124,6 +124,18 @@ pub struct NewJob {
     pub description: String,
 }
 
+/// A required one-line text: it reaches an email header (a job's title and
+/// company make the confirmation's Subject), where a CR or LF would start a
+/// header of the sender's choosing, so line breaks are refused.
+fn required_line(field: &str, value: String, max: usize) -> Result<String, InvalidBody> {
+    if value.contains(['\r', '\n']) {
+        return Err(InvalidBody(format!(
+            "`{field}` must be one line (no CR or LF)"
+        )));
+    }
+    required_text(field, value, max)
+}
+
 fn required_text(field: &str, value: String, max: usize) -> Result<String, InvalidBody> {
     let trimmed = value.trim();
     if trimmed.is_empty() {
@@ -164,8 +176,8 @@ impl NewJob {
     pub fn parse(body: &[u8]) -> Result<NewJob, InvalidBody> {
         let raw: NewJobBody = parse_json(body)?;
         Ok(NewJob {
-            title: required_text("title", raw.title, 200)?,
-            company: required_text("company", raw.company, 200)?,
+            title: required_line("title", raw.title, 200)?,
+            company: required_line("company", raw.company, 200)?,
             location: required_text("location", raw.location, 200)?,
             description: required_text("description", raw.description, 20_000)?,
         })
@@ -379,6 +391,17 @@ mod tests {
     fn an_application_with_a_non_uuid_job_is_refused() {
         assert!(NewApplication::parse(br#"{"job_id":"42"}"#).is_err());
         assert!(NewApplication::parse(br#"{"job_id":42}"#).is_err());
+    }
+
+    #[test]
+    fn a_job_whose_title_or_company_would_break_an_email_header_is_refused() {
+        for body in [
+            r#"{"title":"Rust\r\nBcc: all@example.com","company":"c","location":"l","description":"d"}"#,
+            r#"{"title":"t","company":"Acme\nX: y","location":"l","description":"d"}"#,
+        ] {
+            let err = NewJob::parse(body.as_bytes()).unwrap_err();
+            assert!(err.0.contains("one line"), "{}", err.0);
+        }
     }
 
     #[test]

@@ -177,3 +177,34 @@ fn config_prints_the_effective_configuration_without_secrets() {
     assert_eq!(code, 2);
     assert!(stderr.contains("HERALD_DATABASE_URL"), "{stderr}");
 }
+
+#[test]
+fn a_database_that_refuses_connections_is_reported_with_its_cause_at_once() {
+    let started = std::time::Instant::now();
+    let (code, stdout, stderr) = herald(
+        &[
+            (
+                "HERALD_DATABASE_URL",
+                "postgres://herald:pw@127.0.0.1:1/herald",
+            ),
+            ("HERALD_LISTEN", "127.0.0.1:0"),
+            ("HERALD_ADMIN_LISTEN", "127.0.0.1:0"),
+            ("HERALD_ADMIN_TOKEN", "0123456789abcdef-admin"),
+            ("HERALD_JWT_SECRET", "0123456789abcdef0123456789abcdef-jwt"),
+            ("HERALD_DATABASE__ACQUIRE_TIMEOUT_MS", "1000"),
+        ],
+        &["serve"],
+    );
+    let took = started.elapsed();
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("cannot connect to the database") && stderr.contains("refused"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("pw@"),
+        "no password in the message: {stderr}"
+    );
+    assert!(!stdout.contains("listening"), "never ready: {stdout}");
+    assert!(took < std::time::Duration::from_secs(5), "took {took:?}");
+}

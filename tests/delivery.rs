@@ -655,6 +655,32 @@ async fn the_janitor_deletes_what_expired_in_small_batches_and_keeps_what_is_sti
             .find(|k: &String| k == "apply-clean1" || k == "apply-clean0")
             .unwrap();
     assert_eq!(kept, "apply-clean1", "a held key is never purged");
+    // A key abandoned in progress (its holder died: lease and TTL both
+    // passed) goes too.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE idempotency_keys SET state = 'in_progress', lease_expires_at = {past},
+                expires_at = {past}
+          WHERE key = 'apply-clean2'"
+    )))
+    .execute(&w.db)
+    .await
+    .unwrap();
+    wait_for_count(
+        &w.db,
+        "SELECT count(*) FROM idempotency_keys WHERE key = 'apply-clean2'",
+        0,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(
+        count(
+            &w.db,
+            "SELECT count(*) FROM idempotency_keys WHERE key = 'apply-clean1'"
+        )
+        .await,
+        1,
+        "the held key is still there"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

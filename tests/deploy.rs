@@ -272,3 +272,71 @@ fn the_deploy_settings_block_is_a_valid_env_file_that_herald_accepts_as_written(
     // Dev login is off there, unasked.
     assert!(config["auth"]["dev_login"].is_null());
 }
+
+/// A copy of `benches/` in a fresh directory (no `node_modules`), as a
+/// fresh clone has it.
+fn fresh_benches() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let benches = dir.path().join("benches");
+    std::fs::create_dir_all(benches.join("bullmq")).unwrap();
+    for file in [
+        "bullmq/package.json",
+        "bullmq/package-lock.json",
+        "bullmq/peer.mjs",
+    ] {
+        std::fs::copy(repo(&format!("benches/{file}")), benches.join(file)).unwrap();
+    }
+    std::fs::copy(repo("benches/intake.sh"), benches.join("intake.sh")).unwrap();
+    std::os::unix::fs::symlink("intake.sh", benches.join("delivery.sh")).unwrap();
+    dir
+}
+
+#[test]
+fn the_bullmq_peer_installs_from_its_lock_file_on_a_fresh_machine() {
+    let dir = fresh_benches();
+    let bullmq = dir.path().join("benches/bullmq");
+    let out = Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(&bullmq)
+        .output()
+        .expect("npm (Debian's nodejs package)");
+    assert!(
+        out.status.success(),
+        "npm ci: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(bullmq.join("node_modules/bullmq/package.json").exists());
+}
+
+#[test]
+fn the_delivery_bench_fails_loudly_when_its_install_fails() {
+    let dir = fresh_benches();
+    // An npm that fails, first on PATH.
+    let bin = dir.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::write(
+        bin.join("npm"),
+        "#!/bin/sh\necho 'npm error code E404 (test stand-in)' >&2\nexit 1\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(bin.join("npm"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new(dir.path().join("benches/delivery.sh"))
+        .env("PATH", path)
+        .output()
+        .expect("run benches/delivery.sh");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("npm error code E404"),
+        "npm's own error is shown: {stderr}"
+    );
+    assert!(stderr.contains("npm ci failed"), "{stderr}");
+    assert!(!dir.path().join("benches/bullmq/node_modules").exists());
+}

@@ -420,6 +420,48 @@ async fn another_user_sending_the_same_key_gets_their_own_new_result(backend: Ba
 
 // ---------------------------------------------------------------- Redis loss
 
+/// The milliseconds Redis keeps each hot-tier key.
+fn hot_tier_ttls_ms(w: &World) -> Vec<i64> {
+    let keys = w.b.redis().cli(&["KEYS", "herald:idem:*"]).unwrap();
+    keys.lines()
+        .filter(|k| !k.is_empty())
+        .map(|k| {
+            w.b.redis()
+                .cli(&["PTTL", k])
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_hot_tier_never_outlives_the_database_copy_of_a_key() {
+    let w = world(&[]).await;
+    let job = w.herald.post_job("A").await;
+    let token = user_token("alice");
+    let body = json!({"job_id": job_id(&job)});
+    assert_eq!(w.herald.apply(&token, Some("k"), &body).await.status(), 201);
+    // Completed: cached for (no more than) the key's TTL, one day.
+    let ttls = hot_tier_ttls_ms(&w);
+    assert_eq!(ttls.len(), 1, "{ttls:?}");
+    assert!((1..=86_400_000).contains(&ttls[0]), "{ttls:?}");
+    // The database copy has ten seconds left; Redis is flushed and the key
+    // replayed from the database: the cache gets those ten seconds, not a
+    // fresh day (which would answer for a key the database has forgotten).
+    sqlx::query("UPDATE idempotency_keys SET expires_at = now() + interval '10 seconds'")
+        .execute(&w.db)
+        .await
+        .unwrap();
+    assert_eq!(w.b.redis().cli(&["FLUSHALL"]).as_deref(), Some("OK"));
+    let replay = w.herald.apply(&token, Some("k"), &body).await;
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    let ttls = hot_tier_ttls_ms(&w);
+    assert_eq!(ttls.len(), 1, "{ttls:?}");
+    assert!((1..=10_000).contains(&ttls[0]), "cached for {ttls:?} ms");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_flushall_between_a_request_and_its_retry_still_replays() {
     let w = world(&[]).await;
@@ -841,6 +883,22 @@ async fn bad_input_gets_a_4xx_problem_with_a_stable_code_and_never_a_5xx(backend
         .await
         .unwrap();
     problem(r, 400, "invalid_body").await;
+    // A line break in a title would add headers to the confirmation email.
+    let r = http
+        .post(w.herald.url("/api/jobs"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(
+            &json!({"title": "Rust\r\nBcc: everyone@example.com", "company": "c",
+                      "location": "l", "description": "d"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let body = problem(r, 400, "invalid_body").await;
+    assert!(
+        body["detail"].as_str().unwrap().contains("one line"),
+        "{body}"
+    );
 
     // Routing and parameters.
     problem(
@@ -1047,6 +1105,13 @@ async fn dev_login_issues_a_token_that_applies_and_admin_status_shows_the_tree(b
     })
     .await;
     assert!(eml.contains("To: carol@example.com"), "{eml}");
+    // A well-formed message: dated, with an id of its own.
+    let date = eml
+        .lines()
+        .find_map(|l| l.strip_prefix("Date: "))
+        .unwrap_or_else(|| panic!("no Date header: {eml}"));
+    chrono::DateTime::parse_from_rfc2822(date.trim()).expect("an RFC 2822 date");
+    assert!(eml.contains("\r\nMessage-ID: <"), "{eml}");
     w.herald
         .wait_for_metric("herald_emails_sent_total", 1.0)
         .await;

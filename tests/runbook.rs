@@ -35,8 +35,35 @@ fn runbook_calls() -> HashMap<String, String> {
     calls
 }
 
+/// A `journalctl` for the test: the daemon's log is its stderr file, so
+/// this stand-in prints that file whatever it is asked; the rest of the
+/// runbook's pipeline runs as written.
+fn journal_shim(herald: &Daemon) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("journalctl");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh
+cat '{}'
+",
+            herald.log_path().display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
 /// Runs one call as the on-call would: `sh -c`, with the documented variables.
 fn run(calls: &HashMap<String, String>, name: &str, herald: &Daemon, id: Option<&str>) -> String {
+    let shim = journal_shim(herald);
+    let path = format!(
+        "{}:{}",
+        shim.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
     let command = calls
         .get(name)
         .unwrap_or_else(|| panic!("no call {name} in the runbook"));
@@ -47,6 +74,7 @@ fn run(calls: &HashMap<String, String>, name: &str, herald: &Daemon, id: Option<
         .env("HERALD_ADMIN_TOKEN", ADMIN_TOKEN)
         .env("USER", "oncall-test")
         .env("ID", id.unwrap_or(""))
+        .env("PATH", path)
         .output()
         .expect("sh (and curl: scripts/test installs it)");
     let stdout = String::from_utf8_lossy(&output.stdout).to_string();
@@ -70,13 +98,18 @@ async fn every_admin_call_in_the_runbook_works_as_written() {
         "dlq-replay-one",
         "dlq-replay-topic",
         "dlq-discard",
+        "mismatches",
     ];
     for name in expected {
         assert!(calls.contains_key(name), "the runbook documents {name}");
     }
     assert_eq!(calls.len(), expected.len(), "every call is exercised here");
 
-    let stack = Stack::start(&[("HERALD_DLQ__CHECK_INTERVAL_MS", "200")]).await;
+    let stack = Stack::start(&[
+        ("HERALD_DLQ__CHECK_INTERVAL_MS", "200"),
+        ("HERALD_LOG__FORMAT", "json"),
+    ])
+    .await;
     let (herald, resend, db) = (&stack.herald, &stack.resend, stack.db.clone());
     let job = herald.post_job("Runbook").await;
     let users = ["replayme", "discardme", "bytopic"];
@@ -116,6 +149,40 @@ async fn every_admin_call_in_the_runbook_works_as_written() {
         assert!(signals.contains(metric), "{metric} in:\n{signals}");
     }
     assert!(run(&calls, "deliveries", herald, None).contains("result=\"dead\""));
+
+    // A 422 spike: the request log finds the caller by its request id.
+    let reused = herald
+        .apply(
+            &user_token("replayme"),
+            Some("apply-replayme"),
+            &json!({"job_id": job["id"], "cover_letter": "another body"}),
+        )
+        .await;
+    assert_eq!(reused.status(), 422);
+    let request_id = reused.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let found = eventually(
+        "the mismatch in the request log",
+        Duration::from_secs(10),
+        || {
+            let found = run(&calls, "mismatches", herald, None);
+            let present = found.contains(&request_id);
+            async move { present.then_some(found) }
+        },
+    )
+    .await;
+    for line in found.lines() {
+        let entry: Value = serde_json::from_str(line).expect("a JSON log line");
+        assert_eq!(entry["idempotency"], "mismatch", "{line}");
+        assert_eq!(entry["code"], "idempotency_key_reused", "{line}");
+        assert_eq!(entry["route"], "/api/applications", "{line}");
+        assert!(
+            !line.contains("Bearer") && !line.contains("@example.com"),
+            "{line}"
+        );
+    }
     assert!(run(&calls, "outbox", herald, None).contains("herald_outbox_pending"));
 
     // The DLQ: list, fix the cause, replay one, discard one, replay the topic.

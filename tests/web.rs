@@ -241,3 +241,114 @@ async fn the_page_is_readable_on_a_phone_and_labels_its_controls() {
     browser.save_screenshot("web-page-phone.png").await;
     browser.close().await;
 }
+
+const SHOWN: &str = "const shown = (id) => !document.getElementById(id).hidden;";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_page_says_loading_then_falls_back_to_the_api_when_a_proxy_holds_the_stream() {
+    let pg = Postgres::start().await;
+    let redis = Redis::start().await;
+    let herald = Daemon::start(&pg.url(), Some(&redis.url()), &[]).await;
+    herald.post_job("Fallback engineer").await;
+    // A proxy that holds event streams back and forwards everything else.
+    let proxy = LossyProxy::start_stalling(
+        &herald.public,
+        Box::new(|_, _| false),
+        Box::new(|_, path| path == "/api/jobs/stream"),
+    )
+    .await
+    .expect("proxy");
+    let browser = Browser::start(1280, 900).await;
+    browser
+        .client
+        .goto(&format!("{}/", proxy.url))
+        .await
+        .expect("open page");
+    // Nothing has answered yet: "Loading jobs…", never "No jobs yet".
+    let loading = browser
+        .js(&format!(
+            "{SHOWN} return [shown('jobs-loading'), shown('jobs-empty'), shown('jobs-paused')]"
+        ))
+        .await;
+    assert_eq!(loading, serde_json::json!([true, false, false]));
+    browser.save_screenshot("web-loading.png").await;
+    // The stream never delivers: the list comes from GET /api/jobs, with a
+    // visible note that live updates are paused.
+    browser
+        .wait_for(
+            "the fallback list with the paused note",
+            Duration::from_secs(20),
+            &format!(
+                "{SHOWN} const t = (() => {{ {TITLES} }})(); \
+                 return t.includes('Fallback engineer') && shown('jobs-paused') \
+                 && !shown('jobs-loading') && !shown('jobs-empty') \
+                 && document.getElementById('connection').dataset.state === 'paused'"
+            ),
+        )
+        .await;
+    let note = browser
+        .js("return document.getElementById('jobs-paused').textContent")
+        .await;
+    assert!(
+        note.as_str().unwrap_or("").contains("Live updates paused"),
+        "{note}"
+    );
+    assert!(
+        proxy
+            .seen()
+            .iter()
+            .any(|s| s.method == "GET" && s.path.starts_with("/api/jobs?")),
+        "the page read GET /api/jobs"
+    );
+    browser.save_screenshot("web-fallback.png").await;
+    browser.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_page_says_no_jobs_yet_only_when_the_snapshot_is_empty_and_is_never_framed() {
+    let pg = Postgres::start().await;
+    let redis = Redis::start().await;
+    let herald = Daemon::start(&pg.url(), Some(&redis.url()), &[]).await;
+    // The page's headers: a CSP that forbids framing, and its kin.
+    let page = reqwest::get(format!("{}/", herald.public))
+        .await
+        .expect("GET /");
+    let csp = page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+    assert!(csp.contains("script-src 'self'"), "{csp}");
+    assert_eq!(page.headers()["x-frame-options"], "DENY");
+
+    let browser = Browser::start(1280, 900).await;
+    browser
+        .client
+        .goto(&format!("{}/", herald.public))
+        .await
+        .expect("open page");
+    browser
+        .wait_for(
+            "the empty state after the snapshot",
+            Duration::from_secs(15),
+            &format!(
+                "{SHOWN} return shown('jobs-empty') && !shown('jobs-loading') && !shown('jobs-paused') \
+                 && document.getElementById('connection').dataset.state === 'live'"
+            ),
+        )
+        .await;
+    browser.save_screenshot("web-empty.png").await;
+    // The first job replaces the empty state, live.
+    herald.post_job("First job").await;
+    browser
+        .wait_for(
+            "the first job, live",
+            Duration::from_secs(10),
+            &format!(
+                "{SHOWN} return (() => {{ {TITLES} }})().includes('First job') && !shown('jobs-empty')"
+            ),
+        )
+        .await;
+    // (It ran under that CSP: the list above was rendered by /app.js.)
+    browser.close().await;
+}

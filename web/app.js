@@ -7,6 +7,12 @@
 //   its own, honouring the server's jittered `retry:` and resuming with
 //   Last-Event-ID, so the page only has to render what arrives (deduplicated
 //   by job id, which a fresh snapshot after a long absence needs).
+// - Until a snapshot (or the fallback below) answers, the list says
+//   "Loading jobs…", never "No jobs yet". When the stream delivers no
+//   snapshot within FALLBACK_MS (a proxy that blocks event streams, a server
+//   turning streams away), the page reads GET /api/jobs instead, shows it with
+//   a "Live updates paused" note, and reads it again every POLL_MS until a
+//   snapshot arrives and the page is live again.
 // - Apply: one Idempotency-Key per (job, apply intent), made before the first
 //   attempt and kept in sessionStorage until the server gives a definitive
 //   answer, so a retry, a double click or a reload reuses it and the server
@@ -16,6 +22,8 @@
 
 (() => {
   const RETRY = { baseMs: 500, capMs: 8000, attempts: 6 };
+  const FALLBACK_MS = 5000;
+  const POLL_MS = 30000;
   const store = window.sessionStorage;
   const $ = (id) => document.getElementById(id);
 
@@ -26,6 +34,8 @@
     token: store.getItem("herald:token"),
     email: store.getItem("herald:email"),
     applying: false,
+    loaded: false, // a snapshot or GET /api/jobs has answered
+    live: false, // the stream's snapshot arrived and the stream is open
   };
 
   // ---- account -----------------------------------------------------------
@@ -116,8 +126,56 @@
   function renderJobs() {
     const list = $("jobs");
     list.replaceChildren(...state.order.map((id) => jobItem(state.jobs.get(id))));
-    $("jobs-empty").hidden = state.order.length > 0;
+    $("jobs-loading").hidden = state.loaded;
+    $("jobs-empty").hidden = !state.loaded || state.order.length > 0;
     markSelected();
+  }
+
+  // ---- fallback when the stream does not deliver ---------------------------
+
+  let fallbackTimer = null;
+  let pollTimer = null;
+
+  // Arms the fallback: unless a snapshot arrives within FALLBACK_MS, the
+  // list is read from GET /api/jobs.
+  function armFallback() {
+    if (fallbackTimer) return;
+    fallbackTimer = setTimeout(() => {
+      fallbackTimer = null;
+      if (!state.live) pollJobs();
+    }, FALLBACK_MS);
+  }
+
+  async function pollJobs() {
+    clearTimeout(pollTimer);
+    pollTimer = null;
+    if (state.live) return;
+    try {
+      const response = await fetch("/api/jobs?limit=100", { headers: { accept: "application/json" } });
+      if (response.ok) {
+        const page = await response.json();
+        if (!state.live) {
+          for (const job of page.items || []) addJob(job, false);
+          state.order.sort((a, b) => (state.jobs.get(b).posted_at > state.jobs.get(a).posted_at ? 1 : -1));
+          state.loaded = true;
+          renderJobs();
+          showPaused(true);
+        }
+      }
+    } catch (_) {
+      // Nothing reachable: keep what is shown; the next poll tries again.
+    }
+    if (!state.live) pollTimer = setTimeout(pollJobs, POLL_MS);
+  }
+
+  function showPaused(paused) {
+    $("jobs-paused").hidden = !paused;
+    if (paused) {
+      const at = new Date();
+      $("jobs-paused-at").dateTime = at.toISOString();
+      $("jobs-paused-at").textContent = at.toLocaleTimeString();
+      setConnection("Live updates paused", "paused");
+    }
   }
 
   function markSelected() {
@@ -135,9 +193,13 @@
 
   function connect() {
     const source = new EventSource("/api/jobs/stream");
-    source.addEventListener("open", () => setConnection("Live", "live"));
-    source.addEventListener("error", () =>
-      setConnection("Reconnecting…", "reconnecting"));
+    armFallback();
+    source.addEventListener("error", () => {
+      state.live = false;
+      if ($("jobs-paused").hidden) setConnection("Reconnecting…", "reconnecting");
+      // A stream that does not come back soon: the list from the API.
+      armFallback();
+    });
     source.addEventListener("snapshot", (event) => {
       const { jobs } = JSON.parse(event.data);
       // Newest first; jobs already shown (a resume's fresh snapshot) stay once.
@@ -146,6 +208,13 @@
       state.order = [];
       for (const job of jobs) addJob(job, false);
       for (const id of known) state.order.push(id);
+      state.loaded = true;
+      state.live = true;
+      clearTimeout(fallbackTimer);
+      fallbackTimer = null;
+      clearTimeout(pollTimer);
+      pollTimer = null;
+      showPaused(false);
       setConnection("Live", "live");
       renderJobs();
     });
@@ -154,6 +223,7 @@
       if (addJob(job, true)) {
         $("jobs").prepend(jobItem(job));
         $("jobs-empty").hidden = true;
+        $("jobs-loading").hidden = true;
         markSelected();
       }
     });

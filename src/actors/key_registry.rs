@@ -181,7 +181,7 @@ impl KeyRegistryHandle {
         if let Ok(outcome) = &result {
             m::idempotency_request(match outcome {
                 KeyClaim::New(_) => "new",
-                KeyClaim::Replay(_) => "replay",
+                KeyClaim::Replay(..) => "replay",
                 KeyClaim::InFlight => "in_flight",
                 KeyClaim::Mismatch => "mismatch",
             });
@@ -201,7 +201,13 @@ impl KeyRegistryHandle {
                 body: response.body.clone(),
             };
             let digest = lease.scope.digest(&lease.key);
-            if let Err(e) = hot.store_completed(&digest, &outcome, self.args.ttl).await {
+            // The database keeps the key until at least `forgotten_by`
+            // (measured from before the claim was sent), so this never
+            // outlives it.
+            let ttl = lease
+                .forgotten_by
+                .saturating_duration_since(std::time::Instant::now());
+            if let Err(e) = hot.store_completed(&digest, &outcome, ttl).await {
                 self.report(&e);
             }
         }
@@ -233,7 +239,8 @@ impl KeyRegistryHandle {
             match hot.lookup_or_mark(&digest, claim.lease).await {
                 Ok(FastPath::Cached(cached)) => {
                     return Ok(if cached.matches(claim.fingerprint) {
-                        KeyClaim::Replay(cached.response())
+                        // Redis expires it; the remaining time is not needed.
+                        KeyClaim::Replay(cached.response(), Duration::ZERO)
                     } else {
                         KeyClaim::Mismatch
                     });
@@ -253,15 +260,18 @@ impl KeyRegistryHandle {
                 // We hold the key: the marker stays until completion or release.
                 Ok(KeyClaim::New(_)) => Ok(()),
                 // Known to the database but not to Redis (flushed, restarted,
-                // evicted): warm the cache again.
-                Ok(KeyClaim::Replay(response)) => {
+                // evicted): warm the cache again, for no longer than the
+                // database keeps the key — Redis must never answer for a key
+                // the database has forgotten.
+                Ok(KeyClaim::Replay(response, remaining)) if !remaining.is_zero() => {
                     let outcome = CachedOutcome {
                         fp: claim.fingerprint.to_hex(),
                         status: response.status,
                         body: response.body.clone(),
                     };
-                    hot.store_completed(&digest, &outcome, args.ttl).await
+                    hot.store_completed(&digest, &outcome, *remaining).await
                 }
+                Ok(KeyClaim::Replay(..)) if marked => hot.clear_in_flight(&digest).await,
                 _ if marked => hot.clear_in_flight(&digest).await,
                 _ => Ok(()),
             };

@@ -5,7 +5,9 @@
 //! is cut, as when a network drops mid-response. (Cutting before any byte
 //! would let an HTTP client such as Chromium resend the request on its own,
 //! hiding the loss from the caller.) It records what passed through, so a
-//! caller can see the retries and the keys they carried.
+//! caller can see the retries and the keys they carried. It can also stall
+//! the requests a second rule picks, never answering them, like a corporate
+//! proxy that holds event streams back ([`LossyProxy::start_stalling`]).
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
@@ -36,6 +38,8 @@ struct Shared {
     upstream: String,
     http: reqwest::Client,
     drop: DropRule,
+    /// Requests never answered (held open until the proxy is dropped).
+    stall: Option<DropRule>,
     seen: Mutex<Vec<Seen>>,
 }
 
@@ -56,12 +60,30 @@ type Body = BoxBody<Bytes, std::io::Error>;
 impl LossyProxy {
     /// Listens on a free port of 127.0.0.1, forwarding to `upstream`.
     pub async fn start(upstream: &str, drop: DropRule) -> std::io::Result<LossyProxy> {
+        Self::start_with(upstream, drop, None).await
+    }
+
+    /// The same, and the requests `stall` picks are never answered.
+    pub async fn start_stalling(
+        upstream: &str,
+        drop: DropRule,
+        stall: DropRule,
+    ) -> std::io::Result<LossyProxy> {
+        Self::start_with(upstream, drop, Some(stall)).await
+    }
+
+    async fn start_with(
+        upstream: &str,
+        drop: DropRule,
+        stall: Option<DropRule>,
+    ) -> std::io::Result<LossyProxy> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
         let shared = Arc::new(Shared {
             upstream: upstream.trim_end_matches('/').to_string(),
             http: reqwest::Client::new(),
             drop,
+            stall,
             seen: Mutex::new(Vec::new()),
         });
         let accept_shared = shared.clone();
@@ -116,6 +138,13 @@ async fn forward(
                 .map(str::to_string),
             dropped,
         });
+    }
+    if shared
+        .stall
+        .as_ref()
+        .is_some_and(|stall| stall(&parts.method, parts.uri.path()))
+    {
+        futures::future::pending::<()>().await;
     }
     let mut upstream = shared
         .http

@@ -23,8 +23,9 @@ impl FileTransport {
 /// An RFC 5322 message with a plain-text body.
 fn render(email: &Email, id: Uuid) -> String {
     format!(
-        "From: {}\r\nTo: {}\r\nSubject: {}\r\nMessage-ID: <{id}@herald>\r\n\
+        "Date: {}\r\nFrom: {}\r\nTo: {}\r\nSubject: {}\r\nMessage-ID: <{id}@herald>\r\n\
          MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n{}",
+        chrono::Utc::now().to_rfc2822(),
         email.from,
         email.to,
         email.subject,

@@ -39,7 +39,9 @@ impl Email {
         Ok(Email {
             from: from.to_string(),
             to: to.to_string(),
-            subject: format!("Your application: {title} at {company}"),
+            // One line whatever the row holds (the API refuses line breaks
+            // in these; rows written before it did are mended here).
+            subject: format!("Your application: {title} at {company}").replace(['\r', '\n'], " "),
             text: format!(
                 "Thank you for applying for {title} at {company}.\n\n\
                  Your application has been received and passed on to the employer.\n\

@@ -19,15 +19,25 @@ use crate::telemetry::metrics as m;
 
 /// Routes one request of the admin listener.
 pub async fn dispatch(state: AppState, request: Request) -> Response {
+    let request_id = uuid::Uuid::new_v4();
+    let response = route(&state, &request).await;
+    // `/metrics` is scraped every few seconds: debug, not the request log.
+    if request.path != "/metrics" {
+        super::log_request("admin", &request.path, &request, request_id, &response);
+    }
+    response
+}
+
+async fn route(state: &AppState, request: &Request) -> Response {
     let segments: Vec<&str> = request.path.trim_matches('/').split('/').collect();
     let result = match (segments.as_slice(), &request.method) {
-        (["metrics"], &Method::GET) => Ok(metrics(&state).await),
-        (["admin", "status"], &Method::GET) => status(&state, &request).await,
-        (["admin", "dlq"], &Method::GET) => list_dlq(&state, &request).await,
-        (["admin", "dlq", "replay"], &Method::POST) => replay_many(&state, &request).await,
-        (["admin", "dlq", id, "replay"], &Method::POST) => replay_one(&state, &request, id).await,
+        (["metrics"], &Method::GET) => Ok(metrics(state).await),
+        (["admin", "status"], &Method::GET) => status(state, request).await,
+        (["admin", "dlq"], &Method::GET) => list_dlq(state, request).await,
+        (["admin", "dlq", "replay"], &Method::POST) => replay_many(state, request).await,
+        (["admin", "dlq", id, "replay"], &Method::POST) => replay_one(state, request, id).await,
         (["admin", "dlq", id], &Method::DELETE) if *id != "replay" => {
-            discard(&state, &request, id).await
+            discard(state, request, id).await
         }
         (path, _) => Err(ApiError::unrouted(allowed_methods(path))),
     };

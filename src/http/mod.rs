@@ -83,6 +83,41 @@ pub struct Request {
     /// The body, already bounded by [`MAX_BODY_BYTES`]; the error is the 413
     /// (or unreadable body) to answer if a handler wants the body.
     pub body: Result<Bytes, ApiError>,
+    /// When the request head was handed over (the request log's duration).
+    pub received: tokio::time::Instant,
+}
+
+/// The request log: one `info` line per request (target `herald::request`),
+/// JSON with `log.format = "json"`. It names the route as a template, never
+/// the query, a token or an address, so it can be kept and shared.
+pub fn log_request(
+    listener: &'static str,
+    route: &str,
+    request: &Request,
+    request_id: uuid::Uuid,
+    response: &Response,
+) {
+    let idempotency = response
+        .extensions()
+        .get::<problem::IdempotencyOutcome>()
+        .map_or("none", |o| o.0);
+    let code = response
+        .extensions()
+        .get::<problem::ProblemCode>()
+        .map_or("", |c| c.0);
+    let duration_ms = request.received.elapsed().as_secs_f64() * 1000.0;
+    tracing::info!(
+        target: "herald::request",
+        listener,
+        method = %request.method,
+        route,
+        status = response.status().as_u16(),
+        duration_ms = (duration_ms * 1000.0).round() / 1000.0,
+        request_id = %request_id,
+        idempotency,
+        code,
+        "request"
+    );
 }
 
 /// The warp filter that feeds a dispatcher. Never rejects: every request
@@ -114,6 +149,7 @@ where
                 let state = state.clone();
                 let dispatch = dispatch.clone();
                 async move {
+                    let received = tokio::time::Instant::now();
                     // One deadline for the body to arrive and the answer to
                     // be ready (a stream's body, once started, is exempt):
                     // a slow sender gets 408, a stuck handler 503.
@@ -137,6 +173,7 @@ where
                         query,
                         headers,
                         body,
+                        received,
                     };
                     // Boxed: the handler's state machine is large, and warp
                     // and hyper move the future they are given a few times.
@@ -250,9 +287,16 @@ impl AppState {
             key,
             lease: Duration::from_secs(self.config.idempotency.lease_secs),
             ttl: Duration::from_secs(self.config.idempotency.ttl_secs),
+            sent_at: std::time::Instant::now(),
         };
         let lease = match self.keys.resolve(&claim).await? {
-            KeyClaim::Replay(response) => return Ok(stored_response(response, true)),
+            KeyClaim::Replay(response, _) => {
+                let mut response = stored_response(response, true);
+                response
+                    .extensions_mut()
+                    .insert(problem::IdempotencyOutcome("replay"));
+                return Ok(response);
+            }
             KeyClaim::InFlight => return Err(ApiError::InFlight),
             KeyClaim::Mismatch => return Err(ApiError::KeyReused),
             KeyClaim::New(lease) => lease,
@@ -266,7 +310,11 @@ impl AppState {
             Ok(response) => {
                 self.outbox_wake.notify_one();
                 self.keys.completed(&lease, &response).await;
-                Ok(stored_response(response, false))
+                let mut response = stored_response(response, false);
+                response
+                    .extensions_mut()
+                    .insert(problem::IdempotencyOutcome("new"));
+                Ok(response)
             }
             Err(StoreError::LeaseLost) => Err(ApiError::InFlight),
             Err(e) => {

@@ -64,6 +64,16 @@ pub struct Problem {
     pub code: &'static str,
 }
 
+/// The problem `code` of an error response, kept on the response for the
+/// request log.
+#[derive(Debug, Clone, Copy)]
+pub struct ProblemCode(pub &'static str);
+
+/// How the request's Idempotency-Key was resolved (`new`, `replay`,
+/// `in_flight`, `mismatch`), kept on the response for the request log.
+#[derive(Debug, Clone, Copy)]
+pub struct IdempotencyOutcome(pub &'static str);
+
 impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
@@ -160,6 +170,21 @@ impl ApiError {
             self.status(),
             serde_json::to_string(&self.problem()).unwrap_or_default(),
         );
+        // For the request log (never sent to the client).
+        response.extensions_mut().insert(ProblemCode(self.code()));
+        match self {
+            ApiError::InFlight => {
+                response
+                    .extensions_mut()
+                    .insert(IdempotencyOutcome("in_flight"));
+            }
+            ApiError::KeyReused => {
+                response
+                    .extensions_mut()
+                    .insert(IdempotencyOutcome("mismatch"));
+            }
+            _ => {}
+        }
         let headers = response.headers_mut();
         headers.insert(
             CONTENT_TYPE,

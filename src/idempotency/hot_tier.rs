@@ -185,12 +185,18 @@ impl HotTier {
     ) -> Result<(), HotTierError> {
         let value =
             serde_json::to_string(outcome).map_err(|e| HotTierError::Corrupt(e.to_string()))?;
-        let ttl_secs = ttl.as_secs().clamp(1, i64::MAX as u64) as i64;
+        // Milliseconds, rounded down: the cache never outlives `ttl`.
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        if ttl_ms < 1 {
+            // Nothing left to cache: drop the in-flight marker instead.
+            let _: i64 = self.bounded(self.client.del(Self::key(digest))).await?;
+            return Ok(());
+        }
         let _: () = self
             .bounded(self.client.set(
                 Self::key(digest),
                 value,
-                Some(Expiration::EX(ttl_secs)),
+                Some(Expiration::PX(ttl_ms)),
                 None,
                 false,
             ))

@@ -127,6 +127,9 @@ pub struct KeyClaimRequest {
     pub lease: Duration,
     /// How long the key is kept once claimed.
     pub ttl: Duration,
+    /// When the claim was sent: the database's expiry of a key claimed now
+    /// is no earlier than `sent_at + ttl`.
+    pub sent_at: std::time::Instant,
 }
 
 /// Proof that this request holds a key's lease; needed to complete or release it.
@@ -137,6 +140,9 @@ pub struct KeyLease {
     pub fingerprint: Fingerprint,
     /// Fencing token: only the current holder may complete or release the key.
     pub holder: Uuid,
+    /// No later than the database forgets the key (the claim's send time
+    /// plus the TTL): a cache of it must be gone by then.
+    pub forgotten_by: std::time::Instant,
 }
 
 /// What the database says about a key.
@@ -144,8 +150,9 @@ pub struct KeyLease {
 pub enum KeyClaim {
     /// Nobody held it (or its holder's lease expired): run the request.
     New(KeyLease),
-    /// Completed earlier with the same fingerprint: replay this response.
-    Replay(StoredResponse),
+    /// Completed earlier with the same fingerprint: replay this response;
+    /// the database keeps the key for the duration given, at most.
+    Replay(StoredResponse, Duration),
     /// Another request with this key is running.
     InFlight,
     /// The key was used for a different request.

@@ -291,6 +291,9 @@ pub struct PgStore {
     pool: Pool<PgManager>,
     /// Where to connect, for the migrator's own connection.
     options: PgConnectOptions,
+    /// `database.acquire_timeout_ms`: also how long the first connection
+    /// may take before start-up gives up, saying why.
+    acquire_timeout: Duration,
 }
 
 impl PgStore {
@@ -311,7 +314,11 @@ impl PgStore {
         .runtime(Runtime::Tokio1)
         .build()
         .map_err(|e| StoreError::Internal(format!("database pool: {e}")))?;
-        Ok(PgStore { pool, options })
+        Ok(PgStore {
+            pool,
+            options,
+            acquire_timeout: acquire,
+        })
     }
 
     async fn session(&self) -> Result<Session, StoreError> {
@@ -334,6 +341,7 @@ impl PgStore {
             key: claim.key.clone(),
             fingerprint: claim.fingerprint,
             holder,
+            forgotten_by: claim.sent_at + claim.ttl,
         }
     }
 
@@ -512,10 +520,31 @@ impl Store for PgStore {
 
     #[instrument(skip_all)]
     async fn migrate(&self) -> Result<(), StoreError> {
+        // One direct connection first, bounded by the acquire timeout: a
+        // pool retries a refused connection quietly until its own timeout
+        // and then reports only "pool timed out"; this says why, at once.
+        let timeout = self.acquire_timeout;
+        match tokio::time::timeout(timeout, PgConnection::connect_with(&self.options)).await {
+            Err(_) => {
+                return Err(StoreError::Unavailable(format!(
+                    "cannot connect to the database: no answer within {timeout:?} \
+                     (database.acquire_timeout_ms)"
+                )))
+            }
+            Ok(Err(e)) => {
+                return Err(StoreError::Unavailable(format!(
+                    "cannot connect to the database: {e}"
+                )))
+            }
+            Ok(Ok(probe)) => {
+                let _ = probe.close().await;
+            }
+        }
         // A one-connection sqlx pool just for this: sqlx's migrator takes any
         // `Acquire`, and a pool is the one it can hold across its awaits.
         let pool = PgPoolOptions::new()
             .max_connections(1)
+            .acquire_timeout(timeout.max(Duration::from_secs(5)))
             .connect_with(self.options.clone())
             .await?;
         let result = sqlx::migrate!("./migrations/postgres").run(&pool).await;
@@ -597,6 +626,7 @@ impl Store for PgStore {
                 let existing = sqlx::query(
                     "SELECT fingerprint, state, holder, response_status, response_body,
                             expires_at < now() AS expired,
+                            EXTRACT(EPOCH FROM expires_at - now())::float8 AS remaining_secs,
                             lease_expires_at < now() AS lapsed
                        FROM idempotency_keys
                       WHERE principal = $1 AND method = $2 AND route = $3 AND key = $4",
@@ -648,10 +678,14 @@ impl Store for PgStore {
                 if state == "completed" {
                     let status: i16 = row.try_get("response_status")?;
                     let body: String = row.try_get("response_body")?;
-                    return Ok(KeyClaim::Replay(StoredResponse {
-                        status: status as u16,
-                        body,
-                    }));
+                    let remaining: f64 = row.try_get("remaining_secs")?;
+                    return Ok(KeyClaim::Replay(
+                        StoredResponse {
+                            status: status as u16,
+                            body,
+                        },
+                        Duration::from_secs_f64(remaining.max(0.0)),
+                    ));
                 }
                 return Ok(KeyClaim::InFlight);
             }
@@ -892,10 +926,13 @@ impl Store for PgStore {
         let result: Result<OutboxStats, StoreError> = async {
             let conn: &mut PgConnection = &mut session;
             let row = sqlx::query(
+                // The effect counts come from the triggers' counters
+                // (migrations/postgres/0005): O(1) however many rows.
                 "SELECT count(*) AS pending, min(due_at) AS oldest,
-                        (SELECT count(*) FROM applications WHERE email_status = 'sent')
-                            AS emails_delivered,
-                        (SELECT count(*) FROM ledger_entries) AS ledger_entries
+                        (SELECT coalesce(sum(value), 0) FROM effect_counters
+                          WHERE name = 'emails_delivered')::bigint AS emails_delivered,
+                        (SELECT coalesce(sum(value), 0) FROM effect_counters
+                          WHERE name = 'ledger_entries')::bigint AS ledger_entries
                    FROM outbox_events WHERE settled_at IS NULL AND due_at <= now()",
             )
             .fetch_one(&mut *conn)
@@ -1223,7 +1260,8 @@ impl Store for PgStore {
             let keys = sqlx::query(
                 "DELETE FROM idempotency_keys WHERE ctid IN (
                      SELECT ctid FROM idempotency_keys
-                      WHERE expires_at < now() AND state <> 'in_progress'
+                      WHERE expires_at < now()
+                        AND (state <> 'in_progress' OR lease_expires_at < now())
                       LIMIT $1 FOR UPDATE SKIP LOCKED)",
             )
             .bind(batch)

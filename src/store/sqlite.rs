@@ -504,6 +504,7 @@ impl Store for SqliteStore {
             key: claim.key.clone(),
             fingerprint: claim.fingerprint,
             holder,
+            forgotten_by: claim.sent_at + claim.ttl,
         };
         let mut tx = self.write().await?;
         let now = now_us();
@@ -544,7 +545,8 @@ impl Store for SqliteStore {
         .await?;
         let fingerprint: Vec<u8> = row.try_get("fingerprint")?;
         let state: String = row.try_get("state")?;
-        let expired = row.try_get::<i64, _>("expires_at")? < now;
+        let expires_at = row.try_get::<i64, _>("expires_at")?;
+        let expired = expires_at < now;
         let lapsed = row
             .try_get::<Option<i64>, _>("lease_expires_at")?
             .is_some_and(|t| t < now);
@@ -578,10 +580,14 @@ impl Store for SqliteStore {
         }
         if state == "completed" {
             let status: i64 = row.try_get("response_status")?;
-            return Ok(KeyClaim::Replay(StoredResponse {
-                status: u16::try_from(status).unwrap_or(500),
-                body: row.try_get("response_body")?,
-            }));
+            let remaining_us = u64::try_from(expires_at - now).unwrap_or(0);
+            return Ok(KeyClaim::Replay(
+                StoredResponse {
+                    status: u16::try_from(status).unwrap_or(500),
+                    body: row.try_get("response_body")?,
+                },
+                Duration::from_micros(remaining_us),
+            ));
         }
         Ok(KeyClaim::InFlight)
     }
@@ -761,10 +767,13 @@ impl Store for SqliteStore {
     async fn outbox_stats(&self) -> Result<OutboxStats, StoreError> {
         let now = now_us();
         let row = sqlx::query(
+            // The effect counts come from the triggers' counters
+            // (migrations/sqlite/0002): O(1) however many rows.
             "SELECT count(*) AS pending, min(due_at) AS oldest,
-                    (SELECT count(*) FROM applications WHERE email_status = 'sent')
+                    (SELECT value FROM effect_counters WHERE name = 'emails_delivered')
                         AS emails_delivered,
-                    (SELECT count(*) FROM ledger_entries) AS ledger_entries
+                    (SELECT value FROM effect_counters WHERE name = 'ledger_entries')
+                        AS ledger_entries
                FROM outbox_events WHERE settled_at IS NULL AND due_at <= ?",
         )
         .bind(now)
@@ -1143,7 +1152,8 @@ impl Store for SqliteStore {
         let keys = sqlx::query(
             "DELETE FROM idempotency_keys WHERE rowid IN (
                  SELECT rowid FROM idempotency_keys
-                  WHERE expires_at < ? AND state <> 'in_progress' LIMIT ?)",
+                  WHERE expires_at < ?1
+                    AND (state <> 'in_progress' OR lease_expires_at < ?1) LIMIT ?2)",
         )
         .bind(now)
         .bind(batch)
