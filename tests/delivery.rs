@@ -1083,3 +1083,56 @@ async fn no_connection_goes_back_to_the_pool_inside_a_transaction() {
     }
     tx.rollback().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_request_cut_off_by_its_timeout_inside_its_transaction_leaves_no_lock_behind() {
+    // The business transaction pauses 3 s before its commit; the request
+    // timeout (500 ms) cuts the handler off in the middle of it.
+    let w = world(&[
+        ("HERALD_LIMITS__REQUEST_TIMEOUT_MS", "500"),
+        ("FAILPOINTS", "business-before-commit=return(3000)"),
+    ])
+    .await;
+    // A pool grown by a burst, so a connection given back inside its
+    // transaction would wait a long time for its next use.
+    futures::future::join_all((0..40).map(|_| w.herald.get("/api/jobs?limit=100"))).await;
+    let r = w
+        .herald
+        .http
+        .post(w.herald.url("/api/charges"))
+        .bearer_auth(user_token("cutoff"))
+        .header("Idempotency-Key", "cut-off-charge")
+        .json(&json!({"amount_cents": 1200, "currency": "EUR", "description": "Listing"}))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(r.status(), 503, "cut off by the request timeout");
+    // At once (well inside the 3 s the transaction would have lasted): no
+    // session is left idle in a transaction, and the key's row, the only
+    // row the transaction had updated, can be locked without waiting.
+    eventually(
+        "no session idle in a transaction",
+        Duration::from_millis(1500),
+        || {
+            let db = &w.db;
+            async move {
+                let n = count(
+                    db,
+                    "SELECT count(*) FROM pg_stat_activity
+                      WHERE datname = current_database() AND state = 'idle in transaction'",
+                )
+                .await;
+                (n == 0).then_some(())
+            }
+        },
+    )
+    .await;
+    let mut tx = w.db.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM idempotency_keys WHERE key = 'cut-off-charge' FOR UPDATE NOWAIT")
+        .fetch_all(&mut *tx)
+        .await
+        .expect("the key's row is not locked");
+    tx.rollback().await.unwrap();
+    // Nothing of the cut-off request was kept.
+    assert_eq!(count(&w.db, "SELECT count(*) FROM charges").await, 0);
+}

@@ -457,6 +457,12 @@ impl PgStore {
         if let Some(lease) = lease {
             Self::complete_key_in(&mut tx, lease, response).await?;
         }
+        // Failpoint: a business transaction that holds its locks (the key's
+        // row, the outbox row) for a while before committing, so a request
+        // timeout can cut it off mid-transaction.
+        if let Some(pause) = crate::http::failpoint_pause("business-before-commit") {
+            tokio::time::sleep(pause).await;
+        }
         tx.commit().await?;
         Ok(())
     }
