@@ -364,26 +364,24 @@ pub async fn run(
     let public_server = connections::serve(
         listeners.public,
         listener_filter(state.clone(), public::dispatch),
-        ConnectionLimits {
-            listener: "public",
-            max: config.connections.max,
-            per_ip: per_ip_connections,
-            header_read_timeout: Duration::from_millis(config.connections.header_read_timeout_ms),
-            idle_timeout: Duration::from_millis(config.connections.idle_timeout_ms),
-        },
+        ConnectionLimits::new(
+            "public",
+            config.connections.max,
+            per_ip_connections,
+            &config.connections,
+        ),
         |peer| crate::http::limits::per_host(peer.ip()),
         stopped(stop_rx.clone()),
     );
     let admin_server = connections::serve(
         listeners.admin,
         listener_filter(state.clone(), admin::dispatch),
-        ConnectionLimits {
-            listener: "admin",
-            max: config.connections.admin_max,
-            per_ip: None,
-            header_read_timeout: Duration::from_millis(config.connections.header_read_timeout_ms),
-            idle_timeout: Duration::from_millis(config.connections.idle_timeout_ms),
-        },
+        ConnectionLimits::new(
+            "admin",
+            config.connections.admin_max,
+            None,
+            &config.connections,
+        ),
         |peer| peer.ip(),
         stopped(stop_rx),
     );

@@ -936,6 +936,8 @@ on_both_backends!(
     a_relay_crash_between_publish_and_mark_for_a_charge_republishes_and_applies_it_once,
 );
 
+const SENT_APPLICATIONS: &str = "SELECT count(*) FROM applications WHERE email_status = 'sent'";
+
 /// Sessions of the test database that sat `idle in transaction` for over
 /// three seconds: a transaction nobody is running. (A live one is idle
 /// between its statements for microseconds; the longest legitimate pause is
@@ -993,19 +995,7 @@ async fn no_connection_goes_back_to_the_pool_inside_a_transaction() {
             .await;
         assert_eq!(again.status(), 200, "already applied");
     }
-    eventually("10 emails sent", Duration::from_secs(30), || {
-        let db = &w.db;
-        async move {
-            (count(
-                db,
-                "SELECT count(*) FROM applications WHERE email_status = 'sent'",
-            )
-            .await
-                == 10)
-                .then_some(())
-        }
-    })
-    .await;
+    wait_for_count(&w.db, SENT_APPLICATIONS, 10, Duration::from_secs(30)).await;
     // Empty relay polls, one a second.
     assert_no_abandoned_transaction_for(&w.db, Duration::from_secs(5), "after empty relay polls")
         .await;
@@ -1057,19 +1047,7 @@ async fn no_connection_goes_back_to_the_pool_inside_a_transaction() {
     assert_no_abandoned_transaction_for(&w.db, Duration::from_secs(4), "after publish failures")
         .await;
     w.b.redis_mut().restart().await;
-    eventually("the late email sent", Duration::from_secs(30), || {
-        let db = &w.db;
-        async move {
-            (count(
-                db,
-                "SELECT count(*) FROM applications WHERE email_status = 'sent'",
-            )
-            .await
-                == 11)
-                .then_some(())
-        }
-    })
-    .await;
+    wait_for_count(&w.db, SENT_APPLICATIONS, 11, Duration::from_secs(30)).await;
     assert_no_abandoned_transaction_for(&w.db, Duration::from_secs(4), "at the end").await;
     // Every row the daemon touched can be locked at once.
     let mut tx = w.db.begin().await.unwrap();

@@ -76,6 +76,15 @@ async fn the_run_command_with_nothing_configured_serves_a_board_that_posts_strea
         text.contains("Admin API:  http://127.0.0.1:9091/"),
         "{text}"
     );
+    // The banner says what really runs, and only once it is ready.
+    assert!(
+        text.contains("in-process broker, file email, dev login on"),
+        "{text}"
+    );
+    assert!(
+        text.starts_with("herald listening public=http://127.0.0.1:8080"),
+        "{text}"
+    );
     let token = text
         .lines()
         .find_map(|l| l.contains("Admin token").then(|| l.rsplit(' ').next()))
@@ -147,6 +156,12 @@ async fn the_run_command_with_nothing_configured_serves_a_board_that_posts_strea
     })
     .await;
     assert!(eml.contains("newcomer@example.com"), "{eml}");
+    // The confirmation is the applicant's data: private to the daemon.
+    for entry in std::fs::read_dir(&mail).unwrap().flatten() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = entry.metadata().unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", entry.path().display());
+    }
     assert!(eml.contains("Embedded engineer"), "{eml}");
     assert_eq!(std::fs::read_dir(&mail).unwrap().count(), 1);
     assert!(

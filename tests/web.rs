@@ -12,6 +12,14 @@ use herald::client::lossy_proxy::LossyProxy;
 use support::browser::Browser;
 use support::{count, eventually, Daemon, Postgres, Redis, Stack};
 
+/// A Herald on its own Postgres and Redis (kept alive by the caller).
+async fn board() -> (Postgres, Redis, Daemon) {
+    let pg = Postgres::start().await;
+    let redis = Redis::start().await;
+    let herald = Daemon::start(&pg.url(), Some(&redis.url()), &[]).await;
+    (pg, redis, herald)
+}
+
 const TITLES: &str =
     "return Array.from(document.querySelectorAll('#jobs .job-title')).map(e => e.textContent)";
 
@@ -203,9 +211,7 @@ async fn the_page_streams_new_jobs_and_a_lost_apply_response_still_applies_once(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_is_readable_on_a_phone_and_labels_its_controls() {
-    let pg = Postgres::start().await;
-    let redis = Redis::start().await;
-    let herald = Daemon::start(&pg.url(), Some(&redis.url()), &[]).await;
+    let (_pg, _redis, herald) = board().await;
     herald
         .post_job("A job with a rather long title that must wrap on a small screen")
         .await;
@@ -246,9 +252,7 @@ const SHOWN: &str = "const shown = (id) => !document.getElementById(id).hidden;"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_page_says_loading_then_falls_back_to_the_api_when_a_proxy_holds_the_stream() {
-    let pg = Postgres::start().await;
-    let redis = Redis::start().await;
-    let herald = Daemon::start(&pg.url(), Some(&redis.url()), &[]).await;
+    let (_pg, _redis, herald) = board().await;
     herald.post_job("Fallback engineer").await;
     // A proxy that holds event streams back and forwards everything else.
     let proxy = LossyProxy::start_stalling(
@@ -306,9 +310,7 @@ async fn the_page_says_loading_then_falls_back_to_the_api_when_a_proxy_holds_the
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_page_says_no_jobs_yet_only_when_the_snapshot_is_empty_and_is_never_framed() {
-    let pg = Postgres::start().await;
-    let redis = Redis::start().await;
-    let herald = Daemon::start(&pg.url(), Some(&redis.url()), &[]).await;
+    let (_pg, _redis, herald) = board().await;
     // The page's headers: a CSP that forbids framing, and its kin.
     let page = reqwest::get(format!("{}/", herald.public))
         .await

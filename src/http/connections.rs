@@ -66,6 +66,24 @@ pub struct ConnectionLimits {
     pub idle_timeout: Duration,
 }
 
+impl ConnectionLimits {
+    /// One listener's limits from the `[connections]` settings.
+    pub fn new(
+        listener: &'static str,
+        max: usize,
+        per_ip: Option<usize>,
+        config: &crate::config::ConnectionsConfig,
+    ) -> ConnectionLimits {
+        ConnectionLimits {
+            listener,
+            max,
+            per_ip,
+            header_read_timeout: Duration::from_millis(config.header_read_timeout_ms),
+            idle_timeout: Duration::from_millis(config.idle_timeout_ms),
+        }
+    }
+}
+
 /// The problem body a refused connection is told before it is closed.
 const REFUSAL_BODY: &str = r#"{"type":"about:blank","title":"Service Unavailable","status":503,"code":"unavailable","detail":"too many connections; retry later"}"#;
 
