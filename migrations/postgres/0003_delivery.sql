@@ -1,5 +1,5 @@
 -- Delivery: the outbox row carries its own delivery state, so retries and
--- redelivery survive any loss of Redis (SPEC 4).
+-- redelivery survive any loss of Redis (docs/ARCHITECTURE.md).
 --
 -- due_at      when the relay may (re)publish the row. Set to now() at insert;
 --             on publish moved to now() + relay.redeliver_after_secs (if no

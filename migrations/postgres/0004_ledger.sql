@@ -1,6 +1,6 @@
 -- The ledger: exactly one entry per charge, written by the LedgerConsumer in
 -- the same transaction as its inbox row and the settling of the
--- `charge.created` event (SPEC 4). The primary key is the last line of
+-- `charge.created` event (docs/ARCHITECTURE.md). The primary key is the last line of
 -- defence: a second entry for a charge cannot exist.
 
 CREATE TABLE ledger_entries (

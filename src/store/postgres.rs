@@ -154,6 +154,51 @@ SELECT EXISTS (SELECT 1 FROM held) AS held,
        EXISTS (SELECT 1 FROM app) AS created,
        EXISTS (SELECT 1 FROM done) AS completed";
 
+/// Migrations whose text changed after they shipped in comments only, with
+/// the SHA-384 of the text as first shipped. sqlx refuses to run against a
+/// database whose recorded checksum differs from the file's; for these the
+/// record is brought up to date instead (the SQL itself is unchanged).
+const COMMENT_ONLY_EDITS: [(i64, &str); 2] = [
+    (
+        3,
+        "bb4342b9e0efe9b64582649ef26a319ee24e3e1f8af8b250eeb10d6f6ad1289d86623e18d6d6d3517b56f9718f889e04",
+    ),
+    (
+        4,
+        "13b17f6e44dc11a4ae738428501d1f9fb205dcce9037320921ed9a287566e72b0e6946a38dc45fe657f12dd040f07800",
+    ),
+];
+
+/// Updates the recorded checksum of each [`COMMENT_ONLY_EDITS`] migration a
+/// database applied as first shipped; nothing on a new database.
+async fn accept_comment_only_edits(
+    pool: &sqlx::PgPool,
+    migrator: &sqlx::migrate::Migrator,
+) -> Result<(), StoreError> {
+    let recorded: Option<String> =
+        sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations')::text")
+            .fetch_one(pool)
+            .await?;
+    if recorded.is_none() {
+        return Ok(());
+    }
+    for (version, shipped) in COMMENT_ONLY_EDITS {
+        let Some(current) = migrator.iter().find(|m| m.version == version) else {
+            continue;
+        };
+        sqlx::query(
+            "UPDATE _sqlx_migrations SET checksum = $1
+              WHERE version = $2 AND checksum = decode($3, 'hex')",
+        )
+        .bind(&current.checksum[..])
+        .bind(version)
+        .bind(shipped)
+        .execute(pool)
+        .await?;
+    }
+    Ok(())
+}
+
 /// A bare sqlx connection, marked broken when a query on it failed in a way
 /// that says the connection (or the server) is gone.
 pub struct TrackedConn {
@@ -553,7 +598,12 @@ impl Store for PgStore {
             .acquire_timeout(timeout.max(Duration::from_secs(5)))
             .connect_with(self.options.clone())
             .await?;
-        let result = sqlx::migrate!("./migrations/postgres").run(&pool).await;
+        let migrator = sqlx::migrate!("./migrations/postgres");
+        if let Err(e) = accept_comment_only_edits(&pool, &migrator).await {
+            pool.close().await;
+            return Err(e);
+        }
+        let result = migrator.run(&pool).await;
         pool.close().await;
         Ok(result?)
     }
