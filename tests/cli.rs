@@ -1,16 +1,13 @@
 //! The `herald` command itself: version, and configuration mistakes refused at
 //! start with a message that names the key.
 
-use std::process::Command;
+#[path = "support/clean_env.rs"]
+mod clean_env;
+
+use clean_env::herald_command;
 
 fn herald(env: &[(&str, &str)], args: &[&str]) -> (i32, String, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("HERALD_") {
-            cmd.env_remove(k);
-        }
-    }
-    let out = cmd
+    let out = herald_command()
         .envs(env.iter().copied())
         .args(args)
         .output()
@@ -75,13 +72,8 @@ fn a_missing_admin_token_fails_at_start_naming_the_key_and_its_variable() {
 /// `herald serve` on an embedded database under `dir`, reading the line that
 /// says it is ready; returns the child (killed on drop by the caller).
 fn serve_embedded(dir: &std::path::Path, database: &str) -> std::process::Child {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("HERALD_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.arg("serve")
+    herald_command()
+        .arg("serve")
         .env("HERALD_DATABASE_URL", format!("sqlite://{database}"))
         .env("HERALD_STATE_DIR", dir.join("var"))
         .env("HERALD_LISTEN", "127.0.0.1:0")

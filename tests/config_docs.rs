@@ -4,6 +4,9 @@
 //! every documented key exists, and every field of the `Config` struct (as it
 //! serialises, optional fields included) is a documented key.
 
+#[path = "support/clean_env.rs"]
+mod clean_env;
+
 use std::collections::BTreeSet;
 
 use figment::providers::{Format, Toml};
@@ -277,13 +280,8 @@ fn literal(values: &[String]) -> Option<String> {
 /// What `herald config` prints under this environment: the configuration
 /// as JSON, or the error it exits 2 with.
 fn herald_config(env: &[(String, String)]) -> Result<serde_json::Value, String> {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_herald"));
+    let mut cmd = clean_env::herald_command();
     cmd.arg("config");
-    for (name, _) in std::env::vars() {
-        if name.starts_with("HERALD_") || name.starts_with("RESEND_") || name == "SENTRY_DSN" {
-            cmd.env_remove(name);
-        }
-    }
     for (name, value) in env {
         cmd.env(name, value);
     }

@@ -124,28 +124,28 @@ async fn healthcheck_exits_zero_for_a_ready_daemon_and_non_zero_without_one() {
 /// Runs `herald <args>` with only `env` as its configuration; exit code and
 /// stderr, or a panic if it neither exits nor fails within 20 s.
 fn herald_with(env: &[(String, String)], args: &[&str]) -> (Option<i32>, String, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("HERALD_") || k.starts_with("RESEND_") || k == "SENTRY_DSN" {
-            cmd.env_remove(k);
-        }
-    }
+    let mut cmd = support::clean_env::herald_command();
     let state = tempfile::tempdir().unwrap();
     cmd.current_dir(state.path())
         .args(args)
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn().expect("run herald");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while child.try_wait().unwrap().is_none() {
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
+    let child = cmd.spawn().expect("run herald");
+    let pid = child.id();
+    // Waited for on a thread of its own, so the wait has a deadline.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(out) => out.expect("herald's output"),
+        Err(_) => {
+            // SAFETY: signals the child this test started, by its PID.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
             panic!("herald {args:?} kept running with {env:?}: it must refuse to start");
         }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().unwrap();
+    };
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -339,4 +339,41 @@ fn the_delivery_bench_fails_loudly_when_its_install_fails() {
     );
     assert!(stderr.contains("npm ci failed"), "{stderr}");
     assert!(!dir.path().join("benches/bullmq/node_modules").exists());
+}
+
+#[tokio::test]
+async fn a_database_migrated_before_the_comment_only_migration_edits_still_migrates() {
+    use sha2::Digest;
+    let pg = support::Postgres::start().await;
+    let env = vec![("HERALD_DATABASE_URL".to_string(), pg.url())];
+    let (code, _, stderr) = herald_with(&env, &["migrate"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    // As a database migrated by the release before migrations 3 and 4 had
+    // their comments edited records them.
+    let db = support::any_pool(&pg.url()).await;
+    for (version, shipped) in [
+        (3, "bb4342b9e0efe9b64582649ef26a319ee24e3e1f8af8b250eeb10d6f6ad1289d86623e18d6d6d3517b56f9718f889e04"),
+        (4, "13b17f6e44dc11a4ae738428501d1f9fb205dcce9037320921ed9a287566e72b0e6946a38dc45fe657f12dd040f07800"),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE _sqlx_migrations SET checksum = decode('{shipped}', 'hex') WHERE version = {version}"
+        )))
+        .execute(&db)
+        .await
+        .unwrap();
+    }
+    let (code, _, stderr) = herald_with(&env, &["migrate"]);
+    assert_eq!(code, Some(0), "an older database still migrates: {stderr}");
+    // … and now records the files as they are.
+    for (version, file) in [(3, "0003_delivery.sql"), (4, "0004_ledger.sql")] {
+        let text = std::fs::read(repo(&format!("migrations/postgres/{file}"))).unwrap();
+        let want = hex::encode(sha2::Sha384::digest(&text));
+        let got: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT encode(checksum, 'hex') FROM _sqlx_migrations WHERE version = {version}"
+        )))
+        .fetch_one(&db)
+        .await
+        .unwrap();
+        assert_eq!(got, want, "migration {version}");
+    }
 }

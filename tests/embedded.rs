@@ -11,7 +11,7 @@
 mod support;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,13 +37,7 @@ async fn the_run_command_with_nothing_configured_serves_a_board_that_posts_strea
 ) {
     // `cargo run --release` runs this binary with no arguments: `serve`.
     let cwd = tempfile::tempdir().unwrap();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_herald"));
-    for (key, _) in std::env::vars() {
-        if key.starts_with("HERALD_") || key == "RESEND_API_KEY" || key == "SENTRY_DSN" {
-            command.env_remove(key);
-        }
-    }
-    let mut child = command
+    let mut child = support::clean_env::herald_command()
         .current_dir(cwd.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -19,6 +19,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod clean_env;
 pub mod fake_resend;
 pub mod fake_sentry;
 pub mod sse;
@@ -437,13 +438,8 @@ impl Daemon {
             .append(true)
             .open(self.log_path())
             .expect("log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
+        let mut cmd = clean_env::herald_command();
         cmd.arg("serve");
-        for (k, _) in std::env::vars() {
-            if k.starts_with("HERALD_") || k == "RESEND_API_KEY" || k == "SENTRY_DSN" {
-                cmd.env_remove(k);
-            }
-        }
         cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::piped())
             .stderr(log);
