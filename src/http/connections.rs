@@ -28,12 +28,11 @@
 //!   (hyper-util's `GracefulShutdown`); [`serve`] returns when all are gone,
 //!   and the caller bounds that wait.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -45,6 +44,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use warp::Filter;
 
+use super::limits::{ClientSlot, OpenPerClient};
 use crate::telemetry::metrics;
 
 /// The TCP peer of a request, put into its extensions for the filters
@@ -94,46 +94,6 @@ fn refusal() -> String {
          retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{REFUSAL_BODY}",
         REFUSAL_BODY.len()
     )
-}
-
-/// Open connections per client address; an entry leaves at 0.
-#[derive(Default)]
-struct PerClient {
-    open: Mutex<HashMap<IpAddr, usize>>,
-}
-
-/// One connection's place in its client's count, given back on drop.
-struct ClientSlot {
-    table: Arc<PerClient>,
-    client: IpAddr,
-}
-
-impl PerClient {
-    fn admit(self: &Arc<Self>, client: IpAddr, cap: usize) -> Option<ClientSlot> {
-        let mut open = self.open.lock().ok()?;
-        let count = open.entry(client).or_insert(0);
-        if *count >= cap {
-            return None;
-        }
-        *count += 1;
-        Some(ClientSlot {
-            table: self.clone(),
-            client,
-        })
-    }
-}
-
-impl Drop for ClientSlot {
-    fn drop(&mut self) {
-        if let Ok(mut open) = self.table.open.lock() {
-            if let Some(count) = open.get_mut(&self.client) {
-                *count -= 1;
-                if *count == 0 {
-                    open.remove(&self.client);
-                }
-            }
-        }
-    }
 }
 
 /// What the watchdog of one connection knows: when the request head it is
@@ -283,7 +243,7 @@ pub async fn serve<F>(
         + 'static,
 {
     let slots = Arc::new(Semaphore::new(limits.max));
-    let per_client = Arc::new(PerClient::default());
+    let per_client = Arc::new(OpenPerClient::default());
     let graceful = GracefulShutdown::new();
     let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut stop = std::pin::pin!(stop);

@@ -87,19 +87,48 @@ pub struct AbuseLimits {
     stream_connect: Bucket,
     /// Most streams one client may hold open at once.
     streams_per_ip: usize,
-    /// Open streams per client; an entry leaves when its count reaches 0.
-    open_streams: Mutex<HashMap<IpAddr, usize>>,
+    /// Open streams per client.
+    open_streams: Arc<OpenPerClient>,
 }
 
-/// One open stream's place in its client's count, given back on drop.
-pub struct StreamSlot {
-    limits: Arc<AbuseLimits>,
+/// How many of something (streams, connections) each client holds open; an
+/// entry leaves when its count reaches 0.
+#[derive(Default)]
+pub struct OpenPerClient {
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One open thing's place in its client's count, given back on drop.
+pub struct ClientSlot {
+    table: Arc<OpenPerClient>,
     client: IpAddr,
 }
 
-impl Drop for StreamSlot {
+/// An open stream's place in its client's count.
+pub type StreamSlot = ClientSlot;
+
+impl OpenPerClient {
+    /// One more for `client`, unless it already holds `cap`.
+    pub fn admit(self: &Arc<Self>, client: IpAddr, cap: usize) -> Option<ClientSlot> {
+        let mut open = self.open.lock().ok()?;
+        let count = open.entry(client).or_insert(0);
+        if *count >= cap {
+            if *count == 0 {
+                open.remove(&client);
+            }
+            return None;
+        }
+        *count += 1;
+        Some(ClientSlot {
+            table: self.clone(),
+            client,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
     fn drop(&mut self) {
-        if let Ok(mut open) = self.limits.open_streams.lock() {
+        if let Ok(mut open) = self.table.open.lock() {
             if let Some(count) = open.get_mut(&self.client) {
                 *count -= 1;
                 if *count == 0 {
@@ -139,7 +168,7 @@ impl AbuseLimits {
                 config.stream_connect_burst,
             ),
             streams_per_ip: config.streams_per_ip,
-            open_streams: Mutex::new(HashMap::new()),
+            open_streams: Arc::default(),
         }
     }
 
@@ -215,23 +244,13 @@ impl AbuseLimits {
         if self.check(Action::StreamConnect, client).is_err() {
             return Err(StreamRefused::OverRate);
         }
-        let mut open = self
-            .open_streams
-            .lock()
-            .map_err(|_| StreamRefused::TooManyOpen)?;
-        let count = open.entry(client).or_insert(0);
-        if *count >= self.streams_per_ip {
-            if *count == 0 {
-                open.remove(&client);
+        match self.open_streams.admit(client, self.streams_per_ip) {
+            Some(slot) => Ok(Some(slot)),
+            None => {
+                crate::telemetry::metrics::rate_limited("streams_open");
+                Err(StreamRefused::TooManyOpen)
             }
-            crate::telemetry::metrics::rate_limited("streams_open");
-            return Err(StreamRefused::TooManyOpen);
         }
-        *count += 1;
-        Ok(Some(StreamSlot {
-            limits: self.clone(),
-            client,
-        }))
     }
 
     /// Forgets clients whose buckets are full again, so the tables hold only
