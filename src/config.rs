@@ -299,9 +299,16 @@ pub struct EmailConfig {
     pub transport: String,
     /// Sender address of confirmation emails.
     pub from: String,
-    /// Herald's own outbound rate to the email API.
+    /// Herald's own outbound rate to the email API, in requests per second
+    /// (each request carries up to `max_batch` emails).
     pub max_per_sec: f64,
-    /// Size of the EmailSender pool.
+    /// Most emails in one request (`POST /emails/batch` takes up to 100).
+    pub max_batch: u32,
+    /// Longest a due email waits for others to share its request, when a
+    /// request could go at once; under a backlog, the wait for the rate's
+    /// next slot gathers the batch instead.
+    pub batch_linger_ms: u64,
+    /// Most requests to the email API in flight at once.
     pub workers: u32,
     /// `RESEND_API_KEY`.
     #[serde(default)]
@@ -682,6 +689,11 @@ impl Config {
             self.email.max_per_sec > 0.0,
             "email.max_per_sec",
             "must be positive",
+        )?;
+        check(
+            (1..=100).contains(&self.email.max_batch),
+            "email.max_batch",
+            "must be between 1 and 100 (Resend's most emails per batch request)",
         )?;
         check(
             self.email.workers >= 1,

@@ -133,6 +133,9 @@ fn pipeline_args(
     wake: Arc<tokio::sync::Notify>,
 ) -> anyhow::Result<Pipeline> {
     let redeliver_after = Duration::from_secs(config.relay.redeliver_after_secs);
+    let reclaim_after = redeliver_after
+        .min(Duration::from_secs(30))
+        .max(Duration::from_secs(1));
     let listen_url = (config.database_url.scheme() == "postgres"
         || config.database_url.scheme() == "postgresql")
         .then(|| config.database_url.expose().to_string());
@@ -143,18 +146,24 @@ fn pipeline_args(
         wake,
         max_publish_per_sec: config.relay.max_publish_per_sec,
         redeliver_after,
+        // Well past the consumers' own reclaim: only a copy nobody is left to
+        // reclaim (every reader gone) is published again.
+        unclaimed_after: (reclaim_after * 3).max(redeliver_after),
         poll_interval: Duration::from_millis(config.relay.poll_interval_ms),
     };
     let pool = PoolArgs {
         broker: broker.clone(),
         consumer_name: format!("herald-{}-{}", std::process::id(), Uuid::new_v4().simple()),
         workers: config.email.workers as usize,
-        reclaim_after: redeliver_after
-            .min(Duration::from_secs(30))
-            .max(Duration::from_secs(1)),
+        reclaim_after,
     };
+    let (max_batch, workers) = (config.email.max_batch as usize, config.email.workers as usize);
     let sender = ConsumerArgs {
-        pool: pool.clone(),
+        pool: PoolArgs {
+            // The reader keeps up to two batches' worth of copies in hand.
+            workers: EmailSender::reading_width(max_batch, workers),
+            ..pool.clone()
+        },
         handler: Arc::new(EmailSender::new(EmailSenderArgs {
             store: store.clone(),
             transport: email_transport(config)?,
@@ -162,6 +171,9 @@ fn pipeline_args(
             pacer: Arc::new(SendPacer::new(config.email.max_per_sec)),
             policy: RetryPolicy::from(&config.retry),
             budget,
+            max_batch,
+            linger: Duration::from_millis(config.email.batch_linger_ms),
+            workers,
         })),
     };
     // Ledger writes are short local transactions: a small pool suffices.

@@ -82,6 +82,15 @@ pub mod metrics {
     pub const RETRY_BUDGET_TOKENS: &str = "herald_retry_budget_tokens";
     pub const RELAY_PUBLISHED: &str = "herald_relay_published_total";
     pub const RELAY_FAILURES: &str = "herald_relay_publish_failures_total";
+    /// Publishes of an event published before, by why (`lost`, `unclaimed`, `rescheduled`).
+    pub const RELAY_REPUBLISHED: &str = "herald_relay_republished_total";
+    /// Requests to the email provider, each carrying up to `email.max_batch` emails, by result.
+    pub const EMAIL_REQUESTS: &str = "herald_email_requests_total";
+    /// Emails carried by batch requests (a histogram of batch sizes would be
+    /// finer; the sum over `herald_email_requests_total` gives the mean).
+    pub const EMAIL_BATCHED: &str = "herald_email_batched_total";
+    /// Effectively-once invariants the auditor found broken, by invariant (0 is healthy).
+    pub const AUDIT_VIOLATIONS: &str = "herald_audit_violations";
     pub const DLQ_DEPTH: &str = "herald_dlq_depth";
     pub const JANITOR_DELETED: &str = "herald_janitor_deleted_total";
     pub const EMAIL_IN_FLIGHT: &str = "herald_email_in_flight";
@@ -146,6 +155,23 @@ pub mod metrics {
 
     pub fn relay_published(n: usize) {
         ::metrics::counter!(RELAY_PUBLISHED).increment(n as u64);
+    }
+
+    /// `n` events published again, and why.
+    pub fn relay_republished(reason: &'static str, n: usize) {
+        ::metrics::counter!(RELAY_REPUBLISHED, "reason" => reason).increment(n as u64);
+    }
+
+    /// One request to the email provider carrying `emails` emails; `result`
+    /// is `ok`, `retry`, `deferred` or `dead`.
+    pub fn email_request(result: &'static str, emails: usize) {
+        ::metrics::counter!(EMAIL_REQUESTS, "result" => result).increment(1);
+        ::metrics::counter!(EMAIL_BATCHED).increment(emails as u64);
+    }
+
+    /// The auditor's latest count of rows breaking `invariant`.
+    pub fn audit_violations(invariant: &'static str, rows: i64) {
+        ::metrics::gauge!(AUDIT_VIOLATIONS, "invariant" => invariant).set(rows as f64);
     }
 
     pub fn relay_failure() {

@@ -34,6 +34,11 @@ pub trait Handler: Send + Sync + 'static {
     fn topic(&self) -> &'static str;
     /// Delivers one entry; `true` when it may be acknowledged.
     fn handle<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, bool>;
+    /// Work the consumer runs beside its reader for as long as the actor
+    /// lives (the EmailSender's batch loop); it should never end.
+    fn background(self: Arc<Self>) -> Option<BoxFuture<'static, ()>> {
+        None
+    }
 }
 
 /// Where and how widely a consumer reads.
@@ -215,7 +220,8 @@ pub enum ConsumerMsg {
 
 impl<H: Handler> Actor for ConsumerActor<H> {
     type Msg = ConsumerMsg;
-    type State = JoinHandle<()>;
+    /// The reader loop and the handler's background work.
+    type State = Vec<JoinHandle<()>>;
     type Arguments = ConsumerArgs<H>;
 
     async fn pre_start(
@@ -224,20 +230,35 @@ impl<H: Handler> Actor for ConsumerActor<H> {
         args: ConsumerArgs<H>,
     ) -> Result<Self::State, ActorProcessingErr> {
         let what = args.handler.consumer();
-        Ok(spawn_loop(
+        let mut tasks = Vec::new();
+        if let Some(background) = args.handler.clone().background() {
+            tasks.push(spawn_loop(
+                myself.clone(),
+                what,
+                async move {
+                    background.await;
+                    Ok::<(), std::convert::Infallible>(())
+                },
+                ConsumerMsg::LoopEnded,
+            ));
+        }
+        tasks.push(spawn_loop(
             myself,
             what,
             consume(args.pool, args.handler),
             ConsumerMsg::LoopEnded,
-        ))
+        ));
+        Ok(tasks)
     }
 
     async fn post_stop(
         &self,
         _myself: ActorRef<Self::Msg>,
-        reader: &mut Self::State,
+        tasks: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        reader.abort();
+        for task in tasks {
+            task.abort();
+        }
         Ok(())
     }
 

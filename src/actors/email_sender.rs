@@ -1,25 +1,39 @@
 //! EmailSender: the pool that turns `application.submitted` events into
-//! exactly one confirmation email each.
+//! exactly one confirmation email each, as few requests to the provider as
+//! its rate allows.
 //!
-//! The reading side is the shared consumer pool ([`super::consumer`]): this
-//! process's member of the `email` group on the `application.submitted`
-//! stream, at most `email.workers` sends at once.
+//! Resend counts requests, not emails (2 per second by default), and one
+//! `POST /emails/batch` carries up to 100 emails. So the sender batches:
 //!
-//! A worker delivers through [`Store::deliver_event`], which locks the
-//! event's outbox row for the attempt and records the outcome with it:
-//! - already settled, in the inbox, or a stale copy: dropped (`deduped`);
-//! - a retry (the row has failed attempts) first needs a RetryBudget token;
-//!   without one it is deferred, spending no attempt (`deferred`);
-//! - then the pacer (`email.max_per_sec`), then the transport with the event
-//!   id as idempotency key: success records the inbox row, settles the
-//!   event and marks the application `sent` (`ok`); a transient failure
-//!   schedules the retry on the row, full jitter with the downstream's
-//!   Retry-After as floor (`retry`); a permanent one, or the last attempt,
-//!   writes a dead letter and marks the application `dead` (`dead`).
+//! 1. The reading side is the shared consumer pool ([`super::consumer`]):
+//!    this process's member of the `email` group on the
+//!    `application.submitted` stream. Each copy it reads waits in the
+//!    sender's hand, unacknowledged.
+//! 2. The batch loop waits for work, then for the rate's next slot
+//!    (`email.max_per_sec`, requests per second) — under a backlog that wait
+//!    is what gathers a full batch; on an idle board a lone email goes at
+//!    once, after at most `email.batch_linger_ms` for company.
+//! 3. It forms a batch of up to `email.max_batch` waiting copies
+//!    ([`Store::form_batch`]): the ones still to deliver become its members,
+//!    recorded in the database in one transaction; then every copy is
+//!    acknowledged (its event now belongs to the batch, or was already
+//!    delivered). Membership is never changed: every send of that batch is
+//!    the same request under the same `Idempotency-Key` (the batch id).
+//! 4. It sends the oldest due batch ([`Store::send_due_batch`]) — the new
+//!    one, a retry, or one a crashed process left — and records per email
+//!    an inbox row, the application `sent` and the event settled, or that
+//!    email's own dead letter (an address the provider refused in
+//!    permissive mode); a transient failure (429, 5xx, timeout, concurrent
+//!    request) schedules the same batch again, full jitter with the
+//!    provider's Retry-After as floor, a retry needing a RetryBudget token
+//!    (without one it is deferred, spending no attempt); a permanent
+//!    failure or the last attempt dead-letters each member.
 //!
-//! A crash after the send and before that commit leaves the row unsettled;
-//! it is published again and the repeat call carries the same idempotency
-//! key, so Resend sends nothing new.
+//! A crash after the batch is formed leaves a due batch for any process to
+//! send; a crash after the send and before the commit leaves it unsettled,
+//! and the repeat request carries the same key and body, so Resend sends
+//! nothing new. Postgres holds the batch's row lock during the send
+//! (another process skips it); SQLite holds a lease.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -28,34 +42,56 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use rand::Rng;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use tracing::warn;
 
 #[cfg(doc)]
 use super::consumer::ConsumerActor;
-use super::consumer::{self, Handler};
+use super::consumer::Handler;
 use super::retry_budget::RetryBudgetHandle;
-use crate::broker::Delivery;
+use crate::broker::{Delivery, Envelope};
 use crate::domain::topics;
 use crate::email::{Email, SendError, SendPacer, Transport};
 use crate::retry::RetryPolicy;
-use crate::store::{DeliveryDecision, Store};
+use crate::store::{
+    Admission, BatchDecision, BatchResult, BatchToSend, MemberOutcome, Store, StoreError,
+};
 use crate::telemetry::metrics as m;
 
 /// The consumer's name in inboxes, dead letters, metrics and the group.
 pub const CONSUMER: &str = "email";
 /// The RetryBudget call site of the email API.
 pub const CALL_SITE: &str = "email_api";
+/// How often an idle sender looks for due batches (retries, or batches a
+/// crashed process formed).
+const DUE_POLL: Duration = Duration::from_millis(500);
 
 #[derive(Clone)]
 pub struct EmailSenderArgs {
     pub store: Arc<dyn Store>,
     pub transport: Arc<dyn Transport>,
     pub from: String,
+    /// Requests per second to the provider.
     pub pacer: Arc<SendPacer>,
     pub policy: RetryPolicy,
     pub budget: RetryBudgetHandle,
+    /// Most emails per request.
+    pub max_batch: usize,
+    /// Longest wait for company when a request could go at once.
+    pub linger: Duration,
+    /// Most requests in flight at once.
+    pub workers: usize,
 }
 
-/// Sends in progress, and the most there ever were.
+/// A copy read from the stream, waiting to join a batch; `answer` says
+/// whether it may be acknowledged.
+struct Waiting {
+    envelope: Envelope,
+    answer: oneshot::Sender<bool>,
+}
+
+/// Requests in progress, and the most there ever were.
 #[derive(Default)]
 struct InFlight {
     now: AtomicUsize,
@@ -74,11 +110,16 @@ impl InFlight {
     }
 }
 
-/// Sends one confirmation per `application.submitted` entry: the handler of
-/// the EmailSender actor, a [`ConsumerActor`] with `email.workers` workers.
+/// The handler of the EmailSender actor, a [`ConsumerActor`]: hands each
+/// copy to the batch loop and acknowledges it once it is in a batch.
 pub struct EmailSender {
     args: EmailSenderArgs,
     in_flight: InFlight,
+    /// The running batch loop's inbox; replaced each time the actor
+    /// (re)starts the loop. Unbounded, yet bounded in fact: a copy is only
+    /// read while one of the pool's permits is free, and it holds that
+    /// permit until answered.
+    to_batch: std::sync::Mutex<Option<mpsc::UnboundedSender<Waiting>>>,
 }
 
 impl EmailSender {
@@ -86,8 +127,156 @@ impl EmailSender {
         EmailSender {
             args,
             in_flight: InFlight::default(),
+            to_batch: std::sync::Mutex::new(None),
         }
     }
+
+    /// Copies in hand the reading side may hold: two full batches, so the
+    /// next one fills while one is sent.
+    pub fn reading_width(max_batch: usize, workers: usize) -> usize {
+        (max_batch * 2).max(workers)
+    }
+
+    /// The batch loop: wait for work, for a free sender and the rate's next
+    /// slot, form a batch of what waits, send the oldest due batch.
+    async fn run(self: Arc<Self>, mut inbox: mpsc::UnboundedReceiver<Waiting>) {
+        let mut waiting: Vec<Waiting> = Vec::new();
+        let mut sends: JoinSet<()> = JoinSet::new();
+        loop {
+            if waiting.is_empty() {
+                tokio::select! {
+                    got = inbox.recv() => match got {
+                        Some(w) => waiting.push(w),
+                        None => return,
+                    },
+                    _ = tokio::time::sleep(DUE_POLL) => {}
+                }
+            }
+            while sends.len() >= self.args.workers.max(1) {
+                sends.join_next().await;
+            }
+            while sends.try_join_next().is_some() {}
+            self.args.pacer.until_ready().await;
+            gather(&mut inbox, &mut waiting, self.args.max_batch);
+            if !waiting.is_empty() && waiting.len() < self.args.max_batch {
+                let deadline = tokio::time::Instant::now() + self.args.linger;
+                while waiting.len() < self.args.max_batch {
+                    match tokio::time::timeout_at(deadline, inbox.recv()).await {
+                        Ok(Some(w)) => waiting.push(w),
+                        _ => break,
+                    }
+                }
+            }
+            if !waiting.is_empty() {
+                let take = waiting.len().min(self.args.max_batch);
+                let members: Vec<Waiting> = waiting.drain(..take).collect();
+                self.form(members).await;
+            }
+            let sender = self.clone();
+            sends.spawn(async move { sender.send_due().await });
+        }
+    }
+
+    /// Records a new batch of the waiting copies and answers each.
+    async fn form(&self, members: Vec<Waiting>) {
+        let envelopes: Vec<Envelope> = members.iter().map(|w| w.envelope.clone()).collect();
+        let formed = self
+            .args
+            .store
+            .form_batch(CONSUMER, uuid::Uuid::now_v7(), &envelopes)
+            .await;
+        // Failpoint (`batch-after-form=panic` or `=return`): a crash after
+        // the membership commit, before any send and before the acks.
+        fail::fail_point!("batch-after-form", |_| std::process::abort());
+        match formed {
+            Ok(admissions) => {
+                for (waiting, admission) in members.into_iter().zip(admissions) {
+                    if admission != Admission::Member {
+                        m::delivery(CONSUMER, "deduped");
+                    }
+                    let _ = waiting.answer.send(true);
+                }
+            }
+            Err(e) => {
+                // Nothing recorded: the copies stay pending, to be reclaimed.
+                warn!(error = %e, "batch not formed; its copies will be read again");
+                for waiting in members {
+                    let _ = waiting.answer.send(false);
+                }
+            }
+        }
+    }
+
+    /// Sends the oldest due batch, if any, and records its metrics.
+    async fn send_due(&self) {
+        self.in_flight.enter();
+        let args = self.args.clone();
+        let send = move |batch: BatchToSend| {
+            let args = args.clone();
+            async move { send_batch(&args, batch).await }.boxed()
+        };
+        let sent = self.args.store.send_due_batch(CONSUMER, &send).await;
+        self.in_flight.leave();
+        record(sent);
+    }
+}
+
+/// Moves what the readers handed over meanwhile into `waiting`.
+fn gather(
+    inbox: &mut mpsc::UnboundedReceiver<Waiting>,
+    waiting: &mut Vec<Waiting>,
+    max_batch: usize,
+) {
+    while waiting.len() < max_batch {
+        match inbox.try_recv() {
+            Ok(w) => waiting.push(w),
+            Err(_) => break,
+        }
+    }
+}
+
+/// Metrics and log lines for one recorded send.
+fn record(sent: Result<Option<BatchResult>, StoreError>) {
+    let result = match sent {
+        Ok(Some(result)) => result,
+        Ok(None) => return,
+        Err(e) => {
+            warn!(error = %e, "batch send not recorded; it will be sent again under the same key");
+            return;
+        }
+    };
+    let kind = match &result.decision {
+        BatchDecision::Answered(outcomes) => {
+            for outcome in outcomes {
+                match outcome {
+                    MemberOutcome::Done => {
+                        m::delivery(CONSUMER, "ok");
+                        m::email_sent();
+                    }
+                    MemberOutcome::Dead { error } => {
+                        warn!(batch = %result.id, %error, "email dead-lettered");
+                        m::delivery(CONSUMER, "dead");
+                    }
+                }
+            }
+            "ok"
+        }
+        BatchDecision::Retry { after, error } => {
+            tracing::info!(batch = %result.id, attempt = result.attempt, ?after, %error,
+                "batch failed; the same batch is sent again later");
+            "retry"
+        }
+        BatchDecision::Defer { .. } => "deferred",
+        BatchDecision::Dead { error } => {
+            warn!(batch = %result.id, attempt = result.attempt, %error,
+                "batch dead-lettered, each email on its own");
+            for _ in 0..result.members {
+                m::delivery(CONSUMER, "dead");
+            }
+            "dead"
+        }
+    };
+    m::email_request(kind, result.members);
 }
 
 impl Handler for EmailSender {
@@ -101,65 +290,97 @@ impl Handler for EmailSender {
 
     fn handle<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, bool> {
         async move {
-            self.in_flight.enter();
-            let envelope = &delivery.envelope;
-            let event_id = envelope.event_id;
-            let deliver = |attempts: i32| {
-                let (args, payload) = (self.args.clone(), envelope.payload.clone());
-                async move { attempt(&args, event_id, &payload, attempts).await }.boxed()
+            let (answer, answered) = oneshot::channel();
+            let waiting = Waiting {
+                envelope: delivery.envelope.clone(),
+                answer,
             };
-            let outcome = self
-                .args
-                .store
-                .deliver_event(CONSUMER, envelope, &deliver)
-                .await;
-            self.in_flight.leave();
-            consumer::settle(CONSUMER, event_id, outcome, m::email_sent)
+            let handed = match self.to_batch.lock() {
+                Ok(slot) => slot.as_ref().is_some_and(|tx| tx.send(waiting).is_ok()),
+                Err(_) => false,
+            };
+            if !handed {
+                return false;
+            }
+            // No answer (the loop restarted): leave it pending, to be reclaimed.
+            answered.await.unwrap_or(false)
         }
         .boxed()
     }
+
+    fn background(self: Arc<Self>) -> Option<BoxFuture<'static, ()>> {
+        let (to_batch, inbox) = mpsc::unbounded_channel();
+        *self.to_batch.lock().ok()? = Some(to_batch);
+        Some(self.run(inbox).boxed())
+    }
 }
 
-/// One attempt (the row is locked by the caller): budget, pace, send, classify.
-async fn attempt(
-    args: &EmailSenderArgs,
-    event_id: uuid::Uuid,
-    payload: &serde_json::Value,
-    attempts: i32,
-) -> DeliveryDecision {
-    if attempts > 0 && !args.budget.try_retry(CALL_SITE).await {
+/// One send of a batch (its row is held by the caller): budget, render,
+/// send, classify. The rate's slot was taken by the batch loop.
+async fn send_batch(args: &EmailSenderArgs, batch: BatchToSend) -> BatchDecision {
+    if batch.attempts > 0 && !args.budget.try_retry(CALL_SITE).await {
         let after = Duration::from_millis(rand::rng().random_range(1000..=5000));
-        return DeliveryDecision::Defer { after };
+        return BatchDecision::Defer { after };
     }
-    let email = match Email::confirmation(&args.from, payload) {
-        Ok(email) => email,
-        Err(error) => return DeliveryDecision::Dead { error },
-    };
-    args.pacer.until_ready().await;
-    let attempt = attempts + 1;
+    // Rendering is a pure function of the payload (and `email.from`), so
+    // every send of the batch carries the same body.
+    let rendered: Vec<Result<Email, String>> = batch
+        .members
+        .iter()
+        .map(|e| Email::confirmation(&args.from, &e.payload))
+        .collect();
+    let emails: Vec<(uuid::Uuid, Email)> = batch
+        .members
+        .iter()
+        .zip(&rendered)
+        .filter_map(|(e, r)| Some((e.event_id, r.as_ref().ok()?.clone())))
+        .collect();
+    let attempt = batch.attempts + 1;
     m::delivery_attempt(CONSUMER, attempt);
-    match args.transport.send(&email, event_id).await {
-        Ok(()) => {
-            args.budget.succeeded(CALL_SITE);
-            DeliveryDecision::Done
-        }
-        Err(SendError::Transient {
-            reason,
-            retry_after,
-        }) => {
-            let attempt = attempt.max(1) as u32;
-            if args.policy.exhausted(attempt) {
-                DeliveryDecision::Dead {
-                    error: format!("{reason} (after {attempt} attempts)"),
+    let answers = if emails.is_empty() {
+        Vec::new()
+    } else {
+        match args.transport.send_batch(batch.id, &emails).await {
+            Ok(answers) => answers,
+            Err(SendError::Transient {
+                reason,
+                retry_after,
+            }) => {
+                if reason.starts_with("429") {
+                    // The provider is over its limit: every sender waits.
+                    let pause = retry_after.unwrap_or(Duration::from_secs(1));
+                    args.pacer.hold_off(pause).await;
                 }
-            } else {
-                let after = args.policy.delay(attempt, retry_after, &mut rand::rng());
-                DeliveryDecision::Retry {
-                    after,
-                    error: reason,
-                }
+                let attempt = attempt.max(1) as u32;
+                return if args.policy.exhausted(attempt) {
+                    BatchDecision::Dead {
+                        error: format!("{reason} (after {attempt} attempts)"),
+                    }
+                } else {
+                    BatchDecision::Retry {
+                        after: args.policy.delay(attempt, retry_after, &mut rand::rng()),
+                        error: reason,
+                    }
+                };
             }
+            Err(SendError::Permanent(error)) => return BatchDecision::Dead { error },
         }
-        Err(SendError::Permanent(error)) => DeliveryDecision::Dead { error },
-    }
+    };
+    args.budget.succeeded(CALL_SITE);
+    let mut answers = answers.into_iter();
+    BatchDecision::Answered(
+        rendered
+            .into_iter()
+            .map(|r| match r {
+                Err(error) => MemberOutcome::Dead { error },
+                Ok(_) => match answers.next() {
+                    Some(Ok(())) => MemberOutcome::Done,
+                    Some(Err(error)) => MemberOutcome::Dead { error },
+                    None => MemberOutcome::Dead {
+                        error: "the provider's answer did not cover this email".into(),
+                    },
+                },
+            })
+            .collect(),
+    )
 }

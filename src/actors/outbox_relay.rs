@@ -1,13 +1,27 @@
 //! OutboxRelay: moves committed outbox rows to the broker.
 //!
-//! One step ([`Store::relay_due_events`]) claims a batch of due rows with
-//! `FOR UPDATE SKIP LOCKED` (several daemons never claim the same row),
-//! publishes them, and marks them published in the same transaction, after
-//! the broker accepted them. A crash between publish and mark rolls the
-//! claim back and the rows are published again: at-least-once, absorbed by
-//! the consumers' inbox. A published row comes due again after
-//! `relay.redeliver_after_secs` unless a consumer settles it first, which is
-//! what recovers events Redis lost.
+//! One step ([`Store::relay_due_events`]) claims a batch of due rows of one
+//! topic with `FOR UPDATE SKIP LOCKED` (several daemons never claim the same
+//! row), publishes them, and marks them published in the same transaction,
+//! after the broker accepted them, keeping each copy's stream entry id. A
+//! crash between publish and mark rolls the claim back and the rows are
+//! published again: at-least-once, absorbed by the consumers' inbox.
+//!
+//! An event is published once. A published row that is still unsettled
+//! `relay.redeliver_after_secs` later is *checked*, not republished: the
+//! relay asks the broker whether it still holds that entry for the
+//! consumer's group ([`Broker::holds`]). Only an entry the broker lost
+//! (FLUSHALL, a restart without persistence, a failover, trimming) or one
+//! pending on a dead reader that nobody reclaimed is published again
+//! (`herald_relay_republished_total{reason="lost"|"unclaimed"}`); an event
+//! waiting its turn in a healthy queue — an email backlog behind the
+//! provider's rate — is left where it is. A consumer's retry or deferral
+//! reschedules its row, which is then published when due
+//! (`reason="rescheduled"`).
+//!
+//! Each topic is its own lane: every round claims up to a batch from each,
+//! so a backlog of one topic (application emails) never delays another
+//! (`job.posted`, `charge.created`).
 //!
 //! The relay wakes when this process's request handlers commit an event (an
 //! in-process signal), on Postgres `LISTEN herald_outbox` (a trigger
@@ -36,20 +50,35 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::spawn_loop;
-use crate::broker::{Broker, Envelope};
+use crate::broker::{Broker, BrokerError, Holding};
 use crate::domain::topics;
 use crate::retry::reconnect_pause;
-use crate::store::Store;
+use crate::store::{DueEvent, Relayed, Store};
 use crate::telemetry::metrics as m;
 
-/// Topics the relay publishes, and which of them settle on publish
-/// (fan-out: nobody records them in an inbox).
-const RELAYED_TOPICS: [&str; 3] = [
-    topics::APPLICATION_SUBMITTED,
-    topics::CHARGE_CREATED,
-    topics::JOB_POSTED,
+/// One topic the relay publishes, and the consumer group that settles its
+/// events (`None`: a fan-out topic, settled on publish; nobody records it in
+/// an inbox).
+struct Lane {
+    topic: &'static str,
+    group: Option<&'static str>,
+}
+
+/// The relay's lanes, served round-robin.
+const LANES: [Lane; 3] = [
+    Lane {
+        topic: topics::JOB_POSTED,
+        group: None,
+    },
+    Lane {
+        topic: topics::CHARGE_CREATED,
+        group: Some(super::ledger::CONSUMER),
+    },
+    Lane {
+        topic: topics::APPLICATION_SUBMITTED,
+        group: Some(super::email_sender::CONSUMER),
+    },
 ];
-const FAN_OUT_TOPICS: [&str; 1] = [topics::JOB_POSTED];
 
 #[derive(Clone)]
 pub struct OutboxRelayArgs {
@@ -62,7 +91,11 @@ pub struct OutboxRelayArgs {
     /// Poked by this process's request handlers after a commit with an event.
     pub wake: Arc<Notify>,
     pub max_publish_per_sec: u32,
+    /// How long after a publish an unsettled event is checked against the broker.
     pub redeliver_after: Duration,
+    /// A copy pending this long on a reader that never finished it (nor did
+    /// anyone reclaim it) is published again.
+    pub unclaimed_after: Duration,
     pub poll_interval: Duration,
 }
 
@@ -148,10 +181,10 @@ async fn listen(url: String, wake: Arc<Notify>) {
     }
 }
 
-/// The relay: step, pace, back off, sleep until woken.
+/// The relay: a round over every lane, pace, back off, sleep until woken.
 async fn relay_loop(args: OutboxRelayArgs, wake: Arc<Notify>) {
     let rate = f64::from(args.max_publish_per_sec.max(1));
-    // A tenth of a second's worth per batch, so pacing stays smooth.
+    // A tenth of a second's worth per lane and round, so pacing stays smooth.
     let batch = (rate / 10.0).ceil().clamp(1.0, 500.0) as i64;
     let per_event = Duration::from_secs_f64(1.0 / rate);
     let mut next_slot = Instant::now();
@@ -161,36 +194,29 @@ async fn relay_loop(args: OutboxRelayArgs, wake: Arc<Notify>) {
         // Failpoint (`outbox-relay-step=panic`): a crash inside an actor, for
         // the supervision tests.
         fail::fail_point!("outbox-relay-step");
-        let publisher = args.publisher.clone();
-        let publish = move |envelopes: Vec<Envelope>| {
-            let publisher = publisher.clone();
-            async move { publisher.publish(&envelopes).await }.boxed()
-        };
-        let step = args
-            .store
-            .relay_due_events(
-                batch,
-                args.redeliver_after,
-                &RELAYED_TOPICS,
-                &FAN_OUT_TOPICS,
-                &publish,
-            )
-            .await;
-        match step {
-            Ok(step) if step.published > 0 => {
-                failures = 0;
-                m::relay_published(step.published);
-                next_slot =
-                    next_slot.max(Instant::now() - per_event) + per_event * step.published as u32;
-                if (step.published as i64) < batch {
-                    // Caught up: wait for news.
-                    wait_for_news(&wake, args.poll_interval).await;
+        let mut round = Ok((0usize, false));
+        for lane in &LANES {
+            match relay_lane(&args, lane, batch).await {
+                Ok(step) => {
+                    if let Ok((published, full)) = &mut round {
+                        *published += step.published;
+                        *full |= step.claimed as i64 >= batch;
+                    }
                 }
+                Err(e) => round = Err(e),
             }
-            Ok(_) => {
+        }
+        match round {
+            Ok((published, full)) => {
                 failures = 0;
-                wait_for_news(&wake, args.poll_interval).await;
-                next_slot = Instant::now();
+                m::relay_published(published);
+                next_slot =
+                    next_slot.max(Instant::now() - per_event) + per_event * published as u32;
+                if !full {
+                    // Caught up in every lane: wait for news.
+                    wait_for_news(&wake, args.poll_interval).await;
+                    next_slot = next_slot.max(Instant::now());
+                }
             }
             Err(e) => {
                 failures = failures.saturating_add(1);
@@ -202,6 +228,84 @@ async fn relay_loop(args: OutboxRelayArgs, wake: Arc<Notify>) {
             }
         }
     }
+}
+
+/// One lane's step: publish what is new or rescheduled, check what was
+/// published before, republish only what the broker lost.
+async fn relay_lane(
+    args: &OutboxRelayArgs,
+    lane: &'static Lane,
+    batch: i64,
+) -> Result<crate::store::RelayStep, crate::store::StoreError> {
+    let broker = args.publisher.clone();
+    let unclaimed_after = args.unclaimed_after;
+    let relay = move |due: Vec<DueEvent>| {
+        let broker = broker.clone();
+        async move { relay_due(&*broker, lane, due, unclaimed_after).await }.boxed()
+    };
+    args.store
+        .relay_due_events(
+            lane.topic,
+            batch,
+            args.redeliver_after,
+            lane.group.is_none(),
+            &relay,
+        )
+        .await
+}
+
+/// Decides, publishes, and answers for each due row in order.
+async fn relay_due(
+    broker: &dyn Broker,
+    lane: &Lane,
+    due: Vec<DueEvent>,
+    unclaimed_after: Duration,
+) -> Result<Vec<Relayed>, BrokerError> {
+    // What the broker says of the copies published before.
+    let checked: Vec<(usize, String)> = due
+        .iter()
+        .enumerate()
+        .filter_map(|(i, d)| Some((i, d.stream_id.clone()?)))
+        .collect();
+    let mut holding = vec![None; due.len()];
+    if let (Some(group), false) = (lane.group, checked.is_empty()) {
+        let receipts: Vec<String> = checked.iter().map(|(_, r)| r.clone()).collect();
+        let held = broker
+            .holds(lane.topic, group, &receipts, unclaimed_after)
+            .await?;
+        for ((i, _), h) in checked.iter().zip(held) {
+            holding[*i] = Some(h);
+        }
+    }
+    let mut to_publish = Vec::new();
+    let mut reasons: [usize; 3] = [0; 3];
+    for (d, h) in due.iter().zip(&holding) {
+        match (h, d.published_before) {
+            (Some(Holding::Held), _) => continue,
+            (Some(Holding::Lost), _) => reasons[0] += 1,
+            (Some(Holding::Unclaimed), _) => reasons[1] += 1,
+            (None, true) => reasons[2] += 1,
+            (None, false) => {}
+        }
+        to_publish.push(d.envelope.clone());
+    }
+    let mut receipts = broker.publish(&to_publish).await?.into_iter();
+    for (reason, n) in ["lost", "unclaimed", "rescheduled"].into_iter().zip(reasons) {
+        if n > 0 {
+            m::relay_republished(reason, n);
+        }
+    }
+    let mut relayed = Vec::with_capacity(due.len());
+    for h in &holding {
+        relayed.push(if *h == Some(Holding::Held) {
+            Relayed::StillHeld
+        } else {
+            Relayed::Published(receipts.next().ok_or_else(|| {
+                BrokerError::Unavailable("the broker answered fewer ids than entries".into())
+            })?)
+        });
+    }
+    Ok(relayed)
 }
 
 async fn wait_for_news(wake: &Notify, poll_interval: Duration) {

@@ -11,7 +11,7 @@
 //! Nothing here is durable, and nothing needs to be: every entry comes from
 //! an outbox row that stays unsettled until a consumer settles it. A kill -9
 //! loses the log; after the restart the relay publishes those rows again
-//! (`relay.redeliver_after_secs` after their last publish), and the inbox
+//! (its check finds the broker no longer holds them), and the inbox
 //! absorbs any copy that was in fact delivered. The same holds for an entry
 //! trimmed from a full log before anyone read it.
 //!
@@ -26,7 +26,8 @@ use async_trait::async_trait;
 use tokio::sync::Notify;
 
 use super::{
-    Broker, BrokerError, Delivery, Envelope, EventCursor, GroupReader, Received, Tail, Tailed,
+    Broker, BrokerError, Delivery, Envelope, EventCursor, GroupReader, Holding, Received, Tail,
+    Tailed,
 };
 
 /// Upper bound on one topic's log (the in-memory `MAXLEN`).
@@ -191,8 +192,9 @@ impl Broker for InProcessBroker {
         "in-process"
     }
 
-    async fn publish(&self, envelopes: &[Envelope]) -> Result<(), BrokerError> {
+    async fn publish(&self, envelopes: &[Envelope]) -> Result<Vec<String>, BrokerError> {
         let mut woken = Vec::new();
+        let mut receipts = Vec::with_capacity(envelopes.len());
         {
             let mut log = self.lock();
             let millis = now_millis();
@@ -200,6 +202,7 @@ impl Broker for InProcessBroker {
                 let topic = log.topics.entry(envelope.topic.clone()).or_default();
                 let cursor = next_cursor(topic.last, millis);
                 topic.last = cursor;
+                receipts.push(cursor.to_string());
                 topic.entries.push_back(Entry {
                     cursor,
                     envelope: Arc::new(envelope.clone()),
@@ -211,7 +214,45 @@ impl Broker for InProcessBroker {
         for notify in woken {
             notify.notify_waiters();
         }
-        Ok(())
+        Ok(receipts)
+    }
+
+    async fn holds(
+        &self,
+        topic: &str,
+        group: &str,
+        receipts: &[String],
+        unclaimed_after: Duration,
+    ) -> Result<Vec<Holding>, BrokerError> {
+        let log = self.lock();
+        let now = Instant::now();
+        Ok(receipts
+            .iter()
+            .map(|receipt| {
+                let (Some(topic), Some(cursor)) =
+                    (log.topics.get(topic), EventCursor::parse(receipt))
+                else {
+                    // A log from before a restart: nothing of it is here.
+                    return Holding::Lost;
+                };
+                if topic.get(cursor).is_none() {
+                    return Holding::Lost;
+                }
+                let Some(group) = topic.groups.get(group) else {
+                    // The group, once made, reads from the oldest entry.
+                    return Holding::Held;
+                };
+                match group.pending.get(&cursor) {
+                    Some(p) if now.duration_since(p.delivered_at) >= unclaimed_after => {
+                        Holding::Unclaimed
+                    }
+                    Some(_) => Holding::Held,
+                    None if cursor >= group.next => Holding::Held,
+                    // Read and acknowledged, yet its row is unsettled.
+                    None => Holding::Lost,
+                }
+            })
+            .collect())
     }
 
     fn group(

@@ -34,8 +34,23 @@ pub trait Broker: Send + Sync + 'static {
     /// `redis` or `in-process`, for `/admin/status` and the log.
     fn name(&self) -> &'static str;
 
-    /// Appends every envelope to its topic; `Ok` only if all were accepted.
-    async fn publish(&self, envelopes: &[Envelope]) -> Result<(), BrokerError>;
+    /// Appends every envelope to its topic; `Ok` only if all were accepted,
+    /// with the broker's id of each copy, in order (a stream entry id).
+    async fn publish(&self, envelopes: &[Envelope]) -> Result<Vec<String>, BrokerError>;
+
+    /// Whether the broker still holds each copy published to `topic` under
+    /// the given ids, for consumer `group`: waiting to be read, or read and
+    /// pending (a worker has it). What it no longer holds (flushed, lost in a
+    /// restart or failover, trimmed, acknowledged without being settled) is
+    /// [`Holding::Lost`]; a copy pending on a reader that has left it idle
+    /// for `unclaimed_after` is [`Holding::Unclaimed`].
+    async fn holds(
+        &self,
+        topic: &str,
+        group: &str,
+        receipts: &[String],
+        unclaimed_after: Duration,
+    ) -> Result<Vec<Holding>, BrokerError>;
 
     /// This process's member `consumer` of `group`, reading `topic`; a read
     /// waits up to `block` for new entries.
@@ -49,6 +64,17 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Every entry of `topic` from a cursor; a read waits up to `block`.
     fn tail(&self, topic: &str, block: Duration) -> Result<Box<dyn Tail>, BrokerError>;
+}
+
+/// What the broker says of one published copy ([`Broker::holds`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holding {
+    /// Still there for the group: a consumer will get (or has) it.
+    Held,
+    /// Gone: only a new publish brings the event to its consumer.
+    Lost,
+    /// Pending on a reader that left it idle too long: nobody reclaimed it.
+    Unclaimed,
 }
 
 /// One entry read by a group member: a delivery, or an unreadable entry

@@ -11,8 +11,9 @@
 //!   acknowledged (it died) to this one once they have been idle long enough.
 //! - A stream or group that vanished (FLUSHALL, a restart without
 //!   persistence) is recreated on the `NOGROUP` error. What it held is not
-//!   lost: those events are still unsettled outbox rows, which the relay
-//!   publishes again after `relay.redeliver_after_secs`.
+//!   lost: those events are still unsettled outbox rows; the relay's check
+//!   ([`StreamPublisher::holds`]) finds their entries gone and publishes them
+//!   again.
 //! - `MAXLEN ~` bounds a stream's memory; an entry trimmed before it was read
 //!   is likewise republished from the outbox.
 //! - [`StreamTail`]: fan-out without a group. Every process's SseHub reads
@@ -29,7 +30,8 @@ use fred::prelude::*;
 use fred::types::streams::{XCap, XCapKind, XCapTrim, XReadResponse, XReadValue};
 
 use super::{
-    Broker, BrokerError, Delivery, Envelope, EventCursor, GroupReader, Received, Tail, Tailed,
+    Broker, BrokerError, Delivery, Envelope, EventCursor, GroupReader, Holding, Received, Tail,
+    Tailed,
 };
 
 /// Upper bound on a stream's length (approximate trimming).
@@ -80,10 +82,10 @@ impl StreamPublisher {
     }
 
     /// Appends every envelope to its topic's stream; `Ok` only if all were
-    /// accepted.
-    pub async fn publish(&self, envelopes: &[Envelope]) -> Result<(), BrokerError> {
+    /// accepted, with each entry's id.
+    pub async fn publish(&self, envelopes: &[Envelope]) -> Result<Vec<String>, BrokerError> {
         if envelopes.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let pipeline = self.client.pipeline();
         for envelope in envelopes {
@@ -105,10 +107,137 @@ impl StreamPublisher {
                 .map_err(unavailable)?;
         }
         let replies: Vec<Result<Value, fred::error::Error>> = pipeline.try_all().await;
+        let mut ids = Vec::with_capacity(replies.len());
         for reply in replies {
-            reply.map_err(unavailable)?;
+            let id = reply.map_err(unavailable)?;
+            ids.push(id.as_string().ok_or_else(|| {
+                BrokerError::Unavailable(format!("XADD answered {id:?}, not an entry id"))
+            })?);
         }
-        Ok(())
+        Ok(ids)
+    }
+
+    /// [`Broker::holds`] for Redis Streams: per entry `XRANGE id id` (does
+    /// the stream still have it?), the group's `last-delivered-id` (was it
+    /// read?) and `XPENDING id id` (is a reader holding it, and for how
+    /// long?), in one pipeline.
+    pub async fn holds(
+        &self,
+        topic: &str,
+        group: &str,
+        receipts: &[String],
+        unclaimed_after: Duration,
+    ) -> Result<Vec<Holding>, BrokerError> {
+        if receipts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let key = stream_key(topic);
+        let groups: Result<Value, _> = self.client.xinfo_groups(&key).await;
+        let last_delivered = match groups {
+            Ok(groups) => last_delivered_id(&groups, group),
+            // No stream at all: flushed, or a restart without persistence.
+            Err(e) if e.details().contains("no such key") => {
+                return Ok(vec![Holding::Lost; receipts.len()])
+            }
+            Err(e) => return Err(unavailable(e)),
+        };
+        let pipeline = self.client.pipeline();
+        for receipt in receipts {
+            let _: () = pipeline
+                .xrange(&key, receipt.as_str(), receipt.as_str(), Some(1))
+                .await
+                .map_err(unavailable)?;
+            if last_delivered.is_some() {
+                let _: () = pipeline
+                    .xpending(&key, group, (receipt.as_str(), receipt.as_str(), 1))
+                    .await
+                    .map_err(unavailable)?;
+            }
+        }
+        let mut replies = pipeline.try_all::<Value>().await.into_iter();
+        let mut held = Vec::with_capacity(receipts.len());
+        for receipt in receipts {
+            let exists = match replies.next() {
+                Some(Ok(Value::Array(entries))) => !entries.is_empty(),
+                Some(Ok(_)) => false,
+                Some(Err(e)) => return Err(unavailable(e)),
+                None => return Err(BrokerError::Unavailable("short pipeline reply".into())),
+            };
+            let Some(last) = &last_delivered else {
+                // No group yet (or it vanished): the consumer makes it from
+                // id 0 and reads whatever the stream has.
+                held.push(if exists { Holding::Held } else { Holding::Lost });
+                continue;
+            };
+            let pending_idle = match replies.next() {
+                Some(Ok(Value::Array(entries))) => entries.first().map(pending_idle_ms),
+                Some(Ok(_)) => None,
+                Some(Err(e)) => return Err(unavailable(e)),
+                None => return Err(BrokerError::Unavailable("short pipeline reply".into())),
+            };
+            held.push(match (exists, pending_idle) {
+                (false, _) => Holding::Lost,
+                (true, Some(idle)) if idle >= unclaimed_after.as_millis() as u64 => {
+                    Holding::Unclaimed
+                }
+                (true, Some(_)) => Holding::Held,
+                (true, None) => {
+                    let unread = match (EventCursor::parse(receipt), EventCursor::parse(last)) {
+                        (Some(entry), Some(last)) => entry > last,
+                        _ => true,
+                    };
+                    if unread {
+                        Holding::Held
+                    } else {
+                        // Read and acknowledged, yet its row is unsettled.
+                        Holding::Lost
+                    }
+                }
+            });
+        }
+        Ok(held)
+    }
+}
+
+/// The `last-delivered-id` of `group` in an `XINFO GROUPS` answer (a list
+/// of maps, or of flat key/value lists under RESP2).
+fn last_delivered_id(groups: &Value, group: &str) -> Option<String> {
+    let Value::Array(groups) = groups else {
+        return None;
+    };
+    groups.iter().find_map(|info| {
+        let pairs: Vec<(String, &Value)> = match info {
+            Value::Map(map) => map
+                .iter()
+                .filter_map(|(k, v)| Some((k.as_str()?.to_string(), v)))
+                .collect(),
+            Value::Array(flat) => flat
+                .chunks(2)
+                .filter_map(|kv| match kv {
+                    [k, v] => Some((k.as_string()?, v)),
+                    _ => None,
+                })
+                .collect(),
+            _ => return None,
+        };
+        let field = |name: &str| {
+            pairs
+                .iter()
+                .find(|(k, _)| k == name)
+                .and_then(|(_, v)| v.as_string())
+        };
+        (field("name").as_deref() == Some(group)).then(|| field("last-delivered-id"))?
+    })
+}
+
+/// The idle time in an `XPENDING` extended-form entry: `[id, consumer, idle, deliveries]`.
+fn pending_idle_ms(entry: &Value) -> u64 {
+    match entry {
+        Value::Array(fields) => fields
+            .get(2)
+            .and_then(|v| v.as_u64())
+            .unwrap_or(u64::MAX),
+        _ => u64::MAX,
     }
 }
 
@@ -340,8 +469,20 @@ impl Broker for RedisBroker {
         "redis"
     }
 
-    async fn publish(&self, envelopes: &[Envelope]) -> Result<(), BrokerError> {
+    async fn publish(&self, envelopes: &[Envelope]) -> Result<Vec<String>, BrokerError> {
         self.publisher.publish(envelopes).await
+    }
+
+    async fn holds(
+        &self,
+        topic: &str,
+        group: &str,
+        receipts: &[String],
+        unclaimed_after: Duration,
+    ) -> Result<Vec<Holding>, BrokerError> {
+        self.publisher
+            .holds(topic, group, receipts, unclaimed_after)
+            .await
     }
 
     fn group(

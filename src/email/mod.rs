@@ -66,17 +66,49 @@ pub enum SendError {
     Permanent(String),
 }
 
-/// Something that sends one email.
+/// The provider's answer for one email of a batch: accepted, or refused
+/// for good with its reason (the rest of the batch is unaffected).
+pub type BatchAnswer = Result<(), String>;
+
+/// Something that sends email.
 #[async_trait::async_trait]
 pub trait Transport: Send + Sync + 'static {
     /// Sends `email`; `idempotency_key` (the event id) makes a repeat of the
     /// same call send nothing new.
     async fn send(&self, email: &Email, idempotency_key: Uuid) -> Result<(), SendError>;
+
+    /// Sends several emails in one request under `batch_key`, so a repeat of
+    /// the same call (same key, same emails) sends nothing new; each email
+    /// also carries its own event id. `Ok` holds one answer per email, in
+    /// order; `Err` means the request as a whole failed (nothing to record
+    /// per email: retry the same batch, or dead-letter all of it).
+    ///
+    /// The default sends one at a time, each under its event id; a
+    /// transient failure stops there (those already sent are deduplicated by
+    /// their keys when the batch is retried).
+    async fn send_batch(
+        &self,
+        batch_key: Uuid,
+        emails: &[(Uuid, Email)],
+    ) -> Result<Vec<BatchAnswer>, SendError> {
+        let _ = batch_key;
+        let mut answers = Vec::with_capacity(emails.len());
+        for (event_id, email) in emails {
+            answers.push(match self.send(email, *event_id).await {
+                Ok(()) => Ok(()),
+                Err(SendError::Permanent(reason)) => Err(reason),
+                Err(transient) => return Err(transient),
+            });
+        }
+        Ok(answers)
+    }
 }
 
-/// Herald's own outbound rate (`email.max_per_sec`), shared by every worker
-/// of the pool: each send takes the next free slot, `1/rate` apart, and
-/// waits for it. No burst, so a backlog never exceeds the downstream's rate.
+/// Herald's own outbound rate (`email.max_per_sec`: requests per second to
+/// the provider, each carrying up to `email.max_batch` emails), shared by
+/// every sender of the process: each request takes the next free slot,
+/// `1/rate` apart, and waits for it. No burst, so a backlog never exceeds
+/// the provider's rate.
 pub struct SendPacer {
     /// Distance between two sends.
     interval: Duration,
@@ -90,6 +122,13 @@ impl SendPacer {
             interval: Duration::from_secs_f64(1.0 / per_sec.max(0.001)),
             next: tokio::sync::Mutex::new(tokio::time::Instant::now()),
         }
+    }
+
+    /// Pushes the next free slot to at least `pause` from now: the provider
+    /// said it is over its limit (429 with `retry-after`).
+    pub async fn hold_off(&self, pause: Duration) {
+        let mut next = self.next.lock().await;
+        *next = (*next).max(tokio::time::Instant::now() + pause);
     }
 
     /// Waits for this caller's slot.

@@ -1,7 +1,11 @@
-//! The `resend` transport: Resend's `POST /emails` through the `resend-rs`
-//! SDK, with `Idempotency-Key: <event_id>` so that a repeat of a call whose
-//! answer was lost (a crash after the send, before the inbox commit) sends
-//! nothing new. `email.resend_base_url` (or `RESEND_BASE_URL`) points it at
+//! The `resend` transport: Resend's `POST /emails/batch` (up to 100 emails
+//! per request; Resend counts requests, not emails, against its rate)
+//! through the `resend-rs` SDK, with `Idempotency-Key: <batch id>` so that a
+//! repeat of a call whose answer was lost (a crash after the send, before
+//! the inbox commit) sends nothing new. Batches go in permissive validation
+//! mode: an email Resend refuses is reported by its index and dead-lettered
+//! alone, while the rest of the batch is sent. `POST /emails` (one email,
+//! keyed by its event id) remains for [`Transport::send`]. `email.resend_base_url` (or `RESEND_BASE_URL`) points it at
 //! another server, which is how the tests reach their fake Resend.
 //!
 //! Two things of the SDK are kept out of Herald's way:
@@ -13,8 +17,8 @@
 
 use std::time::Duration;
 
-use resend_rs::idempotent::Idempotent;
-use resend_rs::types::CreateEmailBaseOptions;
+use resend_rs::idempotent::{Idempotent, IdempotentTrait};
+use resend_rs::types::{BatchValidation, CreateEmailBaseOptions};
 use resend_rs::Resend;
 use uuid::Uuid;
 
@@ -112,5 +116,50 @@ impl Transport for ResendTransport {
             .await
             .map(|_| ())
             .map_err(classify)
+    }
+
+    async fn send_batch(
+        &self,
+        batch_key: Uuid,
+        emails: &[(Uuid, Email)],
+    ) -> Result<Vec<super::BatchAnswer>, SendError> {
+        let options: Vec<CreateEmailBaseOptions> = emails
+            .iter()
+            .map(|(_, email)| {
+                CreateEmailBaseOptions::new(&email.from, [email.to.as_str()], &email.subject)
+                    .with_text(&email.text)
+            })
+            .collect();
+        let request: Idempotent<Vec<CreateEmailBaseOptions>> =
+            options.with_idempotency_key(&batch_key.to_string());
+        let response = match self
+            .client
+            .batch
+            .send_with_batch_validation(request, BatchValidation::Permissive)
+            .await
+        {
+            Ok(response) => response,
+            // Resend keeps a key only after a request with it succeeded, and
+            // Herald reuses a batch's key only for that batch: the batch was
+            // accepted before (its answer was lost), and its body differs
+            // now only because `email.from` changed since. Sending it again
+            // under a new key would mail everyone twice.
+            Err(resend_rs::Error::Resend(r)) if r.name == "invalid_idempotent_request" => {
+                tracing::warn!(batch = %batch_key,
+                    "Resend already accepted this batch (409 invalid_idempotent_request): recorded as sent");
+                return Ok(vec![Ok(()); emails.len()]);
+            }
+            Err(e) => return Err(classify(e)),
+        };
+        let mut answers: Vec<super::BatchAnswer> = vec![Ok(()); emails.len()];
+        for refused in response.errors {
+            if let Some(answer) = usize::try_from(refused.index)
+                .ok()
+                .and_then(|i| answers.get_mut(i))
+            {
+                *answer = Err(format!("refused by Resend: {}", refused.message));
+            }
+        }
+        Ok(answers)
     }
 }

@@ -252,22 +252,47 @@ pub trait Store: Send + Sync + 'static {
 
     async fn outbox_stats(&self) -> Result<OutboxStats, StoreError>;
 
-    /// The OutboxRelay's step: claims up to `limit` due, unsettled rows of
-    /// `topics` (Postgres: `FOR UPDATE SKIP LOCKED`, so several relays never
+    /// The OutboxRelay's step for one topic (each topic is its own lane):
+    /// claims up to `limit` due, unsettled rows of `topic` that no batch
+    /// owns (Postgres: `FOR UPDATE SKIP LOCKED`, so several relays never
     /// claim the same row; SQLite: one write transaction that skips rows a
-    /// consumer holds a lease on), hands them to `publish`, and only if that succeeded marks them
-    /// published: due again after `redeliver_after` unless a consumer
-    /// settles them first; rows of `fan_out_topics` settle at once. A
-    /// publish failure (or a crash before the commit) leaves the rows as
-    /// they were, to be claimed again.
+    /// consumer holds a lease on), hands them to `relay`, and records what
+    /// it did: a row published (again) keeps the new copy's broker id; a
+    /// row whose copy the broker still holds is only looked at again after
+    /// `check_after`. Rows of a `fan_out` topic settle on publish. A failure
+    /// (or a crash before the commit) leaves the rows as they were.
     async fn relay_due_events(
         &self,
+        topic: &str,
         limit: i64,
-        redeliver_after: Duration,
-        topics: &[&str],
-        fan_out_topics: &[&str],
-        publish: PublishFn<'_>,
+        check_after: Duration,
+        fan_out: bool,
+        relay: RelayFn<'_>,
     ) -> Result<RelayStep, StoreError>;
+
+    /// Makes the still-deliverable ones among `envelopes` (copies read by
+    /// `consumer`) the members of a new batch `batch_id`, due now, in one
+    /// transaction; says what became of each envelope, in order. A member
+    /// belongs to that batch until it settles: every send of the batch
+    /// carries the same members under the same key.
+    async fn form_batch(
+        &self,
+        consumer: &str,
+        batch_id: Uuid,
+        envelopes: &[Envelope],
+    ) -> Result<Vec<Admission>, StoreError>;
+
+    /// Claims the oldest due, unsettled batch of `consumer` (Postgres: row
+    /// lock held through the send, skipping batches another sender holds;
+    /// SQLite: a lease), hands it to `send`, and records the decision in one
+    /// transaction: per member an inbox row + effect + settle, or a dead
+    /// letter; or the whole batch retried, deferred, or dead-lettered.
+    /// `None` when no batch is due.
+    async fn send_due_batch(
+        &self,
+        consumer: &str,
+        send: BatchSendFn<'_>,
+    ) -> Result<Option<BatchResult>, StoreError>;
 
     /// A consumer's step for one delivered envelope: locks its outbox row
     /// (Postgres: `FOR UPDATE`; SQLite: a lease, so no transaction stays open
@@ -357,8 +382,159 @@ pub struct DlqTopicStats {
     pub oldest_age_seconds: f64,
 }
 
-/// Publishes a batch to the broker; `Ok` only if the broker took all of it.
-pub type PublishFn<'a> = &'a (dyn Fn(Vec<Envelope>) -> futures::future::BoxFuture<'static, Result<(), BrokerError>>
+/// A due outbox row, as the relay sees it.
+#[derive(Debug, Clone)]
+pub struct DueEvent {
+    pub envelope: Envelope,
+    /// The broker's id of the copy last published, while one is believed
+    /// held; `None` when the row must be published (new, or rescheduled by a
+    /// retry, a deferral or a dead-letter replay).
+    pub stream_id: Option<String>,
+    /// Published at least once before.
+    pub published_before: bool,
+}
+
+/// What the relay did with one [`DueEvent`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Relayed {
+    /// Published: the broker's id of the new copy.
+    Published(String),
+    /// The broker still holds the last copy: nothing published.
+    StillHeld,
+}
+
+/// The relay's work on a claimed set of due rows, one answer per row in
+/// order; `Err` leaves every row as it was.
+pub type RelayFn<'a> = &'a (dyn Fn(
+    Vec<DueEvent>,
+) -> futures::future::BoxFuture<'static, Result<Vec<Relayed>, BrokerError>>
+         + Send
+         + Sync);
+
+/// What [`Store::form_batch`] made of one envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Now a member of the new batch.
+    Member,
+    /// Already settled, or in the consumer's inbox.
+    Duplicate,
+    /// A copy published before the row's attempt count moved on.
+    Stale,
+    /// The row no longer exists.
+    Gone,
+    /// Already a member of an unsettled batch (a redelivered copy).
+    Batched,
+}
+
+/// An outbox row's state, as far as admitting a copy of it goes.
+#[derive(Debug, Clone, Copy)]
+pub struct RowState {
+    pub settled: bool,
+    pub in_inbox: bool,
+    pub batched: bool,
+    pub attempts: i32,
+}
+
+/// The one rule, on both backends, for a copy read from the broker: is it
+/// still to be delivered (`Member`), or already taken care of?
+pub fn admit(row: Option<RowState>, copy_attempts: i32) -> Admission {
+    match row {
+        None => Admission::Gone,
+        Some(r) if r.settled || r.in_inbox => Admission::Duplicate,
+        Some(r) if r.batched => Admission::Batched,
+        Some(r) if r.attempts != copy_attempts => Admission::Stale,
+        Some(_) => Admission::Member,
+    }
+}
+
+/// A batch, ready to send: its id is the request's idempotency key; its
+/// members are in the order they were admitted (event id order).
+#[derive(Debug, Clone)]
+pub struct BatchToSend {
+    pub id: Uuid,
+    /// Sends already spent on this batch.
+    pub attempts: i32,
+    pub members: Vec<Envelope>,
+}
+
+/// What became of one member of a sent batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MemberOutcome {
+    /// Accepted by the provider: record it in the inbox and settle.
+    Done,
+    /// Refused for good: dead-letter this member alone.
+    Dead { error: String },
+}
+
+/// A sender's verdict on one send of a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BatchDecision {
+    /// The provider answered for each member, in order.
+    Answered(Vec<MemberOutcome>),
+    /// Transient failure: spend an attempt, send the same batch after `after`.
+    Retry { after: Duration, error: String },
+    /// No retry budget: send it after `after`, spending no attempt.
+    Defer { after: Duration },
+    /// Permanent failure, or out of attempts: dead-letter every member.
+    Dead { error: String },
+}
+
+/// What [`Store::send_due_batch`] recorded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchResult {
+    pub id: Uuid,
+    /// 1-based.
+    pub attempt: i32,
+    pub members: usize,
+    pub decision: BatchDecision,
+}
+
+/// The per-member outcomes a batch decision records, in member order:
+/// the provider's answers, or every member dead; none for a retry or a
+/// deferral (the batch stays as it is). The same on both backends.
+pub fn batch_outcomes(decision: &BatchDecision, members: usize) -> Vec<MemberOutcome> {
+    match decision {
+        BatchDecision::Answered(answers) => (0..members)
+            .map(|i| {
+                answers.get(i).cloned().unwrap_or(MemberOutcome::Dead {
+                    error: "the provider's answer did not cover this email".into(),
+                })
+            })
+            .collect(),
+        BatchDecision::Dead { error } => vec![
+            MemberOutcome::Dead {
+                error: error.clone()
+            };
+            members
+        ],
+        BatchDecision::Retry { .. } | BatchDecision::Defer { .. } => Vec::new(),
+    }
+}
+
+/// One delivered event to record, as both backends record it.
+struct DoneEvent<'a> {
+    consumer: &'a str,
+    event_id: Uuid,
+    topic: &'a str,
+    aggregate_id: Uuid,
+    /// The attempt that succeeded (1-based).
+    attempt: i32,
+}
+
+/// One event to dead-letter, as both backends record it.
+struct DeadEvent<'a> {
+    consumer: &'a str,
+    event_id: Uuid,
+    topic: &'a str,
+    aggregate_id: Uuid,
+    /// The attempt that failed (1-based).
+    attempt: i32,
+    error: &'a str,
+    first_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// Sends one batch and says what to record.
+pub type BatchSendFn<'a> = &'a (dyn Fn(BatchToSend) -> futures::future::BoxFuture<'static, BatchDecision>
          + Send
          + Sync);
 
@@ -370,7 +546,9 @@ pub type DeliverFn<'a> =
 /// What one relay step did.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct RelayStep {
-    /// Rows claimed and published.
+    /// Rows claimed.
+    pub claimed: usize,
+    /// Of those, rows published.
     pub published: usize,
 }
 
@@ -404,6 +582,29 @@ pub enum DeliveryResult {
     /// Another worker held the row past the lock timeout; it settles it, or
     /// the relay republishes it when it comes due.
     Busy,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_copy_is_admitted_only_while_its_row_waits_for_it() {
+        let row = |settled, in_inbox, batched, attempts| {
+            Some(RowState {
+                settled,
+                in_inbox,
+                batched,
+                attempts,
+            })
+        };
+        assert_eq!(admit(row(false, false, false, 0), 0), Admission::Member);
+        assert_eq!(admit(None, 0), Admission::Gone);
+        assert_eq!(admit(row(true, false, false, 0), 0), Admission::Duplicate);
+        assert_eq!(admit(row(false, true, false, 0), 0), Admission::Duplicate);
+        assert_eq!(admit(row(false, false, true, 0), 0), Admission::Batched);
+        assert_eq!(admit(row(false, false, false, 2), 1), Admission::Stale);
+    }
 }
 
 /// Connects to the backend named by `database_url`'s scheme.

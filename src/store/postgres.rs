@@ -22,9 +22,11 @@ use tracing::instrument;
 use uuid::Uuid;
 
 use super::{
-    status_column, to_json, ApplyOutcome, DeadLetter, DeliverFn, DeliveryDecision, DeliveryResult,
-    DlqAction, DlqTopicStats, KeyClaim, KeyClaimRequest, KeyLease, OutboxStats, PublishFn, Purged,
-    RelayStep, Render, Store, StoreError,
+    admit, batch_outcomes, status_column, to_json, Admission, ApplyOutcome, BatchDecision,
+    BatchResult, BatchSendFn, BatchToSend, DeadEvent, DeadLetter, DeliverFn, DeliveryDecision,
+    DeliveryResult, DlqAction, DlqTopicStats, DueEvent, KeyClaim, KeyClaimRequest, KeyLease,
+    MemberOutcome, OutboxStats, Purged, RelayFn, RelayStep, Relayed, Render, RowState, Store,
+    StoreError,
 };
 use crate::broker::Envelope;
 use crate::config::Config;
@@ -71,7 +73,7 @@ WITH letters AS (
 ), events AS (
     UPDATE outbox_events o
        SET settled_at = NULL, attempts = 0, due_at = now(), last_error = NULL,
-           first_failed_at = NULL
+           first_failed_at = NULL, batch_id = NULL, stream_id = NULL
       FROM letters l
      WHERE o.event_id = l.event_id
     RETURNING o.topic, o.aggregate_id
@@ -456,6 +458,42 @@ impl PgStore {
         }
         .await;
         session.settle(result)
+    }
+
+    /// Writes one event's dead letter, marks its aggregate `dead` and
+    /// settles the row, in the caller's transaction.
+    async fn record_dead(
+        tx: &mut Transaction<'_, Postgres>,
+        dead: &DeadEvent<'_>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO dead_letters
+                 (event_id, consumer, topic, attempts, last_error, first_failed_at, id)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (consumer, event_id) DO UPDATE
+                SET attempts = EXCLUDED.attempts, last_error = EXCLUDED.last_error,
+                    dead_at = now(), replayed_at = NULL, discarded_at = NULL",
+        )
+        .bind(dead.event_id)
+        .bind(dead.consumer)
+        .bind(dead.topic)
+        .bind(dead.attempt)
+        .bind(dead.error)
+        .bind(dead.first_at)
+        .bind(Uuid::now_v7())
+        .execute(&mut **tx)
+        .await?;
+        Self::apply_effect(tx, dead.topic, dead.aggregate_id, "dead").await?;
+        sqlx::query(
+            "UPDATE outbox_events SET settled_at = now(), attempts = $2, last_error = $3
+              WHERE event_id = $1",
+        )
+        .bind(dead.event_id)
+        .bind(dead.attempt)
+        .bind(dead.error)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
     }
 
     /// The local effect of a settled delivery on its aggregate, in the
@@ -1009,65 +1047,306 @@ impl Store for PgStore {
         session.settle(result)
     }
 
-    #[instrument(skip_all)]
+    #[instrument(skip_all, fields(topic))]
     async fn relay_due_events(
         &self,
+        topic: &str,
         limit: i64,
-        redeliver_after: Duration,
-        topics: &[&str],
-        fan_out_topics: &[&str],
-        publish: PublishFn<'_>,
+        check_after: Duration,
+        fan_out: bool,
+        relay: RelayFn<'_>,
     ) -> Result<RelayStep, StoreError> {
         let mut session = self.session().await?;
         let result: Result<RelayStep, StoreError> = async {
             let conn: &mut PgConnection = &mut session;
             let mut tx = conn.begin().await?;
             let rows = sqlx::query(
-                "SELECT event_id, topic, attempts, payload FROM outbox_events
-                  WHERE settled_at IS NULL AND due_at <= now() AND topic = ANY($2)
+                "SELECT event_id, topic, attempts, payload, stream_id,
+                        published_at IS NOT NULL AS published
+                   FROM outbox_events
+                  WHERE settled_at IS NULL AND batch_id IS NULL AND topic = $2
+                    AND due_at <= now()
                   ORDER BY due_at
                   LIMIT $1
                   FOR UPDATE SKIP LOCKED",
             )
             .bind(limit)
-            .bind(topics.iter().map(|t| t.to_string()).collect::<Vec<_>>())
+            .bind(topic)
             .fetch_all(&mut *tx)
             .await?;
             if rows.is_empty() {
                 return Ok(RelayStep::default());
             }
-            let mut envelopes = Vec::with_capacity(rows.len());
+            let mut due = Vec::with_capacity(rows.len());
             for row in &rows {
-                envelopes.push(Envelope {
+                due.push(DueEvent {
+                    envelope: Envelope {
+                        event_id: row.try_get("event_id")?,
+                        topic: row.try_get("topic")?,
+                        attempts: row.try_get("attempts")?,
+                        payload: row.try_get("payload")?,
+                    },
+                    stream_id: row.try_get("stream_id")?,
+                    published_before: row.try_get("published")?,
+                });
+            }
+            let ids: Vec<Uuid> = due.iter().map(|d| d.envelope.event_id).collect();
+            // On failure the transaction rolls back: the rows stay due.
+            let relayed = relay(due)
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            fail::fail_point!("relay-after-publish", |_| std::process::abort());
+            let mut published = (Vec::new(), Vec::new());
+            let mut held = Vec::new();
+            for (id, what) in ids.iter().zip(relayed) {
+                match what {
+                    Relayed::Published(stream_id) => {
+                        published.0.push(*id);
+                        published.1.push(stream_id);
+                    }
+                    Relayed::StillHeld => held.push(*id),
+                }
+            }
+            sqlx::query(
+                "UPDATE outbox_events o
+                    SET published_at = now(), stream_id = p.stream_id,
+                        due_at = now() + make_interval(secs => $3),
+                        settled_at = CASE WHEN $4 THEN now() END
+                   FROM unnest($1::uuid[], $2::text[]) AS p(event_id, stream_id)
+                  WHERE o.event_id = p.event_id",
+            )
+            .bind(&published.0)
+            .bind(&published.1)
+            .bind(check_after.as_secs_f64())
+            .bind(fan_out)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "UPDATE outbox_events SET due_at = now() + make_interval(secs => $2)
+                  WHERE event_id = ANY($1)",
+            )
+            .bind(&held)
+            .bind(check_after.as_secs_f64())
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(RelayStep {
+                claimed: ids.len(),
+                published: published.0.len(),
+            })
+        }
+        .await;
+        session.settle(result)
+    }
+
+    #[instrument(skip_all, fields(consumer, members = envelopes.len()))]
+    async fn form_batch(
+        &self,
+        consumer: &str,
+        batch_id: Uuid,
+        envelopes: &[Envelope],
+    ) -> Result<Vec<Admission>, StoreError> {
+        let mut session = self.session().await?;
+        let result: Result<Vec<Admission>, StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            let mut tx = conn
+                .begin_with("BEGIN; SET LOCAL lock_timeout = '5s'")
+                .await?;
+            let ids: Vec<Uuid> = envelopes.iter().map(|e| e.event_id).collect();
+            let rows = sqlx::query(
+                "SELECT o.event_id, o.attempts, o.settled_at IS NOT NULL AS settled,
+                        o.batch_id IS NOT NULL AS batched,
+                        EXISTS (SELECT 1 FROM inbox i
+                                 WHERE i.consumer = $2 AND i.event_id = o.event_id) AS in_inbox
+                   FROM outbox_events o
+                  WHERE o.event_id = ANY($1)
+                  ORDER BY o.event_id
+                  FOR UPDATE OF o",
+            )
+            .bind(&ids)
+            .bind(consumer)
+            .fetch_all(&mut *tx)
+            .await?;
+            let mut states = std::collections::HashMap::new();
+            for row in &rows {
+                let id: Uuid = row.try_get("event_id")?;
+                states.insert(
+                    id,
+                    RowState {
+                        settled: row.try_get("settled")?,
+                        in_inbox: row.try_get("in_inbox")?,
+                        batched: row.try_get("batched")?,
+                        attempts: row.try_get("attempts")?,
+                    },
+                );
+            }
+            let mut members = Vec::new();
+            let admissions: Vec<Admission> = envelopes
+                .iter()
+                .map(|e| {
+                    let admission = admit(states.get(&e.event_id).copied(), e.attempts);
+                    if admission == Admission::Member {
+                        // A second copy of the same event in this set is a repeat.
+                        if let Some(state) = states.get_mut(&e.event_id) {
+                            state.batched = true;
+                        }
+                        members.push(e.event_id);
+                    }
+                    admission
+                })
+                .collect();
+            if !members.is_empty() {
+                sqlx::query("INSERT INTO send_batches (id, consumer) VALUES ($1, $2)")
+                    .bind(batch_id)
+                    .bind(consumer)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("UPDATE outbox_events SET batch_id = $1 WHERE event_id = ANY($2)")
+                    .bind(batch_id)
+                    .bind(&members)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok(admissions)
+        }
+        .await;
+        session.settle(result)
+    }
+
+    #[instrument(skip_all, fields(consumer))]
+    async fn send_due_batch(
+        &self,
+        consumer: &str,
+        send: BatchSendFn<'_>,
+    ) -> Result<Option<BatchResult>, StoreError> {
+        let mut session = self.session().await?;
+        let result: Result<Option<BatchResult>, StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            let mut tx = conn.begin().await?;
+            let Some(batch) = sqlx::query(
+                "SELECT id, attempts, first_failed_at FROM send_batches
+                  WHERE consumer = $1 AND settled_at IS NULL AND due_at <= now()
+                  ORDER BY due_at
+                  LIMIT 1
+                  FOR UPDATE SKIP LOCKED",
+            )
+            .bind(consumer)
+            .fetch_optional(&mut *tx)
+            .await?
+            else {
+                return Ok(None);
+            };
+            let id: Uuid = batch.try_get("id")?;
+            let attempts: i32 = batch.try_get("attempts")?;
+            let first_at: DateTime<Utc> = batch
+                .try_get::<Option<DateTime<Utc>>, _>("first_failed_at")?
+                .unwrap_or_else(Utc::now);
+            let rows = sqlx::query(
+                "SELECT event_id, topic, attempts, payload, aggregate_id FROM outbox_events
+                  WHERE batch_id = $1 AND settled_at IS NULL
+                  ORDER BY event_id",
+            )
+            .bind(id)
+            .fetch_all(&mut *tx)
+            .await?;
+            let mut members = Vec::with_capacity(rows.len());
+            let mut aggregates = Vec::with_capacity(rows.len());
+            for row in &rows {
+                members.push(Envelope {
                     event_id: row.try_get("event_id")?,
                     topic: row.try_get("topic")?,
                     attempts: row.try_get("attempts")?,
                     payload: row.try_get("payload")?,
                 });
+                aggregates.push(row.try_get::<Uuid, _>("aggregate_id")?);
             }
-            let ids: Vec<Uuid> = envelopes.iter().map(|e| e.event_id).collect();
-            // On failure the transaction rolls back: the rows stay due.
-            publish(envelopes)
-                .await
-                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-            fail::fail_point!("relay-after-publish", |_| std::process::abort());
-            let fan_out: Vec<String> = fan_out_topics.iter().map(|t| t.to_string()).collect();
-            sqlx::query(
-                "UPDATE outbox_events
-                    SET published_at = now(),
-                        due_at = now() + make_interval(secs => $2),
-                        settled_at = CASE WHEN topic = ANY($3) THEN now() END
-                  WHERE event_id = ANY($1)",
-            )
-            .bind(&ids)
-            .bind(redeliver_after.as_secs_f64())
-            .bind(&fan_out)
-            .execute(&mut *tx)
-            .await?;
+            let attempt = attempts + 1;
+            let decision = if members.is_empty() {
+                BatchDecision::Answered(Vec::new())
+            } else {
+                let to_send = BatchToSend {
+                    id,
+                    attempts,
+                    members: members.clone(),
+                };
+                let decision = send(to_send).await;
+                fail::fail_point!("batch-after-send", |_| std::process::abort());
+                decision
+            };
+            let outcomes = batch_outcomes(&decision, members.len());
+            match &decision {
+                BatchDecision::Retry { after, error } => {
+                    sqlx::query(
+                        "UPDATE send_batches
+                            SET attempts = $2, last_error = $3,
+                                due_at = now() + make_interval(secs => $4),
+                                first_failed_at = COALESCE(first_failed_at, now())
+                          WHERE id = $1",
+                    )
+                    .bind(id)
+                    .bind(attempt)
+                    .bind(error)
+                    .bind(after.as_secs_f64())
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                BatchDecision::Defer { after } => {
+                    sqlx::query(
+                        "UPDATE send_batches SET due_at = now() + make_interval(secs => $2)
+                          WHERE id = $1",
+                    )
+                    .bind(id)
+                    .bind(after.as_secs_f64())
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                BatchDecision::Answered(_) | BatchDecision::Dead { .. } => {
+                    for ((member, aggregate_id), outcome) in
+                        members.iter().zip(&aggregates).zip(&outcomes)
+                    {
+                        match outcome {
+                            MemberOutcome::Done => {
+                                sqlx::query(SETTLE_DELIVERED)
+                                    .bind(consumer)
+                                    .bind(member.event_id)
+                                    .bind(attempt)
+                                    .bind(&member.topic)
+                                    .bind(aggregate_id)
+                                    .execute(&mut *tx)
+                                    .await?;
+                            }
+                            MemberOutcome::Dead { error } => {
+                                let dead = DeadEvent {
+                                    consumer,
+                                    event_id: member.event_id,
+                                    topic: &member.topic,
+                                    aggregate_id: *aggregate_id,
+                                    attempt,
+                                    error,
+                                    first_at,
+                                };
+                                Self::record_dead(&mut tx, &dead).await?;
+                            }
+                        }
+                    }
+                    sqlx::query(
+                        "UPDATE send_batches SET settled_at = now(), attempts = $2
+                          WHERE id = $1",
+                    )
+                    .bind(id)
+                    .bind(attempt)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
             tx.commit().await?;
-            Ok(RelayStep {
-                published: ids.len(),
-            })
+            Ok(Some(BatchResult {
+                id,
+                attempt,
+                members: members.len(),
+                decision,
+            }))
         }
         .await;
         session.settle(result)
@@ -1142,7 +1421,8 @@ impl Store for PgStore {
                         "UPDATE outbox_events
                             SET attempts = $2, last_error = $3,
                                 due_at = now() + make_interval(secs => $4),
-                                first_failed_at = COALESCE(first_failed_at, now())
+                                first_failed_at = COALESCE(first_failed_at, now()),
+                                stream_id = NULL
                           WHERE event_id = $1",
                     )
                     .bind(envelope.event_id)
@@ -1154,7 +1434,8 @@ impl Store for PgStore {
                 }
                 DeliveryDecision::Defer { after } => {
                     sqlx::query(
-                        "UPDATE outbox_events SET due_at = now() + make_interval(secs => $2)
+                        "UPDATE outbox_events
+                            SET due_at = now() + make_interval(secs => $2), stream_id = NULL
                           WHERE event_id = $1",
                     )
                     .bind(envelope.event_id)
@@ -1163,34 +1444,16 @@ impl Store for PgStore {
                     .await?;
                 }
                 DeliveryDecision::Dead { error } => {
-                    sqlx::query(
-                        "INSERT INTO dead_letters
-                             (event_id, consumer, topic, attempts, last_error, first_failed_at, id)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7)
-                         ON CONFLICT (consumer, event_id) DO UPDATE
-                            SET attempts = EXCLUDED.attempts, last_error = EXCLUDED.last_error,
-                                dead_at = now(), replayed_at = NULL, discarded_at = NULL",
-                    )
-                    .bind(envelope.event_id)
-                    .bind(consumer)
-                    .bind(&topic)
-                    .bind(attempt)
-                    .bind(error)
-                    .bind(first_at)
-                    .bind(Uuid::now_v7())
-                    .execute(&mut *tx)
-                    .await?;
-                    Self::apply_effect(&mut tx, &topic, aggregate_id, "dead").await?;
-                    sqlx::query(
-                        "UPDATE outbox_events SET settled_at = now(), attempts = $2,
-                                last_error = $3
-                          WHERE event_id = $1",
-                    )
-                    .bind(envelope.event_id)
-                    .bind(attempt)
-                    .bind(error)
-                    .execute(&mut *tx)
-                    .await?;
+                    let dead = DeadEvent {
+                        consumer,
+                        event_id: envelope.event_id,
+                        topic: &topic,
+                        aggregate_id,
+                        attempt,
+                        error,
+                        first_at,
+                    };
+                    Self::record_dead(&mut tx, &dead).await?;
                 }
             }
             tx.commit().await?;
@@ -1349,6 +1612,17 @@ impl Store for PgStore {
             .execute(&mut *conn)
             .await?
             .rows_affected();
+            // Settled batches: their members settled with them.
+            sqlx::query(
+                "DELETE FROM send_batches WHERE id IN (
+                     SELECT id FROM send_batches
+                      WHERE settled_at < now() - make_interval(secs => $2)
+                      LIMIT $1 FOR UPDATE SKIP LOCKED)",
+            )
+            .bind(batch)
+            .bind(retention)
+            .execute(&mut *conn)
+            .await?;
             Ok(Purged {
                 keys,
                 outbox,

@@ -46,9 +46,11 @@ use tracing::instrument;
 use uuid::Uuid;
 
 use super::{
-    status_column, to_json, ApplyOutcome, DeadLetter, DeliverFn, DeliveryDecision, DeliveryResult,
-    DlqAction, DlqTopicStats, KeyClaim, KeyClaimRequest, KeyLease, OutboxStats, PublishFn, Purged,
-    RelayStep, Render, Store, StoreError,
+    admit, batch_outcomes, status_column, to_json, Admission, ApplyOutcome, BatchDecision,
+    BatchResult, BatchSendFn, BatchToSend, DeadEvent, DeadLetter, DeliverFn, DeliveryDecision,
+    DeliveryResult, DlqAction, DlqTopicStats, DoneEvent, DueEvent, KeyClaim, KeyClaimRequest,
+    KeyLease, MemberOutcome, OutboxStats, Purged, RelayFn, RelayStep, Relayed, Render, RowState,
+    Store, StoreError,
 };
 use crate::broker::Envelope;
 use crate::config::Config;
@@ -121,10 +123,6 @@ fn charge_from_row(row: &SqliteRow) -> Result<Charge, sqlx::Error> {
 const APPLICATION_COLUMNS: &str =
     "id, job_id, user_id, email, resume_url, cover_letter, email_status, created_at";
 
-/// `?, ?, …` for `n` values.
-fn placeholders(n: usize) -> String {
-    vec!["?"; n.max(1)].join(", ")
-}
 
 type Query<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments>;
 
@@ -346,6 +344,92 @@ impl SqliteStore {
         Ok(())
     }
 
+    /// Records one delivered event: settles its row, writes its inbox row
+    /// and its effect (the application `sent`; the charge's ledger entry and
+    /// `applied`), in the caller's transaction.
+    async fn record_done(
+        tx: &mut Transaction<'_, Sqlite>,
+        done: &DoneEvent<'_>,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let (event_id, aggregate_id) = (done.event_id.to_string(), done.aggregate_id.to_string());
+        sqlx::query(
+            "UPDATE outbox_events SET settled_at = ?, attempts = ?, last_error = NULL
+              WHERE event_id = ?",
+        )
+        .bind(now)
+        .bind(done.attempt)
+        .bind(&event_id)
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query("INSERT INTO inbox (consumer, event_id, processed_at) VALUES (?, ?, ?)")
+            .bind(done.consumer)
+            .bind(&event_id)
+            .bind(now)
+            .execute(&mut **tx)
+            .await?;
+        match done.topic {
+            topics::APPLICATION_SUBMITTED => {
+                Self::apply_effect(tx, done.topic, &aggregate_id, "sent").await?;
+            }
+            topics::CHARGE_CREATED => {
+                sqlx::query(
+                    "INSERT INTO ledger_entries
+                         (charge_id, event_id, user_id, amount_cents, currency, applied_at)
+                     SELECT id, ?, user_id, amount_cents, currency, ? FROM charges WHERE id = ?",
+                )
+                .bind(&event_id)
+                .bind(now)
+                .bind(&aggregate_id)
+                .execute(&mut **tx)
+                .await?;
+                Self::apply_effect(tx, done.topic, &aggregate_id, "applied").await?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Writes one event's dead letter, marks its aggregate `dead` and
+    /// settles the row, in the caller's transaction.
+    async fn record_dead(
+        tx: &mut Transaction<'_, Sqlite>,
+        dead: &DeadEvent<'_>,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let event_id = dead.event_id.to_string();
+        sqlx::query(
+            "UPDATE outbox_events SET settled_at = ?, attempts = ?, last_error = ?
+              WHERE event_id = ?",
+        )
+        .bind(now)
+        .bind(dead.attempt)
+        .bind(dead.error)
+        .bind(&event_id)
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO dead_letters
+                 (id, event_id, consumer, topic, attempts, last_error, first_failed_at, dead_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (consumer, event_id) DO UPDATE
+                SET attempts = excluded.attempts, last_error = excluded.last_error,
+                    dead_at = excluded.dead_at, replayed_at = NULL, discarded_at = NULL",
+        )
+        .bind(Uuid::now_v7().to_string())
+        .bind(&event_id)
+        .bind(dead.consumer)
+        .bind(dead.topic)
+        .bind(dead.attempt)
+        .bind(dead.error)
+        .bind(dead.first_at.timestamp_micros())
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+        Self::apply_effect(tx, dead.topic, &dead.aggregate_id.to_string(), "dead").await?;
+        Ok(())
+    }
+
     /// The local effect of a dead delivery on its aggregate.
     async fn apply_effect(
         tx: &mut Transaction<'_, Sqlite>,
@@ -409,7 +493,8 @@ impl SqliteStore {
             sqlx::query(
                 "UPDATE outbox_events
                     SET settled_at = NULL, attempts = 0, due_at = ?, last_error = NULL,
-                        first_failed_at = NULL, locked_by = NULL, locked_until = NULL
+                        first_failed_at = NULL, locked_by = NULL, locked_until = NULL,
+                        batch_id = NULL, stream_id = NULL
                   WHERE event_id = ?",
             )
             .bind(now)
@@ -788,75 +873,297 @@ impl Store for SqliteStore {
         })
     }
 
-    #[instrument(skip_all)]
+    #[instrument(skip_all, fields(topic))]
     async fn relay_due_events(
         &self,
+        topic: &str,
         limit: i64,
-        redeliver_after: Duration,
-        topics: &[&str],
-        fan_out_topics: &[&str],
-        publish: PublishFn<'_>,
+        check_after: Duration,
+        fan_out: bool,
+        relay: RelayFn<'_>,
     ) -> Result<RelayStep, StoreError> {
         let mut tx = self.write().await?;
         let now = now_us();
         // Rows a consumer holds a lease on are skipped, as Postgres skips
         // locked rows.
-        let sql = format!(
-            "SELECT event_id, topic, attempts, payload FROM outbox_events
-              WHERE settled_at IS NULL AND due_at <= ?
-                AND (locked_until IS NULL OR locked_until <= ?)
-                AND topic IN ({})
-              ORDER BY due_at LIMIT ?",
-            placeholders(topics.len())
-        );
-        let mut query = sqlx::query(AssertSqlSafe(sql)).bind(now).bind(now);
-        for topic in topics {
-            query = query.bind(*topic);
-        }
-        let rows = query.bind(limit).fetch_all(&mut *tx).await?;
+        let rows = sqlx::query(
+            "SELECT event_id, topic, attempts, payload, stream_id,
+                    published_at IS NOT NULL AS published
+               FROM outbox_events
+              WHERE settled_at IS NULL AND batch_id IS NULL AND topic = ?1 AND due_at <= ?2
+                AND (locked_until IS NULL OR locked_until <= ?2)
+              ORDER BY due_at LIMIT ?3",
+        )
+        .bind(topic)
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
         if rows.is_empty() {
             return Ok(RelayStep::default());
         }
-        let mut envelopes = Vec::with_capacity(rows.len());
+        let mut due = Vec::with_capacity(rows.len());
         for row in &rows {
             let payload: String = row.try_get("payload")?;
-            envelopes.push(Envelope {
+            due.push(DueEvent {
+                envelope: Envelope {
+                    event_id: uuid_column(row, "event_id")?,
+                    topic: row.try_get("topic")?,
+                    attempts: row.try_get("attempts")?,
+                    payload: serde_json::from_str(&payload)
+                        .map_err(|e| StoreError::Internal(format!("outbox payload: {e}")))?,
+                },
+                stream_id: row.try_get("stream_id")?,
+                published_before: row.try_get("published")?,
+            });
+        }
+        let ids: Vec<String> = due.iter().map(|d| d.envelope.event_id.to_string()).collect();
+        // On failure the transaction rolls back: the rows stay due.
+        let relayed = relay(due)
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        fail::fail_point!("relay-after-publish", |_| std::process::abort());
+        let next_check = now + us(check_after);
+        let mut published = 0;
+        for (id, what) in ids.iter().zip(relayed) {
+            match what {
+                Relayed::Published(stream_id) => {
+                    published += 1;
+                    sqlx::query(
+                        "UPDATE outbox_events
+                            SET published_at = ?1, stream_id = ?2, due_at = ?3,
+                                settled_at = CASE WHEN ?4 THEN ?1 END
+                          WHERE event_id = ?5",
+                    )
+                    .bind(now)
+                    .bind(stream_id)
+                    .bind(next_check)
+                    .bind(fan_out)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                Relayed::StillHeld => {
+                    sqlx::query("UPDATE outbox_events SET due_at = ? WHERE event_id = ?")
+                        .bind(next_check)
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(RelayStep {
+            claimed: ids.len(),
+            published,
+        })
+    }
+
+    #[instrument(skip_all, fields(consumer, members = envelopes.len()))]
+    async fn form_batch(
+        &self,
+        consumer: &str,
+        batch_id: Uuid,
+        envelopes: &[Envelope],
+    ) -> Result<Vec<Admission>, StoreError> {
+        let mut tx = self.write().await?;
+        let now = now_us();
+        let mut admissions = Vec::with_capacity(envelopes.len());
+        let mut members = Vec::new();
+        for envelope in envelopes {
+            let event_id = envelope.event_id.to_string();
+            let row = sqlx::query(
+                "SELECT o.attempts, o.settled_at IS NOT NULL AS settled,
+                        o.batch_id IS NOT NULL AS batched,
+                        EXISTS (SELECT 1 FROM inbox i
+                                 WHERE i.consumer = ?2 AND i.event_id = o.event_id) AS in_inbox
+                   FROM outbox_events o WHERE o.event_id = ?1",
+            )
+            .bind(&event_id)
+            .bind(consumer)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let state = match row {
+                Some(row) => Some(RowState {
+                    settled: row.try_get("settled")?,
+                    in_inbox: row.try_get("in_inbox")?,
+                    batched: row.try_get::<bool, _>("batched")? || members.contains(&event_id),
+                    attempts: row.try_get("attempts")?,
+                }),
+                None => None,
+            };
+            let admission = admit(state, envelope.attempts);
+            if admission == Admission::Member {
+                members.push(event_id);
+            }
+            admissions.push(admission);
+        }
+        if !members.is_empty() {
+            sqlx::query(
+                "INSERT INTO send_batches (id, consumer, created_at, due_at) VALUES (?, ?, ?, ?)",
+            )
+            .bind(batch_id.to_string())
+            .bind(consumer)
+            .bind(now)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            for event_id in &members {
+                sqlx::query("UPDATE outbox_events SET batch_id = ? WHERE event_id = ?")
+                    .bind(batch_id.to_string())
+                    .bind(event_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(admissions)
+    }
+
+    #[instrument(skip_all, fields(consumer))]
+    async fn send_due_batch(
+        &self,
+        consumer: &str,
+        send: BatchSendFn<'_>,
+    ) -> Result<Option<BatchResult>, StoreError> {
+        // 1. Take the oldest due batch's lease in a short transaction (no
+        //    transaction stays open while the batch is sent).
+        let token = Uuid::new_v4().to_string();
+        let mut tx = self.write().await?;
+        let now = now_us();
+        let Some(batch) = sqlx::query(
+            "SELECT id, attempts, first_failed_at FROM send_batches
+              WHERE consumer = ?1 AND settled_at IS NULL AND due_at <= ?2
+                AND (locked_until IS NULL OR locked_until <= ?2)
+              ORDER BY due_at LIMIT 1",
+        )
+        .bind(consumer)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let id = uuid_column(&batch, "id")?;
+        let attempts: i32 = batch.try_get("attempts")?;
+        let first_at = instant(batch.try_get::<Option<i64>, _>("first_failed_at")?.unwrap_or(now))?;
+        sqlx::query("UPDATE send_batches SET locked_by = ?, locked_until = ? WHERE id = ?")
+            .bind(&token)
+            .bind(now + us(DELIVERY_LEASE))
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        let rows = sqlx::query(
+            "SELECT event_id, topic, attempts, payload, aggregate_id FROM outbox_events
+              WHERE batch_id = ? AND settled_at IS NULL
+              ORDER BY event_id",
+        )
+        .bind(id.to_string())
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let mut members = Vec::with_capacity(rows.len());
+        let mut aggregates = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let payload: String = row.try_get("payload")?;
+            members.push(Envelope {
                 event_id: uuid_column(row, "event_id")?,
                 topic: row.try_get("topic")?,
                 attempts: row.try_get("attempts")?,
                 payload: serde_json::from_str(&payload)
                     .map_err(|e| StoreError::Internal(format!("outbox payload: {e}")))?,
             });
+            aggregates.push(uuid_column(row, "aggregate_id")?);
         }
-        let ids: Vec<String> = envelopes.iter().map(|e| e.event_id.to_string()).collect();
-        // On failure the transaction rolls back: the rows stay due.
-        publish(envelopes)
-            .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        fail::fail_point!("relay-after-publish", |_| std::process::abort());
-        let sql = format!(
-            "UPDATE outbox_events
-                SET published_at = ?, due_at = ?,
-                    settled_at = CASE WHEN topic IN ({}) THEN ? END
-              WHERE event_id IN ({})",
-            placeholders(fan_out_topics.len()),
-            placeholders(ids.len())
-        );
-        let mut query = sqlx::query(AssertSqlSafe(sql))
-            .bind(now)
-            .bind(now + us(redeliver_after));
-        for topic in fan_out_topics {
-            query = query.bind(*topic);
+
+        // 2. Send.
+        let attempt = attempts + 1;
+        let decision = if members.is_empty() {
+            BatchDecision::Answered(Vec::new())
+        } else {
+            let decision = send(BatchToSend {
+                id,
+                attempts,
+                members: members.clone(),
+            })
+            .await;
+            fail::fail_point!("batch-after-send", |_| std::process::abort());
+            decision
+        };
+
+        // 3. Record, fenced on the lease (another sender that took the batch
+        //    over sends the same members under the same key: its outcome stands).
+        let mut tx = self.write().await?;
+        let now = now_us();
+        let fenced = |sql: &'static str| {
+            sqlx::query(sql)
+                .bind(attempt)
+                .bind(now)
+                .bind(id.to_string())
+                .bind(token.clone())
+        };
+        let held = match &decision {
+            BatchDecision::Retry { after, error } => fenced(
+                "UPDATE send_batches
+                    SET attempts = ?1, due_at = ?2 + ?5, last_error = ?6,
+                        first_failed_at = COALESCE(first_failed_at, ?2),
+                        locked_by = NULL, locked_until = NULL
+                  WHERE id = ?3 AND locked_by = ?4",
+            )
+            .bind(us(*after))
+            .bind(error),
+            BatchDecision::Defer { after } => fenced(
+                "UPDATE send_batches SET due_at = ?2 + ?5, locked_by = NULL, locked_until = NULL
+                  WHERE id = ?3 AND locked_by = ?4 AND ?1 = ?1",
+            )
+            .bind(us(*after)),
+            BatchDecision::Answered(_) | BatchDecision::Dead { .. } => fenced(
+                "UPDATE send_batches
+                    SET attempts = ?1, settled_at = ?2, locked_by = NULL, locked_until = NULL
+                  WHERE id = ?3 AND locked_by = ?4",
+            ),
         }
-        query = query.bind(now);
-        for id in &ids {
-            query = query.bind(id.as_str());
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !held {
+            return Ok(None);
         }
-        query.execute(&mut *tx).await?;
+        let outcomes = batch_outcomes(&decision, members.len());
+        for ((member, aggregate_id), outcome) in members.iter().zip(&aggregates).zip(&outcomes) {
+            match outcome {
+                MemberOutcome::Done => {
+                    let done = DoneEvent {
+                        consumer,
+                        event_id: member.event_id,
+                        topic: &member.topic,
+                        aggregate_id: *aggregate_id,
+                        attempt,
+                    };
+                    Self::record_done(&mut tx, &done, now).await?;
+                }
+                MemberOutcome::Dead { error } => {
+                    let dead = DeadEvent {
+                        consumer,
+                        event_id: member.event_id,
+                        topic: &member.topic,
+                        aggregate_id: *aggregate_id,
+                        attempt,
+                        error,
+                        first_at,
+                    };
+                    Self::record_dead(&mut tx, &dead, now).await?;
+                }
+            }
+        }
         tx.commit().await?;
-        Ok(RelayStep {
-            published: ids.len(),
-        })
+        Ok(Some(BatchResult {
+            id,
+            attempt,
+            members: members.len(),
+            decision,
+        }))
     }
 
     #[instrument(skip_all, fields(event_id = %envelope.event_id))]
@@ -907,129 +1214,77 @@ impl Store for SqliteStore {
             .await?;
         tx.commit().await?;
         let topic: String = row.try_get("topic")?;
-        let aggregate_id: String = row.try_get("aggregate_id")?;
+        let aggregate_id = uuid_column(&row, "aggregate_id")?;
         let first_failed_at: Option<i64> = row.try_get("first_failed_at")?;
 
         // 2. Deliver.
         let decision = deliver(attempts).await;
         fail::fail_point!("consumer-after-deliver", |_| std::process::abort());
 
-        // 3. Record the outcome, fenced on the lease.
+        // 3. Record the outcome, fenced on the lease: if it ran out and
+        //    another worker took the row, that worker's outcome stands (a
+        //    resent email carries the same idempotency key).
         let attempt = attempts + 1;
         let mut tx = self.write().await?;
         let now = now_us();
-        let settle = |error: Option<&str>| {
-            sqlx::query(
-                "UPDATE outbox_events
-                    SET settled_at = ?, attempts = ?, last_error = ?, locked_by = NULL,
-                        locked_until = NULL
-                  WHERE event_id = ? AND locked_by = ?",
-            )
-            .bind(now)
-            .bind(attempt)
-            .bind(error.map(str::to_string))
-            .bind(event_id.clone())
-            .bind(token.clone())
-        };
-        let fenced = match &decision {
+        let held = sqlx::query(
+            "UPDATE outbox_events SET locked_by = NULL, locked_until = NULL
+              WHERE event_id = ? AND locked_by = ?",
+        )
+        .bind(&event_id)
+        .bind(&token)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !held {
+            return Ok(DeliveryResult::Busy);
+        }
+        match &decision {
             DeliveryDecision::Done => {
-                let held = settle(None).execute(&mut *tx).await?.rows_affected() == 1;
-                if held {
-                    sqlx::query(
-                        "INSERT INTO inbox (consumer, event_id, processed_at) VALUES (?, ?, ?)",
-                    )
-                    .bind(consumer)
-                    .bind(&event_id)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
-                    match topic.as_str() {
-                        topics::APPLICATION_SUBMITTED => {
-                            Self::apply_effect(&mut tx, &topic, &aggregate_id, "sent").await?;
-                        }
-                        topics::CHARGE_CREATED => {
-                            sqlx::query(
-                                "INSERT INTO ledger_entries
-                                     (charge_id, event_id, user_id, amount_cents, currency, applied_at)
-                                 SELECT id, ?, user_id, amount_cents, currency, ? FROM charges
-                                  WHERE id = ?",
-                            )
-                            .bind(&event_id)
-                            .bind(now)
-                            .bind(&aggregate_id)
-                            .execute(&mut *tx)
-                            .await?;
-                            Self::apply_effect(&mut tx, &topic, &aggregate_id, "applied").await?;
-                        }
-                        _ => {}
-                    }
-                }
-                held
+                let done = DoneEvent {
+                    consumer,
+                    event_id: envelope.event_id,
+                    topic: &topic,
+                    aggregate_id,
+                    attempt,
+                };
+                Self::record_done(&mut tx, &done, now).await?;
             }
             DeliveryDecision::Retry { after, error } => {
                 sqlx::query(
                     "UPDATE outbox_events
                         SET attempts = ?, last_error = ?, due_at = ?,
-                            first_failed_at = COALESCE(first_failed_at, ?),
-                            locked_by = NULL, locked_until = NULL
-                      WHERE event_id = ? AND locked_by = ?",
+                            first_failed_at = COALESCE(first_failed_at, ?), stream_id = NULL
+                      WHERE event_id = ?",
                 )
                 .bind(attempt)
                 .bind(error)
                 .bind(now + us(*after))
                 .bind(now)
                 .bind(&event_id)
-                .bind(&token)
                 .execute(&mut *tx)
-                .await?
-                .rows_affected()
-                    == 1
+                .await?;
             }
             DeliveryDecision::Defer { after } => {
-                sqlx::query(
-                    "UPDATE outbox_events SET due_at = ?, locked_by = NULL, locked_until = NULL
-                      WHERE event_id = ? AND locked_by = ?",
-                )
-                .bind(now + us(*after))
-                .bind(&event_id)
-                .bind(&token)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected()
-                    == 1
-            }
-            DeliveryDecision::Dead { error } => {
-                let held = settle(Some(error)).execute(&mut *tx).await?.rows_affected() == 1;
-                if held {
-                    sqlx::query(
-                        "INSERT INTO dead_letters
-                             (id, event_id, consumer, topic, attempts, last_error, first_failed_at,
-                              dead_at)
-                         VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-                         ON CONFLICT (consumer, event_id) DO UPDATE
-                            SET attempts = excluded.attempts, last_error = excluded.last_error,
-                                dead_at = excluded.dead_at, replayed_at = NULL,
-                                discarded_at = NULL",
-                    )
-                    .bind(Uuid::now_v7().to_string())
+                sqlx::query("UPDATE outbox_events SET due_at = ?, stream_id = NULL WHERE event_id = ?")
+                    .bind(now + us(*after))
                     .bind(&event_id)
-                    .bind(consumer)
-                    .bind(&topic)
-                    .bind(attempt)
-                    .bind(error)
-                    .bind(first_failed_at.unwrap_or(now))
-                    .bind(now)
                     .execute(&mut *tx)
                     .await?;
-                    Self::apply_effect(&mut tx, &topic, &aggregate_id, "dead").await?;
-                }
-                held
             }
-        };
-        if !fenced {
-            // The lease ran out and another worker took the row: its outcome
-            // stands (a resent email carries the same idempotency key).
-            return Ok(DeliveryResult::Busy);
+            DeliveryDecision::Dead { error } => {
+                let dead = DeadEvent {
+                    consumer,
+                    event_id: envelope.event_id,
+                    topic: &topic,
+                    aggregate_id,
+                    attempt,
+                    error,
+                    first_at: instant(first_failed_at.unwrap_or(now))?,
+                };
+                Self::record_dead(&mut tx, &dead, now).await?;
+            }
         }
         tx.commit().await?;
         Ok(DeliveryResult::Attempted { attempt, decision })
@@ -1183,6 +1438,15 @@ impl Store for SqliteStore {
         .execute(&self.writer)
         .await?
         .rows_affected();
+        // Settled batches: their members settled with them.
+        sqlx::query(
+            "DELETE FROM send_batches WHERE rowid IN (
+                 SELECT rowid FROM send_batches WHERE settled_at < ? LIMIT ?)",
+        )
+        .bind(horizon)
+        .bind(batch)
+        .execute(&self.writer)
+        .await?;
         Ok(Purged {
             keys,
             outbox,

@@ -1,5 +1,5 @@
-//! A local stand-in for Resend's `POST /emails`, behaving like the real API
-//! where Herald depends on it:
+//! A local stand-in for Resend's `POST /emails` and `POST /emails/batch`,
+//! behaving like the real API where Herald depends on it:
 //!
 //! - `Authorization: Bearer <key>` required (401 `missing_api_key`, 403
 //!   `invalid_api_key`); JSON body with `from`, `to`, `subject` (422
@@ -11,7 +11,17 @@
 //!   409 `concurrent_idempotent_requests`;
 //! - `ratelimit-limit/-remaining/-reset` on every answer; a scripted 429
 //!   carries `retry-after` and `ratelimit-reset`;
-//! - scripted 5xx outages, poison recipients (422), latency.
+//! - scripted 5xx outages, poison recipients (422), latency;
+//! - `/emails/batch`: a JSON array of up to 100 emails under one
+//!   `Idempotency-Key` (same key and body: the same ids, nothing sent; same
+//!   key, other body: 409 `invalid_idempotent_request`); strict validation by
+//!   default (one invalid email, or a poison recipient, fails the whole batch
+//!   with 422 and sends nothing); `x-batch-validation: permissive` sends the
+//!   valid ones and lists the rest under `errors` by index;
+//! - an optional request-rate limit ([`FakeResend::limit_rate`]), as Resend
+//!   counts it: N requests (not emails) in any one second, each request
+//!   counted whatever it carries; over it, 429 `rate_limit_exceeded` with
+//!   `retry-after` and `ratelimit-*` headers.
 //!
 //! Every call is recorded with its time, key and status, and every email
 //! actually "sent" is kept: tests count there, never in Herald.
@@ -33,8 +43,13 @@ pub const API_KEY: &str = "re_test_0123456789";
 pub struct Call {
     pub at: Instant,
     pub key: Option<String>,
+    /// The (first) recipient.
     pub to: Option<String>,
     pub status: u16,
+    /// Emails the request carried (1 for `/emails`).
+    pub emails: usize,
+    /// A `/emails/batch` request.
+    pub batch: bool,
 }
 
 /// An email the server accepted (and would have sent).
@@ -65,6 +80,10 @@ pub enum Mode {
 #[derive(Default)]
 struct State {
     mode: Option<Mode>,
+    /// Requests accepted per second, if limited.
+    rate_limit: Option<u32>,
+    /// When the requests of the current window were accepted.
+    window: std::collections::VecDeque<Instant>,
     /// Recipients answered 422 (a poison message).
     poison: HashSet<String>,
     latency: Duration,
@@ -93,13 +112,24 @@ impl FakeResend {
     pub async fn start() -> FakeResend {
         let state = Arc::new(Mutex::new(State::default()));
         let shared = state.clone();
-        let route = warp::post()
+        let batch_state = state.clone();
+        let single = warp::post()
             .and(warp::path("emails"))
             .and(warp::path::end())
             .and(warp::header::optional::<String>("authorization"))
             .and(warp::header::optional::<String>("idempotency-key"))
             .and(warp::body::bytes())
             .then(move |auth, key, body| handle(shared.clone(), auth, key, body));
+        let batch = warp::post()
+            .and(warp::path!("emails" / "batch"))
+            .and(warp::header::optional::<String>("authorization"))
+            .and(warp::header::optional::<String>("idempotency-key"))
+            .and(warp::header::optional::<String>("x-batch-validation"))
+            .and(warp::body::bytes())
+            .then(move |auth, key, validation, body| {
+                handle_batch(batch_state.clone(), auth, key, validation, body)
+            });
+        let route = batch.or(single);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind fake resend");
@@ -123,6 +153,14 @@ impl FakeResend {
         } else {
             state.poison.remove(recipient);
         }
+    }
+
+    /// Accepts at most `per_sec` requests in any one second (Resend's
+    /// default is 2); `None` lifts the limit.
+    pub fn limit_rate(&self, per_sec: Option<u32>) {
+        let mut state = self.state.lock().unwrap();
+        state.rate_limit = per_sec;
+        state.window.clear();
     }
 
     pub fn set_latency(&self, latency: Duration) {
@@ -191,33 +229,75 @@ async fn handle(
         key,
         to,
         status,
+        emails: 1,
+        batch: false,
     });
     drop(state);
     reply(status, response, &extra)
 }
 
-fn decide(
-    state: &Arc<Mutex<State>>,
+async fn handle_batch(
+    state: Arc<Mutex<State>>,
     auth: Option<String>,
     key: Option<String>,
-    body: Option<Value>,
-    to: Option<String>,
-) -> (u16, Value, Vec<(&'static str, String)>) {
-    let mut st = state.lock().unwrap();
-    match auth.as_deref() {
+    validation: Option<String>,
+    body: Bytes,
+) -> Response<String> {
+    let latency = state.lock().unwrap().latency;
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    let parsed: Option<Value> = serde_json::from_slice(&body).ok();
+    let emails = parsed
+        .as_ref()
+        .and_then(|b| b.as_array())
+        .map(|a| a.len())
+        .unwrap_or(0);
+    let to = parsed
+        .as_ref()
+        .and_then(|b| b.get(0))
+        .and_then(|e| recipient(e));
+    let permissive = validation.as_deref() == Some("permissive");
+    let (status, response, extra) = decide_batch(&state, auth, key.clone(), parsed, permissive);
+    state.lock().unwrap().calls.push(Call {
+        at: Instant::now(),
+        key,
+        to,
+        status,
+        emails,
+        batch: true,
+    });
+    reply(status, response, &extra)
+}
+
+fn recipient(email: &Value) -> Option<String> {
+    email
+        .get("to")
+        .and_then(|t| t.get(0).or(Some(t)))
+        .and_then(|t| t.as_str())
+        .map(str::to_string)
+}
+
+/// Authentication, scripted outages and the request-rate limit, common to
+/// both endpoints: `Some(answer)` ends the request there.
+fn gate(
+    st: &mut State,
+    auth: Option<&str>,
+) -> Option<(u16, Value, Vec<(&'static str, String)>)> {
+    match auth {
         None => {
-            return (
+            return Some((
                 401,
                 error(401, "missing_api_key", "Missing API key"),
                 vec![],
-            )
+            ))
         }
         Some(a) if a != format!("Bearer {API_KEY}") => {
-            return (
+            return Some((
                 403,
                 error(403, "invalid_api_key", "API key is invalid"),
                 vec![],
-            )
+            ))
         }
         Some(_) => {}
     }
@@ -226,11 +306,11 @@ fn decide(
             st.mode = Some(Mode::Normal);
         }
         Mode::Down(status) | Mode::DownUntil(status, _) => {
-            return (
+            return Some((
                 status,
                 error(status, "internal_server_error", "down"),
                 vec![],
-            );
+            ));
         }
         Mode::RateLimited { n, retry_after } if n > 0 => {
             st.mode = Some(if n > 1 {
@@ -241,16 +321,188 @@ fn decide(
             } else {
                 Mode::Normal
             });
-            return (
+            return Some((
                 429,
                 error(429, "rate_limit_exceeded", "Too many requests"),
                 vec![
                     ("retry-after", retry_after.to_string()),
                     ("ratelimit-reset", retry_after.to_string()),
                 ],
-            );
+            ));
         }
         _ => {}
+    }
+    if let Some(limit) = st.rate_limit {
+        let now = Instant::now();
+        while st
+            .window
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1))
+        {
+            st.window.pop_front();
+        }
+        if st.window.len() >= limit as usize {
+            let reset = st
+                .window
+                .front()
+                .map(|t| Duration::from_secs(1).saturating_sub(now.duration_since(*t)))
+                .unwrap_or_default();
+            // Whole seconds, rounded up, as Resend's headers give them.
+            let secs = reset.as_secs() + u64::from(reset.subsec_nanos() > 0);
+            return Some((
+                429,
+                error(429, "rate_limit_exceeded", "Too many requests"),
+                vec![
+                    ("retry-after", secs.to_string()),
+                    ("ratelimit-limit", limit.to_string()),
+                    ("ratelimit-remaining", "0".into()),
+                    ("ratelimit-reset", secs.to_string()),
+                ],
+            ));
+        }
+        st.window.push_back(now);
+    }
+    None
+}
+
+/// Why one email of a batch is invalid, if it is.
+fn invalid(email: &Value, poison: &HashSet<String>) -> Option<String> {
+    let Some(to) = recipient(email) else {
+        return Some("`to` is required".into());
+    };
+    if email.get("subject").and_then(|s| s.as_str()).is_none() {
+        return Some("`subject` is required".into());
+    }
+    if email.get("from").and_then(|s| s.as_str()).is_none() {
+        return Some("`from` is required".into());
+    }
+    poison
+        .contains(&to)
+        .then(|| "Invalid `to` field".to_string())
+}
+
+fn decide_batch(
+    state: &Arc<Mutex<State>>,
+    auth: Option<String>,
+    key: Option<String>,
+    body: Option<Value>,
+    permissive: bool,
+) -> (u16, Value, Vec<(&'static str, String)>) {
+    let mut st = state.lock().unwrap();
+    if let Some(answer) = gate(&mut st, auth.as_deref()) {
+        return answer;
+    }
+    let Some(emails) = body.as_ref().and_then(|b| b.as_array()).cloned() else {
+        return (
+            422,
+            error(422, "validation_error", "The body must be an array of emails"),
+            vec![],
+        );
+    };
+    if emails.is_empty() || emails.len() > 100 {
+        return (
+            422,
+            error(422, "validation_error", "A batch holds 1 to 100 emails"),
+            vec![],
+        );
+    }
+    let body = Value::Array(emails.clone());
+    // The validation mode is part of what the key was used for.
+    let keyed = json!({ "permissive": permissive, "emails": body });
+    if let Some(key) = &key {
+        match st.keys.get(key) {
+            Some(KeyState::InProgress(_)) => {
+                return (
+                    409,
+                    error(409, "concurrent_idempotent_requests", "Same key in progress"),
+                    vec![],
+                )
+            }
+            Some(KeyState::Done {
+                body: first,
+                status,
+                response,
+            }) => {
+                return if *first == keyed {
+                    (*status, response.clone(), vec![])
+                } else {
+                    (
+                        409,
+                        error(
+                            409,
+                            "invalid_idempotent_request",
+                            "Key used with another body",
+                        ),
+                        vec![],
+                    )
+                };
+            }
+            None => {}
+        }
+    }
+    let problems: Vec<(usize, String)> = emails
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| Some((i, invalid(e, &st.poison)?)))
+        .collect();
+    if !permissive {
+        if let Some((index, message)) = problems.first() {
+            // Strict: nothing is sent, and the key is not kept.
+            return (
+                422,
+                error(422, "validation_error", &format!("emails[{index}]: {message}")),
+                vec![],
+            );
+        }
+    }
+    let mut data = Vec::new();
+    for (i, email) in emails.iter().enumerate() {
+        if problems.iter().any(|(p, _)| *p == i) {
+            continue;
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        st.sent.push(Sent {
+            id: id.clone(),
+            key: key.clone(),
+            to: recipient(email).unwrap_or_default(),
+            subject: email
+                .get("subject")
+                .and_then(|s| s.as_str())
+                .unwrap_or_default()
+                .to_string(),
+        });
+        data.push(json!({ "id": id }));
+    }
+    let mut response = json!({ "data": data });
+    if permissive {
+        response["errors"] = problems
+            .iter()
+            .map(|(index, message)| json!({ "index": index, "message": message }))
+            .collect();
+    }
+    if let Some(key) = key {
+        st.keys.insert(
+            key,
+            KeyState::Done {
+                body: keyed,
+                status: 200,
+                response: response.clone(),
+            },
+        );
+    }
+    (200, response, vec![])
+}
+
+fn decide(
+    state: &Arc<Mutex<State>>,
+    auth: Option<String>,
+    key: Option<String>,
+    body: Option<Value>,
+    to: Option<String>,
+) -> (u16, Value, Vec<(&'static str, String)>) {
+    let mut st = state.lock().unwrap();
+    if let Some(answer) = gate(&mut st, auth.as_deref()) {
+        return answer;
     }
     let Some(body) = body else {
         return (422, error(422, "validation_error", "Invalid JSON"), vec![]);
