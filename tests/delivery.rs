@@ -181,50 +181,74 @@ async fn a_relay_crash_between_publish_and_mark_republishes_and_still_sends_one_
     assert_eq!(w.resend.sent_to("ada@example.com"), 1);
 }
 
-async fn a_consumer_crash_after_the_send_retries_with_the_same_key_and_sends_once(
-    backend: Backend,
-) {
-    let mut w = world_on(backend, &[]).await;
+/// A kill -9 at `failpoint` while a batch of three is in hand, then a
+/// restart: every email exactly once, under one Idempotency-Key, nothing dead.
+async fn a_crash_around_a_batch_still_sends_each_email_once(backend: Backend, failpoint: &str) {
+    let mut w = world_on(backend, &[("HERALD_EMAIL__BATCH_LINGER_MS", "1000")]).await;
     let job = w.herald.post_job("Frontend").await;
     w.herald
-        .set_env("FAILPOINTS", Some("consumer-after-deliver=1*return"));
+        .set_env("FAILPOINTS", Some(&format!("{failpoint}=1*return")));
     w.herald.restart().await;
-    let id = apply(&w.herald, "grace", &job).await;
+    let users = ["grace", "edsger", "barbara"];
+    let mut ids = Vec::new();
+    for user in users {
+        ids.push(apply(&w.herald, user, &job).await);
+    }
     let status = w.herald.wait_for_exit(Duration::from_secs(20)).await;
     assert!(!status.success(), "the failpoint aborted the daemon");
+    let sent_before = w.resend.sent().len();
+    if failpoint == "batch-after-form" {
+        assert_eq!(sent_before, 0, "formed, not sent");
+    } else {
+        assert_eq!(sent_before, 3, "Resend accepted the batch before the crash");
+    }
+    for id in &ids {
+        assert_eq!(email_status(&w.db, id).await, "pending", "nothing committed");
+    }
     assert_eq!(
-        w.resend.sent_to("grace@example.com"),
+        count(&w.db, "SELECT count(*) FROM send_batches WHERE settled_at IS NULL").await,
         1,
-        "sent before the crash"
-    );
-    assert_eq!(
-        email_status(&w.db, &id).await,
-        "pending",
-        "inbox commit lost"
+        "the batch and its membership survived the crash"
     );
 
     w.herald.set_env("FAILPOINTS", None);
     w.herald.restart().await;
-    eventually("application sent", Duration::from_secs(30), || {
-        let (db, id) = (w.db.clone(), id.clone());
-        async move { (email_status(&db, &id).await == "sent").then_some(()) }
-    })
-    .await;
-    let calls: Vec<_> = w
-        .resend
-        .calls()
-        .into_iter()
-        .filter(|c| c.to.as_deref() == Some("grace@example.com"))
-        .collect();
-    assert!(calls.len() >= 2, "the retry reached Resend: {calls:?}");
+    for id in &ids {
+        eventually("application sent", Duration::from_secs(30), || {
+            let (db, id) = (w.db.clone(), id.clone());
+            async move { (email_status(&db, &id).await == "sent").then_some(()) }
+        })
+        .await;
+    }
+    let calls: Vec<_> = w.resend.calls().into_iter().filter(|c| c.batch).collect();
     let keys: std::collections::HashSet<_> = calls.iter().map(|c| c.key.clone()).collect();
-    assert_eq!(keys.len(), 1, "every call carried the same Idempotency-Key");
+    assert_eq!(keys.len(), 1, "every send carried the batch's key: {calls:?}");
     assert!(keys.iter().all(|k| k.is_some()));
-    assert_eq!(
-        w.resend.sent_to("grace@example.com"),
-        1,
-        "Resend deduplicated it"
-    );
+    assert!(calls.iter().all(|c| c.emails == 3), "the same three each time: {calls:?}");
+    if failpoint != "batch-after-form" {
+        assert!(calls.len() >= 2, "the batch was sent again: {calls:?}");
+    }
+    for user in users {
+        assert_eq!(
+            w.resend.sent_to(&format!("{user}@example.com")),
+            1,
+            "{user}: Resend deduplicated the repeat"
+        );
+    }
+    assert_eq!(count(&w.db, "SELECT count(*) FROM dead_letters").await, 0);
+    assert_eq!(count(&w.db, "SELECT count(*) FROM inbox WHERE consumer = 'email'").await, 3);
+}
+
+async fn a_crash_after_the_batch_is_formed_sends_it_once_after_the_restart(backend: Backend) {
+    a_crash_around_a_batch_still_sends_each_email_once(backend, "batch-after-form").await;
+}
+
+async fn a_crash_after_resend_accepted_the_batch_resends_it_under_the_same_key(backend: Backend) {
+    a_crash_around_a_batch_still_sends_each_email_once(backend, "batch-after-send").await;
+}
+
+async fn a_crash_before_the_inbox_commit_resends_the_batch_under_the_same_key(backend: Backend) {
+    a_crash_around_a_batch_still_sends_each_email_once(backend, "batch-before-commit").await;
 }
 
 async fn a_rate_limit_s_retry_after_is_a_floor_for_the_next_attempt(backend: Backend) {
@@ -547,6 +571,7 @@ async fn a_twenty_second_resend_outage_causes_no_retry_storm_and_loses_nothing(b
         &[
             ("HERALD_RETRY__BASE_MS", "1000"),
             ("HERALD_RETRY__CAP_MS", "300000"),
+            ("HERALD_EMAIL__MAX_BATCH", "1"),
         ],
     )
     .await;
@@ -559,11 +584,14 @@ async fn a_twenty_second_resend_outage_causes_no_retry_storm_and_loses_nothing(b
     wait_for_emails(&w.resend, 200, Duration::from_secs(140)).await;
     assert!(std::time::Instant::now() >= outage_ends);
     let during_outage = w.resend.calls().iter().filter(|c| c.status == 503).count();
-    eprintln!("outage: {during_outage} calls to the down API for 200 due deliveries");
-    // 200 deliveries were due in the window (one first attempt each).
+    // One email per request here, so every email is its own batch and its
+    // own retry schedule.
+    let batches = count(&w.db, "SELECT count(*) FROM send_batches").await as usize;
+    eprintln!("outage: {during_outage} calls to the down API for {batches} due batches");
+    assert_eq!(batches, 200);
     assert!(
         during_outage <= 300,
-        "{during_outage} calls to a down API for 200 due deliveries"
+        "{during_outage} calls to a down API for 200 due batches"
     );
     assert!(
         during_outage >= 200,
@@ -750,6 +778,8 @@ async fn the_recorded_retry_schedule_of_200_failures_spreads_as_full_jitter(back
         &[
             ("HERALD_RETRY__BASE_MS", "60000"),
             ("HERALD_RETRY__CAP_MS", "300000"),
+            // One email per request: 200 batches, 200 retry schedules.
+            ("HERALD_EMAIL__MAX_BATCH", "1"),
         ],
     )
     .await;
@@ -757,19 +787,17 @@ async fn the_recorded_retry_schedule_of_200_failures_spreads_as_full_jitter(back
     w.resend.set_mode(Mode::Down(503));
     let users: Vec<String> = (0..200).map(|i| format!("jitter{i}")).collect();
     apply_many(&[&w.herald], &job, users).await;
-    let failed = "SELECT count(*) FROM outbox_events
-                   WHERE topic = 'application.submitted' AND attempts >= 1";
+    let failed = "SELECT count(*) FROM send_batches WHERE attempts >= 1";
     wait_for_count(&w.db, failed, 200, Duration::from_secs(30)).await;
     // The delay each failure scheduled: due_at - the failure's time.
     let delays: Vec<f64> = sqlx::query_scalar(match backend {
         Backend::Postgres => {
-            "SELECT EXTRACT(EPOCH FROM due_at - first_failed_at)::float8 FROM outbox_events
-              WHERE topic = 'application.submitted' AND attempts = 1"
+            "SELECT EXTRACT(EPOCH FROM due_at - first_failed_at)::float8 FROM send_batches
+              WHERE attempts = 1"
         }
         // Instants are integer microseconds there.
         Backend::Sqlite => {
-            "SELECT (due_at - first_failed_at) / 1e6 FROM outbox_events
-              WHERE topic = 'application.submitted' AND attempts = 1"
+            "SELECT (due_at - first_failed_at) / 1e6 FROM send_batches WHERE attempts = 1"
         }
     })
     .fetch_all(&w.db)
@@ -924,7 +952,9 @@ async fn a_relay_crash_between_publish_and_mark_for_a_charge_republishes_and_app
 on_both_backends!(
     a_hundred_applications_send_exactly_a_hundred_emails,
     a_relay_crash_between_publish_and_mark_republishes_and_still_sends_one_email,
-    a_consumer_crash_after_the_send_retries_with_the_same_key_and_sends_once,
+    a_crash_after_the_batch_is_formed_sends_it_once_after_the_restart,
+    a_crash_after_resend_accepted_the_batch_resends_it_under_the_same_key,
+    a_crash_before_the_inbox_commit_resends_the_batch_under_the_same_key,
     a_rate_limit_s_retry_after_is_a_floor_for_the_next_attempt,
     poison_alerts_sentry_once_and_an_admin_replay_delivers_exactly_one_email,
     a_discarded_dead_letter_is_audited_and_can_no_longer_be_replayed,

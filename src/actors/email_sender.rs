@@ -264,9 +264,17 @@ fn record(sent: Result<Option<BatchResult>, StoreError>) {
         BatchDecision::Retry { after, error } => {
             tracing::info!(batch = %result.id, attempt = result.attempt, ?after, %error,
                 "batch failed; the same batch is sent again later");
+            for _ in 0..result.members {
+                m::delivery(CONSUMER, "retry");
+            }
             "retry"
         }
-        BatchDecision::Defer { .. } => "deferred",
+        BatchDecision::Defer { .. } => {
+            for _ in 0..result.members {
+                m::delivery(CONSUMER, "deferred");
+            }
+            "deferred"
+        }
         BatchDecision::Dead { error } => {
             warn!(batch = %result.id, attempt = result.attempt, %error,
                 "batch dead-lettered, each email on its own");

@@ -1302,6 +1302,16 @@ impl Store for PgStore {
                     .await?;
                 }
                 BatchDecision::Answered(_) | BatchDecision::Dead { .. } => {
+                    // Settling many members bumps many counter shards
+                    // (migrations/postgres/0005), in no set order; two
+                    // batches doing that at once can deadlock. Take every
+                    // shard in one order first: batches settle one after
+                    // another (a few a second), never crosswise.
+                    sqlx::query(
+                        "SELECT 1 FROM effect_counters ORDER BY name, shard FOR UPDATE",
+                    )
+                    .execute(&mut *tx)
+                    .await?;
                     for ((member, aggregate_id), outcome) in
                         members.iter().zip(&aggregates).zip(&outcomes)
                     {
@@ -1340,6 +1350,8 @@ impl Store for PgStore {
                     .await?;
                 }
             }
+            // Failpoint: a crash with the outcome written, before the commit.
+            fail::fail_point!("batch-before-commit", |_| std::process::abort());
             tx.commit().await?;
             Ok(Some(BatchResult {
                 id,

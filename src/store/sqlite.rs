@@ -547,6 +547,12 @@ impl Store for SqliteStore {
         )
         .execute(&self.writer)
         .await?;
+        sqlx::query(
+            "UPDATE send_batches SET locked_by = NULL, locked_until = NULL
+              WHERE locked_by IS NOT NULL",
+        )
+        .execute(&self.writer)
+        .await?;
         Ok(())
     }
 
@@ -1157,6 +1163,8 @@ impl Store for SqliteStore {
                 }
             }
         }
+        // Failpoint: a crash with the outcome written, before the commit.
+        fail::fail_point!("batch-before-commit", |_| std::process::abort());
         tx.commit().await?;
         Ok(Some(BatchResult {
             id,
