@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use support::fake_resend::{FakeResend, Mode, API_KEY};
 use support::fake_sentry::FakeSentry;
+use support::sse::SseClient;
 use support::{
     apply_as as apply, count, eventually, user_token, Backend, Backing, Daemon, Db, ADMIN_TOKEN,
 };
@@ -949,7 +950,210 @@ async fn a_relay_crash_between_publish_and_mark_for_a_charge_republishes_and_app
     }
 }
 
+/// A random UUID in its canonical text form, from the hex column `h`
+/// (SQLite has no UUID type; Herald stores UUIDs as this text).
+const UUID_TEXT: &str = "substr(h, 1, 8) || '-' || substr(h, 9, 4) || '-' || substr(h, 13, 4) \
+     || '-' || substr(h, 17, 4) || '-' || substr(h, 21, 12)";
+
+/// `n` applications to `job` with their `application.submitted` events,
+/// committed straight into the database: the queued confirmations of an
+/// incident's backlog, made in a second instead of through 18,000 requests.
+async fn queue_confirmations(db: &Db, backend: Backend, job: &Value, n: u32, prefix: &str) {
+    let job_id = job["id"].as_str().unwrap().to_string();
+    let title = job["title"].as_str().unwrap().to_string();
+    match backend {
+        Backend::Postgres => {
+            sqlx::query(
+                "WITH apps AS (
+                     INSERT INTO applications (id, job_id, user_id, email, created_at)
+                     SELECT gen_random_uuid(), $1::uuid, $3 || n, $3 || n || '@example.com', now()
+                       FROM generate_series(1, $2::int) AS n
+                     RETURNING id, user_id, email
+                 )
+                 INSERT INTO outbox_events (event_id, topic, aggregate_id, payload)
+                 SELECT gen_random_uuid(), 'application.submitted', a.id,
+                        jsonb_build_object('application_id', a.id, 'job_id', $1::uuid,
+                                           'user_id', a.user_id, 'email', a.email,
+                                           'job_title', $4::text, 'company', 'Acme')
+                   FROM apps a",
+            )
+            .bind(job_id)
+            .bind(n as i32)
+            .bind(prefix.to_string())
+            .bind(title)
+            .execute(db)
+            .await
+            .unwrap();
+        }
+        Backend::Sqlite => {
+            let now = chrono::Utc::now().timestamp_micros();
+            let mut tx = db.begin().await.unwrap();
+            sqlx::query(sqlx::AssertSqlSafe(
+                format!(
+                    "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?),
+                          r(i, h) AS (SELECT i, lower(hex(randomblob(16))) FROM n)
+                     INSERT INTO applications (id, job_id, user_id, email, created_at)
+                     SELECT {UUID_TEXT}, ?, ? || i, ? || i || '@example.com', ? FROM r"
+                ),
+            ))
+            .bind(n as i32)
+            .bind(job_id.clone())
+            .bind(prefix.to_string())
+            .bind(prefix.to_string())
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+            sqlx::query(sqlx::AssertSqlSafe(
+                format!("INSERT INTO outbox_events (event_id, topic, aggregate_id, payload, created_at, due_at)
+                 SELECT {UUID_TEXT}, 'application.submitted', a.id,
+                        json_object('application_id', a.id, 'job_id', a.job_id,
+                                    'user_id', a.user_id, 'email', a.email,
+                                    'job_title', ?, 'company', 'Acme'),
+                        ?, ?
+                   FROM (SELECT *, lower(hex(randomblob(16))) AS h FROM applications) a
+                  WHERE a.job_id = ? AND a.user_id LIKE ? || '%'"),
+            ))
+            .bind(title)
+            .bind(now)
+            .bind(now)
+            .bind(job_id)
+            .bind(prefix.to_string())
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+            tx.commit().await.unwrap();
+        }
+    }
+}
+
+/// The p99 of `samples` (nearest rank).
+fn p99(samples: &mut [Duration]) -> Duration {
+    samples.sort();
+    let rank = ((samples.len() as f64) * 0.99).ceil() as usize;
+    samples[rank.clamp(1, samples.len()) - 1]
+}
+
+/// Production's provider: Resend at 2 requests a second (the fake answers
+/// 429 past it), Herald at its default rate. A lone email goes at once;
+/// 1,000 at once and an 18,000-email backlog drain in batches; the relay
+/// publishes each event about once; jobs and charges never queue behind the
+/// emails; each email exactly once.
+async fn a_provider_at_two_requests_a_second_drains_every_backlog_in_time(backend: Backend) {
+    let b = Backing::start(backend).await;
+    let resend = FakeResend::start().await;
+    resend.limit_rate(Some(2));
+    let base = resend.base_url();
+    // Herald's defaults for the email rate, the batch and the relay; only
+    // the transport points at the fake.
+    let herald = b
+        .daemon(&[
+            ("HERALD_EMAIL__TRANSPORT", "resend"),
+            ("RESEND_API_KEY", API_KEY),
+            ("RESEND_BASE_URL", &base),
+        ])
+        .await;
+    let db = b.db().await;
+    let job = herald.post_job("Backlog").await;
+
+    // 1. A lone application is mailed at once.
+    let start = std::time::Instant::now();
+    apply(&herald, "lone", &job).await;
+    eventually("the lone email", Duration::from_secs(2), || {
+        let resend = resend.clone();
+        async move { (resend.sent_to("lone@example.com") == 1).then_some(()) }
+    })
+    .await;
+    eprintln!("lone application mailed in {:?}", start.elapsed());
+
+    // 2. A thousand at once.
+    let start = std::time::Instant::now();
+    let users: Vec<String> = (0..1000).map(|i| format!("wave{i}")).collect();
+    apply_many(&[&herald], &job, users).await;
+    wait_for_emails(&resend, 1001, Duration::from_secs(90).saturating_sub(start.elapsed())).await;
+    eprintln!("1,000 applications mailed in {:?}", start.elapsed());
+
+    // 3. An 18,000-email backlog, with jobs and charges made while it drains.
+    let published_before = herald.metric("herald_relay_published_total").await;
+    let mut stream = SseClient::connect(&herald.url("/api/jobs/stream"), None).await;
+    let start = std::time::Instant::now();
+    queue_confirmations(&db, backend, &job, 18_000, "backlog").await;
+    let (mut job_delays, mut charge_delays) = (Vec::new(), Vec::new());
+    for i in 0..20 {
+        let title = format!("Probe {i}");
+        let posted = std::time::Instant::now();
+        herald.post_job(&title).await;
+        stream
+            .read_until("the probe job", Duration::from_secs(10), |seen| {
+                seen.iter().any(|e| e.event == "job.posted" && e.titles().contains(&title))
+            })
+            .await;
+        job_delays.push(posted.elapsed());
+        let charged = std::time::Instant::now();
+        let id = charge(&herald, &format!("probe{i}"), 500).await;
+        eventually("the probe charge applied", Duration::from_secs(10), || {
+            let (db, id) = (db.clone(), id.clone());
+            async move {
+                // The id is Herald's own answer, a UUID.
+                let status: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                    "SELECT ledger_status FROM charges WHERE id = '{id}'"
+                )))
+                .fetch_one(&db)
+                .await
+                .ok()?;
+                (status == "applied").then_some(())
+            }
+        })
+        .await;
+        charge_delays.push(charged.elapsed());
+        if resend.sent().len() >= 19_001 {
+            break;
+        }
+    }
+    wait_for_emails(&resend, 19_001, Duration::from_secs(200).saturating_sub(start.elapsed())).await;
+    let drained = start.elapsed();
+    wait_until_settled(&db, Duration::from_secs(20)).await;
+    let published = herald.metric("herald_relay_published_total").await - published_before;
+    let events = 18_000 + 2 * job_delays.len();
+    let calls = resend.calls();
+    let limited = calls.iter().filter(|c| c.status == 429).count();
+    let (job_p99, charge_p99) = (p99(&mut job_delays), p99(&mut charge_delays));
+    let mut republished = Vec::new();
+    for reason in ["lost", "unclaimed", "rescheduled"] {
+        let n = herald
+            .metric(&format!(r#"herald_relay_republished_total{{reason="{reason}"}}"#))
+            .await;
+        republished.push(format!("{reason}={n}"));
+    }
+    eprintln!(
+        "18,000 drained in {drained:?}; {} requests, {limited} answered 429; \
+         {published} publishes for {events} events ({}); job p99 {job_p99:?}, \
+         charge p99 {charge_p99:?} over {} probes",
+        calls.len(),
+        republished.join(" "),
+        job_delays.len()
+    );
+    assert!(drained <= Duration::from_secs(200), "drained in {drained:?}");
+    assert_eq!(resend.sent().len(), 19_001, "each email exactly once");
+    assert_eq!(distinct_recipients(&resend), 19_001);
+    assert_eq!(count(&db, SENT_APPLICATIONS).await, 19_001);
+    assert_eq!(count(&db, "SELECT count(*) FROM dead_letters").await, 0);
+    assert!(
+        limited * 100 <= calls.len() * 5,
+        "{limited} of {} requests met 429",
+        calls.len()
+    );
+    assert!(
+        published <= 1.05 * events as f64,
+        "{published} publishes for {events} events"
+    );
+    assert!(job_delays.len() >= 10, "{} probes during the drain", job_delays.len());
+    assert!(job_p99 <= Duration::from_secs(1), "job p99 {job_p99:?}");
+    assert!(charge_p99 <= Duration::from_secs(2), "charge p99 {charge_p99:?}");
+}
+
 on_both_backends!(
+    a_provider_at_two_requests_a_second_drains_every_backlog_in_time,
     a_hundred_applications_send_exactly_a_hundred_emails,
     a_relay_crash_between_publish_and_mark_republishes_and_still_sends_one_email,
     a_crash_after_the_batch_is_formed_sends_it_once_after_the_restart,

@@ -9,10 +9,12 @@
 //!    this process's member of the `email` group on the
 //!    `application.submitted` stream. Each copy it reads waits in the
 //!    sender's hand, unacknowledged.
-//! 2. The batch loop waits for work, then for the rate's next slot
+//! 2. The batch loop waits for work, then until the rate's next slot is free
 //!    (`email.max_per_sec`, requests per second) — under a backlog that wait
 //!    is what gathers a full batch; on an idle board a lone email goes at
-//!    once, after at most `email.batch_linger_ms` for company.
+//!    once, after at most `email.batch_linger_ms` for company. The send
+//!    itself takes the slot right before its request leaves, so the
+//!    provider sees requests evenly spaced however long forming took.
 //! 3. It forms a batch of up to `email.max_batch` waiting copies
 //!    ([`Store::form_batch`]): the ones still to deliver become its members,
 //!    recorded in the database in one transaction; then every copy is
@@ -156,7 +158,9 @@ impl EmailSender {
                 sends.join_next().await;
             }
             while sends.try_join_next().is_some() {}
-            self.args.pacer.until_ready().await;
+            // The rate's next slot: under a backlog, this wait is what fills
+            // the batch.
+            self.args.pacer.until_free().await;
             gather(&mut inbox, &mut waiting, self.args.max_batch);
             if !waiting.is_empty() && waiting.len() < self.args.max_batch {
                 let deadline = tokio::time::Instant::now() + self.args.linger;
@@ -172,8 +176,13 @@ impl EmailSender {
                 let members: Vec<Waiting> = waiting.drain(..take).collect();
                 self.form(members).await;
             }
+            // The send takes its slot right before the request leaves (so
+            // the provider sees requests 1/rate apart, however long forming
+            // took); the next round waits until it has.
+            let (reserved, slot_taken) = oneshot::channel();
             let sender = self.clone();
-            sends.spawn(async move { sender.send_due().await });
+            sends.spawn(async move { sender.send_due(reserved).await });
+            let _ = slot_taken.await;
         }
     }
 
@@ -207,13 +216,16 @@ impl EmailSender {
         }
     }
 
-    /// Sends the oldest due batch, if any, and records its metrics.
-    async fn send_due(&self) {
+    /// Sends the oldest due batch, if any, and records its metrics;
+    /// `reserved` is answered once the send has taken the rate's slot (or
+    /// dropped when nothing was sent).
+    async fn send_due(&self, reserved: oneshot::Sender<()>) {
         self.in_flight.enter();
         let args = self.args.clone();
+        let reserved = Arc::new(std::sync::Mutex::new(Some(reserved)));
         let send = move |batch: BatchToSend| {
-            let args = args.clone();
-            async move { send_batch(&args, batch).await }.boxed()
+            let (args, reserved) = (args.clone(), reserved.clone());
+            async move { send_batch(&args, batch, &reserved).await }.boxed()
         };
         let sent = self.args.store.send_due_batch(CONSUMER, &send).await;
         self.in_flight.leave();
@@ -324,8 +336,12 @@ impl Handler for EmailSender {
 }
 
 /// One send of a batch (its row is held by the caller): budget, render,
-/// send, classify. The rate's slot was taken by the batch loop.
-async fn send_batch(args: &EmailSenderArgs, batch: BatchToSend) -> BatchDecision {
+/// the rate's slot, send, classify.
+async fn send_batch(
+    args: &EmailSenderArgs,
+    batch: BatchToSend,
+    reserved: &std::sync::Mutex<Option<oneshot::Sender<()>>>,
+) -> BatchDecision {
     if batch.attempts > 0 && !args.budget.try_retry(CALL_SITE).await {
         let after = Duration::from_millis(rand::rng().random_range(1000..=5000));
         return BatchDecision::Defer { after };
@@ -348,6 +364,10 @@ async fn send_batch(args: &EmailSenderArgs, batch: BatchToSend) -> BatchDecision
     let answers = if emails.is_empty() {
         Vec::new()
     } else {
+        args.pacer.until_ready().await;
+        if let Some(reserved) = reserved.lock().ok().and_then(|mut r| r.take()) {
+            let _ = reserved.send(());
+        }
         match args.transport.send_batch(batch.id, &emails).await {
             Ok(answers) => answers,
             Err(SendError::Transient {

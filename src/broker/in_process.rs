@@ -16,7 +16,8 @@
 //! trimmed from a full log before anyone read it.
 //!
 //! Memory is bounded: an entry every group has acknowledged is dropped, and a
-//! topic never holds more than [`MAX_ENTRIES`] (the oldest go first).
+//! topic never holds more than [`MAX_ENTRIES`] entries, or
+//! [`MAX_GROUP_ENTRIES`] when consumer groups read it (the oldest go first).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -30,8 +31,14 @@ use super::{
     Tailed,
 };
 
-/// Upper bound on one topic's log (the in-memory `MAXLEN`).
+/// Upper bound on the log of a fan-out topic (read only by tails): the
+/// in-memory `MAXLEN`.
 pub const MAX_ENTRIES: usize = 10_000;
+/// Upper bound on the log of a topic consumer groups read, as Redis's
+/// `MAXLEN` (entries every group acknowledged are dropped long before): a
+/// backlog the provider's rate holds up waits here instead of being trimmed
+/// and published again.
+pub const MAX_GROUP_ENTRIES: usize = 1_000_000;
 
 /// One published envelope.
 struct Entry {
@@ -94,8 +101,13 @@ impl Topic {
             let drop = self.index_from(keep_from);
             self.entries.drain(..drop);
         }
-        if self.entries.len() > MAX_ENTRIES {
-            let excess = self.entries.len() - MAX_ENTRIES;
+        let bound = if self.groups.is_empty() {
+            MAX_ENTRIES
+        } else {
+            MAX_GROUP_ENTRIES
+        };
+        if self.entries.len() > bound {
+            let excess = self.entries.len() - bound;
             self.entries.drain(..excess);
         }
     }

@@ -131,6 +131,13 @@ impl SendPacer {
         *next = (*next).max(tokio::time::Instant::now() + pause);
     }
 
+    /// Waits until the next slot is free, without taking it: a batch
+    /// gathers company meanwhile.
+    pub async fn until_free(&self) {
+        let next = *self.next.lock().await;
+        tokio::time::sleep_until(next).await;
+    }
+
     /// Waits for this caller's slot.
     pub async fn until_ready(&self) {
         let slot = {
