@@ -44,7 +44,7 @@ pub const TOP_LEVEL_KEYS: [&str; 10] = [
 
 /// The sections (`[email]`, …); a unit test keeps the list equal to
 /// [`Config`]'s table fields.
-pub const SECTIONS: [&str; 13] = [
+pub const SECTIONS: [&str; 14] = [
     "auth",
     "database",
     "redis",
@@ -55,6 +55,7 @@ pub const SECTIONS: [&str; 13] = [
     "sse",
     "dlq",
     "janitor",
+    "audit",
     "limits",
     "connections",
     "log",
@@ -192,6 +193,7 @@ pub struct Config {
     pub sse: SseConfig,
     pub dlq: DlqConfig,
     pub janitor: JanitorConfig,
+    pub audit: AuditConfig,
     pub limits: LimitsConfig,
     pub connections: ConnectionsConfig,
     pub log: LogConfig,
@@ -267,6 +269,16 @@ pub struct JanitorConfig {
     pub batch: u32,
     /// How long settled outbox rows and inbox rows are kept.
     pub retention_secs: u64,
+}
+
+/// The auditor: how often it checks the effectively-once invariants.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Pause between two audits.
+    pub interval_ms: u64,
+    /// An event still unsettled this long after it was written is a violation.
+    pub max_unsettled_age_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -46,6 +46,9 @@ enum Command {
     /// Print the configuration this environment gives, as JSON (secrets
     /// redacted), and exit: 0 if it is valid, 2 naming the bad key if not.
     Config,
+    /// Check the effectively-once invariants in the database once (what the
+    /// auditor does on a schedule); print each, exit 1 if any is broken.
+    Audit,
     /// Exit 0 if the daemon on this configuration's `listen` address answers
     /// `/readyz` (the Docker HEALTHCHECK; no curl needed in the image).
     Healthcheck,
@@ -141,6 +144,27 @@ async fn migrate(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn audit(config: &Config) -> anyhow::Result<()> {
+    let store = herald::store::connect(config).await?;
+    let found = herald::actors::auditor::audit_once(
+        &*store,
+        std::time::Duration::from_secs(config.audit.max_unsettled_age_secs),
+        std::time::Duration::from_secs(config.janitor.retention_secs),
+    )
+    .await?;
+    let mut broken = 0;
+    for (invariant, rows) in &found {
+        let verdict = if *rows == 0 { "ok" } else { "BROKEN" };
+        println!("{:<34} {rows:>8}  {verdict}", invariant.name());
+        broken += usize::from(*rows > 0);
+    }
+    if broken > 0 {
+        anyhow::bail!("{broken} invariant(s) broken");
+    }
+    println!("all {} invariants hold ({})", found.len(), store.backend());
+    Ok(())
+}
+
 fn print_config(config: &Config) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(config)?);
     Ok(())
@@ -228,6 +252,7 @@ async fn run_cli() -> ExitCode {
         Command::Serve => serve(config).await,
         Command::Migrate => migrate(config).await,
         Command::Config => print_config(&config),
+        Command::Audit => audit(&config).await,
         Command::Healthcheck => healthcheck(&config).await,
         Command::Bench(cmd) => herald::bench::run(cmd, config).await,
         Command::Attack(args) => match herald::client::attack::attack(args, &config).await {

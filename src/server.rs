@@ -18,6 +18,7 @@ use uuid::Uuid;
 use crate::actors::consumer::{ConsumerArgs, PoolArgs};
 use crate::actors::dlq_monitor::DlqMonitorArgs;
 use crate::actors::email_sender::{EmailSender, EmailSenderArgs};
+use crate::actors::auditor::AuditorArgs;
 use crate::actors::janitor::JanitorArgs;
 use crate::actors::key_registry::{KeyRegistryArgs, RedisMode};
 use crate::actors::ledger::LedgerConsumer;
@@ -295,6 +296,12 @@ pub async fn run(
                 store: store.clone(),
                 interval: Duration::from_millis(config.janitor.interval_ms),
                 batch: config.janitor.batch,
+                retention: Duration::from_secs(config.janitor.retention_secs),
+            },
+            auditor: AuditorArgs {
+                store: store.clone(),
+                interval: Duration::from_millis(config.audit.interval_ms),
+                max_unsettled_age: Duration::from_secs(config.audit.max_unsettled_age_secs),
                 retention: Duration::from_secs(config.janitor.retention_secs),
             },
             sse_hub: SseHubArgs {

@@ -91,6 +91,8 @@ pub mod metrics {
     pub const EMAIL_BATCHED: &str = "herald_email_batched_total";
     /// Effectively-once invariants the auditor found broken, by invariant (0 is healthy).
     pub const AUDIT_VIOLATIONS: &str = "herald_audit_violations";
+    /// Audits the auditor completed.
+    pub const AUDIT_RUNS: &str = "herald_audit_runs_total";
     pub const DLQ_DEPTH: &str = "herald_dlq_depth";
     pub const JANITOR_DELETED: &str = "herald_janitor_deleted_total";
     pub const EMAIL_IN_FLIGHT: &str = "herald_email_in_flight";
@@ -167,6 +169,11 @@ pub mod metrics {
     pub fn email_request(result: &'static str, emails: usize) {
         ::metrics::counter!(EMAIL_REQUESTS, "result" => result).increment(1);
         ::metrics::counter!(EMAIL_BATCHED).increment(emails as u64);
+    }
+
+    /// One audit completed.
+    pub fn audit_run() {
+        ::metrics::counter!(AUDIT_RUNS).increment(1);
     }
 
     /// The auditor's latest count of rows breaking `invariant`.

@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use support::fake_resend::{FakeResend, Mode, API_KEY};
 use support::fake_sentry::FakeSentry;
+use herald::store::Invariant;
 use support::sse::SseClient;
 use support::{
     apply_as as apply, count, eventually, user_token, Backend, Backing, Daemon, Db, ADMIN_TOKEN,
@@ -1063,6 +1064,7 @@ async fn a_provider_at_two_requests_a_second_drains_every_backlog_in_time(backen
             ("HERALD_EMAIL__TRANSPORT", "resend"),
             ("RESEND_API_KEY", API_KEY),
             ("RESEND_BASE_URL", &base),
+            ("HERALD_AUDIT__INTERVAL_MS", "500"),
         ])
         .await;
     let db = b.db().await;
@@ -1162,6 +1164,15 @@ async fn a_provider_at_two_requests_a_second_drains_every_backlog_in_time(backen
     assert!(job_delays.len() >= 10, "{} probes during the drain", job_delays.len());
     assert!(job_p99 <= Duration::from_secs(1), "job p99 {job_p99:?}");
     assert!(charge_p99 <= Duration::from_secs(2), "charge p99 {charge_p99:?}");
+    // The auditor agrees: every invariant holds after the drain.
+    let audits = herald.metric("herald_audit_runs_total").await;
+    herald
+        .wait_for_metric_above("herald_audit_runs_total", audits + 1.0)
+        .await;
+    for invariant in Invariant::ALL {
+        let gauge = format!(r#"herald_audit_violations{{invariant="{}"}}"#, invariant.name());
+        assert_eq!(herald.metric(&gauge).await, 0.0, "{gauge}");
+    }
 }
 
 on_both_backends!(
@@ -1362,4 +1373,104 @@ async fn a_request_cut_off_by_its_timeout_inside_its_transaction_leaves_no_lock_
     tx.rollback().await.unwrap();
     // Nothing of the cut-off request was kept.
     assert_eq!(count(&w.db, "SELECT count(*) FROM charges").await, 0);
+}
+
+/// Runs `herald audit` against `database_url`; its exit code and output.
+fn herald_audit(database_url: &str) -> (i32, String) {
+    let out = support::clean_env::herald_command()
+        .arg("audit")
+        .env("HERALD_DATABASE_URL", database_url)
+        .output()
+        .expect("run herald audit");
+    let text = String::from_utf8_lossy(&out.stdout).to_string()
+        + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// Sentry events the auditor raised for `invariant`.
+fn audit_alerts(sentry: &FakeSentry, invariant: &str) -> usize {
+    sentry
+        .events()
+        .iter()
+        .filter(|e| e["tags"]["invariant"] == invariant)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_auditor_sees_each_broken_invariant_once_and_herald_audit_exits_non_zero() {
+    let w = world(&[("HERALD_AUDIT__INTERVAL_MS", "200")]).await;
+    let url = w.b.database_url();
+    // A healthy board: applications mailed, a charge applied.
+    let job = w.herald.post_job("Audit").await;
+    apply_many(&[&w.herald], &job, (0..5).map(|i| format!("audit{i}")).collect()).await;
+    charge(&w.herald, "payer", 900).await;
+    wait_for_emails(&w.resend, 5, Duration::from_secs(30)).await;
+    wait_until_settled(&w.db, Duration::from_secs(20)).await;
+    let (code, out) = herald_audit(&url);
+    assert_eq!(code, 0, "a healthy database passes: {out}");
+    assert!(out.contains("all 4 invariants hold"), "{out}");
+    for invariant in Invariant::ALL {
+        let gauge = format!(r#"herald_audit_violations{{invariant="{}"}}"#, invariant.name());
+        assert_eq!(w.herald.metric(&gauge).await, 0.0, "{gauge}");
+    }
+
+    // Each invariant broken directly in the database, one after another.
+    let breaks: [(Invariant, &[&str]); 4] = [
+        (
+            Invariant::OneEmailPerApplication,
+            &["WITH e AS (
+                  INSERT INTO outbox_events (event_id, topic, aggregate_id, payload, settled_at)
+                  SELECT gen_random_uuid(), 'application.submitted', id, '{}'::jsonb, now()
+                    FROM applications LIMIT 1
+                  RETURNING event_id)
+              INSERT INTO inbox (consumer, event_id) SELECT 'email', event_id FROM e"],
+        ),
+        (
+            Invariant::OneLedgerEntryPerCharge,
+            &[
+                "ALTER TABLE ledger_entries DROP CONSTRAINT ledger_entries_pkey",
+                "INSERT INTO ledger_entries SELECT * FROM ledger_entries LIMIT 1",
+            ],
+        ),
+        (
+            Invariant::NoSettledEventWithoutEffect,
+            &["INSERT INTO outbox_events (event_id, topic, aggregate_id, payload, settled_at)
+               SELECT gen_random_uuid(), 'charge.created', id, '{}'::jsonb, now()
+                 FROM charges LIMIT 1"],
+        ),
+        (
+            Invariant::NoEventUnsettledTooLong,
+            // Written two hours ago and not due for a day: never delivered.
+            &["INSERT INTO outbox_events
+                   (event_id, topic, aggregate_id, payload, created_at, due_at, batch_id)
+               SELECT gen_random_uuid(), 'charge.created', id, '{}'::jsonb,
+                      now() - interval '2 hours', now() + interval '1 day', gen_random_uuid()
+                 FROM charges LIMIT 1"],
+        ),
+    ];
+    for (invariant, statements) in breaks {
+        let name = invariant.name();
+        for statement in statements {
+            sqlx::query(*statement).execute(&w.db).await.unwrap();
+        }
+        let gauge = format!(r#"herald_audit_violations{{invariant="{name}"}}"#);
+        w.herald.wait_for_metric(&gauge, 1.0).await;
+        eventually(&format!("a Sentry alert for {name}"), Duration::from_secs(10), || {
+            let n = audit_alerts(&w.sentry, name);
+            async move { (n > 0).then_some(()) }
+        })
+        .await;
+        let (code, out) = herald_audit(&url);
+        assert_ne!(code, 0, "{name} broken: {out}");
+        assert!(out.contains(&format!("{name}")) && out.contains("BROKEN"), "{out}");
+    }
+    // Several audits later: still one alert per invariant (a rising edge),
+    // and each gauge still shows its row.
+    let audits = w.herald.metric("herald_audit_runs_total").await;
+    w.herald.wait_for_metric_above("herald_audit_runs_total", audits + 5.0).await;
+    for invariant in Invariant::ALL {
+        assert_eq!(audit_alerts(&w.sentry, invariant.name()), 1, "{}", invariant.name());
+        let gauge = format!(r#"herald_audit_violations{{invariant="{}"}}"#, invariant.name());
+        assert_eq!(w.herald.metric(&gauge).await, 1.0, "{gauge}");
+    }
 }

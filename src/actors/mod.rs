@@ -13,6 +13,8 @@
 //!   │                  its inbox row in one transaction
 //!   ├── DlqMonitor     dead-letter depth and age -> herald_dlq_depth, Sentry alerts
 //!   ├── Janitor        expired keys, settled outbox rows, old inbox rows: small batches
+//!   ├── Auditor        the effectively-once invariants, checked in the database ->
+//!   │                  herald_audit_violations, Sentry on a rising edge
 //!   └── SseHub         job.posted (every process reads the whole topic) -> bounded
 //!                      per-client queues; snapshot and history in memory
 //! ```
@@ -24,6 +26,7 @@
 //! The HTTP front never holds an [`ActorRef`] directly: it reads the current
 //! one from an [`ActorSlot`], which the supervisor refills after a restart.
 
+pub mod auditor;
 pub mod consumer;
 pub mod dlq_monitor;
 pub mod email_sender;

@@ -27,6 +27,7 @@ use tracing::{error, info};
 use super::consumer::{ConsumerActor, ConsumerArgs, ConsumerMsg};
 use super::dlq_monitor::{DlqMonitor, DlqMonitorArgs};
 use super::email_sender::EmailSender;
+use super::auditor::{Auditor, AuditorArgs};
 use super::janitor::{Janitor, JanitorArgs};
 use super::key_registry::{KeyRegistry, KeyRegistryArgs, KeyRegistryHandle};
 use super::ledger::LedgerConsumer;
@@ -117,6 +118,7 @@ pub struct TreeArgs {
     pub ledger: Option<ConsumerArgs<LedgerConsumer>>,
     pub dlq_monitor: DlqMonitorArgs,
     pub janitor: JanitorArgs,
+    pub auditor: AuditorArgs,
     pub sse_hub: SseHubArgs,
 }
 
@@ -185,6 +187,11 @@ impl ActorTree {
             || Janitor,
             args.janitor,
             ActorSlot::new("janitor"),
+        ));
+        children.push(SlotChild::new(
+            || Auditor,
+            args.auditor,
+            ActorSlot::new("auditor"),
         ));
         children.push(SlotChild::new(|| SseHub, args.sse_hub, slots.sse_hub));
         let children = Arc::new(children);

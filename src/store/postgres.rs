@@ -24,7 +24,7 @@ use uuid::Uuid;
 use super::{
     admit, batch_outcomes, status_column, to_json, Admission, ApplyOutcome, BatchDecision,
     BatchResult, BatchSendFn, BatchToSend, DeadEvent, DeadLetter, DeliverFn, DeliveryDecision,
-    DeliveryResult, DlqAction, DlqTopicStats, DueEvent, KeyClaim, KeyClaimRequest, KeyLease,
+    DeliveryResult, DlqAction, DlqTopicStats, DueEvent, Invariant, KeyClaim, KeyClaimRequest, KeyLease,
     MemberOutcome, OutboxStats, Purged, RelayFn, RelayStep, Relayed, Render, RowState, Store,
     StoreError,
 };
@@ -1574,6 +1574,33 @@ impl Store for PgStore {
                     })
                 })
                 .collect()
+        }
+        .await;
+        session.settle(result)
+    }
+
+    #[instrument(skip_all)]
+    async fn audit(
+        &self,
+        max_unsettled_age: Duration,
+        retention: Duration,
+    ) -> Result<Vec<(Invariant, i64)>, StoreError> {
+        let mut session = self.session().await?;
+        let result: Result<Vec<(Invariant, i64)>, StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            let mut found = Vec::new();
+            for invariant in Invariant::ALL {
+                let query = sqlx::query_scalar(invariant.query(false));
+                let query = match invariant.horizon(max_unsettled_age, retention) {
+                    Some(ago) => query.bind(
+                        Utc::now()
+                            - chrono::Duration::from_std(ago).unwrap_or(chrono::Duration::MAX),
+                    ),
+                    None => query,
+                };
+                found.push((invariant, query.fetch_one(&mut *conn).await?));
+            }
+            Ok(found)
         }
         .await;
         session.settle(result)

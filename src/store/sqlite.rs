@@ -48,7 +48,7 @@ use uuid::Uuid;
 use super::{
     admit, batch_outcomes, status_column, to_json, Admission, ApplyOutcome, BatchDecision,
     BatchResult, BatchSendFn, BatchToSend, DeadEvent, DeadLetter, DeliverFn, DeliveryDecision,
-    DeliveryResult, DlqAction, DlqTopicStats, DoneEvent, DueEvent, KeyClaim, KeyClaimRequest,
+    DeliveryResult, DlqAction, DlqTopicStats, DoneEvent, DueEvent, Invariant, KeyClaim, KeyClaimRequest,
     KeyLease, MemberOutcome, OutboxStats, Purged, RelayFn, RelayStep, Relayed, Render, RowState,
     Store, StoreError,
 };
@@ -1404,6 +1404,24 @@ impl Store for SqliteStore {
                 })
             })
             .collect()
+    }
+
+    #[instrument(skip_all)]
+    async fn audit(
+        &self,
+        max_unsettled_age: Duration,
+        retention: Duration,
+    ) -> Result<Vec<(Invariant, i64)>, StoreError> {
+        let mut found = Vec::new();
+        for invariant in Invariant::ALL {
+            let query = sqlx::query_scalar(invariant.query(true));
+            let query = match invariant.horizon(max_unsettled_age, retention) {
+                Some(ago) => query.bind(now_us().saturating_sub(us(ago))),
+                None => query,
+            };
+            found.push((invariant, query.fetch_one(&self.reader).await?));
+        }
+        Ok(found)
     }
 
     #[instrument(skip_all)]

@@ -1,0 +1,117 @@
+//! Auditor: checks, on a schedule, that the effectively-once guarantees
+//! hold in the database itself — not in Herald's idea of what it did.
+//!
+//! Each audit ([`Store::audit`]) counts the rows breaking each
+//! [`Invariant`]: an application with two sent emails, a charge with two
+//! ledger entries, an event settled with neither its effect nor its dead
+//! letter, an event unsettled past `audit.max_unsettled_age_secs`. The
+//! counts go to `herald_audit_violations{invariant}` (0 is the only healthy
+//! value), and an invariant going from holding to broken raises one Sentry
+//! event (a rising edge; it stays quiet while the count stays up). `herald
+//! audit` runs the same checks once and exits non-zero on any violation.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tracing::{error, warn};
+
+use crate::store::{Invariant, Store, StoreError};
+use crate::telemetry::metrics as m;
+
+#[derive(Clone)]
+pub struct AuditorArgs {
+    pub store: Arc<dyn Store>,
+    pub interval: Duration,
+    pub max_unsettled_age: Duration,
+    /// The janitor's retention: older settled events have lost their inbox rows.
+    pub retention: Duration,
+}
+
+pub enum AuditorMsg {
+    Audit,
+}
+
+pub struct AuditorState {
+    args: AuditorArgs,
+    /// The last count per invariant, for the rising edge.
+    last: HashMap<&'static str, i64>,
+}
+
+pub struct Auditor;
+
+/// Runs every check once: each invariant and how many rows break it.
+pub async fn audit_once(
+    store: &dyn Store,
+    max_unsettled_age: Duration,
+    retention: Duration,
+) -> Result<Vec<(Invariant, i64)>, StoreError> {
+    store.audit(max_unsettled_age, retention).await
+}
+
+/// The Sentry event of an invariant that just broke.
+fn alert_event(invariant: Invariant, rows: i64) -> sentry::protocol::Event<'static> {
+    sentry::protocol::Event {
+        level: sentry::Level::Error,
+        message: Some(format!(
+            "audit: invariant {} broken by {rows} row(s)",
+            invariant.name()
+        )),
+        fingerprint: vec!["herald-audit".into(), invariant.name().into()].into(),
+        logger: Some("herald.auditor".into()),
+        tags: [("invariant".to_string(), invariant.name().to_string())]
+            .into_iter()
+            .collect(),
+        ..Default::default()
+    }
+}
+
+impl Actor for Auditor {
+    type Msg = AuditorMsg;
+    type State = AuditorState;
+    type Arguments = AuditorArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: AuditorArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        for invariant in Invariant::ALL {
+            m::audit_violations(invariant.name(), 0);
+        }
+        myself.send_interval(args.interval, || AuditorMsg::Audit);
+        let _ = myself.cast(AuditorMsg::Audit);
+        Ok(AuditorState {
+            args,
+            last: HashMap::new(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let AuditorMsg::Audit = message;
+        let args = &state.args;
+        let found = match audit_once(&*args.store, args.max_unsettled_age, args.retention).await {
+            Ok(found) => found,
+            Err(e) => {
+                warn!(error = %e, "audit failed; the gauges keep their last values");
+                return Ok(());
+            }
+        };
+        m::audit_run();
+        for (invariant, rows) in found {
+            m::audit_violations(invariant.name(), rows);
+            let before = state.last.insert(invariant.name(), rows).unwrap_or(0);
+            if rows > 0 && before == 0 {
+                error!(invariant = invariant.name(), rows, "audit: invariant broken");
+                sentry::capture_event(alert_event(invariant, rows));
+            }
+        }
+        Ok(())
+    }
+}
