@@ -6,13 +6,20 @@
 // line: {"jobs", "seconds", "rate"}, timed from the first enqueue to the
 // last completion.
 //
-// Usage: node peer.mjs <redis-url> <resend-base-url> <jobs> <concurrency>
+// With a fifth argument, the provider's requests per second, the Worker runs
+// under BullMQ's own rate limiter at that rate ({ max: rps, duration: 1000 })
+// and a job the provider answers 429 is retried (attempts 10, fixed 1 s
+// backoff), as a BullMQ user facing Resend's limit would configure it.
+//
+// Usage: node peer.mjs <redis-url> <resend-base-url> <jobs> <concurrency> [rps]
 import { Queue, Worker } from 'bullmq';
 import IORedis from 'ioredis';
 
-const [redisUrl, resendUrl, jobsArg, concurrencyArg] = process.argv.slice(2);
+const [redisUrl, resendUrl, jobsArg, concurrencyArg, rpsArg] = process.argv.slice(2);
 const jobs = Number(jobsArg);
 const concurrency = Number(concurrencyArg);
+const rps = rpsArg ? Number(rpsArg) : 0;
+const retries = rps ? { attempts: 10, backoff: { type: 'fixed', delay: 1000 } } : {};
 const name = `herald-bench-${process.pid}`;
 const connection = new IORedis(redisUrl, { maxRetriesPerRequest: null });
 const queue = new Queue(name, { connection });
@@ -24,7 +31,7 @@ for (let i = 0; i < jobs; i += 1000) {
     batch.push({
       name: 'email',
       data: { key: `bullmq-${process.pid}-${j}`, to: `bullmq${j}@example.com` },
-      opts: { jobId: `bullmq-${j}`, removeOnComplete: true, removeOnFail: true },
+      opts: { jobId: `bullmq-${j}`, removeOnComplete: true, removeOnFail: true, ...retries },
     });
   }
   await queue.addBulk(batch);
@@ -52,13 +59,19 @@ const worker = await new Promise((resolve, reject) => {
       await response.arrayBuffer();
       if (!response.ok) throw new Error(`resend answered ${response.status}`);
     },
-    { connection: new IORedis(redisUrl, { maxRetriesPerRequest: null }), concurrency },
+    {
+      connection: new IORedis(redisUrl, { maxRetriesPerRequest: null }),
+      concurrency,
+      ...(rps ? { limiter: { max: rps, duration: 1000 } } : {}),
+    },
   );
   w.on('completed', () => {
     completed += 1;
     if (completed === jobs) resolve(w);
   });
-  w.on('failed', (_job, error) => reject(error));
+  w.on('failed', (job, error) => {
+    if (!job || job.attemptsMade >= (job.opts.attempts ?? 1)) reject(error);
+  });
 });
 const seconds = (performance.now() - start) / 1000;
 console.log(JSON.stringify({ jobs, seconds, rate: jobs / seconds }));

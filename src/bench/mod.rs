@@ -79,6 +79,15 @@ pub enum BenchCommand {
         /// The node binary.
         #[arg(long, default_value = "node")]
         node: String,
+        /// Limit the fake Resend to this many requests per second (429 past
+        /// it), as Resend does (2 by default); both sides run at that rate:
+        /// Herald's `email.max_per_sec`, BullMQ's Worker limiter. Unset: no
+        /// limit, zero latency.
+        #[arg(long)]
+        provider_rps: Option<u32>,
+        /// The fake Resend's time per request when `--provider-rps` is set.
+        #[arg(long, default_value_t = 20)]
+        provider_latency_ms: u64,
     },
     /// Delivery latency of `job.posted` to many concurrent stream clients
     /// on one process, and that process's peak memory.
@@ -126,9 +135,16 @@ pub async fn run(command: BenchCommand, config: Config) -> anyhow::Result<()> {
             rounds,
             peer,
             node,
+            provider_rps,
+            provider_latency_ms,
         } => {
+            let provider = provider_rps.map(|rps| Provider {
+                rps: rps.max(1),
+                latency: Duration::from_millis(provider_latency_ms),
+            });
             delivery(
                 config,
+                provider,
                 events.max(1),
                 concurrency.max(1),
                 rounds.max(1),
@@ -552,40 +568,118 @@ async fn post_bench_job(herald: &Child) -> anyhow::Result<String> {
 /// id and counts distinct idempotency keys (an email per key).
 struct BenchResend {
     base_url: String,
-    keys: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// Emails accepted, once per key and address.
+    accepted: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     calls: Arc<std::sync::atomic::AtomicU64>,
+    limited: Arc<std::sync::atomic::AtomicU64>,
 }
 
+/// The provider's limits in a `--provider-rps` run.
+#[derive(Clone, Copy)]
+struct Provider {
+    rps: u32,
+    latency: Duration,
+}
+
+/// The fake Resend's state for a limited run: accepted requests of the last second.
+type Window = Arc<std::sync::Mutex<std::collections::VecDeque<Instant>>>;
+
 impl BenchResend {
-    async fn start() -> anyhow::Result<BenchResend> {
+    /// Answers `POST /emails` (one email) and `POST /emails/batch` (an array)
+    /// at once, or, given a `provider`, after its latency and with 429 past
+    /// its request rate (a sliding one-second window, as the test suite's
+    /// fake Resend).
+    async fn start(provider: Option<Provider>) -> anyhow::Result<BenchResend> {
         use warp::Filter;
-        let keys = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+        let accepted = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
         let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (k, c) = (keys.clone(), calls.clone());
+        let limited = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let window: Window = Arc::default();
+        let (a, c, l) = (accepted.clone(), calls.clone(), limited.clone());
         let route = warp::post()
             .and(warp::path("emails"))
+            .and(warp::path::tail())
             .and(warp::header::optional::<String>("idempotency-key"))
             .and(warp::body::bytes())
-            .map(move |key: Option<String>, _body: bytes::Bytes| {
-                c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if let (Some(key), Ok(mut keys)) = (key, k.lock()) {
-                    keys.insert(key);
+            .then(move |tail: warp::path::Tail, key: Option<String>, body: bytes::Bytes| {
+                let (a, c, l, window) = (a.clone(), c.clone(), l.clone(), window.clone());
+                async move {
+                    c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if let Some(p) = provider {
+                        tokio::time::sleep(p.latency).await;
+                        if !admit(&window, p.rps) {
+                            l.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            return warp::http::Response::builder()
+                                .status(429)
+                                .header("retry-after", "1")
+                                .header("ratelimit-limit", p.rps.to_string())
+                                .header("ratelimit-remaining", "0")
+                                .header("ratelimit-reset", "1")
+                                .body(r#"{"statusCode":429,"name":"rate_limit_exceeded","message":"Too many requests"}"#.to_string())
+                                .unwrap_or_default();
+                        }
+                    }
+                    let parsed: serde_json::Value =
+                        serde_json::from_slice(&body).unwrap_or_default();
+                    let emails: Vec<serde_json::Value> = if tail.as_str() == "batch" {
+                        parsed.as_array().cloned().unwrap_or_default()
+                    } else {
+                        vec![parsed]
+                    };
+                    let key = key.unwrap_or_default();
+                    if let Ok(mut accepted) = a.lock() {
+                        for email in &emails {
+                            accepted.insert(format!("{key}/{}", email["to"]));
+                        }
+                    }
+                    let ids: Vec<serde_json::Value> = emails
+                        .iter()
+                        .map(|_| serde_json::json!({"id": uuid::Uuid::new_v4().to_string()}))
+                        .collect();
+                    let body = if tail.as_str() == "batch" {
+                        serde_json::json!({ "data": ids })
+                    } else {
+                        ids.into_iter().next().unwrap_or_default()
+                    };
+                    warp::http::Response::builder()
+                        .header("content-type", "application/json")
+                        .body(body.to_string())
+                        .unwrap_or_default()
                 }
-                warp::reply::json(&serde_json::json!({"id": uuid::Uuid::new_v4().to_string()}))
             });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         tokio::spawn(warp::serve(route).incoming(listener).run());
         Ok(BenchResend {
             base_url: format!("http://{addr}"),
-            keys,
+            accepted,
             calls,
+            limited,
         })
     }
 
     fn emails(&self) -> usize {
-        self.keys.lock().map(|k| k.len()).unwrap_or(0)
+        self.accepted.lock().map(|k| k.len()).unwrap_or(0)
     }
+}
+
+/// Whether one more request fits in the last second's `rps`.
+fn admit(window: &Window, rps: u32) -> bool {
+    let Ok(mut window) = window.lock() else {
+        return false;
+    };
+    let now = Instant::now();
+    while window
+        .front()
+        .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1))
+    {
+        window.pop_front();
+    }
+    if window.len() >= rps as usize {
+        return false;
+    }
+    window.push_back(now);
+    true
 }
 
 /// One Herald round: `events` applications committed with their outbox
@@ -627,6 +721,7 @@ fn delivery_round_bullmq(
     resend_url: &str,
     events: u32,
     concurrency: u32,
+    rps: Option<u32>,
 ) -> anyhow::Result<f64> {
     let output = Command::new(node)
         .arg(peer)
@@ -635,6 +730,7 @@ fn delivery_round_bullmq(
             resend_url,
             &events.to_string(),
             &concurrency.to_string(),
+            &rps.map(|r| r.to_string()).unwrap_or_default(),
         ])
         .output()
         .with_context(|| format!("running {node} {peer} (benches/delivery.sh installs it)"))?;
@@ -657,6 +753,7 @@ fn delivery_round_bullmq(
 
 async fn delivery(
     config: Config,
+    provider: Option<Provider>,
     events: u32,
     concurrency: u32,
     rounds: usize,
@@ -672,7 +769,11 @@ async fn delivery(
         .context("bench delivery needs HERALD_REDIS_URL (both sides use that Redis)")?
         .expose()
         .to_string();
-    let resend = BenchResend::start().await?;
+    let resend = BenchResend::start(provider).await?;
+    let rps = provider.map(|p| p.rps);
+    // Unlimited: both sides as fast as they go. Limited: both at the
+    // provider's rate, Herald with its defaults otherwise.
+    let herald_rate = rps.map_or("1000000".to_string(), |r| r.to_string());
     let herald = spawn_herald(
         &config,
         &[
@@ -680,9 +781,8 @@ async fn delivery(
             ("RESEND_API_KEY", "re_bench".into()),
             ("RESEND_BASE_URL", resend.base_url.clone()),
             ("HERALD_EMAIL__WORKERS", concurrency.to_string()),
-            ("HERALD_EMAIL__MAX_PER_SEC", "1000000".into()),
+            ("HERALD_EMAIL__MAX_PER_SEC", herald_rate),
             ("HERALD_RELAY__MAX_PUBLISH_PER_SEC", "1000000".into()),
-            ("HERALD_RELAY__REDELIVER_AFTER_SECS", "600".into()),
         ],
     )?;
     let job_id: uuid::Uuid = post_bench_job(&herald).await?.parse()?;
@@ -690,6 +790,9 @@ async fn delivery(
         .max_connections(2)
         .connect(config.database_url.expose())
         .await?;
+    // At the provider's rate BullMQ sends one email per request: ten
+    // seconds' worth measures its rate; Herald moves `events`.
+    let bullmq_jobs = rps.map_or(events, |r| (r * 10).max(2));
 
     let (mut herald_rates, mut bullmq_rates) = (Vec::new(), Vec::new());
     for round in 1..=rounds {
@@ -701,27 +804,36 @@ async fn delivery(
             resend.base_url.clone(),
         );
         let b = tokio::task::spawn_blocking(move || {
-            delivery_round_bullmq(&node, &peer, &redis, &url, events, concurrency)
+            delivery_round_bullmq(&node, &peer, &redis, &url, bullmq_jobs, concurrency, rps)
         })
         .await??;
-        eprintln!("  round {round}/{rounds}: herald {h:.0} events/s, bullmq {b:.0} jobs/s");
+        eprintln!("  round {round}/{rounds}: herald {h:.1} emails/s, bullmq {b:.1} emails/s");
         herald_rates.push(h);
         bullmq_rates.push(b);
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let (h, b) = (mean(&herald_rates), mean(&bullmq_rates));
     let calls = resend.calls.load(std::sync::atomic::Ordering::Relaxed);
+    let limited = resend.limited.load(std::sync::atomic::Ordering::Relaxed);
+    match provider {
+        None => println!(
+            "bench delivery: {events} events per side per round, consumer concurrency {concurrency}, {rounds} alternating rounds, unlimited zero-latency provider"
+        ),
+        Some(p) => println!(
+            "bench delivery: provider limited to {} requests/s, {} ms per request; herald {events} emails, bullmq {bullmq_jobs} jobs per round; {rounds} alternating rounds",
+            p.rps,
+            p.latency.as_millis()
+        ),
+    }
+    println!("  herald  outbox insert -> email accepted : {h:>9.1} emails/s (batched requests, inbox dedupe)");
+    println!("  bullmq  addBulk -> job completed        : {b:>9.1} emails/s (one request per email)");
+    let target = if provider.is_some() { 50.0 } else { 1.0 };
     println!(
-        "bench delivery: {events} events per side per round, consumer concurrency {concurrency}, {rounds} alternating rounds"
-    );
-    println!("  herald  outbox insert -> email accepted : {h:>9.1} events/s (transactional enqueue, inbox dedupe)");
-    println!("  bullmq  addBulk -> job completed        : {b:>9.1} jobs/s");
-    println!(
-        "  ratio herald / bullmq                   : {:>9.2}   (target >= 1.0)",
+        "  ratio herald / bullmq                   : {:>9.2}   (target >= {target:.1})",
         h / b
     );
     println!(
-        "  fake Resend: {} emails from {calls} calls (both sides)",
+        "  fake Resend: {} emails from {calls} requests, {limited} answered 429 (both sides)",
         resend.emails()
     );
     Ok(())
