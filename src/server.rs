@@ -15,10 +15,10 @@ use tokio::net::TcpListener;
 use tracing::{info, warn};
 use uuid::Uuid;
 
+use crate::actors::auditor::AuditorArgs;
 use crate::actors::consumer::{ConsumerArgs, PoolArgs};
 use crate::actors::dlq_monitor::DlqMonitorArgs;
 use crate::actors::email_sender::{EmailSender, EmailSenderArgs};
-use crate::actors::auditor::AuditorArgs;
 use crate::actors::janitor::JanitorArgs;
 use crate::actors::key_registry::{KeyRegistryArgs, RedisMode};
 use crate::actors::ledger::LedgerConsumer;
@@ -158,7 +158,10 @@ fn pipeline_args(
         workers: config.email.workers as usize,
         reclaim_after,
     };
-    let (max_batch, workers) = (config.email.max_batch as usize, config.email.workers as usize);
+    let (max_batch, workers) = (
+        config.email.max_batch as usize,
+        config.email.workers as usize,
+    );
     let sender = ConsumerArgs {
         pool: PoolArgs {
             // The reader keeps up to two batches' worth of copies in hand.

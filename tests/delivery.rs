@@ -8,10 +8,10 @@ mod support;
 
 use std::time::Duration;
 
+use herald::store::Invariant;
 use serde_json::{json, Value};
 use support::fake_resend::{FakeResend, Mode, API_KEY};
 use support::fake_sentry::FakeSentry;
-use herald::store::Invariant;
 use support::sse::SseClient;
 use support::{
     apply_as as apply, count, eventually, user_token, Backend, Backing, Daemon, Db, ADMIN_TOKEN,
@@ -205,10 +205,18 @@ async fn a_crash_around_a_batch_still_sends_each_email_once(backend: Backend, fa
         assert_eq!(sent_before, 3, "Resend accepted the batch before the crash");
     }
     for id in &ids {
-        assert_eq!(email_status(&w.db, id).await, "pending", "nothing committed");
+        assert_eq!(
+            email_status(&w.db, id).await,
+            "pending",
+            "nothing committed"
+        );
     }
     assert_eq!(
-        count(&w.db, "SELECT count(*) FROM send_batches WHERE settled_at IS NULL").await,
+        count(
+            &w.db,
+            "SELECT count(*) FROM send_batches WHERE settled_at IS NULL"
+        )
+        .await,
         1,
         "the batch and its membership survived the crash"
     );
@@ -224,9 +232,16 @@ async fn a_crash_around_a_batch_still_sends_each_email_once(backend: Backend, fa
     }
     let calls: Vec<_> = w.resend.calls().into_iter().filter(|c| c.batch).collect();
     let keys: std::collections::HashSet<_> = calls.iter().map(|c| c.key.clone()).collect();
-    assert_eq!(keys.len(), 1, "every send carried the batch's key: {calls:?}");
+    assert_eq!(
+        keys.len(),
+        1,
+        "every send carried the batch's key: {calls:?}"
+    );
     assert!(keys.iter().all(|k| k.is_some()));
-    assert!(calls.iter().all(|c| c.emails == 3), "the same three each time: {calls:?}");
+    assert!(
+        calls.iter().all(|c| c.emails == 3),
+        "the same three each time: {calls:?}"
+    );
     if failpoint != "batch-after-form" {
         assert!(calls.len() >= 2, "the batch was sent again: {calls:?}");
     }
@@ -238,7 +253,10 @@ async fn a_crash_around_a_batch_still_sends_each_email_once(backend: Backend, fa
         );
     }
     assert_eq!(count(&w.db, "SELECT count(*) FROM dead_letters").await, 0);
-    assert_eq!(count(&w.db, "SELECT count(*) FROM inbox WHERE consumer = 'email'").await, 3);
+    assert_eq!(
+        count(&w.db, "SELECT count(*) FROM inbox WHERE consumer = 'email'").await,
+        3
+    );
 }
 
 async fn a_crash_after_the_batch_is_formed_sends_it_once_after_the_restart(backend: Backend) {
@@ -550,10 +568,20 @@ async fn redis_losing_everything_twice_mid_batched_drain_still_delivers_every_em
             async move { (resend.sent().len() >= n).then_some(()) }
         }
     };
-    eventually("a third sent", Duration::from_secs(30), sent_at_least(1_000)).await;
+    eventually(
+        "a third sent",
+        Duration::from_secs(30),
+        sent_at_least(1_000),
+    )
+    .await;
     assert_eq!(w.b.redis().cli(&["FLUSHALL"]).as_deref(), Some("OK"));
     let after_flush = w.resend.sent().len();
-    eventually("two thirds sent", Duration::from_secs(60), sent_at_least(2_000)).await;
+    eventually(
+        "two thirds sent",
+        Duration::from_secs(60),
+        sent_at_least(2_000),
+    )
+    .await;
     // A restart without persistence: the server comes back empty.
     w.b.redis_mut().restart().await;
     let after_restart = w.resend.sent().len();
@@ -568,13 +596,18 @@ async fn redis_losing_everything_twice_mid_batched_drain_still_delivers_every_em
     assert_eq!(count(&w.db, SENT_APPLICATIONS).await, 3_000);
     assert_eq!(count(&w.db, "SELECT count(*) FROM dead_letters").await, 0);
     // The stream and the group were made again.
-    let groups = w.b.redis().cli(&["XINFO", "GROUPS", stream]).unwrap_or_default();
+    let groups =
+        w.b.redis()
+            .cli(&["XINFO", "GROUPS", stream])
+            .unwrap_or_default();
     assert!(groups.contains("email"), "group recreated: {groups}");
     let lost = w
         .herald
         .metric(r#"herald_relay_republished_total{reason="lost"}"#)
         .await;
-    eprintln!("flush at {after_flush} sent, restart at {after_restart}; {lost} republished as lost");
+    eprintln!(
+        "flush at {after_flush} sent, restart at {after_restart}; {lost} republished as lost"
+    );
     assert!(lost > 0.0, "what the broker lost was published again");
 }
 
@@ -1001,14 +1034,12 @@ async fn queue_confirmations(db: &Db, backend: Backend, job: &Value, n: u32, pre
         Backend::Sqlite => {
             let now = chrono::Utc::now().timestamp_micros();
             let mut tx = db.begin().await.unwrap();
-            sqlx::query(sqlx::AssertSqlSafe(
-                format!(
-                    "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?),
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?),
                           r(i, h) AS (SELECT i, lower(hex(randomblob(16))) FROM n)
                      INSERT INTO applications (id, job_id, user_id, email, created_at)
                      SELECT {UUID_TEXT}, ?, ? || i, ? || i || '@example.com', ? FROM r"
-                ),
-            ))
+            )))
             .bind(n as i32)
             .bind(job_id.clone())
             .bind(prefix.to_string())
@@ -1084,7 +1115,12 @@ async fn a_provider_at_two_requests_a_second_drains_every_backlog_in_time(backen
     let start = std::time::Instant::now();
     let users: Vec<String> = (0..1000).map(|i| format!("wave{i}")).collect();
     apply_many(&[&herald], &job, users).await;
-    wait_for_emails(&resend, 1001, Duration::from_secs(90).saturating_sub(start.elapsed())).await;
+    wait_for_emails(
+        &resend,
+        1001,
+        Duration::from_secs(90).saturating_sub(start.elapsed()),
+    )
+    .await;
     eprintln!("1,000 applications mailed in {:?}", start.elapsed());
 
     // 3. An 18,000-email backlog, with jobs and charges made while it drains.
@@ -1099,7 +1135,8 @@ async fn a_provider_at_two_requests_a_second_drains_every_backlog_in_time(backen
         herald.post_job(&title).await;
         stream
             .read_until("the probe job", Duration::from_secs(10), |seen| {
-                seen.iter().any(|e| e.event == "job.posted" && e.titles().contains(&title))
+                seen.iter()
+                    .any(|e| e.event == "job.posted" && e.titles().contains(&title))
             })
             .await;
         job_delays.push(posted.elapsed());
@@ -1124,7 +1161,12 @@ async fn a_provider_at_two_requests_a_second_drains_every_backlog_in_time(backen
             break;
         }
     }
-    wait_for_emails(&resend, 19_001, Duration::from_secs(200).saturating_sub(start.elapsed())).await;
+    wait_for_emails(
+        &resend,
+        19_001,
+        Duration::from_secs(200).saturating_sub(start.elapsed()),
+    )
+    .await;
     let drained = start.elapsed();
     wait_until_settled(&db, Duration::from_secs(20)).await;
     let published = herald.metric("herald_relay_published_total").await - published_before;
@@ -1135,7 +1177,9 @@ async fn a_provider_at_two_requests_a_second_drains_every_backlog_in_time(backen
     let mut republished = Vec::new();
     for reason in ["lost", "unclaimed", "rescheduled"] {
         let n = herald
-            .metric(&format!(r#"herald_relay_republished_total{{reason="{reason}"}}"#))
+            .metric(&format!(
+                r#"herald_relay_republished_total{{reason="{reason}"}}"#
+            ))
             .await;
         republished.push(format!("{reason}={n}"));
     }
@@ -1147,7 +1191,10 @@ async fn a_provider_at_two_requests_a_second_drains_every_backlog_in_time(backen
         republished.join(" "),
         job_delays.len()
     );
-    assert!(drained <= Duration::from_secs(200), "drained in {drained:?}");
+    assert!(
+        drained <= Duration::from_secs(200),
+        "drained in {drained:?}"
+    );
     assert_eq!(resend.sent().len(), 19_001, "each email exactly once");
     assert_eq!(distinct_recipients(&resend), 19_001);
     assert_eq!(count(&db, SENT_APPLICATIONS).await, 19_001);
@@ -1161,16 +1208,26 @@ async fn a_provider_at_two_requests_a_second_drains_every_backlog_in_time(backen
         published <= 1.05 * events as f64,
         "{published} publishes for {events} events"
     );
-    assert!(job_delays.len() >= 10, "{} probes during the drain", job_delays.len());
+    assert!(
+        job_delays.len() >= 10,
+        "{} probes during the drain",
+        job_delays.len()
+    );
     assert!(job_p99 <= Duration::from_secs(1), "job p99 {job_p99:?}");
-    assert!(charge_p99 <= Duration::from_secs(2), "charge p99 {charge_p99:?}");
+    assert!(
+        charge_p99 <= Duration::from_secs(2),
+        "charge p99 {charge_p99:?}"
+    );
     // The auditor agrees: every invariant holds after the drain.
     let audits = herald.metric("herald_audit_runs_total").await;
     herald
         .wait_for_metric_above("herald_audit_runs_total", audits + 1.0)
         .await;
     for invariant in Invariant::ALL {
-        let gauge = format!(r#"herald_audit_violations{{invariant="{}"}}"#, invariant.name());
+        let gauge = format!(
+            r#"herald_audit_violations{{invariant="{}"}}"#,
+            invariant.name()
+        );
         assert_eq!(herald.metric(&gauge).await, 0.0, "{gauge}");
     }
 }
@@ -1382,8 +1439,8 @@ fn herald_audit(database_url: &str) -> (i32, String) {
         .env("HERALD_DATABASE_URL", database_url)
         .output()
         .expect("run herald audit");
-    let text = String::from_utf8_lossy(&out.stdout).to_string()
-        + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     (out.status.code().unwrap_or(-1), text)
 }
 
@@ -1402,7 +1459,12 @@ async fn the_auditor_sees_each_broken_invariant_once_and_herald_audit_exits_non_
     let url = w.b.database_url();
     // A healthy board: applications mailed, a charge applied.
     let job = w.herald.post_job("Audit").await;
-    apply_many(&[&w.herald], &job, (0..5).map(|i| format!("audit{i}")).collect()).await;
+    apply_many(
+        &[&w.herald],
+        &job,
+        (0..5).map(|i| format!("audit{i}")).collect(),
+    )
+    .await;
     charge(&w.herald, "payer", 900).await;
     wait_for_emails(&w.resend, 5, Duration::from_secs(30)).await;
     wait_until_settled(&w.db, Duration::from_secs(20)).await;
@@ -1410,7 +1472,10 @@ async fn the_auditor_sees_each_broken_invariant_once_and_herald_audit_exits_non_
     assert_eq!(code, 0, "a healthy database passes: {out}");
     assert!(out.contains("all 4 invariants hold"), "{out}");
     for invariant in Invariant::ALL {
-        let gauge = format!(r#"herald_audit_violations{{invariant="{}"}}"#, invariant.name());
+        let gauge = format!(
+            r#"herald_audit_violations{{invariant="{}"}}"#,
+            invariant.name()
+        );
         assert_eq!(w.herald.metric(&gauge).await, 0.0, "{gauge}");
     }
 
@@ -1434,9 +1499,11 @@ async fn the_auditor_sees_each_broken_invariant_once_and_herald_audit_exits_non_
         ),
         (
             Invariant::NoSettledEventWithoutEffect,
-            &["INSERT INTO outbox_events (event_id, topic, aggregate_id, payload, settled_at)
+            &[
+                "INSERT INTO outbox_events (event_id, topic, aggregate_id, payload, settled_at)
                SELECT gen_random_uuid(), 'charge.created', id, '{}'::jsonb, now()
-                 FROM charges LIMIT 1"],
+                 FROM charges LIMIT 1",
+            ],
         ),
         (
             Invariant::NoEventUnsettledTooLong,
@@ -1455,22 +1522,36 @@ async fn the_auditor_sees_each_broken_invariant_once_and_herald_audit_exits_non_
         }
         let gauge = format!(r#"herald_audit_violations{{invariant="{name}"}}"#);
         w.herald.wait_for_metric(&gauge, 1.0).await;
-        eventually(&format!("a Sentry alert for {name}"), Duration::from_secs(10), || {
-            let n = audit_alerts(&w.sentry, name);
-            async move { (n > 0).then_some(()) }
-        })
+        eventually(
+            &format!("a Sentry alert for {name}"),
+            Duration::from_secs(10),
+            || {
+                let n = audit_alerts(&w.sentry, name);
+                async move { (n > 0).then_some(()) }
+            },
+        )
         .await;
         let (code, out) = herald_audit(&url);
         assert_ne!(code, 0, "{name} broken: {out}");
-        assert!(out.contains(&format!("{name}")) && out.contains("BROKEN"), "{out}");
+        assert!(out.contains(name) && out.contains("BROKEN"), "{out}");
     }
     // Several audits later: still one alert per invariant (a rising edge),
     // and each gauge still shows its row.
     let audits = w.herald.metric("herald_audit_runs_total").await;
-    w.herald.wait_for_metric_above("herald_audit_runs_total", audits + 5.0).await;
+    w.herald
+        .wait_for_metric_above("herald_audit_runs_total", audits + 5.0)
+        .await;
     for invariant in Invariant::ALL {
-        assert_eq!(audit_alerts(&w.sentry, invariant.name()), 1, "{}", invariant.name());
-        let gauge = format!(r#"herald_audit_violations{{invariant="{}"}}"#, invariant.name());
+        assert_eq!(
+            audit_alerts(&w.sentry, invariant.name()),
+            1,
+            "{}",
+            invariant.name()
+        );
+        let gauge = format!(
+            r#"herald_audit_violations{{invariant="{}"}}"#,
+            invariant.name()
+        );
         assert_eq!(w.herald.metric(&gauge).await, 1.0, "{gauge}");
     }
 }

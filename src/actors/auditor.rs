@@ -108,7 +108,10 @@ impl Actor for Auditor {
             m::audit_violations(invariant.name(), rows);
             let before = state.last.insert(invariant.name(), rows).unwrap_or(0);
             if rows > 0 && before == 0 {
-                error!(invariant = invariant.name(), rows, "audit: invariant broken");
+                error!(
+                    invariant = invariant.name(),
+                    rows, "audit: invariant broken"
+                );
                 sentry::capture_event(alert_event(invariant, rows));
             }
         }

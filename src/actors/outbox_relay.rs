@@ -290,7 +290,10 @@ async fn relay_due(
         to_publish.push(d.envelope.clone());
     }
     let mut receipts = broker.publish(&to_publish).await?.into_iter();
-    for (reason, n) in ["lost", "unclaimed", "rescheduled"].into_iter().zip(reasons) {
+    for (reason, n) in ["lost", "unclaimed", "rescheduled"]
+        .into_iter()
+        .zip(reasons)
+    {
         if n > 0 {
             m::relay_republished(reason, n);
         }

@@ -24,10 +24,10 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tracing::{error, info};
 
+use super::auditor::{Auditor, AuditorArgs};
 use super::consumer::{ConsumerActor, ConsumerArgs, ConsumerMsg};
 use super::dlq_monitor::{DlqMonitor, DlqMonitorArgs};
 use super::email_sender::EmailSender;
-use super::auditor::{Auditor, AuditorArgs};
 use super::janitor::{Janitor, JanitorArgs};
 use super::key_registry::{KeyRegistry, KeyRegistryArgs, KeyRegistryHandle};
 use super::ledger::LedgerConsumer;

@@ -826,7 +826,9 @@ async fn delivery(
         ),
     }
     println!("  herald  outbox insert -> email accepted : {h:>9.1} emails/s (batched requests, inbox dedupe)");
-    println!("  bullmq  addBulk -> job completed        : {b:>9.1} emails/s (one request per email)");
+    println!(
+        "  bullmq  addBulk -> job completed        : {b:>9.1} emails/s (one request per email)"
+    );
     let target = if provider.is_some() { 50.0 } else { 1.0 };
     println!(
         "  ratio herald / bullmq                   : {:>9.2}   (target >= {target:.1})",

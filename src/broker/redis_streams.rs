@@ -233,10 +233,7 @@ fn last_delivered_id(groups: &Value, group: &str) -> Option<String> {
 /// The idle time in an `XPENDING` extended-form entry: `[id, consumer, idle, deliveries]`.
 fn pending_idle_ms(entry: &Value) -> u64 {
     match entry {
-        Value::Array(fields) => fields
-            .get(2)
-            .and_then(|v| v.as_u64())
-            .unwrap_or(u64::MAX),
+        Value::Array(fields) => fields.get(2).and_then(|v| v.as_u64()).unwrap_or(u64::MAX),
         _ => u64::MAX,
     }
 }

@@ -495,9 +495,7 @@ pub enum Relayed {
 
 /// The relay's work on a claimed set of due rows, one answer per row in
 /// order; `Err` leaves every row as it was.
-pub type RelayFn<'a> = &'a (dyn Fn(
-    Vec<DueEvent>,
-) -> futures::future::BoxFuture<'static, Result<Vec<Relayed>, BrokerError>>
+pub type RelayFn<'a> = &'a (dyn Fn(Vec<DueEvent>) -> futures::future::BoxFuture<'static, Result<Vec<Relayed>, BrokerError>>
          + Send
          + Sync);
 
@@ -624,9 +622,8 @@ struct DeadEvent<'a> {
 }
 
 /// Sends one batch and says what to record.
-pub type BatchSendFn<'a> = &'a (dyn Fn(BatchToSend) -> futures::future::BoxFuture<'static, BatchDecision>
-         + Send
-         + Sync);
+pub type BatchSendFn<'a> =
+    &'a (dyn Fn(BatchToSend) -> futures::future::BoxFuture<'static, BatchDecision> + Send + Sync);
 
 /// Performs a delivery attempt, given the attempts already spent, and says
 /// what to record.
@@ -674,6 +671,17 @@ pub enum DeliveryResult {
     Busy,
 }
 
+/// Connects to the backend named by `database_url`'s scheme.
+pub async fn connect(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
+    match config.database_url.scheme() {
+        "postgres" | "postgresql" => Ok(Arc::new(postgres::PgStore::connect(config).await?)),
+        "sqlite" => Ok(Arc::new(sqlite::SqliteStore::connect(config).await?)),
+        other => Err(StoreError::Unavailable(format!(
+            "unsupported database_url scheme `{other}`"
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -694,16 +702,5 @@ mod tests {
         assert_eq!(admit(row(false, true, false, 0), 0), Admission::Duplicate);
         assert_eq!(admit(row(false, false, true, 0), 0), Admission::Batched);
         assert_eq!(admit(row(false, false, false, 2), 1), Admission::Stale);
-    }
-}
-
-/// Connects to the backend named by `database_url`'s scheme.
-pub async fn connect(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
-    match config.database_url.scheme() {
-        "postgres" | "postgresql" => Ok(Arc::new(postgres::PgStore::connect(config).await?)),
-        "sqlite" => Ok(Arc::new(sqlite::SqliteStore::connect(config).await?)),
-        other => Err(StoreError::Unavailable(format!(
-            "unsupported database_url scheme `{other}`"
-        ))),
     }
 }

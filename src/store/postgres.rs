@@ -24,9 +24,9 @@ use uuid::Uuid;
 use super::{
     admit, batch_outcomes, status_column, to_json, Admission, ApplyOutcome, BatchDecision,
     BatchResult, BatchSendFn, BatchToSend, DeadEvent, DeadLetter, DeliverFn, DeliveryDecision,
-    DeliveryResult, DlqAction, DlqTopicStats, DueEvent, Invariant, KeyClaim, KeyClaimRequest, KeyLease,
-    MemberOutcome, OutboxStats, Purged, RelayFn, RelayStep, Relayed, Render, RowState, Store,
-    StoreError,
+    DeliveryResult, DlqAction, DlqTopicStats, DueEvent, Invariant, KeyClaim, KeyClaimRequest,
+    KeyLease, MemberOutcome, OutboxStats, Purged, RelayFn, RelayStep, Relayed, Render, RowState,
+    Store, StoreError,
 };
 use crate::broker::Envelope;
 use crate::config::Config;
@@ -1307,11 +1307,9 @@ impl Store for PgStore {
                     // batches doing that at once can deadlock. Take every
                     // shard in one order first: batches settle one after
                     // another (a few a second), never crosswise.
-                    sqlx::query(
-                        "SELECT 1 FROM effect_counters ORDER BY name, shard FOR UPDATE",
-                    )
-                    .execute(&mut *tx)
-                    .await?;
+                    sqlx::query("SELECT 1 FROM effect_counters ORDER BY name, shard FOR UPDATE")
+                        .execute(&mut *tx)
+                        .await?;
                     for ((member, aggregate_id), outcome) in
                         members.iter().zip(&aggregates).zip(&outcomes)
                     {

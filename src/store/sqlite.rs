@@ -48,9 +48,9 @@ use uuid::Uuid;
 use super::{
     admit, batch_outcomes, status_column, to_json, Admission, ApplyOutcome, BatchDecision,
     BatchResult, BatchSendFn, BatchToSend, DeadEvent, DeadLetter, DeliverFn, DeliveryDecision,
-    DeliveryResult, DlqAction, DlqTopicStats, DoneEvent, DueEvent, Invariant, KeyClaim, KeyClaimRequest,
-    KeyLease, MemberOutcome, OutboxStats, Purged, RelayFn, RelayStep, Relayed, Render, RowState,
-    Store, StoreError,
+    DeliveryResult, DlqAction, DlqTopicStats, DoneEvent, DueEvent, Invariant, KeyClaim,
+    KeyClaimRequest, KeyLease, MemberOutcome, OutboxStats, Purged, RelayFn, RelayStep, Relayed,
+    Render, RowState, Store, StoreError,
 };
 use crate::broker::Envelope;
 use crate::config::Config;
@@ -122,7 +122,6 @@ fn charge_from_row(row: &SqliteRow) -> Result<Charge, sqlx::Error> {
 
 const APPLICATION_COLUMNS: &str =
     "id, job_id, user_id, email, resume_url, cover_letter, email_status, created_at";
-
 
 type Query<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments>;
 
@@ -923,7 +922,10 @@ impl Store for SqliteStore {
                 published_before: row.try_get("published")?,
             });
         }
-        let ids: Vec<String> = due.iter().map(|d| d.envelope.event_id.to_string()).collect();
+        let ids: Vec<String> = due
+            .iter()
+            .map(|d| d.envelope.event_id.to_string())
+            .collect();
         // On failure the transaction rolls back: the rows stay due.
         let relayed = relay(due)
             .await
@@ -1052,7 +1054,11 @@ impl Store for SqliteStore {
         };
         let id = uuid_column(&batch, "id")?;
         let attempts: i32 = batch.try_get("attempts")?;
-        let first_at = instant(batch.try_get::<Option<i64>, _>("first_failed_at")?.unwrap_or(now))?;
+        let first_at = instant(
+            batch
+                .try_get::<Option<i64>, _>("first_failed_at")?
+                .unwrap_or(now),
+        )?;
         sqlx::query("UPDATE send_batches SET locked_by = ?, locked_until = ? WHERE id = ?")
             .bind(&token)
             .bind(now + us(DELIVERY_LEASE))
@@ -1275,11 +1281,13 @@ impl Store for SqliteStore {
                 .await?;
             }
             DeliveryDecision::Defer { after } => {
-                sqlx::query("UPDATE outbox_events SET due_at = ?, stream_id = NULL WHERE event_id = ?")
-                    .bind(now + us(*after))
-                    .bind(&event_id)
-                    .execute(&mut *tx)
-                    .await?;
+                sqlx::query(
+                    "UPDATE outbox_events SET due_at = ?, stream_id = NULL WHERE event_id = ?",
+                )
+                .bind(now + us(*after))
+                .bind(&event_id)
+                .execute(&mut *tx)
+                .await?;
             }
             DeliveryDecision::Dead { error } => {
                 let dead = DeadEvent {

@@ -253,10 +253,7 @@ async fn handle_batch(
         .and_then(|b| b.as_array())
         .map(|a| a.len())
         .unwrap_or(0);
-    let to = parsed
-        .as_ref()
-        .and_then(|b| b.get(0))
-        .and_then(|e| recipient(e));
+    let to = parsed.as_ref().and_then(|b| b.get(0)).and_then(recipient);
     let permissive = validation.as_deref() == Some("permissive");
     let (status, response, extra) = decide_batch(&state, auth, key.clone(), parsed, permissive);
     state.lock().unwrap().calls.push(Call {
@@ -270,6 +267,9 @@ async fn handle_batch(
     reply(status, response, &extra)
 }
 
+/// A status, a JSON body and extra headers.
+type Answer = (u16, Value, Vec<(&'static str, String)>);
+
 fn recipient(email: &Value) -> Option<String> {
     email
         .get("to")
@@ -280,10 +280,7 @@ fn recipient(email: &Value) -> Option<String> {
 
 /// Authentication, scripted outages and the request-rate limit, common to
 /// both endpoints: `Some(answer)` ends the request there.
-fn gate(
-    st: &mut State,
-    auth: Option<&str>,
-) -> Option<(u16, Value, Vec<(&'static str, String)>)> {
+fn gate(st: &mut State, auth: Option<&str>) -> Option<Answer> {
     match auth {
         None => {
             return Some((
@@ -387,7 +384,7 @@ fn decide_batch(
     key: Option<String>,
     body: Option<Value>,
     permissive: bool,
-) -> (u16, Value, Vec<(&'static str, String)>) {
+) -> Answer {
     let mut st = state.lock().unwrap();
     if let Some(answer) = gate(&mut st, auth.as_deref()) {
         return answer;
@@ -395,7 +392,11 @@ fn decide_batch(
     let Some(emails) = body.as_ref().and_then(|b| b.as_array()).cloned() else {
         return (
             422,
-            error(422, "validation_error", "The body must be an array of emails"),
+            error(
+                422,
+                "validation_error",
+                "The body must be an array of emails",
+            ),
             vec![],
         );
     };
@@ -414,7 +415,11 @@ fn decide_batch(
             Some(KeyState::InProgress(_)) => {
                 return (
                     409,
-                    error(409, "concurrent_idempotent_requests", "Same key in progress"),
+                    error(
+                        409,
+                        "concurrent_idempotent_requests",
+                        "Same key in progress",
+                    ),
                     vec![],
                 )
             }
@@ -450,7 +455,11 @@ fn decide_batch(
             // Strict: nothing is sent, and the key is not kept.
             return (
                 422,
-                error(422, "validation_error", &format!("emails[{index}]: {message}")),
+                error(
+                    422,
+                    "validation_error",
+                    &format!("emails[{index}]: {message}"),
+                ),
                 vec![],
             );
         }
