@@ -537,10 +537,25 @@ impl Config {
             None => {}
         }
         if let Some(url) = &self.redis_url {
+            // One server, a Sentinel-watched primary, or a Cluster (fred's
+            // URL forms: `?sentinelServiceName=…`, `?node=host:port`).
+            const SCHEMES: [&str; 6] = [
+                "redis://",
+                "rediss://",
+                "redis-sentinel://",
+                "rediss-sentinel://",
+                "redis-cluster://",
+                "rediss-cluster://",
+            ];
             check(
-                url.expose().starts_with("redis://") || url.expose().starts_with("rediss://"),
+                SCHEMES.iter().any(|s| url.expose().starts_with(s)),
                 "redis_url",
-                "must start with redis:// or rediss://",
+                "must start with redis://, rediss://, redis-sentinel:// or redis-cluster://",
+            )?;
+            check(
+                fred::types::config::Config::from_url(url.expose()).is_ok(),
+                "redis_url",
+                "is not a Redis URL (a Sentinel URL needs ?sentinelServiceName=<name>)",
             )?;
         }
         check(

@@ -1555,3 +1555,147 @@ async fn the_auditor_sees_each_broken_invariant_once_and_herald_audit_exits_non_
         assert_eq!(w.herald.metric(&gauge).await, 1.0, "{gauge}");
     }
 }
+
+/// A daemon on `b`'s Postgres and the Redis at `redis_url`, sending through
+/// `resend` (limited to 2 requests/s) at Herald's default email rate.
+async fn daemon_on_redis(b: &Backing, redis_url: &str, resend: &FakeResend) -> Daemon {
+    resend.limit_rate(Some(2));
+    let base = resend.base_url();
+    Daemon::start(
+        &b.pg().url(),
+        Some(redis_url),
+        &[
+            ("HERALD_EMAIL__TRANSPORT", "resend"),
+            ("RESEND_API_KEY", API_KEY),
+            ("RESEND_BASE_URL", &base),
+            ("HERALD_RELAY__REDELIVER_AFTER_SECS", "2"),
+            ("HERALD_RELAY__POLL_INTERVAL_MS", "200"),
+        ],
+    )
+    .await
+}
+
+/// A keyed application sent again with its key: the stored answer, replayed.
+async fn assert_replays(herald: &Daemon, user: &str, job: &Value) {
+    let r = herald
+        .apply(
+            &user_token(user),
+            Some(&format!("apply-{user}")),
+            &json!({"job_id": job["id"]}),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    assert_eq!(
+        r.headers()
+            .get("idempotent-replayed")
+            .and_then(|v| v.to_str().ok()),
+        Some("true"),
+        "{user}'s retry replayed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_a_three_master_redis_cluster_every_email_goes_once_and_the_stream_and_ledger_work() {
+    let b = Backing::start(Backend::Postgres).await;
+    let cluster = support::RedisCluster::start().await;
+    let resend = FakeResend::start().await;
+    let herald = daemon_on_redis(&b, &cluster.url(), &resend).await;
+    let db = b.db().await;
+    let mut stream = SseClient::connect(&herald.url("/api/jobs/stream"), None).await;
+    let job = herald.post_job("Cluster").await;
+    stream
+        .read_until("the job on the stream", Duration::from_secs(10), |seen| {
+            seen.iter()
+                .any(|e| e.event == "job.posted" && e.titles().contains(&"Cluster".to_string()))
+        })
+        .await;
+    // Keys, streams and the hot tier live on whichever master owns their slot.
+    apply_many(
+        &[&herald],
+        &job,
+        (0..300).map(|i| format!("slot{i}")).collect(),
+    )
+    .await;
+    assert_replays(&herald, "slot7", &job).await;
+    for i in 0..5 {
+        charge(&herald, &format!("clusterpayer{i}"), 700).await;
+    }
+    queue_confirmations(&db, Backend::Postgres, &job, 2_000, "clustered").await;
+    wait_for_emails(&resend, 2_300, Duration::from_secs(60)).await;
+    wait_until_settled(&db, Duration::from_secs(20)).await;
+    assert_eq!(resend.sent().len(), 2_300, "each email exactly once");
+    assert_eq!(distinct_recipients(&resend), 2_300);
+    assert_eq!(count(&db, "SELECT count(*) FROM ledger_entries").await, 5);
+    assert_eq!(count(&db, "SELECT count(*) FROM dead_letters").await, 0);
+    assert_eq!(
+        herald.metric("herald_redis_fallback").await,
+        0.0,
+        "the hot tier served"
+    );
+    let groups = cluster
+        .cli(&["XINFO", "GROUPS", "herald:stream:application.submitted"])
+        .unwrap_or_default();
+    assert!(
+        groups.contains("email"),
+        "the stream lives in the cluster: {groups}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sentinel_failover_mid_batched_drain_still_sends_every_email_once() {
+    let b = Backing::start(Backend::Postgres).await;
+    let sentinel = support::RedisSentinel::start().await;
+    let resend = FakeResend::start().await;
+    let herald = daemon_on_redis(&b, &sentinel.url(), &resend).await;
+    let db = b.db().await;
+    let job = herald.post_job("Failover").await;
+    apply_many(
+        &[&herald],
+        &job,
+        (0..20).map(|i| format!("before{i}")).collect(),
+    )
+    .await;
+    queue_confirmations(&db, Backend::Postgres, &job, 3_000, "failover").await;
+    eventually("a third sent", Duration::from_secs(30), || {
+        let resend = resend.clone();
+        async move { (resend.sent().len() >= 1_000).then_some(()) }
+    })
+    .await;
+    assert_eq!(
+        sentinel
+            .sentinel
+            .cli(&["SENTINEL", "FAILOVER", support::RedisSentinel::SERVICE])
+            .as_deref(),
+        Some("OK")
+    );
+    let replica = sentinel.replica.port;
+    eventually("the replica promoted", Duration::from_secs(30), || {
+        let now = sentinel.primary_port();
+        async move { (now == Some(replica)).then_some(()) }
+    })
+    .await;
+    let at_failover = resend.sent().len();
+    // After the failover: new keyed applications and a replay, through the new primary.
+    apply_many(
+        &[&herald],
+        &job,
+        (0..20).map(|i| format!("after{i}")).collect(),
+    )
+    .await;
+    assert_replays(&herald, "after3", &job).await;
+    wait_for_emails(&resend, 3_040, Duration::from_secs(90)).await;
+    wait_until_settled(&db, Duration::from_secs(20)).await;
+    eprintln!("failover at {at_failover} sent");
+    assert!(at_failover < 3_000, "the failover landed mid-drain");
+    assert_eq!(resend.sent().len(), 3_040, "each email exactly once");
+    assert_eq!(distinct_recipients(&resend), 3_040);
+    assert_eq!(count(&db, "SELECT count(*) FROM dead_letters").await, 0);
+    let groups = sentinel
+        .replica
+        .cli(&["XINFO", "GROUPS", "herald:stream:application.submitted"])
+        .unwrap_or_default();
+    assert!(
+        groups.contains("email"),
+        "the new primary holds the stream: {groups}"
+    );
+}

@@ -297,18 +297,26 @@ pub struct Redis {
     dir: tempfile::TempDir,
     pub port: u16,
     child: Option<Child>,
+    /// Arguments after the common ones (cluster mode, `--replicaof`).
+    extra: Vec<String>,
 }
 
 impl Redis {
     pub async fn start() -> Redis {
+        Redis::start_with(free_port(), &[]).await
+    }
+
+    /// A server on `port` with `extra` arguments.
+    pub async fn start_with(port: u16, extra: &[&str]) -> Redis {
         let dir = tempfile::Builder::new()
             .prefix("herald-redis")
             .tempdir()
             .expect("tempdir");
         let mut r = Redis {
             dir,
-            port: free_port(),
+            port,
             child: None,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
         };
         r.spawn().await;
         r
@@ -318,6 +326,7 @@ impl Redis {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(&self.extra)
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
@@ -370,6 +379,186 @@ fn redis_cli(port: u16, args: &[&str]) -> Option<String> {
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// A port for a Cluster node: its bus port (port + 10000) must be free too.
+fn free_cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port < 55_000 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// A throwaway Redis Cluster of three masters (no replicas), slots spread
+/// by `redis-cli --cluster create`.
+pub struct RedisCluster {
+    pub nodes: Vec<Redis>,
+}
+
+impl RedisCluster {
+    pub async fn start() -> RedisCluster {
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            let port = free_cluster_port();
+            let conf = format!("nodes-{port}.conf");
+            nodes.push(
+                Redis::start_with(
+                    port,
+                    &[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        &conf,
+                        "--cluster-node-timeout",
+                        "2000",
+                    ],
+                )
+                .await,
+            );
+        }
+        let addresses: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("redis-cli --cluster create");
+        assert!(created.success(), "cluster create failed");
+        let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
+        eventually("the cluster to be ok", Duration::from_secs(30), || {
+            let ports = ports.clone();
+            async move {
+                ports
+                    .iter()
+                    .all(|p| {
+                        redis_cli(*p, &["CLUSTER", "INFO"])
+                            .is_some_and(|i| i.contains("cluster_state:ok"))
+                    })
+                    .then_some(())
+            }
+        })
+        .await;
+        RedisCluster { nodes }
+    }
+
+    /// `redis-cluster://` with every node.
+    pub fn url(&self) -> String {
+        let others: Vec<String> = self.nodes[1..]
+            .iter()
+            .map(|n| format!("node=127.0.0.1:{}", n.port))
+            .collect();
+        format!(
+            "redis-cluster://127.0.0.1:{}?{}",
+            self.nodes[0].port,
+            others.join("&")
+        )
+    }
+
+    /// `redis-cli -c` (follows redirections) against the first node.
+    pub fn cli(&self, args: &[&str]) -> Option<String> {
+        let mut all = vec!["-c"];
+        all.extend_from_slice(args);
+        redis_cli(self.nodes[0].port, &all)
+    }
+}
+
+/// A throwaway primary, one replica and one Sentinel watching them
+/// (service `herald`, quorum 1, down after 1 s).
+pub struct RedisSentinel {
+    pub primary: Redis,
+    pub replica: Redis,
+    pub sentinel: Redis,
+}
+
+impl RedisSentinel {
+    pub const SERVICE: &'static str = "herald";
+
+    pub async fn start() -> RedisSentinel {
+        let primary = Redis::start().await;
+        let primary_port = primary.port.to_string();
+        let replica =
+            Redis::start_with(free_port(), &["--replicaof", "127.0.0.1", &primary_port]).await;
+        eventually("the replica in sync", Duration::from_secs(20), || {
+            let info = primary.cli(&["INFO", "replication"]).unwrap_or_default();
+            async move { info.contains("state=online").then_some(()) }
+        })
+        .await;
+        // Sentinel rewrites its configuration file: it must be writable.
+        let port = free_port();
+        let dir = tempfile::Builder::new()
+            .prefix("herald-sentinel")
+            .tempdir()
+            .expect("tempdir");
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\n\
+                 sentinel monitor {service} 127.0.0.1 {primary_port} 1\n\
+                 sentinel down-after-milliseconds {service} 1000\n\
+                 sentinel failover-timeout {service} 5000\n",
+                dir.path().display(),
+                service = Self::SERVICE,
+            ),
+        )
+        .expect("sentinel.conf");
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server --sentinel");
+        eventually(
+            "Sentinel to know the primary",
+            Duration::from_secs(20),
+            || {
+                let master = redis_cli(
+                    port,
+                    &["SENTINEL", "get-master-addr-by-name", Self::SERVICE],
+                )
+                .unwrap_or_default();
+                let primary_port = primary_port.clone();
+                async move { master.contains(&primary_port).then_some(()) }
+            },
+        )
+        .await;
+        let sentinel = Redis {
+            dir,
+            port,
+            child: Some(child),
+            extra: Vec::new(),
+        };
+        RedisSentinel {
+            primary,
+            replica,
+            sentinel,
+        }
+    }
+
+    /// `redis-sentinel://` naming the Sentinel and the service.
+    pub fn url(&self) -> String {
+        format!(
+            "redis-sentinel://127.0.0.1:{}?sentinelServiceName={}",
+            self.sentinel.port,
+            Self::SERVICE
+        )
+    }
+
+    /// The port of the server Sentinel names primary now.
+    pub fn primary_port(&self) -> Option<u16> {
+        let answer = self
+            .sentinel
+            .cli(&["SENTINEL", "get-master-addr-by-name", Self::SERVICE])?;
+        answer.lines().nth(1)?.trim().parse().ok()
+    }
 }
 
 /// A running `herald serve` process.
