@@ -599,6 +599,46 @@ pub fn batch_outcomes(decision: &BatchDecision, members: usize) -> Vec<MemberOut
     }
 }
 
+/// What a settled batch writes for one member.
+enum MemberRecord<'a> {
+    Done(DoneEvent<'a>),
+    Dead(DeadEvent<'a>),
+}
+
+/// The records of a batch's members, in order, from the outcomes
+/// [`batch_outcomes`] gave; the same on both backends.
+fn member_records<'a>(
+    consumer: &'a str,
+    members: &'a [Envelope],
+    aggregates: &'a [Uuid],
+    outcomes: &'a [MemberOutcome],
+    attempt: i32,
+    first_at: chrono::DateTime<chrono::Utc>,
+) -> impl Iterator<Item = MemberRecord<'a>> {
+    members
+        .iter()
+        .zip(aggregates)
+        .zip(outcomes)
+        .map(move |((member, aggregate_id), outcome)| match outcome {
+            MemberOutcome::Done => MemberRecord::Done(DoneEvent {
+                consumer,
+                event_id: member.event_id,
+                topic: &member.topic,
+                aggregate_id: *aggregate_id,
+                attempt,
+            }),
+            MemberOutcome::Dead { error } => MemberRecord::Dead(DeadEvent {
+                consumer,
+                event_id: member.event_id,
+                topic: &member.topic,
+                aggregate_id: *aggregate_id,
+                attempt,
+                error,
+                first_at,
+            }),
+        })
+}
+
 /// One delivered event to record, as both backends record it.
 struct DoneEvent<'a> {
     consumer: &'a str,

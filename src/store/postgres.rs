@@ -22,11 +22,11 @@ use tracing::instrument;
 use uuid::Uuid;
 
 use super::{
-    admit, batch_outcomes, status_column, to_json, Admission, ApplyOutcome, BatchDecision,
-    BatchResult, BatchSendFn, BatchToSend, DeadEvent, DeadLetter, DeliverFn, DeliveryDecision,
-    DeliveryResult, DlqAction, DlqTopicStats, DueEvent, Invariant, KeyClaim, KeyClaimRequest,
-    KeyLease, MemberOutcome, OutboxStats, Purged, RelayFn, RelayStep, Relayed, Render, RowState,
-    Store, StoreError,
+    admit, batch_outcomes, member_records, status_column, to_json, Admission, ApplyOutcome,
+    BatchDecision, BatchResult, BatchSendFn, BatchToSend, DeadEvent, DeadLetter, DeliverFn,
+    DeliveryDecision, DeliveryResult, DlqAction, DlqTopicStats, DueEvent, Invariant, KeyClaim,
+    KeyClaimRequest, KeyLease, MemberRecord, OutboxStats, Purged, RelayFn, RelayStep, Relayed,
+    Render, RowState, Store, StoreError,
 };
 use crate::broker::Envelope;
 use crate::config::Config;
@@ -1310,32 +1310,27 @@ impl Store for PgStore {
                     sqlx::query("SELECT 1 FROM effect_counters ORDER BY name, shard FOR UPDATE")
                         .execute(&mut *tx)
                         .await?;
-                    for ((member, aggregate_id), outcome) in
-                        members.iter().zip(&aggregates).zip(&outcomes)
-                    {
-                        match outcome {
-                            MemberOutcome::Done => {
+                    let records = member_records(
+                        consumer,
+                        &members,
+                        &aggregates,
+                        &outcomes,
+                        attempt,
+                        first_at,
+                    );
+                    for record in records {
+                        match record {
+                            MemberRecord::Done(done) => {
                                 sqlx::query(SETTLE_DELIVERED)
-                                    .bind(consumer)
-                                    .bind(member.event_id)
-                                    .bind(attempt)
-                                    .bind(&member.topic)
-                                    .bind(aggregate_id)
+                                    .bind(done.consumer)
+                                    .bind(done.event_id)
+                                    .bind(done.attempt)
+                                    .bind(done.topic)
+                                    .bind(done.aggregate_id)
                                     .execute(&mut *tx)
                                     .await?;
                             }
-                            MemberOutcome::Dead { error } => {
-                                let dead = DeadEvent {
-                                    consumer,
-                                    event_id: member.event_id,
-                                    topic: &member.topic,
-                                    aggregate_id: *aggregate_id,
-                                    attempt,
-                                    error,
-                                    first_at,
-                                };
-                                Self::record_dead(&mut tx, &dead).await?;
-                            }
+                            MemberRecord::Dead(dead) => Self::record_dead(&mut tx, &dead).await?,
                         }
                     }
                     sqlx::query(

@@ -46,11 +46,11 @@ use tracing::instrument;
 use uuid::Uuid;
 
 use super::{
-    admit, batch_outcomes, status_column, to_json, Admission, ApplyOutcome, BatchDecision,
-    BatchResult, BatchSendFn, BatchToSend, DeadEvent, DeadLetter, DeliverFn, DeliveryDecision,
-    DeliveryResult, DlqAction, DlqTopicStats, DoneEvent, DueEvent, Invariant, KeyClaim,
-    KeyClaimRequest, KeyLease, MemberOutcome, OutboxStats, Purged, RelayFn, RelayStep, Relayed,
-    Render, RowState, Store, StoreError,
+    admit, batch_outcomes, member_records, status_column, to_json, Admission, ApplyOutcome,
+    BatchDecision, BatchResult, BatchSendFn, BatchToSend, DeadEvent, DeadLetter, DeliverFn,
+    DeliveryDecision, DeliveryResult, DlqAction, DlqTopicStats, DoneEvent, DueEvent, Invariant,
+    KeyClaim, KeyClaimRequest, KeyLease, MemberRecord, OutboxStats, Purged, RelayFn, RelayStep,
+    Relayed, Render, RowState, Store, StoreError,
 };
 use crate::broker::Envelope;
 use crate::config::Config;
@@ -1143,30 +1143,17 @@ impl Store for SqliteStore {
             return Ok(None);
         }
         let outcomes = batch_outcomes(&decision, members.len());
-        for ((member, aggregate_id), outcome) in members.iter().zip(&aggregates).zip(&outcomes) {
-            match outcome {
-                MemberOutcome::Done => {
-                    let done = DoneEvent {
-                        consumer,
-                        event_id: member.event_id,
-                        topic: &member.topic,
-                        aggregate_id: *aggregate_id,
-                        attempt,
-                    };
-                    Self::record_done(&mut tx, &done, now).await?;
-                }
-                MemberOutcome::Dead { error } => {
-                    let dead = DeadEvent {
-                        consumer,
-                        event_id: member.event_id,
-                        topic: &member.topic,
-                        aggregate_id: *aggregate_id,
-                        attempt,
-                        error,
-                        first_at,
-                    };
-                    Self::record_dead(&mut tx, &dead, now).await?;
-                }
+        for record in member_records(
+            consumer,
+            &members,
+            &aggregates,
+            &outcomes,
+            attempt,
+            first_at,
+        ) {
+            match record {
+                MemberRecord::Done(done) => Self::record_done(&mut tx, &done, now).await?,
+                MemberRecord::Dead(dead) => Self::record_dead(&mut tx, &dead, now).await?,
             }
         }
         // Failpoint: a crash with the outcome written, before the commit.

@@ -362,6 +362,37 @@ fn gate(st: &mut State, auth: Option<&str>) -> Option<Answer> {
     None
 }
 
+/// The answer for a key seen before: 409 while its first request runs; the
+/// first response for the same body; 409 `invalid_idempotent_request` for
+/// another. `None` for a new key.
+fn known_key(st: &State, key: &str, body: &Value) -> Option<Answer> {
+    match st.keys.get(key)? {
+        KeyState::InProgress(_) => Some((
+            409,
+            error(
+                409,
+                "concurrent_idempotent_requests",
+                "Same key in progress",
+            ),
+            vec![],
+        )),
+        KeyState::Done {
+            body: first,
+            status,
+            response,
+        } if first == body => Some((*status, response.clone(), vec![])),
+        KeyState::Done { .. } => Some((
+            409,
+            error(
+                409,
+                "invalid_idempotent_request",
+                "Key used with another body",
+            ),
+            vec![],
+        )),
+    }
+}
+
 /// Why one email of a batch is invalid, if it is.
 fn invalid(email: &Value, poison: &HashSet<String>) -> Option<String> {
     let Some(to) = recipient(email) else {
@@ -410,40 +441,8 @@ fn decide_batch(
     let body = Value::Array(emails.clone());
     // The validation mode is part of what the key was used for.
     let keyed = json!({ "permissive": permissive, "emails": body });
-    if let Some(key) = &key {
-        match st.keys.get(key) {
-            Some(KeyState::InProgress(_)) => {
-                return (
-                    409,
-                    error(
-                        409,
-                        "concurrent_idempotent_requests",
-                        "Same key in progress",
-                    ),
-                    vec![],
-                )
-            }
-            Some(KeyState::Done {
-                body: first,
-                status,
-                response,
-            }) => {
-                return if *first == keyed {
-                    (*status, response.clone(), vec![])
-                } else {
-                    (
-                        409,
-                        error(
-                            409,
-                            "invalid_idempotent_request",
-                            "Key used with another body",
-                        ),
-                        vec![],
-                    )
-                };
-            }
-            None => {}
-        }
+    if let Some(answer) = key.as_ref().and_then(|k| known_key(&st, k, &keyed)) {
+        return answer;
     }
     let problems: Vec<(usize, String)> = emails
         .iter()
@@ -534,43 +533,12 @@ fn decide(
             vec![],
         );
     }
+    if let Some(answer) = key.as_ref().and_then(|k| known_key(&st, k, &body)) {
+        return answer;
+    }
     if let Some(key) = &key {
-        match st.keys.get(key) {
-            Some(KeyState::InProgress(_)) => {
-                return (
-                    409,
-                    error(
-                        409,
-                        "concurrent_idempotent_requests",
-                        "Same key in progress",
-                    ),
-                    vec![],
-                )
-            }
-            Some(KeyState::Done {
-                body: first,
-                status,
-                response,
-            }) => {
-                return if *first == body {
-                    (*status, response.clone(), vec![])
-                } else {
-                    (
-                        409,
-                        error(
-                            409,
-                            "invalid_idempotent_request",
-                            "Key used with another body",
-                        ),
-                        vec![],
-                    )
-                };
-            }
-            None => {
-                st.keys
-                    .insert(key.clone(), KeyState::InProgress(body.clone()));
-            }
-        }
+        st.keys
+            .insert(key.clone(), KeyState::InProgress(body.clone()));
     }
     let (status, response) = if st.poison.contains(&to) {
         (422, error(422, "validation_error", "Invalid `to` field"))
