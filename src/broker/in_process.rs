@@ -452,6 +452,49 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_broker_says_which_copies_it_still_holds_for_a_group() {
+        let broker = InProcessBroker::new();
+        let group = broker
+            .group("t", "email", "me", Duration::from_millis(10))
+            .unwrap();
+        group.ensure_group().await.unwrap();
+        let receipts = broker
+            .publish(&[envelope("t", 0), envelope("t", 1), envelope("t", 2)])
+            .await
+            .unwrap();
+        let held = |r: &[String], idle: Duration| {
+            let broker = broker.clone();
+            let r = r.to_vec();
+            async move { broker.holds("t", "email", &r, idle).await.unwrap() }
+        };
+        let long = Duration::from_secs(60);
+        // Unread: held.
+        assert_eq!(held(&receipts, long).await, [Holding::Held; 3]);
+        // Read, pending: held, until idle past `unclaimed_after`.
+        let read = group.read(2).await.unwrap();
+        assert_eq!(held(&receipts, long).await, [Holding::Held; 3]);
+        assert_eq!(
+            held(&receipts, Duration::ZERO).await,
+            [Holding::Unclaimed, Holding::Unclaimed, Holding::Held]
+        );
+        // Acknowledged with its row unsettled: lost.
+        group
+            .ack(&[read[0].as_ref().unwrap().receipt.clone()])
+            .await
+            .unwrap();
+        assert_eq!(held(&receipts, long).await[0], Holding::Lost);
+        // A copy from before a restart (another broker's log): lost.
+        let restarted = InProcessBroker::new();
+        assert_eq!(
+            restarted
+                .holds("t", "email", &receipts, long)
+                .await
+                .unwrap(),
+            [Holding::Lost; 3]
+        );
+    }
+
+    #[tokio::test]
     async fn a_group_reads_each_entry_once_and_an_unacknowledged_one_is_reclaimed_when_idle() {
         let broker = InProcessBroker::new();
         let group = broker

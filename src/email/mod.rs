@@ -165,6 +165,23 @@ mod tests {
         assert_eq!(start.elapsed(), Duration::from_secs(2));
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_429_holds_every_sender_off_and_a_free_slot_is_not_taken_by_looking() {
+        let pacer = SendPacer::new(2.0);
+        let start = tokio::time::Instant::now();
+        pacer.until_ready().await;
+        pacer.until_free().await;
+        pacer.until_free().await;
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_millis(500),
+            "looking takes no slot"
+        );
+        pacer.hold_off(Duration::from_secs(3)).await;
+        pacer.until_ready().await;
+        assert_eq!(start.elapsed(), Duration::from_millis(3500));
+    }
+
     #[test]
     fn a_confirmation_names_the_job_and_company_and_goes_to_the_applicant() {
         let payload = serde_json::json!({

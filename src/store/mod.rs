@@ -727,6 +727,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_batch_decision_gives_each_member_its_own_outcome() {
+        let dead = |e: &str| MemberOutcome::Dead { error: e.into() };
+        let answered = BatchDecision::Answered(vec![MemberOutcome::Done, dead("refused")]);
+        assert_eq!(
+            batch_outcomes(&answered, 3),
+            [
+                MemberOutcome::Done,
+                dead("refused"),
+                dead("the provider's answer did not cover this email")
+            ]
+        );
+        let all_dead = BatchDecision::Dead {
+            error: "403".into(),
+        };
+        assert_eq!(batch_outcomes(&all_dead, 2), [dead("403"), dead("403")]);
+        let retry = BatchDecision::Retry {
+            after: Duration::from_secs(1),
+            error: "503".into(),
+        };
+        assert!(
+            batch_outcomes(&retry, 2).is_empty(),
+            "a retry keeps the batch"
+        );
+    }
+
+    #[test]
     fn a_copy_is_admitted_only_while_its_row_waits_for_it() {
         let row = |settled, in_inbox, batched, attempts| {
             Some(RowState {
