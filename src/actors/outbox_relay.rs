@@ -209,7 +209,6 @@ async fn relay_loop(args: OutboxRelayArgs, wake: Arc<Notify>) {
         match round {
             Ok((published, full)) => {
                 failures = 0;
-                m::relay_published(published);
                 next_slot =
                     next_slot.max(Instant::now() - per_event) + per_event * published as u32;
                 if !full {
@@ -290,6 +289,8 @@ async fn relay_due(
         to_publish.push(d.envelope.clone());
     }
     let mut receipts = broker.publish(&to_publish).await?.into_iter();
+    // Counted as the broker took them, whether or not the marking commits.
+    m::relay_published(to_publish.len());
     for (reason, n) in ["lost", "unclaimed", "rescheduled"]
         .into_iter()
         .zip(reasons)
