@@ -1076,6 +1076,7 @@ async fn dev_login_issues_a_token_that_applies_and_admin_status_shows_the_tree(b
         "ledger",
         "dlq_monitor",
         "janitor",
+        "auditor",
         "sse_hub",
     ];
     assert_eq!(

@@ -144,8 +144,12 @@ impl EmailSender {
     async fn run(self: Arc<Self>, mut inbox: mpsc::UnboundedReceiver<Waiting>) {
         let mut waiting: Vec<Waiting> = Vec::new();
         let mut sends: JoinSet<()> = JoinSet::new();
+        // Whether the last round sent a batch: then more may be due (retries
+        // after an outage, batches a crashed process formed), and the next
+        // round goes at the rate's next slot instead of waiting for news.
+        let mut sent_last = false;
         loop {
-            if waiting.is_empty() {
+            if waiting.is_empty() && !sent_last {
                 tokio::select! {
                     got = inbox.recv() => match got {
                         Some(w) => waiting.push(w),
@@ -182,7 +186,7 @@ impl EmailSender {
             let (reserved, slot_taken) = oneshot::channel();
             let sender = self.clone();
             sends.spawn(async move { sender.send_due(reserved).await });
-            let _ = slot_taken.await;
+            sent_last = slot_taken.await.is_ok();
         }
     }
 
