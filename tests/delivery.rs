@@ -154,7 +154,17 @@ async fn a_relay_crash_between_publish_and_mark_republishes_and_still_sends_one_
     w.herald
         .set_env("FAILPOINTS", Some("relay-after-publish=1*return"));
     w.herald.restart().await;
-    let id = apply(&w.herald, "ada", &job).await;
+    // The relay may crash the process before the answer is written: the
+    // client retries with its key after the restart (below) and gets it.
+    let _ = w
+        .herald
+        .try_post(
+            "/api/applications",
+            &user_token("ada"),
+            Some("apply-ada"),
+            &json!({"job_id": job["id"]}),
+        )
+        .await;
     let status = w.herald.wait_for_exit(Duration::from_secs(20)).await;
     assert!(!status.success(), "the failpoint aborted the daemon");
     let stream = "herald:stream:application.submitted";
@@ -170,6 +180,7 @@ async fn a_relay_crash_between_publish_and_mark_republishes_and_still_sends_one_
 
     w.herald.set_env("FAILPOINTS", None);
     w.herald.restart().await;
+    let id = apply(&w.herald, "ada", &job).await;
     wait_for_emails(&w.resend, 1, Duration::from_secs(30)).await;
     eventually("application sent", Duration::from_secs(10), || {
         let (db, id) = (w.db.clone(), id.clone());
@@ -945,7 +956,17 @@ async fn a_relay_crash_between_publish_and_mark_for_a_charge_republishes_and_app
     w.herald
         .set_env("FAILPOINTS", Some("relay-after-publish=1*return"));
     w.herald.restart().await;
-    let id = charge(&w.herald, "lin", 4_200).await;
+    // The relay may crash the process before the answer is written: the
+    // client retries with its key after the restart (below) and gets it.
+    let _ = w
+        .herald
+        .try_post(
+            "/api/charges",
+            &user_token("lin"),
+            Some("charge-lin-4200"),
+            &json!({"amount_cents": 4_200, "currency": "EUR", "description": "Featured listing"}),
+        )
+        .await;
     let status = w.herald.wait_for_exit(Duration::from_secs(20)).await;
     assert!(!status.success(), "the failpoint aborted the daemon");
     let stream = "herald:stream:charge.created";
@@ -964,6 +985,7 @@ async fn a_relay_crash_between_publish_and_mark_for_a_charge_republishes_and_app
 
     w.herald.set_env("FAILPOINTS", None);
     w.herald.restart().await;
+    let id = charge(&w.herald, "lin", 4_200).await;
     wait_for_count(
         &w.db,
         "SELECT count(*) FROM ledger_entries",

@@ -59,9 +59,15 @@ cat '{}'
 /// Runs one call as the on-call would: `sh -c`, with the documented variables.
 fn run(calls: &HashMap<String, String>, name: &str, herald: &Daemon, id: Option<&str>) -> String {
     let shim = journal_shim(herald);
+    // `herald` itself is on the on-call's PATH, as the package installs it.
+    let herald_bin = std::path::Path::new(env!("CARGO_BIN_EXE_herald"));
     let path = format!(
-        "{}:{}",
+        "{}:{}:{}",
         shim.path().display(),
+        herald_bin
+            .parent()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default(),
         std::env::var("PATH").unwrap_or_default()
     );
     let command = calls
@@ -74,6 +80,10 @@ fn run(calls: &HashMap<String, String>, name: &str, herald: &Daemon, id: Option<
         .env("HERALD_ADMIN_TOKEN", ADMIN_TOKEN)
         .env("USER", "oncall-test")
         .env("ID", id.unwrap_or(""))
+        .env(
+            "HERALD_DATABASE_URL",
+            herald.env_value("HERALD_DATABASE_URL").unwrap_or_default(),
+        )
         .env("PATH", path)
         .output()
         .expect("sh (and curl: scripts/test installs it)");
@@ -99,6 +109,7 @@ async fn every_admin_call_in_the_runbook_works_as_written() {
         "dlq-replay-topic",
         "dlq-discard",
         "mismatches",
+        "audit",
     ];
     for name in expected {
         assert!(calls.contains_key(name), "the runbook documents {name}");
@@ -253,4 +264,8 @@ async fn every_admin_call_in_the_runbook_works_as_written() {
         "every action audited with who did it"
     );
     herald.wait_for_metric("herald_dlq_depth", 0.0).await;
+
+    // Section 6: the audit, as written (dead letters and replays break nothing).
+    let audit = run(&calls, "audit", herald, None);
+    assert!(audit.contains("all 4 invariants hold"), "{audit}");
 }

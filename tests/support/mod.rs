@@ -674,6 +674,15 @@ impl Daemon {
         .await;
     }
 
+    /// The value the daemon was started with for `key`, if any.
+    pub fn env_value(&self, key: &str) -> Option<&str> {
+        self.env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
     /// The daemon's `state_dir` (mail of the `file` transport lands under it).
     pub fn state_dir(&self) -> PathBuf {
         self.dir.path().join("var")
@@ -775,6 +784,22 @@ impl Daemon {
             req = req.header("Idempotency-Key", k);
         }
         req.send().await.expect("POST request")
+    }
+
+    /// The same POST, for a request the daemon may die in the middle of
+    /// (a crash failpoint): the answer, or `None` if it never came.
+    pub async fn try_post(
+        &self,
+        path: &str,
+        token: &str,
+        key: Option<&str>,
+        body: &Value,
+    ) -> Option<reqwest::Response> {
+        let mut req = self.http.post(self.url(path)).bearer_auth(token).json(body);
+        if let Some(k) = key {
+            req = req.header("Idempotency-Key", k);
+        }
+        req.send().await.ok()
     }
 
     /// `POST /api/applications`.
