@@ -1259,6 +1259,8 @@ async fn a_provider_at_two_requests_a_second_drains_every_backlog_in_time(backen
 
 on_both_backends!(
     a_provider_at_two_requests_a_second_drains_every_backlog_in_time,
+    a_batch_with_refused_addresses_sends_the_rest_and_dead_letters_each_refused_one,
+    a_409_for_a_batch_resend_accepted_before_records_it_as_sent,
     a_hundred_applications_send_exactly_a_hundred_emails,
     a_relay_crash_between_publish_and_mark_republishes_and_still_sends_one_email,
     a_crash_after_the_batch_is_formed_sends_it_once_after_the_restart,
@@ -1723,4 +1725,89 @@ async fn a_sentinel_failover_mid_batched_drain_still_sends_every_email_once() {
         groups.contains("email"),
         "the new primary holds the stream: {groups}"
     );
+}
+
+/// One batch of five, two of them to addresses the provider refuses:
+/// permissive validation sends three and reports two; each refused email gets
+/// its own dead letter, the rest are sent, in one request.
+async fn a_batch_with_refused_addresses_sends_the_rest_and_dead_letters_each_refused_one(
+    backend: Backend,
+) {
+    let w = world_on(backend, &[("HERALD_EMAIL__BATCH_LINGER_MS", "1000")]).await;
+    let job = w.herald.post_job("Mixed").await;
+    w.resend.poison("bad1@example.com", true);
+    w.resend.poison("bad2@example.com", true);
+    let users = ["good1", "bad1", "good2", "bad2", "good3"];
+    let mut ids = Vec::new();
+    for user in users {
+        ids.push(apply(&w.herald, user, &job).await);
+    }
+    wait_until_settled(&w.db, Duration::from_secs(30)).await;
+    let batch_calls: Vec<_> = w.resend.calls().into_iter().filter(|c| c.batch).collect();
+    assert_eq!(batch_calls.len(), 1, "one request: {batch_calls:?}");
+    assert_eq!(batch_calls[0].emails, 5);
+    for (user, id) in users.iter().zip(&ids) {
+        let (sent, status) = if user.starts_with("good") {
+            (1, "sent")
+        } else {
+            (0, "dead")
+        };
+        assert_eq!(
+            w.resend.sent_to(&format!("{user}@example.com")),
+            sent,
+            "{user}"
+        );
+        assert_eq!(email_status(&w.db, id).await, status, "{user}");
+    }
+    assert_eq!(count(&w.db, "SELECT count(*) FROM dead_letters").await, 2);
+    assert_eq!(
+        count(&w.db, "SELECT count(*) FROM inbox WHERE consumer = 'email'").await,
+        3
+    );
+}
+
+/// A batch Resend accepted, whose answer was lost (a crash), sent again after
+/// `email.from` changed: Resend answers 409 `invalid_idempotent_request` (the
+/// key was used with another body). The batch was sent: recorded as sent,
+/// never sent twice, nothing dead.
+async fn a_409_for_a_batch_resend_accepted_before_records_it_as_sent(backend: Backend) {
+    let mut w = world_on(
+        backend,
+        &[
+            ("HERALD_EMAIL__BATCH_LINGER_MS", "1000"),
+            ("FAILPOINTS", "batch-after-send=1*return"),
+        ],
+    )
+    .await;
+    let job = w.herald.post_job("Renamed").await;
+    let mut ids = Vec::new();
+    for user in ["ren1", "ren2"] {
+        ids.push(apply(&w.herald, user, &job).await);
+    }
+    let status = w.herald.wait_for_exit(Duration::from_secs(20)).await;
+    assert!(!status.success(), "the failpoint aborted the daemon");
+    assert_eq!(w.resend.sent().len(), 2, "Resend accepted the batch");
+    w.herald.set_env("FAILPOINTS", None);
+    w.herald.set_env(
+        "HERALD_EMAIL__FROM",
+        Some("Renamed Jobs <jobs@renamed.test>"),
+    );
+    w.herald.restart().await;
+    for id in &ids {
+        eventually("recorded as sent", Duration::from_secs(30), || {
+            let (db, id) = (w.db.clone(), id.clone());
+            async move { (email_status(&db, &id).await == "sent").then_some(()) }
+        })
+        .await;
+    }
+    let answers: Vec<u16> = w
+        .resend
+        .calls()
+        .iter()
+        .filter(|c| c.batch)
+        .map(|c| c.status)
+        .collect();
+    assert_eq!(answers, [200, 409], "the repeat met the changed body");
+    assert_eq!(w.resend.sent().len(), 2, "nothing sent twice");
+    assert_eq!(count(&w.db, "SELECT count(*) FROM dead_letters").await, 0);
 }
