@@ -243,6 +243,7 @@ async fn handle_batch(
     validation: Option<String>,
     body: Bytes,
 ) -> Response<String> {
+    // Simulated response time, as for `/emails`.
     let latency = state.lock().unwrap().latency;
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
