@@ -146,12 +146,13 @@ async fn migrate(config: Config) -> anyhow::Result<()> {
 
 async fn audit(config: &Config) -> anyhow::Result<()> {
     let store = herald::store::connect(config).await?;
-    let found = herald::actors::auditor::audit_once(
-        &*store,
-        std::time::Duration::from_secs(config.audit.max_unsettled_age_secs),
-        std::time::Duration::from_secs(config.janitor.retention_secs),
-    )
-    .await?;
+    // The same checks the Auditor runs on its schedule.
+    let found = store
+        .audit(
+            std::time::Duration::from_secs(config.audit.max_unsettled_age_secs),
+            std::time::Duration::from_secs(config.janitor.retention_secs),
+        )
+        .await?;
     let mut broken = 0;
     for (invariant, rows) in &found {
         let verdict = if *rows == 0 { "ok" } else { "BROKEN" };

@@ -17,7 +17,7 @@ use std::time::Duration;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tracing::{error, warn};
 
-use crate::store::{Invariant, Store, StoreError};
+use crate::store::{Invariant, Store};
 use crate::telemetry::metrics as m;
 
 #[derive(Clone)]
@@ -40,15 +40,6 @@ pub struct AuditorState {
 }
 
 pub struct Auditor;
-
-/// Runs every check once: each invariant and how many rows break it.
-pub async fn audit_once(
-    store: &dyn Store,
-    max_unsettled_age: Duration,
-    retention: Duration,
-) -> Result<Vec<(Invariant, i64)>, StoreError> {
-    store.audit(max_unsettled_age, retention).await
-}
 
 /// The Sentry event of an invariant that just broke.
 fn alert_event(invariant: Invariant, rows: i64) -> sentry::protocol::Event<'static> {
@@ -96,7 +87,11 @@ impl Actor for Auditor {
     ) -> Result<(), ActorProcessingErr> {
         let AuditorMsg::Audit = message;
         let args = &state.args;
-        let found = match audit_once(&*args.store, args.max_unsettled_age, args.retention).await {
+        let found = match args
+            .store
+            .audit(args.max_unsettled_age, args.retention)
+            .await
+        {
             Ok(found) => found,
             Err(e) => {
                 warn!(error = %e, "audit failed; the gauges keep their last values");

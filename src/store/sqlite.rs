@@ -343,6 +343,28 @@ impl SqliteStore {
         Ok(())
     }
 
+    /// Settles an outbox row after `attempt` attempts, with the last error
+    /// (`None` when delivered).
+    async fn settle_row(
+        tx: &mut Transaction<'_, Sqlite>,
+        event_id: &str,
+        attempt: i32,
+        error: Option<&str>,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE outbox_events SET settled_at = ?, attempts = ?, last_error = ?
+              WHERE event_id = ?",
+        )
+        .bind(now)
+        .bind(attempt)
+        .bind(error)
+        .bind(event_id)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
     /// Records one delivered event: settles its row, writes its inbox row
     /// and its effect (the application `sent`; the charge's ledger entry and
     /// `applied`), in the caller's transaction.
@@ -352,15 +374,7 @@ impl SqliteStore {
         now: i64,
     ) -> Result<(), StoreError> {
         let (event_id, aggregate_id) = (done.event_id.to_string(), done.aggregate_id.to_string());
-        sqlx::query(
-            "UPDATE outbox_events SET settled_at = ?, attempts = ?, last_error = NULL
-              WHERE event_id = ?",
-        )
-        .bind(now)
-        .bind(done.attempt)
-        .bind(&event_id)
-        .execute(&mut **tx)
-        .await?;
+        Self::settle_row(tx, &event_id, done.attempt, None, now).await?;
         sqlx::query("INSERT INTO inbox (consumer, event_id, processed_at) VALUES (?, ?, ?)")
             .bind(done.consumer)
             .bind(&event_id)
@@ -397,16 +411,7 @@ impl SqliteStore {
         now: i64,
     ) -> Result<(), StoreError> {
         let event_id = dead.event_id.to_string();
-        sqlx::query(
-            "UPDATE outbox_events SET settled_at = ?, attempts = ?, last_error = ?
-              WHERE event_id = ?",
-        )
-        .bind(now)
-        .bind(dead.attempt)
-        .bind(dead.error)
-        .bind(&event_id)
-        .execute(&mut **tx)
-        .await?;
+        Self::settle_row(tx, &event_id, dead.attempt, Some(dead.error), now).await?;
         sqlx::query(
             "INSERT INTO dead_letters
                  (id, event_id, consumer, topic, attempts, last_error, first_failed_at, dead_at)

@@ -203,18 +203,22 @@ fn error(status: u16, name: &str, message: &str) -> Value {
     json!({ "statusCode": status, "name": name, "message": message })
 }
 
+/// The scripted response time of both endpoints ([`FakeResend::set_latency`]):
+/// the behaviour this double offers, not a synchronisation.
+async fn respond_after_latency(state: &Mutex<State>) {
+    let latency = state.lock().unwrap().latency;
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+}
+
 async fn handle(
     state: Arc<Mutex<State>>,
     auth: Option<String>,
     key: Option<String>,
     body: Bytes,
 ) -> Response<String> {
-    // Simulated response time: the behaviour this double offers, not a
-    // synchronisation.
-    let latency = state.lock().unwrap().latency;
-    if !latency.is_zero() {
-        tokio::time::sleep(latency).await;
-    }
+    respond_after_latency(&state).await;
     let parsed: Option<Value> = serde_json::from_slice(&body).ok();
     let to = parsed
         .as_ref()
@@ -243,11 +247,7 @@ async fn handle_batch(
     validation: Option<String>,
     body: Bytes,
 ) -> Response<String> {
-    // Simulated response time, as for `/emails`.
-    let latency = state.lock().unwrap().latency;
-    if !latency.is_zero() {
-        tokio::time::sleep(latency).await;
-    }
+    respond_after_latency(&state).await;
     let parsed: Option<Value> = serde_json::from_slice(&body).ok();
     let emails = parsed
         .as_ref()
