@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
+use tokio::task::JoinSet;
 use tracing::{info, warn};
 use uuid::Uuid;
 
@@ -332,10 +333,13 @@ pub async fn run(
         broker: broker.name(),
         limits: Arc::new(AbuseLimits::new(&config.limits)),
     };
+    // The daemon's own tasks beside the servers and the actor tree; this
+    // function owns them (dropped, aborted, when it returns).
+    let mut housekeeping: JoinSet<()> = JoinSet::new();
     // Clients whose buckets are full again are forgotten, so the limit
     // tables hold only recent clients however many addresses come by.
     let limits = state.limits.clone();
-    tokio::spawn(async move {
+    housekeeping.spawn(async move {
         let mut every = tokio::time::interval(Duration::from_secs(60));
         loop {
             every.tick().await;
@@ -345,7 +349,7 @@ pub async fn run(
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let deadline = Duration::from_millis(config.shutdown_deadline_ms);
-    tokio::spawn(async move {
+    housekeeping.spawn(async move {
         shutdown.await;
         info!(
             ?deadline,
@@ -424,9 +428,12 @@ pub async fn run(
         }
     }
     // In-flight deliveries get the rest of the deadline to record their
-    // outcome; anything cut off stays unsettled and is redone after restart.
+    // outcome (the supervisor stops each actor and waits for it); anything
+    // cut off stays unsettled and is redone after restart.
     actors.stop();
     let _ = tree.await;
+    housekeeping.shutdown().await;
+    state.store.close().await;
     info!("herald stopped");
     Ok(())
 }

@@ -5,6 +5,12 @@
 //! than there are free workers). Every so often it also reclaims entries a
 //! dead reader took and never acknowledged (`XAUTOCLAIM` on Redis).
 //!
+//! The workers are the reader's own [`JoinSet`]: when the actor stops, the
+//! reader stops reading and waits for the deliveries in hand to be recorded
+//! (the daemon's shutdown deadline bounds that); a worker that panics fails
+//! the actor once the others are done, so the supervisor restarts and
+//! reports it like any actor (its entry, unacknowledged, is reclaimed).
+//!
 //! What a worker does with an entry is the consumer's [`Handler`]; it
 //! answers whether the entry may be acknowledged (its outcome is recorded in
 //! the database). An entry left unacknowledged is reclaimed later and
@@ -16,11 +22,12 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::Semaphore;
-use tokio::task::JoinHandle;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 use tracing::warn;
 use uuid::Uuid;
 
-use super::spawn_loop;
+use super::ActorTasks;
 use crate::broker::{Broker, BrokerError, Delivery};
 use crate::retry::reconnect_pause;
 use crate::store::{DeliveryDecision, DeliveryResult, StoreError};
@@ -35,8 +42,10 @@ pub trait Handler: Send + Sync + 'static {
     /// Delivers one entry; `true` when it may be acknowledged.
     fn handle<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, bool>;
     /// Work the consumer runs beside its reader for as long as the actor
-    /// lives (the EmailSender's batch loop); it should never end.
-    fn background(self: Arc<Self>) -> Option<BoxFuture<'static, ()>> {
+    /// lives (the EmailSender's batch loop); it should end only once
+    /// `stopping` is cancelled, after finishing what it has in hand.
+    fn background(self: Arc<Self>, stopping: CancellationToken) -> Option<BoxFuture<'static, ()>> {
+        let _ = stopping;
         None
     }
 }
@@ -53,8 +62,36 @@ pub struct PoolArgs {
     pub reclaim_after: Duration,
 }
 
-/// Reads and dispatches entries until the pool closes.
-pub async fn consume<H: Handler>(pool: PoolArgs, handler: Arc<H>) -> Result<(), BrokerError> {
+/// Reads and dispatches entries until `stopping` is cancelled, then waits
+/// for the deliveries in hand. Fails when a worker panicked.
+pub async fn consume<H: Handler>(
+    pool: PoolArgs,
+    handler: Arc<H>,
+    stopping: CancellationToken,
+) -> Result<(), BrokerError> {
+    let mut in_hand: JoinSet<()> = JoinSet::new();
+    let read = read_and_dispatch(pool, handler, &stopping, &mut in_hand).await;
+    let mut panicked = None;
+    while let Some(done) = in_hand.join_next().await {
+        if let Err(e) = done {
+            panicked = Some(e.to_string());
+        }
+    }
+    match (read, panicked) {
+        (Err(e), _) => Err(e),
+        (Ok(()), Some(why)) => Err(BrokerError::Unavailable(format!("a worker failed: {why}"))),
+        (Ok(()), None) => Ok(()),
+    }
+}
+
+/// The reader: returns when `stopping` is cancelled or a worker panicked
+/// (seen as its permit comes back).
+async fn read_and_dispatch<H: Handler>(
+    pool: PoolArgs,
+    handler: Arc<H>,
+    stopping: &CancellationToken,
+    in_hand: &mut JoinSet<()>,
+) -> Result<(), BrokerError> {
     let name = handler.consumer();
     let consumer = pool.broker.group(
         handler.topic(),
@@ -66,23 +103,36 @@ pub async fn consume<H: Handler>(pool: PoolArgs, handler: Arc<H>) -> Result<(), 
     let mut last_reclaim = tokio::time::Instant::now();
     let mut failures: u32 = 0;
     loop {
+        // Finished workers leave the set; a panicked one ends the reader.
+        while let Some(done) = in_hand.try_join_next() {
+            if done.is_err() {
+                return Ok(());
+            }
+        }
         // Wait for a free worker before reading, then read no more than
         // there are free workers.
-        let first = workers
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| BrokerError::Unavailable("worker pool closed".into()))?;
+        let first = tokio::select! {
+            _ = stopping.cancelled() => return Ok(()),
+            permit = workers.clone().acquire_owned() => permit
+                .map_err(|_| BrokerError::Unavailable("worker pool closed".into()))?,
+        };
         let free = 1 + workers.available_permits();
-        let read = if last_reclaim.elapsed() >= pool.reclaim_after / 2 {
-            last_reclaim = tokio::time::Instant::now();
-            match consumer.reclaim(pool.reclaim_after, free as u64).await {
-                Ok(reclaimed) if !reclaimed.is_empty() => Ok(reclaimed),
-                Ok(_) => consumer.read(free as u64).await,
-                Err(e) => Err(e),
+        let reading = async {
+            if last_reclaim.elapsed() >= pool.reclaim_after / 2 {
+                last_reclaim = tokio::time::Instant::now();
+                match consumer.reclaim(pool.reclaim_after, free as u64).await {
+                    Ok(reclaimed) if !reclaimed.is_empty() => Ok(reclaimed),
+                    Ok(_) => consumer.read(free as u64).await,
+                    Err(e) => Err(e),
+                }
+            } else {
+                consumer.read(free as u64).await
             }
-        } else {
-            consumer.read(free as u64).await
+        };
+        // A read cut off here leaves what it took pending: reclaimed later.
+        let read = tokio::select! {
+            _ = stopping.cancelled() => return Ok(()),
+            read = reading => read,
         };
         let entries = match read {
             Ok(entries) => {
@@ -124,7 +174,10 @@ pub async fn consume<H: Handler>(pool: PoolArgs, handler: Arc<H>) -> Result<(), 
                 }
             };
             let (handler, consumer) = (handler.clone(), consumer.clone());
-            tokio::spawn(async move {
+            in_hand.spawn(async move {
+                // Failpoint (`consumer-worker=1*panic(…)`): a worker that
+                // panics with an entry in hand.
+                fail::fail_point!("consumer-worker");
                 let acknowledge =
                     delivery.envelope.topic != handler.topic() || handler.handle(&delivery).await;
                 if acknowledge {
@@ -221,7 +274,7 @@ pub enum ConsumerMsg {
 impl<H: Handler> Actor for ConsumerActor<H> {
     type Msg = ConsumerMsg;
     /// The reader loop and the handler's background work.
-    type State = Vec<JoinHandle<()>>;
+    type State = ActorTasks;
     type Arguments = ConsumerArgs<H>;
 
     async fn pre_start(
@@ -230,24 +283,26 @@ impl<H: Handler> Actor for ConsumerActor<H> {
         args: ConsumerArgs<H>,
     ) -> Result<Self::State, ActorProcessingErr> {
         let what = args.handler.consumer();
-        let mut tasks = Vec::new();
-        if let Some(background) = args.handler.clone().background() {
-            tasks.push(spawn_loop(
-                myself.clone(),
-                what,
-                async move {
-                    background.await;
-                    Ok::<(), std::convert::Infallible>(())
-                },
-                ConsumerMsg::LoopEnded,
-            ));
-        }
-        tasks.push(spawn_loop(
+        let mut tasks = ActorTasks::new();
+        let handler = args.handler.clone();
+        tasks.run_draining(
+            myself.clone(),
+            what,
+            |stopping| async move {
+                match handler.background(stopping.clone()) {
+                    Some(background) => background.await,
+                    None => stopping.cancelled().await,
+                }
+                Ok::<(), std::convert::Infallible>(())
+            },
+            ConsumerMsg::LoopEnded,
+        );
+        tasks.run_draining(
             myself,
             what,
-            consume(args.pool, args.handler),
+            |stopping| consume(args.pool, args.handler, stopping),
             ConsumerMsg::LoopEnded,
-        ));
+        );
         Ok(tasks)
     }
 
@@ -256,9 +311,7 @@ impl<H: Handler> Actor for ConsumerActor<H> {
         _myself: ActorRef<Self::Msg>,
         tasks: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        for task in tasks {
-            task.abort();
-        }
+        tasks.finish().await;
         Ok(())
     }
 

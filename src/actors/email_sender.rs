@@ -46,6 +46,7 @@ use futures::FutureExt;
 use rand::Rng;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 #[cfg(doc)]
@@ -141,9 +142,28 @@ impl EmailSender {
 
     /// The batch loop: wait for work, for a free sender and the rate's next
     /// slot, form a batch of what waits, send the oldest due batch.
-    async fn run(self: Arc<Self>, mut inbox: mpsc::UnboundedReceiver<Waiting>) {
-        let mut waiting: Vec<Waiting> = Vec::new();
+    /// When `stopping` is cancelled it stops wherever it waits, and the
+    /// sends already in flight are awaited, so each is recorded before the
+    /// process exits (what waited unformed stays pending, to be reclaimed).
+    async fn run(
+        self: Arc<Self>,
+        inbox: mpsc::UnboundedReceiver<Waiting>,
+        stopping: CancellationToken,
+    ) {
         let mut sends: JoinSet<()> = JoinSet::new();
+        tokio::select! {
+            _ = stopping.cancelled() => {}
+            _ = self.clone().rounds(inbox, &mut sends) => {}
+        }
+        while sends.join_next().await.is_some() {}
+    }
+
+    async fn rounds(
+        self: Arc<Self>,
+        mut inbox: mpsc::UnboundedReceiver<Waiting>,
+        sends: &mut JoinSet<()>,
+    ) {
+        let mut waiting: Vec<Waiting> = Vec::new();
         // Whether the last round sent a batch: then more may be due (retries
         // after an outage, batches a crashed process formed), and the next
         // round goes at the rate's next slot instead of waiting for news.
@@ -332,10 +352,10 @@ impl Handler for EmailSender {
         .boxed()
     }
 
-    fn background(self: Arc<Self>) -> Option<BoxFuture<'static, ()>> {
+    fn background(self: Arc<Self>, stopping: CancellationToken) -> Option<BoxFuture<'static, ()>> {
         let (to_batch, inbox) = mpsc::unbounded_channel();
         *self.to_batch.lock().ok()? = Some(to_batch);
-        Some(self.run(inbox).boxed())
+        Some(self.run(inbox, stopping).boxed())
     }
 }
 

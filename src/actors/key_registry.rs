@@ -124,11 +124,12 @@ impl Actor for KeyRegistry {
                 }
             }
             KeyRegistryMsg::Probe => {
+                // Probed here, bounded by Redis's command timeout: requests
+                // never wait on this actor's mailbox (they resolve keys
+                // through the handle), only probes and failures queue here.
                 if let Some(hot) = args.hot.clone() {
-                    tokio::spawn(async move {
-                        let result = hot.probe().await.map_err(|e| e.to_string());
-                        let _ = myself.cast(KeyRegistryMsg::ProbeResult(result));
-                    });
+                    let result = hot.probe().await.map_err(|e| e.to_string());
+                    let _ = myself.cast(KeyRegistryMsg::ProbeResult(result));
                 }
             }
             KeyRegistryMsg::ProbeResult(Ok(())) => {
@@ -214,19 +215,16 @@ impl KeyRegistryHandle {
     }
 
     /// The request holding `lease` failed with a 5xx: forget the claim so a
-    /// retry can run (in the background; the lease expires anyway).
-    pub fn release(&self, lease: KeyLease) {
-        let this = self.clone();
-        tokio::spawn(async move {
-            if let Err(e) = this.args.store.release_key(&lease).await {
-                warn!(error = %e, "could not release idempotency key; it frees when its lease expires");
+    /// retry can run at once (should this fail, the lease expires anyway).
+    pub async fn release(&self, lease: KeyLease) {
+        if let Err(e) = self.args.store.release_key(&lease).await {
+            warn!(error = %e, "could not release idempotency key; it frees when its lease expires");
+        }
+        if let Some(hot) = self.hot() {
+            if let Err(e) = hot.clear_in_flight(&lease.scope.digest(&lease.key)).await {
+                self.report(&e);
             }
-            if let Some(hot) = this.hot() {
-                if let Err(e) = hot.clear_in_flight(&lease.scope.digest(&lease.key)).await {
-                    this.report(&e);
-                }
-            }
-        });
+        }
     }
 
     /// The two-tier resolution of one key.

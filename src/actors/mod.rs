@@ -41,7 +41,11 @@ pub mod supervisor;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
+use std::future::Future;
+
 use ractor::ActorRef;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 /// The live reference to a supervised actor, refilled by the supervisor
 /// whenever it restarts the actor, plus what `/admin/status` shows about it.
@@ -90,28 +94,94 @@ impl<M: ractor::Message> ActorSlot<M> {
     }
 }
 
-/// Runs an actor's long-lived loop on its own task and, should the loop
-/// ever end (an error, a return, a panic), sends the actor `ended(reason)`,
-/// which the actor answers by failing, so its supervisor restarts it.
-pub fn spawn_loop<M, E>(
-    myself: ActorRef<M>,
-    what: &'static str,
-    work: impl std::future::Future<Output = Result<(), E>> + Send + 'static,
-    ended: fn(String) -> M,
-) -> tokio::task::JoinHandle<()>
-where
-    M: ractor::Message,
-    E: std::fmt::Display,
-{
-    use futures::FutureExt;
-    tokio::spawn(async move {
-        let reason = match std::panic::AssertUnwindSafe(work).catch_unwind().await {
-            Ok(Ok(())) => format!("{what} returned"),
-            Ok(Err(e)) => format!("{what} failed: {e}"),
-            Err(_) => format!("{what} panicked"),
-        };
-        let _ = myself.cast(ended(reason));
-    })
+/// The tasks one actor owns. Its long-lived loops run on the actor's own
+/// [`JoinSet`] (dropping the set aborts them, so none outlives its actor),
+/// and should a loop ever end (an error, a return, a panic) the actor is
+/// sent `ended(reason)`, which it answers by failing, so its supervisor
+/// restarts and reports it. Stopping the actor ([`ActorTasks::finish`])
+/// cuts off plain loops ([`ActorTasks::run`]) and lets draining ones
+/// ([`ActorTasks::run_draining`], the consumers) finish what they hold.
+pub struct ActorTasks {
+    tasks: JoinSet<()>,
+    stopping: CancellationToken,
+}
+
+impl Default for ActorTasks {
+    fn default() -> Self {
+        ActorTasks::new()
+    }
+}
+
+impl ActorTasks {
+    pub fn new() -> Self {
+        ActorTasks {
+            tasks: JoinSet::new(),
+            stopping: CancellationToken::new(),
+        }
+    }
+
+    /// Runs `work` until it ends or the actor stops (then it is cut off
+    /// wherever it waits).
+    pub fn run<M, E>(
+        &mut self,
+        myself: ActorRef<M>,
+        what: &'static str,
+        work: impl Future<Output = Result<(), E>> + Send + 'static,
+        ended: fn(String) -> M,
+    ) where
+        M: ractor::Message,
+        E: std::fmt::Display,
+    {
+        let stopping = self.stopping.clone();
+        self.run_draining(
+            myself,
+            what,
+            move |_| async move {
+                tokio::select! {
+                    _ = stopping.cancelled() => Ok(()),
+                    result = work => result,
+                }
+            },
+            ended,
+        );
+    }
+
+    /// Runs the loop `work(stopping)` makes; when the actor stops,
+    /// `stopping` is cancelled and the loop is awaited: it should finish
+    /// what it has in hand, start nothing new, and return.
+    pub fn run_draining<M, E, F>(
+        &mut self,
+        myself: ActorRef<M>,
+        what: &'static str,
+        work: impl FnOnce(CancellationToken) -> F,
+        ended: fn(String) -> M,
+    ) where
+        M: ractor::Message,
+        E: std::fmt::Display,
+        F: Future<Output = Result<(), E>> + Send + 'static,
+    {
+        use futures::FutureExt;
+        let stopping = self.stopping.clone();
+        let work = work(stopping.clone());
+        self.tasks.spawn(async move {
+            let reason = match std::panic::AssertUnwindSafe(work).catch_unwind().await {
+                Ok(Ok(())) => format!("{what} returned"),
+                Ok(Err(e)) => format!("{what} failed: {e}"),
+                Err(_) => format!("{what} panicked"),
+            };
+            if !stopping.is_cancelled() {
+                let _ = myself.cast(ended(reason));
+            }
+        });
+    }
+
+    /// Stops every loop as [`run`](Self::run) and
+    /// [`run_draining`](Self::run_draining) say, and waits for all of them.
+    /// The daemon's shutdown deadline bounds the wait.
+    pub async fn finish(&mut self) {
+        self.stopping.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
 }
 
 /// One line of the actor tree in `/admin/status`.

@@ -45,11 +45,10 @@ use std::time::Duration;
 use futures::FutureExt;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::Notify;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use super::spawn_loop;
+use super::ActorTasks;
 use crate::broker::{Broker, BrokerError, Holding};
 use crate::domain::topics;
 use crate::retry::reconnect_pause;
@@ -108,7 +107,7 @@ pub struct OutboxRelay;
 
 pub struct OutboxRelayState {
     /// The relay loop and the listener feeding it.
-    tasks: Vec<JoinHandle<()>>,
+    tasks: ActorTasks,
 }
 
 impl Actor for OutboxRelay {
@@ -122,11 +121,20 @@ impl Actor for OutboxRelay {
         args: OutboxRelayArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         let wake = args.wake.clone();
-        let mut tasks = Vec::new();
+        let mut tasks = ActorTasks::new();
         if let Some(url) = args.listen_url.clone() {
-            tasks.push(tokio::spawn(listen(url, wake.clone())));
+            let wake = wake.clone();
+            tasks.run(
+                myself.clone(),
+                "outbox listener",
+                async move {
+                    listen(url, wake).await;
+                    Ok::<(), std::convert::Infallible>(())
+                },
+                OutboxRelayMsg::LoopEnded,
+            );
         }
-        let relay = spawn_loop(
+        tasks.run(
             myself,
             "relay loop",
             async move {
@@ -135,7 +143,6 @@ impl Actor for OutboxRelay {
             },
             OutboxRelayMsg::LoopEnded,
         );
-        tasks.push(relay);
         Ok(OutboxRelayState { tasks })
     }
 
@@ -144,9 +151,7 @@ impl Actor for OutboxRelay {
         _myself: ActorRef<Self::Msg>,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        for task in &state.tasks {
-            task.abort();
-        }
+        state.tasks.finish().await;
         Ok(())
     }
 

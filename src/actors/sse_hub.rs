@@ -41,11 +41,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tracing::{info, warn};
 use uuid::Uuid;
 
-use super::{spawn_loop, ActorSlot};
+use super::{ActorSlot, ActorTasks};
 use crate::broker::{Broker, EventCursor};
 use crate::domain::topics;
 use crate::retry::reconnect_pause;
@@ -137,7 +136,8 @@ pub struct SseHubState {
     clients: HashMap<u64, mpsc::Sender<Arc<StreamEvent>>>,
     next_client: u64,
     closing: bool,
-    tail: Option<JoinHandle<()>>,
+    /// The tail task.
+    tasks: ActorTasks,
 }
 
 impl SseHubState {
@@ -325,7 +325,8 @@ impl Actor for SseHub {
         myself: ActorRef<Self::Msg>,
         args: SseHubArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let tail = spawn_loop(
+        let mut tasks = ActorTasks::new();
+        tasks.run(
             myself.clone(),
             "job stream reader",
             follow_stream(
@@ -350,7 +351,7 @@ impl Actor for SseHub {
             clients: HashMap::new(),
             next_client: 0,
             closing: false,
-            tail: Some(tail),
+            tasks,
         })
     }
 
@@ -359,9 +360,7 @@ impl Actor for SseHub {
         _myself: ActorRef<Self::Msg>,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        if let Some(tail) = state.tail.take() {
-            tail.abort();
-        }
+        state.tasks.finish().await;
         state.clients.clear();
         m::sse_clients(0);
         Ok(())

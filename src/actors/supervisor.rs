@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::auditor::{Auditor, AuditorArgs};
 use super::consumer::{ConsumerActor, ConsumerArgs, ConsumerMsg};
@@ -257,9 +257,14 @@ impl Actor for HeraldSupervisor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         state.stopping = true;
+        // Last started, first stopped; each is waited for, so the consumers
+        // record the deliveries they hold before the daemon exits (its
+        // shutdown deadline bounds the whole stop).
         for child in state.children.iter().rev() {
             if let Some(cell) = child.cell() {
-                cell.stop(None);
+                if let Err(e) = cell.stop_and_wait(None, None).await {
+                    warn!(actor = child.name(), error = %e, "actor did not stop cleanly");
+                }
             }
         }
         Ok(())

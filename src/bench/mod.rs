@@ -454,11 +454,11 @@ async fn intake(
         let cpu_before = cpu_seconds(herald.process.id());
         let start = Instant::now();
         let deadline = start + duration;
-        let mut workers = Vec::new();
+        let mut workers = tokio::task::JoinSet::new();
         for worker in 0..concurrency {
             let (addr, body, users) = (addr.clone(), body.clone(), users.clone());
             let mut hist = Histogram::<u64>::new(3)?;
-            workers.push(tokio::spawn(async move {
+            workers.spawn(async move {
                 let mut errors = 0u64;
                 let mut conn: Option<LoadConnection> = None;
                 while Instant::now() < deadline {
@@ -486,11 +486,11 @@ async fn intake(
                     }
                 }
                 (hist, errors)
-            }));
+            });
         }
         let mut round_ok = 0;
-        for w in workers {
-            let (h, e) = w.await?;
+        while let Some(done) = workers.join_next().await {
+            let (h, e) = done?;
             round_ok += h.len();
             hist.add(h)?;
             errors += e;
@@ -572,6 +572,8 @@ struct BenchResend {
     accepted: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     calls: Arc<std::sync::atomic::AtomicU64>,
     limited: Arc<std::sync::atomic::AtomicU64>,
+    /// The server's task, ended when the fake is dropped.
+    _server: tokio::task::JoinSet<()>,
 }
 
 /// The provider's limits in a `--provider-rps` run.
@@ -649,8 +651,10 @@ impl BenchResend {
             });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        tokio::spawn(warp::serve(route).incoming(listener).run());
+        let mut server = tokio::task::JoinSet::new();
+        server.spawn(warp::serve(route).incoming(listener).run());
         Ok(BenchResend {
+            _server: server,
             base_url: format!("http://{addr}"),
             accepted,
             calls,

@@ -179,19 +179,18 @@ pub async fn stream(
     // Connect everyone (at most 500 connects in progress at once).
     let connecting = Arc::new(tokio::sync::Semaphore::new(500));
     let connect_start = Instant::now();
-    let tasks: Vec<_> = (0..clients)
-        .map(|_| {
-            tokio::spawn(stream_client(
-                addr.clone(),
-                jobs,
-                clock.clone(),
-                connecting.clone(),
-            ))
-        })
-        .collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..clients {
+        tasks.spawn(stream_client(
+            addr.clone(),
+            jobs,
+            clock.clone(),
+            connecting.clone(),
+        ));
+    }
     let connect_deadline = Instant::now() + Duration::from_secs(120);
     while clock.ready.load(Ordering::Relaxed) < clients {
-        if Instant::now() > connect_deadline || tasks.iter().all(|t| t.is_finished()) {
+        if Instant::now() > connect_deadline || tasks.try_join_next().is_some() {
             bail!(
                 "only {} of {clients} clients got their snapshot",
                 clock.ready.load(Ordering::Relaxed)
@@ -217,9 +216,9 @@ pub async fn stream(
     let mut missing = 0usize;
     let mut failed = 0usize;
     let collect_deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    for task in tasks {
-        match tokio::time::timeout_at(collect_deadline, task).await {
-            Ok(Ok(Ok(arrivals))) => {
+    for _ in 0..clients {
+        match tokio::time::timeout_at(collect_deadline, tasks.join_next()).await {
+            Ok(Some(Ok(Ok(arrivals)))) => {
                 missing += jobs - arrivals.len();
                 for (index, at) in arrivals {
                     let sent = clock.sent[index].load(Ordering::Relaxed);

@@ -531,13 +531,14 @@ mod tests {
         let tail = broker.tail("jobs", Duration::from_secs(5)).unwrap();
         let start = tail.newest().await.unwrap();
         let publisher = broker.clone();
-        let waiting = tokio::spawn(async move { tail.read_after(start, 10).await.unwrap() });
+        let mut waiting = tokio::task::JoinSet::new();
+        waiting.spawn(async move { tail.read_after(start, 10).await.unwrap() });
         tokio::task::yield_now().await;
         publisher
             .publish(&[envelope("jobs", 1), envelope("jobs", 2)])
             .await
             .unwrap();
-        let read = waiting.await.unwrap();
+        let read = waiting.join_next().await.unwrap().unwrap();
         assert_eq!(read.len(), 2);
         assert!(read[0].0 < read[1].0 && read[0].0 > start);
         let tail = broker.tail("jobs", Duration::from_millis(10)).unwrap();

@@ -212,14 +212,14 @@ pub async fn attack(args: AttackArgs, config: &Config) -> anyhow::Result<bool> {
     }
     // Neighbours in the list run together: a duplicate races its original.
     let started = Instant::now();
-    let kills = match &args.kill_cmd {
-        Some(cmd) => Some(tokio::spawn(run_kills(
+    let mut kills = tokio::task::JoinSet::new();
+    if let Some(cmd) = &args.kill_cmd {
+        kills.spawn(run_kills(
             cmd.clone(),
             args.kills,
             Duration::from_millis(500 + (args.ops as u64) * 5),
-        ))),
-        None => None,
-    };
+        ));
+    }
     let failed = Arc::new(AtomicUsize::new(0));
     let unexpected = Arc::new(AtomicUsize::new(0));
     futures::stream::iter(sends.iter())
@@ -243,8 +243,8 @@ pub async fn attack(args: AttackArgs, config: &Config) -> anyhow::Result<bool> {
         .collect::<Vec<()>>()
         .await;
     let sent_in = started.elapsed();
-    if let Some(kills) = kills {
-        kills.await??;
+    while let Some(killed) = kills.join_next().await {
+        killed??;
     }
 
     // Drain: until the effects reach the operations, or stop moving.

@@ -20,6 +20,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
+use tokio::task::JoinSet;
 
 /// One request that passed through.
 #[derive(Debug, Clone)]
@@ -46,13 +47,9 @@ struct Shared {
 pub struct LossyProxy {
     pub url: String,
     shared: Arc<Shared>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for LossyProxy {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    /// The accept loop, which owns each connection's task: dropping the
+    /// proxy ends them all.
+    _task: JoinSet<()>,
 }
 
 type Body = BoxBody<Bytes, std::io::Error>;
@@ -87,10 +84,13 @@ impl LossyProxy {
             seen: Mutex::new(Vec::new()),
         });
         let accept_shared = shared.clone();
-        let task = tokio::spawn(async move {
+        let mut task = JoinSet::new();
+        task.spawn(async move {
+            let mut connections = JoinSet::new();
             while let Ok((stream, _)) = listener.accept().await {
+                while connections.try_join_next().is_some() {}
                 let shared = accept_shared.clone();
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     let service = service_fn(move |req| forward(shared.clone(), req));
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -98,7 +98,11 @@ impl LossyProxy {
                 });
             }
         });
-        Ok(LossyProxy { url, shared, task })
+        Ok(LossyProxy {
+            url,
+            shared,
+            _task: task,
+        })
     }
 
     /// Every request so far, in arrival order.

@@ -41,6 +41,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use warp::Filter;
 
@@ -213,9 +214,14 @@ impl AsyncWrite for Watched {
 }
 
 /// Refuses one connection: a 503 if the socket takes it at once, then close.
-fn refuse(listener: &'static str, reason: &'static str, stream: TcpStream) {
+fn refuse(
+    tasks: &mut JoinSet<()>,
+    listener: &'static str,
+    reason: &'static str,
+    stream: TcpStream,
+) {
     metrics::connection_refused(listener, reason);
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let mut stream = stream;
         // Bounded: a peer that does not read gets the close without the 503.
         let _ = tokio::time::timeout(Duration::from_millis(200), async {
@@ -228,7 +234,9 @@ fn refuse(listener: &'static str, reason: &'static str, stream: TcpStream) {
 
 /// Serves `filter` on `listener` within `limits` until `stop` resolves,
 /// then lets open connections finish and returns when they are all closed.
-/// `client_of` says which client address a peer counts against.
+/// `client_of` says which client address a peer counts against. Every
+/// connection is a task of this call's own set: dropping the call (the
+/// daemon's shutdown grace ran out) closes whatever is still open.
 pub async fn serve<F>(
     listener: TcpListener,
     filter: F,
@@ -247,8 +255,10 @@ pub async fn serve<F>(
     let graceful = GracefulShutdown::new();
     let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut stop = std::pin::pin!(stop);
+    let mut tasks: JoinSet<()> = JoinSet::new();
     loop {
         let (stream, peer) = tokio::select! {
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
@@ -262,14 +272,14 @@ pub async fn serve<F>(
             () = &mut stop => break,
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
-            refuse(limits.listener, "max", stream);
+            refuse(&mut tasks, limits.listener, "max", stream);
             continue;
         };
         let slot = match limits.per_ip {
             Some(cap) => match per_client.admit(client_of(peer), cap) {
                 Some(slot) => Some(slot),
                 None => {
-                    refuse(limits.listener, "per_ip", stream);
+                    refuse(&mut tasks, limits.listener, "per_ip", stream);
                     continue;
                 }
             },
@@ -283,10 +293,11 @@ pub async fn serve<F>(
             open: open.clone(),
         };
         let watcher = graceful.watcher();
-        tokio::spawn(connection.run(stream, watcher, permit, slot));
+        tasks.spawn(connection.run(stream, watcher, permit, slot));
     }
     drop(listener);
     graceful.shutdown().await;
+    while tasks.join_next().await.is_some() {}
 }
 
 /// One accepted connection and what it needs to be served.

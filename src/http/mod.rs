@@ -323,10 +323,10 @@ impl AppState {
                     let response = error.stored();
                     match self.store.complete_key(&lease, &response).await {
                         Ok(()) => self.keys.completed(&lease, &response).await,
-                        Err(_) => self.keys.release(lease),
+                        Err(_) => self.keys.release(lease).await,
                     }
                 } else {
-                    self.keys.release(lease);
+                    self.keys.release(lease).await;
                 }
                 Err(error)
             }

@@ -191,6 +191,10 @@ pub trait Store: Send + Sync + 'static {
     /// Applies pending migrations.
     async fn migrate(&self) -> Result<(), StoreError>;
 
+    /// Waits for the store's own background work (a dropped connection's
+    /// queued ROLLBACK) before the process exits.
+    async fn close(&self) {}
+
     /// One round trip, for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
 

@@ -18,6 +18,7 @@ use deadpool::Runtime;
 use serde_json::json;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPoolOptions, PgRow};
 use sqlx::{Connection, Postgres, Row, Transaction};
+use tokio_util::task::TaskTracker;
 use tracing::instrument;
 use uuid::Uuid;
 
@@ -275,7 +276,7 @@ const RETURN_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// answer on a task of its own before the connection rejoins the pool: the
 /// transaction's row locks are released now, not whenever the connection
 /// happens to be used next.
-struct Session(Option<Object<PgManager>>);
+struct Session(Option<Object<PgManager>>, TaskTracker);
 
 impl Deref for Session {
     type Target = Object<PgManager>;
@@ -303,10 +304,10 @@ impl Drop for Session {
         if !conn.should_flush() && !conn.is_in_transaction() {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        if tokio::runtime::Handle::try_current().is_err() {
             return;
-        };
-        runtime.spawn(async move {
+        }
+        self.1.spawn(async move {
             let flushed = tokio::time::timeout(RETURN_FLUSH_TIMEOUT, conn.flush()).await;
             if !matches!(flushed, Ok(Ok(()))) || conn.is_in_transaction() {
                 conn.broken = true;
@@ -341,6 +342,9 @@ pub struct PgStore {
     /// `database.acquire_timeout_ms`: also how long the first connection
     /// may take before start-up gives up, saying why.
     acquire_timeout: Duration,
+    /// The return-time flushes of dropped [`Session`]s, waited for by
+    /// [`Store::close`].
+    returns: TaskTracker,
 }
 
 impl PgStore {
@@ -365,6 +369,7 @@ impl PgStore {
             pool,
             options,
             acquire_timeout: acquire,
+            returns: TaskTracker::new(),
         })
     }
 
@@ -372,7 +377,7 @@ impl PgStore {
         self.pool
             .get()
             .await
-            .map(|c| Session(Some(c)))
+            .map(|c| Session(Some(c), self.returns.clone()))
             .map_err(|e| match e {
                 PoolError::Backend(e) => StoreError::from(e),
                 PoolError::Timeout(_) | PoolError::Closed => {
@@ -605,6 +610,11 @@ fn charge_from_row(row: &PgRow) -> Result<Charge, sqlx::Error> {
 impl Store for PgStore {
     fn backend(&self) -> &'static str {
         "postgres"
+    }
+
+    async fn close(&self) {
+        self.returns.close();
+        self.returns.wait().await;
     }
 
     #[instrument(skip_all)]

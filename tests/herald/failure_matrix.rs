@@ -8,7 +8,7 @@
 //! The rows are read from the document itself, so a row added there without
 //! a scenario here (or the reverse) fails the test.
 
-mod support;
+use crate::support;
 
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;

@@ -4,8 +4,7 @@
 //! every documented key exists, and every field of the `Config` struct (as it
 //! serialises, optional fields included) is a documented key.
 
-#[path = "support/clean_env.rs"]
-mod clean_env;
+use crate::support::clean_env;
 
 use std::collections::BTreeSet;
 
@@ -173,10 +172,10 @@ const DOCUMENTS: [&str; 4] = ["README.md", "docs", "Dockerfile", "deploy/herald.
 /// Names in those files that are not the daemon's configuration, and the
 /// file that does read each (checked, so an entry cannot outlive its use).
 const NOT_DAEMON_NAMES: [(&str, &str); 6] = [
-    ("HERALD_CONTRACT_ADMIN_TOKEN", "tests/contract.rs"),
-    ("HERALD_CONTRACT_USER_TOKEN", "tests/contract.rs"),
-    ("HERALD_CONTRACT_EXAMPLES", "tests/contract.rs"),
-    ("HERALD_CONTRACT_SEED", "tests/contract.rs"),
+    ("HERALD_CONTRACT_ADMIN_TOKEN", "tests/herald/contract.rs"),
+    ("HERALD_CONTRACT_USER_TOKEN", "tests/herald/contract.rs"),
+    ("HERALD_CONTRACT_EXAMPLES", "tests/herald/contract.rs"),
+    ("HERALD_CONTRACT_SEED", "tests/herald/contract.rs"),
     ("HERALD_REQUIRE_ADVISORIES", "scripts/deny"),
     ("HERALD_ADVISORY_DB_BUNDLE", "scripts/deny"),
 ];

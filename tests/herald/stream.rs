@@ -3,8 +3,7 @@
 //! storm, fan-out across processes and shutdown. What a client saw is read
 //! from the stream itself; what the database did, from pg_stat_statements.
 
-#[macro_use]
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

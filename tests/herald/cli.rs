@@ -1,8 +1,7 @@
 //! The `herald` command itself: version, and configuration mistakes refused at
 //! start with a message that names the key.
 
-#[path = "support/clean_env.rs"]
-mod clean_env;
+use crate::support::clean_env;
 
 use clean_env::herald_command;
 

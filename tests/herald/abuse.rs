@@ -10,8 +10,7 @@
 //! from 127.0.0.2, 127.0.0.3, … (`local_address`), so the daemon sees
 //! distinct peers without any header trickery.
 
-#[macro_use]
-mod support;
+use crate::support;
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};

@@ -18,8 +18,7 @@
 //! scheme, the statuses a valid request may get, the never-ending stream read
 //! up to its first event) are in `tests/contract/schemathesis.toml`.
 
-#[macro_use]
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

@@ -5,7 +5,7 @@
 //! tells a ready daemon from a missing one. `scripts/test` installs
 //! systemd-analyze and hadolint.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -3,7 +3,7 @@
 //! (curl) against a live daemon whose Resend refuses three recipients, so
 //! there are dead letters to list, replay and discard.
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::time::Duration;

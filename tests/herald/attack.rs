@@ -4,7 +4,7 @@
 //! Resend and the ledger table — as well as by the command's own verdict
 //! (read from `/metrics`).
 
-mod support;
+use crate::support;
 
 use std::collections::HashSet;
 use std::process::Stdio;

@@ -43,8 +43,6 @@ pub const API_KEY: &str = "re_test_0123456789";
 pub struct Call {
     pub at: Instant,
     pub key: Option<String>,
-    /// The (first) recipient.
-    pub to: Option<String>,
     pub status: u16,
     /// Emails the request carried (1 for `/emails`).
     pub emails: usize,
@@ -55,8 +53,6 @@ pub struct Call {
 /// An email the server accepted (and would have sent).
 #[derive(Debug, Clone)]
 pub struct Sent {
-    pub id: String,
-    pub key: Option<String>,
     pub to: String,
     pub subject: String,
 }
@@ -87,6 +83,8 @@ struct State {
     /// Recipients answered 422 (a poison message).
     poison: HashSet<String>,
     latency: Duration,
+    /// Requests received, counted before their latency (a send in flight).
+    arrived: usize,
     calls: Vec<Call>,
     sent: Vec<Sent>,
     /// Idempotency key -> (body, status, response body), or in progress.
@@ -94,7 +92,7 @@ struct State {
 }
 
 enum KeyState {
-    InProgress(Value),
+    InProgress,
     Done {
         body: Value,
         status: u16,
@@ -171,6 +169,11 @@ impl FakeResend {
         self.state.lock().unwrap().calls.clone()
     }
 
+    /// Requests received so far, answered or still in their latency.
+    pub fn arrived(&self) -> usize {
+        self.state.lock().unwrap().arrived
+    }
+
     pub fn sent(&self) -> Vec<Sent> {
         self.state.lock().unwrap().sent.clone()
     }
@@ -206,7 +209,11 @@ fn error(status: u16, name: &str, message: &str) -> Value {
 /// The scripted response time of both endpoints ([`FakeResend::set_latency`]):
 /// the behaviour this double offers, not a synchronisation.
 async fn respond_after_latency(state: &Mutex<State>) {
-    let latency = state.lock().unwrap().latency;
+    let latency = {
+        let mut state = state.lock().unwrap();
+        state.arrived += 1;
+        state.latency
+    };
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
@@ -231,7 +238,6 @@ async fn handle(
     state.calls.push(Call {
         at: Instant::now(),
         key,
-        to,
         status,
         emails: 1,
         batch: false,
@@ -254,13 +260,11 @@ async fn handle_batch(
         .and_then(|b| b.as_array())
         .map(|a| a.len())
         .unwrap_or(0);
-    let to = parsed.as_ref().and_then(|b| b.get(0)).and_then(recipient);
     let permissive = validation.as_deref() == Some("permissive");
     let (status, response, extra) = decide_batch(&state, auth, key.clone(), parsed, permissive);
     state.lock().unwrap().calls.push(Call {
         at: Instant::now(),
         key,
-        to,
         status,
         emails,
         batch: true,
@@ -368,7 +372,7 @@ fn gate(st: &mut State, auth: Option<&str>) -> Option<Answer> {
 /// another. `None` for a new key.
 fn known_key(st: &State, key: &str, body: &Value) -> Option<Answer> {
     match st.keys.get(key)? {
-        KeyState::InProgress(_) => Some((
+        KeyState::InProgress => Some((
             409,
             error(
                 409,
@@ -471,8 +475,6 @@ fn decide_batch(
         }
         let id = uuid::Uuid::new_v4().to_string();
         st.sent.push(Sent {
-            id: id.clone(),
-            key: key.clone(),
             to: recipient(email).unwrap_or_default(),
             subject: email
                 .get("subject")
@@ -538,16 +540,13 @@ fn decide(
         return answer;
     }
     if let Some(key) = &key {
-        st.keys
-            .insert(key.clone(), KeyState::InProgress(body.clone()));
+        st.keys.insert(key.clone(), KeyState::InProgress);
     }
     let (status, response) = if st.poison.contains(&to) {
         (422, error(422, "validation_error", "Invalid `to` field"))
     } else {
         let id = uuid::Uuid::new_v4().to_string();
         st.sent.push(Sent {
-            id: id.clone(),
-            key: key.clone(),
             to,
             subject: subject.to_string(),
         });

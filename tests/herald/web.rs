@@ -3,7 +3,7 @@
 //! lossy proxy between the browser and Herald. What the page shows is read
 //! from the DOM; what happened, from the database and the fake Resend.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

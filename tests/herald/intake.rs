@@ -4,8 +4,7 @@
 //! Every outcome is read from outside the code under test: HTTP responses,
 //! rows in the database, `/metrics`.
 
-#[macro_use]
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -2,8 +2,6 @@
 //! /api/jobs/stream` on a task of its own and hands over every parsed event,
 //! so a test awaits events (with a deadline) instead of sleeping.
 
-#![allow(dead_code)]
-
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -19,8 +17,6 @@ pub struct Event {
     pub event: String,
     pub data: String,
     pub retry: Option<u64>,
-    /// When this client parsed it.
-    pub at: Instant,
 }
 
 impl Event {
@@ -89,7 +85,6 @@ impl Parser {
                         }),
                         data: self.data.join("\n"),
                         retry: self.retry.take(),
-                        at: Instant::now(),
                     });
                 }
                 self.data.clear();

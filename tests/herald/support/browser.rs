@@ -6,8 +6,6 @@
 //! directory; dropping the [`Browser`] ends that group (the driver and the
 //! browsers it started), and nothing else.
 
-#![allow(dead_code)]
-
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;

@@ -3,8 +3,7 @@
 //! read where the effect lands (the fake Resend) and from `/metrics` and the
 //! database, never from Herald's own idea of what it did.
 
-#[macro_use]
-mod support;
+use crate::support;
 
 use std::time::Duration;
 
@@ -1257,7 +1256,95 @@ async fn a_provider_at_two_requests_a_second_drains_every_backlog_in_time(backen
     }
 }
 
+/// SIGTERM while Resend is still answering a send: the daemon waits for the
+/// answer and records it before it exits (within its shutdown deadline), so
+/// the email is sent once, its inbox row is there with the process gone, and
+/// the next process sends nothing again.
+async fn a_sigterm_during_a_slow_send_records_it_before_the_process_exits(backend: Backend) {
+    let mut w = world_on(backend, &[("HERALD_SHUTDOWN_DEADLINE_MS", "20000")]).await;
+    let job = w.herald.post_job("Rust engineer").await;
+    w.resend.set_latency(Duration::from_secs(3));
+    let id = apply(&w.herald, "slow-send", &job).await;
+    eventually(
+        "the send in flight at Resend",
+        Duration::from_secs(20),
+        || {
+            let arrived = w.resend.arrived();
+            async move { (arrived >= 1).then_some(()) }
+        },
+    )
+    .await;
+    assert!(w.resend.sent().is_empty(), "the send is still in flight");
+    w.herald.terminate();
+    let status = w.herald.wait_for_exit(Duration::from_secs(20)).await;
+    assert!(status.success(), "graceful exit: {status}");
+    // Read with the process gone: whatever is here was committed before exit.
+    assert_eq!(w.resend.sent_to("slow-send@example.com"), 1);
+    assert_eq!(
+        count(&w.db, "SELECT count(*) FROM inbox WHERE consumer = 'email'").await,
+        1,
+        "the inbox row was committed before the exit"
+    );
+    assert_eq!(email_status(&w.db, &id).await, "sent");
+    // The next process has nothing left to send for it.
+    w.resend.set_latency(Duration::ZERO);
+    w.herald.restart().await;
+    apply(&w.herald, "after-restart", &job).await;
+    wait_for_emails(&w.resend, 2, Duration::from_secs(30)).await;
+    wait_until_settled(&w.db, Duration::from_secs(30)).await;
+    assert_eq!(w.resend.sent_to("slow-send@example.com"), 1);
+    assert_eq!(w.resend.sent().len(), 2);
+}
+
+/// A consumer worker that panics with a charge in hand: the pool's actor
+/// fails once its other workers are done, the supervisor restarts and
+/// reports it like any actor, and the charge (left unacknowledged) is
+/// reclaimed and applied once.
+async fn a_panicking_consumer_worker_is_reported_restarted_and_its_entry_applied_once(
+    backend: Backend,
+) {
+    let w = world_on(
+        backend,
+        &[("FAILPOINTS", "consumer-worker=1*panic(worker exploded)")],
+    )
+    .await;
+    for i in 0..5 {
+        charge(&w.herald, &format!("payer{i}"), 100 + i).await;
+    }
+    eventually(
+        "the ledger pool restarted",
+        Duration::from_secs(20),
+        || async { (w.herald.actor_status("ledger").await == (1, true)).then_some(()) },
+    )
+    .await;
+    wait_for_count(
+        &w.db,
+        "SELECT count(*) FROM ledger_entries",
+        5,
+        Duration::from_secs(30),
+    )
+    .await;
+    wait_until_settled(&w.db, Duration::from_secs(30)).await;
+    let events = eventually("the report in Sentry", Duration::from_secs(10), || {
+        let events: Vec<String> = w.sentry.events().iter().map(|e| e.to_string()).collect();
+        async move {
+            (events.iter().any(|e| e.contains("worker exploded"))
+                && events.iter().any(|e| e.contains("actor ledger died")))
+            .then_some(events)
+        }
+    })
+    .await;
+    assert!(
+        !events.iter().any(|e| e.contains("escalating")),
+        "{events:?}"
+    );
+    assert_eq!(count(&w.db, "SELECT count(*) FROM ledger_entries").await, 5);
+    assert_eq!(w.herald.actor_status("ledger").await, (1, true));
+}
+
 on_both_backends!(
+    a_panicking_consumer_worker_is_reported_restarted_and_its_entry_applied_once,
+    a_sigterm_during_a_slow_send_records_it_before_the_process_exits,
     a_provider_at_two_requests_a_second_drains_every_backlog_in_time,
     a_batch_with_refused_addresses_sends_the_rest_and_dead_letters_each_refused_one,
     a_409_for_a_batch_resend_accepted_before_records_it_as_sent,

@@ -7,8 +7,7 @@
 //!   with SIGKILL twice, or stopped with SIGTERM twice, and started again:
 //!   exactly 300 emails reach the fake Resend. Both backends.
 
-#[macro_use]
-mod support;
+use crate::support;
 
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;

@@ -3,7 +3,7 @@
 //! server's Retry-After and spreads its retries (full jitter), and the
 //! transcript it writes shows both.
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -4,8 +4,7 @@
 //! (exit with an error, for its service manager to restart) instead of
 //! looping hot. The panics are real, armed through failpoints.
 
-#[macro_use]
-mod support;
+use crate::support;
 
 use std::time::Duration;
 
