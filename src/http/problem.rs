@@ -336,13 +336,13 @@ mod tests {
     }
 
     #[test]
-    fn the_readme_lists_exactly_the_codes_the_daemon_sends() {
-        let readme = include_str!("../../README.md");
-        let list = readme
+    fn the_http_reference_lists_exactly_the_codes_the_daemon_sends() {
+        let reference = include_str!("../../docs/HTTP.md");
+        let list = reference
             .split("with a stable `code`\n(")
             .nth(1)
             .and_then(|rest| rest.split(';').next())
-            .expect("the README's list of codes");
+            .expect("docs/HTTP.md's list of codes");
         let listed: BTreeSet<String> = list
             .split('`')
             .skip(1)

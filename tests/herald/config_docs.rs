@@ -1,4 +1,4 @@
-//! The README's configuration table is checked against the configuration
+//! The configuration table of docs/CONFIGURATION.md is checked against the configuration
 //! itself: every key of `config/default.toml` (the compiled-in defaults,
 //! which `Config` deserialises with `deny_unknown_fields`) is documented,
 //! every documented key exists, and every field of the `Config` struct (as it
@@ -64,16 +64,13 @@ fn assert_all_in(keys: &BTreeSet<String>, within: &BTreeSet<String>, what: &str)
     assert!(outside.is_empty(), "{what}: {outside:?}");
 }
 
-/// Every `backticked` key in the first column of the README's
-/// `## Configuration` table.
+/// Every `backticked` key in the first column of the configuration table
+/// of docs/CONFIGURATION.md.
 fn documented_keys() -> BTreeSet<String> {
-    let readme =
-        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
-            .unwrap();
-    let section = readme
-        .split("## Configuration")
-        .nth(1)
-        .expect("a Configuration section");
+    let section = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/CONFIGURATION.md"),
+    )
+    .unwrap();
     section
         .lines()
         .skip_while(|l| !l.starts_with("| key"))
@@ -99,7 +96,7 @@ fn every_configuration_key_is_documented_and_every_documented_key_exists() {
     assert_all_in(
         &defaults,
         &documented,
-        "keys missing from the README's configuration table",
+        "keys missing from docs/CONFIGURATION.md",
     );
     let known: BTreeSet<String> = defaults
         .iter()
@@ -109,7 +106,7 @@ fn every_configuration_key_is_documented_and_every_documented_key_exists() {
     assert_all_in(
         &documented,
         &known,
-        "the README documents keys that do not exist",
+        "docs/CONFIGURATION.md documents keys that do not exist",
     );
 }
 
@@ -151,12 +148,12 @@ fn every_field_of_the_config_struct_is_a_documented_key_and_no_secret_is_rendere
     assert_all_in(
         &fields,
         &documented,
-        "Config fields missing from the README's configuration table",
+        "Config fields missing from docs/CONFIGURATION.md",
     );
     assert_all_in(
         &documented,
         &fields,
-        "the README documents keys that are not Config fields",
+        "docs/CONFIGURATION.md documents keys that are not Config fields",
     );
     let text = rendered.to_string();
     assert!(

@@ -1,0 +1,71 @@
+//! Dead letters in the store: listed, replayed into the outbox, discarded,
+//! every action audited.
+
+use async_trait::async_trait;
+use uuid::Uuid;
+
+use super::*;
+
+/// A dead letter as the admin API shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeadLetter {
+    pub id: Uuid,
+    pub event_id: Uuid,
+    pub topic: String,
+    pub consumer: String,
+    pub attempts: i32,
+    pub last_error: String,
+    pub first_failed_at: chrono::DateTime<chrono::Utc>,
+    pub dead_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// What a replay or discard of one dead letter did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DlqAction {
+    Replayed,
+    Discarded,
+    /// Already replayed: nothing done (replay is idempotent).
+    AlreadyReplayed,
+    /// Already discarded: nothing done.
+    AlreadyDiscarded,
+    NotFound,
+}
+
+/// Open dead letters of one topic.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct DlqTopicStats {
+    pub topic: String,
+    pub depth: i64,
+    pub oldest_age_seconds: f64,
+}
+
+/// Dead letters: list, replay, discard, depth.
+#[async_trait]
+pub trait DeadLetterStore: Send + Sync {
+    /// Open dead letters, newest first, optionally of one topic.
+    async fn list_dead_letters(
+        &self,
+        topic: Option<&str>,
+        limit: u32,
+        before: Option<Uuid>,
+    ) -> Result<Vec<DeadLetter>, StoreError>;
+
+    /// Puts one dead letter's event back in the outbox with a fresh attempt
+    /// count (the relay publishes it at its rate) and audits it. Replaying
+    /// a letter already replayed changes nothing.
+    async fn replay_dead_letter(&self, id: Uuid, actor: &str) -> Result<DlqAction, StoreError>;
+
+    /// Replays every open dead letter (of `topic`); how many.
+    async fn replay_dead_letters(
+        &self,
+        topic: Option<&str>,
+        actor: &str,
+    ) -> Result<u64, StoreError>;
+
+    /// Closes a dead letter without delivering it, keeping an audit row.
+    async fn discard_dead_letter(&self, id: Uuid, actor: &str) -> Result<DlqAction, StoreError>;
+
+    /// Depth and oldest age of the open dead letters, per topic.
+    async fn dlq_stats(&self) -> Result<Vec<DlqTopicStats>, StoreError>;
+}

@@ -1,0 +1,307 @@
+//! Delivery in the store: a consumer's step for one envelope, and the
+//! EmailSender's batches (formed once, sent under one key, settled per
+//! member). The decisions that are the same on both backends (is a copy
+//! still to deliver, what a batch decision means per member, what a
+//! settled member writes) are the plain functions here.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use uuid::Uuid;
+
+use super::*;
+use crate::broker::Envelope;
+
+/// What [`Store::form_batch`] made of one envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Now a member of the new batch.
+    Member,
+    /// Already settled, or in the consumer's inbox.
+    Duplicate,
+    /// A copy published before the row's attempt count moved on.
+    Stale,
+    /// The row no longer exists.
+    Gone,
+    /// Already a member of an unsettled batch (a redelivered copy).
+    Batched,
+}
+
+/// An outbox row's state, as far as admitting a copy of it goes.
+#[derive(Debug, Clone, Copy)]
+pub struct RowState {
+    pub settled: bool,
+    pub in_inbox: bool,
+    pub batched: bool,
+    pub attempts: i32,
+}
+
+/// The one rule, on both backends, for a copy read from the broker: is it
+/// still to be delivered (`Member`), or already taken care of?
+pub fn admit(row: Option<RowState>, copy_attempts: i32) -> Admission {
+    match row {
+        None => Admission::Gone,
+        Some(r) if r.settled || r.in_inbox => Admission::Duplicate,
+        Some(r) if r.batched => Admission::Batched,
+        Some(r) if r.attempts != copy_attempts => Admission::Stale,
+        Some(_) => Admission::Member,
+    }
+}
+
+/// A batch, ready to send: its id is the request's idempotency key; its
+/// members are in the order they were admitted (event id order).
+#[derive(Debug, Clone)]
+pub struct BatchToSend {
+    pub id: Uuid,
+    /// Sends already spent on this batch.
+    pub attempts: i32,
+    pub members: Vec<Envelope>,
+}
+
+/// What became of one member of a sent batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MemberOutcome {
+    /// Accepted by the provider: record it in the inbox and settle.
+    Done,
+    /// Refused for good: dead-letter this member alone.
+    Dead { error: String },
+}
+
+/// A sender's verdict on one send of a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BatchDecision {
+    /// The provider answered for each member, in order.
+    Answered(Vec<MemberOutcome>),
+    /// Transient failure: spend an attempt, send the same batch after `after`.
+    Retry { after: Duration, error: String },
+    /// No retry budget: send it after `after`, spending no attempt.
+    Defer { after: Duration },
+    /// Permanent failure, or out of attempts: dead-letter every member.
+    Dead { error: String },
+}
+
+/// What [`Store::send_due_batch`] recorded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchResult {
+    pub id: Uuid,
+    /// 1-based.
+    pub attempt: i32,
+    pub members: usize,
+    pub decision: BatchDecision,
+}
+
+/// The per-member outcomes a batch decision records, in member order:
+/// the provider's answers, or every member dead; none for a retry or a
+/// deferral (the batch stays as it is). The same on both backends.
+pub fn batch_outcomes(decision: &BatchDecision, members: usize) -> Vec<MemberOutcome> {
+    match decision {
+        BatchDecision::Answered(answers) => (0..members)
+            .map(|i| {
+                answers.get(i).cloned().unwrap_or(MemberOutcome::Dead {
+                    error: "the provider's answer did not cover this email".into(),
+                })
+            })
+            .collect(),
+        BatchDecision::Dead { error } => vec![
+            MemberOutcome::Dead {
+                error: error.clone()
+            };
+            members
+        ],
+        BatchDecision::Retry { .. } | BatchDecision::Defer { .. } => Vec::new(),
+    }
+}
+
+/// What a settled batch writes for one member.
+pub(crate) enum MemberRecord<'a> {
+    Done(DoneEvent<'a>),
+    Dead(DeadEvent<'a>),
+}
+
+/// The records of a batch's members, in order, from the outcomes
+/// [`batch_outcomes`] gave; the same on both backends.
+pub(crate) fn member_records<'a>(
+    consumer: &'a str,
+    members: &'a [Envelope],
+    aggregates: &'a [Uuid],
+    outcomes: &'a [MemberOutcome],
+    attempt: i32,
+    first_at: chrono::DateTime<chrono::Utc>,
+) -> impl Iterator<Item = MemberRecord<'a>> {
+    members
+        .iter()
+        .zip(aggregates)
+        .zip(outcomes)
+        .map(move |((member, aggregate_id), outcome)| match outcome {
+            MemberOutcome::Done => MemberRecord::Done(DoneEvent {
+                consumer,
+                event_id: member.event_id,
+                topic: &member.topic,
+                aggregate_id: *aggregate_id,
+                attempt,
+            }),
+            MemberOutcome::Dead { error } => MemberRecord::Dead(DeadEvent {
+                consumer,
+                event_id: member.event_id,
+                topic: &member.topic,
+                aggregate_id: *aggregate_id,
+                attempt,
+                error,
+                first_at,
+            }),
+        })
+}
+
+/// One delivered event to record, as both backends record it.
+pub(crate) struct DoneEvent<'a> {
+    pub(crate) consumer: &'a str,
+    pub(crate) event_id: Uuid,
+    pub(crate) topic: &'a str,
+    pub(crate) aggregate_id: Uuid,
+    /// The attempt that succeeded (1-based).
+    pub(crate) attempt: i32,
+}
+
+/// One event to dead-letter, as both backends record it.
+pub(crate) struct DeadEvent<'a> {
+    pub(crate) consumer: &'a str,
+    pub(crate) event_id: Uuid,
+    pub(crate) topic: &'a str,
+    pub(crate) aggregate_id: Uuid,
+    /// The attempt that failed (1-based).
+    pub(crate) attempt: i32,
+    pub(crate) error: &'a str,
+    pub(crate) first_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// Sends one batch and says what to record.
+pub type BatchSendFn<'a> =
+    &'a (dyn Fn(BatchToSend) -> futures::future::BoxFuture<'static, BatchDecision> + Send + Sync);
+
+/// Performs a delivery attempt, given the attempts already spent, and says
+/// what to record.
+pub type DeliverFn<'a> =
+    &'a (dyn Fn(i32) -> futures::future::BoxFuture<'static, DeliveryDecision> + Send + Sync);
+
+/// A consumer's verdict on one attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeliveryDecision {
+    /// The effect happened: record it in the inbox and settle.
+    Done,
+    /// Transient failure: spend an attempt and try again after `after`.
+    Retry { after: Duration, error: String },
+    /// No retry budget: try again after `after` without spending an attempt.
+    Defer { after: Duration },
+    /// Permanent failure, or out of attempts: dead-letter it.
+    Dead { error: String },
+}
+
+/// How a delivered envelope was handled.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeliveryResult {
+    /// `deliver` ran; its decision is recorded. `attempt` is 1-based.
+    Attempted {
+        attempt: i32,
+        decision: DeliveryDecision,
+    },
+    /// Already settled or in this consumer's inbox: nothing to do.
+    Duplicate,
+    /// A copy published before the row's attempt count moved on.
+    Stale,
+    /// The row no longer exists (settled and removed by the janitor).
+    Gone,
+    /// Another worker held the row past the lock timeout; it settles it, or
+    /// the relay republishes it when it comes due.
+    Busy,
+}
+
+/// What consumers record: deliveries, batches, their outcomes.
+#[async_trait]
+pub trait DeliveryStore: Send + Sync {
+    /// Makes the still-deliverable ones among `envelopes` (copies read by
+    /// `consumer`) the members of a new batch `batch_id`, due now, in one
+    /// transaction; says what became of each envelope, in order. A member
+    /// belongs to that batch until it settles: every send of the batch
+    /// carries the same members under the same key.
+    async fn form_batch(
+        &self,
+        consumer: &str,
+        batch_id: Uuid,
+        envelopes: &[Envelope],
+    ) -> Result<Vec<Admission>, StoreError>;
+
+    /// Claims the oldest due, unsettled batch of `consumer` (Postgres: row
+    /// lock held through the send, skipping batches another sender holds;
+    /// SQLite: a lease), hands it to `send`, and records the decision in one
+    /// transaction: per member an inbox row + effect + settle, or a dead
+    /// letter; or the whole batch retried, deferred, or dead-lettered.
+    /// `None` when no batch is due.
+    async fn send_due_batch(
+        &self,
+        consumer: &str,
+        send: BatchSendFn<'_>,
+    ) -> Result<Option<BatchResult>, StoreError>;
+
+    /// A consumer's step for one delivered envelope: locks its outbox row
+    /// (Postgres: `FOR UPDATE`; SQLite: a lease, so no transaction stays open
+    /// during the send),
+    /// drops it if already settled, recorded in `consumer`'s inbox or stale
+    /// (its attempt count moved on), otherwise runs `deliver` and records
+    /// the decision in the same transaction: inbox row + local effect +
+    /// settle, a scheduled retry, a deferral, or a dead letter.
+    async fn deliver_event(
+        &self,
+        consumer: &str,
+        envelope: &Envelope,
+        deliver: DeliverFn<'_>,
+    ) -> Result<DeliveryResult, StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_decision_gives_each_member_its_own_outcome() {
+        let dead = |e: &str| MemberOutcome::Dead { error: e.into() };
+        let answered = BatchDecision::Answered(vec![MemberOutcome::Done, dead("refused")]);
+        assert_eq!(
+            batch_outcomes(&answered, 3),
+            [
+                MemberOutcome::Done,
+                dead("refused"),
+                dead("the provider's answer did not cover this email")
+            ]
+        );
+        let all_dead = BatchDecision::Dead {
+            error: "403".into(),
+        };
+        assert_eq!(batch_outcomes(&all_dead, 2), [dead("403"), dead("403")]);
+        let retry = BatchDecision::Retry {
+            after: Duration::from_secs(1),
+            error: "503".into(),
+        };
+        assert!(
+            batch_outcomes(&retry, 2).is_empty(),
+            "a retry keeps the batch"
+        );
+    }
+
+    #[test]
+    fn a_copy_is_admitted_only_while_its_row_waits_for_it() {
+        let row = |settled, in_inbox, batched, attempts| {
+            Some(RowState {
+                settled,
+                in_inbox,
+                batched,
+                attempts,
+            })
+        };
+        assert_eq!(admit(row(false, false, false, 0), 0), Admission::Member);
+        assert_eq!(admit(None, 0), Admission::Gone);
+        assert_eq!(admit(row(true, false, false, 0), 0), Admission::Duplicate);
+        assert_eq!(admit(row(false, true, false, 0), 0), Admission::Duplicate);
+        assert_eq!(admit(row(false, false, true, 0), 0), Admission::Batched);
+        assert_eq!(admit(row(false, false, false, 2), 1), Admission::Stale);
+    }
+}

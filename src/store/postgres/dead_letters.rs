@@ -1,0 +1,199 @@
+//! Dead letters on Postgres: list, replay into the outbox, discard; each
+//! action closes the letter in one statement and audits it.
+
+use super::*;
+
+/// Reopens open dead letters for delivery, in one statement: closes them as
+/// replayed, audits each, puts their events back in the outbox (due now,
+/// attempts reset) and their applications back to `pending`. `$1` a topic
+/// or NULL, `$2` the actor, `$3` one letter's id or NULL.
+pub(super) const REPLAY_DEAD_LETTERS: &str = "
+WITH letters AS (
+    UPDATE dead_letters SET replayed_at = now()
+     WHERE replayed_at IS NULL AND discarded_at IS NULL
+       AND ($1::text IS NULL OR topic = $1)
+       AND ($3::uuid IS NULL OR id = $3)
+    RETURNING id, event_id
+), audit AS (
+    INSERT INTO dlq_audit (dead_letter_id, event_id, action, actor)
+    SELECT id, event_id, 'replay', $2 FROM letters
+), events AS (
+    UPDATE outbox_events o
+       SET settled_at = NULL, attempts = 0, due_at = now(), last_error = NULL,
+           first_failed_at = NULL, batch_id = NULL, stream_id = NULL
+      FROM letters l
+     WHERE o.event_id = l.event_id
+    RETURNING o.topic, o.aggregate_id
+), apps AS (
+    UPDATE applications a SET email_status = 'pending'
+      FROM events e
+     WHERE e.topic = 'application.submitted' AND a.id = e.aggregate_id
+), charges AS (
+    UPDATE charges c SET ledger_status = 'pending'
+      FROM events e
+     WHERE e.topic = 'charge.created' AND c.id = e.aggregate_id
+)
+SELECT count(*) AS replayed FROM letters";
+
+/// Discards one open dead letter, audited. `$1` its id, `$2` the actor.
+pub(super) const DISCARD_DEAD_LETTER: &str = "
+WITH letter AS (
+    UPDATE dead_letters SET discarded_at = now()
+     WHERE id = $1 AND replayed_at IS NULL AND discarded_at IS NULL
+    RETURNING id, event_id
+), audit AS (
+    INSERT INTO dlq_audit (dead_letter_id, event_id, action, actor)
+    SELECT id, event_id, 'discard', $2 FROM letter
+)
+SELECT count(*) FROM letter";
+
+impl PgStore {
+    /// The common end of every business transaction: the outbox event, the
+    /// key's outcome (when the request carries a key), commit.
+    /// Closes one open dead letter as `how` (`Replayed` or `Discarded`),
+    /// audited, in one statement conditioned on the letter being open; if
+    /// nothing was closed, says why (unknown id, or closed earlier).
+    pub(super) async fn close_dead_letter(
+        &self,
+        id: Uuid,
+        actor: &str,
+        how: DlqAction,
+    ) -> Result<DlqAction, StoreError> {
+        let mut session = self.session().await?;
+        let result: Result<DlqAction, StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            let closed: i64 = match how {
+                DlqAction::Replayed => sqlx::query_scalar(REPLAY_DEAD_LETTERS)
+                    .bind(None::<String>)
+                    .bind(actor)
+                    .bind(Some(id)),
+                _ => sqlx::query_scalar(DISCARD_DEAD_LETTER).bind(id).bind(actor),
+            }
+            .fetch_one(&mut *conn)
+            .await?;
+            if closed > 0 {
+                return Ok(how);
+            }
+            let row = sqlx::query(
+                "SELECT replayed_at IS NOT NULL AS replayed FROM dead_letters WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?;
+            Ok(match row {
+                None => DlqAction::NotFound,
+                Some(row) if row.try_get::<bool, _>("replayed")? => DlqAction::AlreadyReplayed,
+                Some(_) => DlqAction::AlreadyDiscarded,
+            })
+        }
+        .await;
+        session.settle(result)
+    }
+}
+
+#[async_trait]
+impl DeadLetterStore for PgStore {
+    #[instrument(skip_all)]
+    async fn list_dead_letters(
+        &self,
+        topic: Option<&str>,
+        limit: u32,
+        before: Option<Uuid>,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        let mut session = self.session().await?;
+        let result: Result<Vec<DeadLetter>, StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            let rows = sqlx::query(
+                "SELECT id, event_id, topic, consumer, attempts, last_error, first_failed_at,
+                        dead_at
+                   FROM dead_letters
+                  WHERE replayed_at IS NULL AND discarded_at IS NULL
+                    AND ($1::text IS NULL OR topic = $1)
+                    AND ($2::uuid IS NULL OR id < $2)
+                  ORDER BY id DESC
+                  LIMIT $3",
+            )
+            .bind(topic)
+            .bind(before)
+            .bind(i64::from(limit))
+            .fetch_all(&mut *conn)
+            .await?;
+            rows.iter()
+                .map(|row| {
+                    Ok(DeadLetter {
+                        id: row.try_get("id")?,
+                        event_id: row.try_get("event_id")?,
+                        topic: row.try_get("topic")?,
+                        consumer: row.try_get("consumer")?,
+                        attempts: row.try_get("attempts")?,
+                        last_error: row.try_get("last_error")?,
+                        first_failed_at: row.try_get("first_failed_at")?,
+                        dead_at: row.try_get("dead_at")?,
+                    })
+                })
+                .collect()
+        }
+        .await;
+        session.settle(result)
+    }
+
+    #[instrument(skip_all)]
+    async fn replay_dead_letter(&self, id: Uuid, actor: &str) -> Result<DlqAction, StoreError> {
+        self.close_dead_letter(id, actor, DlqAction::Replayed).await
+    }
+
+    #[instrument(skip_all)]
+    async fn replay_dead_letters(
+        &self,
+        topic: Option<&str>,
+        actor: &str,
+    ) -> Result<u64, StoreError> {
+        let mut session = self.session().await?;
+        let result: Result<u64, StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            let replayed: i64 = sqlx::query_scalar(REPLAY_DEAD_LETTERS)
+                .bind(topic)
+                .bind(actor)
+                .bind(None::<Uuid>)
+                .fetch_one(&mut *conn)
+                .await?;
+            Ok(replayed.max(0) as u64)
+        }
+        .await;
+        session.settle(result)
+    }
+
+    #[instrument(skip_all)]
+    async fn discard_dead_letter(&self, id: Uuid, actor: &str) -> Result<DlqAction, StoreError> {
+        self.close_dead_letter(id, actor, DlqAction::Discarded)
+            .await
+    }
+
+    #[instrument(skip_all)]
+    async fn dlq_stats(&self) -> Result<Vec<DlqTopicStats>, StoreError> {
+        let mut session = self.session().await?;
+        let result: Result<Vec<DlqTopicStats>, StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            let rows = sqlx::query(
+                "SELECT topic, count(*) AS depth,
+                        EXTRACT(EPOCH FROM now() - min(dead_at))::float8 AS oldest
+                   FROM dead_letters
+                  WHERE replayed_at IS NULL AND discarded_at IS NULL
+                  GROUP BY topic ORDER BY topic",
+            )
+            .fetch_all(&mut *conn)
+            .await?;
+            rows.iter()
+                .map(|row| {
+                    Ok(DlqTopicStats {
+                        topic: row.try_get("topic")?,
+                        depth: row.try_get("depth")?,
+                        oldest_age_seconds: row.try_get::<f64, _>("oldest")?.max(0.0),
+                    })
+                })
+                .collect()
+        }
+        .await;
+        session.settle(result)
+    }
+}

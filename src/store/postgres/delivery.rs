@@ -1,0 +1,420 @@
+//! Deliveries and batches on Postgres: the outbox row (or the batch row)
+//! locked through the send, the outcome recorded in the same transaction.
+
+use super::*;
+
+/// Records a delivered event: the consumer's inbox row, the local effect
+/// (an application's `email_status`; for a charge, its ledger entry and
+/// `ledger_status`, as [`PgStore::apply_effect`] does for the other outcomes)
+/// and the row settled, all in one statement, so a charge's ledger entry
+/// exists exactly when its inbox row does. `$1` consumer, `$2` event id,
+/// `$3` attempts spent, `$4` topic, `$5` aggregate id.
+pub(super) const SETTLE_DELIVERED: &str = "
+WITH inbox_row AS (
+    INSERT INTO inbox (consumer, event_id) VALUES ($1, $2)
+), effect AS (
+    UPDATE applications SET email_status = 'sent'
+     WHERE $4 = 'application.submitted' AND id = $5
+), ledger AS (
+    INSERT INTO ledger_entries (charge_id, event_id, user_id, amount_cents, currency)
+    SELECT c.id, $2, c.user_id, c.amount_cents, c.currency FROM charges c
+     WHERE $4 = 'charge.created' AND c.id = $5
+), charge AS (
+    UPDATE charges SET ledger_status = 'applied'
+     WHERE $4 = 'charge.created' AND id = $5
+)
+UPDATE outbox_events SET settled_at = now(), attempts = $3, last_error = NULL
+ WHERE event_id = $2";
+
+impl PgStore {
+    /// Writes one event's dead letter, marks its aggregate `dead` and
+    /// settles the row, in the caller's transaction.
+    pub(super) async fn record_dead(
+        tx: &mut Transaction<'_, Postgres>,
+        dead: &DeadEvent<'_>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO dead_letters
+                 (event_id, consumer, topic, attempts, last_error, first_failed_at, id)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (consumer, event_id) DO UPDATE
+                SET attempts = EXCLUDED.attempts, last_error = EXCLUDED.last_error,
+                    dead_at = now(), replayed_at = NULL, discarded_at = NULL",
+        )
+        .bind(dead.event_id)
+        .bind(dead.consumer)
+        .bind(dead.topic)
+        .bind(dead.attempt)
+        .bind(dead.error)
+        .bind(dead.first_at)
+        .bind(Uuid::now_v7())
+        .execute(&mut **tx)
+        .await?;
+        Self::apply_effect(tx, dead.topic, dead.aggregate_id, "dead").await?;
+        sqlx::query(
+            "UPDATE outbox_events SET settled_at = now(), attempts = $2, last_error = $3
+              WHERE event_id = $1",
+        )
+        .bind(dead.event_id)
+        .bind(dead.attempt)
+        .bind(dead.error)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    /// The local effect of a settled delivery on its aggregate, in the
+    /// delivery's transaction: an application's `email_status`.
+    pub(super) async fn apply_effect(
+        tx: &mut Transaction<'_, Postgres>,
+        topic: &str,
+        aggregate_id: Uuid,
+        status: &str,
+    ) -> Result<(), StoreError> {
+        let update = match topic {
+            topics::APPLICATION_SUBMITTED => {
+                "UPDATE applications SET email_status = $2 WHERE id = $1"
+            }
+            topics::CHARGE_CREATED => "UPDATE charges SET ledger_status = $2 WHERE id = $1",
+            _ => return Ok(()),
+        };
+        sqlx::query(update)
+            .bind(aggregate_id)
+            .bind(status)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl DeliveryStore for PgStore {
+    #[instrument(skip_all, fields(consumer, members = envelopes.len()))]
+    async fn form_batch(
+        &self,
+        consumer: &str,
+        batch_id: Uuid,
+        envelopes: &[Envelope],
+    ) -> Result<Vec<Admission>, StoreError> {
+        let mut session = self.session().await?;
+        let result: Result<Vec<Admission>, StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            let mut tx = conn
+                .begin_with("BEGIN; SET LOCAL lock_timeout = '5s'")
+                .await?;
+            let ids: Vec<Uuid> = envelopes.iter().map(|e| e.event_id).collect();
+            let rows = sqlx::query(
+                "SELECT o.event_id, o.attempts, o.settled_at IS NOT NULL AS settled,
+                        o.batch_id IS NOT NULL AS batched,
+                        EXISTS (SELECT 1 FROM inbox i
+                                 WHERE i.consumer = $2 AND i.event_id = o.event_id) AS in_inbox
+                   FROM outbox_events o
+                  WHERE o.event_id = ANY($1)
+                  ORDER BY o.event_id
+                  FOR UPDATE OF o",
+            )
+            .bind(&ids)
+            .bind(consumer)
+            .fetch_all(&mut *tx)
+            .await?;
+            let mut states = std::collections::HashMap::new();
+            for row in &rows {
+                let id: Uuid = row.try_get("event_id")?;
+                states.insert(
+                    id,
+                    RowState {
+                        settled: row.try_get("settled")?,
+                        in_inbox: row.try_get("in_inbox")?,
+                        batched: row.try_get("batched")?,
+                        attempts: row.try_get("attempts")?,
+                    },
+                );
+            }
+            let mut members = Vec::new();
+            let admissions: Vec<Admission> = envelopes
+                .iter()
+                .map(|e| {
+                    let admission = admit(states.get(&e.event_id).copied(), e.attempts);
+                    if admission == Admission::Member {
+                        // A second copy of the same event in this set is a repeat.
+                        if let Some(state) = states.get_mut(&e.event_id) {
+                            state.batched = true;
+                        }
+                        members.push(e.event_id);
+                    }
+                    admission
+                })
+                .collect();
+            if !members.is_empty() {
+                sqlx::query("INSERT INTO send_batches (id, consumer) VALUES ($1, $2)")
+                    .bind(batch_id)
+                    .bind(consumer)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("UPDATE outbox_events SET batch_id = $1 WHERE event_id = ANY($2)")
+                    .bind(batch_id)
+                    .bind(&members)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok(admissions)
+        }
+        .await;
+        session.settle(result)
+    }
+
+    #[instrument(skip_all, fields(consumer))]
+    async fn send_due_batch(
+        &self,
+        consumer: &str,
+        send: BatchSendFn<'_>,
+    ) -> Result<Option<BatchResult>, StoreError> {
+        let mut session = self.session().await?;
+        let result: Result<Option<BatchResult>, StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            let mut tx = conn.begin().await?;
+            let Some(batch) = sqlx::query(
+                "SELECT id, attempts, first_failed_at FROM send_batches
+                  WHERE consumer = $1 AND settled_at IS NULL AND due_at <= now()
+                  ORDER BY due_at
+                  LIMIT 1
+                  FOR UPDATE SKIP LOCKED",
+            )
+            .bind(consumer)
+            .fetch_optional(&mut *tx)
+            .await?
+            else {
+                return Ok(None);
+            };
+            let id: Uuid = batch.try_get("id")?;
+            let attempts: i32 = batch.try_get("attempts")?;
+            let first_at: DateTime<Utc> = batch
+                .try_get::<Option<DateTime<Utc>>, _>("first_failed_at")?
+                .unwrap_or_else(Utc::now);
+            let rows = sqlx::query(
+                "SELECT event_id, topic, attempts, payload, aggregate_id FROM outbox_events
+                  WHERE batch_id = $1 AND settled_at IS NULL
+                  ORDER BY event_id",
+            )
+            .bind(id)
+            .fetch_all(&mut *tx)
+            .await?;
+            let mut members = Vec::with_capacity(rows.len());
+            let mut aggregates = Vec::with_capacity(rows.len());
+            for row in &rows {
+                members.push(Envelope {
+                    event_id: row.try_get("event_id")?,
+                    topic: row.try_get("topic")?,
+                    attempts: row.try_get("attempts")?,
+                    payload: row.try_get("payload")?,
+                });
+                aggregates.push(row.try_get::<Uuid, _>("aggregate_id")?);
+            }
+            let attempt = attempts + 1;
+            let decision = if members.is_empty() {
+                BatchDecision::Answered(Vec::new())
+            } else {
+                let to_send = BatchToSend {
+                    id,
+                    attempts,
+                    members: members.clone(),
+                };
+                let decision = send(to_send).await;
+                fail::fail_point!("batch-after-send", |_| std::process::abort());
+                decision
+            };
+            let outcomes = batch_outcomes(&decision, members.len());
+            match &decision {
+                BatchDecision::Retry { after, error } => {
+                    sqlx::query(
+                        "UPDATE send_batches
+                            SET attempts = $2, last_error = $3,
+                                due_at = now() + make_interval(secs => $4),
+                                first_failed_at = COALESCE(first_failed_at, now())
+                          WHERE id = $1",
+                    )
+                    .bind(id)
+                    .bind(attempt)
+                    .bind(error)
+                    .bind(after.as_secs_f64())
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                BatchDecision::Defer { after } => {
+                    sqlx::query(
+                        "UPDATE send_batches SET due_at = now() + make_interval(secs => $2)
+                          WHERE id = $1",
+                    )
+                    .bind(id)
+                    .bind(after.as_secs_f64())
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                BatchDecision::Answered(_) | BatchDecision::Dead { .. } => {
+                    // Settling many members bumps many counter shards
+                    // (migrations/postgres/0005), in no set order; two
+                    // batches doing that at once can deadlock. Take every
+                    // shard in one order first: batches settle one after
+                    // another (a few a second), never crosswise.
+                    sqlx::query("SELECT 1 FROM effect_counters ORDER BY name, shard FOR UPDATE")
+                        .execute(&mut *tx)
+                        .await?;
+                    let records = member_records(
+                        consumer,
+                        &members,
+                        &aggregates,
+                        &outcomes,
+                        attempt,
+                        first_at,
+                    );
+                    for record in records {
+                        match record {
+                            MemberRecord::Done(done) => {
+                                sqlx::query(SETTLE_DELIVERED)
+                                    .bind(done.consumer)
+                                    .bind(done.event_id)
+                                    .bind(done.attempt)
+                                    .bind(done.topic)
+                                    .bind(done.aggregate_id)
+                                    .execute(&mut *tx)
+                                    .await?;
+                            }
+                            MemberRecord::Dead(dead) => Self::record_dead(&mut tx, &dead).await?,
+                        }
+                    }
+                    sqlx::query(
+                        "UPDATE send_batches SET settled_at = now(), attempts = $2
+                          WHERE id = $1",
+                    )
+                    .bind(id)
+                    .bind(attempt)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+            // Failpoint: a crash with the outcome written, before the commit.
+            fail::fail_point!("batch-before-commit", |_| std::process::abort());
+            tx.commit().await?;
+            Ok(Some(BatchResult {
+                id,
+                attempt,
+                members: members.len(),
+                decision,
+            }))
+        }
+        .await;
+        session.settle(result)
+    }
+
+    #[instrument(skip_all, fields(event_id = %envelope.event_id))]
+    async fn deliver_event(
+        &self,
+        consumer: &str,
+        envelope: &Envelope,
+        deliver: DeliverFn<'_>,
+    ) -> Result<DeliveryResult, StoreError> {
+        let mut session = self.session().await?;
+        let result: Result<DeliveryResult, StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            // Another worker may hold the row while it sends a copy of this
+            // event (or the relay, while it marks it published): wait for its
+            // outcome rather than skip, but not forever. One round trip.
+            let mut tx = conn
+                .begin_with("BEGIN; SET LOCAL lock_timeout = '5s'")
+                .await?;
+            let row = sqlx::query(
+                "SELECT o.attempts, o.settled_at IS NOT NULL AS settled, o.topic,
+                        o.aggregate_id, o.first_failed_at,
+                        EXISTS (SELECT 1 FROM inbox i
+                                 WHERE i.consumer = $2 AND i.event_id = o.event_id) AS in_inbox
+                   FROM outbox_events o
+                  WHERE o.event_id = $1
+                  FOR UPDATE OF o",
+            )
+            .bind(envelope.event_id)
+            .bind(consumer)
+            .fetch_optional(&mut *tx)
+            .await;
+            let row = match row {
+                Ok(Some(row)) => row,
+                Ok(None) => return Ok(DeliveryResult::Gone),
+                Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("55P03") => {
+                    return Ok(DeliveryResult::Busy)
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let attempts: i32 = row.try_get("attempts")?;
+            if row.try_get::<bool, _>("settled")? || row.try_get::<bool, _>("in_inbox")? {
+                return Ok(DeliveryResult::Duplicate);
+            }
+            if attempts != envelope.attempts {
+                return Ok(DeliveryResult::Stale);
+            }
+            let topic: String = row.try_get("topic")?;
+            let aggregate_id: Uuid = row.try_get("aggregate_id")?;
+            let first_at: DateTime<Utc> = row
+                .try_get::<Option<DateTime<Utc>>, _>("first_failed_at")?
+                .unwrap_or_else(Utc::now);
+            let decision = deliver(attempts).await;
+            fail::fail_point!("consumer-after-deliver", |_| std::process::abort());
+            let attempt = attempts + 1;
+            match &decision {
+                DeliveryDecision::Done => {
+                    // Inbox row, local effect and settling in one statement.
+                    sqlx::query(SETTLE_DELIVERED)
+                        .bind(consumer)
+                        .bind(envelope.event_id)
+                        .bind(attempt)
+                        .bind(&topic)
+                        .bind(aggregate_id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                DeliveryDecision::Retry { after, error } => {
+                    sqlx::query(
+                        "UPDATE outbox_events
+                            SET attempts = $2, last_error = $3,
+                                due_at = now() + make_interval(secs => $4),
+                                first_failed_at = COALESCE(first_failed_at, now()),
+                                stream_id = NULL
+                          WHERE event_id = $1",
+                    )
+                    .bind(envelope.event_id)
+                    .bind(attempt)
+                    .bind(error)
+                    .bind(after.as_secs_f64())
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                DeliveryDecision::Defer { after } => {
+                    sqlx::query(
+                        "UPDATE outbox_events
+                            SET due_at = now() + make_interval(secs => $2), stream_id = NULL
+                          WHERE event_id = $1",
+                    )
+                    .bind(envelope.event_id)
+                    .bind(after.as_secs_f64())
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                DeliveryDecision::Dead { error } => {
+                    let dead = DeadEvent {
+                        consumer,
+                        event_id: envelope.event_id,
+                        topic: &topic,
+                        aggregate_id,
+                        attempt,
+                        error,
+                        first_at,
+                    };
+                    Self::record_dead(&mut tx, &dead).await?;
+                }
+            }
+            tx.commit().await?;
+            Ok(DeliveryResult::Attempted { attempt, decision })
+        }
+        .await;
+        session.settle(result)
+    }
+}

@@ -1,0 +1,346 @@
+//! Intake on Postgres: jobs, applications and charges, each with its
+//! outbox event and its key's outcome in one transaction.
+
+use super::*;
+
+/// A new application in one statement (Postgres runs all of it in one
+/// transaction, against one snapshot):
+/// - `held`: the request still holds its key's lease, or carries no key ($12
+///   is NULL). Not locked: a lock here would make a concurrent duplicate's
+///   claim wait instead of answering 409;
+/// - `job`: the job exists;
+/// - `app`: the application, unless this user already applied to this job;
+/// - `event`: its `application.submitted` outbox row, only if `app` inserted;
+/// - `done`: the key completed with the 201 response, only if `app` inserted
+///   and the lease is still ours (re-checked on the row's latest version, so a
+///   takeover that committed meanwhile wins: then `completed` is false).
+///
+/// The flags it returns tell the caller which case it was.
+pub const SUBMIT_APPLICATION: &str = "
+WITH held AS (
+    SELECT 1 WHERE $12::uuid IS NULL OR EXISTS (
+        SELECT 1 FROM idempotency_keys
+         WHERE principal = $8 AND method = $9 AND route = $10 AND key = $11
+           AND holder = $12 AND state = 'in_progress')
+), job AS (
+    SELECT id, title, company FROM jobs WHERE id = $2
+), app AS (
+    INSERT INTO applications (id, job_id, user_id, email, resume_url, cover_letter, created_at)
+    SELECT $1, job.id, $3, $4, $5, $6, $7 FROM job, held
+    ON CONFLICT (user_id, job_id) DO NOTHING
+    RETURNING id
+), event AS (
+    INSERT INTO outbox_events (event_id, topic, aggregate_id, payload)
+    SELECT $13, 'application.submitted', app.id,
+           jsonb_build_object('application_id', app.id, 'job_id', job.id,
+                              'user_id', $3::text, 'email', $4::text,
+                              'job_title', job.title, 'company', job.company)
+      FROM app, job
+), done AS (
+    UPDATE idempotency_keys
+       SET state = 'completed', response_status = $14, response_body = $15,
+           lease_expires_at = NULL
+     WHERE principal = $8 AND method = $9 AND route = $10 AND key = $11
+       AND holder = $12 AND state = 'in_progress' AND EXISTS (SELECT 1 FROM app)
+    RETURNING 1
+)
+SELECT EXISTS (SELECT 1 FROM held) AS held,
+       EXISTS (SELECT 1 FROM job) AS job_found,
+       EXISTS (SELECT 1 FROM app) AS created,
+       EXISTS (SELECT 1 FROM done) AS completed";
+
+pub(super) fn job_from_row(row: &PgRow) -> Result<Job, sqlx::Error> {
+    Ok(Job {
+        id: row.try_get("id")?,
+        title: row.try_get("title")?,
+        company: row.try_get("company")?,
+        location: row.try_get("location")?,
+        description: row.try_get("description")?,
+        posted_at: row.try_get("posted_at")?,
+    })
+}
+
+pub(super) fn application_from_row(row: &PgRow) -> Result<Application, sqlx::Error> {
+    Ok(Application {
+        id: row.try_get("id")?,
+        job_id: row.try_get("job_id")?,
+        user_id: row.try_get("user_id")?,
+        email: row.try_get("email")?,
+        resume_url: row.try_get("resume_url")?,
+        cover_letter: row.try_get("cover_letter")?,
+        email_status: status_column(row, "email_status")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+pub(super) fn charge_from_row(row: &PgRow) -> Result<Charge, sqlx::Error> {
+    Ok(Charge {
+        id: row.try_get("id")?,
+        user_id: row.try_get("user_id")?,
+        amount_cents: row.try_get("amount_cents")?,
+        currency: row.try_get("currency")?,
+        description: row.try_get("description")?,
+        ledger_status: status_column(row, "ledger_status")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+impl PgStore {
+    pub(super) async fn finish(
+        mut tx: Transaction<'_, Postgres>,
+        event: Option<(&str, Uuid, serde_json::Value)>,
+        lease: Option<&KeyLease>,
+        response: &StoredResponse,
+    ) -> Result<(), StoreError> {
+        if let Some((topic, aggregate_id, payload)) = event {
+            sqlx::query(
+                "INSERT INTO outbox_events (event_id, topic, aggregate_id, payload)
+                 VALUES ($1, $2, $3, $4)",
+            )
+            .bind(Uuid::now_v7())
+            .bind(topic)
+            .bind(aggregate_id)
+            .bind(payload)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if let Some(lease) = lease {
+            Self::complete_key_in(&mut tx, lease, response).await?;
+        }
+        // Failpoint: a business transaction that holds its locks (the key's
+        // row, the outbox row) for a while before committing, so a request
+        // timeout can cut it off mid-transaction.
+        if let Some(pause) = crate::http::failpoint_pause("business-before-commit") {
+            tokio::time::sleep(pause).await;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl IntakeStore for PgStore {
+    #[instrument(skip_all)]
+    async fn list_jobs(&self, limit: u32, before: Option<Uuid>) -> Result<Vec<Job>, StoreError> {
+        let mut session = self.session().await?;
+        let result: Result<Vec<Job>, StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            let rows = sqlx::query(
+                "SELECT id, title, company, location, description, posted_at FROM jobs
+                  WHERE ($1::uuid IS NULL OR id < $1)
+                  ORDER BY id DESC LIMIT $2",
+            )
+            .bind(before)
+            .bind(limit as i64)
+            .fetch_all(&mut *conn)
+            .await?;
+            Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
+        }
+        .await;
+        session.settle(result)
+    }
+
+    #[instrument(skip_all)]
+    async fn get_job(&self, id: Uuid) -> Result<Option<Job>, StoreError> {
+        let mut session = self.session().await?;
+        let result: Result<Option<Job>, StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            let row = sqlx::query(
+                "SELECT id, title, company, location, description, posted_at FROM jobs WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?;
+            Ok(row.as_ref().map(job_from_row).transpose()?)
+        }
+        .await;
+        session.settle(result)
+    }
+
+    #[instrument(skip_all)]
+    async fn post_job(
+        &self,
+        job: &Job,
+        lease: Option<&KeyLease>,
+        render: Render<'_, Job>,
+    ) -> Result<StoredResponse, StoreError> {
+        let mut session = self.session().await?;
+        let result: Result<StoredResponse, StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            let mut tx = conn.begin().await?;
+            sqlx::query(
+                "INSERT INTO jobs (id, title, company, location, description, posted_at)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(job.id)
+            .bind(&job.title)
+            .bind(&job.company)
+            .bind(&job.location)
+            .bind(&job.description)
+            .bind(job.posted_at)
+            .execute(&mut *tx)
+            .await?;
+            let response = render(job);
+            let event = (topics::JOB_POSTED, job.id, to_json(job)?);
+            Self::finish(tx, Some(event), lease, &response).await?;
+            Ok(response)
+        }
+        .await;
+        session.settle(result)
+    }
+
+    #[instrument(skip_all)]
+    async fn submit_application(
+        &self,
+        application: &Application,
+        lease: Option<&KeyLease>,
+        render: Render<'_, ApplyOutcome>,
+    ) -> Result<(ApplyOutcome, StoredResponse), StoreError> {
+        let mut session = self.session().await?;
+        let result: Result<(ApplyOutcome, StoredResponse), StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            // The common case — a new application — is one atomic statement: the
+            // key's lease is checked (and locked), the application and its event
+            // inserted and the key completed, or nothing at all. One round trip
+            // instead of six; `SUBMIT_APPLICATION` explains each part.
+            let created = ApplyOutcome::Created(application.clone());
+            let response = render(&created);
+            let row = sqlx::query(SUBMIT_APPLICATION)
+                .bind(application.id)
+                .bind(application.job_id)
+                .bind(&application.user_id)
+                .bind(&application.email)
+                .bind(&application.resume_url)
+                .bind(&application.cover_letter)
+                .bind(application.created_at)
+                .bind(lease.map(|l| l.scope.principal.as_str()))
+                .bind(lease.map(|l| l.scope.method))
+                .bind(lease.map(|l| l.scope.route))
+                .bind(lease.map(|l| l.key.as_str()))
+                .bind(lease.map(|l| l.holder))
+                .bind(Uuid::now_v7())
+                .bind(response.status as i16)
+                .bind(&response.body)
+                .fetch_one(&mut *conn)
+                .await?;
+            let (held, job_found, inserted, completed): (bool, bool, bool, bool) = (
+                row.try_get("held")?,
+                row.try_get("job_found")?,
+                row.try_get("created")?,
+                row.try_get("completed")?,
+            );
+            if !held {
+                return Err(StoreError::LeaseLost);
+            }
+            if !job_found {
+                return Err(StoreError::JobNotFound);
+            }
+            if inserted {
+                if lease.is_some() && !completed {
+                    // Ran past its lease and was taken over while inserting: the
+                    // application exists once; the successor's answer ("already
+                    // applied") is the key's outcome, so this client retries to it.
+                    tracing::warn!(
+                        "idempotency lease lost while applying; the successor owns the key"
+                    );
+                    return Err(StoreError::LeaseLost);
+                }
+                return Ok((created, response));
+            }
+            // The user already applied: return that application, emit nothing,
+            // store this answer as the key's outcome.
+            let mut tx = conn.begin().await?;
+            let row = sqlx::query(
+                "SELECT id, job_id, user_id, email, resume_url, cover_letter, email_status,
+                        created_at
+                   FROM applications WHERE user_id = $1 AND job_id = $2",
+            )
+            .bind(&application.user_id)
+            .bind(application.job_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            let outcome = ApplyOutcome::AlreadyApplied(application_from_row(&row)?);
+            let response = render(&outcome);
+            Self::finish(tx, None, lease, &response).await?;
+            Ok((outcome, response))
+        }
+        .await;
+        session.settle(result)
+    }
+
+    #[instrument(skip_all)]
+    async fn get_application(
+        &self,
+        id: Uuid,
+        user_id: &str,
+    ) -> Result<Option<Application>, StoreError> {
+        let mut session = self.session().await?;
+        let result: Result<Option<Application>, StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            let row = sqlx::query(
+                "SELECT id, job_id, user_id, email, resume_url, cover_letter, email_status, created_at
+                   FROM applications WHERE id = $1 AND user_id = $2",
+            )
+            .bind(id)
+            .bind(user_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+            Ok(row.as_ref().map(application_from_row).transpose()?)
+        }
+        .await;
+        session.settle(result)
+    }
+
+    #[instrument(skip_all)]
+    async fn create_charge(
+        &self,
+        charge: &Charge,
+        lease: &KeyLease,
+        render: Render<'_, Charge>,
+    ) -> Result<StoredResponse, StoreError> {
+        let mut session = self.session().await?;
+        let result: Result<StoredResponse, StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            let mut tx = conn.begin().await?;
+            sqlx::query(
+                "INSERT INTO charges (id, user_id, amount_cents, currency, description, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(charge.id)
+            .bind(&charge.user_id)
+            .bind(charge.amount_cents)
+            .bind(&charge.currency)
+            .bind(&charge.description)
+            .bind(charge.created_at)
+            .execute(&mut *tx)
+            .await?;
+            let response = render(charge);
+            let mut payload = to_json(charge)?;
+            payload["user_id"] = json!(charge.user_id);
+            let event = (topics::CHARGE_CREATED, charge.id, payload);
+            Self::finish(tx, Some(event), Some(lease), &response).await?;
+            Ok(response)
+        }
+        .await;
+        session.settle(result)
+    }
+
+    #[instrument(skip_all)]
+    async fn get_charge(&self, id: Uuid, user_id: &str) -> Result<Option<Charge>, StoreError> {
+        let mut session = self.session().await?;
+        let result: Result<Option<Charge>, StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            let row = sqlx::query(
+                "SELECT id, user_id, amount_cents, currency, description, ledger_status, created_at
+                   FROM charges WHERE id = $1 AND user_id = $2",
+            )
+            .bind(id)
+            .bind(user_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+            Ok(row.as_ref().map(charge_from_row).transpose()?)
+        }
+        .await;
+        session.settle(result)
+    }
+}

@@ -1,0 +1,246 @@
+//! Intake on SQLite: jobs, applications and charges, each with its outbox
+//! event and its key's outcome in one write transaction.
+
+use super::*;
+
+pub(super) fn job_from_row(row: &SqliteRow) -> Result<Job, sqlx::Error> {
+    Ok(Job {
+        id: uuid_column(row, "id")?,
+        title: row.try_get("title")?,
+        company: row.try_get("company")?,
+        location: row.try_get("location")?,
+        description: row.try_get("description")?,
+        posted_at: time_column(row, "posted_at")?,
+    })
+}
+
+pub(super) fn application_from_row(row: &SqliteRow) -> Result<Application, sqlx::Error> {
+    Ok(Application {
+        id: uuid_column(row, "id")?,
+        job_id: uuid_column(row, "job_id")?,
+        user_id: row.try_get("user_id")?,
+        email: row.try_get("email")?,
+        resume_url: row.try_get("resume_url")?,
+        cover_letter: row.try_get("cover_letter")?,
+        email_status: status_column(row, "email_status")?,
+        created_at: time_column(row, "created_at")?,
+    })
+}
+
+pub(super) fn charge_from_row(row: &SqliteRow) -> Result<Charge, sqlx::Error> {
+    Ok(Charge {
+        id: uuid_column(row, "id")?,
+        user_id: row.try_get("user_id")?,
+        amount_cents: row.try_get("amount_cents")?,
+        currency: row.try_get("currency")?,
+        description: row.try_get("description")?,
+        ledger_status: status_column(row, "ledger_status")?,
+        created_at: time_column(row, "created_at")?,
+    })
+}
+
+pub(super) const APPLICATION_COLUMNS: &str =
+    "id, job_id, user_id, email, resume_url, cover_letter, email_status, created_at";
+
+impl SqliteStore {
+    /// The common end of every business transaction: the outbox event, the
+    /// key's outcome (when the request carries a key), commit.
+    pub(super) async fn finish(
+        mut tx: Transaction<'_, Sqlite>,
+        event: Option<(&str, Uuid, serde_json::Value)>,
+        lease: Option<&KeyLease>,
+        response: &StoredResponse,
+    ) -> Result<(), StoreError> {
+        if let Some((topic, aggregate_id, payload)) = event {
+            let now = now_us();
+            sqlx::query(
+                "INSERT INTO outbox_events (event_id, topic, aggregate_id, payload, created_at, due_at)
+                 VALUES (?, ?, ?, ?, ?, ?)",
+            )
+            .bind(Uuid::now_v7().to_string())
+            .bind(topic)
+            .bind(aggregate_id.to_string())
+            .bind(payload.to_string())
+            .bind(now)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if let Some(lease) = lease {
+            Self::complete_key_in(&mut tx, lease, response).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl IntakeStore for SqliteStore {
+    #[instrument(skip_all)]
+    async fn list_jobs(&self, limit: u32, before: Option<Uuid>) -> Result<Vec<Job>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, title, company, location, description, posted_at FROM jobs
+              WHERE (?1 IS NULL OR id < ?1)
+              ORDER BY id DESC LIMIT ?2",
+        )
+        .bind(before.map(|b| b.to_string()))
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
+    }
+
+    #[instrument(skip_all)]
+    async fn get_job(&self, id: Uuid) -> Result<Option<Job>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, title, company, location, description, posted_at FROM jobs WHERE id = ?",
+        )
+        .bind(id.to_string())
+        .fetch_optional(&self.reader)
+        .await?;
+        Ok(row.as_ref().map(job_from_row).transpose()?)
+    }
+
+    #[instrument(skip_all)]
+    async fn post_job(
+        &self,
+        job: &Job,
+        lease: Option<&KeyLease>,
+        render: Render<'_, Job>,
+    ) -> Result<StoredResponse, StoreError> {
+        let mut tx = self.write_holding(lease).await?;
+        sqlx::query(
+            "INSERT INTO jobs (id, title, company, location, description, posted_at)
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(job.id.to_string())
+        .bind(&job.title)
+        .bind(&job.company)
+        .bind(&job.location)
+        .bind(&job.description)
+        .bind(job.posted_at.timestamp_micros())
+        .execute(&mut *tx)
+        .await?;
+        let response = render(job);
+        let event = (topics::JOB_POSTED, job.id, to_json(job)?);
+        Self::finish(tx, Some(event), lease, &response).await?;
+        Ok(response)
+    }
+
+    #[instrument(skip_all)]
+    async fn submit_application(
+        &self,
+        application: &Application,
+        lease: Option<&KeyLease>,
+        render: Render<'_, ApplyOutcome>,
+    ) -> Result<(ApplyOutcome, StoredResponse), StoreError> {
+        let mut tx = self.write_holding(lease).await?;
+        let job = sqlx::query("SELECT title, company FROM jobs WHERE id = ?")
+            .bind(application.job_id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StoreError::JobNotFound)?;
+        let inserted = sqlx::query(
+            "INSERT INTO applications (id, job_id, user_id, email, resume_url, cover_letter, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (user_id, job_id) DO NOTHING",
+        )
+        .bind(application.id.to_string())
+        .bind(application.job_id.to_string())
+        .bind(&application.user_id)
+        .bind(&application.email)
+        .bind(&application.resume_url)
+        .bind(&application.cover_letter)
+        .bind(application.created_at.timestamp_micros())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if inserted {
+            let outcome = ApplyOutcome::Created(application.clone());
+            let response = render(&outcome);
+            let payload = json!({
+                "application_id": application.id,
+                "job_id": application.job_id,
+                "user_id": application.user_id,
+                "email": application.email,
+                "job_title": job.try_get::<String, _>("title")?,
+                "company": job.try_get::<String, _>("company")?,
+            });
+            let event = (topics::APPLICATION_SUBMITTED, application.id, payload);
+            Self::finish(tx, Some(event), lease, &response).await?;
+            return Ok((outcome, response));
+        }
+        // The user already applied: return that application, emit nothing,
+        // store this answer as the key's outcome.
+        let sql = format!(
+            "SELECT {APPLICATION_COLUMNS} FROM applications WHERE user_id = ? AND job_id = ?"
+        );
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(&application.user_id)
+            .bind(application.job_id.to_string())
+            .fetch_one(&mut *tx)
+            .await?;
+        let outcome = ApplyOutcome::AlreadyApplied(application_from_row(&row)?);
+        let response = render(&outcome);
+        Self::finish(tx, None, lease, &response).await?;
+        Ok((outcome, response))
+    }
+
+    #[instrument(skip_all)]
+    async fn get_application(
+        &self,
+        id: Uuid,
+        user_id: &str,
+    ) -> Result<Option<Application>, StoreError> {
+        let sql =
+            format!("SELECT {APPLICATION_COLUMNS} FROM applications WHERE id = ? AND user_id = ?");
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(id.to_string())
+            .bind(user_id)
+            .fetch_optional(&self.reader)
+            .await?;
+        Ok(row.as_ref().map(application_from_row).transpose()?)
+    }
+
+    #[instrument(skip_all)]
+    async fn create_charge(
+        &self,
+        charge: &Charge,
+        lease: &KeyLease,
+        render: Render<'_, Charge>,
+    ) -> Result<StoredResponse, StoreError> {
+        let mut tx = self.write_holding(Some(lease)).await?;
+        sqlx::query(
+            "INSERT INTO charges (id, user_id, amount_cents, currency, description, created_at)
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(charge.id.to_string())
+        .bind(&charge.user_id)
+        .bind(charge.amount_cents)
+        .bind(&charge.currency)
+        .bind(&charge.description)
+        .bind(charge.created_at.timestamp_micros())
+        .execute(&mut *tx)
+        .await?;
+        let response = render(charge);
+        let mut payload = to_json(charge)?;
+        payload["user_id"] = json!(charge.user_id);
+        let event = (topics::CHARGE_CREATED, charge.id, payload);
+        Self::finish(tx, Some(event), Some(lease), &response).await?;
+        Ok(response)
+    }
+
+    #[instrument(skip_all)]
+    async fn get_charge(&self, id: Uuid, user_id: &str) -> Result<Option<Charge>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, user_id, amount_cents, currency, description, ledger_status, created_at
+               FROM charges WHERE id = ? AND user_id = ?",
+        )
+        .bind(id.to_string())
+        .bind(user_id)
+        .fetch_optional(&self.reader)
+        .await?;
+        Ok(row.as_ref().map(charge_from_row).transpose()?)
+    }
+}
