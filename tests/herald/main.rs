@@ -25,6 +25,7 @@ mod failure_matrix;
 #[cfg(feature = "failpoints")]
 mod intake;
 mod runbook;
+mod store;
 #[cfg(feature = "failpoints")]
 mod stream;
 #[cfg(feature = "failpoints")]
