@@ -21,7 +21,7 @@ use crate::actors::consumer::{ConsumerArgs, PoolArgs};
 use crate::actors::dlq_monitor::DlqMonitorArgs;
 use crate::actors::email_sender::{EmailSender, EmailSenderArgs};
 use crate::actors::janitor::JanitorArgs;
-use crate::actors::key_registry::{KeyRegistryArgs, RedisMode};
+use crate::actors::key_registry::KeyRegistryArgs;
 use crate::actors::ledger::LedgerConsumer;
 use crate::actors::outbox_relay::OutboxRelayArgs;
 use crate::actors::retry_budget::{RetryBudgetArgs, RetryBudgetHandle};
@@ -39,6 +39,8 @@ use crate::http::connections::{self, ConnectionLimits};
 use crate::http::limits::AbuseLimits;
 use crate::http::{admin, listener_filter, public, AppState};
 use crate::idempotency::hot_tier::HotTier;
+use crate::idempotency::hot_tier::RedisMode;
+use crate::idempotency::protocol::Idempotency;
 use crate::retry::RetryPolicy;
 use crate::store;
 use crate::store::Store;
@@ -280,10 +282,8 @@ pub async fn run(
     let (actors, mut tree) = ActorTree::start(
         TreeArgs {
             key_registry: KeyRegistryArgs {
-                store: store.clone(),
-                hot,
+                hot: hot.clone(),
                 mode: redis_mode.clone(),
-                ttl: Duration::from_secs(config.idempotency.ttl_secs),
                 probe_interval: Duration::from_millis(config.redis.probe_interval_ms),
             },
             retry_budget: budget_args,
@@ -321,8 +321,14 @@ pub async fn run(
 
     let state = AppState {
         config: config.clone(),
-        store,
-        keys: actors.keys.clone(),
+        store: store.clone(),
+        idempotency: Idempotency::new(
+            store,
+            hot,
+            redis_mode.clone(),
+            Duration::from_secs(config.idempotency.lease_secs),
+            Duration::from_secs(config.idempotency.ttl_secs),
+        ),
         actors: actors.clone(),
         auth,
         redis_mode,

@@ -3,7 +3,7 @@
 //! ```text
 //!   HeraldSupervisor (root; restarts a crashed child with backoff, reports it to
 //!   │                 Sentry, escalates — stops the daemon — when one keeps crashing)
-//!   ├── KeyRegistry    resolves Idempotency-Keys: Redis hot tier (if any), the database as truth
+//!   ├── KeyRegistry    probes the idempotency protocol's Redis hot tier; leaves fallback
 //!   ├── RetryBudget    token bucket per outbound call site: may this retry run now?
 //!   ├── OutboxRelay    due outbox rows -> broker (Redis Streams or in-process), rate-capped,
 //!   │                  marked after the broker took them

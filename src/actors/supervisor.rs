@@ -29,7 +29,7 @@ use super::consumer::{ConsumerActor, ConsumerArgs, ConsumerMsg};
 use super::dlq_monitor::{DlqMonitor, DlqMonitorArgs};
 use super::email_sender::EmailSender;
 use super::janitor::{Janitor, JanitorArgs};
-use super::key_registry::{KeyRegistry, KeyRegistryArgs, KeyRegistryHandle};
+use super::key_registry::{KeyRegistry, KeyRegistryArgs};
 use super::ledger::LedgerConsumer;
 use super::outbox_relay::{OutboxRelay, OutboxRelayArgs, OutboxRelayMsg};
 use super::retry_budget::{RetryBudget, RetryBudgetArgs, RetryBudgetMsg};
@@ -102,8 +102,6 @@ where
 #[derive(Clone)]
 pub struct ActorTree {
     pub supervisor: ActorRef<SupervisorMsg>,
-    /// The request path's way into the KeyRegistry.
-    pub keys: KeyRegistryHandle,
     /// Every child, in start order.
     children: Arc<Vec<Arc<dyn Child>>>,
 }
@@ -155,10 +153,12 @@ impl ActorTree {
         args: TreeArgs,
         slots: Slots,
     ) -> Result<(ActorTree, tokio::task::JoinHandle<()>), anyhow::Error> {
-        let key_registry = ActorSlot::new("key_registry");
-        let keys = KeyRegistryHandle::new(args.key_registry.clone(), key_registry.clone());
         let mut children: Vec<Arc<dyn Child>> = vec![
-            SlotChild::new(|| KeyRegistry, args.key_registry, key_registry),
+            SlotChild::new(
+                || KeyRegistry,
+                args.key_registry,
+                ActorSlot::new("key_registry"),
+            ),
             SlotChild::new(|| RetryBudget, args.retry_budget, slots.retry_budget),
         ];
         if let Some(relay) = args.outbox_relay {
@@ -199,7 +199,6 @@ impl ActorTree {
         Ok((
             ActorTree {
                 supervisor,
-                keys,
                 children,
             },
             handle,

@@ -30,11 +30,12 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use warp::reply::Response;
 use warp::Filter;
 
-use crate::actors::key_registry::{KeyRegistryHandle, RedisMode};
 use crate::actors::supervisor::ActorTree;
 use crate::config::Config;
-use crate::idempotency::{Fingerprint, IdempotencyKey, KeyScope, StoredResponse};
-use crate::store::{KeyClaim, KeyClaimRequest, KeyLease, Store, StoreError};
+use crate::idempotency::hot_tier::RedisMode;
+use crate::idempotency::protocol::{Ending, Idempotency, NextAction};
+use crate::idempotency::{IdempotencyKey, KeyScope, StoredResponse};
+use crate::store::{KeyLease, Store, StoreError};
 use auth::Auth;
 use problem::{json_response, ApiError};
 
@@ -51,8 +52,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub store: Arc<dyn Store>,
     pub actors: ActorTree,
-    /// Resolves Idempotency-Keys on the request's own task.
-    pub keys: KeyRegistryHandle,
+    /// The idempotency protocol, run on the request's own task.
+    pub idempotency: Idempotency,
     pub auth: Auth,
     /// Hot-tier mode, for `/readyz` and `/admin/status`.
     pub redis_mode: RedisMode,
@@ -260,77 +261,87 @@ pub fn stored<T: serde::Serialize>(status: u16, value: &T) -> StoredResponse {
 }
 
 impl AppState {
-    /// Runs a state-changing operation under the idempotency contract:
-    /// without a key it just runs; with one, the KeyRegistry decides between
-    /// running it (new), replaying the stored outcome, 409 and 422. The
-    /// operation completes the key in its own transaction; a 4xx it reports is
-    /// stored as the key's outcome, a 5xx releases the key so a retry can run.
-    pub async fn run_idempotent<Op, Fut>(
+    /// Steps 1–2 of the idempotency protocol for a keyed write: the lease to
+    /// run under (`None` without a key), or the answer when it must not run
+    /// (a replay, 409 in flight, 422 reused).
+    pub async fn begin_keyed(
         &self,
         scope: KeyScope,
         key: Option<IdempotencyKey>,
         body: &serde_json::Value,
-        operation: Op,
-    ) -> Result<Response, ApiError>
-    where
-        Op: FnOnce(Option<KeyLease>) -> Fut,
-        Fut: std::future::Future<Output = Result<StoredResponse, StoreError>>,
-    {
-        let Some(key) = key else {
-            let response = operation(None).await?;
-            self.outbox_wake.notify_one();
-            return Ok(stored_response(response, false));
-        };
-        let claim = KeyClaimRequest {
-            fingerprint: Fingerprint::of_request(scope.method, scope.route, body),
-            scope,
-            key,
-            lease: Duration::from_secs(self.config.idempotency.lease_secs),
-            ttl: Duration::from_secs(self.config.idempotency.ttl_secs),
-            sent_at: std::time::Instant::now(),
-        };
-        let lease = match self.keys.resolve(&claim).await? {
-            KeyClaim::Replay(response, _) => {
+    ) -> Result<Result<Option<KeyLease>, Response>, ApiError> {
+        let lease = match self.idempotency.begin(scope, key, body).await? {
+            NextAction::Replay(response) => {
                 let mut response = stored_response(response, true);
                 response
                     .extensions_mut()
                     .insert(problem::IdempotencyOutcome("replay"));
-                return Ok(response);
+                return Ok(Err(response));
             }
-            KeyClaim::InFlight => return Err(ApiError::InFlight),
-            KeyClaim::Mismatch => return Err(ApiError::KeyReused),
-            KeyClaim::New(lease) => lease,
+            NextAction::StartProcessing(lease) => lease,
         };
         // Failpoint: a request that holds its claim for a while (the
         // in-flight duplicate case, on any backend).
-        if let Some(pause) = failpoint_pause("intake-after-claim") {
-            tokio::time::sleep(pause).await;
-        }
-        match operation(Some(lease.clone())).await {
-            Ok(response) => {
-                self.outbox_wake.notify_one();
-                self.keys.completed(&lease, &response).await;
-                let mut response = stored_response(response, false);
-                response
-                    .extensions_mut()
-                    .insert(problem::IdempotencyOutcome("new"));
-                Ok(response)
+        if lease.is_some() {
+            if let Some(pause) = failpoint_pause("intake-after-claim") {
+                tokio::time::sleep(pause).await;
             }
-            Err(StoreError::LeaseLost) => Err(ApiError::InFlight),
+        }
+        Ok(Ok(lease))
+    }
+
+    /// Step 4: ends the keyed write that ran under `lease` with `written`
+    /// (what its one transaction did) and answers the client. A 4xx becomes
+    /// the key's outcome; a 5xx releases the key so a retry can run.
+    pub async fn end_keyed(
+        &self,
+        lease: Option<KeyLease>,
+        written: Result<Ending, StoreError>,
+    ) -> Result<Response, ApiError> {
+        let ending = match written {
+            Err(StoreError::LeaseLost) => return Err(ApiError::InFlight),
             Err(e) => {
                 let error = ApiError::from(e);
-                if error.status().is_client_error() {
-                    let response = error.stored();
-                    match self.store.complete_key(&lease, &response).await {
-                        Ok(()) => self.keys.completed(&lease, &response).await,
-                        Err(_) => self.keys.release(lease).await,
-                    }
-                } else {
-                    self.keys.release(lease).await;
+                if let Some(lease) = lease {
+                    let ending = if error.status().is_client_error() {
+                        Ending::Unwritten(error.stored())
+                    } else {
+                        Ending::Failed
+                    };
+                    self.idempotency.end(lease, ending).await;
                 }
-                Err(error)
+                return Err(error);
             }
+            Ok(ending) => ending,
+        };
+        let response = match &ending {
+            Ending::Committed(response) => {
+                self.outbox_wake.notify_one();
+                response.clone()
+            }
+            Ending::Unwritten(response) => response.clone(),
+            // Handlers report a failure as `Err`; should one say `Failed`,
+            // release the key and answer 500.
+            Ending::Failed => {
+                if let Some(lease) = lease {
+                    self.idempotency.end(lease, Ending::Failed).await;
+                }
+                return Err(ApiError::from(StoreError::Internal(
+                    "the write failed".into(),
+                )));
+            }
+        };
+        let outcome = if lease.is_some() { "new" } else { "none" };
+        if let Some(lease) = lease {
+            self.idempotency.end(lease, ending).await;
         }
+        let mut response = stored_response(response, false);
+        if outcome == "new" {
+            response
+                .extensions_mut()
+                .insert(problem::IdempotencyOutcome("new"));
+        }
+        Ok(response)
     }
 }
 

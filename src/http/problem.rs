@@ -11,6 +11,7 @@ use serde::Serialize;
 use warp::reply::Response;
 
 use crate::domain::InvalidBody;
+use crate::idempotency::protocol::IdempotencyError;
 use crate::idempotency::{InvalidKey, StoredResponse};
 use crate::store::StoreError;
 
@@ -237,6 +238,16 @@ impl From<InvalidBody> for ApiError {
 impl From<InvalidKey> for ApiError {
     fn from(_: InvalidKey) -> Self {
         ApiError::IdempotencyKeyInvalid
+    }
+}
+
+impl From<IdempotencyError> for ApiError {
+    fn from(e: IdempotencyError) -> Self {
+        match e {
+            IdempotencyError::InFlight => ApiError::InFlight,
+            IdempotencyError::Mismatch => ApiError::KeyReused,
+            IdempotencyError::Store(e) => ApiError::from(e),
+        }
     }
 }
 

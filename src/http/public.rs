@@ -26,9 +26,9 @@ use super::limits::Action;
 use super::problem::{json_response, ApiError};
 use super::{stored, AppState, Request};
 use crate::domain::{
-    parse_json, Application, Charge, DevLogin, EmailStatus, Job, NewApplication, NewCharge, NewJob,
-    Page,
+    parse_json, Application, DevLogin, EmailStatus, Job, NewApplication, NewCharge, NewJob, Page,
 };
+use crate::idempotency::protocol::Ending;
 use crate::idempotency::KeyScope;
 use crate::store::{ApplyOutcome, StoreError};
 use crate::telemetry::metrics as m;
@@ -239,11 +239,14 @@ async fn post_job(state: &AppState, request: &Request) -> Result<Response, ApiEr
         method: "POST",
         route: "/api/jobs",
     };
-    let render = |job: &Job| stored(201, job);
+    let response = stored(201, &job);
+    let lease = match state.begin_keyed(scope, key, &json).await? {
+        Ok(lease) => lease,
+        Err(replay) => return Ok(replay),
+    };
+    let written = state.store.post_job(&job, lease.as_ref(), &response).await;
     state
-        .run_idempotent(scope, key, &json, |lease| async move {
-            state.store.post_job(&job, lease.as_ref(), &render).await
-        })
+        .end_keyed(lease, written.map(|()| Ending::Committed(response)))
         .await
 }
 
@@ -273,22 +276,26 @@ async fn submit_application(state: &AppState, request: &Request) -> Result<Respo
         method: "POST",
         route: "/api/applications",
     };
-    let render = |outcome: &ApplyOutcome| match outcome {
-        ApplyOutcome::Created(a) => stored(201, &a.view(false)),
-        ApplyOutcome::AlreadyApplied(a) => stored(200, &a.view(true)),
+    let created = stored(201, &application.view(false));
+    let lease = match state.begin_keyed(scope, key, &json).await? {
+        Ok(lease) => lease,
+        Err(replay) => return Ok(replay),
     };
-    state
-        .run_idempotent(scope, key, &json, |lease| async move {
-            let (outcome, response) = state
-                .store
-                .submit_application(&application, lease.as_ref(), &render)
-                .await?;
-            if matches!(outcome, ApplyOutcome::Created(_)) {
-                m::application_created();
-            }
-            Ok(response)
-        })
+    let written = state
+        .store
+        .submit_application(&application, lease.as_ref(), &created)
         .await
+        .map(|outcome| match outcome {
+            ApplyOutcome::Created(_) => {
+                m::application_created();
+                Ending::Committed(created)
+            }
+            // Nothing written: the existing application is the answer.
+            ApplyOutcome::AlreadyApplied(existing) => {
+                Ending::Unwritten(stored(200, &existing.view(true)))
+            }
+        });
+    state.end_keyed(lease, written).await
 }
 
 async fn get_application(
@@ -320,12 +327,15 @@ async fn create_charge(state: &AppState, request: &Request) -> Result<Response, 
         method: "POST",
         route: "/api/charges",
     };
-    let render = |charge: &Charge| stored(201, charge);
+    let response = stored(201, &charge);
+    let lease = match state.begin_keyed(scope, Some(key), &json).await? {
+        Ok(Some(lease)) => lease,
+        Ok(None) => return Err(StoreError::Internal("charge without a key".into()).into()),
+        Err(replay) => return Ok(replay),
+    };
+    let written = state.store.create_charge(&charge, &lease, &response).await;
     state
-        .run_idempotent(scope, Some(key), &json, |lease| async move {
-            let lease = lease.ok_or_else(|| StoreError::Internal("charge without a key".into()))?;
-            state.store.create_charge(&charge, &lease, &render).await
-        })
+        .end_keyed(Some(lease), written.map(|()| Ending::Committed(response)))
         .await
 }
 

@@ -20,6 +20,8 @@
 //! database decides every outcome that Redis cannot prove, so losing any of
 //! these keys (FLUSHALL, restart, failover) never causes a second effect.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use fred::prelude::*;
@@ -28,6 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Fingerprint, StoredResponse};
 use crate::config::RedisConfig;
+use crate::telemetry::metrics as m;
 
 /// A failure of the hot tier; the caller falls back to the database.
 #[derive(Debug, thiserror::Error)]
@@ -212,5 +215,61 @@ impl HotTier {
             .set_marker_or_get(PROBE_KEY.to_string(), Duration::from_millis(1000))
             .await?;
         Ok(())
+    }
+}
+
+/// Whether the hot tier is in use, shared by the protocol, the KeyRegistry
+/// (which probes it), `/admin/status` and `/readyz`.
+#[derive(Clone, Default)]
+pub struct RedisMode {
+    /// `None` without Redis configured; otherwise `true` while healthy.
+    healthy: Option<Arc<AtomicBool>>,
+}
+
+impl RedisMode {
+    pub fn configured(healthy: bool) -> Self {
+        RedisMode {
+            healthy: Some(Arc::new(AtomicBool::new(healthy))),
+        }
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy
+            .as_ref()
+            .is_some_and(|h| h.load(Ordering::Relaxed))
+    }
+
+    /// `healthy`, `fallback` or `disabled` (no Redis configured).
+    pub fn label(&self) -> &'static str {
+        match &self.healthy {
+            None => "disabled",
+            Some(h) if h.load(Ordering::Relaxed) => "healthy",
+            Some(_) => "fallback",
+        }
+    }
+
+    /// A Redis call failed: idempotency is served from the database alone
+    /// until a probe succeeds (logged and gauged once, when it changes).
+    pub fn lost(&self, error: &dyn std::fmt::Display) {
+        if self.set_healthy(false) {
+            tracing::warn!(%error, "redis hot tier lost: idempotency served from the database alone (fallback)");
+            m::redis_fallback(true);
+        }
+    }
+
+    /// A probe succeeded: the fast path is on again.
+    pub fn recovered(&self) {
+        if self.set_healthy(true) {
+            tracing::info!("redis hot tier healthy: fast path on (leaving fallback)");
+            m::redis_fallback(false);
+        }
+    }
+
+    /// Sets the mode; returns whether it changed.
+    fn set_healthy(&self, healthy: bool) -> bool {
+        match &self.healthy {
+            Some(h) => h.swap(healthy, Ordering::Relaxed) != healthy,
+            None => false,
+        }
     }
 }

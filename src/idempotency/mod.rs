@@ -1,4 +1,5 @@
-//! Idempotency: the values the KeyRegistry works with.
+//! Idempotency: the values keys are made of, and the protocol
+//! ([`protocol`]) every keyed route follows.
 //!
 //! A request carrying an `Idempotency-Key` is identified by its [`KeyScope`]
 //! (principal, method, route) plus the [`IdempotencyKey`] itself, and described
@@ -7,6 +8,7 @@
 //! Redis cache in front of it that may vanish at any moment.
 
 pub mod hot_tier;
+pub mod protocol;
 
 use sha2::{Digest, Sha256};
 

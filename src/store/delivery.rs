@@ -48,6 +48,20 @@ pub fn admit(row: Option<RowState>, copy_attempts: i32) -> Admission {
     }
 }
 
+impl Admission {
+    /// What a single delivery ([`DeliveryStore::deliver_event`]) answers
+    /// for a copy not to be delivered; `None` when it is to be delivered.
+    pub fn refusal(self) -> Option<DeliveryResult> {
+        match self {
+            Admission::Member => None,
+            // A batch member is settled by its batch.
+            Admission::Duplicate | Admission::Batched => Some(DeliveryResult::Duplicate),
+            Admission::Stale => Some(DeliveryResult::Stale),
+            Admission::Gone => Some(DeliveryResult::Gone),
+        }
+    }
+}
+
 /// A batch, ready to send: its id is the request's idempotency key; its
 /// members are in the order they were admitted (event id order).
 #[derive(Debug, Clone)]
@@ -303,5 +317,17 @@ mod tests {
         assert_eq!(admit(row(false, true, false, 0), 0), Admission::Duplicate);
         assert_eq!(admit(row(false, false, true, 0), 0), Admission::Batched);
         assert_eq!(admit(row(false, false, false, 2), 1), Admission::Stale);
+        // What a single delivery answers for each.
+        assert_eq!(Admission::Member.refusal(), None);
+        assert_eq!(
+            Admission::Duplicate.refusal(),
+            Some(DeliveryResult::Duplicate)
+        );
+        assert_eq!(
+            Admission::Batched.refusal(),
+            Some(DeliveryResult::Duplicate)
+        );
+        assert_eq!(Admission::Stale.refusal(), Some(DeliveryResult::Stale));
+        assert_eq!(Admission::Gone.refusal(), Some(DeliveryResult::Gone));
     }
 }

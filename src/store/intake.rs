@@ -15,8 +15,17 @@ pub enum ApplyOutcome {
     AlreadyApplied(Application),
 }
 
-/// Turns an outcome into the HTTP response that is stored with the key.
-pub type Render<'a, T> = &'a (dyn Fn(&T) -> StoredResponse + Send + Sync);
+/// The `job.posted` event's payload: the job as the API shows it.
+pub fn job_posted_payload(job: &Job) -> Result<serde_json::Value, StoreError> {
+    to_json(job)
+}
+
+/// The `charge.created` event's payload: the charge and its user.
+pub fn charge_created_payload(charge: &Charge) -> Result<serde_json::Value, StoreError> {
+    let mut payload = to_json(charge)?;
+    payload["user_id"] = serde_json::json!(charge.user_id);
+    Ok(payload)
+}
 
 /// Jobs, applications and charges: the business rows and their events.
 #[async_trait]
@@ -26,24 +35,26 @@ pub trait IntakeStore: Send + Sync {
 
     async fn get_job(&self, id: Uuid) -> Result<Option<Job>, StoreError>;
 
-    /// Inserts the job and its `job.posted` event, completing the key if any,
+    /// Inserts the job and its `job.posted` event, completing the key if any
+    /// with `response` (built by the caller before this, its one commit),
     /// in one transaction.
     async fn post_job(
         &self,
         job: &Job,
         lease: Option<&KeyLease>,
-        render: Render<'_, Job>,
-    ) -> Result<StoredResponse, StoreError>;
+        response: &StoredResponse,
+    ) -> Result<(), StoreError>;
 
-    /// Inserts the application and its `application.submitted` event — or finds
-    /// the user's existing application for the job — completing the key if
-    /// any, in one transaction.
+    /// Inserts the application and its `application.submitted` event and
+    /// completes the key if any with `created`, in one transaction; or finds
+    /// the user's existing application for the job, writes nothing and
+    /// leaves the key to the caller (whose answer depends on it).
     async fn submit_application(
         &self,
         application: &Application,
         lease: Option<&KeyLease>,
-        render: Render<'_, ApplyOutcome>,
-    ) -> Result<(ApplyOutcome, StoredResponse), StoreError>;
+        created: &StoredResponse,
+    ) -> Result<ApplyOutcome, StoreError>;
 
     /// One application, only if it belongs to `user_id`.
     async fn get_application(
@@ -53,13 +64,13 @@ pub trait IntakeStore: Send + Sync {
     ) -> Result<Option<Application>, StoreError>;
 
     /// Inserts the charge and its `charge.created` event and completes the
-    /// (required) key, in one transaction.
+    /// (required) key with `response`, in one transaction.
     async fn create_charge(
         &self,
         charge: &Charge,
         lease: &KeyLease,
-        render: Render<'_, Charge>,
-    ) -> Result<StoredResponse, StoreError>;
+        response: &StoredResponse,
+    ) -> Result<(), StoreError>;
 
     /// One charge, only if it belongs to `user_id`.
     async fn get_charge(&self, id: Uuid, user_id: &str) -> Result<Option<Charge>, StoreError>;

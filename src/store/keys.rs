@@ -28,6 +28,19 @@ pub struct KeyClaimRequest {
     pub sent_at: std::time::Instant,
 }
 
+impl KeyClaimRequest {
+    /// The lease this claim gives `holder`.
+    pub fn lease_to(&self, holder: Uuid) -> KeyLease {
+        KeyLease {
+            scope: self.scope.clone(),
+            key: self.key.clone(),
+            fingerprint: self.fingerprint,
+            holder,
+            forgotten_by: self.sent_at + self.ttl,
+        }
+    }
+}
+
 /// Proof that this request holds a key's lease; needed to complete or release it.
 #[derive(Debug, Clone)]
 pub struct KeyLease {
@@ -55,6 +68,54 @@ pub enum KeyClaim {
     Mismatch,
 }
 
+/// A key the claim found taken, as the database holds it.
+#[derive(Debug, Clone)]
+pub struct TakenKey {
+    pub fingerprint: Vec<u8>,
+    /// `state = 'completed'`, with its stored response.
+    pub completed: Option<StoredResponse>,
+    /// Past `expires_at`: the key is forgotten, whatever its state.
+    pub expired: bool,
+    /// An `in_progress` key whose holder's lease ran out (it crashed).
+    pub lease_lapsed: bool,
+    /// How long the database keeps the key still.
+    pub remaining: Duration,
+}
+
+/// What a claim does with a [`TakenKey`].
+#[derive(Debug, Clone)]
+pub enum TakenKeyDecision {
+    /// Take it over (fenced on the previous holder), then it is `New`.
+    TakeOver,
+    /// Answer with this (never `New`).
+    Answer(KeyClaim),
+}
+
+/// The one rule, on both backends, for a key the claim found taken: an
+/// expired key starts afresh; the same request finds its lapsed lease
+/// (its holder crashed) and takes it over, or replays its completed
+/// response, or waits for the one in flight; another request is a mismatch.
+pub fn decide_taken_key(taken: TakenKey, fingerprint: &Fingerprint) -> TakenKeyDecision {
+    let same_request = taken.fingerprint == fingerprint.0;
+    if taken.expired || (same_request && taken.completed.is_none() && taken.lease_lapsed) {
+        return TakenKeyDecision::TakeOver;
+    }
+    TakenKeyDecision::Answer(match (same_request, taken.completed) {
+        (false, _) => KeyClaim::Mismatch,
+        (true, Some(response)) => KeyClaim::Replay(response, taken.remaining),
+        (true, None) => KeyClaim::InFlight,
+    })
+}
+
+/// A stored response status as the database keeps it (a small integer);
+/// one that is not an HTTP status reads as 500, never as a wrapped number.
+pub fn stored_status(column: i64) -> u16 {
+    u16::try_from(column)
+        .ok()
+        .filter(|s| (100..600).contains(s))
+        .unwrap_or(500)
+}
+
 /// Idempotency keys: the claim a request makes before it runs, and its end.
 #[async_trait]
 pub trait KeyStore: Send + Sync {
@@ -70,4 +131,60 @@ pub trait KeyStore: Send + Sync {
 
     /// Forgets a claim whose request failed with a 5xx, so a retry can run.
     async fn release_key(&self, lease: &KeyLease) -> Result<(), StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn taken(fingerprint: &[u8], completed: bool, expired: bool, lapsed: bool) -> TakenKey {
+        TakenKey {
+            fingerprint: fingerprint.to_vec(),
+            completed: completed.then(|| StoredResponse {
+                status: 201,
+                body: "{}".into(),
+            }),
+            expired,
+            lease_lapsed: lapsed,
+            remaining: Duration::from_secs(60),
+        }
+    }
+
+    fn decide(taken: TakenKey) -> &'static str {
+        let fingerprint = Fingerprint::of_request("POST", "/r", &serde_json::json!({"a": 1}));
+        match decide_taken_key(taken, &fingerprint) {
+            TakenKeyDecision::TakeOver => "take over",
+            TakenKeyDecision::Answer(KeyClaim::Replay(r, left)) => {
+                assert_eq!((r.status, left), (201, Duration::from_secs(60)));
+                "replay"
+            }
+            TakenKeyDecision::Answer(KeyClaim::InFlight) => "in flight",
+            TakenKeyDecision::Answer(KeyClaim::Mismatch) => "mismatch",
+            TakenKeyDecision::Answer(KeyClaim::New(_)) => unreachable!("never New"),
+        }
+    }
+
+    #[test]
+    fn a_taken_key_is_taken_over_replayed_waited_for_or_refused() {
+        let same = Fingerprint::of_request("POST", "/r", &serde_json::json!({"a": 1})).0;
+        let other = [0u8; 32];
+        // Expired: afresh, whoever asks.
+        assert_eq!(decide(taken(&other, true, true, false)), "take over");
+        assert_eq!(decide(taken(&same, false, true, false)), "take over");
+        // The same request: its crashed holder's lease, its answer, its wait.
+        assert_eq!(decide(taken(&same, false, false, true)), "take over");
+        assert_eq!(decide(taken(&same, true, false, false)), "replay");
+        assert_eq!(decide(taken(&same, false, false, false)), "in flight");
+        // Another request under the key, in flight or done: a mismatch.
+        assert_eq!(decide(taken(&other, false, false, true)), "mismatch");
+        assert_eq!(decide(taken(&other, true, false, false)), "mismatch");
+    }
+
+    #[test]
+    fn a_stored_status_that_is_not_an_http_status_reads_as_500() {
+        assert_eq!(stored_status(422), 422);
+        assert_eq!(stored_status(-1), 500);
+        assert_eq!(stored_status(70_000), 500);
+        assert_eq!(stored_status(42), 500);
+    }
 }

@@ -231,7 +231,7 @@ async fn the_store_tells_the_same_story(backend: Backend) {
         posted_at: chrono::Utc::now(),
     };
     store
-        .post_job(&job, None, &|_: &Job| answer(201, "{}"))
+        .post_job(&job, None, &answer(201, "{}"))
         .await
         .unwrap();
     let listed = store.list_jobs(10, None).await.unwrap();
@@ -245,32 +245,47 @@ async fn the_store_tells_the_same_story(backend: Backend) {
     let KeyClaim::New(lease) = store.claim_key(&keyed).await.unwrap() else {
         panic!("new");
     };
-    let render = |outcome: &ApplyOutcome| match outcome {
-        ApplyOutcome::Created(a) => answer(201, &a.id.to_string()),
-        ApplyOutcome::AlreadyApplied(a) => answer(200, &a.id.to_string()),
-    };
     let ada = application(&job, "ada");
-    let (outcome, response) = store
-        .submit_application(&ada, Some(&lease), &render)
+    let response = answer(201, &ada.id.to_string());
+    let outcome = store
+        .submit_application(&ada, Some(&lease), &response)
         .await
         .unwrap();
     assert!(matches!(outcome, ApplyOutcome::Created(_)));
-    assert_eq!(response, answer(201, &ada.id.to_string()));
     match store.claim_key(&keyed).await.unwrap() {
         KeyClaim::Replay(replayed, _) => assert_eq!(replayed, response),
         other => panic!("the application's key replays its response: {other:?}"),
     }
-    // The same user and job again, without a key: the existing application.
-    let (again, _) = store
-        .submit_application(&application(&job, "ada"), None, &render)
+    // The same user and job again, under a new key: the existing
+    // application, nothing written, the key left to the caller.
+    let again_key = claim("ada", "apply-2", &body, Duration::from_secs(30));
+    let KeyClaim::New(again_lease) = store.claim_key(&again_key).await.unwrap() else {
+        panic!("new");
+    };
+    let again = store
+        .submit_application(
+            &application(&job, "ada"),
+            Some(&again_lease),
+            &answer(201, "unused"),
+        )
         .await
         .unwrap();
     match again {
         ApplyOutcome::AlreadyApplied(existing) => assert_eq!(existing.id, ada.id),
         other => panic!("one application per user and job: {other:?}"),
     }
+    assert!(
+        matches!(
+            store.claim_key(&again_key).await.unwrap(),
+            KeyClaim::InFlight
+        ),
+        "the key is still the caller's to complete"
+    );
     let bob = application(&job, "bob");
-    store.submit_application(&bob, None, &render).await.unwrap();
+    store
+        .submit_application(&bob, None, &answer(201, "{}"))
+        .await
+        .unwrap();
     assert_eq!(
         store.outbox_stats().await.unwrap().pending,
         3,

@@ -345,11 +345,14 @@ impl DeliveryStore for PgStore {
                 Err(e) => return Err(e.into()),
             };
             let attempts: i32 = row.try_get("attempts")?;
-            if row.try_get::<bool, _>("settled")? || row.try_get::<bool, _>("in_inbox")? {
-                return Ok(DeliveryResult::Duplicate);
-            }
-            if attempts != envelope.attempts {
-                return Ok(DeliveryResult::Stale);
+            let state = RowState {
+                settled: row.try_get("settled")?,
+                in_inbox: row.try_get("in_inbox")?,
+                batched: false,
+                attempts,
+            };
+            if let Some(refused) = admit(Some(state), envelope.attempts).refusal() {
+                return Ok(refused);
             }
             let topic: String = row.try_get("topic")?;
             let aggregate_id: Uuid = row.try_get("aggregate_id")?;

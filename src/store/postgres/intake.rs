@@ -162,10 +162,10 @@ impl IntakeStore for PgStore {
         &self,
         job: &Job,
         lease: Option<&KeyLease>,
-        render: Render<'_, Job>,
-    ) -> Result<StoredResponse, StoreError> {
+        response: &StoredResponse,
+    ) -> Result<(), StoreError> {
         let mut session = self.session().await?;
-        let result: Result<StoredResponse, StoreError> = async {
+        let result: Result<(), StoreError> = async {
             let conn: &mut PgConnection = &mut session;
             let mut tx = conn.begin().await?;
             sqlx::query(
@@ -180,10 +180,8 @@ impl IntakeStore for PgStore {
             .bind(job.posted_at)
             .execute(&mut *tx)
             .await?;
-            let response = render(job);
-            let event = (topics::JOB_POSTED, job.id, to_json(job)?);
-            Self::finish(tx, Some(event), lease, &response).await?;
-            Ok(response)
+            let event = (topics::JOB_POSTED, job.id, job_posted_payload(job)?);
+            Self::finish(tx, Some(event), lease, response).await
         }
         .await;
         session.settle(result)
@@ -194,17 +192,16 @@ impl IntakeStore for PgStore {
         &self,
         application: &Application,
         lease: Option<&KeyLease>,
-        render: Render<'_, ApplyOutcome>,
-    ) -> Result<(ApplyOutcome, StoredResponse), StoreError> {
+        created: &StoredResponse,
+    ) -> Result<ApplyOutcome, StoreError> {
         let mut session = self.session().await?;
-        let result: Result<(ApplyOutcome, StoredResponse), StoreError> = async {
+        let result: Result<ApplyOutcome, StoreError> = async {
             let conn: &mut PgConnection = &mut session;
             // The common case — a new application — is one atomic statement: the
             // key's lease is checked (and locked), the application and its event
             // inserted and the key completed, or nothing at all. One round trip
             // instead of six; `SUBMIT_APPLICATION` explains each part.
-            let created = ApplyOutcome::Created(application.clone());
-            let response = render(&created);
+            let response = created;
             let row = sqlx::query(SUBMIT_APPLICATION)
                 .bind(application.id)
                 .bind(application.job_id)
@@ -245,11 +242,9 @@ impl IntakeStore for PgStore {
                     );
                     return Err(StoreError::LeaseLost);
                 }
-                return Ok((created, response));
+                return Ok(ApplyOutcome::Created(application.clone()));
             }
-            // The user already applied: return that application, emit nothing,
-            // store this answer as the key's outcome.
-            let mut tx = conn.begin().await?;
+            // The user already applied: return that application, write nothing.
             let row = sqlx::query(
                 "SELECT id, job_id, user_id, email, resume_url, cover_letter, email_status,
                         created_at
@@ -257,12 +252,9 @@ impl IntakeStore for PgStore {
             )
             .bind(&application.user_id)
             .bind(application.job_id)
-            .fetch_one(&mut *tx)
+            .fetch_one(&mut *conn)
             .await?;
-            let outcome = ApplyOutcome::AlreadyApplied(application_from_row(&row)?);
-            let response = render(&outcome);
-            Self::finish(tx, None, lease, &response).await?;
-            Ok((outcome, response))
+            Ok(ApplyOutcome::AlreadyApplied(application_from_row(&row)?))
         }
         .await;
         session.settle(result)
@@ -296,10 +288,10 @@ impl IntakeStore for PgStore {
         &self,
         charge: &Charge,
         lease: &KeyLease,
-        render: Render<'_, Charge>,
-    ) -> Result<StoredResponse, StoreError> {
+        response: &StoredResponse,
+    ) -> Result<(), StoreError> {
         let mut session = self.session().await?;
-        let result: Result<StoredResponse, StoreError> = async {
+        let result: Result<(), StoreError> = async {
             let conn: &mut PgConnection = &mut session;
             let mut tx = conn.begin().await?;
             sqlx::query(
@@ -314,12 +306,12 @@ impl IntakeStore for PgStore {
             .bind(charge.created_at)
             .execute(&mut *tx)
             .await?;
-            let response = render(charge);
-            let mut payload = to_json(charge)?;
-            payload["user_id"] = json!(charge.user_id);
-            let event = (topics::CHARGE_CREATED, charge.id, payload);
-            Self::finish(tx, Some(event), Some(lease), &response).await?;
-            Ok(response)
+            let event = (
+                topics::CHARGE_CREATED,
+                charge.id,
+                charge_created_payload(charge)?,
+            );
+            Self::finish(tx, Some(event), Some(lease), response).await
         }
         .await;
         session.settle(result)

@@ -29,16 +29,6 @@ impl<'q> BindKey<'q> for sqlx::query::Query<'q, Postgres, PgArguments> {
 }
 
 impl PgStore {
-    pub(super) fn lease_for(&self, claim: &KeyClaimRequest, holder: Uuid) -> KeyLease {
-        KeyLease {
-            scope: claim.scope.clone(),
-            key: claim.key.clone(),
-            fingerprint: claim.fingerprint,
-            holder,
-            forgotten_by: claim.sent_at + claim.ttl,
-        }
-    }
-
     /// Marks the key completed inside `tx`, only if `lease` still holds it.
     pub(super) async fn complete_key_in(
         tx: &mut Transaction<'_, Postgres>,
@@ -88,7 +78,7 @@ impl KeyStore for PgStore {
                     .fetch_optional(&mut *conn)
                     .await?;
                 if created.is_some() {
-                    return Ok(KeyClaim::New(self.lease_for(claim, holder)));
+                    return Ok(KeyClaim::New(claim.lease_to(holder)));
                 }
                 let existing = sqlx::query(
                     "SELECT fingerprint, state, holder, response_status, response_body,
@@ -102,21 +92,32 @@ impl KeyStore for PgStore {
                 .fetch_optional(&mut *conn)
                 .await?;
                 let Some(row) = existing else { continue };
-                let expired: bool = row.try_get("expired")?;
-                let fingerprint: Vec<u8> = row.try_get("fingerprint")?;
-                let state: String = row.try_get("state")?;
-                let lapsed: Option<bool> = row.try_get("lapsed")?;
                 let previous: Uuid = row.try_get("holder")?;
-                let take_over = expired
-                    || (fingerprint == claim.fingerprint.0
-                        && state == "in_progress"
-                        && lapsed == Some(true));
-                if take_over {
-                    // An expired key starts afresh; a lapsed lease (its holder
-                    // crashed) passes to this request. Fenced on the previous
-                    // holder, so of two racing takeovers exactly one wins.
-                    let taken = sqlx::query(
-                        "UPDATE idempotency_keys
+                let completed = if row.try_get::<String, _>("state")? == "completed" {
+                    Some(StoredResponse {
+                        status: stored_status(row.try_get::<i16, _>("response_status")?.into()),
+                        body: row.try_get("response_body")?,
+                    })
+                } else {
+                    None
+                };
+                let taken = TakenKey {
+                    fingerprint: row.try_get("fingerprint")?,
+                    completed,
+                    expired: row.try_get("expired")?,
+                    lease_lapsed: row.try_get::<Option<bool>, _>("lapsed")? == Some(true),
+                    remaining: Duration::from_secs_f64(
+                        row.try_get::<f64, _>("remaining_secs")?.max(0.0),
+                    ),
+                };
+                let answer = match decide_taken_key(taken, &claim.fingerprint) {
+                    TakenKeyDecision::Answer(answer) => answer,
+                    TakenKeyDecision::TakeOver => {
+                        // An expired key starts afresh; a lapsed lease (its holder
+                        // crashed) passes to this request. Fenced on the previous
+                        // holder, so of two racing takeovers exactly one wins.
+                        let taken = sqlx::query(
+                            "UPDATE idempotency_keys
                             SET fingerprint = $6, state = 'in_progress', holder = $7,
                                 lease_expires_at = now() + make_interval(secs => $8),
                                 response_status = NULL, response_body = NULL,
@@ -125,36 +126,22 @@ impl KeyStore for PgStore {
                             AND holder = $5
                             AND (expires_at < now()
                                  OR (state = 'in_progress' AND lease_expires_at < now()))",
-                    )
-                    .bind_key(&claim.scope, &claim.key)
-                    .bind(previous)
-                    .bind(&claim.fingerprint.0[..])
-                    .bind(holder)
-                    .bind(lease_secs)
-                    .bind(ttl_secs)
-                    .execute(&mut *conn)
-                    .await?;
-                    if taken.rows_affected() == 1 {
-                        return Ok(KeyClaim::New(self.lease_for(claim, holder)));
+                        )
+                        .bind_key(&claim.scope, &claim.key)
+                        .bind(previous)
+                        .bind(&claim.fingerprint.0[..])
+                        .bind(holder)
+                        .bind(lease_secs)
+                        .bind(ttl_secs)
+                        .execute(&mut *conn)
+                        .await?;
+                        if taken.rows_affected() == 1 {
+                            return Ok(KeyClaim::New(claim.lease_to(holder)));
+                        }
+                        continue;
                     }
-                    continue;
-                }
-                if fingerprint != claim.fingerprint.0 {
-                    return Ok(KeyClaim::Mismatch);
-                }
-                if state == "completed" {
-                    let status: i16 = row.try_get("response_status")?;
-                    let body: String = row.try_get("response_body")?;
-                    let remaining: f64 = row.try_get("remaining_secs")?;
-                    return Ok(KeyClaim::Replay(
-                        StoredResponse {
-                            status: status as u16,
-                            body,
-                        },
-                        Duration::from_secs_f64(remaining.max(0.0)),
-                    ));
-                }
-                return Ok(KeyClaim::InFlight);
+                };
+                return Ok(answer);
             }
             Ok(KeyClaim::InFlight)
         }

@@ -26,7 +26,6 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use deadpool::managed::{Manager, Metrics, Object, Pool, PoolError, RecycleError, RecycleResult};
 use deadpool::Runtime;
-use serde_json::json;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPoolOptions, PgRow};
 use sqlx::{Connection, Postgres, Row, Transaction};
 use tokio_util::task::TaskTracker;

@@ -353,11 +353,14 @@ impl DeliveryStore for SqliteStore {
             return Ok(DeliveryResult::Gone);
         };
         let attempts: i32 = row.try_get("attempts")?;
-        if row.try_get::<bool, _>("settled")? || row.try_get::<bool, _>("in_inbox")? {
-            return Ok(DeliveryResult::Duplicate);
-        }
-        if attempts != envelope.attempts {
-            return Ok(DeliveryResult::Stale);
+        let state = RowState {
+            settled: row.try_get("settled")?,
+            in_inbox: row.try_get("in_inbox")?,
+            batched: false,
+            attempts,
+        };
+        if let Some(refused) = admit(Some(state), envelope.attempts).refusal() {
+            return Ok(refused);
         }
         if row
             .try_get::<Option<i64>, _>("locked_until")?

@@ -106,8 +106,8 @@ impl IntakeStore for SqliteStore {
         &self,
         job: &Job,
         lease: Option<&KeyLease>,
-        render: Render<'_, Job>,
-    ) -> Result<StoredResponse, StoreError> {
+        response: &StoredResponse,
+    ) -> Result<(), StoreError> {
         let mut tx = self.write_holding(lease).await?;
         sqlx::query(
             "INSERT INTO jobs (id, title, company, location, description, posted_at)
@@ -121,10 +121,8 @@ impl IntakeStore for SqliteStore {
         .bind(job.posted_at.timestamp_micros())
         .execute(&mut *tx)
         .await?;
-        let response = render(job);
-        let event = (topics::JOB_POSTED, job.id, to_json(job)?);
-        Self::finish(tx, Some(event), lease, &response).await?;
-        Ok(response)
+        let event = (topics::JOB_POSTED, job.id, job_posted_payload(job)?);
+        Self::finish(tx, Some(event), lease, response).await
     }
 
     #[instrument(skip_all)]
@@ -132,8 +130,8 @@ impl IntakeStore for SqliteStore {
         &self,
         application: &Application,
         lease: Option<&KeyLease>,
-        render: Render<'_, ApplyOutcome>,
-    ) -> Result<(ApplyOutcome, StoredResponse), StoreError> {
+        created: &StoredResponse,
+    ) -> Result<ApplyOutcome, StoreError> {
         let mut tx = self.write_holding(lease).await?;
         let job = sqlx::query("SELECT title, company FROM jobs WHERE id = ?")
             .bind(application.job_id.to_string())
@@ -157,8 +155,6 @@ impl IntakeStore for SqliteStore {
         .rows_affected()
             == 1;
         if inserted {
-            let outcome = ApplyOutcome::Created(application.clone());
-            let response = render(&outcome);
             let payload = json!({
                 "application_id": application.id,
                 "job_id": application.job_id,
@@ -168,11 +164,11 @@ impl IntakeStore for SqliteStore {
                 "company": job.try_get::<String, _>("company")?,
             });
             let event = (topics::APPLICATION_SUBMITTED, application.id, payload);
-            Self::finish(tx, Some(event), lease, &response).await?;
-            return Ok((outcome, response));
+            Self::finish(tx, Some(event), lease, created).await?;
+            return Ok(ApplyOutcome::Created(application.clone()));
         }
-        // The user already applied: return that application, emit nothing,
-        // store this answer as the key's outcome.
+        // The user already applied: return that application, write nothing
+        // (the transaction rolls back when dropped).
         let sql = format!(
             "SELECT {APPLICATION_COLUMNS} FROM applications WHERE user_id = ? AND job_id = ?"
         );
@@ -181,10 +177,7 @@ impl IntakeStore for SqliteStore {
             .bind(application.job_id.to_string())
             .fetch_one(&mut *tx)
             .await?;
-        let outcome = ApplyOutcome::AlreadyApplied(application_from_row(&row)?);
-        let response = render(&outcome);
-        Self::finish(tx, None, lease, &response).await?;
-        Ok((outcome, response))
+        Ok(ApplyOutcome::AlreadyApplied(application_from_row(&row)?))
     }
 
     #[instrument(skip_all)]
@@ -208,8 +201,8 @@ impl IntakeStore for SqliteStore {
         &self,
         charge: &Charge,
         lease: &KeyLease,
-        render: Render<'_, Charge>,
-    ) -> Result<StoredResponse, StoreError> {
+        response: &StoredResponse,
+    ) -> Result<(), StoreError> {
         let mut tx = self.write_holding(Some(lease)).await?;
         sqlx::query(
             "INSERT INTO charges (id, user_id, amount_cents, currency, description, created_at)
@@ -223,12 +216,12 @@ impl IntakeStore for SqliteStore {
         .bind(charge.created_at.timestamp_micros())
         .execute(&mut *tx)
         .await?;
-        let response = render(charge);
-        let mut payload = to_json(charge)?;
-        payload["user_id"] = json!(charge.user_id);
-        let event = (topics::CHARGE_CREATED, charge.id, payload);
-        Self::finish(tx, Some(event), Some(lease), &response).await?;
-        Ok(response)
+        let event = (
+            topics::CHARGE_CREATED,
+            charge.id,
+            charge_created_payload(charge)?,
+        );
+        Self::finish(tx, Some(event), Some(lease), response).await
     }
 
     #[instrument(skip_all)]

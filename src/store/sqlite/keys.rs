@@ -86,13 +86,6 @@ impl KeyStore for SqliteStore {
     #[instrument(skip_all)]
     async fn claim_key(&self, claim: &KeyClaimRequest) -> Result<KeyClaim, StoreError> {
         let holder = Uuid::new_v4();
-        let lease = |holder: Uuid| KeyLease {
-            scope: claim.scope.clone(),
-            key: claim.key.clone(),
-            fingerprint: claim.fingerprint,
-            holder,
-            forgotten_by: claim.sent_at + claim.ttl,
-        };
         let mut tx = self.write().await?;
         let now = now_us();
         let created = bind_key(
@@ -116,7 +109,7 @@ impl KeyStore for SqliteStore {
         .await?;
         if created.is_some() {
             tx.commit().await?;
-            return Ok(KeyClaim::New(lease(holder)));
+            return Ok(KeyClaim::New(claim.lease_to(holder)));
         }
         let sql = format!(
             "SELECT fingerprint, state, response_status, response_body, expires_at,
@@ -130,53 +123,49 @@ impl KeyStore for SqliteStore {
         )
         .fetch_one(&mut *tx)
         .await?;
-        let fingerprint: Vec<u8> = row.try_get("fingerprint")?;
-        let state: String = row.try_get("state")?;
         let expires_at = row.try_get::<i64, _>("expires_at")?;
-        let expired = expires_at < now;
-        let lapsed = row
-            .try_get::<Option<i64>, _>("lease_expires_at")?
-            .is_some_and(|t| t < now);
-        let same_request = fingerprint == claim.fingerprint.0;
-        if expired || (same_request && state == "in_progress" && lapsed) {
-            // An expired key starts afresh; a lapsed lease (its holder
-            // crashed) passes to this request. This transaction holds the
-            // write lock, so nobody takes it over in between.
-            let sql = format!(
-                "UPDATE idempotency_keys
-                    SET fingerprint = ?, state = 'in_progress', holder = ?, lease_expires_at = ?,
-                        response_status = NULL, response_body = NULL, created_at = ?,
-                        expires_at = ?
-                  WHERE {KEY_WHERE}"
-            );
-            let query = sqlx::query(AssertSqlSafe(sql))
-                .bind(&claim.fingerprint.0[..])
-                .bind(holder.to_string())
-                .bind(now + us(claim.lease))
-                .bind(now)
-                .bind(now + us(claim.ttl));
-            bind_key(query, &claim.scope, claim.key.as_str())
-                .execute(&mut *tx)
-                .await?;
+        let completed = if row.try_get::<String, _>("state")? == "completed" {
+            Some(StoredResponse {
+                status: stored_status(row.try_get("response_status")?),
+                body: row.try_get("response_body")?,
+            })
+        } else {
+            None
+        };
+        let taken = TakenKey {
+            fingerprint: row.try_get("fingerprint")?,
+            completed,
+            expired: expires_at < now,
+            lease_lapsed: row
+                .try_get::<Option<i64>, _>("lease_expires_at")?
+                .is_some_and(|t| t < now),
+            remaining: Duration::from_micros(u64::try_from(expires_at - now).unwrap_or(0)),
+        };
+        if let TakenKeyDecision::Answer(answer) = decide_taken_key(taken, &claim.fingerprint) {
             tx.commit().await?;
-            return Ok(KeyClaim::New(lease(holder)));
+            return Ok(answer);
         }
+        // An expired key starts afresh; a lapsed lease (its holder
+        // crashed) passes to this request. This transaction holds the
+        // write lock, so nobody takes it over in between.
+        let sql = format!(
+            "UPDATE idempotency_keys
+                SET fingerprint = ?, state = 'in_progress', holder = ?, lease_expires_at = ?,
+                    response_status = NULL, response_body = NULL, created_at = ?,
+                    expires_at = ?
+              WHERE {KEY_WHERE}"
+        );
+        let query = sqlx::query(AssertSqlSafe(sql))
+            .bind(&claim.fingerprint.0[..])
+            .bind(holder.to_string())
+            .bind(now + us(claim.lease))
+            .bind(now)
+            .bind(now + us(claim.ttl));
+        bind_key(query, &claim.scope, claim.key.as_str())
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
-        if !same_request {
-            return Ok(KeyClaim::Mismatch);
-        }
-        if state == "completed" {
-            let status: i64 = row.try_get("response_status")?;
-            let remaining_us = u64::try_from(expires_at - now).unwrap_or(0);
-            return Ok(KeyClaim::Replay(
-                StoredResponse {
-                    status: u16::try_from(status).unwrap_or(500),
-                    body: row.try_get("response_body")?,
-                },
-                Duration::from_micros(remaining_us),
-            ));
-        }
-        Ok(KeyClaim::InFlight)
+        Ok(KeyClaim::New(claim.lease_to(holder)))
     }
 
     #[instrument(skip_all)]
