@@ -43,6 +43,7 @@ pub mod domain;
 pub mod email;
 pub mod http;
 pub mod idempotency;
+pub mod rate;
 pub mod retry;
 pub mod secrets;
 pub mod server;

@@ -401,7 +401,7 @@ async fn send_batch(
                 if reason.starts_with("429") {
                     // The provider is over its limit: every sender waits.
                     let pause = retry_after.unwrap_or(Duration::from_secs(1));
-                    args.pacer.hold_off(pause).await;
+                    args.pacer.hold_off(pause);
                 }
                 let attempt = attempt.max(1) as u32;
                 return if args.policy.exhausted(attempt) {

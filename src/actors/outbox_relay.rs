@@ -46,6 +46,8 @@ use futures::FutureExt;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::Notify;
 use tokio::time::Instant;
+
+use crate::rate::TokenBucket;
 use tracing::{debug, warn};
 
 use super::ActorTasks;
@@ -191,11 +193,12 @@ async fn relay_loop(args: OutboxRelayArgs, wake: Arc<Notify>) {
     let rate = f64::from(args.max_publish_per_sec.max(1));
     // A tenth of a second's worth per lane and round, so pacing stays smooth.
     let batch = (rate / 10.0).ceil().clamp(1.0, 500.0) as i64;
-    let per_event = Duration::from_secs_f64(1.0 / rate);
-    let mut next_slot = Instant::now();
+    // Each published event takes a token; the next round waits until the
+    // bucket is out of debt, so publishes average `rate` a second.
+    let mut pacing = TokenBucket::new(rate, 1.0, Instant::now());
     let mut failures: u32 = 0;
     loop {
-        tokio::time::sleep_until(next_slot).await;
+        tokio::time::sleep(pacing.available_in(0.0, Instant::now())).await;
         // Failpoint (`outbox-relay-step=panic`): a crash inside an actor, for
         // the supervision tests.
         fail::fail_point!("outbox-relay-step");
@@ -214,12 +217,10 @@ async fn relay_loop(args: OutboxRelayArgs, wake: Arc<Notify>) {
         match round {
             Ok((published, full)) => {
                 failures = 0;
-                next_slot =
-                    next_slot.max(Instant::now() - per_event) + per_event * published as u32;
+                pacing.take(published as f64, Instant::now());
                 if !full {
                     // Caught up in every lane: wait for news.
                     wait_for_news(&wake, args.poll_interval).await;
-                    next_slot = next_slot.max(Instant::now());
                 }
             }
             Err(e) => {
@@ -228,7 +229,7 @@ async fn relay_loop(args: OutboxRelayArgs, wake: Arc<Notify>) {
                 let pause = reconnect_pause(failures);
                 warn!(error = %e, failures, ?pause, "outbox relay step failed; rows stay due");
                 tokio::time::sleep(pause).await;
-                next_slot = Instant::now();
+                pacing = TokenBucket::new(rate, 1.0, Instant::now());
             }
         }
     }

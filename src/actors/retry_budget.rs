@@ -1,4 +1,4 @@
-//! RetryBudget: one token bucket per outbound call site.
+//! RetryBudget: one token bucket ([`TokenBucket`]) per outbound call site.
 //!
 //! A *retry* (not a first attempt) must take a token. A success puts back a
 //! fraction of one, and the bucket also refills slowly with time, so deferred
@@ -14,11 +14,14 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use super::ActorSlot;
+use crate::rate::TokenBucket;
 use crate::telemetry::metrics as m;
 
 /// The tokens of every call site as last seen by the actor, for
@@ -53,6 +56,15 @@ impl Default for RetryBudgetArgs {
     }
 }
 
+impl RetryBudgetArgs {
+    /// A call site's bucket: `capacity` tokens, refilled at
+    /// `refill_per_sec`, full to start with (a success deposits
+    /// `refill_per_success`). The daemon's and the client's budgets alike.
+    pub fn bucket(&self, now: Instant) -> TokenBucket {
+        TokenBucket::new(self.refill_per_sec, self.capacity, now)
+    }
+}
+
 pub enum RetryBudgetMsg {
     /// May a retry at this call site run now? Takes a token if so.
     TryRetry(&'static str, RpcReplyPort<bool>),
@@ -60,58 +72,19 @@ pub enum RetryBudgetMsg {
     Succeeded(&'static str),
 }
 
-/// One call site's bucket.
-#[derive(Debug, Clone)]
-pub struct Bucket {
-    tokens: f64,
-    /// Last time-based refill.
-    refilled_at: Instant,
-}
-
-impl Bucket {
-    pub fn full(args: &RetryBudgetArgs, now: Instant) -> Bucket {
-        Bucket {
-            tokens: args.capacity,
-            refilled_at: now,
-        }
-    }
-
-    fn refill(&mut self, args: &RetryBudgetArgs, now: Instant) {
-        let elapsed = now.duration_since(self.refilled_at).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * args.refill_per_sec).min(args.capacity);
-        self.refilled_at = now;
-    }
-
-    /// Takes a token if one is there.
-    pub fn try_take(&mut self, args: &RetryBudgetArgs, now: Instant) -> bool {
-        self.refill(args, now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-
-    pub fn succeeded(&mut self, args: &RetryBudgetArgs, now: Instant) {
-        self.refill(args, now);
-        self.tokens = (self.tokens + args.refill_per_success).min(args.capacity);
-    }
-}
-
 pub struct RetryBudget;
 
 pub struct RetryBudgetState {
     args: RetryBudgetArgs,
-    buckets: HashMap<&'static str, Bucket>,
+    buckets: HashMap<&'static str, TokenBucket>,
 }
 
 impl RetryBudgetState {
-    fn bucket(&mut self, call_site: &'static str, now: Instant) -> &mut Bucket {
+    fn bucket(&mut self, call_site: &'static str, now: Instant) -> &mut TokenBucket {
         let args = &self.args;
         self.buckets
             .entry(call_site)
-            .or_insert_with(|| Bucket::full(args, now))
+            .or_insert_with(|| args.bucket(now))
     }
 }
 
@@ -142,14 +115,14 @@ impl Actor for RetryBudget {
         let (call_site, tokens) = match message {
             RetryBudgetMsg::TryRetry(call_site, reply) => {
                 let bucket = state.bucket(call_site, now);
-                let granted = bucket.try_take(&args, now);
+                let granted = bucket.try_take(1.0, now).is_ok();
                 let _ = reply.send(granted);
-                (call_site, bucket.tokens)
+                (call_site, bucket.tokens(now))
             }
             RetryBudgetMsg::Succeeded(call_site) => {
                 let bucket = state.bucket(call_site, now);
-                bucket.succeeded(&args, now);
-                (call_site, bucket.tokens)
+                bucket.deposit(args.refill_per_success, now);
+                (call_site, bucket.tokens(now))
             }
         };
         m::retry_budget_tokens(call_site, tokens);
@@ -204,26 +177,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_bucket_grants_its_capacity_then_refuses_until_it_refills() {
+    fn a_call_site_grants_its_capacity_then_a_token_per_success_or_refill() {
         let args = RetryBudgetArgs {
             capacity: 3.0,
             refill_per_success: 0.5,
             refill_per_sec: 1.0,
             view: TokensView::default(),
         };
+        let mut state = RetryBudgetState {
+            args: args.clone(),
+            buckets: HashMap::new(),
+        };
         let t0 = Instant::now();
-        let mut bucket = Bucket::full(&args, t0);
-        let granted = (0..10).filter(|_| bucket.try_take(&args, t0)).count();
+        let bucket = state.bucket("resend", t0);
+        let granted = (0..10).filter(|_| bucket.try_take(1.0, t0).is_ok()).count();
         assert_eq!(granted, 3);
         // Two successes make one token; time adds one per second.
-        bucket.succeeded(&args, t0);
-        bucket.succeeded(&args, t0);
-        assert!(bucket.try_take(&args, t0));
-        assert!(!bucket.try_take(&args, t0));
-        assert!(bucket.try_take(&args, t0 + Duration::from_millis(1000)));
-        // Never above capacity, however long it waits.
-        let later = t0 + Duration::from_secs(3600);
-        let granted = (0..10).filter(|_| bucket.try_take(&args, later)).count();
-        assert_eq!(granted, 3);
+        bucket.deposit(args.refill_per_success, t0);
+        bucket.deposit(args.refill_per_success, t0);
+        assert!(bucket.try_take(1.0, t0).is_ok());
+        assert!(bucket.try_take(1.0, t0).is_err());
+        assert!(bucket.try_take(1.0, t0 + Duration::from_secs(1)).is_ok());
+        // Another call site has its own bucket.
+        assert!(state.bucket("other", t0).try_take(1.0, t0).is_ok());
     }
 }

@@ -36,7 +36,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -47,6 +47,7 @@ use uuid::Uuid;
 use super::{ActorSlot, ActorTasks};
 use crate::broker::{Broker, EventCursor};
 use crate::domain::topics;
+use crate::rate::TokenBucket;
 use crate::retry::reconnect_pause;
 use crate::store::Store;
 use crate::telemetry::metrics as m;
@@ -426,19 +427,14 @@ impl Actor for SseHub {
 /// Admits new stream connections at `sse.admit_per_sec`. A burst of a fifth of a second's worth is allowed;
 /// past it a connect is turned away with a jittered `retry:`.
 pub struct Admission {
-    rate: f64,
-    burst: f64,
-    /// (tokens, when they were last topped up)
-    bucket: Mutex<(f64, Instant)>,
+    bucket: Mutex<TokenBucket>,
 }
 
 impl Admission {
     pub fn new(rate: f64) -> Admission {
         let burst = (rate / 5.0).max(1.0);
         Admission {
-            rate,
-            burst,
-            bucket: Mutex::new((burst, Instant::now())),
+            bucket: Mutex::new(TokenBucket::new(rate, burst, tokio::time::Instant::now())),
         }
     }
 
@@ -446,16 +442,7 @@ impl Admission {
         let Ok(mut bucket) = self.bucket.lock() else {
             return false;
         };
-        let now = Instant::now();
-        let (tokens, at) = *bucket;
-        let tokens = (tokens + now.duration_since(at).as_secs_f64() * self.rate).min(self.burst);
-        if tokens >= 1.0 {
-            *bucket = (tokens - 1.0, now);
-            true
-        } else {
-            *bucket = (tokens, now);
-            false
-        }
+        bucket.try_take(1.0, tokio::time::Instant::now()).is_ok()
     }
 }
 

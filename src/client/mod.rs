@@ -12,8 +12,8 @@
 //!   `[0, min(cap, base·2^n)]`), never shorter than the server's
 //!   `Retry-After`, so many clients retrying at once spread out instead of
 //!   coming back in waves.
-//! - A client-side retry budget (the [`Bucket`] the daemon's RetryBudget
-//!   uses): every retry takes a token, a success puts some back; with none
+//! - A client-side retry budget (the bucket the daemon's RetryBudget
+//!   uses, [`RetryBudgetArgs::bucket`]): every retry takes a token, a success puts some back; with none
 //!   left the operation fails at once rather than adding to a storm.
 //! - Each attempt can be written to a [`Transcript`] (operation key, attempt,
 //!   delay before it, status or network error, Retry-After), the evidence
@@ -27,8 +27,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::actors::retry_budget::{Bucket, RetryBudgetArgs};
+use crate::actors::retry_budget::RetryBudgetArgs;
 use crate::idempotency::IdempotencyKey;
+use crate::rate::TokenBucket;
 use crate::retry::RetryPolicy;
 
 /// How the client retries.
@@ -163,7 +164,7 @@ pub struct RetryingClient {
     http: reqwest::Client,
     base_url: String,
     policy: ClientPolicy,
-    budget: Arc<Mutex<Bucket>>,
+    budget: Arc<Mutex<TokenBucket>>,
     transcript: Transcript,
     started: Instant,
 }
@@ -174,7 +175,7 @@ impl RetryingClient {
             .timeout(policy.attempt_timeout)
             .build()
             .map_err(|e| ClientError::Setup(e.to_string()))?;
-        let budget = Bucket::full(&policy.budget, Instant::now());
+        let budget = policy.budget.bucket(tokio::time::Instant::now());
         Ok(RetryingClient {
             http,
             base_url: base_url.trim_end_matches('/').to_string(),
@@ -199,7 +200,10 @@ impl RetryingClient {
             let (last, retry_after) = match tried {
                 Tried::Answer(answer) => {
                     if let Ok(mut bucket) = self.budget.lock() {
-                        bucket.succeeded(&self.policy.budget, Instant::now());
+                        bucket.deposit(
+                            self.policy.budget.refill_per_success,
+                            tokio::time::Instant::now(),
+                        );
                     }
                     return Ok(answer);
                 }
@@ -214,7 +218,7 @@ impl RetryingClient {
             let granted = self
                 .budget
                 .lock()
-                .map(|mut b| b.try_take(&self.policy.budget, Instant::now()))
+                .map(|mut b| b.try_take(1.0, tokio::time::Instant::now()).is_ok())
                 .unwrap_or(false);
             if !granted {
                 return Err(ClientError::NoBudget {

@@ -108,79 +108,12 @@ pub trait Transport: Send + Sync + 'static {
 /// the provider, each carrying up to `email.max_batch` emails), shared by
 /// every sender of the process: each request takes the next free slot,
 /// `1/rate` apart, and waits for it. No burst, so a backlog never exceeds
-/// the provider's rate.
-pub struct SendPacer {
-    /// Distance between two sends.
-    interval: Duration,
-    /// The next free slot.
-    next: tokio::sync::Mutex<tokio::time::Instant>,
-}
-
-impl SendPacer {
-    pub fn new(per_sec: f64) -> SendPacer {
-        SendPacer {
-            interval: Duration::from_secs_f64(1.0 / per_sec.max(0.001)),
-            next: tokio::sync::Mutex::new(tokio::time::Instant::now()),
-        }
-    }
-
-    /// Pushes the next free slot to at least `pause` from now: the provider
-    /// said it is over its limit (429 with `retry-after`).
-    pub async fn hold_off(&self, pause: Duration) {
-        let mut next = self.next.lock().await;
-        *next = (*next).max(tokio::time::Instant::now() + pause);
-    }
-
-    /// Waits until the next slot is free, without taking it: a batch
-    /// gathers company meanwhile.
-    pub async fn until_free(&self) {
-        let next = *self.next.lock().await;
-        tokio::time::sleep_until(next).await;
-    }
-
-    /// Waits for this caller's slot.
-    pub async fn until_ready(&self) {
-        let slot = {
-            let mut next = self.next.lock().await;
-            let slot = (*next).max(tokio::time::Instant::now());
-            *next = slot + self.interval;
-            slot
-        };
-        tokio::time::sleep_until(slot).await;
-    }
-}
+/// the provider's rate; a 429's `retry-after` holds every sender off.
+pub type SendPacer = crate::rate::Pacer;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn the_pacer_spaces_sends_by_the_configured_rate() {
-        let pacer = SendPacer::new(4.0);
-        let start = tokio::time::Instant::now();
-        for _ in 0..9 {
-            pacer.until_ready().await;
-        }
-        // Nine sends at 4/s: the ninth at 2 s, none earlier.
-        assert_eq!(start.elapsed(), Duration::from_secs(2));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_429_holds_every_sender_off_and_a_free_slot_is_not_taken_by_looking() {
-        let pacer = SendPacer::new(2.0);
-        let start = tokio::time::Instant::now();
-        pacer.until_ready().await;
-        pacer.until_free().await;
-        pacer.until_free().await;
-        assert_eq!(
-            start.elapsed(),
-            Duration::from_millis(500),
-            "looking takes no slot"
-        );
-        pacer.hold_off(Duration::from_secs(3)).await;
-        pacer.until_ready().await;
-        assert_eq!(start.elapsed(), Duration::from_millis(3500));
-    }
 
     #[test]
     fn a_confirmation_names_the_job_and_company_and_goes_to_the_applicant() {

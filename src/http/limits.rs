@@ -14,7 +14,7 @@
 //! names one (`limits.trusted_proxy_header`), the last address in the header
 //! their own reverse proxy writes. IPv6 clients are counted per /64 (one
 //! host usually holds the whole prefix). Each limited action has its own
-//! GCRA token bucket per client (`governor`'s keyed limiter): a client over
+//! token bucket per client ([`KeyedBuckets`], Herald's one rate primitive): a client over
 //! its bucket gets 429 `rate_limited` with `Retry-After`, and nobody else is
 //! affected. Stream connects over the rate, and connects past
 //! `limits.streams_per_ip` open streams, are turned away the way the stream
@@ -27,16 +27,14 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultKeyedRateLimiter, Quota};
 use http::HeaderMap;
 
 use super::problem::ApiError;
 use crate::config::LimitsConfig;
+use crate::rate::KeyedBuckets;
 
 /// The per-client actions with a bucket of their own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,28 +46,11 @@ pub enum Action {
 }
 
 /// One action's bucket per client (an address, or a principal).
-struct Bucket<K: std::hash::Hash + Eq + Clone = IpAddr> {
-    limiter: DefaultKeyedRateLimiter<K>,
-}
+type Bucket<K = IpAddr> = KeyedBuckets<K>;
 
-impl<K: std::hash::Hash + Eq + Clone> Bucket<K> {
-    fn new(per_sec: f64, burst: u32) -> Bucket<K> {
-        // Validated in `Config`: per_sec > 0 and burst ≥ 1.
-        let period = Duration::from_secs_f64(1.0 / per_sec.max(1e-6)).max(Duration::from_nanos(1));
-        let quota = Quota::with_period(period)
-            .unwrap_or(Quota::per_second(NonZeroU32::MIN))
-            .allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN));
-        Bucket {
-            limiter: DefaultKeyedRateLimiter::keyed(quota),
-        }
-    }
-
-    /// `Ok`, or how long until this client has a token again.
-    fn take(&self, client: &K) -> Result<(), Duration> {
-        self.limiter
-            .check_key(client)
-            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
-    }
+fn bucket<K: std::hash::Hash + Eq + Clone>(per_sec: f64, burst: u32) -> Bucket<K> {
+    // Validated in `Config`: per_sec > 0 and burst ≥ 1.
+    KeyedBuckets::new(per_sec, f64::from(burst.max(1)))
 }
 
 /// The public listener's per-client limits (shared by every request).
@@ -156,17 +137,14 @@ impl AbuseLimits {
                 .trusted_proxy_header
                 .as_deref()
                 .and_then(|h| http::HeaderName::from_bytes(h.trim().as_bytes()).ok()),
-            apply: Bucket::new(config.apply_per_sec, config.apply_burst),
-            charge: Bucket::new(config.charges_per_sec, config.charges_burst),
-            authenticated: Bucket::new(
+            apply: bucket(config.apply_per_sec, config.apply_burst),
+            charge: bucket(config.charges_per_sec, config.charges_burst),
+            authenticated: bucket(
                 config.authenticated_per_ip_per_sec,
                 config.authenticated_per_ip_burst,
             ),
-            dev_login: Bucket::new(config.dev_login_per_sec, config.dev_login_burst),
-            stream_connect: Bucket::new(
-                config.stream_connects_per_sec,
-                config.stream_connect_burst,
-            ),
+            dev_login: bucket(config.dev_login_per_sec, config.dev_login_burst),
+            stream_connect: bucket(config.stream_connects_per_sec, config.stream_connect_burst),
             streams_per_ip: config.streams_per_ip,
             open_streams: Arc::default(),
         }
@@ -201,7 +179,7 @@ impl AbuseLimits {
             Action::Apply | Action::Charge => &self.authenticated,
         };
         bucket
-            .take(&client)
+            .try_take(&client)
             .map_err(|wait| refused(action.name(), wait))
     }
 
@@ -224,10 +202,10 @@ impl AbuseLimits {
             Action::DevLogin | Action::StreamConnect => return self.check(action, client),
         };
         bucket
-            .take(&principal.to_string())
+            .try_take(&principal.to_string())
             .map_err(|wait| refused(action.name(), wait))?;
         self.authenticated
-            .take(&client)
+            .try_take(&client)
             .map_err(|wait| refused("authenticated_per_ip", wait))
     }
 
@@ -257,12 +235,10 @@ impl AbuseLimits {
     /// recent clients (called periodically by the server).
     pub fn forget_idle_clients(&self) {
         for bucket in [&self.apply, &self.charge] {
-            bucket.limiter.retain_recent();
-            bucket.limiter.shrink_to_fit();
+            bucket.forget_full();
         }
         for bucket in [&self.authenticated, &self.dev_login, &self.stream_connect] {
-            bucket.limiter.retain_recent();
-            bucket.limiter.shrink_to_fit();
+            bucket.forget_full();
         }
     }
 }

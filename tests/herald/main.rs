@@ -10,6 +10,7 @@
 mod support;
 
 mod abuse;
+mod actors;
 mod attack;
 mod cli;
 mod client;

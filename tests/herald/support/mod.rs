@@ -25,6 +25,7 @@ pub mod clean_env;
 pub mod fake_resend;
 pub mod fake_sentry;
 pub mod sse;
+pub mod testable;
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;

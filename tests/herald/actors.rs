@@ -1,0 +1,353 @@
+//! Each actor in process, unchanged, behind [`Testable`] (which reports every
+//! message it handled): no daemon and no HTTP, but real parts around it — a
+//! real Redis for the KeyRegistry, a real SQLite store and the in-process
+//! broker for the pipeline. Outcomes are read where they land: the store,
+//! the broker, the process's metrics.
+
+use crate::support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use herald::actors::auditor::{Auditor, AuditorArgs, AuditorMsg};
+use herald::actors::consumer::{ConsumerActor, ConsumerArgs, PoolArgs};
+use herald::actors::dlq_monitor::{DlqMonitor, DlqMonitorArgs, DlqMonitorMsg};
+use herald::actors::janitor::{Janitor, JanitorArgs, JanitorMsg};
+use herald::actors::key_registry::{KeyRegistry, KeyRegistryArgs, KeyRegistryMsg};
+use herald::actors::ledger::LedgerConsumer;
+use herald::actors::outbox_relay::{OutboxRelay, OutboxRelayArgs};
+use herald::actors::retry_budget::{RetryBudget, RetryBudgetArgs, RetryBudgetMsg, TokensView};
+use herald::broker::in_process::InProcessBroker;
+use herald::broker::Broker;
+use herald::config::{Config, RedisConfig};
+use herald::domain::{Charge, LedgerStatus};
+use herald::idempotency::hot_tier::{HotTier, RedisMode};
+use herald::idempotency::{Fingerprint, IdempotencyKey, KeyScope, StoredResponse};
+use herald::store::sqlite::SqliteStore;
+use herald::store::{KeyClaim, KeyClaimRequest, Store};
+use support::testable;
+use support::{eventually, Redis};
+use uuid::Uuid;
+
+/// A migrated SQLite store in a temp dir (kept alive by the guard).
+async fn sqlite() -> (Arc<dyn Store>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = Config::from_toml(&format!(
+        "database_url = \"sqlite://{}\"\nstate_dir = \"{}\"\n",
+        dir.path().join("herald.db").display(),
+        dir.path().display()
+    ))
+    .expect("config");
+    let store = SqliteStore::connect(&config).await.expect("connect");
+    store.migrate().await.expect("migrate");
+    (Arc::new(store), dir)
+}
+
+/// A charge written as the intake writes it: claimed key, row, event, key
+/// completed, one transaction.
+async fn charge(store: &Arc<dyn Store>, user: &str, amount_cents: i64) -> Charge {
+    let claim = KeyClaimRequest {
+        scope: KeyScope {
+            principal: format!("user:{user}"),
+            method: "POST",
+            route: "/api/charges",
+        },
+        key: IdempotencyKey::parse(format!("charge-{user}").as_bytes()).unwrap(),
+        fingerprint: Fingerprint::of_request("POST", "/api/charges", &serde_json::json!({})),
+        lease: Duration::from_secs(30),
+        ttl: Duration::from_secs(3600),
+        sent_at: std::time::Instant::now(),
+    };
+    let KeyClaim::New(lease) = store.claim_key(&claim).await.unwrap() else {
+        panic!("a new key");
+    };
+    let charge = Charge {
+        id: Uuid::now_v7(),
+        user_id: user.to_string(),
+        amount_cents,
+        currency: "EUR".into(),
+        description: "Featured listing".into(),
+        ledger_status: LedgerStatus::Pending,
+        created_at: chrono::Utc::now(),
+    };
+    let response = StoredResponse {
+        status: 201,
+        body: "{}".into(),
+    };
+    store
+        .create_charge(&charge, &lease, &response)
+        .await
+        .unwrap();
+    charge
+}
+
+/// The value of `name` (a line `name{…} value` or `name value`) in this
+/// process's metrics.
+fn metric(name_and_labels: &str) -> Option<f64> {
+    herald::telemetry::prometheus()
+        .render()
+        .lines()
+        .find(|l| l.starts_with(name_and_labels))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn the_retry_budget_grants_its_capacity_refills_on_success_and_shows_its_tokens() {
+    let view = TokensView::default();
+    let args = RetryBudgetArgs {
+        capacity: 2.0,
+        refill_per_success: 1.0,
+        refill_per_sec: 0.001,
+        view: view.clone(),
+    };
+    let (budget, mut handled) = testable::spawn(RetryBudget, args).await;
+    let mut granted = Vec::new();
+    for _ in 0..3 {
+        let answer = ractor::call!(budget, RetryBudgetMsg::TryRetry, "resend").unwrap();
+        handled.next().await.unwrap();
+        granted.push(answer);
+    }
+    assert_eq!(granted, [true, true, false]);
+    budget.cast(RetryBudgetMsg::Succeeded("resend")).unwrap();
+    handled.next().await.unwrap();
+    assert!(ractor::call!(budget, RetryBudgetMsg::TryRetry, "resend").unwrap());
+    handled.next().await.unwrap();
+    let tokens = view.lock().unwrap().get("resend").copied().unwrap();
+    assert!(tokens < 0.1, "the view follows the bucket: {tokens}");
+    // Another call site has a bucket of its own.
+    assert!(ractor::call!(budget, RetryBudgetMsg::TryRetry, "other").unwrap());
+    budget.stop(None);
+}
+
+#[tokio::test]
+async fn the_key_registry_leaves_fallback_when_redis_answers_and_enters_it_when_it_does_not() {
+    let mut redis = Redis::start().await;
+    let config = RedisConfig {
+        command_timeout_ms: 250,
+        ..Config::from_toml("").unwrap().redis
+    };
+    let hot = HotTier::connect(&redis.url(), &config).unwrap();
+    let mode = RedisMode::configured(false);
+    let args = KeyRegistryArgs {
+        hot: Some(hot),
+        mode: mode.clone(),
+        // Probes are sent by the test; the timer's first is an hour away.
+        probe_interval: Duration::from_secs(3600),
+    };
+    let (registry, mut handled) = testable::spawn(KeyRegistry, args).await;
+    // pre_start probes once at once.
+    handled.next().await.unwrap();
+    assert_eq!(mode.label(), "healthy");
+    redis.kill();
+    registry.cast(KeyRegistryMsg::Probe).unwrap();
+    handled.next().await.unwrap();
+    assert_eq!(mode.label(), "fallback");
+    redis.restart().await;
+    // The client reconnects on its own; probe (ten a second) until it answers.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut pace = tokio::time::interval(Duration::from_millis(100));
+    while mode.label() != "healthy" {
+        assert!(
+            Instant::now() < deadline,
+            "the hot tier healthy again within 20 s"
+        );
+        pace.tick().await;
+        registry.cast(KeyRegistryMsg::Probe).unwrap();
+        handled.next().await.unwrap();
+    }
+    registry.stop(None);
+}
+
+#[tokio::test]
+async fn the_relay_and_the_ledger_consumer_apply_a_committed_charge_once() {
+    let (store, _dir) = sqlite().await;
+    let broker: Arc<dyn Broker> = Arc::new(InProcessBroker::new());
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let relay_args = OutboxRelayArgs {
+        store: store.clone(),
+        publisher: broker.clone(),
+        listen_url: None,
+        wake: wake.clone(),
+        max_publish_per_sec: 500,
+        redeliver_after: Duration::from_secs(60),
+        unclaimed_after: Duration::from_secs(180),
+        poll_interval: Duration::from_millis(100),
+    };
+    let ledger_args = ConsumerArgs {
+        pool: PoolArgs {
+            broker: broker.clone(),
+            consumer_name: "test".into(),
+            workers: 2,
+            reclaim_after: Duration::from_secs(30),
+        },
+        handler: Arc::new(LedgerConsumer::new(store.clone())),
+    };
+    let (relay, mut relay_handled) = testable::spawn(OutboxRelay, relay_args).await;
+    let (ledger, mut ledger_handled) =
+        testable::spawn(ConsumerActor::<LedgerConsumer>::new(), ledger_args).await;
+    let charges = [
+        charge(&store, "ada", 1200).await,
+        charge(&store, "bob", 300).await,
+    ];
+    wake.notify_one();
+    for charge in &charges {
+        eventually("the charge applied", Duration::from_secs(10), || {
+            let store = store.clone();
+            let (id, user) = (charge.id, charge.user_id.clone());
+            async move {
+                let now = store.get_charge(id, &user).await.unwrap()?;
+                (now.ledger_status == LedgerStatus::Applied).then_some(())
+            }
+        })
+        .await;
+    }
+    assert_eq!(store.outbox_stats().await.unwrap().ledger_entries, 2);
+    relay.stop(None);
+    ledger.stop(None);
+    // Neither loop ended while they worked: no message reached either.
+    relay_handled.assert_stopped_without_a_message().await;
+    ledger_handled.assert_stopped_without_a_message().await;
+}
+
+#[tokio::test]
+async fn the_janitor_deletes_settled_rows_past_their_retention() {
+    let (store, dir) = sqlite().await;
+    let broker: Arc<dyn Broker> = Arc::new(InProcessBroker::new());
+    let charged = charge(&store, "ada", 100).await;
+    // Settle it by hand: the ledger's delivery, as the consumer records it.
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let (relay, _) = testable::spawn(
+        OutboxRelay,
+        OutboxRelayArgs {
+            store: store.clone(),
+            publisher: broker.clone(),
+            listen_url: None,
+            wake: wake.clone(),
+            max_publish_per_sec: 500,
+            redeliver_after: Duration::from_secs(60),
+            unclaimed_after: Duration::from_secs(180),
+            poll_interval: Duration::from_millis(100),
+        },
+    )
+    .await;
+    let (ledger, _) = testable::spawn(
+        ConsumerActor::<LedgerConsumer>::new(),
+        ConsumerArgs {
+            pool: PoolArgs {
+                broker,
+                consumer_name: "test".into(),
+                workers: 1,
+                reclaim_after: Duration::from_secs(30),
+            },
+            handler: Arc::new(LedgerConsumer::new(store.clone())),
+        },
+    )
+    .await;
+    wake.notify_one();
+    eventually("the charge applied", Duration::from_secs(10), || {
+        let store = store.clone();
+        async move {
+            let now = store.get_charge(charged.id, "ada").await.unwrap()?;
+            (now.ledger_status == LedgerStatus::Applied).then_some(())
+        }
+    })
+    .await;
+    relay.stop(None);
+    ledger.stop(None);
+    let db = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        dir.path().join("herald.db").display()
+    ))
+    .await
+    .unwrap();
+    let rows = |table: &'static str| {
+        let db = db.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(format!(
+                "SELECT count(*) FROM {table}"
+            )))
+            .fetch_one(&db)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!((rows("outbox_events").await, rows("inbox").await), (1, 1));
+    // A long retention keeps them; none keeps nothing settled.
+    let (janitor, mut handled) = testable::spawn(
+        Janitor,
+        JanitorArgs {
+            store: store.clone(),
+            interval: Duration::from_secs(3600),
+            batch: 100,
+            retention: Duration::from_secs(3600),
+        },
+    )
+    .await;
+    janitor.cast(JanitorMsg::Sweep).unwrap();
+    handled.next().await.unwrap();
+    assert_eq!((rows("outbox_events").await, rows("inbox").await), (1, 1));
+    janitor.stop(None);
+    let (janitor, mut handled) = testable::spawn(
+        Janitor,
+        JanitorArgs {
+            store: store.clone(),
+            interval: Duration::from_secs(3600),
+            batch: 100,
+            retention: Duration::ZERO,
+        },
+    )
+    .await;
+    janitor.cast(JanitorMsg::Sweep).unwrap();
+    handled.next().await.unwrap();
+    assert_eq!((rows("outbox_events").await, rows("inbox").await), (0, 0));
+    // The ledger entry is the effect: it stays.
+    assert_eq!(rows("ledger_entries").await, 1);
+    janitor.stop(None);
+}
+
+#[tokio::test]
+async fn the_auditor_and_the_dlq_monitor_report_what_the_database_holds() {
+    let (store, _dir) = sqlite().await;
+    let started = Instant::now();
+    let runs_before = metric("herald_audit_runs_total").unwrap_or(0.0);
+    let (auditor, mut handled) = testable::spawn(
+        Auditor,
+        AuditorArgs {
+            store: store.clone(),
+            interval: Duration::from_secs(3600),
+            max_unsettled_age: Duration::from_secs(3600),
+            retention: Duration::from_secs(3600),
+        },
+    )
+    .await;
+    // pre_start audits once at once; then one on demand.
+    handled.next().await.unwrap();
+    auditor.cast(AuditorMsg::Audit).unwrap();
+    handled.next().await.unwrap();
+    assert_eq!(
+        metric("herald_audit_runs_total").unwrap_or(0.0) - runs_before,
+        2.0
+    );
+    assert_eq!(
+        metric("herald_audit_violations{invariant=\"one_email_per_application\"}"),
+        Some(0.0)
+    );
+    auditor.stop(None);
+
+    let (monitor, mut handled) = testable::spawn(
+        DlqMonitor,
+        DlqMonitorArgs {
+            store: store.clone(),
+            threshold: 0,
+            max_age: Duration::from_secs(3600),
+            interval: Duration::from_secs(3600),
+        },
+    )
+    .await;
+    monitor.cast(DlqMonitorMsg::Check).unwrap();
+    handled.next().await.unwrap();
+    assert_eq!(metric("herald_dlq_depth "), Some(0.0));
+    monitor.stop(None);
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
