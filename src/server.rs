@@ -140,13 +140,9 @@ fn pipeline_args(
     let reclaim_after = redeliver_after
         .min(Duration::from_secs(30))
         .max(Duration::from_secs(1));
-    let listen_url = (config.database_url.scheme() == "postgres"
-        || config.database_url.scheme() == "postgresql")
-        .then(|| config.database_url.expose().to_string());
     let relay = OutboxRelayArgs {
         store: store.clone(),
         publisher: broker.clone(),
-        listen_url,
         wake,
         max_publish_per_sec: config.relay.max_publish_per_sec,
         redeliver_after,

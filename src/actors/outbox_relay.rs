@@ -48,7 +48,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::rate::TokenBucket;
-use tracing::{debug, warn};
+use tracing::warn;
 
 use super::ActorTasks;
 use crate::broker::{Broker, BrokerError, Holding};
@@ -86,9 +86,6 @@ pub struct OutboxRelayArgs {
     pub store: Arc<dyn Store>,
     /// Redis Streams, or the in-process broker of the embedded mode.
     pub publisher: Arc<dyn Broker>,
-    /// `postgres://…` URL for `LISTEN`; `None` (SQLite) relies on the
-    /// in-process wake-up and the poll.
-    pub listen_url: Option<String>,
     /// Poked by this process's request handlers after a commit with an event.
     pub wake: Arc<Notify>,
     pub max_publish_per_sec: u32,
@@ -124,18 +121,17 @@ impl Actor for OutboxRelay {
     ) -> Result<Self::State, ActorProcessingErr> {
         let wake = args.wake.clone();
         let mut tasks = ActorTasks::new();
-        if let Some(url) = args.listen_url.clone() {
-            let wake = wake.clone();
-            tasks.run(
-                myself.clone(),
-                "outbox listener",
-                async move {
-                    listen(url, wake).await;
-                    Ok::<(), std::convert::Infallible>(())
-                },
-                OutboxRelayMsg::LoopEnded,
-            );
-        }
+        // Other processes' commits (Postgres NOTIFY) wake the loop too.
+        let (store, news) = (args.store.clone(), wake.clone());
+        tasks.run(
+            myself.clone(),
+            "outbox listener",
+            async move {
+                store.watch_commits(news).await;
+                Ok::<(), std::convert::Infallible>(())
+            },
+            OutboxRelayMsg::LoopEnded,
+        );
         tasks.run(
             myself,
             "relay loop",
@@ -165,26 +161,6 @@ impl Actor for OutboxRelay {
     ) -> Result<(), ActorProcessingErr> {
         let OutboxRelayMsg::LoopEnded(reason) = message;
         Err(reason.into())
-    }
-}
-
-/// Forwards `NOTIFY herald_outbox` to the relay loop; reconnects on loss.
-async fn listen(url: String, wake: Arc<Notify>) {
-    loop {
-        match sqlx::postgres::PgListener::connect(&url).await {
-            Ok(mut listener) => {
-                if let Err(e) = listener.listen("herald_outbox").await {
-                    warn!(error = %e, "outbox LISTEN failed; polling only until it works");
-                } else {
-                    // recv reconnects by itself; an error here is worth a pause.
-                    while listener.recv().await.is_ok() {
-                        wake.notify_one();
-                    }
-                }
-            }
-            Err(e) => debug!(error = %e, "outbox listener cannot connect yet"),
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

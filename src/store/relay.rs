@@ -62,6 +62,15 @@ pub struct RelayStep {
 pub trait RelayStore: Send + Sync {
     async fn outbox_stats(&self) -> Result<OutboxStats, StoreError>;
 
+    /// Pokes `wake` whenever another process commits an outbox event, for
+    /// as long as it runs (Postgres: `LISTEN herald_outbox`, reconnecting on
+    /// loss). A backend without such news (SQLite: one process, which wakes
+    /// its relay itself) never returns.
+    async fn watch_commits(&self, wake: std::sync::Arc<tokio::sync::Notify>) {
+        let _ = wake;
+        std::future::pending::<()>().await
+    }
+
     /// The OutboxRelay's step for one topic (each topic is its own lane):
     /// claims up to `limit` due, unsettled rows of `topic` that no batch
     /// owns (Postgres: `FOR UPDATE SKIP LOCKED`, so several relays never

@@ -1,4 +1,4 @@
-//! Each actor in process, unchanged, behind [`Testable`] (which reports every
+//! Each actor in process, unchanged, behind [`testable::Testable`] (which reports every
 //! message it handled): no daemon and no HTTP, but real parts around it — a
 //! real Redis for the KeyRegistry, a real SQLite store and the in-process
 //! broker for the pipeline. Outcomes are read where they land: the store,
@@ -12,17 +12,24 @@ use std::time::{Duration, Instant};
 use herald::actors::auditor::{Auditor, AuditorArgs, AuditorMsg};
 use herald::actors::consumer::{ConsumerActor, ConsumerArgs, PoolArgs};
 use herald::actors::dlq_monitor::{DlqMonitor, DlqMonitorArgs, DlqMonitorMsg};
+use herald::actors::email_sender::{EmailSender, EmailSenderArgs};
 use herald::actors::janitor::{Janitor, JanitorArgs, JanitorMsg};
 use herald::actors::key_registry::{KeyRegistry, KeyRegistryArgs, KeyRegistryMsg};
 use herald::actors::ledger::LedgerConsumer;
 use herald::actors::outbox_relay::{OutboxRelay, OutboxRelayArgs};
-use herald::actors::retry_budget::{RetryBudget, RetryBudgetArgs, RetryBudgetMsg, TokensView};
+use herald::actors::retry_budget::{
+    RetryBudget, RetryBudgetArgs, RetryBudgetHandle, RetryBudgetMsg, TokensView,
+};
+use herald::actors::ActorSlot;
 use herald::broker::in_process::InProcessBroker;
 use herald::broker::Broker;
 use herald::config::{Config, RedisConfig};
-use herald::domain::{Charge, LedgerStatus};
+use herald::domain::{Application, Charge, EmailStatus, Job, LedgerStatus};
+use herald::email::file::FileTransport;
+use herald::email::SendPacer;
 use herald::idempotency::hot_tier::{HotTier, RedisMode};
 use herald::idempotency::{Fingerprint, IdempotencyKey, KeyScope, StoredResponse};
+use herald::retry::RetryPolicy;
 use herald::store::sqlite::SqliteStore;
 use herald::store::{KeyClaim, KeyClaimRequest, Store};
 use support::testable;
@@ -167,7 +174,6 @@ async fn the_relay_and_the_ledger_consumer_apply_a_committed_charge_once() {
     let relay_args = OutboxRelayArgs {
         store: store.clone(),
         publisher: broker.clone(),
-        listen_url: None,
         wake: wake.clone(),
         max_publish_per_sec: 500,
         redeliver_after: Duration::from_secs(60),
@@ -222,7 +228,6 @@ async fn the_janitor_deletes_settled_rows_past_their_retention() {
         OutboxRelayArgs {
             store: store.clone(),
             publisher: broker.clone(),
-            listen_url: None,
             wake: wake.clone(),
             max_publish_per_sec: 500,
             redeliver_after: Duration::from_secs(60),
@@ -350,4 +355,111 @@ async fn the_auditor_and_the_dlq_monitor_report_what_the_database_holds() {
     assert_eq!(metric("herald_dlq_depth "), Some(0.0));
     monitor.stop(None);
     assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test]
+async fn the_email_sender_sends_each_confirmation_once_in_a_batch() {
+    let (store, dir) = sqlite().await;
+    let mail = dir.path().join("mail");
+    let broker: Arc<dyn Broker> = Arc::new(InProcessBroker::new());
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let job = Job {
+        id: Uuid::now_v7(),
+        title: "Rust engineer".into(),
+        company: "Acme".into(),
+        location: "Remote".into(),
+        description: "Effectively once".into(),
+        posted_at: chrono::Utc::now(),
+    };
+    let created = StoredResponse {
+        status: 201,
+        body: "{}".into(),
+    };
+    store.post_job(&job, None, &created).await.unwrap();
+    let mut applications = Vec::new();
+    for user in ["ada", "bob", "cy"] {
+        let application = Application {
+            id: Uuid::now_v7(),
+            job_id: job.id,
+            user_id: user.into(),
+            email: format!("{user}@example.com"),
+            resume_url: None,
+            cover_letter: None,
+            email_status: EmailStatus::Pending,
+            created_at: chrono::Utc::now(),
+        };
+        store
+            .submit_application(&application, None, &created)
+            .await
+            .unwrap();
+        applications.push(application);
+    }
+    let config = Config::from_toml("").unwrap();
+    let sender = EmailSender::new(EmailSenderArgs {
+        store: store.clone(),
+        transport: Arc::new(FileTransport::new(mail.clone()).unwrap()),
+        from: "jobs@herald.test".into(),
+        pacer: Arc::new(SendPacer::new(100.0)),
+        policy: RetryPolicy::from(&config.retry),
+        // No budget actor: a retry would be deferred (none is needed here).
+        budget: RetryBudgetHandle::new(ActorSlot::new("retry_budget"), TokensView::default()),
+        max_batch: 100,
+        linger: Duration::from_millis(20),
+        workers: 2,
+    });
+    let (relay, mut relay_handled) = testable::spawn(
+        OutboxRelay,
+        OutboxRelayArgs {
+            store: store.clone(),
+            publisher: broker.clone(),
+            wake: wake.clone(),
+            max_publish_per_sec: 500,
+            redeliver_after: Duration::from_secs(60),
+            unclaimed_after: Duration::from_secs(180),
+            poll_interval: Duration::from_millis(100),
+        },
+    )
+    .await;
+    let (email, mut email_handled) = testable::spawn(
+        ConsumerActor::<EmailSender>::new(),
+        ConsumerArgs {
+            pool: PoolArgs {
+                broker,
+                consumer_name: "test".into(),
+                workers: EmailSender::reading_width(100, 2),
+                reclaim_after: Duration::from_secs(30),
+            },
+            handler: Arc::new(sender),
+        },
+    )
+    .await;
+    wake.notify_one();
+    for application in &applications {
+        eventually(
+            "the confirmation recorded as sent",
+            Duration::from_secs(10),
+            || {
+                let store = store.clone();
+                let (id, user) = (application.id, application.user_id.clone());
+                async move {
+                    let now = store.get_application(id, &user).await.unwrap()?;
+                    (now.email_status == EmailStatus::Sent).then_some(())
+                }
+            },
+        )
+        .await;
+    }
+    let files: Vec<String> = std::fs::read_dir(&mail)
+        .unwrap()
+        .map(|f| std::fs::read_to_string(f.unwrap().path()).unwrap())
+        .collect();
+    assert_eq!(files.len(), 3, "one email per application");
+    for user in ["ada", "bob", "cy"] {
+        let to = format!("To: {user}@example.com");
+        assert_eq!(files.iter().filter(|f| f.contains(&to)).count(), 1, "{to}");
+    }
+    relay.stop(None);
+    email.stop(None);
+    relay_handled.assert_stopped_without_a_message().await;
+    email_handled.assert_stopped_without_a_message().await;
 }

@@ -5,6 +5,29 @@ use super::*;
 
 #[async_trait]
 impl RelayStore for PgStore {
+    async fn watch_commits(&self, wake: std::sync::Arc<tokio::sync::Notify>) {
+        loop {
+            // A one-connection sqlx pool of its own: PgListener holds it.
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(1)
+                .connect_lazy_with(self.options.clone());
+            match sqlx::postgres::PgListener::connect_with(&pool).await {
+                Ok(mut listener) => {
+                    if let Err(e) = listener.listen("herald_outbox").await {
+                        tracing::warn!(error = %e, "outbox LISTEN failed; polling only until it works");
+                    } else {
+                        // recv reconnects by itself; an error here is worth a pause.
+                        while listener.recv().await.is_ok() {
+                            wake.notify_one();
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "outbox listener cannot connect yet"),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
     #[instrument(skip_all)]
     async fn outbox_stats(&self) -> Result<OutboxStats, StoreError> {
         let mut session = self.session().await?;
