@@ -131,8 +131,12 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
             config.email.transport
         ));
     }
+    // Written, not `println!`: a reader that took the first line and closed
+    // the pipe (a supervisor, `herald bench`) must not kill the daemon.
     let ready = move || {
-        println!("{banner}");
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{banner}").and_then(|()| out.flush());
     };
     server::run(config, listeners, shutdown_signal(), ready).await
 }

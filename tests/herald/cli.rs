@@ -5,6 +5,8 @@ use crate::support::clean_env;
 
 use clean_env::herald_command;
 
+use std::time::Duration;
+
 fn herald(env: &[(&str, &str)], args: &[&str]) -> (i32, String, String) {
     let out = herald_command()
         .envs(env.iter().copied())
@@ -198,4 +200,40 @@ fn a_database_that_refuses_connections_is_reported_with_its_cause_at_once() {
     );
     assert!(!stdout.contains("listening"), "never ready: {stdout}");
     assert!(took < std::time::Duration::from_secs(5), "took {took:?}");
+}
+
+/// A daemon whose stdout nobody reads any more (a supervisor that took the
+/// ready line and closed the pipe, `herald bench`) keeps serving: printing
+/// its banner to a closed pipe is not a reason to die.
+#[tokio::test]
+async fn a_daemon_whose_stdout_is_closed_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = crate::support::free_port();
+    let mut child = herald_command()
+        .arg("serve")
+        .env(
+            "HERALD_DATABASE_URL",
+            format!("sqlite://{}", dir.path().join("herald.db").display()),
+        )
+        .env("HERALD_STATE_DIR", dir.path().join("var"))
+        .env("HERALD_LISTEN", format!("127.0.0.1:{port}"))
+        .env("HERALD_ADMIN_LISTEN", "127.0.0.1:0")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run herald");
+    // Closed before the daemon writes a byte: every write to it fails.
+    drop(child.stdout.take());
+    let url = format!("http://127.0.0.1:{port}/healthz");
+    crate::support::eventually("the daemon serving", Duration::from_secs(60), || {
+        let url = url.clone();
+        async move {
+            let answer = reqwest::get(&url).await.ok()?;
+            (answer.status() == 200).then_some(())
+        }
+    })
+    .await;
+    assert!(child.try_wait().unwrap().is_none(), "still running");
+    let _ = child.kill();
+    let _ = child.wait();
 }
