@@ -88,6 +88,23 @@ async fn charge(store: &Arc<dyn Store>, user: &str, amount_cents: i64) -> Charge
     charge
 }
 
+/// The relay as the daemon runs it, on `store` and `broker`, woken by `wake`.
+fn relay_args(
+    store: &Arc<dyn Store>,
+    broker: &Arc<dyn Broker>,
+    wake: &Arc<tokio::sync::Notify>,
+) -> OutboxRelayArgs {
+    OutboxRelayArgs {
+        store: store.clone(),
+        publisher: broker.clone(),
+        wake: wake.clone(),
+        max_publish_per_sec: 500,
+        redeliver_after: Duration::from_secs(60),
+        unclaimed_after: Duration::from_secs(180),
+        poll_interval: Duration::from_millis(100),
+    }
+}
+
 /// The value of `name` (a line `name{…} value` or `name value`) in this
 /// process's metrics.
 fn metric(name_and_labels: &str) -> Option<f64> {
@@ -171,15 +188,7 @@ async fn the_relay_and_the_ledger_consumer_apply_a_committed_charge_once() {
     let (store, _dir) = sqlite().await;
     let broker: Arc<dyn Broker> = Arc::new(InProcessBroker::new());
     let wake = Arc::new(tokio::sync::Notify::new());
-    let relay_args = OutboxRelayArgs {
-        store: store.clone(),
-        publisher: broker.clone(),
-        wake: wake.clone(),
-        max_publish_per_sec: 500,
-        redeliver_after: Duration::from_secs(60),
-        unclaimed_after: Duration::from_secs(180),
-        poll_interval: Duration::from_millis(100),
-    };
+    let relay = relay_args(&store, &broker, &wake);
     let ledger_args = ConsumerArgs {
         pool: PoolArgs {
             broker: broker.clone(),
@@ -189,7 +198,7 @@ async fn the_relay_and_the_ledger_consumer_apply_a_committed_charge_once() {
         },
         handler: Arc::new(LedgerConsumer::new(store.clone())),
     };
-    let (relay, mut relay_handled) = testable::spawn(OutboxRelay, relay_args).await;
+    let (relay, mut relay_handled) = testable::spawn(OutboxRelay, relay).await;
     let (ledger, mut ledger_handled) =
         testable::spawn(ConsumerActor::<LedgerConsumer>::new(), ledger_args).await;
     let charges = [
@@ -223,19 +232,7 @@ async fn the_janitor_deletes_settled_rows_past_their_retention() {
     let charged = charge(&store, "ada", 100).await;
     // Settle it by hand: the ledger's delivery, as the consumer records it.
     let wake = Arc::new(tokio::sync::Notify::new());
-    let (relay, _) = testable::spawn(
-        OutboxRelay,
-        OutboxRelayArgs {
-            store: store.clone(),
-            publisher: broker.clone(),
-            wake: wake.clone(),
-            max_publish_per_sec: 500,
-            redeliver_after: Duration::from_secs(60),
-            unclaimed_after: Duration::from_secs(180),
-            poll_interval: Duration::from_millis(100),
-        },
-    )
-    .await;
+    let (relay, _) = testable::spawn(OutboxRelay, relay_args(&store, &broker, &wake)).await;
     let (ledger, _) = testable::spawn(
         ConsumerActor::<LedgerConsumer>::new(),
         ConsumerArgs {
@@ -407,19 +404,8 @@ async fn the_email_sender_sends_each_confirmation_once_in_a_batch() {
         linger: Duration::from_millis(20),
         workers: 2,
     });
-    let (relay, mut relay_handled) = testable::spawn(
-        OutboxRelay,
-        OutboxRelayArgs {
-            store: store.clone(),
-            publisher: broker.clone(),
-            wake: wake.clone(),
-            max_publish_per_sec: 500,
-            redeliver_after: Duration::from_secs(60),
-            unclaimed_after: Duration::from_secs(180),
-            poll_interval: Duration::from_millis(100),
-        },
-    )
-    .await;
+    let (relay, mut relay_handled) =
+        testable::spawn(OutboxRelay, relay_args(&store, &broker, &wake)).await;
     let (email, mut email_handled) = testable::spawn(
         ConsumerActor::<EmailSender>::new(),
         ConsumerArgs {
