@@ -2,10 +2,12 @@
 //! ever doing a side effect twice.
 //!
 //! Requests arrive at a [`warp`] front ([`http`]) that validates and
-//! authenticates, then asks a supervised tree of [`ractor`] actors ([`actors`])
-//! for answers. The [`actors::key_registry`] resolves an `Idempotency-Key` into
-//! new / in-flight / replay / mismatch; the business row, its outbox event and
-//! the key's outcome then commit in one transaction through the [`store`].
+//! authenticates, then follows the idempotency protocol
+//! ([`idempotency::protocol`]): an `Idempotency-Key` resolves into new /
+//! in-flight / replay / mismatch; the handler builds its response, and the
+//! business row, its outbox event and the key's outcome commit in one
+//! transaction through the [`store`]. A supervised tree of [`ractor`] actors
+//! ([`actors`]) does the work after the commit.
 //! Committed events leave through the outbox relay and the broker to their
 //! consumers (email) and to every process's [`actors::sse_hub`], which feeds
 //! the live job stream of the web page (`web/`, compiled in).
@@ -15,10 +17,15 @@
 //! - [`config`]: layered configuration (built-in defaults, `HERALD_CONFIG` file,
 //!   `HERALD_*` environment) validated at start.
 //! - [`domain`]: typed request and resource values that validate on construction.
-//! - [`idempotency`]: the key type, the canonical-JSON fingerprint and the Redis
-//!   hot tier in front of the database's key table.
-//! - [`store`]: the storage trait and its backends, Postgres and SQLite, each
-//!   with its own migrations folder, chosen by `database_url`'s scheme.
+//! - [`keys`]: the values an `Idempotency-Key` is made of (key, scope,
+//!   canonical-JSON fingerprint, stored response).
+//! - [`idempotency`]: the protocol every keyed route follows, and the Redis hot
+//!   tier in front of the database's key table.
+//! - [`store`]: the storage traits, one per concern, and their backends,
+//!   Postgres and SQLite (a folder each, a file per concern, their own
+//!   migrations folder), chosen by `database_url`'s scheme.
+//! - [`rate`]: the one rate-limiting primitive (a token bucket) every limit uses.
+//! - [`failpoints`]: the tests' crash and pause points (feature `failpoints`).
 //! - [`secrets`]: the embedded mode's generated admin token and JWT secret.
 //! - [`actors`]: the root supervisor and its children (KeyRegistry,
 //!   OutboxRelay, EmailSender pool, RetryBudget, DlqMonitor, Janitor, SseHub).
@@ -41,8 +48,10 @@ pub mod client;
 pub mod config;
 pub mod domain;
 pub mod email;
+pub mod failpoints;
 pub mod http;
 pub mod idempotency;
+pub mod keys;
 pub mod rate;
 pub mod retry;
 pub mod secrets;

@@ -283,7 +283,7 @@ impl AppState {
         // Failpoint: a request that holds its claim for a while (the
         // in-flight duplicate case, on any backend).
         if lease.is_some() {
-            if let Some(pause) = failpoint_pause("intake-after-claim") {
+            if let Some(pause) = crate::failpoints::pause("intake-after-claim") {
                 tokio::time::sleep(pause).await;
             }
         }
@@ -343,15 +343,4 @@ impl AppState {
         }
         Ok(response)
     }
-}
-
-/// A pause armed through the failpoint `name` (`name=return(<ms>)`); always
-/// `None` unless built with the `failpoints` feature and armed.
-pub(crate) fn failpoint_pause(name: &str) -> Option<Duration> {
-    #[cfg(not(feature = "failpoints"))]
-    let _ = name;
-    fail::fail_point!(name, |ms| ms
-        .and_then(|ms| ms.parse().ok())
-        .map(Duration::from_millis));
-    None
 }

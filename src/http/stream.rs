@@ -89,7 +89,7 @@ pub async fn job_stream(state: &AppState, request: &Request) -> Response {
     };
     // Failpoint: a pause between subscribing and asking for the snapshot
     // (the race this order closes).
-    if let Some(pause) = super::failpoint_pause("sse-after-subscribe") {
+    if let Some(pause) = crate::failpoints::pause("sse-after-subscribe") {
         tokio::time::sleep(pause).await;
     }
     let mut frames = VecDeque::from([retry_frame(RETRY_ON_CONNECT_MS)]);

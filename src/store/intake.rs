@@ -6,7 +6,7 @@ use uuid::Uuid;
 
 use super::*;
 use crate::domain::{Application, Charge, Job};
-use crate::idempotency::StoredResponse;
+use crate::keys::StoredResponse;
 
 /// The result of applying: a new application or the user's existing one.
 #[derive(Debug, Clone)]

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 use super::*;
-use crate::idempotency::{Fingerprint, IdempotencyKey, KeyScope, StoredResponse};
+use crate::keys::{Fingerprint, IdempotencyKey, KeyScope, StoredResponse};
 
 /// A request to claim an idempotency key.
 #[derive(Debug, Clone)]

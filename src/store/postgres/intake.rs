@@ -110,7 +110,7 @@ impl PgStore {
         // Failpoint: a business transaction that holds its locks (the key's
         // row, the outbox row) for a while before committing, so a request
         // timeout can cut it off mid-transaction.
-        if let Some(pause) = crate::http::failpoint_pause("business-before-commit") {
+        if let Some(pause) = crate::failpoints::pause("business-before-commit") {
             tokio::time::sleep(pause).await;
         }
         tx.commit().await?;

@@ -36,7 +36,7 @@ use super::*;
 use crate::broker::Envelope;
 use crate::config::Config;
 use crate::domain::{topics, Application, Charge, Job};
-use crate::idempotency::{IdempotencyKey, KeyScope, StoredResponse};
+use crate::keys::{IdempotencyKey, KeyScope, StoredResponse};
 
 /// Migrations whose text changed after they shipped in comments only, with
 /// the SHA-384 of the text as first shipped. sqlx refuses to run against a

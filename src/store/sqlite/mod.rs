@@ -56,7 +56,7 @@ use super::*;
 use crate::broker::Envelope;
 use crate::config::Config;
 use crate::domain::{topics, Application, Charge, Job};
-use crate::idempotency::{KeyScope, StoredResponse};
+use crate::keys::{KeyScope, StoredResponse};
 
 /// Now, in the schema's unit (microseconds since the epoch).
 fn now_us() -> i64 {
