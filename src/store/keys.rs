@@ -107,6 +107,25 @@ pub fn decide_taken_key(taken: TakenKey, fingerprint: &Fingerprint) -> TakenKeyD
     })
 }
 
+/// The stored response of a taken key, read from its row (`state`,
+/// `response_status` as a 64-bit integer, `response_body`): `Some` only for a
+/// completed key. The same reading on both backends.
+pub(crate) fn completed_response<R>(row: &R) -> Result<Option<StoredResponse>, sqlx::Error>
+where
+    R: sqlx::Row,
+    for<'c> &'c str: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    if row.try_get::<String, _>("state")? != "completed" {
+        return Ok(None);
+    }
+    Ok(Some(StoredResponse {
+        status: stored_status(row.try_get("response_status")?),
+        body: row.try_get("response_body")?,
+    }))
+}
+
 /// A stored response status as the database keeps it (a small integer);
 /// one that is not an HTTP status reads as 500, never as a wrapped number.
 pub fn stored_status(column: i64) -> u16 {

@@ -81,7 +81,8 @@ impl KeyStore for PgStore {
                     return Ok(KeyClaim::New(claim.lease_to(holder)));
                 }
                 let existing = sqlx::query(
-                    "SELECT fingerprint, state, holder, response_status, response_body,
+                    "SELECT fingerprint, state, holder, response_status::int8 AS response_status,
+                            response_body,
                             expires_at < now() AS expired,
                             EXTRACT(EPOCH FROM expires_at - now())::float8 AS remaining_secs,
                             lease_expires_at < now() AS lapsed
@@ -93,17 +94,9 @@ impl KeyStore for PgStore {
                 .await?;
                 let Some(row) = existing else { continue };
                 let previous: Uuid = row.try_get("holder")?;
-                let completed = if row.try_get::<String, _>("state")? == "completed" {
-                    Some(StoredResponse {
-                        status: stored_status(row.try_get::<i16, _>("response_status")?.into()),
-                        body: row.try_get("response_body")?,
-                    })
-                } else {
-                    None
-                };
                 let taken = TakenKey {
                     fingerprint: row.try_get("fingerprint")?,
-                    completed,
+                    completed: completed_response(&row)?,
                     expired: row.try_get("expired")?,
                     lease_lapsed: row.try_get::<Option<bool>, _>("lapsed")? == Some(true),
                     remaining: Duration::from_secs_f64(

@@ -124,17 +124,9 @@ impl KeyStore for SqliteStore {
         .fetch_one(&mut *tx)
         .await?;
         let expires_at = row.try_get::<i64, _>("expires_at")?;
-        let completed = if row.try_get::<String, _>("state")? == "completed" {
-            Some(StoredResponse {
-                status: stored_status(row.try_get("response_status")?),
-                body: row.try_get("response_body")?,
-            })
-        } else {
-            None
-        };
         let taken = TakenKey {
             fingerprint: row.try_get("fingerprint")?,
-            completed,
+            completed: completed_response(&row)?,
             expired: expires_at < now,
             lease_lapsed: row
                 .try_get::<Option<i64>, _>("lease_expires_at")?

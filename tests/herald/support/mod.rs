@@ -56,14 +56,18 @@ where
     Fut: std::future::Future<Output = Option<T>>,
 {
     let deadline = Instant::now() + timeout;
+    // The poll rate: a check every 20 ms (a slow check is not followed by
+    // a burst of catch-up checks).
+    let mut every = tokio::time::interval(Duration::from_millis(20));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        every.tick().await;
         if let Some(v) = check().await {
             return v;
         }
         if Instant::now() > deadline {
             panic!("timed out after {timeout:?} waiting for: {what}");
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
