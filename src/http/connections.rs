@@ -349,9 +349,13 @@ where
             .timer(TokioTimer::new())
             .header_read_timeout(self.limits.idle_timeout)
             .keep_alive(true);
-        let connection = watcher.watch(http1.serve_connection(io, service));
+        // Pinned out here rather than inside `select!` so that an overdue head
+        // is counted while the socket is still open: `select!` drops its
+        // losing futures before running the winner's arm, and a client that
+        // sees its connection closed must already find it in the metric.
+        let mut connection = std::pin::pin!(watcher.watch(http1.serve_connection(io, service)));
         tokio::select! {
-            result = connection => {
+            result = &mut connection => {
                 if let Err(e) = result {
                     tracing::debug!(listener = self.limits.listener, %peer, error = %e, "connection ended");
                 }
@@ -361,6 +365,7 @@ where
                 tracing::debug!(listener = self.limits.listener, %peer, "request head not complete in time; closed");
             }
         }
+        drop(connection);
         let now_open = self.open.fetch_sub(1, Ordering::Relaxed) - 1;
         metrics::connections_open(self.limits.listener, now_open);
     }

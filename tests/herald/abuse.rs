@@ -581,7 +581,9 @@ async fn half_sent_heads_and_silent_connections_neither_delay_others_nor_stay_op
         .expect("healthz");
     assert_eq!(r.status(), 200);
     let waited = asked.elapsed();
-    assert!(waited < Duration::from_secs(2), "healthz took {waited:?}");
+    // Were the stalled connections in its way, it would wait out their
+    // 10 s header timeout; 5 s leaves room for a loaded CI machine.
+    assert!(waited < Duration::from_secs(5), "healthz took {waited:?}");
     // Every one of the 400 is closed by the server within 40 s.
     let deadline = started + Duration::from_secs(40);
     let closed = futures::future::join_all(held.into_iter().map(|s| closed_by(s, deadline))).await;
@@ -594,12 +596,11 @@ async fn half_sent_heads_and_silent_connections_neither_delay_others_nor_stay_op
         "400 stalled connections closed within {:?}; healthz answered in {waited:?}",
         started.elapsed()
     );
-    assert!(
-        herald
-            .metric("herald_connections_header_timeout_total{listener=\"public\"}")
-            .await
-            >= 400.0
-    );
+    // Counted before the socket closes, so one read after the last close sees all.
+    let timed_out = herald
+        .metric("herald_connections_header_timeout_total{listener=\"public\"}")
+        .await;
+    assert!(timed_out >= 400.0, "{timed_out} header timeouts counted");
 }
 
 #[tokio::test]
