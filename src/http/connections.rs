@@ -353,6 +353,7 @@ where
         // is counted while the socket is still open: `select!` drops its
         // losing futures before running the winner's arm, and a client that
         // sees its connection closed must already find it in the metric.
+        // The connection (and its socket) is dropped when `run` returns.
         let mut connection = std::pin::pin!(watcher.watch(http1.serve_connection(io, service)));
         tokio::select! {
             result = &mut connection => {
@@ -365,7 +366,6 @@ where
                 tracing::debug!(listener = self.limits.listener, %peer, "request head not complete in time; closed");
             }
         }
-        drop(connection);
         let now_open = self.open.fetch_sub(1, Ordering::Relaxed) - 1;
         metrics::connections_open(self.limits.listener, now_open);
     }
