@@ -58,12 +58,19 @@ use crate::domain::topics;
 use crate::email::{Email, SendError, SendPacer, Transport};
 use crate::retry::RetryPolicy;
 use crate::store::{
-    Admission, BatchDecision, BatchResult, BatchToSend, MemberOutcome, Store, StoreError,
+    Admission, BatchDecision, BatchResult, BatchToSend, Consumer, Effect, MemberOutcome, Store,
+    StoreError,
 };
 use crate::telemetry::metrics as m;
 
 /// The consumer's name in inboxes, dead letters, metrics and the group.
 pub const CONSUMER: &str = "email";
+/// What the store records for a sent confirmation: the application's
+/// `email_status`.
+const AS_STORED: Consumer = Consumer {
+    name: CONSUMER,
+    effect: Effect::ApplicationEmail,
+};
 /// The RetryBudget call site of the email API.
 pub const CALL_SITE: &str = "email_api";
 /// How often an idle sender looks for due batches (retries, or batches a
@@ -216,7 +223,7 @@ impl EmailSender {
         let formed = self
             .args
             .store
-            .form_batch(CONSUMER, uuid::Uuid::now_v7(), &envelopes)
+            .form_batch(AS_STORED, uuid::Uuid::now_v7(), &envelopes)
             .await;
         // Failpoint (`batch-after-form=panic` or `=return`): a crash after
         // the membership commit, before any send and before the acks.
@@ -251,7 +258,7 @@ impl EmailSender {
             let (args, reserved) = (args.clone(), reserved.clone());
             async move { send_batch(&args, batch, &reserved).await }.boxed()
         };
-        let sent = self.args.store.send_due_batch(CONSUMER, &send).await;
+        let sent = self.args.store.send_due_batch(AS_STORED, &send).await;
         self.in_flight.leave();
         record(sent);
     }

@@ -21,11 +21,17 @@ use super::consumer::ConsumerActor;
 use super::consumer::{self, Handler};
 use crate::broker::Delivery;
 use crate::domain::topics;
-use crate::store::{DeliveryDecision, Store};
+use crate::store::{Consumer, DeliveryDecision, Effect, Store};
 use crate::telemetry::metrics as m;
 
 /// The consumer's name in inboxes, dead letters, metrics and the group.
 pub const CONSUMER: &str = "ledger";
+/// What the store records for an applied charge: its ledger entry and
+/// `ledger_status`.
+const AS_STORED: Consumer = Consumer {
+    name: CONSUMER,
+    effect: Effect::ChargeLedger,
+};
 
 /// Applies `charge.created` entries to the ledger: the handler of the
 /// LedgerConsumer actor, a [`ConsumerActor`].
@@ -72,7 +78,10 @@ impl Handler for LedgerConsumer {
                 }
                 .boxed()
             };
-            let outcome = self.store.deliver_event(CONSUMER, envelope, &deliver).await;
+            let outcome = self
+                .store
+                .deliver_event(AS_STORED, envelope, &deliver)
+                .await;
             consumer::settle(CONSUMER, envelope.event_id, outcome, m::ledger_entry)
         }
         .boxed()

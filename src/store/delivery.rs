@@ -12,6 +12,81 @@ use uuid::Uuid;
 use super::*;
 use crate::broker::Envelope;
 
+/// A consumer as the store sees it: the name its inbox rows, batches and
+/// dead letters carry, and the typed effect its deliveries have on Herald's
+/// own tables. The consumer says what it does; the store never works that
+/// out from an event's topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Consumer {
+    pub name: &'static str,
+    pub effect: Effect,
+}
+
+/// What a consumer's delivery changes besides its inbox row and the settled
+/// outbox row. Stored on a dead letter (`dead_letters.effect`), so that a
+/// replay undoes exactly what the letter's consumer did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    /// An application's `email_status` follows its confirmation email.
+    ApplicationEmail,
+    /// A charge's ledger entry is written when it is delivered, and its
+    /// `ledger_status` follows.
+    ChargeLedger,
+}
+
+/// Where a delivery ended, as its aggregate's status shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    Delivered,
+    Dead,
+    /// A dead letter put back in the outbox: waiting again.
+    Replayed,
+}
+
+impl Effect {
+    /// Its name in `dead_letters.effect`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Effect::ApplicationEmail => "application_email",
+            Effect::ChargeLedger => "charge_ledger",
+        }
+    }
+
+    /// The effect a stored name means; `None` for a name this build does
+    /// not know (a letter then replays without touching an aggregate).
+    pub fn parse(name: &str) -> Option<Self> {
+        [Effect::ApplicationEmail, Effect::ChargeLedger]
+            .into_iter()
+            .find(|e| e.as_str() == name)
+    }
+
+    /// The statement that sets the aggregate's status: `$1` the status,
+    /// `$2` the aggregate's id. One text for both backends (sqlx binds
+    /// SQLite's `$n` by its number).
+    pub(crate) const fn status_update(self) -> &'static str {
+        match self {
+            Effect::ApplicationEmail => "UPDATE applications SET email_status = $1 WHERE id = $2",
+            Effect::ChargeLedger => "UPDATE charges SET ledger_status = $1 WHERE id = $2",
+        }
+    }
+
+    /// The aggregate's status once a delivery has `settled` so.
+    pub(crate) const fn status(self, settled: Settled) -> &'static str {
+        match (self, settled) {
+            (Effect::ApplicationEmail, Settled::Delivered) => "sent",
+            (Effect::ChargeLedger, Settled::Delivered) => "applied",
+            (_, Settled::Dead) => "dead",
+            (_, Settled::Replayed) => "pending",
+        }
+    }
+
+    /// Whether a delivery writes a ledger entry (in the same transaction as
+    /// its inbox row, so the entry exists exactly when the row does).
+    pub(crate) const fn writes_ledger_entry(self) -> bool {
+        matches!(self, Effect::ChargeLedger)
+    }
+}
+
 /// What [`Store::form_batch`] made of one envelope.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
@@ -128,14 +203,14 @@ pub fn batch_outcomes(decision: &BatchDecision, members: usize) -> Vec<MemberOut
 
 /// What a settled batch writes for one member.
 pub(crate) enum MemberRecord<'a> {
-    Done(DoneEvent<'a>),
+    Done(DoneEvent),
     Dead(DeadEvent<'a>),
 }
 
 /// The records of a batch's members, in order, from the outcomes
 /// [`batch_outcomes`] gave; the same on both backends.
 pub(crate) fn member_records<'a>(
-    consumer: &'a str,
+    consumer: Consumer,
     members: &'a [Envelope],
     aggregates: &'a [Uuid],
     outcomes: &'a [MemberOutcome],
@@ -150,7 +225,6 @@ pub(crate) fn member_records<'a>(
             MemberOutcome::Done => MemberRecord::Done(DoneEvent {
                 consumer,
                 event_id: member.event_id,
-                topic: &member.topic,
                 aggregate_id: *aggregate_id,
                 attempt,
             }),
@@ -167,10 +241,9 @@ pub(crate) fn member_records<'a>(
 }
 
 /// One delivered event to record, as both backends record it.
-pub(crate) struct DoneEvent<'a> {
-    pub(crate) consumer: &'a str,
+pub(crate) struct DoneEvent {
+    pub(crate) consumer: Consumer,
     pub(crate) event_id: Uuid,
-    pub(crate) topic: &'a str,
     pub(crate) aggregate_id: Uuid,
     /// The attempt that succeeded (1-based).
     pub(crate) attempt: i32,
@@ -178,7 +251,7 @@ pub(crate) struct DoneEvent<'a> {
 
 /// One event to dead-letter, as both backends record it.
 pub(crate) struct DeadEvent<'a> {
-    pub(crate) consumer: &'a str,
+    pub(crate) consumer: Consumer,
     pub(crate) event_id: Uuid,
     pub(crate) topic: &'a str,
     pub(crate) aggregate_id: Uuid,
@@ -239,7 +312,7 @@ pub trait DeliveryStore: Send + Sync {
     /// carries the same members under the same key.
     async fn form_batch(
         &self,
-        consumer: &str,
+        consumer: Consumer,
         batch_id: Uuid,
         envelopes: &[Envelope],
     ) -> Result<Vec<Admission>, StoreError>;
@@ -252,7 +325,7 @@ pub trait DeliveryStore: Send + Sync {
     /// `None` when no batch is due.
     async fn send_due_batch(
         &self,
-        consumer: &str,
+        consumer: Consumer,
         send: BatchSendFn<'_>,
     ) -> Result<Option<BatchResult>, StoreError>;
 
@@ -265,7 +338,7 @@ pub trait DeliveryStore: Send + Sync {
     /// settle, a scheduled retry, a deferral, or a dead letter.
     async fn deliver_event(
         &self,
-        consumer: &str,
+        consumer: Consumer,
         envelope: &Envelope,
         deliver: DeliverFn<'_>,
     ) -> Result<DeliveryResult, StoreError>;
@@ -274,6 +347,24 @@ pub trait DeliveryStore: Send + Sync {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_effect_names_itself_and_its_statuses() {
+        for effect in [Effect::ApplicationEmail, Effect::ChargeLedger] {
+            assert_eq!(Effect::parse(effect.as_str()), Some(effect));
+            assert_eq!(effect.status(Settled::Dead), "dead");
+            assert_eq!(effect.status(Settled::Replayed), "pending");
+        }
+        assert_eq!(Effect::parse("application.submitted"), None);
+        assert_eq!(Effect::ApplicationEmail.status(Settled::Delivered), "sent");
+        assert_eq!(Effect::ChargeLedger.status(Settled::Delivered), "applied");
+        assert!(Effect::ChargeLedger.writes_ledger_entry());
+        assert!(!Effect::ApplicationEmail.writes_ledger_entry());
+        assert!(Effect::ChargeLedger.status_update().contains("charges"));
+        assert!(Effect::ApplicationEmail
+            .status_update()
+            .contains("applications"));
+    }
 
     #[test]
     fn a_batch_decision_gives_each_member_its_own_outcome() {

@@ -377,3 +377,57 @@ async fn a_database_migrated_before_the_comment_only_migration_edits_still_migra
         assert_eq!(got, want, "migration {version}");
     }
 }
+
+#[tokio::test]
+async fn dead_letters_written_before_effects_were_stored_are_given_theirs_on_migrating() {
+    // A database as the release before migration 7 left it, holding one
+    // dead letter of each consumer …
+    let pg = support::Postgres::start().await;
+    let before = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(repo("migrations/postgres")).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if name.as_str() < "0007" {
+            std::fs::copy(&path, before.path().join(&name)).unwrap();
+        }
+    }
+    let db = sqlx::PgPool::connect(&pg.url()).await.unwrap();
+    sqlx::migrate::Migrator::new(before.path())
+        .await
+        .unwrap()
+        .run(&db)
+        .await
+        .unwrap();
+    for (consumer, topic) in [
+        ("email", "application.submitted"),
+        ("ledger", "charge.created"),
+    ] {
+        sqlx::query(
+            "INSERT INTO dead_letters (id, event_id, consumer, topic, attempts, last_error,
+                                       first_failed_at)
+             VALUES (gen_random_uuid(), gen_random_uuid(), $1, $2, 5, 'refused', now())",
+        )
+        .bind(consumer)
+        .bind(topic)
+        .execute(&db)
+        .await
+        .unwrap();
+    }
+    // … is migrated by this release, and each letter names its effect, so a
+    // replay puts its aggregate back to pending.
+    let env = vec![("HERALD_DATABASE_URL".to_string(), pg.url())];
+    let (code, _, stderr) = herald_with(&env, &["migrate"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let effects: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT consumer, effect FROM dead_letters ORDER BY consumer")
+            .fetch_all(&db)
+            .await
+            .unwrap();
+    assert_eq!(
+        effects,
+        [
+            ("email".into(), Some("application_email".into())),
+            ("ledger".into(), Some("charge_ledger".into()))
+        ]
+    );
+}

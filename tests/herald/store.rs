@@ -19,8 +19,8 @@ use herald::idempotency::{Fingerprint, IdempotencyKey, KeyScope, StoredResponse}
 use herald::store::postgres::PgStore;
 use herald::store::sqlite::SqliteStore;
 use herald::store::{
-    ApplyOutcome, DeliveryDecision, DeliveryResult, DlqAction, Invariant, KeyClaim,
-    KeyClaimRequest, Relayed, Store,
+    ApplyOutcome, Consumer, DeliveryDecision, DeliveryResult, DlqAction, Effect, Invariant,
+    KeyClaim, KeyClaimRequest, Relayed, Store,
 };
 use support::{eventually, Backend};
 use uuid::Uuid;
@@ -125,6 +125,12 @@ async fn relay(store: &Arc<dyn Store>, topic: &str) -> Vec<Envelope> {
     seen
 }
 
+/// The email consumer, as it hands itself to the store.
+const EMAIL: Consumer = Consumer {
+    name: "email",
+    effect: Effect::ApplicationEmail,
+};
+
 async fn deliver(
     store: &Arc<dyn Store>,
     envelope: &Envelope,
@@ -135,7 +141,7 @@ async fn deliver(
         async move { decision }.boxed()
     };
     store
-        .deliver_event("email", envelope, &decide)
+        .deliver_event(EMAIL, envelope, &decide)
         .await
         .expect("delivery recorded")
 }
@@ -342,6 +348,14 @@ async fn the_store_tells_the_same_story(backend: Backend) {
         },
     )
     .await;
+    let email_status = |id: Uuid, user: &'static str| {
+        let store = store.clone();
+        async move {
+            let application = store.get_application(id, user).await.unwrap();
+            application.expect("the application").email_status
+        }
+    };
+    assert_eq!(email_status(bob.id, "bob").await, EmailStatus::Dead);
     let letters = store.list_dead_letters(None, 10, None).await.unwrap();
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].event_id, bob_copy.event_id);
@@ -366,6 +380,8 @@ async fn the_store_tells_the_same_story(backend: Backend) {
             .unwrap(),
         DlqAction::NotFound
     );
+    // The letter's effect is undone: the application waits again.
+    assert_eq!(email_status(bob.id, "bob").await, EmailStatus::Pending);
     // The replayed event is due again, with a fresh attempt count.
     let replayed = relay(&store, topics::APPLICATION_SUBMITTED).await;
     assert_eq!(replayed.len(), 1);
@@ -377,6 +393,7 @@ async fn the_store_tells_the_same_story(backend: Backend) {
             ..
         }
     ));
+    assert_eq!(email_status(bob.id, "bob").await, EmailStatus::Sent);
 
     // The audit: every invariant holds.
     let audit = store

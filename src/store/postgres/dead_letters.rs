@@ -3,17 +3,18 @@
 
 use super::*;
 
-/// Reopens open dead letters for delivery, in one statement: closes them as
-/// replayed, audits each, puts their events back in the outbox (due now,
-/// attempts reset) and their applications back to `pending`. `$1` a topic
-/// or NULL, `$2` the actor, `$3` one letter's id or NULL.
+/// Reopens open dead letters for delivery: closes them as replayed, audits
+/// each, puts their events back in the outbox (due now, attempts reset) and
+/// returns each one's effect and aggregate, whose status the caller sets
+/// back to pending in the same transaction. `$1` a topic or NULL, `$2` the
+/// actor, `$3` one letter's id or NULL.
 pub(super) const REPLAY_DEAD_LETTERS: &str = "
 WITH letters AS (
     UPDATE dead_letters SET replayed_at = now()
      WHERE replayed_at IS NULL AND discarded_at IS NULL
        AND ($1::text IS NULL OR topic = $1)
        AND ($3::uuid IS NULL OR id = $3)
-    RETURNING id, event_id
+    RETURNING id, event_id, effect
 ), audit AS (
     INSERT INTO dlq_audit (dead_letter_id, event_id, action, actor)
     SELECT id, event_id, 'replay', $2 FROM letters
@@ -23,17 +24,10 @@ WITH letters AS (
            first_failed_at = NULL, batch_id = NULL, stream_id = NULL
       FROM letters l
      WHERE o.event_id = l.event_id
-    RETURNING o.topic, o.aggregate_id
-), apps AS (
-    UPDATE applications a SET email_status = 'pending'
-      FROM events e
-     WHERE e.topic = 'application.submitted' AND a.id = e.aggregate_id
-), charges AS (
-    UPDATE charges c SET ledger_status = 'pending'
-      FROM events e
-     WHERE e.topic = 'charge.created' AND c.id = e.aggregate_id
+    RETURNING o.event_id, o.aggregate_id
 )
-SELECT count(*) AS replayed FROM letters";
+SELECT l.effect, e.aggregate_id
+  FROM letters l LEFT JOIN events e ON e.event_id = l.event_id";
 
 /// Discards one open dead letter, audited. `$1` its id, `$2` the actor.
 pub(super) const DISCARD_DEAD_LETTER: &str = "
@@ -48,6 +42,35 @@ WITH letter AS (
 SELECT count(*) FROM letter";
 
 impl PgStore {
+    /// Replays the open dead letters matching `topic` and `id` (both
+    /// optional) in one transaction, their aggregates back to pending; how
+    /// many.
+    async fn replay_letters(
+        conn: &mut PgConnection,
+        topic: Option<&str>,
+        id: Option<Uuid>,
+        actor: &str,
+    ) -> Result<u64, StoreError> {
+        let mut tx = conn.begin().await?;
+        let letters = sqlx::query(REPLAY_DEAD_LETTERS)
+            .bind(topic)
+            .bind(actor)
+            .bind(id)
+            .fetch_all(&mut *tx)
+            .await?;
+        for letter in &letters {
+            let effect: Option<String> = letter.try_get("effect")?;
+            let aggregate: Option<Uuid> = letter.try_get("aggregate_id")?;
+            if let (Some(effect), Some(aggregate)) =
+                (effect.as_deref().and_then(Effect::parse), aggregate)
+            {
+                Self::set_status(&mut tx, effect, aggregate, Settled::Replayed).await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(letters.len() as u64)
+    }
+
     /// The common end of every business transaction: the outbox event, the
     /// key's outcome (when the request carries a key), commit.
     /// Closes one open dead letter as `how` (`Replayed` or `Discarded`),
@@ -63,14 +86,17 @@ impl PgStore {
         let result: Result<DlqAction, StoreError> = async {
             let conn: &mut PgConnection = &mut session;
             let closed: i64 = match how {
-                DlqAction::Replayed => sqlx::query_scalar(REPLAY_DEAD_LETTERS)
-                    .bind(None::<String>)
-                    .bind(actor)
-                    .bind(Some(id)),
-                _ => sqlx::query_scalar(DISCARD_DEAD_LETTER).bind(id).bind(actor),
-            }
-            .fetch_one(&mut *conn)
-            .await?;
+                DlqAction::Replayed => {
+                    Self::replay_letters(&mut *conn, None, Some(id), actor).await? as i64
+                }
+                _ => {
+                    sqlx::query_scalar(DISCARD_DEAD_LETTER)
+                        .bind(id)
+                        .bind(actor)
+                        .fetch_one(&mut *conn)
+                        .await?
+                }
+            };
             if closed > 0 {
                 return Ok(how);
             }
@@ -151,13 +177,7 @@ impl DeadLetterStore for PgStore {
         let mut session = self.session().await?;
         let result: Result<u64, StoreError> = async {
             let conn: &mut PgConnection = &mut session;
-            let replayed: i64 = sqlx::query_scalar(REPLAY_DEAD_LETTERS)
-                .bind(topic)
-                .bind(actor)
-                .bind(None::<Uuid>)
-                .fetch_one(&mut *conn)
-                .await?;
-            Ok(replayed.max(0) as u64)
+            Self::replay_letters(conn, topic, None, actor).await
         }
         .await;
         session.settle(result)

@@ -3,25 +3,26 @@
 
 use super::*;
 
-/// Records a delivered event: the consumer's inbox row, the local effect
-/// (an application's `email_status`; for a charge, its ledger entry and
-/// `ledger_status`, as [`PgStore::apply_effect`] does for the other outcomes)
-/// and the row settled, all in one statement, so a charge's ledger entry
-/// exists exactly when its inbox row does. `$1` consumer, `$2` event id,
-/// `$3` attempts spent, `$4` topic, `$5` aggregate id.
+/// Records a delivered event: the consumer's inbox row, its effect (the
+/// aggregate's status as [`Effect::status`] names it; for
+/// [`Effect::ChargeLedger`] also the ledger entry) and the row settled, all
+/// in one statement, so a charge's ledger entry exists exactly when its inbox
+/// row does. This one statement is the fast path of every delivery; the
+/// other outcomes use [`Effect::status_update`]. `$1` consumer, `$2` event
+/// id, `$3` attempts spent, `$4` the effect's name, `$5` aggregate id.
 pub(super) const SETTLE_DELIVERED: &str = "
 WITH inbox_row AS (
     INSERT INTO inbox (consumer, event_id) VALUES ($1, $2)
 ), effect AS (
     UPDATE applications SET email_status = 'sent'
-     WHERE $4 = 'application.submitted' AND id = $5
+     WHERE $4 = 'application_email' AND id = $5
 ), ledger AS (
     INSERT INTO ledger_entries (charge_id, event_id, user_id, amount_cents, currency)
     SELECT c.id, $2, c.user_id, c.amount_cents, c.currency FROM charges c
-     WHERE $4 = 'charge.created' AND c.id = $5
+     WHERE $4 = 'charge_ledger' AND c.id = $5
 ), charge AS (
     UPDATE charges SET ledger_status = 'applied'
-     WHERE $4 = 'charge.created' AND id = $5
+     WHERE $4 = 'charge_ledger' AND id = $5
 )
 UPDATE outbox_events SET settled_at = now(), attempts = $3, last_error = NULL
  WHERE event_id = $2";
@@ -35,22 +36,23 @@ impl PgStore {
     ) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO dead_letters
-                 (event_id, consumer, topic, attempts, last_error, first_failed_at, id)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 (event_id, consumer, topic, attempts, last_error, first_failed_at, id, effect)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
              ON CONFLICT (consumer, event_id) DO UPDATE
                 SET attempts = EXCLUDED.attempts, last_error = EXCLUDED.last_error,
                     dead_at = now(), replayed_at = NULL, discarded_at = NULL",
         )
         .bind(dead.event_id)
-        .bind(dead.consumer)
+        .bind(dead.consumer.name)
         .bind(dead.topic)
         .bind(dead.attempt)
         .bind(dead.error)
         .bind(dead.first_at)
         .bind(Uuid::now_v7())
+        .bind(dead.consumer.effect.as_str())
         .execute(&mut **tx)
         .await?;
-        Self::apply_effect(tx, dead.topic, dead.aggregate_id, "dead").await?;
+        Self::set_status(tx, dead.consumer.effect, dead.aggregate_id, Settled::Dead).await?;
         sqlx::query(
             "UPDATE outbox_events SET settled_at = now(), attempts = $2, last_error = $3
               WHERE event_id = $1",
@@ -63,24 +65,17 @@ impl PgStore {
         Ok(())
     }
 
-    /// The local effect of a settled delivery on its aggregate, in the
-    /// delivery's transaction: an application's `email_status`.
-    pub(super) async fn apply_effect(
+    /// Sets the aggregate's status for an `effect` that `settled` so, in
+    /// the caller's transaction.
+    pub(super) async fn set_status(
         tx: &mut Transaction<'_, Postgres>,
-        topic: &str,
+        effect: Effect,
         aggregate_id: Uuid,
-        status: &str,
+        settled: Settled,
     ) -> Result<(), StoreError> {
-        let update = match topic {
-            topics::APPLICATION_SUBMITTED => {
-                "UPDATE applications SET email_status = $2 WHERE id = $1"
-            }
-            topics::CHARGE_CREATED => "UPDATE charges SET ledger_status = $2 WHERE id = $1",
-            _ => return Ok(()),
-        };
-        sqlx::query(update)
+        sqlx::query(effect.status_update())
+            .bind(effect.status(settled))
             .bind(aggregate_id)
-            .bind(status)
             .execute(&mut **tx)
             .await?;
         Ok(())
@@ -89,10 +84,10 @@ impl PgStore {
 
 #[async_trait]
 impl DeliveryStore for PgStore {
-    #[instrument(skip_all, fields(consumer, members = envelopes.len()))]
+    #[instrument(skip_all, fields(consumer = consumer.name, members = envelopes.len()))]
     async fn form_batch(
         &self,
-        consumer: &str,
+        consumer: Consumer,
         batch_id: Uuid,
         envelopes: &[Envelope],
     ) -> Result<Vec<Admission>, StoreError> {
@@ -114,7 +109,7 @@ impl DeliveryStore for PgStore {
                   FOR UPDATE OF o",
             )
             .bind(&ids)
-            .bind(consumer)
+            .bind(consumer.name)
             .fetch_all(&mut *tx)
             .await?;
             let mut states = std::collections::HashMap::new();
@@ -148,7 +143,7 @@ impl DeliveryStore for PgStore {
             if !members.is_empty() {
                 sqlx::query("INSERT INTO send_batches (id, consumer) VALUES ($1, $2)")
                     .bind(batch_id)
-                    .bind(consumer)
+                    .bind(consumer.name)
                     .execute(&mut *tx)
                     .await?;
                 sqlx::query("UPDATE outbox_events SET batch_id = $1 WHERE event_id = ANY($2)")
@@ -164,10 +159,10 @@ impl DeliveryStore for PgStore {
         session.settle(result)
     }
 
-    #[instrument(skip_all, fields(consumer))]
+    #[instrument(skip_all, fields(consumer = consumer.name))]
     async fn send_due_batch(
         &self,
-        consumer: &str,
+        consumer: Consumer,
         send: BatchSendFn<'_>,
     ) -> Result<Option<BatchResult>, StoreError> {
         let mut session = self.session().await?;
@@ -181,7 +176,7 @@ impl DeliveryStore for PgStore {
                   LIMIT 1
                   FOR UPDATE SKIP LOCKED",
             )
-            .bind(consumer)
+            .bind(consumer.name)
             .fetch_optional(&mut *tx)
             .await?
             else {
@@ -272,10 +267,10 @@ impl DeliveryStore for PgStore {
                         match record {
                             MemberRecord::Done(done) => {
                                 sqlx::query(SETTLE_DELIVERED)
-                                    .bind(done.consumer)
+                                    .bind(done.consumer.name)
                                     .bind(done.event_id)
                                     .bind(done.attempt)
-                                    .bind(done.topic)
+                                    .bind(done.consumer.effect.as_str())
                                     .bind(done.aggregate_id)
                                     .execute(&mut *tx)
                                     .await?;
@@ -310,7 +305,7 @@ impl DeliveryStore for PgStore {
     #[instrument(skip_all, fields(event_id = %envelope.event_id))]
     async fn deliver_event(
         &self,
-        consumer: &str,
+        consumer: Consumer,
         envelope: &Envelope,
         deliver: DeliverFn<'_>,
     ) -> Result<DeliveryResult, StoreError> {
@@ -333,7 +328,7 @@ impl DeliveryStore for PgStore {
                   FOR UPDATE OF o",
             )
             .bind(envelope.event_id)
-            .bind(consumer)
+            .bind(consumer.name)
             .fetch_optional(&mut *tx)
             .await;
             let row = match row {
@@ -366,10 +361,10 @@ impl DeliveryStore for PgStore {
                 DeliveryDecision::Done => {
                     // Inbox row, local effect and settling in one statement.
                     sqlx::query(SETTLE_DELIVERED)
-                        .bind(consumer)
+                        .bind(consumer.name)
                         .bind(envelope.event_id)
                         .bind(attempt)
-                        .bind(&topic)
+                        .bind(consumer.effect.as_str())
                         .bind(aggregate_id)
                         .execute(&mut *tx)
                         .await?;

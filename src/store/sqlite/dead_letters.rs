@@ -14,7 +14,7 @@ impl SqliteStore {
         let mut tx = self.write().await?;
         let now = now_us();
         let letters = sqlx::query(
-            "SELECT d.id, d.event_id, o.topic, o.aggregate_id
+            "SELECT d.id, d.event_id, d.effect, o.aggregate_id
                FROM dead_letters d LEFT JOIN outbox_events o ON o.event_id = d.event_id
               WHERE d.replayed_at IS NULL AND d.discarded_at IS NULL
                 AND (?1 IS NULL OR d.topic = ?1) AND (?2 IS NULL OR d.id = ?2)",
@@ -52,10 +52,12 @@ impl SqliteStore {
             .bind(&event_id)
             .execute(&mut *tx)
             .await?;
-            let topic: Option<String> = letter.try_get("topic")?;
+            let effect: Option<String> = letter.try_get("effect")?;
             let aggregate: Option<String> = letter.try_get("aggregate_id")?;
-            if let (Some(topic), Some(aggregate)) = (topic, aggregate) {
-                Self::apply_effect(&mut tx, &topic, &aggregate, "pending").await?;
+            if let (Some(effect), Some(aggregate)) =
+                (effect.as_deref().and_then(Effect::parse), aggregate)
+            {
+                Self::set_status(&mut tx, effect, &aggregate, Settled::Replayed).await?;
             }
         }
         tx.commit().await?;

@@ -32,41 +32,36 @@ impl SqliteStore {
     }
 
     /// Records one delivered event: settles its row, writes its inbox row
-    /// and its effect (the application `sent`; the charge's ledger entry and
-    /// `applied`), in the caller's transaction.
+    /// and its consumer's effect (the aggregate's status; for
+    /// [`Effect::ChargeLedger`] first the ledger entry), in the caller's
+    /// transaction.
     pub(super) async fn record_done(
         tx: &mut Transaction<'_, Sqlite>,
-        done: &DoneEvent<'_>,
+        done: &DoneEvent,
         now: i64,
     ) -> Result<(), StoreError> {
         let (event_id, aggregate_id) = (done.event_id.to_string(), done.aggregate_id.to_string());
         Self::settle_row(tx, &event_id, done.attempt, None, now).await?;
         sqlx::query("INSERT INTO inbox (consumer, event_id, processed_at) VALUES (?, ?, ?)")
-            .bind(done.consumer)
+            .bind(done.consumer.name)
             .bind(&event_id)
             .bind(now)
             .execute(&mut **tx)
             .await?;
-        match done.topic {
-            topics::APPLICATION_SUBMITTED => {
-                Self::apply_effect(tx, done.topic, &aggregate_id, "sent").await?;
-            }
-            topics::CHARGE_CREATED => {
-                sqlx::query(
-                    "INSERT INTO ledger_entries
-                         (charge_id, event_id, user_id, amount_cents, currency, applied_at)
-                     SELECT id, ?, user_id, amount_cents, currency, ? FROM charges WHERE id = ?",
-                )
-                .bind(&event_id)
-                .bind(now)
-                .bind(&aggregate_id)
-                .execute(&mut **tx)
-                .await?;
-                Self::apply_effect(tx, done.topic, &aggregate_id, "applied").await?;
-            }
-            _ => {}
+        let effect = done.consumer.effect;
+        if effect.writes_ledger_entry() {
+            sqlx::query(
+                "INSERT INTO ledger_entries
+                     (charge_id, event_id, user_id, amount_cents, currency, applied_at)
+                 SELECT id, ?, user_id, amount_cents, currency, ? FROM charges WHERE id = ?",
+            )
+            .bind(&event_id)
+            .bind(now)
+            .bind(&aggregate_id)
+            .execute(&mut **tx)
+            .await?;
         }
-        Ok(())
+        Self::set_status(tx, effect, &aggregate_id, Settled::Delivered).await
     }
 
     /// Writes one event's dead letter, marks its aggregate `dead` and
@@ -80,42 +75,38 @@ impl SqliteStore {
         Self::settle_row(tx, &event_id, dead.attempt, Some(dead.error), now).await?;
         sqlx::query(
             "INSERT INTO dead_letters
-                 (id, event_id, consumer, topic, attempts, last_error, first_failed_at, dead_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                 (id, event_id, consumer, topic, attempts, last_error, first_failed_at, dead_at,
+                  effect)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
              ON CONFLICT (consumer, event_id) DO UPDATE
                 SET attempts = excluded.attempts, last_error = excluded.last_error,
                     dead_at = excluded.dead_at, replayed_at = NULL, discarded_at = NULL",
         )
         .bind(Uuid::now_v7().to_string())
         .bind(&event_id)
-        .bind(dead.consumer)
+        .bind(dead.consumer.name)
         .bind(dead.topic)
         .bind(dead.attempt)
         .bind(dead.error)
         .bind(dead.first_at.timestamp_micros())
         .bind(now)
+        .bind(dead.consumer.effect.as_str())
         .execute(&mut **tx)
         .await?;
-        Self::apply_effect(tx, dead.topic, &dead.aggregate_id.to_string(), "dead").await?;
-        Ok(())
+        let aggregate_id = dead.aggregate_id.to_string();
+        Self::set_status(tx, dead.consumer.effect, &aggregate_id, Settled::Dead).await
     }
 
-    /// The local effect of a dead delivery on its aggregate.
-    pub(super) async fn apply_effect(
+    /// Sets the aggregate's status for an `effect` that `settled` so, in
+    /// the caller's transaction.
+    pub(super) async fn set_status(
         tx: &mut Transaction<'_, Sqlite>,
-        topic: &str,
+        effect: Effect,
         aggregate_id: &str,
-        status: &str,
+        settled: Settled,
     ) -> Result<(), StoreError> {
-        let update = match topic {
-            topics::APPLICATION_SUBMITTED => {
-                "UPDATE applications SET email_status = ? WHERE id = ?"
-            }
-            topics::CHARGE_CREATED => "UPDATE charges SET ledger_status = ? WHERE id = ?",
-            _ => return Ok(()),
-        };
-        sqlx::query(update)
-            .bind(status)
+        sqlx::query(effect.status_update())
+            .bind(effect.status(settled))
             .bind(aggregate_id)
             .execute(&mut **tx)
             .await?;
@@ -125,10 +116,10 @@ impl SqliteStore {
 
 #[async_trait]
 impl DeliveryStore for SqliteStore {
-    #[instrument(skip_all, fields(consumer, members = envelopes.len()))]
+    #[instrument(skip_all, fields(consumer = consumer.name, members = envelopes.len()))]
     async fn form_batch(
         &self,
-        consumer: &str,
+        consumer: Consumer,
         batch_id: Uuid,
         envelopes: &[Envelope],
     ) -> Result<Vec<Admission>, StoreError> {
@@ -146,7 +137,7 @@ impl DeliveryStore for SqliteStore {
                    FROM outbox_events o WHERE o.event_id = ?1",
             )
             .bind(&event_id)
-            .bind(consumer)
+            .bind(consumer.name)
             .fetch_optional(&mut *tx)
             .await?;
             let state = match row {
@@ -169,7 +160,7 @@ impl DeliveryStore for SqliteStore {
                 "INSERT INTO send_batches (id, consumer, created_at, due_at) VALUES (?, ?, ?, ?)",
             )
             .bind(batch_id.to_string())
-            .bind(consumer)
+            .bind(consumer.name)
             .bind(now)
             .bind(now)
             .execute(&mut *tx)
@@ -186,10 +177,10 @@ impl DeliveryStore for SqliteStore {
         Ok(admissions)
     }
 
-    #[instrument(skip_all, fields(consumer))]
+    #[instrument(skip_all, fields(consumer = consumer.name))]
     async fn send_due_batch(
         &self,
-        consumer: &str,
+        consumer: Consumer,
         send: BatchSendFn<'_>,
     ) -> Result<Option<BatchResult>, StoreError> {
         // 1. Take the oldest due batch's lease in a short transaction (no
@@ -203,7 +194,7 @@ impl DeliveryStore for SqliteStore {
                 AND (locked_until IS NULL OR locked_until <= ?2)
               ORDER BY due_at LIMIT 1",
         )
-        .bind(consumer)
+        .bind(consumer.name)
         .bind(now)
         .fetch_optional(&mut *tx)
         .await?
@@ -328,7 +319,7 @@ impl DeliveryStore for SqliteStore {
     #[instrument(skip_all, fields(event_id = %envelope.event_id))]
     async fn deliver_event(
         &self,
-        consumer: &str,
+        consumer: Consumer,
         envelope: &Envelope,
         deliver: DeliverFn<'_>,
     ) -> Result<DeliveryResult, StoreError> {
@@ -346,7 +337,7 @@ impl DeliveryStore for SqliteStore {
                FROM outbox_events o WHERE o.event_id = ?1",
         )
         .bind(&event_id)
-        .bind(consumer)
+        .bind(consumer.name)
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = row else {
@@ -407,7 +398,6 @@ impl DeliveryStore for SqliteStore {
                 let done = DoneEvent {
                     consumer,
                     event_id: envelope.event_id,
-                    topic: &topic,
                     aggregate_id,
                     attempt,
                 };
