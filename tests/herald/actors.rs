@@ -1,4 +1,4 @@
-//! Each actor in process, unchanged, behind [`testable::Testable`] (which reports every
+//! Each actor in process (the supervisor and the SseHub too), unchanged, behind [`testable::Testable`] (which reports every
 //! message it handled): no daemon and no HTTP, but real parts around it — a
 //! real Redis for the KeyRegistry, a real SQLite store and the in-process
 //! broker for the pipeline. Outcomes are read where they land: the store,
@@ -20,11 +20,13 @@ use herald::actors::outbox_relay::{OutboxRelay, OutboxRelayArgs};
 use herald::actors::retry_budget::{
     RetryBudget, RetryBudgetArgs, RetryBudgetHandle, RetryBudgetMsg, TokensView,
 };
+use herald::actors::sse_hub::{CatchUp, SseHub, SseHubArgs, SseHubMsg, StreamEvent};
+use herald::actors::supervisor::{Child, HeraldSupervisor, SlotChild, MAX_RESTARTS_PER_MINUTE};
 use herald::actors::ActorSlot;
 use herald::broker::in_process::InProcessBroker;
-use herald::broker::Broker;
+use herald::broker::{Broker, Envelope};
 use herald::config::{Config, RedisConfig};
-use herald::domain::{Application, Charge, EmailStatus, Job, LedgerStatus};
+use herald::domain::{topics, Application, Charge, EmailStatus, Job, LedgerStatus};
 use herald::email::file::FileTransport;
 use herald::email::SendPacer;
 use herald::idempotency::hot_tier::{HotTier, RedisMode};
@@ -34,6 +36,7 @@ use herald::store::sqlite::SqliteStore;
 use herald::store::{KeyClaim, KeyClaimRequest, Store};
 use support::testable;
 use support::{eventually, Redis};
+use tokio::sync::mpsc;
 use uuid::Uuid;
 
 /// A migrated SQLite store in a temp dir (kept alive by the guard).
@@ -448,4 +451,136 @@ async fn the_email_sender_sends_each_confirmation_once_in_a_batch() {
     email.stop(None);
     relay_handled.assert_stopped_without_a_message().await;
     email_handled.assert_stopped_without_a_message().await;
+}
+
+/// A job as the intake writes it.
+fn job(title: &str) -> Job {
+    Job {
+        id: Uuid::now_v7(),
+        title: title.into(),
+        company: "Acme".into(),
+        location: "Remote".into(),
+        description: "Effectively once".into(),
+        posted_at: chrono::Utc::now(),
+    }
+}
+
+/// The next frame on `queue` (within 10 s), as text; `None` once it closed.
+async fn next_frame(queue: &mut mpsc::Receiver<Arc<StreamEvent>>) -> Option<String> {
+    tokio::time::timeout(Duration::from_secs(10), queue.recv())
+        .await
+        .expect("a frame or the end within 10 s")
+        .map(|event| String::from_utf8_lossy(&event.frame).into_owned())
+}
+
+#[tokio::test]
+async fn the_sse_hub_serves_a_snapshot_then_deltas_and_drops_a_client_that_cannot_keep_up() {
+    let (store, _dir) = sqlite().await;
+    let broker: Arc<dyn Broker> = Arc::new(InProcessBroker::new());
+    let earlier = job("Posted before the hub started");
+    let created = StoredResponse {
+        status: 201,
+        body: "{}".into(),
+    };
+    store.post_job(&earlier, None, &created).await.unwrap();
+    let args = SseHubArgs {
+        store: store.clone(),
+        broker: Some(broker.clone()),
+        snapshot_jobs: 10,
+        history: 100,
+    };
+    let (hub, mut handled) = testable::spawn(SseHub, args).await;
+    // Its reader loads the snapshot first.
+    handled.next().await.unwrap();
+    let catch_up = ractor::call!(hub, |reply| SseHubMsg::CatchUp { after: None, reply }).unwrap();
+    handled.next().await.unwrap();
+    let CatchUp::Snapshot {
+        cursor: start,
+        frame,
+    } = catch_up
+    else {
+        panic!("a new client gets the snapshot");
+    };
+    let frame = String::from_utf8_lossy(&frame).into_owned();
+    assert!(frame.contains("event: snapshot"), "{frame}");
+    assert!(frame.contains(&earlier.id.to_string()), "{frame}");
+
+    // Two clients: one reads its queue, one's queue holds one event and is
+    // never read.
+    let (reading, mut reader) = mpsc::channel(8);
+    let (stuck_queue, mut stuck) = mpsc::channel(1);
+    for queue in [reading, stuck_queue] {
+        let id = ractor::call!(hub, |reply| SseHubMsg::Subscribe { queue, reply }).unwrap();
+        handled.next().await.unwrap();
+        assert!(id.is_some(), "subscribed");
+    }
+    // Two jobs reach the stream as the relay puts them there.
+    let posted = [job("First"), job("Second")];
+    for job in &posted {
+        broker
+            .publish(&[Envelope {
+                event_id: Uuid::now_v7(),
+                topic: topics::JOB_POSTED.into(),
+                attempts: 0,
+                payload: serde_json::to_value(job).unwrap(),
+            }])
+            .await
+            .unwrap();
+    }
+    for job in &posted {
+        let frame = next_frame(&mut reader).await.expect("a delta");
+        assert!(frame.contains("event: job.posted"), "{frame}");
+        assert!(frame.contains(&job.id.to_string()), "{frame}");
+    }
+    // The stuck client got what fitted and was then let go.
+    let first = next_frame(&mut stuck).await.expect("the first delta");
+    assert!(first.contains(&posted[0].id.to_string()), "{first}");
+    assert_eq!(next_frame(&mut stuck).await, None, "evicted, not blocking");
+    // A client resuming from the snapshot's cursor misses exactly those two.
+    let catch_up = ractor::call!(hub, |reply| SseHubMsg::CatchUp {
+        after: Some(start),
+        reply
+    })
+    .unwrap();
+    let CatchUp::Missed { events, .. } = catch_up else {
+        panic!("a cursor within the history is caught up from it");
+    };
+    assert_eq!(events.len(), 2);
+    // Closing every stream ends the reader's queue.
+    hub.cast(SseHubMsg::CloseAll).unwrap();
+    assert_eq!(next_frame(&mut reader).await, None);
+    hub.stop(None);
+}
+
+#[tokio::test]
+async fn the_supervisor_restarts_a_dead_child_into_its_slot_and_escalates_past_its_limit() {
+    let slot = ActorSlot::new("retry_budget");
+    let args = RetryBudgetArgs {
+        capacity: 2.0,
+        refill_per_success: 1.0,
+        refill_per_sec: 0.001,
+        view: TokensView::default(),
+    };
+    let child: Arc<dyn Child> = SlotChild::new(|| RetryBudget, args, slot.clone());
+    let (supervisor, mut handled) = testable::spawn(HeraldSupervisor, Arc::new(vec![child])).await;
+    let first = slot.get().expect("the child started");
+    assert!(ractor::call!(first, RetryBudgetMsg::TryRetry, "resend").unwrap());
+    // Killed, it is restarted (a Restart message after the backoff) into
+    // its slot, and the restart is counted.
+    first.kill();
+    handled.next().await.unwrap();
+    let second = slot.get().expect("restarted into the slot");
+    assert_ne!(second.get_id(), first.get_id());
+    assert_eq!(slot.status().restarts, 1);
+    assert!(ractor::call!(second, RetryBudgetMsg::TryRetry, "resend").unwrap());
+    // Dying more than MAX_RESTARTS_PER_MINUTE times in a minute escalates:
+    // the supervisor stops instead of restarting it again.
+    for _ in 1..MAX_RESTARTS_PER_MINUTE {
+        slot.get().expect("running").kill();
+        handled.next().await.unwrap();
+    }
+    assert_eq!(slot.status().restarts, MAX_RESTARTS_PER_MINUTE as u64);
+    slot.get().expect("running").kill();
+    handled.assert_stopped_without_a_message().await;
+    assert_eq!(supervisor.get_status(), ractor::ActorStatus::Stopped);
 }
