@@ -1,5 +1,6 @@
-//! Each actor in process (the supervisor and the SseHub too), unchanged, behind [`testable::Testable`] (which reports every
-//! message it handled): no daemon and no HTTP, but real parts around it — a
+//! Each actor in process (the supervisor and the SseHub too), unchanged,
+//! behind [`testable::Testable`] (which reports every message it handled):
+//! no daemon and no HTTP, but real parts around it — a
 //! real Redis for the KeyRegistry, a real SQLite store and the in-process
 //! broker for the pipeline. Outcomes are read where they land: the store,
 //! the broker, the process's metrics.
