@@ -19,6 +19,19 @@ pub struct DeadLetter {
     pub dead_at: chrono::DateTime<chrono::Utc>,
 }
 
+pub(crate) fn dead_letter_from_row(row: &impl Columns) -> Result<DeadLetter, sqlx::Error> {
+    Ok(DeadLetter {
+        id: row.id("id")?,
+        event_id: row.id("event_id")?,
+        topic: row.text("topic")?,
+        consumer: row.text("consumer")?,
+        attempts: row.int("attempts")?,
+        last_error: row.text("last_error")?,
+        first_failed_at: row.instant("first_failed_at")?,
+        dead_at: row.instant("dead_at")?,
+    })
+}
+
 /// What a replay or discard of one dead letter did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -15,6 +15,97 @@ pub enum ApplyOutcome {
     AlreadyApplied(Application),
 }
 
+/// A result row's columns of the types both backends store alike: text and
+/// integers, for any sqlx row (the blanket impl below).
+pub(crate) trait PlainColumns {
+    fn text(&self, column: &str) -> Result<String, sqlx::Error>;
+    fn optional_text(&self, column: &str) -> Result<Option<String>, sqlx::Error>;
+    fn int(&self, column: &str) -> Result<i32, sqlx::Error>;
+    fn bigint(&self, column: &str) -> Result<i64, sqlx::Error>;
+}
+
+impl<R> PlainColumns for R
+where
+    R: sqlx::Row,
+    for<'c> &'c str: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    fn text(&self, column: &str) -> Result<String, sqlx::Error> {
+        self.try_get(column)
+    }
+
+    fn optional_text(&self, column: &str) -> Result<Option<String>, sqlx::Error> {
+        self.try_get(column)
+    }
+
+    fn int(&self, column: &str) -> Result<i32, sqlx::Error> {
+        self.try_get(column)
+    }
+
+    fn bigint(&self, column: &str) -> Result<i64, sqlx::Error> {
+        self.try_get(column)
+    }
+}
+
+/// A result row as the row mappers below read it. The backends keep ids and
+/// instants in different column types (Postgres `uuid` and `timestamptz`;
+/// SQLite text and integer microseconds): each says how it reads those two,
+/// and the mappers are written once.
+pub(crate) trait Columns: PlainColumns {
+    fn id(&self, column: &str) -> Result<Uuid, sqlx::Error>;
+    fn instant(&self, column: &str) -> Result<chrono::DateTime<chrono::Utc>, sqlx::Error>;
+
+    /// A status column, decoded into its enum through its serde names; an
+    /// unknown value is a decode error.
+    fn status<T: serde::de::DeserializeOwned>(&self, column: &str) -> Result<T, sqlx::Error> {
+        let value = self.text(column)?;
+        crate::domain::parse_status(&value)
+            .ok_or_else(|| sqlx::Error::Decode(format!("unknown {column} `{value}`").into()))
+    }
+}
+
+/// The columns [`application_from_row`] reads.
+pub(crate) const APPLICATION_COLUMNS: &str =
+    "id, job_id, user_id, email, resume_url, cover_letter, email_status, created_at";
+
+pub(crate) fn job_from_row(row: &impl Columns) -> Result<Job, sqlx::Error> {
+    Ok(Job {
+        id: row.id("id")?,
+        title: row.text("title")?,
+        company: row.text("company")?,
+        location: row.text("location")?,
+        description: row.text("description")?,
+        posted_at: row.instant("posted_at")?,
+    })
+}
+
+pub(crate) fn application_from_row(row: &impl Columns) -> Result<Application, sqlx::Error> {
+    Ok(Application {
+        id: row.id("id")?,
+        job_id: row.id("job_id")?,
+        user_id: row.text("user_id")?,
+        email: row.text("email")?,
+        resume_url: row.optional_text("resume_url")?,
+        cover_letter: row.optional_text("cover_letter")?,
+        email_status: row.status("email_status")?,
+        created_at: row.instant("created_at")?,
+    })
+}
+
+pub(crate) fn charge_from_row(row: &impl Columns) -> Result<Charge, sqlx::Error> {
+    Ok(Charge {
+        id: row.id("id")?,
+        user_id: row.text("user_id")?,
+        amount_cents: row.bigint("amount_cents")?,
+        currency: row.text("currency")?,
+        description: row.text("description")?,
+        ledger_status: row.status("ledger_status")?,
+        created_at: row.instant("created_at")?,
+    })
+}
+
 /// The `job.posted` event's payload: the job as the API shows it.
 pub fn job_posted_payload(job: &Job) -> Result<serde_json::Value, StoreError> {
     to_json(job)

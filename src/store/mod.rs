@@ -107,20 +107,6 @@ impl From<sqlx::migrate::MigrateError> for StoreError {
     }
 }
 
-/// A status column decoded into its enum through its serde names; an
-/// unknown value is a decode error. Shared by both backends' row mappers.
-fn status_column<R, T>(row: &R, column: &str) -> Result<T, sqlx::Error>
-where
-    R: sqlx::Row,
-    for<'c> &'c str: sqlx::ColumnIndex<R>,
-    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    T: serde::de::DeserializeOwned,
-{
-    let value: String = row.try_get(column)?;
-    crate::domain::parse_status(&value)
-        .ok_or_else(|| sqlx::Error::Decode(format!("unknown {column} `{value}`").into()))
-}
-
 fn to_json<T: serde::Serialize>(value: &T) -> Result<serde_json::Value, StoreError> {
     serde_json::to_value(value).map_err(|e| StoreError::Internal(e.to_string()))
 }

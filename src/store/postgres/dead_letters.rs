@@ -144,20 +144,10 @@ impl DeadLetterStore for PgStore {
             .bind(i64::from(limit))
             .fetch_all(&mut *conn)
             .await?;
-            rows.iter()
-                .map(|row| {
-                    Ok(DeadLetter {
-                        id: row.try_get("id")?,
-                        event_id: row.try_get("event_id")?,
-                        topic: row.try_get("topic")?,
-                        consumer: row.try_get("consumer")?,
-                        attempts: row.try_get("attempts")?,
-                        last_error: row.try_get("last_error")?,
-                        first_failed_at: row.try_get("first_failed_at")?,
-                        dead_at: row.try_get("dead_at")?,
-                    })
-                })
-                .collect()
+            Ok(rows
+                .iter()
+                .map(dead_letter_from_row)
+                .collect::<Result<_, _>>()?)
         }
         .await;
         session.settle(result)

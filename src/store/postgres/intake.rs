@@ -49,42 +49,6 @@ SELECT EXISTS (SELECT 1 FROM held) AS held,
        EXISTS (SELECT 1 FROM app) AS created,
        EXISTS (SELECT 1 FROM done) AS completed";
 
-pub(super) fn job_from_row(row: &PgRow) -> Result<Job, sqlx::Error> {
-    Ok(Job {
-        id: row.try_get("id")?,
-        title: row.try_get("title")?,
-        company: row.try_get("company")?,
-        location: row.try_get("location")?,
-        description: row.try_get("description")?,
-        posted_at: row.try_get("posted_at")?,
-    })
-}
-
-pub(super) fn application_from_row(row: &PgRow) -> Result<Application, sqlx::Error> {
-    Ok(Application {
-        id: row.try_get("id")?,
-        job_id: row.try_get("job_id")?,
-        user_id: row.try_get("user_id")?,
-        email: row.try_get("email")?,
-        resume_url: row.try_get("resume_url")?,
-        cover_letter: row.try_get("cover_letter")?,
-        email_status: status_column(row, "email_status")?,
-        created_at: row.try_get("created_at")?,
-    })
-}
-
-pub(super) fn charge_from_row(row: &PgRow) -> Result<Charge, sqlx::Error> {
-    Ok(Charge {
-        id: row.try_get("id")?,
-        user_id: row.try_get("user_id")?,
-        amount_cents: row.try_get("amount_cents")?,
-        currency: row.try_get("currency")?,
-        description: row.try_get("description")?,
-        ledger_status: status_column(row, "ledger_status")?,
-        created_at: row.try_get("created_at")?,
-    })
-}
-
 impl PgStore {
     pub(super) async fn finish(
         mut tx: Transaction<'_, Postgres>,

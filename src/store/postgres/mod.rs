@@ -38,6 +38,17 @@ use crate::config::Config;
 use crate::domain::{topics, Application, Charge, Job};
 use crate::keys::{IdempotencyKey, KeyScope, StoredResponse};
 
+/// Postgres reads ids and instants as their own types.
+impl Columns for PgRow {
+    fn id(&self, column: &str) -> Result<Uuid, sqlx::Error> {
+        self.try_get(column)
+    }
+
+    fn instant(&self, column: &str) -> Result<DateTime<Utc>, sqlx::Error> {
+        self.try_get(column)
+    }
+}
+
 /// Migrations whose text changed after they shipped in comments only, with
 /// the SHA-384 of the text as first shipped. sqlx refuses to run against a
 /// database whose recorded checksum differs from the file's; for these the

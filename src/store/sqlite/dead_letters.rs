@@ -103,20 +103,10 @@ impl DeadLetterStore for SqliteStore {
         .bind(i64::from(limit))
         .fetch_all(&self.reader)
         .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(DeadLetter {
-                    id: uuid_column(row, "id")?,
-                    event_id: uuid_column(row, "event_id")?,
-                    topic: row.try_get("topic")?,
-                    consumer: row.try_get("consumer")?,
-                    attempts: row.try_get("attempts")?,
-                    last_error: row.try_get("last_error")?,
-                    first_failed_at: time_column(row, "first_failed_at")?,
-                    dead_at: time_column(row, "dead_at")?,
-                })
-            })
-            .collect()
+        Ok(rows
+            .iter()
+            .map(dead_letter_from_row)
+            .collect::<Result<_, _>>()?)
     }
 
     #[instrument(skip_all)]

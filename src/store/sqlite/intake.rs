@@ -3,45 +3,6 @@
 
 use super::*;
 
-pub(super) fn job_from_row(row: &SqliteRow) -> Result<Job, sqlx::Error> {
-    Ok(Job {
-        id: uuid_column(row, "id")?,
-        title: row.try_get("title")?,
-        company: row.try_get("company")?,
-        location: row.try_get("location")?,
-        description: row.try_get("description")?,
-        posted_at: time_column(row, "posted_at")?,
-    })
-}
-
-pub(super) fn application_from_row(row: &SqliteRow) -> Result<Application, sqlx::Error> {
-    Ok(Application {
-        id: uuid_column(row, "id")?,
-        job_id: uuid_column(row, "job_id")?,
-        user_id: row.try_get("user_id")?,
-        email: row.try_get("email")?,
-        resume_url: row.try_get("resume_url")?,
-        cover_letter: row.try_get("cover_letter")?,
-        email_status: status_column(row, "email_status")?,
-        created_at: time_column(row, "created_at")?,
-    })
-}
-
-pub(super) fn charge_from_row(row: &SqliteRow) -> Result<Charge, sqlx::Error> {
-    Ok(Charge {
-        id: uuid_column(row, "id")?,
-        user_id: row.try_get("user_id")?,
-        amount_cents: row.try_get("amount_cents")?,
-        currency: row.try_get("currency")?,
-        description: row.try_get("description")?,
-        ledger_status: status_column(row, "ledger_status")?,
-        created_at: time_column(row, "created_at")?,
-    })
-}
-
-pub(super) const APPLICATION_COLUMNS: &str =
-    "id, job_id, user_id, email, resume_url, cover_letter, email_status, created_at";
-
 impl SqliteStore {
     /// The common end of every business transaction: the outbox event, the
     /// key's outcome (when the request carries a key), commit.

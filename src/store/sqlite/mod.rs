@@ -77,8 +77,15 @@ fn uuid_column(row: &SqliteRow, column: &str) -> Result<Uuid, sqlx::Error> {
     Uuid::parse_str(&text).map_err(|e| sqlx::Error::Decode(format!("{column}: {e}").into()))
 }
 
-fn time_column(row: &SqliteRow, column: &str) -> Result<DateTime<Utc>, sqlx::Error> {
-    instant(row.try_get(column)?)
+/// SQLite keeps ids as text and instants as integer microseconds.
+impl Columns for SqliteRow {
+    fn id(&self, column: &str) -> Result<Uuid, sqlx::Error> {
+        uuid_column(self, column)
+    }
+
+    fn instant(&self, column: &str) -> Result<DateTime<Utc>, sqlx::Error> {
+        instant(self.try_get(column)?)
+    }
 }
 
 /// SQLite store: one writer connection, a few readers, one file.
