@@ -47,45 +47,38 @@ impl Invariant {
         }
     }
 
-    /// The check, a count of offending rows, the same SQL on both backends
-    /// but for the placeholder: `$1` (`?1`) is now minus [`Self::horizon`].
-    pub fn query(self, sqlite: bool) -> &'static str {
-        match (self, sqlite) {
-            (Invariant::OneEmailPerApplication, _) => {
+    /// The check, a count of offending rows: one SQL text for both backends
+    /// (sqlx binds SQLite's `$n` by its number). `$1` is now minus
+    /// [`Self::horizon`].
+    pub fn query(self) -> &'static str {
+        match self {
+            Invariant::OneEmailPerApplication => {
                 "SELECT count(*) FROM (
                      SELECT o.aggregate_id FROM inbox i
                        JOIN outbox_events o ON o.event_id = i.event_id
                       WHERE i.consumer = 'email' AND o.topic = 'application.submitted'
                       GROUP BY o.aggregate_id HAVING count(*) > 1) AS twice"
             }
-            (Invariant::OneLedgerEntryPerCharge, _) => {
+            Invariant::OneLedgerEntryPerCharge => {
                 "SELECT count(*) FROM (
                      SELECT charge_id FROM ledger_entries
                       GROUP BY charge_id HAVING count(*) > 1) AS twice"
             }
-            (Invariant::NoSettledEventWithoutEffect, false) => NO_EFFECT_PG,
-            (Invariant::NoSettledEventWithoutEffect, true) => NO_EFFECT_SQLITE,
-            (Invariant::NoEventUnsettledTooLong, false) => {
-                "SELECT count(*) FROM outbox_events WHERE settled_at IS NULL AND created_at < $1"
+            // Settled events of the consumed topics with neither an inbox
+            // row nor a dead letter, settled since the horizon.
+            Invariant::NoSettledEventWithoutEffect => {
+                "SELECT count(*) FROM outbox_events o
+                  WHERE o.settled_at > $1
+                    AND o.topic IN ('application.submitted', 'charge.created')
+                    AND NOT EXISTS (SELECT 1 FROM inbox i WHERE i.event_id = o.event_id)
+                    AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.event_id = o.event_id)"
             }
-            (Invariant::NoEventUnsettledTooLong, true) => {
-                "SELECT count(*) FROM outbox_events WHERE settled_at IS NULL AND created_at < ?1"
+            Invariant::NoEventUnsettledTooLong => {
+                "SELECT count(*) FROM outbox_events WHERE settled_at IS NULL AND created_at < $1"
             }
         }
     }
 }
-
-/// Settled events of the consumed topics with neither an inbox row nor a
-/// dead letter, settled since the horizon (`$1`).
-const NO_EFFECT_PG: &str = "SELECT count(*) FROM outbox_events o
-  WHERE o.settled_at > $1 AND o.topic IN ('application.submitted', 'charge.created')
-    AND NOT EXISTS (SELECT 1 FROM inbox i WHERE i.event_id = o.event_id)
-    AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.event_id = o.event_id)";
-
-const NO_EFFECT_SQLITE: &str = "SELECT count(*) FROM outbox_events o
-  WHERE o.settled_at > ?1 AND o.topic IN ('application.submitted', 'charge.created')
-    AND NOT EXISTS (SELECT 1 FROM inbox i WHERE i.event_id = o.event_id)
-    AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.event_id = o.event_id)";
 
 /// What one janitor pass deleted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -297,6 +297,17 @@ async fn the_store_tells_the_same_story(backend: Backend) {
         3,
         "job + 2 applications"
     );
+    // The audit's horizon reaches them: with no age allowed, all three are
+    // unsettled too long (and, so far, nothing else is wrong).
+    let audit = store
+        .audit(Duration::ZERO, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert!(
+        audit.contains(&(Invariant::NoEventUnsettledTooLong, 3)),
+        "{audit:?}"
+    );
+    assert_eq!(audit.iter().map(|(_, n)| n).sum::<i64>(), 3, "{audit:?}");
 
     // Relay: each due row once; published rows are not due again before
     // they are checked.

@@ -15,7 +15,7 @@ impl MaintenanceStore for PgStore {
             let conn: &mut PgConnection = &mut session;
             let mut found = Vec::new();
             for invariant in Invariant::ALL {
-                let query = sqlx::query_scalar(invariant.query(false));
+                let query = sqlx::query_scalar(invariant.query());
                 let query = match invariant.horizon(max_unsettled_age, retention) {
                     Some(ago) => query.bind(
                         Utc::now()

@@ -12,7 +12,7 @@ impl MaintenanceStore for SqliteStore {
     ) -> Result<Vec<(Invariant, i64)>, StoreError> {
         let mut found = Vec::new();
         for invariant in Invariant::ALL {
-            let query = sqlx::query_scalar(invariant.query(true));
+            let query = sqlx::query_scalar(invariant.query());
             let query = match invariant.horizon(max_unsettled_age, retention) {
                 Some(ago) => query.bind(now_us().saturating_sub(us(ago))),
                 None => query,
