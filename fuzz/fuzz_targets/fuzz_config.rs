@@ -2,7 +2,11 @@
 //! either a configuration or an error naming the problem, never a panic.
 #![no_main]
 
-use herald::config::Config;
+#[path = "../../src/config.rs"]
+#[allow(dead_code)]
+mod config;
+
+use config::Config;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

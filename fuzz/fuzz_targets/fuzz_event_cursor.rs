@@ -3,7 +3,11 @@
 //! the same cursor.
 #![no_main]
 
-use herald::broker::EventCursor;
+#[path = "../../src/broker/cursor.rs"]
+#[allow(dead_code)]
+mod cursor;
+
+use cursor::EventCursor;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -4,7 +4,11 @@
 //! and the fingerprint ignores formatting (whitespace, key order).
 #![no_main]
 
-use herald::idempotency::{canonical_json, Fingerprint};
+#[path = "../../src/keys.rs"]
+#[allow(dead_code)]
+mod keys;
+
+use keys::{canonical_json, Fingerprint};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

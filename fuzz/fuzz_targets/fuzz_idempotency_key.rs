@@ -3,7 +3,11 @@
 //! parsed key must be those bytes unchanged.
 #![no_main]
 
-use herald::idempotency::IdempotencyKey;
+#[path = "../../src/keys.rs"]
+#[allow(dead_code)]
+mod keys;
+
+use keys::IdempotencyKey;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
