@@ -23,6 +23,7 @@ mod deploy;
 mod embedded;
 #[cfg(feature = "failpoints")]
 mod failure_matrix;
+mod harness;
 #[cfg(feature = "failpoints")]
 mod intake;
 mod runbook;

@@ -199,11 +199,20 @@ impl Postgres {
             port: free_port(),
             child: None,
         };
-        pg.spawn().await;
-        pg
+        // A port free when asked may be taken by another test's server
+        // before this one binds it: then try another.
+        for _ in 0..5 {
+            if pg.spawn().await {
+                return pg;
+            }
+            pg.port = free_port();
+        }
+        panic!("five free ports were each taken by another postgres first");
     }
 
-    async fn spawn(&mut self) {
+    /// Starts the server and waits for it; false if the server that
+    /// answers on the port is not this one (ours could not bind it).
+    async fn spawn(&mut self) -> bool {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -239,19 +248,28 @@ impl Postgres {
             .expect("start postgres");
         self.child = Some(child);
         let url = self.url();
-        eventually(
+        let data_directory: String = eventually(
             "postgres to accept connections",
             Duration::from_secs(30),
             || {
                 let url = url.clone();
                 async move {
                     let mut conn = sqlx::postgres::PgConnection::connect(&url).await.ok()?;
-                    sqlx::query("SELECT 1").execute(&mut conn).await.ok()?;
-                    Some(())
+                    sqlx::query_scalar("SHOW data_directory")
+                        .fetch_one(&mut conn)
+                        .await
+                        .ok()
                 }
             },
         )
         .await;
+        let canonical = |p: &std::path::Path| std::fs::canonicalize(p).ok();
+        let ours = canonical(std::path::Path::new(&data_directory))
+            == canonical(&self.dir.path().join("data"));
+        if !ours {
+            self.stop();
+        }
+        ours
     }
 
     pub fn url(&self) -> String {
@@ -269,7 +287,11 @@ impl Postgres {
     /// Starts the server again on the same port and data directory.
     pub async fn restart(&mut self) {
         self.stop();
-        self.spawn().await;
+        let port = self.port;
+        assert!(
+            self.spawn().await,
+            "port {port} was taken by another postgres while ours was down"
+        );
     }
 
     pub async fn pool(&self) -> sqlx::PgPool {
@@ -310,26 +332,49 @@ pub struct Redis {
 
 impl Redis {
     pub async fn start() -> Redis {
-        Redis::start_with(free_port(), &[]).await
+        Redis::start_on_a_free_port(&[]).await
+    }
+
+    /// A server with `extra` arguments on a port nobody else serves: a port
+    /// free when asked may be taken by another test's server before this
+    /// one binds it, so a port served by another server is given up for a
+    /// new one (a few times).
+    pub async fn start_on_a_free_port(extra: &[&str]) -> Redis {
+        for _ in 0..5 {
+            let mut r = Redis::unstarted(free_port(), extra);
+            if r.spawn().await {
+                return r;
+            }
+        }
+        panic!("five free ports were each taken by another redis-server first");
     }
 
     /// A server on `port` with `extra` arguments.
     pub async fn start_with(port: u16, extra: &[&str]) -> Redis {
+        let mut r = Redis::unstarted(port, extra);
+        assert!(
+            r.spawn().await,
+            "port {port} is served by another redis-server"
+        );
+        r
+    }
+
+    fn unstarted(port: u16, extra: &[&str]) -> Redis {
         let dir = tempfile::Builder::new()
             .prefix("herald-redis")
             .tempdir()
             .expect("tempdir");
-        let mut r = Redis {
+        Redis {
             dir,
             port,
             child: None,
             extra: extra.iter().map(|a| a.to_string()).collect(),
-        };
-        r.spawn().await;
-        r
+        }
     }
 
-    async fn spawn(&mut self) {
+    /// Starts the server and waits for it; false if the server that
+    /// answers on the port is not this one (ours could not bind it).
+    async fn spawn(&mut self) -> bool {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
@@ -340,6 +385,7 @@ impl Redis {
             .stderr(Stdio::null())
             .spawn()
             .expect("start redis-server (scripts/test installs it)");
+        let pid = child.id();
         self.child = Some(child);
         let port = self.port;
         eventually(
@@ -348,6 +394,15 @@ impl Redis {
             || async move { redis_cli(port, &["PING"]).filter(|r| r == "PONG") },
         )
         .await;
+        let info = redis_cli(port, &["INFO", "server"]).unwrap_or_default();
+        if info
+            .lines()
+            .any(|l| l.trim() == format!("process_id:{pid}"))
+        {
+            return true;
+        }
+        self.kill();
+        false
     }
 
     pub fn url(&self) -> String {
@@ -363,7 +418,11 @@ impl Redis {
 
     pub async fn restart(&mut self) {
         self.kill();
-        self.spawn().await;
+        let port = self.port;
+        assert!(
+            self.spawn().await,
+            "port {port} was taken by another redis-server while ours was down"
+        );
     }
 
     pub fn cli(&self, args: &[&str]) -> Option<String> {
@@ -493,7 +552,7 @@ impl RedisSentinel {
         let primary = Redis::start().await;
         let primary_port = primary.port.to_string();
         let replica =
-            Redis::start_with(free_port(), &["--replicaof", "127.0.0.1", &primary_port]).await;
+            Redis::start_on_a_free_port(&["--replicaof", "127.0.0.1", &primary_port]).await;
         eventually("the replica in sync", Duration::from_secs(20), || {
             let info = primary.cli(&["INFO", "replication"]).unwrap_or_default();
             async move { info.contains("state=online").then_some(()) }
