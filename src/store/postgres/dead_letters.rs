@@ -71,11 +71,9 @@ impl PgStore {
         Ok(letters.len() as u64)
     }
 
-    /// The common end of every business transaction: the outbox event, the
-    /// key's outcome (when the request carries a key), commit.
     /// Closes one open dead letter as `how` (`Replayed` or `Discarded`),
-    /// audited, in one statement conditioned on the letter being open; if
-    /// nothing was closed, says why (unknown id, or closed earlier).
+    /// audited, conditioned on the letter being open; if nothing was
+    /// closed, says why (unknown id, or closed earlier).
     pub(super) async fn close_dead_letter(
         &self,
         id: Uuid,

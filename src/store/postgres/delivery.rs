@@ -4,24 +4,25 @@
 use super::*;
 
 /// Records a delivered event: the consumer's inbox row, its effect (the
-/// aggregate's status as [`Effect::status`] names it; for
+/// aggregate's status, `$6` = [`Effect::status`]; for
 /// [`Effect::ChargeLedger`] also the ledger entry) and the row settled, all
 /// in one statement, so a charge's ledger entry exists exactly when its inbox
 /// row does. This one statement is the fast path of every delivery; the
 /// other outcomes use [`Effect::status_update`]. `$1` consumer, `$2` event
-/// id, `$3` attempts spent, `$4` the effect's name, `$5` aggregate id.
+/// id, `$3` attempts spent, `$4` the effect's name ([`Effect::as_str`]: a
+/// unit test below keeps the names here in step), `$5` aggregate id.
 pub(super) const SETTLE_DELIVERED: &str = "
 WITH inbox_row AS (
     INSERT INTO inbox (consumer, event_id) VALUES ($1, $2)
 ), effect AS (
-    UPDATE applications SET email_status = 'sent'
+    UPDATE applications SET email_status = $6
      WHERE $4 = 'application_email' AND id = $5
 ), ledger AS (
     INSERT INTO ledger_entries (charge_id, event_id, user_id, amount_cents, currency)
     SELECT c.id, $2, c.user_id, c.amount_cents, c.currency FROM charges c
      WHERE $4 = 'charge_ledger' AND c.id = $5
 ), charge AS (
-    UPDATE charges SET ledger_status = 'applied'
+    UPDATE charges SET ledger_status = $6
      WHERE $4 = 'charge_ledger' AND id = $5
 )
 UPDATE outbox_events SET settled_at = now(), attempts = $3, last_error = NULL
@@ -272,6 +273,7 @@ impl DeliveryStore for PgStore {
                                     .bind(done.attempt)
                                     .bind(done.consumer.effect.as_str())
                                     .bind(done.aggregate_id)
+                                    .bind(done.consumer.effect.status(Settled::Delivered))
                                     .execute(&mut *tx)
                                     .await?;
                             }
@@ -366,6 +368,7 @@ impl DeliveryStore for PgStore {
                         .bind(attempt)
                         .bind(consumer.effect.as_str())
                         .bind(aggregate_id)
+                        .bind(consumer.effect.status(Settled::Delivered))
                         .execute(&mut *tx)
                         .await?;
                 }
@@ -414,5 +417,18 @@ impl DeliveryStore for PgStore {
         }
         .await;
         session.settle(result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_one_statement_delivery_names_every_effect_as_effect_does() {
+        for effect in [Effect::ApplicationEmail, Effect::ChargeLedger] {
+            let name = format!("$4 = '{}'", effect.as_str());
+            assert!(SETTLE_DELIVERED.contains(&name), "{name} missing");
+        }
     }
 }
