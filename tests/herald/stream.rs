@@ -268,11 +268,15 @@ fn rss_kib(pid: u32) -> u64 {
 async fn a_client_that_stops_reading_is_evicted_while_the_others_keep_receiving(backend: Backend) {
     let w = world_on(backend, &[("HERALD_SSE__CLIENT_QUEUE", "8")]).await;
     let mut healthy = SseClient::connect(&stream_url(&w.herald), None).await;
-    // Warm up, then note the memory before the slow client arrives.
+    // Warm up, then note the memory before the slow client arrives. The
+    // healthy client takes each job before the next is posted, as in the
+    // load below: twenty 16 kB jobs posted back to back overrun a queue of 8
+    // on a loaded machine, and it was the healthy client that got evicted.
     for i in 0..20 {
-        post_job_sized(&w.herald, &format!("warm-{i}"), 16_000).await;
+        let title = format!("warm-{i}");
+        post_job_sized(&w.herald, &title, 16_000).await;
+        read_until_title(&mut healthy, &title).await;
     }
-    read_until_title(&mut healthy, "warm-19").await;
     let pid = w.herald.pid().expect("pid");
     let rss_before = rss_kib(pid);
 
