@@ -72,6 +72,40 @@ pub struct Application {
     pub created_at: DateTime<Utc>,
 }
 
+/// The `application.submitted` event's payload: what the confirmation email
+/// needs, fixed at the moment of applying (a later edit of the job does not
+/// change an email already promised). Both backends store exactly this
+/// shape, and the EmailSender reads it back as this type.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ApplicationSubmitted {
+    pub application_id: Uuid,
+    pub job_id: Uuid,
+    pub user_id: String,
+    pub email: String,
+    pub job_title: String,
+    pub company: String,
+}
+
+impl ApplicationSubmitted {
+    /// The payload's field that holds the job's title. A backend that reads
+    /// the job row in the same statement as it writes the event (Postgres)
+    /// fills this field and [`Self::COMPANY`] from the row under these names.
+    pub const JOB_TITLE: &'static str = "job_title";
+    /// The payload's field that holds the job's company.
+    pub const COMPANY: &'static str = "company";
+
+    pub fn of(application: &Application, job_title: &str, company: &str) -> Self {
+        ApplicationSubmitted {
+            application_id: application.id,
+            job_id: application.job_id,
+            user_id: application.user_id.clone(),
+            email: application.email.clone(),
+            job_title: job_title.to_string(),
+            company: company.to_string(),
+        }
+    }
+}
+
 /// The API view of an application. `already_applied` says whether this
 /// response returned an existing application instead of creating one.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -378,6 +412,25 @@ pub fn valid_email(email: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_job_fields_of_an_application_submitted_payload_are_named_as_the_type_names_them() {
+        let application = Application {
+            id: Uuid::now_v7(),
+            job_id: Uuid::now_v7(),
+            user_id: "ada".into(),
+            email: "ada@example.com".into(),
+            resume_url: None,
+            cover_letter: None,
+            email_status: EmailStatus::Pending,
+            created_at: Utc::now(),
+        };
+        let payload =
+            serde_json::to_value(ApplicationSubmitted::of(&application, "Rust", "Acme")).unwrap();
+        assert_eq!(payload[ApplicationSubmitted::JOB_TITLE], "Rust");
+        assert_eq!(payload[ApplicationSubmitted::COMPANY], "Acme");
+        assert_eq!(payload.as_object().unwrap().len(), 6, "{payload}");
+    }
 
     #[test]
     fn an_application_with_an_unknown_field_is_refused() {

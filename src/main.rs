@@ -153,6 +153,7 @@ async fn audit(config: &Config) -> anyhow::Result<()> {
     // The same checks the Auditor runs on its schedule.
     let found = store
         .audit(
+            &herald::actors::CONSUMERS,
             std::time::Duration::from_secs(config.audit.max_unsettled_age_secs),
             std::time::Duration::from_secs(config.janitor.retention_secs),
         )

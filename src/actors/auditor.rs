@@ -89,7 +89,7 @@ impl Actor for Auditor {
         let args = &state.args;
         let found = match args
             .store
-            .audit(args.max_unsettled_age, args.retention)
+            .audit(&super::CONSUMERS, args.max_unsettled_age, args.retention)
             .await
         {
             Ok(found) => found,

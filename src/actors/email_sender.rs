@@ -67,8 +67,9 @@ use crate::telemetry::metrics as m;
 pub const CONSUMER: &str = "email";
 /// What the store records for a sent confirmation: the application's
 /// `email_status`.
-const AS_STORED: Consumer = Consumer {
+pub const AS_STORED: Consumer = Consumer {
     name: CONSUMER,
+    topic: topics::APPLICATION_SUBMITTED,
     effect: Effect::ApplicationEmail,
 };
 /// The RetryBudget call site of the email API.
@@ -336,7 +337,7 @@ impl Handler for EmailSender {
     }
 
     fn topic(&self) -> &'static str {
-        topics::APPLICATION_SUBMITTED
+        AS_STORED.topic
     }
 
     fn handle<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, bool> {

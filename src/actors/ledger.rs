@@ -28,8 +28,9 @@ use crate::telemetry::metrics as m;
 pub const CONSUMER: &str = "ledger";
 /// What the store records for an applied charge: its ledger entry and
 /// `ledger_status`.
-const AS_STORED: Consumer = Consumer {
+pub const AS_STORED: Consumer = Consumer {
     name: CONSUMER,
+    topic: topics::CHARGE_CREATED,
     effect: Effect::ChargeLedger,
 };
 
@@ -64,7 +65,7 @@ impl Handler for LedgerConsumer {
     }
 
     fn topic(&self) -> &'static str {
-        topics::CHARGE_CREATED
+        AS_STORED.topic
     }
 
     fn handle<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, bool> {

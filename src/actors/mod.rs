@@ -44,6 +44,10 @@ use std::sync::{Arc, RwLock};
 use std::future::Future;
 
 use ractor::ActorRef;
+
+/// Every consumer with an effect, as the store sees it: what the audit
+/// checks the effectively-once invariants over.
+pub const CONSUMERS: [crate::store::Consumer; 2] = [email_sender::AS_STORED, ledger::AS_STORED];
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 

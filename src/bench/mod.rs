@@ -177,6 +177,11 @@ fn pgbench_script() -> String {
         ],
     );
     let body = format!("'{}'", "x".repeat(250));
+    // The payload Herald builds in Rust, less the job's two fields.
+    let payload = format!(
+        "jsonb_build_object('application_id', gen_random_uuid(), 'job_id', CAST(:job AS uuid), \
+         'user_id', {user}, 'email', ('pg-' || CAST(:uid AS text) || '@example.com'))"
+    );
     let submit = substitute(
         SUBMIT_APPLICATION,
         &[
@@ -195,6 +200,10 @@ fn pgbench_script() -> String {
             "gen_random_uuid()",
             "CAST(201 AS int2)",
             &body,
+            "'application.submitted'",
+            &payload,
+            "'job_title'",
+            "'company'",
         ],
     );
     format!("\\set uid random(1, 9000000000000000000)\n{claim} \\gset\n{submit};\n")

@@ -11,7 +11,10 @@ pub mod resend;
 
 use std::time::Duration;
 
+use serde::Deserialize;
 use uuid::Uuid;
+
+use crate::domain::ApplicationSubmitted;
 
 /// One email, ready to send.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,16 +26,17 @@ pub struct Email {
 }
 
 impl Email {
-    /// The confirmation for an application, from its event payload. The
-    /// address is the one the applicant's verified token carried.
+    /// The confirmation for an application, from its event payload (an
+    /// [`ApplicationSubmitted`]). The address is the one the applicant's
+    /// verified token carried.
     pub fn confirmation(from: &str, payload: &serde_json::Value) -> Result<Email, String> {
-        let field = |name: &str| {
-            payload
-                .get(name)
-                .and_then(|v| v.as_str())
-                .ok_or_else(|| format!("payload has no `{name}`"))
-        };
-        let (to, title, company) = (field("email")?, field("job_title")?, field("company")?);
+        let submitted = ApplicationSubmitted::deserialize(payload)
+            .map_err(|e| format!("payload is not an application.submitted: {e}"))?;
+        let (to, title, company) = (
+            submitted.email.as_str(),
+            submitted.job_title.as_str(),
+            submitted.company.as_str(),
+        );
         if !crate::domain::valid_email(to) {
             return Err("payload `email` is not an address".into());
         }
@@ -117,12 +121,21 @@ mod tests {
 
     #[test]
     fn a_confirmation_names_the_job_and_company_and_goes_to_the_applicant() {
-        let payload = serde_json::json!({
-            "email": "ada@example.com", "job_title": "Rust engineer", "company": "Herald"
+        let mut payload = serde_json::json!({
+            "application_id": "0190a0a0-0000-7000-8000-000000000001",
+            "job_id": "0190a0a0-0000-7000-8000-000000000002",
+            "user_id": "ada", "email": "ada@example.com",
+            "job_title": "Rust engineer", "company": "Herald"
         });
         let email = Email::confirmation("jobs@herald.test", &payload).unwrap();
         assert_eq!(email.to, "ada@example.com");
         assert_eq!(email.subject, "Your application: Rust engineer at Herald");
-        assert!(Email::confirmation("x", &serde_json::json!({"email": "nope"})).is_err());
+        payload["email"] = "nope".into();
+        assert!(Email::confirmation("x", &payload).is_err());
+        assert!(
+            Email::confirmation("x", &serde_json::json!({"email": "a@b.c"}))
+                .unwrap_err()
+                .contains("missing field")
+        );
     }
 }

@@ -13,12 +13,13 @@ use super::*;
 use crate::broker::Envelope;
 
 /// A consumer as the store sees it: the name its inbox rows, batches and
-/// dead letters carry, and the typed effect its deliveries have on Herald's
-/// own tables. The consumer says what it does; the store never works that
-/// out from an event's topic.
+/// dead letters carry, the topic it consumes, and the typed effect its
+/// deliveries have on Herald's own tables. The consumer says what it does;
+/// the store never works that out from an event's topic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Consumer {
     pub name: &'static str,
+    pub topic: &'static str,
     pub effect: Effect,
 }
 

@@ -38,7 +38,7 @@ impl Invariant {
         }
     }
 
-    /// The instant the check's `$1` (`?1` on SQLite) stands for, if any.
+    /// The instant the check's horizon parameter stands for, if any.
     pub fn horizon(self, max_unsettled_age: Duration, retention: Duration) -> Option<Duration> {
         match self {
             Invariant::NoSettledEventWithoutEffect => Some(retention),
@@ -47,16 +47,32 @@ impl Invariant {
         }
     }
 
+    /// Whom the check runs for: once per consumer it names (the consumer's
+    /// counts are summed), or once for the whole database (`[None]`). The
+    /// consumers come from the caller; the store knows no consumer's topic.
+    pub fn scopes(self, consumers: &[Consumer]) -> Vec<Option<Consumer>> {
+        match self {
+            Invariant::OneEmailPerApplication => consumers
+                .iter()
+                .filter(|c| c.effect == Effect::ApplicationEmail)
+                .map(|c| Some(*c))
+                .collect(),
+            Invariant::NoSettledEventWithoutEffect => consumers.iter().map(|c| Some(*c)).collect(),
+            Invariant::OneLedgerEntryPerCharge | Invariant::NoEventUnsettledTooLong => vec![None],
+        }
+    }
+
     /// The check, a count of offending rows: one SQL text for both backends
-    /// (sqlx binds SQLite's `$n` by its number). `$1` is now minus
-    /// [`Self::horizon`].
+    /// (sqlx binds SQLite's `$n` by its number). A check scoped to a
+    /// consumer ([`Self::scopes`]) takes its name as `$1` and its topic as
+    /// `$2`; the horizon ([`Self::horizon`], now minus it) comes after them.
     pub fn query(self) -> &'static str {
         match self {
             Invariant::OneEmailPerApplication => {
                 "SELECT count(*) FROM (
                      SELECT o.aggregate_id FROM inbox i
                        JOIN outbox_events o ON o.event_id = i.event_id
-                      WHERE i.consumer = 'email' AND o.topic = 'application.submitted'
+                      WHERE i.consumer = $1 AND o.topic = $2
                       GROUP BY o.aggregate_id HAVING count(*) > 1) AS twice"
             }
             Invariant::OneLedgerEntryPerCharge => {
@@ -64,13 +80,13 @@ impl Invariant {
                      SELECT charge_id FROM ledger_entries
                       GROUP BY charge_id HAVING count(*) > 1) AS twice"
             }
-            // Settled events of the consumed topics with neither an inbox
-            // row nor a dead letter, settled since the horizon.
+            // The consumer's settled events with neither its inbox row nor
+            // a dead letter, settled since the horizon.
             Invariant::NoSettledEventWithoutEffect => {
                 "SELECT count(*) FROM outbox_events o
-                  WHERE o.settled_at > $1
-                    AND o.topic IN ('application.submitted', 'charge.created')
-                    AND NOT EXISTS (SELECT 1 FROM inbox i WHERE i.event_id = o.event_id)
+                  WHERE o.settled_at > $3 AND o.topic = $2
+                    AND NOT EXISTS (SELECT 1 FROM inbox i
+                                     WHERE i.consumer = $1 AND i.event_id = o.event_id)
                     AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.event_id = o.event_id)"
             }
             Invariant::NoEventUnsettledTooLong => {
@@ -93,11 +109,12 @@ pub struct Purged {
 pub trait MaintenanceStore: Send + Sync {
     /// The auditor's checks of the effectively-once invariants, from the
     /// database alone: for each [`Invariant`], how many rows break it (0 is
-    /// the only healthy value). Events settled longer than `retention` ago
+    /// the only healthy value), over `consumers`. Events settled longer than `retention` ago
     /// are left out of the effect check (the janitor deletes their inbox
     /// rows); an event unsettled longer than `max_unsettled_age` is one.
     async fn audit(
         &self,
+        consumers: &[Consumer],
         max_unsettled_age: Duration,
         retention: Duration,
     ) -> Result<Vec<(Invariant, i64)>, StoreError>;

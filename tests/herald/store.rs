@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use herald::broker::Envelope;
 use herald::config::Config;
-use herald::domain::{topics, Application, EmailStatus, Job};
+use herald::domain::{topics, Application, ApplicationSubmitted, EmailStatus, Job};
 use herald::idempotency::{Fingerprint, IdempotencyKey, KeyScope, StoredResponse};
 use herald::store::postgres::PgStore;
 use herald::store::sqlite::SqliteStore;
@@ -128,6 +128,7 @@ async fn relay(store: &Arc<dyn Store>, topic: &str) -> Vec<Envelope> {
 /// The email consumer, as it hands itself to the store.
 const EMAIL: Consumer = Consumer {
     name: "email",
+    topic: topics::APPLICATION_SUBMITTED,
     effect: Effect::ApplicationEmail,
 };
 
@@ -300,7 +301,11 @@ async fn the_store_tells_the_same_story(backend: Backend) {
     // The audit's horizon reaches them: with no age allowed, all three are
     // unsettled too long (and, so far, nothing else is wrong).
     let audit = store
-        .audit(Duration::ZERO, Duration::from_secs(3600))
+        .audit(
+            &herald::actors::CONSUMERS,
+            Duration::ZERO,
+            Duration::from_secs(3600),
+        )
         .await
         .unwrap();
     assert!(
@@ -324,6 +329,14 @@ async fn the_store_tells_the_same_story(backend: Backend) {
             .cloned()
             .unwrap_or_else(|| panic!("an event for {id}: {envelopes:?}"))
     };
+    // Each backend stores the one payload shape, with the job's title and
+    // company as they were when the user applied.
+    for app in [&ada, &bob] {
+        assert_eq!(
+            serde_json::from_value::<ApplicationSubmitted>(copy_of(app.id).payload).unwrap(),
+            ApplicationSubmitted::of(app, &job.title, &job.company)
+        );
+    }
 
     // Delivery: done once, a second copy is a duplicate.
     let ada_copy = copy_of(ada.id);
@@ -408,7 +421,11 @@ async fn the_store_tells_the_same_story(backend: Backend) {
 
     // The audit: every invariant holds.
     let audit = store
-        .audit(Duration::from_secs(3600), Duration::from_secs(3600))
+        .audit(
+            &herald::actors::CONSUMERS,
+            Duration::from_secs(3600),
+            Duration::from_secs(3600),
+        )
         .await
         .unwrap();
     assert_eq!(audit.len(), Invariant::ALL.len());

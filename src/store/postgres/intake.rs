@@ -10,7 +10,10 @@ use super::*;
 ///   claim wait instead of answering 409;
 /// - `job`: the job exists;
 /// - `app`: the application, unless this user already applied to this job;
-/// - `event`: its `application.submitted` outbox row, only if `app` inserted;
+/// - `event`: its `application.submitted` outbox row, only if `app` inserted.
+///   The payload is [`ApplicationSubmitted`], built in Rust ($17) with the
+///   job's title and company filled in from the row under the field names
+///   the type gives ($18, $19): nothing of its shape is spelled here;
 /// - `done`: the key completed with the 201 response, only if `app` inserted
 ///   and the lease is still ours (re-checked on the row's latest version, so a
 ///   takeover that committed meanwhile wins: then `completed` is false).
@@ -31,10 +34,8 @@ WITH held AS (
     RETURNING id
 ), event AS (
     INSERT INTO outbox_events (event_id, topic, aggregate_id, payload)
-    SELECT $13, 'application.submitted', app.id,
-           jsonb_build_object('application_id', app.id, 'job_id', job.id,
-                              'user_id', $3::text, 'email', $4::text,
-                              'job_title', job.title, 'company', job.company)
+    SELECT $13, $16, app.id,
+           $17::jsonb || jsonb_build_object($18::text, job.title, $19::text, job.company)
       FROM app, job
 ), done AS (
     UPDATE idempotency_keys
@@ -182,6 +183,10 @@ impl IntakeStore for PgStore {
                 .bind(Uuid::now_v7())
                 .bind(response.status as i16)
                 .bind(&response.body)
+                .bind(topics::APPLICATION_SUBMITTED)
+                .bind(to_json(&ApplicationSubmitted::of(application, "", ""))?)
+                .bind(ApplicationSubmitted::JOB_TITLE)
+                .bind(ApplicationSubmitted::COMPANY)
                 .fetch_one(&mut *conn)
                 .await?;
             let (held, job_found, inserted, completed): (bool, bool, bool, bool) = (

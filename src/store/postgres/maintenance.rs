@@ -7,6 +7,7 @@ impl MaintenanceStore for PgStore {
     #[instrument(skip_all)]
     async fn audit(
         &self,
+        consumers: &[Consumer],
         max_unsettled_age: Duration,
         retention: Duration,
     ) -> Result<Vec<(Invariant, i64)>, StoreError> {
@@ -15,15 +16,21 @@ impl MaintenanceStore for PgStore {
             let conn: &mut PgConnection = &mut session;
             let mut found = Vec::new();
             for invariant in Invariant::ALL {
-                let query = sqlx::query_scalar(invariant.query());
-                let query = match invariant.horizon(max_unsettled_age, retention) {
-                    Some(ago) => query.bind(
-                        Utc::now()
-                            - chrono::Duration::from_std(ago).unwrap_or(chrono::Duration::MAX),
-                    ),
-                    None => query,
-                };
-                found.push((invariant, query.fetch_one(&mut *conn).await?));
+                let mut rows = 0;
+                for scope in invariant.scopes(consumers) {
+                    let mut query = sqlx::query_scalar::<_, i64>(invariant.query());
+                    if let Some(consumer) = scope {
+                        query = query.bind(consumer.name).bind(consumer.topic);
+                    }
+                    if let Some(ago) = invariant.horizon(max_unsettled_age, retention) {
+                        query = query.bind(
+                            Utc::now()
+                                - chrono::Duration::from_std(ago).unwrap_or(chrono::Duration::MAX),
+                        );
+                    }
+                    rows += query.fetch_one(&mut *conn).await?;
+                }
+                found.push((invariant, rows));
             }
             Ok(found)
         }

@@ -35,7 +35,7 @@ use uuid::Uuid;
 use super::*;
 use crate::broker::Envelope;
 use crate::config::Config;
-use crate::domain::{topics, Application, Charge, Job};
+use crate::domain::{topics, Application, ApplicationSubmitted, Charge, Job};
 use crate::keys::{IdempotencyKey, KeyScope, StoredResponse};
 
 /// Postgres reads ids and instants as their own types.

@@ -116,14 +116,11 @@ impl IntakeStore for SqliteStore {
         .rows_affected()
             == 1;
         if inserted {
-            let payload = json!({
-                "application_id": application.id,
-                "job_id": application.job_id,
-                "user_id": application.user_id,
-                "email": application.email,
-                "job_title": job.try_get::<String, _>("title")?,
-                "company": job.try_get::<String, _>("company")?,
-            });
+            let payload = to_json(&ApplicationSubmitted::of(
+                application,
+                &job.try_get::<String, _>("title")?,
+                &job.try_get::<String, _>("company")?,
+            ))?;
             let event = (topics::APPLICATION_SUBMITTED, application.id, payload);
             Self::finish(tx, Some(event), lease, created).await?;
             return Ok(ApplyOutcome::Created(application.clone()));

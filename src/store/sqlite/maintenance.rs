@@ -7,17 +7,24 @@ impl MaintenanceStore for SqliteStore {
     #[instrument(skip_all)]
     async fn audit(
         &self,
+        consumers: &[Consumer],
         max_unsettled_age: Duration,
         retention: Duration,
     ) -> Result<Vec<(Invariant, i64)>, StoreError> {
         let mut found = Vec::new();
         for invariant in Invariant::ALL {
-            let query = sqlx::query_scalar(invariant.query());
-            let query = match invariant.horizon(max_unsettled_age, retention) {
-                Some(ago) => query.bind(now_us().saturating_sub(us(ago))),
-                None => query,
-            };
-            found.push((invariant, query.fetch_one(&self.reader).await?));
+            let mut rows = 0;
+            for scope in invariant.scopes(consumers) {
+                let mut query = sqlx::query_scalar::<_, i64>(invariant.query());
+                if let Some(consumer) = scope {
+                    query = query.bind(consumer.name).bind(consumer.topic);
+                }
+                if let Some(ago) = invariant.horizon(max_unsettled_age, retention) {
+                    query = query.bind(now_us().saturating_sub(us(ago)));
+                }
+                rows += query.fetch_one(&self.reader).await?;
+            }
+            found.push((invariant, rows));
         }
         Ok(found)
     }

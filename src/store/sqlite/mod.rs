@@ -41,7 +41,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use serde_json::json;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
@@ -55,7 +54,7 @@ use uuid::Uuid;
 use super::*;
 use crate::broker::Envelope;
 use crate::config::Config;
-use crate::domain::{topics, Application, Charge, Job};
+use crate::domain::{topics, Application, ApplicationSubmitted, Charge, Job};
 use crate::keys::{KeyScope, StoredResponse};
 
 /// Now, in the schema's unit (microseconds since the epoch).
