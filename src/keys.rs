@@ -137,6 +137,16 @@ pub struct StoredResponse {
     pub body: String,
 }
 
+impl StoredResponse {
+    /// A resource as a stored response: `status` and its JSON.
+    pub fn json<T: serde::Serialize>(status: u16, value: &T) -> StoredResponse {
+        StoredResponse {
+            status,
+            body: serde_json::to_string(value).unwrap_or_default(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

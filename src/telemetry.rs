@@ -236,7 +236,7 @@ pub mod metrics {
         ::metrics::counter!(RATE_LIMITED, "action" => action).increment(1);
     }
 
-    /// `job.posted` events this process's hub announced.
+    /// Job events (posted, updated, closed) this process's hub announced.
     pub fn sse_event() {
         ::metrics::counter!(SSE_EVENTS).increment(1);
     }

@@ -15,7 +15,7 @@
 //!   ├── Janitor        expired keys, settled outbox rows, old inbox rows: small batches
 //!   ├── Auditor        the effectively-once invariants, checked in the database ->
 //!   │                  herald_audit_violations, Sentry on a rising edge
-//!   └── SseHub         job.posted (every process reads the whole topic) -> bounded
+//!   └── SseHub         the jobs stream (every process reads all of it) -> bounded
 //!                      per-client queues; snapshot and history in memory
 //! ```
 //!

@@ -21,11 +21,11 @@
 //!
 //! Each topic is its own lane: every round claims up to a batch from each,
 //! so a backlog of one topic (application emails) never delays another
-//! (`job.posted`, `charge.created`).
+//! (a job's events, `charge.created`).
 //!
 //! The relay wakes when this process's request handlers commit an event (an
 //! in-process signal), on Postgres `LISTEN herald_outbox` (a trigger
-//! notifies for `job.posted`, whichever process posted it), and every
+//! notifies for a job's events, whichever process wrote them), and every
 //! `relay.poll_interval_ms`. The trigger deliberately skips the high-volume
 //! topics: a NOTIFY takes a database-wide lock at commit, and one per
 //! application halved the intake rate (`herald bench intake`: pgbench with the
@@ -65,10 +65,22 @@ struct Lane {
     group: Option<&'static str>,
 }
 
-/// The relay's lanes, served round-robin.
-const LANES: [Lane; 3] = [
+/// The relay's lanes, served round-robin. A job's events go to one broker
+/// stream ([`topics::stream`]) in this order within a round (posted, then
+/// updated, then closed), the order they happen in; the stream's readers
+/// still order a job's events by its `version`, since two relays or a
+/// backlog longer than a round can interleave them.
+const LANES: [Lane; 5] = [
     Lane {
         topic: topics::JOB_POSTED,
+        group: None,
+    },
+    Lane {
+        topic: topics::JOB_UPDATED,
+        group: None,
+    },
+    Lane {
+        topic: topics::JOB_CLOSED,
         group: None,
     },
     Lane {

@@ -1,7 +1,8 @@
 //! SseHub: the live job stream's fan-out.
 //!
 //! ```text
-//!  broker topic job.posted   (every process reads all of it: a Tail —
+//!  broker stream `jobs`      (job.posted, job.updated, job.closed; every
+//!        │                     process reads all of it: a Tail —
 //!        │                     XREAD on Redis, the log itself in-process)
 //!        │  tail task, owned by the hub: cursor → Published(batch)
 //!        ▼
@@ -22,9 +23,10 @@
 //! The snapshot comes from memory: the hub reads the latest jobs from the
 //! database once, when it starts, and keeps them current from the stream.
 //! Start order matters for the same reason as a connect: first the stream's
-//! newest id, then the database read, then the stream from that id; a job seen
-//! both ways is recognised by its id and not announced twice (also what
-//! absorbs a relay's duplicate publish).
+//! newest id, then the database read, then the stream from that id; a job
+//! event seen both ways is recognised by the job's id and `version` and not
+//! announced twice (also what absorbs a relay's duplicate publish, and an
+//! edit relayed before its post: the older event is not announced).
 //!
 //! The hub never waits on a client: a full queue evicts the client (its stream
 //! ends with a jittered `retry:` and the browser resumes with Last-Event-ID),
@@ -34,7 +36,7 @@
 //! If the hub crashes, its supervisor restarts it; the clients' queues close
 //! with it, so they reconnect and resume — nothing durable lives here.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -46,7 +48,7 @@ use uuid::Uuid;
 
 use super::{ActorSlot, ActorTasks};
 use crate::broker::{Broker, EventCursor};
-use crate::domain::topics;
+use crate::domain::{topics, JobFilter};
 use crate::rate::TokenBucket;
 use crate::retry::reconnect_pause;
 use crate::store::Store;
@@ -58,7 +60,7 @@ const READ_BATCH: u64 = 500;
 #[derive(Clone)]
 pub struct SseHubArgs {
     pub store: Arc<dyn Store>,
-    /// Where `job.posted` is read from; `None` (this process delivers
+    /// Where the jobs stream is read from; `None` (this process delivers
     /// nothing: `relay.enabled = false` without Redis): the snapshot is read
     /// once and no deltas arrive.
     pub broker: Option<Arc<dyn Broker>>,
@@ -107,8 +109,8 @@ pub enum SseHubMsg {
         cursor: EventCursor,
         jobs: Vec<serde_json::Value>,
     },
-    /// Entries read from the stream, in order.
-    Published(Vec<(EventCursor, serde_json::Value)>),
+    /// Entries read from the stream, in order: cursor, topic, payload.
+    Published(Vec<(EventCursor, String, serde_json::Value)>),
     /// Ends every stream (shutdown): queues close, handlers send `retry:`.
     CloseAll,
     /// The stream-reading task ended (it never should); the hub fails.
@@ -130,10 +132,11 @@ pub struct SseHubState {
     history: VecDeque<Arc<StreamEvent>>,
     /// The history holds every event after this cursor.
     history_floor: EventCursor,
-    /// Jobs already announced (or in the first snapshot), bounded, so a
-    /// duplicate publish of a job is not announced twice.
-    seen: HashSet<Uuid>,
-    seen_order: VecDeque<Uuid>,
+    /// The newest version seen of each recent job (announced, or in the
+    /// first snapshot), bounded: an entry at or below it is a duplicate
+    /// publish or arrived out of order, and is not announced.
+    versions: HashMap<Uuid, i64>,
+    versions_order: VecDeque<Uuid>,
     clients: HashMap<u64, mpsc::Sender<Arc<StreamEvent>>>,
     next_client: u64,
     closing: bool,
@@ -142,15 +145,23 @@ pub struct SseHubState {
 }
 
 impl SseHubState {
-    fn remember(&mut self, job: Uuid) -> bool {
-        if !self.seen.insert(job) {
-            return false;
+    /// Records `version` of `job`; false when an equal or newer one was
+    /// seen (then the entry changes nothing).
+    fn remember(&mut self, job: Uuid, version: i64) -> bool {
+        match self.versions.get_mut(&job) {
+            Some(seen) if *seen >= version => return false,
+            Some(seen) => {
+                *seen = version;
+                return true;
+            }
+            None => {}
         }
-        self.seen_order.push_back(job);
+        self.versions.insert(job, version);
+        self.versions_order.push_back(job);
         let bound = 2 * (self.args.history + self.args.snapshot_jobs).max(1);
-        while self.seen_order.len() > bound {
-            if let Some(old) = self.seen_order.pop_front() {
-                self.seen.remove(&old);
+        while self.versions_order.len() > bound {
+            if let Some(old) = self.versions_order.pop_front() {
+                self.versions.remove(&old);
             }
         }
         true
@@ -170,24 +181,50 @@ impl SseHubState {
         frame
     }
 
-    fn publish(&mut self, cursor: EventCursor, job: serde_json::Value) {
+    /// Brings the snapshot's jobs (newest first, by id) up to one event:
+    /// a posted or edited job is put in its place, a closed one removed.
+    fn apply_to_latest(&mut self, topic: &str, id: Uuid, data: &serde_json::Value) {
+        let at = self.latest.iter().position(|(held, _)| *held == id);
+        if topic == topics::JOB_CLOSED {
+            if let Some(at) = at {
+                self.latest.remove(at);
+            }
+            return;
+        }
+        match at {
+            Some(at) => self.latest[at].1 = data.clone(),
+            None => {
+                let at = self
+                    .latest
+                    .iter()
+                    .position(|(held, _)| *held < id)
+                    .unwrap_or(self.latest.len());
+                self.latest.insert(at, (id, data.clone()));
+                self.latest.truncate(self.args.snapshot_jobs);
+            }
+        }
+    }
+
+    fn publish(&mut self, cursor: EventCursor, topic: &str, data: serde_json::Value) {
         if cursor <= self.cursor {
             return;
         }
         self.cursor = cursor;
-        let Some(id) = job_id(&job) else {
-            warn!(%cursor, "job.posted entry without a job id; skipped");
-            return;
-        };
-        if !self.remember(id) {
+        if ![topics::JOB_POSTED, topics::JOB_UPDATED, topics::JOB_CLOSED].contains(&topic) {
+            warn!(%cursor, topic, "job stream entry of an unknown topic; skipped");
             return;
         }
-        let frame = Bytes::from(format!(
-            "id: {cursor}\nevent: {}\ndata: {job}\n\n",
-            topics::JOB_POSTED
-        ));
-        self.latest.push_front((id, job));
-        self.latest.truncate(self.args.snapshot_jobs);
+        let Some(id) = job_id(&data) else {
+            warn!(%cursor, topic, "job stream entry without a job id; skipped");
+            return;
+        };
+        // A job posted before jobs had versions is at its first.
+        let version = data.get("version").and_then(|v| v.as_i64()).unwrap_or(1);
+        if !self.remember(id, version) {
+            return;
+        }
+        let frame = Bytes::from(format!("id: {cursor}\nevent: {topic}\ndata: {data}\n\n"));
+        self.apply_to_latest(topic, id, &data);
         self.snapshot = None;
         let event = Arc::new(StreamEvent { cursor, frame });
         self.history.push_back(event.clone());
@@ -247,7 +284,7 @@ async fn follow_stream(
     snapshot_jobs: usize,
 ) -> anyhow::Result<()> {
     let tail = broker
-        .map(|b| b.tail(topics::JOB_POSTED, Duration::from_secs(5)))
+        .map(|b| b.tail(topics::JOBS_STREAM, Duration::from_secs(5)))
         .transpose()?;
     // The stream's position first, the database second: a job committed in
     // between is then both in the snapshot and after the cursor, never in
@@ -268,7 +305,11 @@ async fn follow_stream(
     };
     let jobs = loop {
         match store
-            .list_jobs(u32::try_from(snapshot_jobs).unwrap_or(u32::MAX), None)
+            .list_jobs(
+                u32::try_from(snapshot_jobs).unwrap_or(u32::MAX),
+                None,
+                &JobFilter::default(),
+            )
             .await
         {
             Ok(jobs) => break jobs,
@@ -299,7 +340,7 @@ async fn follow_stream(
                 for (at, envelope) in entries {
                     cursor = at;
                     match envelope {
-                        Ok(envelope) => batch.push((at, envelope.payload)),
+                        Ok(envelope) => batch.push((at, envelope.topic, envelope.payload)),
                         Err(e) => warn!(error = %e, "sse hub: unreadable stream entry skipped"),
                     }
                 }
@@ -347,8 +388,8 @@ impl Actor for SseHub {
             snapshot: None,
             history: VecDeque::new(),
             history_floor: EventCursor::ZERO,
-            seen: HashSet::new(),
-            seen_order: VecDeque::new(),
+            versions: HashMap::new(),
+            versions_order: VecDeque::new(),
             clients: HashMap::new(),
             next_client: 0,
             closing: false,
@@ -394,7 +435,8 @@ impl Actor for SseHub {
             SseHubMsg::Loaded { cursor, jobs } => {
                 for job in jobs {
                     if let Some(id) = job_id(&job) {
-                        if state.remember(id) {
+                        let version = job.get("version").and_then(|v| v.as_i64()).unwrap_or(1);
+                        if state.remember(id, version) {
                             state.latest.push_back((id, job));
                         }
                     }
@@ -407,8 +449,8 @@ impl Actor for SseHub {
                 info!(%cursor, jobs = state.latest.len(), "sse hub: snapshot loaded");
             }
             SseHubMsg::Published(batch) => {
-                for (cursor, job) in batch {
-                    state.publish(cursor, job);
+                for (cursor, topic, data) in batch {
+                    state.publish(cursor, &topic, data);
                 }
             }
             SseHubMsg::CloseAll => {

@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use tokio::sync::Notify;
 
+use crate::domain::topics;
+
 use super::{
     Broker, BrokerError, Delivery, Envelope, EventCursor, GroupReader, Holding, Received, Tail,
     Tailed,
@@ -211,7 +213,10 @@ impl Broker for InProcessBroker {
             let mut log = self.lock();
             let millis = now_millis();
             for envelope in envelopes {
-                let topic = log.topics.entry(envelope.topic.clone()).or_default();
+                let topic = log
+                    .topics
+                    .entry(topics::stream(&envelope.topic).to_string())
+                    .or_default();
                 let cursor = next_cursor(topic.last, millis);
                 topic.last = cursor;
                 receipts.push(cursor.to_string());
@@ -241,9 +246,10 @@ impl Broker for InProcessBroker {
         Ok(receipts
             .iter()
             .map(|receipt| {
-                let (Some(topic), Some(cursor)) =
-                    (log.topics.get(topic), EventCursor::parse(receipt))
-                else {
+                let (Some(topic), Some(cursor)) = (
+                    log.topics.get(topics::stream(topic)),
+                    EventCursor::parse(receipt),
+                ) else {
                     // A log from before a restart: nothing of it is here.
                     return Holding::Lost;
                 };
@@ -276,7 +282,7 @@ impl Broker for InProcessBroker {
     ) -> Result<Arc<dyn GroupReader>, BrokerError> {
         Ok(Arc::new(InProcessGroup {
             broker: self.clone(),
-            topic: topic.to_string(),
+            topic: topics::stream(topic).to_string(),
             group: group.to_string(),
             block,
         }))
@@ -285,7 +291,7 @@ impl Broker for InProcessBroker {
     fn tail(&self, topic: &str, block: Duration) -> Result<Box<dyn Tail>, BrokerError> {
         Ok(Box::new(InProcessTail {
             broker: self.clone(),
-            topic: topic.to_string(),
+            topic: topics::stream(topic).to_string(),
             block,
         }))
     }

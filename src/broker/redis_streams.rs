@@ -17,7 +17,7 @@
 //! - `MAXLEN ~` bounds a stream's memory; an entry trimmed before it was read
 //!   is likewise republished from the outbox.
 //! - [`StreamTail`]: fan-out without a group. Every process's SseHub reads
-//!   all of `job.posted` with plain `XREAD` from its own cursor, so a job
+//!   all of the `jobs` stream with plain `XREAD` from its own cursor, so a job
 //!   posted on any process reaches the stream clients of every process, and
 //!   the entry id is the event's global cursor.
 
@@ -29,6 +29,8 @@ use async_trait::async_trait;
 use fred::prelude::*;
 use fred::types::streams::{XCap, XCapKind, XCapTrim, XReadResponse, XReadValue};
 
+use crate::domain::topics;
+
 use super::{
     Broker, BrokerError, Delivery, Envelope, EventCursor, GroupReader, Holding, Received, Tail,
     Tailed,
@@ -37,9 +39,9 @@ use super::{
 /// Upper bound on a stream's length (approximate trimming).
 const STREAM_MAXLEN: i64 = 1_000_000;
 
-/// The stream that carries `topic`.
+/// The stream that carries `topic` (a job's events share one: [`topics::stream`]).
 pub fn stream_key(topic: &str) -> String {
-    format!("herald:stream:{topic}")
+    format!("herald:stream:{}", topics::stream(topic))
 }
 
 fn unavailable(e: fred::error::Error) -> BrokerError {

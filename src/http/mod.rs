@@ -254,10 +254,7 @@ pub fn stored_response(stored: StoredResponse, replayed: bool) -> Response {
 
 /// Serialises a resource as a stored response.
 pub fn stored<T: serde::Serialize>(status: u16, value: &T) -> StoredResponse {
-    StoredResponse {
-        status,
-        body: serde_json::to_string(value).unwrap_or_default(),
-    }
+    StoredResponse::json(status, value)
 }
 
 impl AppState {

@@ -33,6 +33,8 @@ pub enum ApiError {
     NotFound,
     #[error("no such job")]
     JobNotFound,
+    #[error("this job is closed: it takes no applications and no edits")]
+    JobClosed,
     /// 405; `allow` is the path's methods, sent as `Allow` (RFC 9110 15.5.6).
     #[error("method not allowed; this path accepts {allow}")]
     MethodNotAllowed { allow: &'static str },
@@ -88,7 +90,9 @@ impl ApiError {
                 StatusCode::NOT_FOUND
             }
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::InFlight | ApiError::DeadLetterClosed(..) => StatusCode::CONFLICT,
+            ApiError::InFlight | ApiError::DeadLetterClosed(..) | ApiError::JobClosed => {
+                StatusCode::CONFLICT
+            }
             ApiError::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
@@ -107,6 +111,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::NotFound | ApiError::DevLoginDisabled => "not_found",
             ApiError::JobNotFound => "job_not_found",
+            ApiError::JobClosed => "job_closed",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::InFlight => "idempotency_in_flight",
             ApiError::DeadLetterClosed(..) => "dead_letter_closed",
@@ -128,6 +133,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => "Unauthorized",
             ApiError::NotFound | ApiError::DevLoginDisabled => "Not found",
             ApiError::JobNotFound => "Job not found",
+            ApiError::JobClosed => "Job closed",
             ApiError::MethodNotAllowed { .. } => "Method not allowed",
             ApiError::InFlight => "Request in progress",
             ApiError::DeadLetterClosed(..) => "Dead letter closed",
@@ -259,6 +265,7 @@ impl From<StoreError> for ApiError {
                 ApiError::Unavailable
             }
             StoreError::JobNotFound => ApiError::JobNotFound,
+            StoreError::JobClosed => ApiError::JobClosed,
             StoreError::LeaseLost => ApiError::InFlight,
             StoreError::Internal(detail) => {
                 tracing::error!(%detail, "store error");
@@ -285,6 +292,7 @@ mod tests {
             ApiError::Unauthorized(""),
             ApiError::NotFound,
             ApiError::JobNotFound,
+            ApiError::JobClosed,
             ApiError::MethodNotAllowed { allow: "GET" },
             ApiError::InFlight,
             ApiError::KeyReused,
@@ -308,6 +316,7 @@ mod tests {
                 | ApiError::Unauthorized(_)
                 | ApiError::NotFound
                 | ApiError::JobNotFound
+                | ApiError::JobClosed
                 | ApiError::MethodNotAllowed { .. }
                 | ApiError::InFlight
                 | ApiError::KeyReused

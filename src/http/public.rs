@@ -6,7 +6,9 @@
 //! | GET  /api/jobs                | anyone |
 //! | POST /api/jobs                | admin  |
 //! | GET  /api/jobs/stream         | anyone (SSE, [`super::stream`]) |
-//! | GET  /api/jobs/{id}           | anyone |
+//! | GET  /api/jobs/{id}           | anyone (open or closed) |
+//! | PATCH /api/jobs/{id}          | admin  |
+//! | POST /api/jobs/{id}/close     | admin  |
 //! | POST /api/applications        | user   |
 //! | GET  /api/applications/{id}   | user (own only; others get 404) |
 //! | POST /api/charges             | user, Idempotency-Key required |
@@ -26,7 +28,8 @@ use super::limits::Action;
 use super::problem::{json_response, ApiError};
 use super::{stored, AppState, Request};
 use crate::domain::{
-    parse_json, Application, DevLogin, EmailStatus, Job, NewApplication, NewCharge, NewJob, Page,
+    parse_json, Application, DevLogin, EmailStatus, Job, JobChange, JobFilter, JobPatch,
+    NewApplication, NewCharge, NewJob, Page,
 };
 use crate::idempotency::protocol::Ending;
 use crate::idempotency::KeyScope;
@@ -58,6 +61,12 @@ pub async fn dispatch(state: AppState, request: Request) -> Response {
                 Ok(super::stream::job_stream(&state, &request).await),
             ),
             (["api", "jobs", id], &Method::GET) => ("/api/jobs/{id}", get_job(&state, id).await),
+            (["api", "jobs", id], &Method::PATCH) => {
+                (EDIT_JOB, change_job(&state, &request, id, EDIT_JOB).await)
+            }
+            (["api", "jobs", id, "close"], &Method::POST) => {
+                (CLOSE_JOB, change_job(&state, &request, id, CLOSE_JOB).await)
+            }
             (["api", "applications"], &Method::POST) => (
                 "/api/applications",
                 submit_application(&state, &request).await,
@@ -94,8 +103,13 @@ fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
     match segments {
         [""] | ["app.js"] | ["style.css"] | ["healthz"] | ["readyz"] => Some("GET"),
         ["api", "jobs"] => Some("GET, POST"),
-        ["api", "jobs", _] | ["api", "applications", _] | ["api", "charges", _] => Some("GET"),
-        ["api", "applications"] | ["api", "charges"] | ["api", "dev", "login"] => Some("POST"),
+        ["api", "jobs", "stream"] => Some("GET"),
+        ["api", "jobs", _] => Some("GET, PATCH"),
+        ["api", "applications", _] | ["api", "charges", _] => Some("GET"),
+        ["api", "applications"]
+        | ["api", "charges"]
+        | ["api", "dev", "login"]
+        | ["api", "jobs", _, "close"] => Some("POST"),
         _ => None,
     }
 }
@@ -196,9 +210,19 @@ pub(super) fn list_params(query: &str) -> Result<(u32, Option<Uuid>), ApiError> 
     Ok((limit, before))
 }
 
+/// The job filter of a list or stream query: `q`, `location`, `company`
+/// (form-urlencoded); other names are the caller's.
+pub(super) fn job_filter(query: &str) -> Result<JobFilter, ApiError> {
+    JobFilter::from_pairs(
+        form_urlencoded::parse(query.as_bytes()).map(|(n, v)| (n, v.into_owned())),
+    )
+    .map_err(|e| ApiError::InvalidQuery(e.0))
+}
+
 async fn list_jobs(state: &AppState, request: &Request) -> Result<Response, ApiError> {
     let (limit, before) = list_params(&request.query)?;
-    let jobs = state.store.list_jobs(limit, before).await?;
+    let filter = job_filter(&request.query)?;
+    let jobs = state.store.list_jobs(limit, before, &filter).await?;
     let next_before = if jobs.len() == limit as usize {
         jobs.last().map(|j| j.id.to_string())
     } else {
@@ -215,6 +239,46 @@ async fn get_job(state: &AppState, id: &str) -> Result<Response, ApiError> {
     let job = state.store.get_job(id).await?.ok_or(ApiError::NotFound)?;
     Ok(ok_json(&job))
 }
+
+/// `PATCH /api/jobs/{id}` and `POST /api/jobs/{id}/close`: 200 with the job
+/// as it now is (also when the change changed nothing).
+async fn change_job(
+    state: &AppState,
+    request: &Request,
+    id: &str,
+    route: &'static str,
+) -> Result<Response, ApiError> {
+    state.auth.admin(&request.headers)?;
+    let key = super::idempotency_key(&request.headers)?;
+    let id = Uuid::parse_str(id).map_err(|_| ApiError::JobNotFound)?;
+    let (change, json) = if route == CLOSE_JOB {
+        (JobChange::Close, serde_json::Value::Null)
+    } else {
+        let body = request.body.as_ref().map_err(clone_error)?;
+        (JobChange::Edit(JobPatch::parse(body)?), body_json(request)?)
+    };
+    let scope = KeyScope {
+        principal: "admin".into(),
+        method: if route == CLOSE_JOB { "POST" } else { "PATCH" },
+        route,
+    };
+    // The key's scope is the route; the job is part of what it fingerprints.
+    let fingerprinted = serde_json::json!({ "job": id, "change": json });
+    let lease = match state.begin_keyed(scope, key, &fingerprinted).await? {
+        Ok(lease) => lease,
+        Err(replay) => return Ok(replay),
+    };
+    let changed = state
+        .store
+        .change_job(id, &change, lease.as_ref(), 200)
+        .await
+        .map(|job| Ending::Committed(stored(200, &job)));
+    state.end_keyed(lease, changed).await
+}
+
+/// The routes of [`change_job`].
+const EDIT_JOB: &str = "/api/jobs/{id}";
+const CLOSE_JOB: &str = "/api/jobs/{id}/close";
 
 fn body_json(request: &Request) -> Result<serde_json::Value, ApiError> {
     let body = request.body.as_ref().map_err(clone_error)?;

@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 use super::*;
-use crate::domain::{Application, Charge, Job};
+use crate::domain::{Application, ChangeRefused, Charge, Job, JobChange, JobFilter, SearchKeys};
 use crate::keys::StoredResponse;
 
 /// The result of applying: a new application or the user's existing one.
@@ -70,6 +70,10 @@ pub(crate) trait Columns: PlainColumns {
 pub(crate) const APPLICATION_COLUMNS: &str =
     "id, job_id, user_id, email, resume_url, cover_letter, email_status, created_at";
 
+/// The columns [`job_from_row`] reads.
+pub(crate) const JOB_COLUMNS: &str =
+    "id, title, company, location, description, posted_at, status, version, updated_at";
+
 pub(crate) fn job_from_row(row: &impl Columns) -> Result<Job, sqlx::Error> {
     Ok(Job {
         id: row.id("id")?,
@@ -78,8 +82,76 @@ pub(crate) fn job_from_row(row: &impl Columns) -> Result<Job, sqlx::Error> {
         location: row.text("location")?,
         description: row.text("description")?,
         posted_at: row.instant("posted_at")?,
+        status: row.status("status")?,
+        version: row.bigint("version")?,
+        updated_at: row.instant("updated_at")?,
     })
 }
+
+/// Writes a new job: one SQL text for both backends (sqlx binds SQLite's
+/// `$n` by its number). `$1` id, `$2`-`$5` title, company, location,
+/// description, `$6` status, `$7` version, `$8` updated_at, `$9`-`$11` the
+/// search keys (each backend's `bind_job`), `$12` posted_at.
+pub(crate) const INSERT_JOB: &str = "
+INSERT INTO jobs (id, title, company, location, description, status, version, updated_at,
+                  search_text, location_key, company_key, posted_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
+
+/// Writes a changed job over its row, `$1`-`$11` as in [`INSERT_JOB`]
+/// (posted_at never changes).
+pub(crate) const UPDATE_JOB: &str = "
+UPDATE jobs SET title = $2, company = $3, location = $4, description = $5, status = $6,
+                version = $7, updated_at = $8, search_text = $9, location_key = $10,
+                company_key = $11
+ WHERE id = $1";
+
+/// Up to 500 jobs written before their search keys were (migrations
+/// `0008`/`0005`), for the backfill each backend's `migrate` runs.
+pub(crate) const JOBS_WITHOUT_SEARCH_KEYS: &str =
+    "SELECT id, title, company, location, description FROM jobs
+      WHERE search_text IS NULL LIMIT 500";
+
+/// Fills one job's search keys: `$1` id, `$2`-`$4` text, location, company.
+pub(crate) const SET_SEARCH_KEYS: &str =
+    "UPDATE jobs SET search_text = $2, location_key = $3, company_key = $4 WHERE id = $1";
+
+/// A row of [`JOBS_WITHOUT_SEARCH_KEYS`]: its id and keys.
+pub(crate) fn search_keys_from_row(row: &impl Columns) -> Result<(Uuid, SearchKeys), sqlx::Error> {
+    let keys = crate::domain::search_keys(
+        &row.text("title")?,
+        &row.text("company")?,
+        &row.text("location")?,
+        &row.text("description")?,
+    );
+    Ok((row.id("id")?, keys))
+}
+
+/// What a change does to `job` at `now`: the job after it and the event it
+/// emits, or `None` when it changes nothing (no version spent, no event:
+/// the caller answers with the job as it is).
+pub fn decide_job_change(
+    change: &JobChange,
+    job: &Job,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Option<(Job, JobEvent)>, StoreError> {
+    // Both backends keep instants to the microsecond: the job returned and
+    // sent is the job stored.
+    let now = chrono::SubsecRound::trunc_subsecs(now, 6);
+    match change.apply(job, now) {
+        Err(ChangeRefused::Closed) => Err(StoreError::JobClosed),
+        Ok(None) => Ok(None),
+        Ok(Some(next)) => {
+            let payload = match change {
+                JobChange::Edit(_) => to_json(&next)?,
+                JobChange::Close => serde_json::json!({ "id": next.id, "version": next.version }),
+            };
+            Ok(Some((next, (change.topic(), job.id, payload))))
+        }
+    }
+}
+
+/// An outbox event as the backends' `finish` writes it: topic, aggregate id, payload.
+pub type JobEvent = (&'static str, Uuid, serde_json::Value);
 
 pub(crate) fn application_from_row(row: &impl Columns) -> Result<Application, sqlx::Error> {
     Ok(Application {
@@ -121,10 +193,29 @@ pub fn charge_created_payload(charge: &Charge) -> Result<serde_json::Value, Stor
 /// Jobs, applications and charges: the business rows and their events.
 #[async_trait]
 pub trait IntakeStore: Send + Sync {
-    /// Jobs newest first, strictly older than the `before` cursor.
-    async fn list_jobs(&self, limit: u32, before: Option<Uuid>) -> Result<Vec<Job>, StoreError>;
+    /// Open jobs matching `filter`, newest first, strictly older than the
+    /// `before` cursor.
+    async fn list_jobs(
+        &self,
+        limit: u32,
+        before: Option<Uuid>,
+        filter: &JobFilter,
+    ) -> Result<Vec<Job>, StoreError>;
 
+    /// A job, open or closed.
     async fn get_job(&self, id: Uuid) -> Result<Option<Job>, StoreError>;
+
+    /// Edits or closes a job ([`decide_job_change`]): writes the changed
+    /// job and its `job.updated` / `job.closed` event, or nothing when it
+    /// changes nothing, and completes the key if any with `status` and the
+    /// job as it now is, in one transaction. The job as it now is.
+    async fn change_job(
+        &self,
+        id: Uuid,
+        change: &JobChange,
+        lease: Option<&KeyLease>,
+        status: u16,
+    ) -> Result<Job, StoreError>;
 
     /// Inserts the job and its `job.posted` event, completing the key if any
     /// with `response` (built by the caller before this, its one commit),

@@ -41,6 +41,9 @@ pub enum StoreError {
     /// The application names a job that does not exist.
     #[error("job not found")]
     JobNotFound,
+    /// The job is closed: it takes no applications and no edits.
+    #[error("job closed")]
+    JobClosed,
     /// This request's lease on its idempotency key was taken over (it ran past
     /// the lease); the other holder's outcome stands, so nothing was written.
     #[error("idempotency lease lost")]

@@ -27,7 +27,7 @@ use herald::actors::ActorSlot;
 use herald::broker::in_process::InProcessBroker;
 use herald::broker::{Broker, Envelope};
 use herald::config::{Config, RedisConfig};
-use herald::domain::{topics, Application, Charge, EmailStatus, Job, LedgerStatus};
+use herald::domain::{topics, Application, Charge, EmailStatus, Job, JobStatus, LedgerStatus};
 use herald::email::file::FileTransport;
 use herald::email::SendPacer;
 use herald::idempotency::hot_tier::{HotTier, RedisMode};
@@ -371,6 +371,9 @@ async fn the_email_sender_sends_each_confirmation_once_in_a_batch() {
         location: "Remote".into(),
         description: "Effectively once".into(),
         posted_at: chrono::Utc::now(),
+        status: JobStatus::Open,
+        version: 1,
+        updated_at: chrono::Utc::now(),
     };
     let created = StoredResponse {
         status: 201,
@@ -463,6 +466,9 @@ fn job(title: &str) -> Job {
         location: "Remote".into(),
         description: "Effectively once".into(),
         posted_at: chrono::Utc::now(),
+        status: JobStatus::Open,
+        version: 1,
+        updated_at: chrono::Utc::now(),
     }
 }
 

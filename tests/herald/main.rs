@@ -26,6 +26,7 @@ mod failure_matrix;
 mod harness;
 #[cfg(feature = "failpoints")]
 mod intake;
+mod live_list;
 mod runbook;
 mod store;
 #[cfg(feature = "failpoints")]

@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use herald::broker::Envelope;
 use herald::config::Config;
-use herald::domain::{topics, Application, ApplicationSubmitted, EmailStatus, Job};
+use herald::domain::{
+    topics, Application, ApplicationSubmitted, EmailStatus, Job, JobChange, JobFilter, JobPatch,
+    JobStatus,
+};
 use herald::idempotency::{Fingerprint, IdempotencyKey, KeyScope, StoredResponse};
 use herald::store::postgres::PgStore;
 use herald::store::sqlite::SqliteStore;
@@ -236,12 +239,18 @@ async fn the_store_tells_the_same_story(backend: Backend) {
         location: "Remote".into(),
         description: "Effectively once".into(),
         posted_at: chrono::Utc::now(),
+        status: JobStatus::Open,
+        version: 1,
+        updated_at: chrono::Utc::now(),
     };
     store
         .post_job(&job, None, &answer(201, "{}"))
         .await
         .unwrap();
-    let listed = store.list_jobs(10, None).await.unwrap();
+    let listed = store
+        .list_jobs(10, None, &JobFilter::default())
+        .await
+        .unwrap();
     assert_eq!(listed.iter().map(|j| j.id).collect::<Vec<_>>(), [job.id]);
     assert_eq!(
         store.get_job(job.id).await.unwrap().map(|j| j.title),
@@ -441,6 +450,131 @@ async fn the_store_tells_the_same_story(backend: Backend) {
         deliver(&store, &ada_copy, DeliveryDecision::Done).await,
         DeliveryResult::Gone
     );
+
+    // A job's life: an edit spends a version and emits job.updated with the
+    // whole job; an edit to what it already is changes nothing; a close
+    // emits job.closed; a closed job takes no edit and no application and
+    // leaves the list, but is still there by id. Filters: q a substring of
+    // title, company or description; location and company equal; any case.
+    let edit = |patch: JobPatch| JobChange::Edit(patch);
+    let moved = store
+        .change_job(
+            job.id,
+            &edit(JobPatch {
+                location: Some("Berlin".into()),
+                ..JobPatch::default()
+            }),
+            None,
+            200,
+        )
+        .await
+        .unwrap();
+    assert_eq!((moved.location.as_str(), moved.version), ("Berlin", 2));
+    assert!(moved.updated_at >= job.updated_at);
+    let unchanged = store
+        .change_job(
+            job.id,
+            &edit(JobPatch {
+                title: Some(job.title.clone()),
+                ..JobPatch::default()
+            }),
+            None,
+            200,
+        )
+        .await
+        .unwrap();
+    assert_eq!(unchanged, moved, "an edit that changes nothing");
+    let filtered = |q: Option<&str>, location: Option<&str>, company: Option<&str>| {
+        let store = store.clone();
+        let filter = JobFilter::from_pairs(
+            [("q", q), ("location", location), ("company", company)]
+                .into_iter()
+                .filter_map(|(n, v)| v.map(|v| (n, v.to_string()))),
+        )
+        .unwrap();
+        async move {
+            store
+                .list_jobs(10, None, &filter)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|j| j.id)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(filtered(Some("EFFECTIVELY"), None, None).await, [job.id]);
+    assert_eq!(filtered(None, Some("berlin"), Some("acme")).await, [job.id]);
+    assert!(filtered(None, Some("Remote"), None).await.is_empty());
+    assert!(filtered(None, Some("berl"), None).await.is_empty());
+    assert!(filtered(Some("engineeracme"), None, None).await.is_empty());
+    let closed = store
+        .change_job(job.id, &JobChange::Close, None, 200)
+        .await
+        .unwrap();
+    assert_eq!((closed.status, closed.version), (JobStatus::Closed, 3));
+    assert_eq!(
+        store
+            .change_job(job.id, &JobChange::Close, None, 200)
+            .await
+            .unwrap(),
+        closed,
+        "closing a closed job changes nothing"
+    );
+    assert!(matches!(
+        store
+            .change_job(
+                job.id,
+                &edit(JobPatch {
+                    title: Some("Reopened?".into()),
+                    ..JobPatch::default()
+                }),
+                None,
+                200,
+            )
+            .await,
+        Err(herald::store::StoreError::JobClosed)
+    ));
+    assert!(matches!(
+        store
+            .submit_application(&application(&job, "carol"), None, &answer(201, "{}"))
+            .await,
+        Err(herald::store::StoreError::JobClosed)
+    ));
+    assert!(
+        filtered(None, None, None).await.is_empty(),
+        "closed jobs leave the list"
+    );
+    assert_eq!(store.get_job(job.id).await.unwrap(), Some(closed.clone()));
+    // Two changes, two events, in order, each carrying its version.
+    let updated = relay(&store, topics::JOB_UPDATED).await;
+    assert_eq!(updated.len(), 1);
+    assert_eq!(
+        serde_json::from_value::<Job>(updated[0].payload.clone()).unwrap(),
+        moved
+    );
+    let closings = relay(&store, topics::JOB_CLOSED).await;
+    assert_eq!(closings.len(), 1);
+    assert_eq!(
+        closings[0].payload,
+        serde_json::json!({"id": job.id, "version": 3})
+    );
+    assert!(updated[0].event_id < closings[0].event_id);
+    // A keyed close completes its key with the job as it now is.
+    let close_key = claim("admin", "close-1", &body, Duration::from_secs(30));
+    let KeyClaim::New(close_lease) = store.claim_key(&close_key).await.unwrap() else {
+        panic!("new");
+    };
+    store
+        .change_job(job.id, &JobChange::Close, Some(&close_lease), 200)
+        .await
+        .unwrap();
+    match store.claim_key(&close_key).await.unwrap() {
+        KeyClaim::Replay(replayed, _) => {
+            assert_eq!(replayed.status, 200);
+            assert_eq!(serde_json::from_str::<Job>(&replayed.body).unwrap(), closed);
+        }
+        other => panic!("the close's key replays the job: {other:?}"),
+    }
 }
 
 on_both_backends!(the_store_tells_the_same_story);

@@ -8,7 +8,8 @@ use super::*;
 /// - `held`: the request still holds its key's lease, or carries no key ($12
 ///   is NULL). Not locked: a lock here would make a concurrent duplicate's
 ///   claim wait instead of answering 409;
-/// - `job`: the job exists;
+/// - `job`: the job exists, and whether it is open ($20 = `open`): a closed
+///   job takes no application;
 /// - `app`: the application, unless this user already applied to this job;
 /// - `event`: its `application.submitted` outbox row, only if `app` inserted.
 ///   The payload is [`ApplicationSubmitted`], built in Rust ($17) with the
@@ -26,10 +27,10 @@ WITH held AS (
          WHERE principal = $8 AND method = $9 AND route = $10 AND key = $11
            AND holder = $12 AND state = 'in_progress')
 ), job AS (
-    SELECT id, title, company FROM jobs WHERE id = $2
+    SELECT id, title, company, status = $20 AS open FROM jobs WHERE id = $2
 ), app AS (
     INSERT INTO applications (id, job_id, user_id, email, resume_url, cover_letter, created_at)
-    SELECT $1, job.id, $3, $4, $5, $6, $7 FROM job, held
+    SELECT $1, job.id, $3, $4, $5, $6, $7 FROM job, held WHERE job.open
     ON CONFLICT (user_id, job_id) DO NOTHING
     RETURNING id
 ), event AS (
@@ -47,8 +48,30 @@ WITH held AS (
 )
 SELECT EXISTS (SELECT 1 FROM held) AS held,
        EXISTS (SELECT 1 FROM job) AS job_found,
+       EXISTS (SELECT 1 FROM job WHERE open) AS job_open,
        EXISTS (SELECT 1 FROM app) AS created,
        EXISTS (SELECT 1 FROM done) AS completed";
+
+/// Binds `$1`-`$11` of [`INSERT_JOB`] and [`UPDATE_JOB`].
+trait BindJob<'q> {
+    fn bind_job(self, job: &'q Job, keys: &'q SearchKeys) -> Self;
+}
+
+impl<'q> BindJob<'q> for sqlx::query::Query<'q, Postgres, PgArguments> {
+    fn bind_job(self, job: &'q Job, keys: &'q SearchKeys) -> Self {
+        self.bind(job.id)
+            .bind(&job.title)
+            .bind(&job.company)
+            .bind(&job.location)
+            .bind(&job.description)
+            .bind(job.status.as_str())
+            .bind(job.version)
+            .bind(job.updated_at)
+            .bind(&keys.text)
+            .bind(&keys.location)
+            .bind(&keys.company)
+    }
+}
 
 impl PgStore {
     pub(super) async fn finish(
@@ -86,19 +109,32 @@ impl PgStore {
 #[async_trait]
 impl IntakeStore for PgStore {
     #[instrument(skip_all)]
-    async fn list_jobs(&self, limit: u32, before: Option<Uuid>) -> Result<Vec<Job>, StoreError> {
+    async fn list_jobs(
+        &self,
+        limit: u32,
+        before: Option<Uuid>,
+        filter: &JobFilter,
+    ) -> Result<Vec<Job>, StoreError> {
         let mut session = self.session().await?;
         let result: Result<Vec<Job>, StoreError> = async {
             let conn: &mut PgConnection = &mut session;
-            let rows = sqlx::query(
-                "SELECT id, title, company, location, description, posted_at FROM jobs
-                  WHERE ($1::uuid IS NULL OR id < $1)
-                  ORDER BY id DESC LIMIT $2",
-            )
-            .bind(before)
-            .bind(limit as i64)
-            .fetch_all(&mut *conn)
-            .await?;
+            let sql = format!(
+                "SELECT {JOB_COLUMNS} FROM jobs
+                  WHERE status = $3 AND ($1::uuid IS NULL OR id < $1)
+                    AND ($4::text IS NULL OR strpos(search_text, $4) > 0)
+                    AND ($5::text IS NULL OR location_key = $5)
+                    AND ($6::text IS NULL OR company_key = $6)
+                  ORDER BY id DESC LIMIT $2"
+            );
+            let rows = sqlx::query(AssertSqlSafe(sql))
+                .bind(before)
+                .bind(limit as i64)
+                .bind(JobStatus::Open.as_str())
+                .bind(filter.q.as_deref())
+                .bind(filter.location.as_deref())
+                .bind(filter.company.as_deref())
+                .fetch_all(&mut *conn)
+                .await?;
             Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
         }
         .await;
@@ -110,12 +146,11 @@ impl IntakeStore for PgStore {
         let mut session = self.session().await?;
         let result: Result<Option<Job>, StoreError> = async {
             let conn: &mut PgConnection = &mut session;
-            let row = sqlx::query(
-                "SELECT id, title, company, location, description, posted_at FROM jobs WHERE id = $1",
-            )
-            .bind(id)
-            .fetch_optional(&mut *conn)
-            .await?;
+            let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1");
+            let row = sqlx::query(AssertSqlSafe(sql))
+                .bind(id)
+                .fetch_optional(&mut *conn)
+                .await?;
             Ok(row.as_ref().map(job_from_row).transpose()?)
         }
         .await;
@@ -133,20 +168,52 @@ impl IntakeStore for PgStore {
         let result: Result<(), StoreError> = async {
             let conn: &mut PgConnection = &mut session;
             let mut tx = conn.begin().await?;
-            sqlx::query(
-                "INSERT INTO jobs (id, title, company, location, description, posted_at)
-                 VALUES ($1, $2, $3, $4, $5, $6)",
-            )
-            .bind(job.id)
-            .bind(&job.title)
-            .bind(&job.company)
-            .bind(&job.location)
-            .bind(&job.description)
-            .bind(job.posted_at)
-            .execute(&mut *tx)
-            .await?;
+            let keys = job.search_keys();
+            sqlx::query(INSERT_JOB)
+                .bind_job(job, &keys)
+                .bind(job.posted_at)
+                .execute(&mut *tx)
+                .await?;
             let event = (topics::JOB_POSTED, job.id, job_posted_payload(job)?);
             Self::finish(tx, Some(event), lease, response).await
+        }
+        .await;
+        session.settle(result)
+    }
+
+    #[instrument(skip_all)]
+    async fn change_job(
+        &self,
+        id: Uuid,
+        change: &JobChange,
+        lease: Option<&KeyLease>,
+        status: u16,
+    ) -> Result<Job, StoreError> {
+        let mut session = self.session().await?;
+        let result: Result<Job, StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            let mut tx = conn.begin().await?;
+            let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 FOR UPDATE");
+            let row = sqlx::query(AssertSqlSafe(sql))
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or(StoreError::JobNotFound)?;
+            let job = job_from_row(&row)?;
+            let (job, event) = match decide_job_change(change, &job, chrono::Utc::now())? {
+                Some((next, event)) => {
+                    let keys = next.search_keys();
+                    sqlx::query(UPDATE_JOB)
+                        .bind_job(&next, &keys)
+                        .execute(&mut *tx)
+                        .await?;
+                    (next, Some(event))
+                }
+                None => (job, None),
+            };
+            let response = StoredResponse::json(status, &job);
+            Self::finish(tx, event, lease, &response).await?;
+            Ok(job)
         }
         .await;
         session.settle(result)
@@ -187,11 +254,13 @@ impl IntakeStore for PgStore {
                 .bind(to_json(&ApplicationSubmitted::of(application, "", ""))?)
                 .bind(ApplicationSubmitted::JOB_TITLE)
                 .bind(ApplicationSubmitted::COMPANY)
+                .bind(JobStatus::Open.as_str())
                 .fetch_one(&mut *conn)
                 .await?;
-            let (held, job_found, inserted, completed): (bool, bool, bool, bool) = (
+            let (held, job_found, job_open, inserted, completed): (bool, bool, bool, bool, bool) = (
                 row.try_get("held")?,
                 row.try_get("job_found")?,
+                row.try_get("job_open")?,
                 row.try_get("created")?,
                 row.try_get("completed")?,
             );
@@ -200,6 +269,9 @@ impl IntakeStore for PgStore {
             }
             if !job_found {
                 return Err(StoreError::JobNotFound);
+            }
+            if !job_open {
+                return Err(StoreError::JobClosed);
             }
             if inserted {
                 if lease.is_some() && !completed {

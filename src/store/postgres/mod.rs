@@ -27,7 +27,7 @@ use chrono::{DateTime, Utc};
 use deadpool::managed::{Manager, Metrics, Object, Pool, PoolError, RecycleError, RecycleResult};
 use deadpool::Runtime;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPoolOptions, PgRow};
-use sqlx::{Connection, Postgres, Row, Transaction};
+use sqlx::{AssertSqlSafe, Connection, Postgres, Row, Transaction};
 use tokio_util::task::TaskTracker;
 use tracing::instrument;
 use uuid::Uuid;
@@ -35,7 +35,10 @@ use uuid::Uuid;
 use super::*;
 use crate::broker::Envelope;
 use crate::config::Config;
-use crate::domain::{topics, Application, ApplicationSubmitted, Charge, Job};
+use crate::domain::{
+    topics, Application, ApplicationSubmitted, Charge, Job, JobChange, JobFilter, JobStatus,
+    SearchKeys,
+};
 use crate::keys::{IdempotencyKey, KeyScope, StoredResponse};
 
 /// Postgres reads ids and instants as their own types.
@@ -325,9 +328,12 @@ impl Store for PgStore {
             pool.close().await;
             return Err(e);
         }
-        let result = migrator.run(&pool).await;
+        let result = match migrator.run(&pool).await {
+            Ok(()) => backfill_search_keys(&pool).await,
+            Err(e) => Err(e.into()),
+        };
         pool.close().await;
-        Ok(result?)
+        result
     }
 
     #[instrument(skip_all)]
@@ -340,5 +346,28 @@ impl Store for PgStore {
         }
         .await;
         session.settle(result)
+    }
+}
+
+/// Jobs written before their search keys were (migration 0008) get them:
+/// idempotent, so processes migrating at once only repeat each other.
+async fn backfill_search_keys(pool: &sqlx::PgPool) -> Result<(), StoreError> {
+    loop {
+        let rows = sqlx::query(JOBS_WITHOUT_SEARCH_KEYS)
+            .fetch_all(pool)
+            .await?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        for row in &rows {
+            let (id, keys) = search_keys_from_row(row)?;
+            sqlx::query(SET_SEARCH_KEYS)
+                .bind(id)
+                .bind(keys.text)
+                .bind(keys.location)
+                .bind(keys.company)
+                .execute(pool)
+                .await?;
+        }
     }
 }

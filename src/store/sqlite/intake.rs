@@ -1,7 +1,24 @@
 //! Intake on SQLite: jobs, applications and charges, each with its outbox
 //! event and its key's outcome in one write transaction.
 
+use super::keys::Query;
 use super::*;
+
+/// Binds `$1`-`$11` of [`INSERT_JOB`] and [`UPDATE_JOB`].
+fn bind_job<'q>(query: Query<'q>, job: &'q Job, keys: &'q SearchKeys) -> Query<'q> {
+    query
+        .bind(job.id.to_string())
+        .bind(&job.title)
+        .bind(&job.company)
+        .bind(&job.location)
+        .bind(&job.description)
+        .bind(job.status.as_str())
+        .bind(job.version)
+        .bind(job.updated_at.timestamp_micros())
+        .bind(&keys.text)
+        .bind(&keys.location)
+        .bind(&keys.company)
+}
 
 impl SqliteStore {
     /// The common end of every business transaction: the outbox event, the
@@ -38,27 +55,39 @@ impl SqliteStore {
 #[async_trait]
 impl IntakeStore for SqliteStore {
     #[instrument(skip_all)]
-    async fn list_jobs(&self, limit: u32, before: Option<Uuid>) -> Result<Vec<Job>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, title, company, location, description, posted_at FROM jobs
-              WHERE (?1 IS NULL OR id < ?1)
-              ORDER BY id DESC LIMIT ?2",
-        )
-        .bind(before.map(|b| b.to_string()))
-        .bind(i64::from(limit))
-        .fetch_all(&self.reader)
-        .await?;
+    async fn list_jobs(
+        &self,
+        limit: u32,
+        before: Option<Uuid>,
+        filter: &JobFilter,
+    ) -> Result<Vec<Job>, StoreError> {
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs
+              WHERE status = ?3 AND (?1 IS NULL OR id < ?1)
+                AND (?4 IS NULL OR instr(search_text, ?4) > 0)
+                AND (?5 IS NULL OR location_key = ?5)
+                AND (?6 IS NULL OR company_key = ?6)
+              ORDER BY id DESC LIMIT ?2"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(before.map(|b| b.to_string()))
+            .bind(i64::from(limit))
+            .bind(JobStatus::Open.as_str())
+            .bind(filter.q.as_deref())
+            .bind(filter.location.as_deref())
+            .bind(filter.company.as_deref())
+            .fetch_all(&self.reader)
+            .await?;
         Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
     }
 
     #[instrument(skip_all)]
     async fn get_job(&self, id: Uuid) -> Result<Option<Job>, StoreError> {
-        let row = sqlx::query(
-            "SELECT id, title, company, location, description, posted_at FROM jobs WHERE id = ?",
-        )
-        .bind(id.to_string())
-        .fetch_optional(&self.reader)
-        .await?;
+        let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?");
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(id.to_string())
+            .fetch_optional(&self.reader)
+            .await?;
         Ok(row.as_ref().map(job_from_row).transpose()?)
     }
 
@@ -70,20 +99,44 @@ impl IntakeStore for SqliteStore {
         response: &StoredResponse,
     ) -> Result<(), StoreError> {
         let mut tx = self.write_holding(lease).await?;
-        sqlx::query(
-            "INSERT INTO jobs (id, title, company, location, description, posted_at)
-             VALUES (?, ?, ?, ?, ?, ?)",
-        )
-        .bind(job.id.to_string())
-        .bind(&job.title)
-        .bind(&job.company)
-        .bind(&job.location)
-        .bind(&job.description)
-        .bind(job.posted_at.timestamp_micros())
-        .execute(&mut *tx)
-        .await?;
+        let keys = job.search_keys();
+        bind_job(sqlx::query(INSERT_JOB), job, &keys)
+            .bind(job.posted_at.timestamp_micros())
+            .execute(&mut *tx)
+            .await?;
         let event = (topics::JOB_POSTED, job.id, job_posted_payload(job)?);
         Self::finish(tx, Some(event), lease, response).await
+    }
+
+    #[instrument(skip_all)]
+    async fn change_job(
+        &self,
+        id: Uuid,
+        change: &JobChange,
+        lease: Option<&KeyLease>,
+        status: u16,
+    ) -> Result<Job, StoreError> {
+        let mut tx = self.write_holding(lease).await?;
+        let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?");
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StoreError::JobNotFound)?;
+        let job = job_from_row(&row)?;
+        let (job, event) = match decide_job_change(change, &job, chrono::Utc::now())? {
+            Some((next, event)) => {
+                let keys = next.search_keys();
+                bind_job(sqlx::query(UPDATE_JOB), &next, &keys)
+                    .execute(&mut *tx)
+                    .await?;
+                (next, Some(event))
+            }
+            None => (job, None),
+        };
+        let response = StoredResponse::json(status, &job);
+        Self::finish(tx, event, lease, &response).await?;
+        Ok(job)
     }
 
     #[instrument(skip_all)]
@@ -94,11 +147,14 @@ impl IntakeStore for SqliteStore {
         created: &StoredResponse,
     ) -> Result<ApplyOutcome, StoreError> {
         let mut tx = self.write_holding(lease).await?;
-        let job = sqlx::query("SELECT title, company FROM jobs WHERE id = ?")
+        let job = sqlx::query("SELECT title, company, status FROM jobs WHERE id = ?")
             .bind(application.job_id.to_string())
             .fetch_optional(&mut *tx)
             .await?
             .ok_or(StoreError::JobNotFound)?;
+        if job.status::<JobStatus>("status")? != JobStatus::Open {
+            return Err(StoreError::JobClosed);
+        }
         let inserted = sqlx::query(
             "INSERT INTO applications (id, job_id, user_id, email, resume_url, cover_letter, created_at)
              VALUES (?, ?, ?, ?, ?, ?, ?)

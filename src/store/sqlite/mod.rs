@@ -54,7 +54,10 @@ use uuid::Uuid;
 use super::*;
 use crate::broker::Envelope;
 use crate::config::Config;
-use crate::domain::{topics, Application, ApplicationSubmitted, Charge, Job};
+use crate::domain::{
+    topics, Application, ApplicationSubmitted, Charge, Job, JobChange, JobFilter, JobStatus,
+    SearchKeys,
+};
 use crate::keys::{KeyScope, StoredResponse};
 
 /// Now, in the schema's unit (microseconds since the epoch).
@@ -216,6 +219,25 @@ impl Store for SqliteStore {
         sqlx::migrate!("./migrations/sqlite")
             .run(&self.writer)
             .await?;
+        // Jobs written before their search keys were get them now.
+        loop {
+            let rows = sqlx::query(JOBS_WITHOUT_SEARCH_KEYS)
+                .fetch_all(&self.writer)
+                .await?;
+            if rows.is_empty() {
+                break;
+            }
+            for row in &rows {
+                let (id, keys) = search_keys_from_row(row)?;
+                sqlx::query(SET_SEARCH_KEYS)
+                    .bind(id.to_string())
+                    .bind(keys.text)
+                    .bind(keys.location)
+                    .bind(keys.company)
+                    .execute(&self.writer)
+                    .await?;
+            }
+        }
         // One process owns an embedded database: a lease still held at start
         // was left by a process that died (kill -9); release it, so its rows
         // are delivered now rather than when the lease runs out.

@@ -854,6 +854,25 @@ impl Daemon {
         req.send().await.expect("POST request")
     }
 
+    /// `PATCH path` as `token`, with an optional Idempotency-Key and a JSON body.
+    pub async fn patch(
+        &self,
+        path: &str,
+        token: &str,
+        key: Option<&str>,
+        body: &Value,
+    ) -> reqwest::Response {
+        let mut req = self
+            .http
+            .patch(self.url(path))
+            .bearer_auth(token)
+            .json(body);
+        if let Some(k) = key {
+            req = req.header("Idempotency-Key", k);
+        }
+        req.send().await.expect("PATCH request")
+    }
+
     /// The same POST, for a request the daemon may die in the middle of
     /// (a crash failpoint): the answer, or `None` if it never came.
     pub async fn try_post(

@@ -33,7 +33,7 @@ impl Event {
                 .as_array()
                 .map(|jobs| jobs.iter().filter_map(title).collect())
                 .unwrap_or_default(),
-            "job.posted" => title(&data).into_iter().collect(),
+            "job.posted" | "job.updated" => title(&data).into_iter().collect(),
             _ => Vec::new(),
         }
     }
@@ -258,6 +258,54 @@ impl SseClient {
             .into_iter()
             .filter(|(t, _)| t.starts_with(prefix))
             .collect()
+    }
+
+    /// The client's list of jobs, built only by the stream's rules from what
+    /// it received: a `snapshot` replaces it; `job.posted` and `job.updated`
+    /// insert or replace by id; `job.closed` and `job.removed` delete by id;
+    /// an event older (by `version`) than the job held is ignored. Job id →
+    /// (version, job).
+    pub fn list(&self) -> HashMap<String, (i64, Value)> {
+        let mut list: HashMap<String, (i64, Value)> = HashMap::new();
+        let id_version = |job: &Value| {
+            Some((
+                job["id"].as_str()?.to_string(),
+                job["version"].as_i64().unwrap_or(1),
+            ))
+        };
+        for event in &self.seen {
+            let Ok(data) = serde_json::from_str::<Value>(&event.data) else {
+                continue;
+            };
+            match event.event.as_str() {
+                "snapshot" => {
+                    list = data["jobs"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|job| {
+                            let (id, version) = id_version(job)?;
+                            Some((id, (version, job.clone())))
+                        })
+                        .collect();
+                }
+                kind @ ("job.posted" | "job.updated" | "job.closed" | "job.removed") => {
+                    let Some((id, version)) = id_version(&data) else {
+                        continue;
+                    };
+                    if list.get(&id).is_some_and(|(held, _)| *held > version) {
+                        continue;
+                    }
+                    if kind == "job.posted" || kind == "job.updated" {
+                        list.insert(id, (version, data));
+                    } else {
+                        list.remove(&id);
+                    }
+                }
+                _ => {}
+            }
+        }
+        list
     }
 
     /// The id of the last event with one.

@@ -14,24 +14,37 @@ use uuid::Uuid;
 #[error("{0}")]
 pub struct InvalidBody(pub String);
 
+pub mod job;
+
+pub use job::*;
+
 /// Topics of outbox events.
 pub mod topics {
     pub const JOB_POSTED: &str = "job.posted";
+    pub const JOB_UPDATED: &str = "job.updated";
+    pub const JOB_CLOSED: &str = "job.closed";
     pub const APPLICATION_SUBMITTED: &str = "application.submitted";
     pub const CHARGE_CREATED: &str = "charge.created";
     /// Every topic, for validating a `?topic=` filter.
-    pub const ALL: [&str; 3] = [JOB_POSTED, APPLICATION_SUBMITTED, CHARGE_CREATED];
-}
+    pub const ALL: [&str; 5] = [
+        JOB_POSTED,
+        JOB_UPDATED,
+        JOB_CLOSED,
+        APPLICATION_SUBMITTED,
+        CHARGE_CREATED,
+    ];
+    /// The broker stream every job event goes to: one stream, so a reader
+    /// (the SseHub) sees a job's post, edits and close in one order under
+    /// one cursor.
+    pub const JOBS_STREAM: &str = "jobs";
 
-/// A posted job.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Job {
-    pub id: Uuid,
-    pub title: String,
-    pub company: String,
-    pub location: String,
-    pub description: String,
-    pub posted_at: DateTime<Utc>,
+    /// The broker stream a topic's events are published to.
+    pub fn stream(topic: &str) -> &str {
+        match topic {
+            JOB_POSTED | JOB_UPDATED | JOB_CLOSED => JOBS_STREAM,
+            other => other,
+        }
+    }
 }
 
 /// The identity of an authenticated user, taken from a verified JWT.
@@ -140,28 +153,10 @@ pub struct Page<T> {
     pub next_before: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NewJobBody {
-    title: String,
-    company: String,
-    location: String,
-    description: String,
-}
-
-/// A validated job to post.
-#[derive(Debug, Clone)]
-pub struct NewJob {
-    pub title: String,
-    pub company: String,
-    pub location: String,
-    pub description: String,
-}
-
 /// A required one-line text: it reaches an email header (a job's title and
 /// company make the confirmation's Subject), where a CR or LF would start a
 /// header of the sender's choosing, so line breaks are refused.
-fn required_line(field: &str, value: String, max: usize) -> Result<String, InvalidBody> {
+pub(crate) fn required_line(field: &str, value: String, max: usize) -> Result<String, InvalidBody> {
     if value.contains(['\r', '\n']) {
         return Err(InvalidBody(format!(
             "`{field}` must be one line (no CR or LF)"
@@ -170,7 +165,7 @@ fn required_line(field: &str, value: String, max: usize) -> Result<String, Inval
     required_text(field, value, max)
 }
 
-fn required_text(field: &str, value: String, max: usize) -> Result<String, InvalidBody> {
+pub(crate) fn required_text(field: &str, value: String, max: usize) -> Result<String, InvalidBody> {
     let trimmed = value.trim();
     if trimmed.is_empty() {
         return Err(InvalidBody(format!("`{field}` must not be empty")));
@@ -178,7 +173,7 @@ fn required_text(field: &str, value: String, max: usize) -> Result<String, Inval
     optional_text(field, Some(value), max).map(|v| v.unwrap_or_default())
 }
 
-fn optional_text(
+pub(crate) fn optional_text(
     field: &str,
     value: Option<String>,
     max: usize,
@@ -204,29 +199,6 @@ pub fn parse_status<T: serde::de::DeserializeOwned>(s: &str) -> Option<T> {
 /// Parses a JSON body into `T`, mapping every serde failure to [`InvalidBody`].
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, InvalidBody> {
     serde_json::from_slice(body).map_err(|e| InvalidBody(format!("{e}")))
-}
-
-impl NewJob {
-    pub fn parse(body: &[u8]) -> Result<NewJob, InvalidBody> {
-        let raw: NewJobBody = parse_json(body)?;
-        Ok(NewJob {
-            title: required_line("title", raw.title, 200)?,
-            company: required_line("company", raw.company, 200)?,
-            location: required_text("location", raw.location, 200)?,
-            description: required_text("description", raw.description, 20_000)?,
-        })
-    }
-
-    pub fn into_job(self, id: Uuid, posted_at: DateTime<Utc>) -> Job {
-        Job {
-            id,
-            title: self.title,
-            company: self.company,
-            location: self.location,
-            description: self.description,
-            posted_at,
-        }
-    }
 }
 
 #[derive(Debug, Deserialize)]
