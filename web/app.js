@@ -2,11 +2,12 @@
 // details, dev sign-in and an apply button that can be clicked, retried and
 // reloaded without ever applying twice.
 //
-// - The list comes from GET /api/jobs/stream: an `event: snapshot`, then one
-//   `event: job.posted` per new job. The browser's EventSource reconnects on
-//   its own, honouring the server's jittered `retry:` and resuming with
-//   Last-Event-ID, so the page only has to render what arrives (deduplicated
-//   by job id, which a fresh snapshot after a long absence needs).
+// - The list comes from GET /api/jobs/stream: an `event: snapshot` replaces
+//   it; `job.posted` and `job.updated` insert or replace a job by id (an edit
+//   is highlighted briefly); `job.closed` removes it (an open detail then
+//   says "This job is closed"). An event older (by `version`) than the job
+//   shown is ignored. The browser's EventSource reconnects on its own,
+//   honouring the server's jittered `retry:` and resuming with Last-Event-ID.
 // - Until a snapshot (or the fallback below) answers, the list says
 //   "Loading jobs…", never "No jobs yet". When the stream delivers no
 //   snapshot within FALLBACK_MS (a proxy that blocks event streams, a server
@@ -28,8 +29,9 @@
   const $ = (id) => document.getElementById(id);
 
   const state = {
-    jobs: new Map(), // id -> job
+    jobs: new Map(), // id -> job, the open jobs listed
     order: [], // ids, newest first
+    closed: new Map(), // id -> version, jobs this page saw closed
     selected: null,
     token: store.getItem("herald:token"),
     email: store.getItem("herald:email"),
@@ -105,6 +107,44 @@
     return true;
   }
 
+  const versionOf = (job) => job.version || 1;
+
+  // Whether an event about `id` at `version` is older than what the page holds.
+  function stale(id, version) {
+    const held = state.jobs.get(id);
+    if (held && versionOf(held) > version) return true;
+    return (state.closed.get(id) || 0) >= version;
+  }
+
+  // job.posted / job.updated: insert (in id order: UUIDv7 ids sort by time,
+  // newest first) or replace in place.
+  function upsertJob(job, highlight) {
+    if (!job || !job.id || stale(job.id, versionOf(job))) return;
+    const known = state.jobs.has(job.id);
+    state.jobs.set(job.id, job);
+    if (!known) {
+      const at = state.order.findIndex((id) => id < job.id);
+      state.order.splice(at === -1 ? state.order.length : at, 0, job.id);
+    }
+    renderJobs();
+    if (highlight && known) {
+      const item = document.querySelector(`#jobs li[data-job-id="${job.id}"] .job`);
+      if (item) item.classList.add("updated");
+    }
+    if (state.selected === job.id) renderDetail();
+  }
+
+  // job.closed / job.removed: off the list; an open detail says so.
+  function removeJob(id, version, closed) {
+    if (!id || stale(id, version)) return;
+    if (closed) state.closed.set(id, version);
+    if (state.jobs.delete(id)) {
+      state.order = state.order.filter((held) => held !== id);
+      renderJobs();
+    }
+    if (state.selected === id) renderDetail();
+  }
+
   function jobItem(job) {
     const li = document.createElement("li");
     li.dataset.jobId = job.id;
@@ -116,7 +156,11 @@
     title.textContent = job.title;
     const meta = document.createElement("span");
     meta.className = "job-meta";
-    meta.textContent = `${job.company} · ${job.location}`;
+    meta.textContent = `${job.company} · ${job.location} · `;
+    const posted = document.createElement("time");
+    posted.dateTime = job.posted_at;
+    posted.textContent = new Date(job.posted_at).toLocaleDateString();
+    meta.append(posted);
     button.append(title, meta);
     button.addEventListener("click", () => select(job.id));
     li.append(button);
@@ -155,8 +199,10 @@
       if (response.ok) {
         const page = await response.json();
         if (!state.live) {
+          // The page is the list (open jobs, newest first): it replaces it.
+          state.jobs = new Map();
+          state.order = [];
           for (const job of page.items || []) addJob(job, false);
-          state.order.sort((a, b) => (state.jobs.get(b).posted_at > state.jobs.get(a).posted_at ? 1 : -1));
           state.loaded = true;
           renderJobs();
           showPaused(true);
@@ -202,12 +248,10 @@
     });
     source.addEventListener("snapshot", (event) => {
       const { jobs } = JSON.parse(event.data);
-      // Newest first; jobs already shown (a resume's fresh snapshot) stay once.
-      const known = state.order.filter((id) => !jobs.some((j) => j.id === id));
-      state.jobs = new Map(known.map((id) => [id, state.jobs.get(id)]));
+      // The snapshot is the list (open jobs, newest first): it replaces it.
+      state.jobs = new Map();
       state.order = [];
       for (const job of jobs) addJob(job, false);
-      for (const id of known) state.order.push(id);
       state.loaded = true;
       state.live = true;
       clearTimeout(fallbackTimer);
@@ -217,16 +261,16 @@
       showPaused(false);
       setConnection("Live", "live");
       renderJobs();
+      if (state.selected) renderDetail();
     });
-    source.addEventListener("job.posted", (event) => {
-      const job = JSON.parse(event.data);
-      if (addJob(job, true)) {
-        $("jobs").prepend(jobItem(job));
-        $("jobs-empty").hidden = true;
-        $("jobs-loading").hidden = true;
-        markSelected();
-      }
-    });
+    source.addEventListener("job.posted", (event) => upsertJob(JSON.parse(event.data), false));
+    source.addEventListener("job.updated", (event) => upsertJob(JSON.parse(event.data), true));
+    for (const name of ["job.closed", "job.removed"]) {
+      source.addEventListener(name, (event) => {
+        const { id, version } = JSON.parse(event.data);
+        removeJob(id, version, name === "job.closed");
+      });
+    }
   }
 
   // ---- detail and apply --------------------------------------------------
@@ -238,10 +282,18 @@
     $("detail-title").focus();
   }
 
+  // The job the detail shows: listed, or the last seen of one closed since.
+  const shown = new Map();
+
   function renderDetail() {
-    const job = state.jobs.get(state.selected);
+    const listed = state.jobs.get(state.selected);
+    if (listed) shown.set(listed.id, listed);
+    const job = listed || shown.get(state.selected);
     $("detail").hidden = !job;
     if (!job) return;
+    const closed = !listed && state.closed.has(job.id);
+    $("detail-closed").hidden = !closed;
+    $("detail-apply").hidden = closed;
     $("detail-title").textContent = job.title;
     $("detail-company").textContent = job.company;
     $("detail-location").textContent = job.location;

@@ -249,6 +249,10 @@ async fn the_page_is_readable_on_a_phone_and_labels_its_controls() {
 }
 
 const SHOWN: &str = "const shown = (id) => !document.getElementById(id).hidden;";
+/// Whether an element takes up room on the page (what the user sees, not
+/// only its `hidden` attribute).
+const VISIBLE: &str =
+    "const visible = (id) => document.getElementById(id).getClientRects().length > 0;";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_page_says_loading_then_falls_back_to_the_api_when_a_proxy_holds_the_stream() {
@@ -352,5 +356,104 @@ async fn the_page_says_no_jobs_yet_only_when_the_snapshot_is_empty_and_is_never_
         )
         .await;
     // (It ran under that CSP: the list above was rendered by /app.js.)
+    browser.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_page_updates_an_edited_job_in_place_and_a_closed_one_leaves_with_a_note() {
+    let (_pg, _redis, herald) = board().await;
+    let kept = herald.post_job("Kept role").await;
+    let job = herald.post_job("Edited role").await;
+    let id = job["id"].as_str().unwrap().to_string();
+    let browser = Browser::start(1280, 900).await;
+    browser
+        .client
+        .goto(&format!("{}/", herald.public))
+        .await
+        .expect("open page");
+    browser
+        .wait_for(
+            "both jobs, live",
+            Duration::from_secs(15),
+            &format!(
+                "const t = (() => {{ {TITLES} }})(); return t.includes('Edited role') \
+                 && t.includes('Kept role') \
+                 && document.getElementById('connection').dataset.state === 'live'"
+            ),
+        )
+        .await;
+    // The list shows each job's date.
+    let dated = browser
+        .js("return Array.from(document.querySelectorAll('#jobs .job-meta time')).every(t => t.dateTime && t.textContent)")
+        .await;
+    assert_eq!(dated, serde_json::json!(true));
+    // Open the job, then edit it through the API: it changes in place (same
+    // position, the detail too), briefly highlighted.
+    browser
+        .js(&format!(
+            "document.querySelector('#jobs li[data-job-id=\"{id}\"] .job').click(); return true"
+        ))
+        .await;
+    let r = herald
+        .patch(
+            &format!("/api/jobs/{id}"),
+            support::ADMIN_TOKEN,
+            None,
+            &serde_json::json!({"title": "Edited role, senior", "location": "Berlin"}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    browser
+        .wait_for(
+            "the edit in place, highlighted, in the open detail too",
+            Duration::from_secs(10),
+            &format!(
+                "const t = (() => {{ {TITLES} }})(); \
+                 const item = document.querySelector('#jobs li[data-job-id=\"{id}\"] .job'); \
+                 return JSON.stringify(t) === JSON.stringify(['Edited role, senior', 'Kept role']) \
+                 && item.classList.contains('updated') \
+                 && document.getElementById('detail-title').textContent === 'Edited role, senior' \
+                 && document.getElementById('detail-location').textContent === 'Berlin'"
+            ),
+        )
+        .await;
+    browser.save_screenshot("web-edited.png").await;
+    // Closed: it leaves the list; the open detail says so and offers no Apply.
+    let r = herald
+        .post(
+            &format!("/api/jobs/{id}/close"),
+            support::ADMIN_TOKEN,
+            None,
+            &serde_json::json!(null),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    browser
+        .wait_for(
+            "the closed job gone from the list, the detail saying it is closed",
+            Duration::from_secs(10),
+            &format!(
+                "{VISIBLE} const t = (() => {{ {TITLES} }})(); \
+                 return JSON.stringify(t) === JSON.stringify(['Kept role']) \
+                 && visible('detail') && visible('detail-closed') && !visible('apply') \
+                 && document.getElementById('detail-closed').textContent.includes('This job is closed')"
+            ),
+        )
+        .await;
+    browser.save_screenshot("web-closed.png").await;
+    // A reload shows the same list: the snapshot has no closed job.
+    browser.client.refresh().await.expect("reload");
+    browser
+        .wait_for(
+            "after a reload, only the open job",
+            Duration::from_secs(15),
+            &format!(
+                "const t = (() => {{ {TITLES} }})(); \
+                 return JSON.stringify(t) === JSON.stringify(['Kept role']) \
+                 && document.getElementById('connection').dataset.state === 'live'"
+            ),
+        )
+        .await;
+    assert_eq!(kept["status"], "open");
     browser.close().await;
 }
