@@ -431,3 +431,89 @@ async fn dead_letters_written_before_effects_were_stored_are_given_theirs_on_mig
         ]
     );
 }
+
+/// Jobs written by the release before jobs could change (Postgres migration
+/// 0008, SQLite 0005) are, after `herald migrate`: open, at version 1,
+/// updated when posted, and found by the filters, with their non-ASCII
+/// letters lowercased as new jobs' are.
+async fn jobs_written_before_jobs_could_change_are_open_and_filterable_after_migrating(
+    backend: Backend,
+) {
+    let b = Backing::start(backend).await;
+    let url = b.database_url();
+    let (dir, first_new) = match backend {
+        Backend::Postgres => ("migrations/postgres", "0008"),
+        Backend::Sqlite => ("migrations/sqlite", "0005"),
+    };
+    let before = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(repo(dir)).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if name.as_str() < first_new {
+            std::fs::copy(&path, before.path().join(&name)).unwrap();
+        }
+    }
+    let old_release = sqlx::migrate::Migrator::new(before.path()).await.unwrap();
+    let id = uuid::Uuid::now_v7();
+    let posted_at = chrono::Utc::now() - chrono::Duration::hours(1);
+    let insert = "INSERT INTO jobs (id, title, company, location, description, posted_at)
+                  VALUES ($1, 'Ingénieur Rust', 'Ünited', 'São Paulo', 'Écrire du Rust', $2)";
+    match backend {
+        Backend::Postgres => {
+            let db = sqlx::PgPool::connect(&url).await.unwrap();
+            old_release.run(&db).await.unwrap();
+            sqlx::query(insert)
+                .bind(id)
+                .bind(posted_at)
+                .execute(&db)
+                .await
+                .unwrap();
+            db.close().await;
+        }
+        Backend::Sqlite => {
+            let options = url
+                .parse::<sqlx::sqlite::SqliteConnectOptions>()
+                .unwrap()
+                .create_if_missing(true);
+            let db = sqlx::SqlitePool::connect_with(options).await.unwrap();
+            old_release.run(&db).await.unwrap();
+            sqlx::query(insert)
+                .bind(id.to_string())
+                .bind(posted_at.timestamp_micros())
+                .execute(&db)
+                .await
+                .unwrap();
+            db.close().await;
+        }
+    }
+    let env = vec![("HERALD_DATABASE_URL".to_string(), url.clone())];
+    let (code, _, stderr) = herald_with(&env, &["migrate"]);
+    assert_eq!(code, Some(0), "{stderr}");
+
+    let herald = b.daemon(&[]).await;
+    let job: serde_json::Value = herald
+        .get(&format!("/api/jobs/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(job["status"], "open");
+    assert_eq!(job["version"], 1);
+    assert_eq!(job["updated_at"], job["posted_at"]);
+    for query in [
+        "location=S%C3%83O%20PAULO",
+        "company=%C3%BCNITED",
+        "q=ING%C3%89NIEUR",
+        "q=%C3%A9crire",
+    ] {
+        let page: serde_json::Value = herald
+            .get(&format!("/api/jobs?{query}"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(page["items"][0]["id"], id.to_string(), "?{query}");
+    }
+}
+
+on_both_backends!(jobs_written_before_jobs_could_change_are_open_and_filterable_after_migrating);

@@ -318,6 +318,35 @@ async fn a_stream_client_list_converges_to_the_list(backend: Backend) {
     );
 }
 
+/// docs/HTTP.md's filter example, run as written (with this daemon's
+/// address for the README's): it finds exactly the Rust job in Berlin.
+#[tokio::test]
+async fn the_filter_example_in_the_http_reference_works_as_written() {
+    let reference =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/HTTP.md")).unwrap();
+    let command = reference
+        .split("## Jobs that change")
+        .nth(1)
+        .and_then(|section| section.split("```sh\n").nth(1))
+        .and_then(|block| block.split("```").next())
+        .expect("the example in docs/HTTP.md");
+    let b = Backing::start(Backend::Sqlite).await;
+    let herald = b.daemon(&[]).await;
+    let wanted = post(&herald, "Rust engineer", "Acme", "Berlin").await;
+    post(&herald, "Go engineer", "Acme", "Berlin").await;
+    post(&herald, "Rust engineer", "Acme", "Paris").await;
+    let command = command.replace("http://127.0.0.1:8080", &herald.url(""));
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(&command)
+        .output()
+        .expect("run sh");
+    assert!(out.status.success(), "{command}: {out:?}");
+    let page: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<String> = page["items"].as_array().unwrap().iter().map(id).collect();
+    assert_eq!(ids, [id(&wanted)]);
+}
+
 on_both_backends!(
     editing_and_closing_follow_the_contract,
     a_stream_client_list_converges_to_the_list
