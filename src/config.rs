@@ -344,12 +344,16 @@ pub struct SseConfig {
     /// New stream connections admitted per second (a fifth of a second's
     /// worth may come at once); the rest get a jittered `retry:`.
     pub admit_per_sec: f64,
-    /// Events a client may fall behind before it is evicted.
+    /// Distinct jobs a client may fall behind before its queue becomes one
+    /// snapshot (a job's newer event replaces its older one).
     pub client_queue: usize,
     /// Events kept for `Last-Event-ID` resume.
     pub history: usize,
     /// Jobs in the snapshot a new client receives.
     pub snapshot_jobs: usize,
+    /// Open jobs the hub holds in memory, newest first, for snapshots of
+    /// any filter.
+    pub index_jobs: usize,
     /// Heartbeat comment interval on an open stream.
     pub heartbeat_ms: u64,
     /// Longest wait, after SIGTERM, for open connections before exiting.
@@ -757,6 +761,11 @@ impl Config {
             (1..=1000).contains(&self.sse.snapshot_jobs),
             "sse.snapshot_jobs",
             "must be between 1 and 1000",
+        )?;
+        check(
+            (self.sse.snapshot_jobs..=1_000_000).contains(&self.sse.index_jobs),
+            "sse.index_jobs",
+            "must be at least sse.snapshot_jobs and at most 1000000",
         )?;
         check(
             matches!(self.log.format.as_str(), "pretty" | "json"),

@@ -25,7 +25,7 @@ use crate::actors::key_registry::KeyRegistryArgs;
 use crate::actors::ledger::LedgerConsumer;
 use crate::actors::outbox_relay::OutboxRelayArgs;
 use crate::actors::retry_budget::{RetryBudgetArgs, RetryBudgetHandle};
-use crate::actors::sse_hub::{Admission, SseHubArgs, SseHubHandle};
+use crate::actors::sse_hub::{Admission, BoardSize, ResumeWindow, SseHubArgs, SseHubHandle};
 use crate::actors::supervisor::{ActorTree, Slots, TreeArgs};
 use crate::broker::in_process::InProcessBroker;
 use crate::broker::redis_streams::RedisBroker;
@@ -243,10 +243,12 @@ pub async fn run(
     };
     let outbox_wake = Arc::new(tokio::sync::Notify::new());
     let slots = Slots::new();
+    let resume_window = Arc::new(ResumeWindow::default());
     let sse = SseHubHandle {
         slot: slots.sse_hub.clone(),
         admission: Arc::new(Admission::new(config.sse.admit_per_sec)),
         client_queue: config.sse.client_queue,
+        resume_window: resume_window.clone(),
         heartbeat: Duration::from_millis(config.sse.heartbeat_ms),
     };
     let budget_args = RetryBudgetArgs::default();
@@ -307,8 +309,12 @@ pub async fn run(
             sse_hub: SseHubArgs {
                 store: store.clone(),
                 broker: stream_broker,
-                snapshot_jobs: config.sse.snapshot_jobs,
-                history: config.sse.history,
+                size: BoardSize {
+                    jobs: config.sse.index_jobs,
+                    snapshot: config.sse.snapshot_jobs,
+                    history: config.sse.history,
+                },
+                resume_window,
             },
         },
         slots,

@@ -102,6 +102,10 @@ pub mod metrics {
     pub const LEDGER_ROWS: &str = "herald_ledger_entries";
     pub const SSE_CLIENTS: &str = "herald_sse_clients";
     pub const SSE_EVICTED: &str = "herald_sse_evicted_total";
+    /// A slow client's older event of a job dropped for its newer one.
+    pub const SSE_CONFLATED: &str = "herald_sse_conflated_total";
+    /// A slow client's full queue replaced by one snapshot.
+    pub const SSE_RESNAPSHOTS: &str = "herald_sse_resnapshots_total";
     pub const SSE_REJECTED: &str = "herald_sse_rejected_total";
     /// Requests refused by a per-client limit, by action.
     pub const RATE_LIMITED: &str = "herald_rate_limited_total";
@@ -223,6 +227,14 @@ pub mod metrics {
     /// Clients dropped because their queue was full.
     pub fn sse_evicted(n: u64) {
         ::metrics::counter!(SSE_EVICTED).increment(n);
+    }
+
+    pub fn sse_conflated(n: u64) {
+        ::metrics::counter!(SSE_CONFLATED).increment(n);
+    }
+
+    pub fn sse_resnapshots(n: u64) {
+        ::metrics::counter!(SSE_RESNAPSHOTS).increment(n);
     }
 
     /// Connects over the admission rate (answered with `retry:` only).

@@ -23,6 +23,9 @@ pub mod topics {
     pub const JOB_POSTED: &str = "job.posted";
     pub const JOB_UPDATED: &str = "job.updated";
     pub const JOB_CLOSED: &str = "job.closed";
+    /// A stream event only, never an outbox topic: an edit took the job out
+    /// of the client's filter.
+    pub const JOB_REMOVED: &str = "job.removed";
     pub const APPLICATION_SUBMITTED: &str = "application.submitted";
     pub const CHARGE_CREATED: &str = "charge.created";
     /// Every topic, for validating a `?topic=` filter.

@@ -1,9 +1,12 @@
 //! `GET /api/jobs/stream`: the live job stream as Server-Sent Events.
 //!
-//! A connect is admitted through the hub's token bucket, subscribes to the
-//! [`SseHub`](crate::actors::sse_hub) *first*, then asks it for the snapshot
-//! (or, with a `Last-Event-ID` the history still covers, the events missed
-//! since), then forwards the queued deltas past the cursor it has sent. The
+//! A connect names its filter (`q`, `location`, `company`, as on `GET
+//! /api/jobs`; a malformed one is a 400), is admitted by cost (a resume the
+//! history covers always, one that needs a snapshot through the hub's token
+//! bucket), subscribes to the [`SseHub`](crate::actors::sse_hub) *first*,
+//! then asks it for its snapshot (or, with a `Last-Event-ID` the history
+//! still covers, what its filter missed since), then forwards the queued
+//! deltas past the cursor it has sent. The
 //! answer is always HTTP 200 — a browser's EventSource gives up for good on
 //! anything else — and a connect that cannot be served now (over the rate,
 //! hub restarting, shutting down) gets only a jittered `retry:` and is closed.
@@ -16,7 +19,6 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -26,7 +28,7 @@ use rand::Rng;
 use warp::reply::{Reply, Response};
 
 use super::{AppState, Request};
-use crate::actors::sse_hub::{CatchUp, NotAdmitted, StreamEvent, Subscription};
+use crate::actors::sse_hub::{CatchUp, NotAdmitted, Subscription};
 use crate::broker::EventCursor;
 
 /// `retry:` windows, in milliseconds: on connect, when turned away, when the
@@ -83,7 +85,13 @@ pub async fn job_stream(state: &AppState, request: &Request) -> Response {
         Ok(slot) => slot,
         Err(_) => return turned_away(),
     };
-    let subscription = match state.sse.subscribe().await {
+    // A filter the client got wrong is its bug, not a reason to retry: 400.
+    let filter = match super::public::job_filter(&request.query) {
+        Ok(filter) => filter,
+        Err(e) => return e.into_response(),
+    };
+    let resume_after = last_event_id(request);
+    let subscription = match state.sse.subscribe(filter, resume_after).await {
         Ok(subscription) => subscription,
         Err(NotAdmitted::OverRate | NotAdmitted::Unavailable) => return turned_away(),
     };
@@ -93,17 +101,16 @@ pub async fn job_stream(state: &AppState, request: &Request) -> Response {
         tokio::time::sleep(pause).await;
     }
     let mut frames = VecDeque::from([retry_frame(RETRY_ON_CONNECT_MS)]);
-    let sent_upto = match state
-        .sse
-        .catch_up(&subscription, last_event_id(request))
-        .await
-    {
+    let sent_upto = match state.sse.catch_up(&subscription, resume_after).await {
         CatchUp::Snapshot { cursor, frame } => {
             frames.push_back(frame);
             cursor
         }
-        CatchUp::Missed { cursor, events } => {
-            frames.extend(events.iter().map(|e| e.frame.clone()));
+        CatchUp::Missed {
+            cursor,
+            frames: missed,
+        } => {
+            frames.extend(missed);
             cursor
         }
         CatchUp::NotReady => return turned_away(),
@@ -150,9 +157,9 @@ impl Stream for ClientStream {
             return Poll::Ready(None);
         }
         loop {
-            match this.subscription.queue.poll_recv(cx) {
-                Poll::Ready(Some(event)) => {
-                    if let Some(frame) = this.forward(&event) {
+            match this.subscription.queue.poll_next(cx) {
+                Poll::Ready(Some((cursor, frame, snapshot))) => {
+                    if let Some(frame) = this.forward(cursor, frame, snapshot) {
                         return Poll::Ready(Some(Ok(frame)));
                     }
                 }
@@ -172,11 +179,13 @@ impl Stream for ClientStream {
 }
 
 impl ClientStream {
-    fn forward(&mut self, event: &Arc<StreamEvent>) -> Option<Bytes> {
-        if event.cursor <= self.sent_upto {
+    /// A queued frame, unless the client has been sent its cursor already
+    /// (a snapshot, which replaces the client's list, always goes).
+    fn forward(&mut self, cursor: EventCursor, frame: Bytes, snapshot: bool) -> Option<Bytes> {
+        if cursor <= self.sent_upto && !snapshot {
             return None;
         }
-        self.sent_upto = event.cursor;
-        Some(event.frame.clone())
+        self.sent_upto = self.sent_upto.max(cursor);
+        Some(frame)
     }
 }

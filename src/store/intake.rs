@@ -127,7 +127,8 @@ pub(crate) fn search_keys_from_row(row: &impl Columns) -> Result<(Uuid, SearchKe
 }
 
 /// What a change does to `job` at `now`: the job after it and the event it
-/// emits, or `None` when it changes nothing (no version spent, no event:
+/// emits (`job.updated`: the job, and `before`, the texts it had;
+/// `job.closed`: the job, closed), or `None` when it changes nothing (no version spent, no event:
 /// the caller answers with the job as it is).
 pub fn decide_job_change(
     change: &JobChange,
@@ -142,8 +143,19 @@ pub fn decide_job_change(
         Ok(None) => Ok(None),
         Ok(Some(next)) => {
             let payload = match change {
-                JobChange::Edit(_) => to_json(&next)?,
-                JobChange::Close => serde_json::json!({ "id": next.id, "version": next.version }),
+                // The texts it had ride along, so a stream reader can tell
+                // which filters the edit took it out of.
+                JobChange::Edit(_) => {
+                    let mut payload = to_json(&next)?;
+                    payload["before"] = serde_json::json!({
+                        "title": job.title, "company": job.company,
+                        "location": job.location, "description": job.description,
+                    });
+                    payload
+                }
+                // The whole job, closed: its texts say which filters it
+                // leaves (stream clients get `{"id", "version"}`).
+                JobChange::Close => to_json(&next)?,
             };
             Ok(Some((next, (change.topic(), job.id, payload))))
         }

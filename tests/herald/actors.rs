@@ -21,13 +21,15 @@ use herald::actors::outbox_relay::{OutboxRelay, OutboxRelayArgs};
 use herald::actors::retry_budget::{
     RetryBudget, RetryBudgetArgs, RetryBudgetHandle, RetryBudgetMsg, TokensView,
 };
-use herald::actors::sse_hub::{CatchUp, SseHub, SseHubArgs, SseHubMsg, StreamEvent};
+use herald::actors::sse_hub::{BoardSize, CatchUp, ClientQueue, SseHub, SseHubArgs, SseHubMsg};
 use herald::actors::supervisor::{Child, HeraldSupervisor, SlotChild, MAX_RESTARTS_PER_MINUTE};
 use herald::actors::ActorSlot;
 use herald::broker::in_process::InProcessBroker;
 use herald::broker::{Broker, Envelope};
 use herald::config::{Config, RedisConfig};
-use herald::domain::{topics, Application, Charge, EmailStatus, Job, JobStatus, LedgerStatus};
+use herald::domain::{
+    topics, Application, Charge, EmailStatus, Job, JobFilter, JobStatus, LedgerStatus,
+};
 use herald::email::file::FileTransport;
 use herald::email::SendPacer;
 use herald::idempotency::hot_tier::{HotTier, RedisMode};
@@ -37,7 +39,6 @@ use herald::store::sqlite::SqliteStore;
 use herald::store::{KeyClaim, KeyClaimRequest, Store};
 use support::testable;
 use support::{eventually, Redis};
-use tokio::sync::mpsc;
 use uuid::Uuid;
 
 /// A migrated SQLite store in a temp dir (kept alive by the guard).
@@ -473,15 +474,31 @@ fn job(title: &str) -> Job {
 }
 
 /// The next frame on `queue` (within 10 s), as text; `None` once it closed.
-async fn next_frame(queue: &mut mpsc::Receiver<Arc<StreamEvent>>) -> Option<String> {
-    tokio::time::timeout(Duration::from_secs(10), queue.recv())
+async fn next_frame(queue: &ClientQueue) -> Option<String> {
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        futures::future::poll_fn(|cx| queue.poll_next(cx)),
+    )
+    .await
+    .expect("a frame or the end within 10 s")
+    .map(|(_, frame, _)| String::from_utf8_lossy(&frame).into_owned())
+}
+
+/// A job event as the relay puts it on the jobs stream.
+async fn publish(broker: &Arc<dyn Broker>, topic: &str, payload: serde_json::Value) {
+    broker
+        .publish(&[Envelope {
+            event_id: Uuid::now_v7(),
+            topic: topic.into(),
+            attempts: 0,
+            payload,
+        }])
         .await
-        .expect("a frame or the end within 10 s")
-        .map(|event| String::from_utf8_lossy(&event.frame).into_owned())
+        .unwrap();
 }
 
 #[tokio::test]
-async fn the_sse_hub_serves_a_snapshot_then_deltas_and_drops_a_client_that_cannot_keep_up() {
+async fn the_sse_hub_serves_each_filter_its_list_and_lets_a_slow_client_catch_up_by_snapshot() {
     let (store, _dir) = sqlite().await;
     let broker: Arc<dyn Broker> = Arc::new(InProcessBroker::new());
     let earlier = job("Posted before the hub started");
@@ -493,13 +510,24 @@ async fn the_sse_hub_serves_a_snapshot_then_deltas_and_drops_a_client_that_canno
     let args = SseHubArgs {
         store: store.clone(),
         broker: Some(broker.clone()),
-        snapshot_jobs: 10,
-        history: 100,
+        size: BoardSize {
+            jobs: 100,
+            snapshot: 10,
+            history: 100,
+        },
+        resume_window: Arc::default(),
     };
     let (hub, mut handled) = testable::spawn(SseHub, args).await;
-    // Its reader loads the snapshot first.
+    // Its reader loads the board first.
     handled.next().await.unwrap();
-    let catch_up = ractor::call!(hub, |reply| SseHubMsg::CatchUp { after: None, reply }).unwrap();
+    let all = JobFilter::default();
+    let remote = JobFilter::from_pairs([("location", "remote".to_string())]).unwrap();
+    let catch_up = ractor::call!(hub, |reply| SseHubMsg::CatchUp {
+        after: None,
+        filter: all.clone(),
+        reply
+    })
+    .unwrap();
     handled.next().await.unwrap();
     let CatchUp::Snapshot {
         cursor: start,
@@ -512,50 +540,91 @@ async fn the_sse_hub_serves_a_snapshot_then_deltas_and_drops_a_client_that_canno
     assert!(frame.contains("event: snapshot"), "{frame}");
     assert!(frame.contains(&earlier.id.to_string()), "{frame}");
 
-    // Two clients: one reads its queue, one's queue holds one event and is
-    // never read.
-    let (reading, mut reader) = mpsc::channel(8);
-    let (stuck_queue, mut stuck) = mpsc::channel(1);
-    for queue in [reading, stuck_queue] {
-        let id = ractor::call!(hub, |reply| SseHubMsg::Subscribe { queue, reply }).unwrap();
+    // Three clients: one reads everything, one reads `location=remote`, and
+    // one (room for one job) is never read.
+    let reader = ClientQueue::new(8);
+    let filtered = ClientQueue::new(8);
+    let stuck = ClientQueue::new(1);
+    for (queue, filter) in [(&reader, &all), (&filtered, &remote), (&stuck, &all)] {
+        let (queue, filter) = (queue.clone(), filter.clone());
+        let id = ractor::call!(hub, |reply| SseHubMsg::Subscribe {
+            filter,
+            queue,
+            reply
+        })
+        .unwrap();
         handled.next().await.unwrap();
         assert!(id.is_some(), "subscribed");
     }
-    // Two jobs reach the stream as the relay puts them there.
+    // Two jobs posted, then the first moved to Berlin: out of `remote`.
     let posted = [job("First"), job("Second")];
     for job in &posted {
-        broker
-            .publish(&[Envelope {
-                event_id: Uuid::now_v7(),
-                topic: topics::JOB_POSTED.into(),
-                attempts: 0,
-                payload: serde_json::to_value(job).unwrap(),
-            }])
-            .await
-            .unwrap();
+        publish(
+            &broker,
+            topics::JOB_POSTED,
+            serde_json::to_value(job).unwrap(),
+        )
+        .await;
     }
-    for job in &posted {
-        let frame = next_frame(&mut reader).await.expect("a delta");
+    for (n, job) in posted.iter().enumerate() {
+        let frame = next_frame(&reader).await.expect("a delta");
         assert!(frame.contains("event: job.posted"), "{frame}");
         assert!(frame.contains(&job.id.to_string()), "{frame}");
+        let frame = next_frame(&filtered).await.expect("a delta");
+        assert!(frame.contains(&posted[n].id.to_string()), "{frame}");
     }
-    // The stuck client got what fitted and was then let go.
-    let first = next_frame(&mut stuck).await.expect("the first delta");
-    assert!(first.contains(&posted[0].id.to_string()), "{first}");
-    assert_eq!(next_frame(&mut stuck).await, None, "evicted, not blocking");
-    // A client resuming from the snapshot's cursor misses exactly those two.
+    // Read, each client's queue is empty: a newer event of a job whose
+    // older one still waits would replace it (conflation).
+    let mut moved = serde_json::to_value(&posted[0]).unwrap();
+    moved["location"] = "Berlin".into();
+    moved["version"] = 2.into();
+    moved["before"] = serde_json::to_value(&posted[0]).unwrap();
+    publish(&broker, topics::JOB_UPDATED, moved).await;
+    let edit = next_frame(&reader).await.expect("the edit");
+    assert!(
+        edit.contains("event: job.updated") && edit.contains("Berlin"),
+        "{edit}"
+    );
+    assert!(
+        !edit.contains("before"),
+        "the stream sends the job alone: {edit}"
+    );
+    let left = next_frame(&filtered).await.expect("the removal");
+    assert!(left.starts_with("id: "), "{left}");
+    assert!(left.contains("event: job.removed"), "{left}");
+    assert!(
+        left.contains(&format!("{{\"id\":\"{}\",\"version\":2}}", posted[0].id)),
+        "{left}"
+    );
+    // The stuck client overflowed at its second job: one snapshot that
+    // already shows both, then the edit; nothing else, and still connected.
+    let snapshot = next_frame(&stuck).await.expect("a resnapshot");
+    assert!(snapshot.contains("event: snapshot"), "{snapshot}");
+    for job in &posted {
+        assert!(snapshot.contains(&job.id.to_string()), "{snapshot}");
+    }
+    let edit = next_frame(&stuck).await.expect("the edit after it");
+    assert!(edit.contains("event: job.updated"), "{edit}");
+    // A client resuming from the first snapshot's cursor with the filter
+    // misses one job (the second; the first left its filter).
     let catch_up = ractor::call!(hub, |reply| SseHubMsg::CatchUp {
         after: Some(start),
+        filter: remote.clone(),
         reply
     })
     .unwrap();
-    let CatchUp::Missed { events, .. } = catch_up else {
+    let CatchUp::Missed { frames, .. } = catch_up else {
         panic!("a cursor within the history is caught up from it");
     };
-    assert_eq!(events.len(), 2);
-    // Closing every stream ends the reader's queue.
+    assert_eq!(
+        frames.len(),
+        2,
+        "the second job, and the first one's removal"
+    );
+    // Closing every stream ends the queues.
     hub.cast(SseHubMsg::CloseAll).unwrap();
-    assert_eq!(next_frame(&mut reader).await, None);
+    assert_eq!(next_frame(&reader).await, None);
+    assert_eq!(next_frame(&stuck).await, None);
     hub.stop(None);
 }
 

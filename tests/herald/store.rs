@@ -548,6 +548,7 @@ async fn the_store_tells_the_same_story(backend: Backend) {
     // Two changes, two events, in order, each carrying its version.
     let updated = relay(&store, topics::JOB_UPDATED).await;
     assert_eq!(updated.len(), 1);
+    assert_eq!(updated[0].payload["before"]["location"], "Remote");
     assert_eq!(
         serde_json::from_value::<Job>(updated[0].payload.clone()).unwrap(),
         moved
@@ -555,8 +556,8 @@ async fn the_store_tells_the_same_story(backend: Backend) {
     let closings = relay(&store, topics::JOB_CLOSED).await;
     assert_eq!(closings.len(), 1);
     assert_eq!(
-        closings[0].payload,
-        serde_json::json!({"id": job.id, "version": 3})
+        serde_json::from_value::<Job>(closings[0].payload.clone()).unwrap(),
+        closed
     );
     assert!(updated[0].event_id < closings[0].event_id);
     // A keyed close completes its key with the job as it now is.

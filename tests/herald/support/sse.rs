@@ -260,56 +260,165 @@ impl SseClient {
             .collect()
     }
 
-    /// The client's list of jobs, built only by the stream's rules from what
-    /// it received: a `snapshot` replaces it; `job.posted` and `job.updated`
-    /// insert or replace by id; `job.closed` and `job.removed` delete by id;
-    /// an event older (by `version`) than the job held is ignored. Job id →
-    /// (version, job).
+    /// The client's list of jobs, built only by the stream's rules from
+    /// what it received ([`list`]).
     pub fn list(&self) -> HashMap<String, (i64, Value)> {
-        let mut list: HashMap<String, (i64, Value)> = HashMap::new();
-        let id_version = |job: &Value| {
-            Some((
-                job["id"].as_str()?.to_string(),
-                job["version"].as_i64().unwrap_or(1),
-            ))
-        };
-        for event in &self.seen {
-            let Ok(data) = serde_json::from_str::<Value>(&event.data) else {
-                continue;
-            };
-            match event.event.as_str() {
-                "snapshot" => {
-                    list = data["jobs"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter_map(|job| {
-                            let (id, version) = id_version(job)?;
-                            Some((id, (version, job.clone())))
-                        })
-                        .collect();
-                }
-                kind @ ("job.posted" | "job.updated" | "job.closed" | "job.removed") => {
-                    let Some((id, version)) = id_version(&data) else {
-                        continue;
-                    };
-                    if list.get(&id).is_some_and(|(held, _)| *held > version) {
-                        continue;
-                    }
-                    if kind == "job.posted" || kind == "job.updated" {
-                        list.insert(id, (version, data));
-                    } else {
-                        list.remove(&id);
-                    }
-                }
-                _ => {}
-            }
-        }
-        list
+        list(&self.seen)
     }
 
     /// The id of the last event with one.
     pub fn last_id(&self) -> Option<String> {
         self.seen.iter().rev().find_map(|e| e.id.clone())
+    }
+}
+
+/// A list of jobs built only by the stream's rules from `events`, in order:
+/// a `snapshot` replaces it; `job.posted` and `job.updated` insert or
+/// replace by id; `job.closed` and `job.removed` delete by id; an event
+/// older (by `version`) than the job held is ignored. Job id → (version, job).
+pub fn list(events: &[Event]) -> HashMap<String, (i64, Value)> {
+    let mut list: HashMap<String, (i64, Value)> = HashMap::new();
+    let id_version = |job: &Value| {
+        Some((
+            job["id"].as_str()?.to_string(),
+            job["version"].as_i64().unwrap_or(1),
+        ))
+    };
+    for event in events {
+        let Ok(data) = serde_json::from_str::<Value>(&event.data) else {
+            continue;
+        };
+        match event.event.as_str() {
+            "snapshot" => {
+                list = data["jobs"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|job| {
+                        let (id, version) = id_version(job)?;
+                        Some((id, (version, job.clone())))
+                    })
+                    .collect();
+            }
+            kind @ ("job.posted" | "job.updated" | "job.closed" | "job.removed") => {
+                let Some((id, version)) = id_version(&data) else {
+                    continue;
+                };
+                if list.get(&id).is_some_and(|(held, _)| *held > version) {
+                    continue;
+                }
+                if kind == "job.posted" || kind == "job.updated" {
+                    list.insert(id, (version, data));
+                } else {
+                    list.remove(&id);
+                }
+            }
+            _ => {}
+        }
+    }
+    list
+}
+
+/// How fast a [`SseClient::connect_throttled`] client reads: `None`, not
+/// at all (its socket and the server's buffers fill up); `Some(pause)`, 1 kB
+/// then `pause`.
+pub type Pace = tokio::sync::watch::Sender<Option<Duration>>;
+
+impl SseClient {
+    /// A client on a raw socket with a 4 kB receive buffer that reads as
+    /// `pace` says, so the server's buffers fill and its queue for this
+    /// client backs up: a slow browser on a bad link. `path` includes the
+    /// query; `base` is `http://host:port`.
+    pub async fn connect_throttled(
+        base: &str,
+        path: &str,
+        last_event_id: Option<&str>,
+        pace: &Pace,
+    ) -> SseClient {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr: std::net::SocketAddr = base
+            .trim_start_matches("http://")
+            .parse()
+            .expect("a host:port base");
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(4096).expect("rcvbuf");
+        let mut stream = socket.connect(addr).await.expect("connect");
+        let resume = last_event_id
+            .map(|id| format!("last-event-id: {id}\r\n"))
+            .unwrap_or_default();
+        stream
+            .write_all(
+                format!(
+                    "GET {path} HTTP/1.1\r\nhost: herald\r\naccept: text/event-stream\r\n{resume}\r\n"
+                )
+                .as_bytes(),
+            )
+            .await
+            .expect("request");
+        let mut pace = pace.subscribe();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            let mut raw: Vec<u8> = Vec::new();
+            let mut head_done = false;
+            let mut parser = Parser::default();
+            let mut out = Vec::new();
+            let mut chunk = [0u8; 1024];
+            loop {
+                let pause = loop {
+                    if let Some(pause) = *pace.borrow_and_update() {
+                        break pause;
+                    }
+                    if pace.changed().await.is_err() {
+                        return;
+                    }
+                };
+                let n = match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                raw.extend_from_slice(&chunk[..n]);
+                if !head_done {
+                    let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    assert!(raw.starts_with(b"HTTP/1.1 200"), "a stream is answered 200");
+                    raw.drain(..end + 4);
+                    head_done = true;
+                }
+                // Chunked transfer encoding: `size\r\n data \r\n`.
+                loop {
+                    let Some(line_end) = raw.windows(2).position(|w| w == b"\r\n") else {
+                        break;
+                    };
+                    let size = usize::from_str_radix(
+                        std::str::from_utf8(&raw[..line_end]).unwrap_or("0").trim(),
+                        16,
+                    )
+                    .unwrap_or(0);
+                    if size == 0 || raw.len() < line_end + 2 + size + 2 {
+                        if size == 0 && line_end > 0 {
+                            return; // the last chunk
+                        }
+                        break;
+                    }
+                    let data: Vec<u8> = raw.drain(..line_end + 2 + size + 2).collect();
+                    parser.feed(&data[line_end + 2..line_end + 2 + size], &mut out);
+                }
+                for event in out.drain(..) {
+                    if tx.send(event).is_err() {
+                        return;
+                    }
+                }
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
+                }
+            }
+        });
+        SseClient {
+            events: rx,
+            seen: Vec::new(),
+            closed: false,
+            task,
+        }
     }
 }
