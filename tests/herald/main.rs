@@ -27,6 +27,7 @@ mod harness;
 #[cfg(feature = "failpoints")]
 mod intake;
 mod live_list;
+mod live_stream;
 mod runbook;
 mod store;
 #[cfg(feature = "failpoints")]
