@@ -371,13 +371,22 @@ async fn slow_readers_catch_up_by_conflation_then_by_resnapshot(backend: Backend
     );
     assert_eq!(herald.metric("herald_sse_resnapshots_total").await, 0.0);
     drop(slow_pace);
+    drop(slow);
+    herald.wait_for_metric("herald_sse_clients", 1.0).await;
 
-    // The stalled client: new jobs until its queue overflows into a snapshot.
+    // The stalled client: new (16 kB) jobs until its socket, the server's
+    // buffers (the kernel grows a loopback send buffer to megabytes) and
+    // then its queue are full, and the queue overflows into a snapshot.
+    let large = "d".repeat(16_000);
     let mut posted = 0;
+    let started = Instant::now();
     while herald.metric("herald_sse_resnapshots_total").await < 1.0 {
-        assert!(posted < 600, "no resnapshot after {posted} jobs");
+        assert!(
+            posted < 2_000 && started.elapsed() < Duration::from_secs(120),
+            "no resnapshot after {posted} jobs"
+        );
         herald
-            .post_job_described(&format!("more {posted}"), &description)
+            .post_job_described(&format!("more {posted}"), &large)
             .await;
         posted += 1;
     }

@@ -320,8 +320,8 @@ pub fn list(events: &[Event]) -> HashMap<String, (i64, Value)> {
 }
 
 /// How fast a [`SseClient::connect_throttled`] client reads: `None`, not
-/// at all (its socket and the server's buffers fill up); `Some(pause)`, 1 kB
-/// then `pause`.
+/// at all (its socket and the server's buffers fill up); `Some(pause)`, up
+/// to 1 kB then `pause`. Dropping it closes the client's connection.
 pub type Pace = tokio::sync::watch::Sender<Option<Duration>>;
 
 impl SseClient {
@@ -365,6 +365,9 @@ impl SseClient {
             let mut chunk = [0u8; 1024];
             loop {
                 let pause = loop {
+                    if pace.has_changed().is_err() {
+                        return; // the test let go of this client
+                    }
                     if let Some(pause) = *pace.borrow_and_update() {
                         break pause;
                     }
@@ -386,10 +389,7 @@ impl SseClient {
                     head_done = true;
                 }
                 // Chunked transfer encoding: `size\r\n data \r\n`.
-                loop {
-                    let Some(line_end) = raw.windows(2).position(|w| w == b"\r\n") else {
-                        break;
-                    };
+                while let Some(line_end) = raw.windows(2).position(|w| w == b"\r\n") {
                     let size = usize::from_str_radix(
                         std::str::from_utf8(&raw[..line_end]).unwrap_or("0").trim(),
                         16,
