@@ -79,16 +79,17 @@ fn turned_away() -> Response {
 }
 
 pub async fn job_stream(state: &AppState, request: &Request) -> Response {
+    // A filter the client got wrong is its bug, not a reason to retry: 400,
+    // whatever the limits would have said.
+    let filter = match super::public::job_filter(&request.query) {
+        Ok(filter) => filter,
+        Err(e) => return e.into_response(),
+    };
     // This client's own limits first (connect rate, open streams), then the
     // process-wide admission: one address cannot use up everyone's rate.
     let slot = match state.limits.open_stream(request.client) {
         Ok(slot) => slot,
         Err(_) => return turned_away(),
-    };
-    // A filter the client got wrong is its bug, not a reason to retry: 400.
-    let filter = match super::public::job_filter(&request.query) {
-        Ok(filter) => filter,
-        Err(e) => return e.into_response(),
     };
     let resume_after = last_event_id(request);
     let subscription = match state.sse.subscribe(filter, resume_after).await {
