@@ -89,8 +89,9 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 20)]
         provider_latency_ms: u64,
     },
-    /// Delivery latency of `job.posted` to many concurrent stream clients
-    /// on one process, and that process's peak memory.
+    /// Delivery latency of job events to many concurrent stream clients
+    /// on one process (unfiltered, then with `--filters`), and that
+    /// process's peak memory.
     /// Uses HERALD_DATABASE_URL and HERALD_REDIS_URL.
     Stream {
         /// Concurrent stream clients.
@@ -102,6 +103,10 @@ pub enum BenchCommand {
         /// Pause between two posts.
         #[arg(long, default_value_t = 50)]
         interval_ms: u64,
+        /// Then again with the clients spread over this many filters (a
+        /// multiple of 10), jobs edited as well as posted; 0: skip.
+        #[arg(long, default_value_t = 0)]
+        filters: usize,
     },
 }
 
@@ -120,12 +125,14 @@ pub async fn run(command: BenchCommand, config: Config) -> anyhow::Result<()> {
             clients,
             jobs,
             interval_ms,
+            filters,
         } => {
             stream::stream(
                 config,
                 clients.max(1),
                 jobs.max(1),
                 Duration::from_millis(interval_ms),
+                filters,
             )
             .await
         }

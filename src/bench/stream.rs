@@ -1,15 +1,25 @@
 //! `herald bench stream`: how fast a posted job reaches ten thousand open
-//! streams on one process, and what holding them costs in memory.
+//! streams on one process, and what holding them costs in memory; with
+//! `--filters N`, the same again with the clients spread over N filters
+//! and jobs edited as well as posted, as a ratio to the first.
 //!
 //! A Herald child (its own process, as in production) serves the stream;
 //! this process is the load generator: it opens `--clients` connections to
 //! `GET /api/jobs/stream` (minimal HTTP/1.1 clients, no EventSource
 //! machinery), waits until every one has its snapshot, then posts `--jobs`
 //! jobs through the admin API, one every `--interval-ms`. Each client notes
-//! when each job's `job.posted` event arrives; the latency of a delivery is
-//! that instant minus the instant the POST was sent, over every (client, job)
+//! when each job's event arrives; the latency of a delivery is that instant
+//! minus the instant the POST (or PATCH) was sent, over every (client, job)
 //! pair. It prints p50/p99/max, deliveries missing, and the child's peak RSS
-//! (VmHWM), against the targets of issue 4 (p99 <= 250 ms, RSS <= 300 MB).
+//! (VmHWM), against the targets (p99 <= 250 ms, RSS <= 300 MB).
+//!
+//! The filtered phase (`--filters N`, after the unfiltered one, on the same
+//! child, with fresh clients): client k asks for `location=loc-{k % 10}&q=tag-{k % N / 10}`
+//! (N distinct filters; every job's description carries every tag), so each
+//! job is for a tenth of the clients; after the posts, every job is edited
+//! to the next location, which removes it from a tenth of the clients and
+//! adds it to another tenth. Its p99 over the unfiltered p99 of the same run
+//! is the figure to watch (target <= 1.5).
 //!
 //! Both processes raise their open-files soft limit to the hard limit; the
 //! machine must allow `clients` + a few hundred descriptors per process.
@@ -52,25 +62,27 @@ impl Clock {
     }
 }
 
-/// One stream client: connects, reads the snapshot, then records the
-/// arrival of each benchmark job until it has all of them (or the stream
-/// ends). Returns (job index, arrival ns) pairs.
+/// One stream client: connects to `path`, reads the snapshot, then records
+/// the arrival of each benchmark event (a `job.posted` or `job.updated`
+/// whose title carries an index) until it has `expected` of them (or the
+/// stream ends). Returns (index, arrival ns) pairs.
 async fn stream_client(
     addr: String,
-    jobs: usize,
+    path: String,
+    expected: usize,
     clock: Arc<Clock>,
     connecting: Arc<tokio::sync::Semaphore>,
 ) -> anyhow::Result<Vec<(usize, u64)>> {
     let permit = connecting.acquire().await?;
+    let request =
+        format!("GET {path} HTTP/1.1\r\nhost: bench\r\naccept: text/event-stream\r\n\r\n");
     // Like an EventSource, come back when only told `retry:` (the hub was
     // still starting); a few hundred ms is enough here.
     let mut attempts = 0;
     let (mut stream, mut buf) = loop {
         attempts += 1;
         let mut stream = tokio::net::TcpStream::connect(&addr).await?;
-        stream
-            .write_all(b"GET /api/jobs/stream HTTP/1.1\r\nhost: bench\r\naccept: text/event-stream\r\n\r\n")
-            .await?;
+        stream.write_all(request.as_bytes()).await?;
         let mut buf = Vec::with_capacity(8192);
         let mut chunk = [0u8; 4096];
         while !contains(&buf, b"event: snapshot") {
@@ -88,12 +100,13 @@ async fn stream_client(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
+    let indices = clock.sent.len();
     let mut chunk = vec![0u8; 8192];
-    let mut arrivals = Vec::with_capacity(jobs);
-    let mut seen = vec![false; jobs];
+    let mut arrivals = Vec::with_capacity(expected);
+    let mut seen = vec![false; indices];
     let mut permit = Some(permit);
     let mut pending_frames = true; // `buf` may already hold frames
-    while arrivals.len() < jobs {
+    while arrivals.len() < expected {
         if !pending_frames {
             let n = stream.read(&mut chunk).await?;
             if n == 0 {
@@ -111,7 +124,7 @@ async fn stream_client(
                 permit = None;
                 clock.ready.fetch_add(1, Ordering::Relaxed);
             }
-            if !text.contains("event: job.posted") {
+            if !text.contains("event: job.posted") && !text.contains("event: job.updated") {
                 continue;
             }
             let index = text
@@ -119,7 +132,7 @@ async fn stream_client(
                 .nth(1)
                 .and_then(|rest| rest.split('"').next())
                 .and_then(|n| n.parse::<usize>().ok());
-            if let Some(i) = index.filter(|i| *i < jobs) {
+            if let Some(i) = index.filter(|i| *i < indices) {
                 if !seen[i] {
                     seen[i] = true;
                     arrivals.push((i, at));
@@ -134,56 +147,111 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-async fn post_job(http: &reqwest::Client, herald: &Child, index: usize) -> anyhow::Result<()> {
-    http.post(format!("{}/api/jobs", herald.public))
+/// The filtered phase's layout (see the module doc): `filters` distinct
+/// filters, a multiple of 10.
+#[derive(Clone, Copy)]
+struct Filtered {
+    filters: usize,
+}
+
+impl Filtered {
+    fn path(self, client: usize) -> String {
+        format!(
+            "/api/jobs/stream?location=loc-{}&q=tag-{}",
+            client % 10,
+            client % self.filters / 10
+        )
+    }
+
+    /// Job `index`'s location when posted (edited: the next one).
+    fn location(index: usize) -> usize {
+        index % 10
+    }
+
+    /// What client `client` receives of `jobs` posts and their edits.
+    fn expected(client: usize, jobs: usize) -> usize {
+        let posts = (0..jobs)
+            .filter(|i| Self::location(*i) == client % 10)
+            .count();
+        let edits = (0..jobs)
+            .filter(|i| (Self::location(*i) + 1) % 10 == client % 10)
+            .count();
+        posts + edits
+    }
+
+    fn description(self) -> String {
+        let tags: Vec<String> = (0..self.filters / 10).map(|t| format!("tag-{t}")).collect();
+        format!("Stream benchmark job {}", tags.join(" "))
+    }
+}
+
+/// Posts job `index` (at `location`); its id.
+async fn post_job(
+    http: &reqwest::Client,
+    herald: &Child,
+    index: usize,
+    location: &str,
+    description: &str,
+) -> anyhow::Result<String> {
+    let job: serde_json::Value = http
+        .post(format!("{}/api/jobs", herald.public))
         .bearer_auth(&herald.admin_token)
         .json(&serde_json::json!({
             "title": format!("{TITLE_PREFIX}{index}"), "company": "Herald",
-            "location": "Loopback", "description": "Stream benchmark job",
+            "location": location, "description": description,
         }))
         .send()
         .await?
-        .error_for_status()?;
-    Ok(())
+        .error_for_status()?
+        .json()
+        .await?;
+    job["id"]
+        .as_str()
+        .map(str::to_string)
+        .context("a posted job has an id")
 }
 
-pub async fn stream(
-    config: Config,
+/// What one phase measured.
+struct Measured {
+    histogram: Histogram<u64>,
+    expected: usize,
+    missing: usize,
+    failed: usize,
+    connected_in: Duration,
+    rss_connected: u64,
+}
+
+/// One phase: `clients` connect (all of the stream, or `filtered`), then
+/// `jobs` posts (and, filtered, their edits) one every `interval`.
+async fn phase(
+    herald: &Child,
     clients: usize,
     jobs: usize,
     interval: Duration,
-) -> anyhow::Result<()> {
-    if config.redis_url.is_none() {
-        bail!("bench stream needs HERALD_REDIS_URL (jobs reach the hub through Redis)");
-    }
-    let open_files = crate::server::raise_open_files_limit()?;
-    if (open_files as usize) < clients + 256 {
-        bail!("open-files limit {open_files} is too low for {clients} clients (ulimit -Hn)");
-    }
-    let herald = spawn_herald(
-        &config,
-        &[
-            // The benchmark measures fan-out, not the reconnect-storm guard.
-            ("HERALD_SSE__ADMIT_PER_SEC", "1000000".into()),
-            ("HERALD_RELAY__MAX_PUBLISH_PER_SEC", "1000000".into()),
-        ],
-    )?;
-    let pid = herald.process.id();
+    filtered: Option<Filtered>,
+) -> anyhow::Result<Measured> {
     let addr = herald.public.trim_start_matches("http://").to_string();
+    let indices = if filtered.is_some() { 2 * jobs } else { jobs };
     let clock = Arc::new(Clock {
         start: Instant::now(),
-        sent: (0..jobs).map(|_| AtomicU64::new(0)).collect(),
+        sent: (0..indices).map(|_| AtomicU64::new(0)).collect(),
         ready: AtomicUsize::new(0),
     });
-
     // Connect everyone (at most 500 connects in progress at once).
     let connecting = Arc::new(tokio::sync::Semaphore::new(500));
     let connect_start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..clients {
+    let mut expected_total = 0;
+    for client in 0..clients {
+        let (path, expected) = match filtered {
+            None => ("/api/jobs/stream".to_string(), jobs),
+            Some(f) => (f.path(client), Filtered::expected(client, jobs)),
+        };
+        expected_total += expected;
         tasks.spawn(stream_client(
             addr.clone(),
-            jobs,
+            path,
+            expected,
             clock.clone(),
             connecting.clone(),
         ));
@@ -199,63 +267,148 @@ pub async fn stream(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let connected_in = connect_start.elapsed();
-    let rss_connected = peak_rss_kib(pid).unwrap_or(0);
+    let rss_connected = peak_rss_kib(herald.process.id()).unwrap_or(0);
 
-    // Post the jobs, noting when each POST left.
+    // Post the jobs (then, filtered, edit each to the next location),
+    // noting when each request left.
     let http = reqwest::Client::new();
+    let description =
+        filtered.map_or_else(|| "Stream benchmark job".to_string(), |f| f.description());
+    let mut ids = Vec::with_capacity(jobs);
     for index in 0..jobs {
+        let location = match filtered {
+            None => "Loopback".to_string(),
+            Some(_) => format!("loc-{}", Filtered::location(index)),
+        };
         clock.sent[index].store(clock.now(), Ordering::Relaxed);
-        post_job(&http, &herald, index)
-            .await
-            .with_context(|| format!("posting job {index}"))?;
+        ids.push(
+            post_job(&http, herald, index, &location, &description)
+                .await
+                .with_context(|| format!("posting job {index}"))?,
+        );
         tokio::time::sleep(interval).await;
+    }
+    if filtered.is_some() {
+        for (index, id) in ids.iter().enumerate() {
+            clock.sent[jobs + index].store(clock.now(), Ordering::Relaxed);
+            http.patch(format!("{}/api/jobs/{id}", herald.public))
+                .bearer_auth(&herald.admin_token)
+                .json(&serde_json::json!({
+                    "title": format!("{TITLE_PREFIX}{}", jobs + index),
+                    "location": format!("loc-{}", (Filtered::location(index) + 1) % 10),
+                }))
+                .send()
+                .await?
+                .error_for_status()
+                .with_context(|| format!("editing job {index}"))?;
+            tokio::time::sleep(interval).await;
+        }
     }
 
     // Collect, giving stragglers up to 30 s.
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
-    let mut missing = 0usize;
+    let mut received = 0usize;
     let mut failed = 0usize;
     let collect_deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     for _ in 0..clients {
         match tokio::time::timeout_at(collect_deadline, tasks.join_next()).await {
             Ok(Some(Ok(Ok(arrivals)))) => {
-                missing += jobs - arrivals.len();
+                received += arrivals.len();
                 for (index, at) in arrivals {
                     let sent = clock.sent[index].load(Ordering::Relaxed);
                     histogram.saturating_record(at.saturating_sub(sent) / 1_000);
                 }
             }
-            _ => {
-                failed += 1;
-                missing += jobs;
-            }
+            _ => failed += 1,
         }
     }
-    let rss_peak = peak_rss_kib(pid).unwrap_or(0);
-    let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
+    Ok(Measured {
+        histogram,
+        expected: expected_total,
+        missing: expected_total.saturating_sub(received),
+        failed,
+        connected_in,
+        rss_connected,
+    })
+}
+
+fn report(name: &str, clients: usize, measured: &Measured) -> f64 {
+    let ms = |q: f64| measured.histogram.value_at_quantile(q) as f64 / 1000.0;
+    println!(
+        "  {name}: {clients} clients connected (snapshot received) in {:.1} s, RSS then {:.1} MB",
+        measured.connected_in.as_secs_f64(),
+        measured.rss_connected as f64 / 1024.0
+    );
+    println!(
+        "    deliveries : {} of {} ({} missing, {} clients failed)",
+        measured.histogram.len(),
+        measured.expected,
+        measured.missing,
+        measured.failed
+    );
+    println!(
+        "    latency request -> event : p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
+        ms(0.5),
+        ms(0.99),
+        measured.histogram.max() as f64 / 1000.0
+    );
+    ms(0.99)
+}
+
+pub async fn stream(
+    config: Config,
+    clients: usize,
+    jobs: usize,
+    interval: Duration,
+    filters: usize,
+) -> anyhow::Result<()> {
+    if config.redis_url.is_none() {
+        bail!("bench stream needs HERALD_REDIS_URL (jobs reach the hub through Redis)");
+    }
+    if filters % 10 != 0 {
+        bail!("--filters must be a multiple of 10 (10 locations by filters/10 tags)");
+    }
+    let open_files = crate::server::raise_open_files_limit()?;
+    if (open_files as usize) < clients + 256 {
+        bail!("open-files limit {open_files} is too low for {clients} clients (ulimit -Hn)");
+    }
+    let herald = spawn_herald(
+        &config,
+        &[
+            // The benchmark measures fan-out, not the reconnect-storm guard.
+            ("HERALD_SSE__ADMIT_PER_SEC", "1000000".into()),
+            ("HERALD_RELAY__MAX_PUBLISH_PER_SEC", "1000000".into()),
+            // Room in the snapshot for every job of both phases.
+            ("HERALD_SSE__SNAPSHOT_JOBS", "1000".into()),
+        ],
+    )?;
+    let unfiltered = phase(&herald, clients, jobs, interval, None).await?;
+    let filtered = match filters {
+        0 => None,
+        filters => Some(phase(&herald, clients, jobs, interval, Some(Filtered { filters })).await?),
+    };
+    let rss_peak = peak_rss_kib(herald.process.id()).unwrap_or(0);
     println!(
         "bench stream: {clients} clients on one process, {jobs} jobs posted every {} ms",
         interval.as_millis()
     );
+    let p99 = report("all jobs", clients, &unfiltered);
+    let mut missing = unfiltered.missing;
+    if let Some(filtered) = &filtered {
+        let filtered_p99 = report(
+            &format!("{filters} filters, posts and edits"),
+            clients,
+            filtered,
+        );
+        println!(
+            "  filtered p99 / unfiltered p99 : {:.2}   (target <= 1.5; p99 target <= 250 ms)",
+            filtered_p99 / p99.max(0.001)
+        );
+        missing += filtered.missing;
+    }
     println!(
-        "  clients connected (snapshot received) : {clients} in {:.1} s",
-        connected_in.as_secs_f64()
-    );
-    println!(
-        "  deliveries                            : {} of {} ({missing} missing, {failed} clients failed)",
-        histogram.len(),
-        clients * jobs
-    );
-    println!(
-        "  latency POST -> event, all clients    : p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms   (target p99 <= 250 ms)",
-        ms(0.5),
-        ms(0.99),
-        histogram.max() as f64 / 1000.0
-    );
-    println!(
-        "  herald peak RSS                       : {:.1} MB ({:.1} MB once all were connected)   (target <= 300 MB)",
-        rss_peak as f64 / 1024.0,
-        rss_connected as f64 / 1024.0
+        "  herald peak RSS : {:.1} MB   (target <= 300 MB)",
+        rss_peak as f64 / 1024.0
     );
     if missing > 0 {
         bail!("{missing} deliveries never arrived");
