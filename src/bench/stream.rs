@@ -365,7 +365,7 @@ pub async fn stream(
     if config.redis_url.is_none() {
         bail!("bench stream needs HERALD_REDIS_URL (jobs reach the hub through Redis)");
     }
-    if filters % 10 != 0 {
+    if !filters.is_multiple_of(10) {
         bail!("--filters must be a multiple of 10 (10 locations by filters/10 tags)");
     }
     let open_files = crate::server::raise_open_files_limit()?;
