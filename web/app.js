@@ -38,7 +38,18 @@
     applying: false,
     loaded: false, // a snapshot or GET /api/jobs has answered
     live: false, // the stream's snapshot arrived and the stream is open
+    filter: { q: "", location: "" }, // the search box and location filter
+    source: null, // the open EventSource
   };
+
+  // The filter as a query string (empty parts left out), the same for the
+  // stream and the fallback list.
+  function filterQuery() {
+    const params = new URLSearchParams();
+    if (state.filter.q) params.set("q", state.filter.q);
+    if (state.filter.location) params.set("location", state.filter.location);
+    return params.toString();
+  }
 
   // ---- account -----------------------------------------------------------
 
@@ -76,6 +87,7 @@
       store.setItem("herald:email", email);
       renderAccount();
       renderDetail();
+      refreshApplications();
       $("sign-out").focus();
     } catch (_) {
       showError(error, "Cannot reach the server. Check your connection and try again.");
@@ -89,6 +101,7 @@
     store.removeItem("herald:email");
     renderAccount();
     renderDetail();
+    refreshApplications();
     $("email").focus();
   });
 
@@ -195,7 +208,10 @@
     pollTimer = null;
     if (state.live) return;
     try {
-      const response = await fetch("/api/jobs?limit=100", { headers: { accept: "application/json" } });
+      const query = filterQuery();
+      const response = await fetch(`/api/jobs?limit=100${query ? `&${query}` : ""}`, {
+        headers: { accept: "application/json" },
+      });
       if (response.ok) {
         const page = await response.json();
         if (!state.live) {
@@ -238,7 +254,9 @@
   }
 
   function connect() {
-    const source = new EventSource("/api/jobs/stream");
+    const query = filterQuery();
+    const source = new EventSource(`/api/jobs/stream${query ? `?${query}` : ""}`);
+    state.source = source;
     armFallback();
     source.addEventListener("error", () => {
       state.live = false;
@@ -270,6 +288,94 @@
         const { id, version } = JSON.parse(event.data);
         removeJob(id, version, name === "job.closed");
       });
+    }
+  }
+
+  // A new search: the list is the filter's, from a new stream (its own
+  // snapshot), or from GET /api/jobs with the same filter if it stalls.
+  $("search").addEventListener("submit", (event) => {
+    event.preventDefault();
+    state.filter = { q: $("search-q").value.trim(), location: $("search-location").value.trim() };
+    if (state.source) state.source.close();
+    clearTimeout(fallbackTimer);
+    fallbackTimer = null;
+    clearTimeout(pollTimer);
+    pollTimer = null;
+    state.live = false;
+    state.loaded = false;
+    state.jobs = new Map();
+    state.order = [];
+    renderJobs();
+    setConnection("Connecting…", "connecting");
+    connect();
+  });
+
+  // ---- my applications ---------------------------------------------------
+
+  const titles = new Map(); // job id -> title, for the applications list
+  let applicationsTimer = null;
+
+  async function jobTitle(id) {
+    const listed = state.jobs.get(id) || shown.get(id);
+    if (listed) return listed.title;
+    if (!titles.has(id)) {
+      try {
+        const response = await fetch(`/api/jobs/${encodeURIComponent(id)}`);
+        titles.set(id, response.ok ? (await response.json()).title : "A job no longer listed");
+      } catch (_) {
+        return "…";
+      }
+    }
+    return titles.get(id);
+  }
+
+  const STATUS_TEXT = {
+    pending: "Confirmation email on its way",
+    sent: "Confirmation email sent",
+    dead: "Confirmation email could not be delivered",
+  };
+
+  // The signed-in user's applications with their email status; read again
+  // every few seconds while an email is still pending.
+  async function refreshApplications() {
+    clearTimeout(applicationsTimer);
+    applicationsTimer = null;
+    const section = $("my-applications");
+    section.hidden = !state.token;
+    if (!state.token) return;
+    let page;
+    try {
+      const response = await fetch("/api/applications?limit=100", {
+        headers: { authorization: `Bearer ${state.token}` },
+      });
+      if (!response.ok) return;
+      page = await response.json();
+    } catch (_) {
+      applicationsTimer = setTimeout(refreshApplications, 5000);
+      return;
+    }
+    const items = await Promise.all(
+      (page.items || []).map(async (application) => {
+        const li = document.createElement("li");
+        li.dataset.applicationId = application.id;
+        const what = document.createElement("span");
+        what.className = "application-job";
+        what.textContent = await jobTitle(application.job_id);
+        const status = document.createElement("span");
+        status.className = "email-status";
+        status.dataset.status = application.email_status;
+        status.textContent = STATUS_TEXT[application.email_status] || application.email_status;
+        const when = document.createElement("time");
+        when.dateTime = application.created_at;
+        when.textContent = new Date(application.created_at).toLocaleDateString();
+        li.append(what, when, status);
+        return li;
+      }),
+    );
+    $("my-applications-list").replaceChildren(...items);
+    $("my-applications-empty").hidden = items.length > 0;
+    if ((page.items || []).some((a) => a.email_status === "pending")) {
+      applicationsTimer = setTimeout(refreshApplications, 3000);
     }
   }
 
@@ -361,9 +467,9 @@
 
   // One attempt: the parsed answer, or {retry: true} for anything that says
   // "try again later" (the network, 409, 429, 5xx).
-  async function attemptApply(jobId, key) {
+  async function attemptApply(body, key) {
     let response;
-    let body;
+    let answer;
     try {
       response = await fetch("/api/applications", {
         method: "POST",
@@ -372,14 +478,16 @@
           authorization: `Bearer ${state.token}`,
           "idempotency-key": key,
         },
-        body: JSON.stringify({ job_id: jobId }),
+        body: JSON.stringify(body),
       });
-      body = await response.json();
+      answer = await response.json();
     } catch (_) {
       // No answer, or an answer cut off: the outcome is unknown.
       return { retry: true, reason: "network" };
     }
     const status = response.status;
+    // A closed job is a definitive answer, not "try again later".
+    if (status === 409 && answer && answer.code === "job_closed") return { status, body: answer };
     if (status === 409 || status === 429 || status >= 500) {
       return {
         retry: true,
@@ -387,7 +495,18 @@
         retryAfter: Number(response.headers.get("retry-after")),
       };
     }
-    return { status, body };
+    return { status, body: answer };
+  }
+
+  // The application as the form says it: the job, and the optional résumé
+  // URL and cover letter.
+  function applicationBody(jobId) {
+    const body = { job_id: jobId };
+    const resume = $("resume-url").value.trim();
+    const letter = $("cover-letter").value.trim();
+    if (resume) body.resume_url = resume;
+    if (letter) body.cover_letter = letter;
+    return body;
   }
 
   async function apply(fresh) {
@@ -400,7 +519,13 @@
     }
     let intent = loadIntent(jobId);
     if (!intent || fresh) {
-      intent = { key: newKey(), outcome: "pending" };
+      // The key and the body go together: a retry sends the very request
+      // the key was made for, whatever the form says by then.
+      intent = { key: newKey(), outcome: "pending", body: applicationBody(jobId) };
+      saveIntent(jobId, intent);
+    } else if (!intent.body) {
+      // Kept by an earlier version of this page, which sent the job alone.
+      intent = { ...intent, body: { job_id: jobId } };
       saveIntent(jobId, intent);
     }
     state.applying = true;
@@ -409,7 +534,7 @@
     let answer;
     for (let attempt = 0; attempt < RETRY.attempts; attempt++) {
       setStatus("applying", attempt === 0 ? "Applying…" : "Applying… (retrying)", attempt + 1);
-      answer = await attemptApply(jobId, intent.key);
+      answer = await attemptApply(intent.body, intent.key);
       if (!answer.retry) break;
       if (attempt + 1 < RETRY.attempts) await sleep(retryDelay(attempt, answer.retryAfter));
     }
@@ -424,8 +549,10 @@
     const { status, body } = answer;
     if (status === 201 || (status === 200 && body && body.already_applied === false)) {
       saveIntent(jobId, { ...intent, outcome: "applied", application: body.id });
+      refreshApplications();
     } else if (status === 200) {
       saveIntent(jobId, { ...intent, outcome: "already", application: body.id });
+      refreshApplications();
     } else if (status === 401) {
       state.token = null;
       store.removeItem("herald:token");
@@ -453,6 +580,7 @@
   });
 
   renderAccount();
+  refreshApplications();
   // After the load event, so the open stream never keeps the page "loading".
   if (document.readyState === "complete") connect();
   else window.addEventListener("load", connect, { once: true });

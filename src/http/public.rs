@@ -9,6 +9,7 @@
 //! | GET  /api/jobs/{id}           | anyone (open or closed) |
 //! | PATCH /api/jobs/{id}          | admin  |
 //! | POST /api/jobs/{id}/close     | admin  |
+//! | GET  /api/applications        | user (own, newest first) |
 //! | POST /api/applications        | user   |
 //! | GET  /api/applications/{id}   | user (own only; others get 404) |
 //! | POST /api/charges             | user, Idempotency-Key required |
@@ -71,6 +72,10 @@ pub async fn dispatch(state: AppState, request: Request) -> Response {
                 "/api/applications",
                 submit_application(&state, &request).await,
             ),
+            (["api", "applications"], &Method::GET) => (
+                "/api/applications",
+                list_applications(&state, &request).await,
+            ),
             (["api", "applications", id], &Method::GET) => (
                 "/api/applications/{id}",
                 get_application(&state, &request, id).await,
@@ -106,10 +111,8 @@ fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
         ["api", "jobs", "stream"] => Some("GET"),
         ["api", "jobs", _] => Some("GET, PATCH"),
         ["api", "applications", _] | ["api", "charges", _] => Some("GET"),
-        ["api", "applications"]
-        | ["api", "charges"]
-        | ["api", "dev", "login"]
-        | ["api", "jobs", _, "close"] => Some("POST"),
+        ["api", "applications"] => Some("GET, POST"),
+        ["api", "charges"] | ["api", "dev", "login"] | ["api", "jobs", _, "close"] => Some("POST"),
         _ => None,
     }
 }
@@ -360,6 +363,28 @@ async fn submit_application(state: &AppState, request: &Request) -> Result<Respo
             }
         });
     state.end_keyed(lease, written).await
+}
+
+/// The signed-in user's applications, newest first, with their email status.
+async fn list_applications(state: &AppState, request: &Request) -> Result<Response, ApiError> {
+    let user = state.auth.user(&request.headers)?;
+    let (limit, before) = list_params(&request.query)?;
+    let applications = state
+        .store
+        .list_applications(&user.id, limit, before)
+        .await?;
+    let next_before = if applications.len() == limit as usize {
+        applications.last().map(|a| a.id.to_string())
+    } else {
+        None
+    };
+    Ok(ok_json(&Page {
+        items: applications
+            .iter()
+            .map(|a| a.view(false))
+            .collect::<Vec<_>>(),
+        next_before,
+    }))
 }
 
 async fn get_application(

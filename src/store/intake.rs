@@ -250,6 +250,15 @@ pub trait IntakeStore: Send + Sync {
         created: &StoredResponse,
     ) -> Result<ApplyOutcome, StoreError>;
 
+    /// `user_id`'s applications, newest first, strictly older than the
+    /// `before` cursor.
+    async fn list_applications(
+        &self,
+        user_id: &str,
+        limit: u32,
+        before: Option<Uuid>,
+    ) -> Result<Vec<Application>, StoreError>;
+
     /// One application, only if it belongs to `user_id`.
     async fn get_application(
         &self,

@@ -307,6 +307,14 @@ async fn the_store_tells_the_same_story(backend: Backend) {
         3,
         "job + 2 applications"
     );
+    // Each user lists their own applications only.
+    let listed = store.list_applications("ada", 10, None).await.unwrap();
+    assert_eq!(listed.iter().map(|a| a.id).collect::<Vec<_>>(), [ada.id]);
+    assert!(store
+        .list_applications("ada", 10, Some(ada.id))
+        .await
+        .unwrap()
+        .is_empty());
     // The audit's horizon reaches them: with no age allowed, all three are
     // unsettled too long (and, so far, nothing else is wrong).
     let audit = store

@@ -457,3 +457,200 @@ async fn the_page_updates_an_edited_job_in_place_and_a_closed_one_leaves_with_a_
     assert_eq!(kept["status"], "open");
     browser.close().await;
 }
+
+/// Types `value` into the input `id` and submits the search form, as a user does.
+async fn search(browser: &Browser, q: &str, location: &str) {
+    browser
+        .js(&format!(
+            "document.getElementById('search-q').value = {q:?}; \
+             document.getElementById('search-location').value = {location:?}; \
+             document.getElementById('search').requestSubmit(); return true"
+        ))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_page_searches_live_and_lists_my_applications_with_their_email_status() {
+    let stack = Stack::start(&[]).await;
+    let (herald, db) = (&stack.herald, stack.db.clone());
+    let post = |title: &'static str, location: &'static str| async move {
+        let r = herald
+            .post(
+                "/api/jobs",
+                support::ADMIN_TOKEN,
+                None,
+                &serde_json::json!({"title": title, "company": "Acme", "location": location,
+                                    "description": "Build things."}),
+            )
+            .await;
+        assert_eq!(r.status(), 201);
+        r.json::<serde_json::Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    post("Rust engineer", "Berlin").await;
+    post("Go developer", "Paris").await;
+    let in_paris = post("Rust in Paris", "Paris").await;
+    let browser = Browser::start(1280, 1000).await;
+    browser
+        .client
+        .goto(&format!("{}/", herald.public))
+        .await
+        .expect("open page");
+    browser
+        .wait_for(
+            "the whole list, live",
+            Duration::from_secs(15),
+            &format!(
+                "return (() => {{ {TITLES} }})().length === 3 \
+                 && document.getElementById('connection').dataset.state === 'live'"
+            ),
+        )
+        .await;
+
+    // A search: only what matches, and it stays live for that search.
+    search(&browser, "RUST", "paris").await;
+    let only = |titles: &[&str]| {
+        format!(
+            "return JSON.stringify((() => {{ {TITLES} }})()) === {:?} \
+             && document.getElementById('connection').dataset.state === 'live'",
+            serde_json::to_string(titles).unwrap()
+        )
+    };
+    browser
+        .wait_for(
+            "the search's jobs",
+            Duration::from_secs(15),
+            &only(&["Rust in Paris"]),
+        )
+        .await;
+    post("Rust lead", "Berlin").await;
+    let lead = post("Rust lead", "Paris").await;
+    browser
+        .wait_for(
+            "a new matching job, live; not the one elsewhere",
+            Duration::from_secs(10),
+            &only(&["Rust lead", "Rust in Paris"]),
+        )
+        .await;
+    browser.save_screenshot("web-search.png").await;
+    let r = herald
+        .patch(
+            &format!("/api/jobs/{in_paris}"),
+            support::ADMIN_TOKEN,
+            None,
+            &serde_json::json!({"location": "Berlin"}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    browser
+        .wait_for(
+            "a job edited out of the search leaves it",
+            Duration::from_secs(10),
+            &only(&["Rust lead"]),
+        )
+        .await;
+
+    // Sign in, apply with a résumé URL and a cover letter.
+    browser
+        .js(
+            "document.getElementById('email').value = 'ada@example.com'; \
+             document.getElementById('sign-in').requestSubmit(); return true",
+        )
+        .await;
+    browser
+        .wait_for(
+            "signed in, with an empty applications list",
+            Duration::from_secs(10),
+            "return !document.getElementById('signed-in').hidden \
+             && !document.getElementById('my-applications').hidden \
+             && !document.getElementById('my-applications-empty').hidden",
+        )
+        .await;
+    browser
+        .js(&format!(
+            "document.querySelector('#jobs li[data-job-id=\"{lead}\"] .job').click(); \
+             document.getElementById('resume-url').value = 'https://cv.example/ada'; \
+             document.getElementById('cover-letter').value = 'I lead in Rust.'; \
+             document.getElementById('apply').click(); return true"
+        ))
+        .await;
+    let sent = browser
+        .wait_for(
+            "my application, its email sent",
+            Duration::from_secs(30),
+            "const li = document.querySelector('#my-applications-list li'); \
+             return li && li.querySelector('.email-status').dataset.status === 'sent' \
+             && li.textContent",
+        )
+        .await;
+    let sent = sent.as_str().unwrap_or_default().to_string();
+    assert!(sent.contains("Rust lead"), "{sent}");
+    assert!(sent.contains("Confirmation email sent"), "{sent}");
+    browser.save_screenshot("web-my-applications.png").await;
+    let stored: (Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT resume_url, cover_letter FROM applications WHERE user_id = 'ada@example.com' \
+         OR email = 'ada@example.com'",
+    )
+    .fetch_one(&db)
+    .await
+    .expect("the application");
+    assert_eq!(
+        stored,
+        (
+            Some("https://cv.example/ada".into()),
+            Some("I lead in Rust.".into())
+        )
+    );
+    assert_eq!(count(&db, "SELECT count(*) FROM applications").await, 1);
+    browser.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_search_falls_back_to_the_filtered_api_when_a_proxy_holds_the_stream() {
+    let (_pg, _redis, herald) = board().await;
+    herald.post_job("Remote role").await; // location Remote
+    let r = herald
+        .post(
+            "/api/jobs",
+            support::ADMIN_TOKEN,
+            None,
+            &serde_json::json!({"title": "Berlin role", "company": "Acme",
+                                "location": "Berlin", "description": "d"}),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    let proxy = LossyProxy::start_stalling(
+        &herald.public,
+        Box::new(|_, _| false),
+        Box::new(|_, path| path.starts_with("/api/jobs/stream")),
+    )
+    .await
+    .expect("proxy");
+    let browser = Browser::start(1280, 900).await;
+    browser
+        .client
+        .goto(&format!("{}/", proxy.url))
+        .await
+        .expect("open page");
+    search(&browser, "", "berlin").await;
+    browser
+        .wait_for(
+            "the filtered fallback list, paused",
+            Duration::from_secs(20),
+            &format!(
+                "{SHOWN} return JSON.stringify((() => {{ {TITLES} }})()) === '[\"Berlin role\"]' \
+                 && shown('jobs-paused')"
+            ),
+        )
+        .await;
+    assert!(
+        proxy.seen().iter().any(|s| s.method == "GET"
+            && s.path.starts_with("/api/jobs?")
+            && s.path.contains("location=berlin")),
+        "the fallback read GET /api/jobs with the filter"
+    );
+    browser.save_screenshot("web-search-fallback.png").await;
+    browser.close().await;
+}

@@ -302,6 +302,36 @@ impl IntakeStore for PgStore {
     }
 
     #[instrument(skip_all)]
+    async fn list_applications(
+        &self,
+        user_id: &str,
+        limit: u32,
+        before: Option<Uuid>,
+    ) -> Result<Vec<Application>, StoreError> {
+        let mut session = self.session().await?;
+        let result: Result<Vec<Application>, StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            let sql = format!(
+                "SELECT {APPLICATION_COLUMNS} FROM applications
+                  WHERE user_id = $1 AND ($2::uuid IS NULL OR id < $2)
+                  ORDER BY id DESC LIMIT $3"
+            );
+            let rows = sqlx::query(AssertSqlSafe(sql))
+                .bind(user_id)
+                .bind(before)
+                .bind(i64::from(limit))
+                .fetch_all(&mut *conn)
+                .await?;
+            Ok(rows
+                .iter()
+                .map(application_from_row)
+                .collect::<Result<_, _>>()?)
+        }
+        .await;
+        session.settle(result)
+    }
+
+    #[instrument(skip_all)]
     async fn get_application(
         &self,
         id: Uuid,

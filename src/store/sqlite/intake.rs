@@ -195,6 +195,30 @@ impl IntakeStore for SqliteStore {
     }
 
     #[instrument(skip_all)]
+    async fn list_applications(
+        &self,
+        user_id: &str,
+        limit: u32,
+        before: Option<Uuid>,
+    ) -> Result<Vec<Application>, StoreError> {
+        let sql = format!(
+            "SELECT {APPLICATION_COLUMNS} FROM applications
+              WHERE user_id = ?1 AND (?2 IS NULL OR id < ?2)
+              ORDER BY id DESC LIMIT ?3"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(user_id)
+            .bind(before.map(|b| b.to_string()))
+            .bind(i64::from(limit))
+            .fetch_all(&self.reader)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(application_from_row)
+            .collect::<Result<_, _>>()?)
+    }
+
+    #[instrument(skip_all)]
     async fn get_application(
         &self,
         id: Uuid,
