@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use fantoccini::Locator;
 use herald::client::lossy_proxy::LossyProxy;
 use support::browser::Browser;
-use support::{count, eventually, Daemon, Postgres, Redis, Stack};
+use support::{count, eventually, Backend, Backing, Daemon, Postgres, Redis, Stack};
 
 /// A Herald on its own Postgres and Redis (kept alive by the caller).
 async fn board() -> (Postgres, Redis, Daemon) {
@@ -359,9 +359,11 @@ async fn the_page_says_no_jobs_yet_only_when_the_snapshot_is_empty_and_is_never_
     browser.close().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_page_updates_an_edited_job_in_place_and_a_closed_one_leaves_with_a_note() {
-    let (_pg, _redis, herald) = board().await;
+async fn the_page_updates_an_edited_job_in_place_and_a_closed_one_leaves_with_a_note(
+    backend: Backend,
+) {
+    let b = Backing::start(backend).await;
+    let herald = b.daemon(&[]).await;
     let kept = herald.post_job("Kept role").await;
     let job = herald.post_job("Edited role").await;
     let id = job["id"].as_str().unwrap().to_string();
@@ -417,7 +419,9 @@ async fn the_page_updates_an_edited_job_in_place_and_a_closed_one_leaves_with_a_
             ),
         )
         .await;
-    browser.save_screenshot("web-edited.png").await;
+    browser
+        .save_screenshot(&format!("web-edited-{backend:?}.png"))
+        .await;
     // Closed: it leaves the list; the open detail says so and offers no Apply.
     let r = herald
         .post(
@@ -440,7 +444,9 @@ async fn the_page_updates_an_edited_job_in_place_and_a_closed_one_leaves_with_a_
             ),
         )
         .await;
-    browser.save_screenshot("web-closed.png").await;
+    browser
+        .save_screenshot(&format!("web-closed-{backend:?}.png"))
+        .await;
     // A reload shows the same list: the snapshot has no closed job.
     browser.client.refresh().await.expect("reload");
     browser
@@ -469,9 +475,10 @@ async fn search(browser: &Browser, q: &str, location: &str) {
         .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_page_searches_live_and_lists_my_applications_with_their_email_status() {
-    let stack = Stack::start(&[]).await;
+async fn the_page_searches_live_and_lists_my_applications_with_their_email_status(
+    backend: Backend,
+) {
+    let stack = Stack::start_on(backend, &[]).await;
     let (herald, db) = (&stack.herald, stack.db.clone());
     let post = |title: &'static str, location: &'static str| async move {
         let r = herald
@@ -534,7 +541,9 @@ async fn the_page_searches_live_and_lists_my_applications_with_their_email_statu
             &only(&["Rust lead", "Rust in Paris"]),
         )
         .await;
-    browser.save_screenshot("web-search.png").await;
+    browser
+        .save_screenshot(&format!("web-search-{backend:?}.png"))
+        .await;
     let r = herald
         .patch(
             &format!("/api/jobs/{in_paris}"),
@@ -588,7 +597,9 @@ async fn the_page_searches_live_and_lists_my_applications_with_their_email_statu
     let sent = sent.as_str().unwrap_or_default().to_string();
     assert!(sent.contains("Rust lead"), "{sent}");
     assert!(sent.contains("Confirmation email sent"), "{sent}");
-    browser.save_screenshot("web-my-applications.png").await;
+    browser
+        .save_screenshot(&format!("web-my-applications-{backend:?}.png"))
+        .await;
     let stored: (Option<String>, Option<String>) = sqlx::query_as(
         "SELECT resume_url, cover_letter FROM applications WHERE user_id = 'ada@example.com' \
          OR email = 'ada@example.com'",
@@ -654,3 +665,8 @@ async fn a_search_falls_back_to_the_filtered_api_when_a_proxy_holds_the_stream()
     browser.save_screenshot("web-search-fallback.png").await;
     browser.close().await;
 }
+
+on_both_backends!(
+    the_page_updates_an_edited_job_in_place_and_a_closed_one_leaves_with_a_note,
+    the_page_searches_live_and_lists_my_applications_with_their_email_status
+);
