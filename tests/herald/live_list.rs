@@ -10,48 +10,10 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::sse::SseClient;
-use support::{user_token, Backend, Backing, Daemon, ADMIN_TOKEN};
-
-async fn post(herald: &Daemon, title: &str, company: &str, location: &str) -> Value {
-    let r = herald
-        .post(
-            "/api/jobs",
-            ADMIN_TOKEN,
-            None,
-            &json!({"title": title, "company": company, "location": location,
-                    "description": format!("{title} at {company}")}),
-        )
-        .await;
-    assert_eq!(r.status(), 201);
-    r.json().await.unwrap()
-}
+use support::{user_token, Backend, Backing, ADMIN_TOKEN};
 
 fn id(job: &Value) -> String {
     job["id"].as_str().expect("a job id").to_string()
-}
-
-/// `GET /api/jobs?{query}` as id → version (all pages).
-async fn listed(herald: &Daemon, query: &str) -> HashMap<String, i64> {
-    let mut out = HashMap::new();
-    let mut before: Option<String> = None;
-    loop {
-        let cursor = before
-            .as_ref()
-            .map(|b| format!("&before={b}"))
-            .unwrap_or_default();
-        let r = herald
-            .get(&format!("/api/jobs?limit=100&{query}{cursor}"))
-            .await;
-        assert_eq!(r.status(), 200, "GET /api/jobs?{query}");
-        let page: Value = r.json().await.unwrap();
-        for job in page["items"].as_array().unwrap() {
-            out.insert(id(job), job["version"].as_i64().unwrap());
-        }
-        match page["next_before"].as_str() {
-            Some(next) => before = Some(next.to_string()),
-            None => return out,
-        }
-    }
 }
 
 async fn problem(r: reqwest::Response, status: u16, code: &str) {
@@ -63,8 +25,8 @@ async fn problem(r: reqwest::Response, status: u16, code: &str) {
 async fn editing_and_closing_follow_the_contract(backend: Backend) {
     let b = Backing::start(backend).await;
     let herald = b.daemon(&[]).await;
-    let berlin = post(&herald, "Rust engineer", "Acme", "Berlin").await;
-    let other = post(&herald, "Gardener", "Initech", "Paris").await;
+    let berlin = herald.post_job_at("Rust engineer", "Acme", "Berlin").await;
+    let other = herald.post_job_at("Gardener", "Initech", "Paris").await;
     assert_eq!(
         (berlin["status"].as_str(), berlin["version"].as_i64()),
         (Some("open"), Some(1))
@@ -150,22 +112,22 @@ async fn editing_and_closing_follow_the_contract(backend: Backend) {
 
     // Filters, on the list: any case, AND-ed, q a substring.
     let both = HashMap::from([(id(&berlin), 2), (id(&other), 1)]);
-    assert_eq!(listed(&herald, "location=PARIS").await, both);
+    assert_eq!(herald.listed("location=PARIS").await, both);
     assert_eq!(
-        listed(&herald, "location=paris&company=acme").await,
+        herald.listed("location=paris&company=acme").await,
         HashMap::from([(id(&berlin), 2)])
     );
     assert_eq!(
-        listed(&herald, "q=senior+RUST").await,
+        herald.listed("q=senior+RUST").await,
         HashMap::from([(id(&berlin), 2)])
     );
     assert_eq!(
-        listed(&herald, "q=gardener%20at%20initech").await,
+        herald.listed("q=gardener%20at%20initech").await,
         HashMap::from([(id(&other), 1)])
     );
-    assert!(listed(&herald, "location=Berlin").await.is_empty());
+    assert!(herald.listed("location=Berlin").await.is_empty());
     assert_eq!(
-        listed(&herald, "q=").await,
+        herald.listed("q=").await,
         both,
         "an empty q filters nothing"
     );
@@ -186,7 +148,7 @@ async fn editing_and_closing_follow_the_contract(backend: Backend) {
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap(), closed);
     // Closed: off the list, still there by id; no edits, no applications.
-    assert_eq!(listed(&herald, "").await, HashMap::from([(id(&other), 1)]));
+    assert_eq!(herald.listed("").await, HashMap::from([(id(&other), 1)]));
     let r = herald.get(&path).await;
     assert_eq!(r.json::<Value>().await.unwrap(), closed);
     problem(
@@ -234,7 +196,7 @@ async fn a_stream_client_list_converges_to_the_list(backend: Backend) {
     let b = Backing::start(backend).await;
     let herald = b.daemon(&[]).await;
     let stream = herald.url("/api/jobs/stream");
-    let first = post(&herald, "first", "Acme", "Berlin").await;
+    let first = herald.post_job_at("first", "Acme", "Berlin").await;
     let mut watcher = SseClient::connect(&stream, None).await;
     watcher
         .read_until("the first job", Duration::from_secs(15), |seen| {
@@ -246,7 +208,11 @@ async fn a_stream_client_list_converges_to_the_list(backend: Backend) {
 
     let mut jobs = vec![first];
     for n in 0..6 {
-        jobs.push(post(&herald, &format!("job-{n}"), "Acme", "Berlin").await);
+        jobs.push(
+            herald
+                .post_job_at(&format!("job-{n}"), "Acme", "Berlin")
+                .await,
+        );
     }
     for job in jobs.iter().step_by(2) {
         let r = herald
@@ -270,7 +236,7 @@ async fn a_stream_client_list_converges_to_the_list(backend: Backend) {
             .await;
         assert_eq!(r.status(), 200);
     }
-    let truth = listed(&herald, "").await;
+    let truth = herald.listed("").await;
     assert_eq!(truth.len(), 5, "7 posted, 2 closed: {truth:?}");
     assert!(truth.values().any(|v| *v == 2), "some edited: {truth:?}");
 
@@ -332,9 +298,9 @@ async fn the_filter_example_in_the_http_reference_works_as_written() {
         .expect("the example in docs/HTTP.md");
     let b = Backing::start(Backend::Sqlite).await;
     let herald = b.daemon(&[]).await;
-    let wanted = post(&herald, "Rust engineer", "Acme", "Berlin").await;
-    post(&herald, "Go engineer", "Acme", "Berlin").await;
-    post(&herald, "Rust engineer", "Acme", "Paris").await;
+    let wanted = herald.post_job_at("Rust engineer", "Acme", "Berlin").await;
+    herald.post_job_at("Go engineer", "Acme", "Berlin").await;
+    herald.post_job_at("Rust engineer", "Acme", "Paris").await;
     let command = command.replace("http://127.0.0.1:8080", &herald.url(""));
     let out = std::process::Command::new("sh")
         .arg("-c")

@@ -20,26 +20,6 @@ fn id(job: &Value) -> String {
     job["id"].as_str().expect("a job id").to_string()
 }
 
-/// `GET /api/jobs?{query}`, every page, as id → version.
-async fn listed(herald: &Daemon, query: &str) -> HashMap<String, i64> {
-    let mut out = HashMap::new();
-    let mut before = String::new();
-    loop {
-        let r = herald
-            .get(&format!("/api/jobs?limit=100&{query}{before}"))
-            .await;
-        assert_eq!(r.status(), 200, "GET /api/jobs?{query}");
-        let page: Value = r.json().await.unwrap();
-        for job in page["items"].as_array().unwrap() {
-            out.insert(id(job), job["version"].as_i64().unwrap());
-        }
-        match page["next_before"].as_str() {
-            Some(next) => before = format!("&before={next}"),
-            None => return out,
-        }
-    }
-}
-
 fn versions(events: &[Event]) -> HashMap<String, i64> {
     list(events)
         .into_iter()
@@ -79,20 +59,6 @@ async fn converge(
         mine.len(),
         truth.len()
     );
-}
-
-async fn post(herald: &Daemon, title: &str, company: &str, location: &str) -> Value {
-    let r = herald
-        .post(
-            "/api/jobs",
-            ADMIN_TOKEN,
-            None,
-            &json!({"title": title, "company": company, "location": location,
-                    "description": format!("{title} at {company}, {location}")}),
-        )
-        .await;
-    assert_eq!(r.status(), 201);
-    r.json().await.unwrap()
 }
 
 async fn edit(herald: &Daemon, job: &str, body: Value) -> Value {
@@ -180,13 +146,13 @@ async fn churn(backend: Backend, processes: usize, seed: u64) {
         let daemon = &daemons[rng.random_range(0..processes)];
         let roll = rng.random_range(0..10);
         if open.is_empty() || roll < 4 {
-            let job = post(
-                daemon,
-                &format!("{} {op}", titles[rng.random_range(0..3)]),
-                companies[rng.random_range(0..2)],
-                locations[rng.random_range(0..3)],
-            )
-            .await;
+            let job = daemon
+                .post_job_at(
+                    &format!("{} {op}", titles[rng.random_range(0..3)]),
+                    companies[rng.random_range(0..2)],
+                    locations[rng.random_range(0..3)],
+                )
+                .await;
             open.push(id(&job));
         } else if roll < 8 {
             let job = open[rng.random_range(0..open.len())].clone();
@@ -203,7 +169,7 @@ async fn churn(backend: Backend, processes: usize, seed: u64) {
     }
     for (n, watcher) in watchers.iter_mut().enumerate() {
         let daemon = &daemons[n % processes];
-        let truth = listed(daemon, watcher.query).await;
+        let truth = daemon.listed(watcher.query).await;
         let client = match watcher.live.as_mut() {
             Some(client) => client,
             None => {
@@ -252,8 +218,8 @@ async fn lists_converge_under_churn_across_two_processes() {
 async fn a_job_edited_across_filters_leaves_one_list_and_joins_another(backend: Backend) {
     let b = Backing::start(backend).await;
     let herald = b.daemon(&[]).await;
-    let job = post(&herald, "Rust engineer", "Acme", "Berlin").await;
-    let elsewhere = post(&herald, "Gardener", "Initech", "Rome").await;
+    let job = herald.post_job_at("Rust engineer", "Acme", "Berlin").await;
+    let elsewhere = herald.post_job_at("Gardener", "Initech", "Rome").await;
     let stream = herald.url("/api/jobs/stream");
     let mut berlin = SseClient::connect(&format!("{stream}?location=berlin"), None).await;
     let mut paris = SseClient::connect(&format!("{stream}?location=PARIS"), None).await;
@@ -294,8 +260,10 @@ async fn a_job_edited_across_filters_leaves_one_list_and_joins_another(backend: 
         .read_until("the close", Duration::from_secs(15), until(3))
         .await;
     // Sentinels, one per list, mark the end of what each was sent.
-    post(&herald, "Berlin sentinel", "Acme", "Berlin").await;
-    post(&herald, "Paris sentinel", "Acme", "Paris").await;
+    herald
+        .post_job_at("Berlin sentinel", "Acme", "Berlin")
+        .await;
+    herald.post_job_at("Paris sentinel", "Acme", "Paris").await;
     berlin
         .read_until("its sentinel", Duration::from_secs(15), until(3))
         .await;
@@ -363,7 +331,7 @@ async fn slow_readers_catch_up_by_conflation_then_by_resnapshot(backend: Backend
         )
         .await;
     }
-    let truth = listed(&herald, "").await;
+    let truth = herald.listed("").await;
     converge(&mut slow, &[], &truth, "the slow reader").await;
     assert!(
         herald.metric("herald_sse_conflated_total").await > 0.0,
@@ -391,7 +359,7 @@ async fn slow_readers_catch_up_by_conflation_then_by_resnapshot(backend: Backend
         posted += 1;
     }
     stalled_pace.send_replace(Some(Duration::ZERO));
-    let truth = listed(&herald, "").await;
+    let truth = herald.listed("").await;
     converge(&mut stalled, &[], &truth, "the stalled reader").await;
     assert!(
         stalled
@@ -417,11 +385,11 @@ async fn a_reconnect_storm_admits_every_cheap_resume_before_any_snapshot(backend
             ("HERALD_LIMITS__STREAM_CONNECTS_PER_SEC", "100"),
         ])
         .await;
-    post(&herald, "listed", "Acme", "Berlin").await;
+    herald.post_job_at("listed", "Acme", "Berlin").await;
     let stream = herald.url("/api/jobs/stream");
     let cursor = {
         let mut first = SseClient::connect(&stream, None).await;
-        post(&herald, "seen", "Acme", "Berlin").await;
+        herald.post_job_at("seen", "Acme", "Berlin").await;
         first
             .read_until("the second job", Duration::from_secs(15), |seen| {
                 seen.iter().any(|e| e.event == "job.posted")
@@ -442,7 +410,9 @@ async fn a_reconnect_storm_admits_every_cheap_resume_before_any_snapshot(backend
         }
     }))
     .await;
-    post(&herald, "after the storm", "Acme", "Berlin").await;
+    herald
+        .post_job_at("after the storm", "Acme", "Berlin")
+        .await;
     let mut turned_away = 0;
     for (resuming, mut client) in storm {
         let deadline = Instant::now() + Duration::from_secs(10);

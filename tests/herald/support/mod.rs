@@ -839,6 +839,22 @@ impl Daemon {
         r.json().await.expect("job json")
     }
 
+    /// Posts a job as admin at `company` and `location` (described as
+    /// "{title} at {company}, {location}"); returns it.
+    pub async fn post_job_at(&self, title: &str, company: &str, location: &str) -> Value {
+        let r = self
+            .post(
+                "/api/jobs",
+                ADMIN_TOKEN,
+                None,
+                &serde_json::json!({"title": title, "company": company, "location": location,
+                                    "description": format!("{title} at {company}, {location}")}),
+            )
+            .await;
+        assert_eq!(r.status(), 201, "post job");
+        r.json().await.expect("job json")
+    }
+
     /// `POST path` as `token`, with an optional Idempotency-Key and a JSON body.
     pub async fn post(
         &self,
@@ -901,6 +917,28 @@ impl Daemon {
             .send()
             .await
             .expect("GET request")
+    }
+
+    /// `GET /api/jobs?{query}`, every page, as job id → version: the list
+    /// a stream client's must equal.
+    pub async fn listed(&self, query: &str) -> std::collections::HashMap<String, i64> {
+        let mut out = std::collections::HashMap::new();
+        let mut before = String::new();
+        loop {
+            let r = self
+                .get(&format!("/api/jobs?limit=100&{query}{before}"))
+                .await;
+            assert_eq!(r.status(), 200, "GET /api/jobs?{query}");
+            let page: Value = r.json().await.expect("a page");
+            for job in page["items"].as_array().expect("items") {
+                let id = job["id"].as_str().expect("an id").to_string();
+                out.insert(id, job["version"].as_i64().expect("a version"));
+            }
+            match page["next_before"].as_str() {
+                Some(next) => before = format!("&before={next}"),
+                None => return out,
+            }
+        }
     }
 
     /// `GET /admin/status` as admin.
