@@ -305,6 +305,11 @@ async fn a_client_that_stops_reading_is_evicted_while_the_others_keep_receiving(
         "a stalled client must not hold the others back (slowest delivery {slowest:?})"
     );
     w.herald.wait_for_metric("herald_sse_clients", 1.0).await;
+    // Eviction was the last resort: its queue first became a snapshot.
+    assert!(
+        w.herald.metric("herald_sse_resnapshots_total").await >= 1.0,
+        "a resnapshot before the eviction"
+    );
     // After the eviction the healthy client goes on as before.
     for i in 0..10 {
         post_job_sized(&w.herald, &format!("after-{i}"), 16_000).await;
