@@ -363,6 +363,7 @@ impl SseClient {
             let mut parser = Parser::default();
             let mut out = Vec::new();
             let mut chunk = [0u8; 1024];
+            let mut pacer: Option<(Duration, tokio::time::Interval)> = None;
             loop {
                 let pause = loop {
                     if pace.has_changed().is_err() {
@@ -409,8 +410,18 @@ impl SseClient {
                         return;
                     }
                 }
+                // The slow link under test: reads paced at one per `pause`
+                // (a pacer, not a wait for something to happen).
                 if !pause.is_zero() {
-                    tokio::time::sleep(pause).await;
+                    let ticker = match &mut pacer {
+                        Some((period, ticker)) if *period == pause => ticker,
+                        _ => {
+                            let mut ticker = tokio::time::interval(pause);
+                            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                            &mut pacer.insert((pause, ticker)).1
+                        }
+                    };
+                    ticker.tick().await;
                 }
             }
         });
