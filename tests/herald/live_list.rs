@@ -215,26 +215,12 @@ async fn a_stream_client_list_converges_to_the_list(backend: Backend) {
         );
     }
     for job in jobs.iter().step_by(2) {
-        let r = herald
-            .patch(
-                &format!("/api/jobs/{}", id(job)),
-                ADMIN_TOKEN,
-                None,
-                &json!({"location": "Paris"}),
-            )
+        herald
+            .edit_job(&id(job), &json!({"location": "Paris"}))
             .await;
-        assert_eq!(r.status(), 200);
     }
     for job in jobs.iter().skip(1).step_by(3) {
-        let r = herald
-            .post(
-                &format!("/api/jobs/{}/close", id(job)),
-                ADMIN_TOKEN,
-                None,
-                &json!(null),
-            )
-            .await;
-        assert_eq!(r.status(), 200);
+        herald.close_job(&id(job)).await;
     }
     let truth = herald.listed("").await;
     assert_eq!(truth.len(), 5, "7 posted, 2 closed: {truth:?}");

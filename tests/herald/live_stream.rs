@@ -14,7 +14,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use support::sse::{list, Event, Pace, SseClient};
-use support::{Backend, Backing, Daemon, ADMIN_TOKEN};
+use support::{Backend, Backing};
 
 fn id(job: &Value) -> String {
     job["id"].as_str().expect("a job id").to_string()
@@ -59,26 +59,6 @@ async fn converge(
         mine.len(),
         truth.len()
     );
-}
-
-async fn edit(herald: &Daemon, job: &str, body: Value) -> Value {
-    let r = herald
-        .patch(&format!("/api/jobs/{job}"), ADMIN_TOKEN, None, &body)
-        .await;
-    assert_eq!(r.status(), 200, "PATCH {job}");
-    r.json().await.unwrap()
-}
-
-async fn close(herald: &Daemon, job: &str) {
-    let r = herald
-        .post(
-            &format!("/api/jobs/{job}/close"),
-            ADMIN_TOKEN,
-            None,
-            &json!(null),
-        )
-        .await;
-    assert_eq!(r.status(), 200, "close {job}");
 }
 
 /// One watching client: its filter, and what it saw on connections it has
@@ -161,10 +141,10 @@ async fn churn(backend: Backend, processes: usize, seed: u64) {
                 1 => json!({"company": companies[rng.random_range(0..2)]}),
                 _ => json!({"title": format!("{} {op}", titles[rng.random_range(0..3)])}),
             };
-            edit(daemon, &job, body).await;
+            daemon.edit_job(&job, &body).await;
         } else {
             let job = open.swap_remove(rng.random_range(0..open.len()));
-            close(daemon, &job).await;
+            daemon.close_job(&job).await;
         }
     }
     for (n, watcher) in watchers.iter_mut().enumerate() {
@@ -247,15 +227,19 @@ async fn a_job_edited_across_filters_leaves_one_list_and_joins_another(backend: 
     let until =
         |n: usize| move |seen: &[Event]| seen.iter().filter(|e| e.event != "retry").count() >= n;
 
-    edit(&herald, &id(&job), json!({"location": "Paris"})).await;
+    herald
+        .edit_job(&id(&job), &json!({"location": "Paris"}))
+        .await;
     berlin
         .read_until("the removal", Duration::from_secs(15), until(2))
         .await;
     paris
         .read_until("the entry", Duration::from_secs(15), until(2))
         .await;
-    edit(&herald, &id(&elsewhere), json!({"title": "Head gardener"})).await;
-    close(&herald, &id(&job)).await;
+    herald
+        .edit_job(&id(&elsewhere), &json!({"title": "Head gardener"}))
+        .await;
+    herald.close_job(&id(&job)).await;
     paris
         .read_until("the close", Duration::from_secs(15), until(3))
         .await;
@@ -322,14 +306,11 @@ async fn slow_readers_catch_up_by_conflation_then_by_resnapshot(backend: Backend
     herald.wait_for_metric("herald_sse_clients", 2.0).await;
 
     // 500 edits, 8 at a time.
-    let edits: Vec<(String, usize)> = (0..500).map(|n| (jobs[n % 10].clone(), n)).collect();
+    let edits: Vec<(String, Value)> = (0..500)
+        .map(|n| (jobs[n % 10].clone(), json!({"title": format!("edit {n}")})))
+        .collect();
     for batch in edits.chunks(8) {
-        futures::future::join_all(
-            batch
-                .iter()
-                .map(|(job, n)| edit(&herald, job, json!({"title": format!("edit {n}")}))),
-        )
-        .await;
+        futures::future::join_all(batch.iter().map(|(job, body)| herald.edit_job(job, body))).await;
     }
     let truth = herald.listed("").await;
     converge(&mut slow, &[], &truth, "the slow reader").await;

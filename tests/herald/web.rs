@@ -396,15 +396,12 @@ async fn the_page_updates_an_edited_job_in_place_and_a_closed_one_leaves_with_a_
             "document.querySelector('#jobs li[data-job-id=\"{id}\"] .job').click(); return true"
         ))
         .await;
-    let r = herald
-        .patch(
-            &format!("/api/jobs/{id}"),
-            support::ADMIN_TOKEN,
-            None,
+    herald
+        .edit_job(
+            &id,
             &serde_json::json!({"title": "Edited role, senior", "location": "Berlin"}),
         )
         .await;
-    assert_eq!(r.status(), 200);
     browser
         .wait_for(
             "the edit in place, highlighted, in the open detail too",
@@ -423,15 +420,7 @@ async fn the_page_updates_an_edited_job_in_place_and_a_closed_one_leaves_with_a_
         .save_screenshot(&format!("web-edited-{backend:?}.png"))
         .await;
     // Closed: it leaves the list; the open detail says so and offers no Apply.
-    let r = herald
-        .post(
-            &format!("/api/jobs/{id}/close"),
-            support::ADMIN_TOKEN,
-            None,
-            &serde_json::json!(null),
-        )
-        .await;
-    assert_eq!(r.status(), 200);
+    herald.close_job(&id).await;
     browser
         .wait_for(
             "the closed job gone from the list, the detail saying it is closed",
@@ -544,15 +533,9 @@ async fn the_page_searches_live_and_lists_my_applications_with_their_email_statu
     browser
         .save_screenshot(&format!("web-search-{backend:?}.png"))
         .await;
-    let r = herald
-        .patch(
-            &format!("/api/jobs/{in_paris}"),
-            support::ADMIN_TOKEN,
-            None,
-            &serde_json::json!({"location": "Berlin"}),
-        )
+    herald
+        .edit_job(&in_paris, &serde_json::json!({"location": "Berlin"}))
         .await;
-    assert_eq!(r.status(), 200);
     browser
         .wait_for(
             "a job edited out of the search leaves it",

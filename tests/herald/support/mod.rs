@@ -855,6 +855,29 @@ impl Daemon {
         r.json().await.expect("job json")
     }
 
+    /// Edits job `id` as admin (`PATCH /api/jobs/{id}`, expecting 200); the job.
+    pub async fn edit_job(&self, id: &str, body: &Value) -> Value {
+        let r = self
+            .patch(&format!("/api/jobs/{id}"), ADMIN_TOKEN, None, body)
+            .await;
+        assert_eq!(r.status(), 200, "PATCH /api/jobs/{id}");
+        r.json().await.expect("job json")
+    }
+
+    /// Closes job `id` as admin (expecting 200); the job.
+    pub async fn close_job(&self, id: &str) -> Value {
+        let r = self
+            .post(
+                &format!("/api/jobs/{id}/close"),
+                ADMIN_TOKEN,
+                None,
+                &Value::Null,
+            )
+            .await;
+        assert_eq!(r.status(), 200, "close {id}");
+        r.json().await.expect("job json")
+    }
+
     /// `POST path` as `token`, with an optional Idempotency-Key and a JSON body.
     pub async fn post(
         &self,
