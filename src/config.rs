@@ -354,6 +354,10 @@ pub struct SseConfig {
     /// Open jobs the hub holds in memory, newest first, for snapshots of
     /// any filter.
     pub index_jobs: usize,
+    /// How long a client may leave the snapshot its overflowing queue owes
+    /// it untaken, while the queue keeps overflowing, before it is
+    /// disconnected (it is not reading at all; it resumes).
+    pub stall_timeout_ms: u64,
     /// Heartbeat comment interval on an open stream.
     pub heartbeat_ms: u64,
     /// Longest wait, after SIGTERM, for open connections before exiting.
@@ -752,6 +756,11 @@ impl Config {
             "must be at least 1",
         )?;
         check(self.sse.history >= 1, "sse.history", "must be at least 1")?;
+        check(
+            self.sse.stall_timeout_ms >= 100,
+            "sse.stall_timeout_ms",
+            "must be at least 100",
+        )?;
         check(
             self.sse.heartbeat_ms >= 100,
             "sse.heartbeat_ms",

@@ -248,6 +248,7 @@ pub async fn run(
         slot: slots.sse_hub.clone(),
         admission: Arc::new(Admission::new(config.sse.admit_per_sec)),
         client_queue: config.sse.client_queue,
+        stall_timeout: Duration::from_millis(config.sse.stall_timeout_ms),
         resume_window: resume_window.clone(),
         heartbeat: Duration::from_millis(config.sse.heartbeat_ms),
     };

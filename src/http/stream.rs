@@ -18,7 +18,9 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::Mutex;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -28,7 +30,7 @@ use rand::Rng;
 use warp::reply::{Reply, Response};
 
 use super::{AppState, Request};
-use crate::actors::sse_hub::{CatchUp, NotAdmitted, Subscription};
+use crate::actors::sse_hub::{CatchUp, Next, NotAdmitted, Subscription};
 use crate::broker::EventCursor;
 
 /// `retry:` windows, in milliseconds: on connect, when turned away, when the
@@ -102,7 +104,7 @@ pub async fn job_stream(state: &AppState, request: &Request) -> Response {
         tokio::time::sleep(pause).await;
     }
     let mut frames = VecDeque::from([retry_frame(RETRY_ON_CONNECT_MS)]);
-    let sent_upto = match state.sse.catch_up(&subscription, resume_after).await {
+    let sent_upto = match subscription.catch_up(resume_after).await {
         CatchUp::Snapshot { cursor, frame } => {
             frames.push_back(frame);
             cursor
@@ -125,12 +127,14 @@ pub async fn job_stream(state: &AppState, request: &Request) -> Response {
             let every = state.sse.heartbeat;
             tokio::time::interval_at(tokio::time::Instant::now() + every, every)
         },
+        snapshot: None,
         ended: false,
     };
     event_stream(warp::reply::stream(stream).into_response())
 }
 
-/// One client's body: the catch-up frames, then its queue past `sent_upto`,
+/// One client's body: the catch-up frames, then its queue past `sent_upto`
+/// (a snapshot the queue owes asked of the hub when it comes to it),
 /// heartbeats in between, a jittered `retry:` at the end.
 struct ClientStream {
     /// Frames to write before anything from the queue.
@@ -140,6 +144,11 @@ struct ClientStream {
     /// queued events at or before it are already shown.
     sent_upto: EventCursor,
     heartbeat: tokio::time::Interval,
+    /// The hub's answer to the snapshot the queue owes after an overflow;
+    /// nothing from the queue is written until it has been. In a `Mutex`
+    /// only because warp wants the body `Sync`; it is reached through
+    /// `get_mut`, never locked.
+    snapshot: Option<Mutex<Pin<Box<dyn Future<Output = CatchUp> + Send>>>>,
     ended: bool,
     /// This client's place in its open-stream count, given back when the
     /// stream ends (`None` with the per-client limits off).
@@ -158,17 +167,32 @@ impl Stream for ClientStream {
             return Poll::Ready(None);
         }
         loop {
+            if let Some(snapshot) = this.snapshot.as_mut() {
+                let snapshot = snapshot.get_mut().unwrap_or_else(|p| p.into_inner());
+                let Poll::Ready(answer) = snapshot.as_mut().poll(cx) else {
+                    break;
+                };
+                this.snapshot = None;
+                let CatchUp::Snapshot { cursor, frame } = answer else {
+                    // The hub is gone (restarting): resume with it.
+                    return this.end();
+                };
+                // Events queued meanwhile at or before its cursor are in it.
+                this.sent_upto = this.sent_upto.max(cursor);
+                return Poll::Ready(Some(Ok(frame)));
+            }
             match this.subscription.queue.poll_next(cx) {
-                Poll::Ready(Some((cursor, frame, snapshot))) => {
-                    if let Some(frame) = this.forward(cursor, frame, snapshot) {
+                Poll::Ready(Some(Next::Event(cursor, frame))) => {
+                    if cursor > this.sent_upto {
+                        this.sent_upto = cursor;
                         return Poll::Ready(Some(Ok(frame)));
                     }
                 }
-                Poll::Ready(None) => {
-                    // Evicted, or the hub restarted or is shutting down.
-                    this.ended = true;
-                    return Poll::Ready(Some(Ok(retry_frame(RETRY_ON_END_MS))));
+                Poll::Ready(Some(Next::Snapshot)) => {
+                    this.snapshot = Some(Mutex::new(Box::pin(this.subscription.catch_up(None))));
                 }
+                // Evicted, or the hub restarted or is shutting down.
+                Poll::Ready(None) => return this.end(),
                 Poll::Pending => break,
             }
         }
@@ -180,13 +204,9 @@ impl Stream for ClientStream {
 }
 
 impl ClientStream {
-    /// A queued frame, unless the client has been sent its cursor already
-    /// (a snapshot, which replaces the client's list, always goes).
-    fn forward(&mut self, cursor: EventCursor, frame: Bytes, snapshot: bool) -> Option<Bytes> {
-        if cursor <= self.sent_upto && !snapshot {
-            return None;
-        }
-        self.sent_upto = self.sent_upto.max(cursor);
-        Some(frame)
+    /// The last frame: a jittered `retry:`, then the end.
+    fn end(&mut self) -> Poll<Option<Result<Bytes, Infallible>>> {
+        self.ended = true;
+        Poll::Ready(Some(Ok(retry_frame(RETRY_ON_END_MS))))
     }
 }

@@ -21,7 +21,9 @@ use herald::actors::outbox_relay::{OutboxRelay, OutboxRelayArgs};
 use herald::actors::retry_budget::{
     RetryBudget, RetryBudgetArgs, RetryBudgetHandle, RetryBudgetMsg, TokensView,
 };
-use herald::actors::sse_hub::{BoardSize, CatchUp, ClientQueue, SseHub, SseHubArgs, SseHubMsg};
+use herald::actors::sse_hub::{
+    BoardSize, CatchUp, ClientQueue, Next, SseHub, SseHubArgs, SseHubMsg,
+};
 use herald::actors::supervisor::{Child, HeraldSupervisor, SlotChild, MAX_RESTARTS_PER_MINUTE};
 use herald::actors::ActorSlot;
 use herald::broker::in_process::InProcessBroker;
@@ -481,8 +483,14 @@ async fn next_frame(queue: &ClientQueue) -> Option<String> {
     )
     .await
     .expect("a frame or the end within 10 s")
-    .map(|(_, frame, _)| String::from_utf8_lossy(&frame).into_owned())
+    .map(|next| match next {
+        Next::Event(_, frame) => String::from_utf8_lossy(&frame).into_owned(),
+        Next::Snapshot => SNAPSHOT_OWED.to_string(),
+    })
 }
+
+/// What `next_frame` reads when the queue owes its client a snapshot.
+const SNAPSHOT_OWED: &str = "(a snapshot is owed)";
 
 /// A job event as the relay puts it on the jobs stream.
 async fn publish(broker: &Arc<dyn Broker>, topic: &str, payload: serde_json::Value) {
@@ -542,9 +550,10 @@ async fn the_sse_hub_serves_each_filter_its_list_and_lets_a_slow_client_catch_up
 
     // Three clients: one reads everything, one reads `location=remote`, and
     // one (room for one job) is never read.
-    let reader = ClientQueue::new(8);
-    let filtered = ClientQueue::new(8);
-    let stuck = ClientQueue::new(1);
+    let stall = Duration::from_secs(30);
+    let reader = ClientQueue::new(8, stall);
+    let filtered = ClientQueue::new(8, stall);
+    let stuck = ClientQueue::new(1, stall);
     for (queue, filter) in [(&reader, &all), (&filtered, &remote), (&stuck, &all)] {
         let (queue, filter) = (queue.clone(), filter.clone());
         let id = ractor::call!(hub, |reply| SseHubMsg::Subscribe {
@@ -596,15 +605,33 @@ async fn the_sse_hub_serves_each_filter_its_list_and_lets_a_slow_client_catch_up
         left.contains(&format!("{{\"id\":\"{}\",\"version\":2}}", posted[0].id)),
         "{left}"
     );
-    // The stuck client overflowed at its second job: one snapshot that
-    // already shows both, then the edit; nothing else, and still connected.
-    let snapshot = next_frame(&stuck).await.expect("a resnapshot");
+    // The stuck client overflowed at its second job: it is owed one
+    // snapshot, then the edit is queued. The hub renders the snapshot when
+    // asked (as the client's stream does, when it comes to it), so it
+    // already shows the edit, and the queued edit is at or before its
+    // cursor (the stream skips it). Nothing else; still connected.
+    assert_eq!(next_frame(&stuck).await.as_deref(), Some(SNAPSHOT_OWED));
+    let catch_up = ractor::call!(hub, |reply| SseHubMsg::CatchUp {
+        after: None,
+        filter: all.clone(),
+        reply
+    })
+    .unwrap();
+    let CatchUp::Snapshot { frame, cursor } = catch_up else {
+        panic!("the snapshot owed");
+    };
+    let snapshot = String::from_utf8_lossy(&frame).into_owned();
     assert!(snapshot.contains("event: snapshot"), "{snapshot}");
     for job in &posted {
         assert!(snapshot.contains(&job.id.to_string()), "{snapshot}");
     }
-    let edit = next_frame(&stuck).await.expect("the edit after it");
-    assert!(edit.contains("event: job.updated"), "{edit}");
+    assert!(snapshot.contains("Berlin"), "it shows the edit: {snapshot}");
+    let queued = futures::future::poll_fn(|cx| stuck.poll_next(cx)).await;
+    let Some(Next::Event(edit_at, edit)) = queued else {
+        panic!("the edit, queued after the overflow: {queued:?}");
+    };
+    assert!(String::from_utf8_lossy(&edit).contains("event: job.updated"));
+    assert!(edit_at <= cursor, "the snapshot covers it");
     // A client resuming from the first snapshot's cursor with the filter
     // misses one job (the second; the first left its filter).
     let catch_up = ractor::call!(hub, |reply| SseHubMsg::CatchUp {

@@ -277,8 +277,9 @@ async fn a_job_edited_across_filters_leaves_one_list_and_joins_another(backend: 
 /// One client reads slowly (a 4 kB socket, 1 kB every 5 ms) through 500
 /// edits of 10 jobs: its queue keeps the newest edit per job, it ends with
 /// the right list and is never cut off. Another stops reading while jobs
-/// keep coming: its queue becomes one snapshot, and when it reads again it
-/// too ends with the right list. Nobody is disconnected.
+/// keep coming: its queue is dropped for one snapshot owed, however many
+/// more overflow it meanwhile, and when it reads again it too ends with the
+/// right list. Nobody is disconnected.
 async fn slow_readers_catch_up_by_conflation_then_by_resnapshot(backend: Backend) {
     let b = Backing::start(backend).await;
     let herald = b
@@ -339,6 +340,25 @@ async fn slow_readers_catch_up_by_conflation_then_by_resnapshot(backend: Backend
             .await;
         posted += 1;
     }
+    // A busy board goes on: four queues' worth more while it still reads
+    // nothing. Each overflow is covered by the one snapshot it is owed;
+    // nothing is let go before `sse.stall_timeout_ms` (30 s).
+    for more in 0..64 {
+        herald
+            .post_job_described(&format!("still more {more}"), &large)
+            .await;
+    }
+    herald
+        .wait_for_metric(
+            "herald_sse_events_total",
+            10.0 + 500.0 + posted as f64 + 64.0,
+        )
+        .await;
+    assert_eq!(
+        herald.metric("herald_sse_clients").await,
+        1.0,
+        "still connected"
+    );
     stalled_pace.send_replace(Some(Duration::ZERO));
     let truth = herald.listed("").await;
     converge(&mut stalled, &[], &truth, "the stalled reader").await;

@@ -266,7 +266,14 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 async fn a_client_that_stops_reading_is_evicted_while_the_others_keep_receiving(backend: Backend) {
-    let w = world_on(backend, &[("HERALD_SSE__CLIENT_QUEUE", "8")]).await;
+    let w = world_on(
+        backend,
+        &[
+            ("HERALD_SSE__CLIENT_QUEUE", "8"),
+            ("HERALD_SSE__STALL_TIMEOUT_MS", "500"),
+        ],
+    )
+    .await;
     let mut healthy = SseClient::connect(&stream_url(&w.herald), None).await;
     // Warm up, then note the memory before the slow client arrives. The
     // healthy client takes each job before the next is posted, as in the

@@ -31,15 +31,18 @@
 //! relay's duplicate publish, and an edit relayed before its post).
 //!
 //! The hub never waits on a client. A slow client's queue keeps the newest
-//! event per job; past `sse.client_queue` jobs it becomes one snapshot; only
-//! a client that overflows that snapshot unread is let go (queue.rs).
+//! event per job; past `sse.client_queue` jobs it owes the client one
+//! snapshot, rendered here (a [`SseHubMsg::CatchUp`] without a cursor) when
+//! the client's stream takes it; only a client that leaves it untaken for
+//! `sse.stall_timeout_ms` while its queue keeps overflowing is let go
+//! (queue.rs).
 //!
 //! If the hub crashes, its supervisor restarts it; the clients' queues close
 //! with it, so they reconnect and resume — nothing durable lives here.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -49,7 +52,7 @@ mod board;
 mod queue;
 
 pub use board::{Board, BoardEvent, BoardSize};
-pub use queue::{ClientQueue, Pushed};
+pub use queue::{ClientQueue, Next, Pushed};
 
 use super::{ActorSlot, ActorTasks};
 use crate::broker::{Broker, EventCursor};
@@ -174,19 +177,14 @@ impl SseHubState {
         m::sse_event();
         let (mut conflated, mut resnapshots, mut evicted) = (0, 0, 0);
         let mut gone = Vec::new();
+        let now = Instant::now();
         for (filter, clients) in &self.groups {
             let Some(frame) = event.frame_for(filter) else {
                 continue;
             };
-            let mut snapshot: Option<Bytes> = None;
             for (id, queue) in clients {
-                let pushed = queue.push(event.cursor, event.job, frame, || {
-                    snapshot
-                        .get_or_insert_with(|| board.snapshot(filter))
-                        .clone()
-                });
-                match pushed {
-                    Pushed::Queued => {}
+                match queue.push(event.cursor, event.job, frame, now) {
+                    Pushed::Queued | Pushed::Covered => {}
                     Pushed::Conflated => conflated += 1,
                     Pushed::Resnapshot => resnapshots += 1,
                     Pushed::Evicted => {
@@ -477,6 +475,9 @@ pub struct SseHubHandle {
     pub admission: Arc<Admission>,
     /// Capacity of each client's queue (`sse.client_queue`).
     pub client_queue: usize,
+    /// How long a client may leave a snapshot it is owed untaken while its
+    /// queue keeps overflowing (`sse.stall_timeout_ms`).
+    pub stall_timeout: Duration,
     /// Which resumes need no snapshot (kept by the hub).
     pub resume_window: Arc<ResumeWindow>,
     /// Comment sent on an idle stream this often (`sse.heartbeat_ms`), so
@@ -499,6 +500,27 @@ pub struct Subscription {
     hub: ActorRef<SseHubMsg>,
     filter: JobFilter,
     pub queue: Arc<ClientQueue>,
+}
+
+impl Subscription {
+    /// The client's snapshot, or what it missed after `after`: asked
+    /// *after* subscribing; `after` = `None` is also how a stream takes the
+    /// snapshot its queue owes it after an overflow. The future owns what
+    /// it needs, so a stream can hold it while the hub answers.
+    pub fn catch_up(
+        &self,
+        after: Option<EventCursor>,
+    ) -> impl std::future::Future<Output = CatchUp> + Send + 'static {
+        let (hub, filter) = (self.hub.clone(), self.filter.clone());
+        async move {
+            ractor::call!(hub, |reply| SseHubMsg::CatchUp {
+                after,
+                filter,
+                reply
+            })
+            .unwrap_or(CatchUp::NotReady)
+        }
+    }
 }
 
 impl Drop for Subscription {
@@ -524,7 +546,7 @@ impl SseHubHandle {
             m::sse_rejected();
             return Err(NotAdmitted::OverRate);
         }
-        let queue = ClientQueue::new(self.client_queue);
+        let queue = ClientQueue::new(self.client_queue, self.stall_timeout);
         let registered = queue.clone();
         let registered_filter = filter.clone();
         let id = ractor::call!(hub, |reply| SseHubMsg::Subscribe {
@@ -541,21 +563,6 @@ impl SseHubHandle {
             filter,
             queue,
         })
-    }
-
-    /// The snapshot or the missed events, asked *after* subscribing.
-    pub async fn catch_up(
-        &self,
-        subscription: &Subscription,
-        after: Option<EventCursor>,
-    ) -> CatchUp {
-        let filter = subscription.filter.clone();
-        ractor::call!(subscription.hub, |reply| SseHubMsg::CatchUp {
-            after,
-            filter,
-            reply
-        })
-        .unwrap_or(CatchUp::NotReady)
     }
 
     /// Ends every open stream (shutdown).
