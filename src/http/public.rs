@@ -180,6 +180,10 @@ async fn readyz(state: &AppState) -> Result<Response, ApiError> {
             "database": "ok",
             // Redis loss degrades speed, not correctness: still ready.
             "redis": state.redis_mode.label(),
+            // Until the stream hub has read its board, stream connects get
+            // `retry:` alone. Still ready: every other route works, and a
+            // Redis down at start must not hold a whole deploy back.
+            "stream": if state.sse.resume_window.board_loaded() { "ready" } else { "starting" },
         }))),
         _ => Err(ApiError::Unavailable),
     }

@@ -498,6 +498,7 @@ async fn with_redis_killed_requests_stay_correct_and_ready_and_the_fallback_gaug
     assert_eq!(ready.status(), 200, "Redis loss is degraded, still ready");
     let ready: Value = ready.json().await.unwrap();
     assert_eq!(ready["redis"], "fallback");
+    assert_eq!(ready["stream"], "ready", "the hub keeps its board");
 
     let token = user_token("alice");
     let body = json!({"job_id": job_id(&job_a)});

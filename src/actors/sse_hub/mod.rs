@@ -81,12 +81,14 @@ pub struct SseHubArgs {
 }
 
 /// The cursors a `Last-Event-ID` must fall between to be caught up from
-/// the history, without a snapshot: kept by the hub, read by admission.
+/// the history, without a snapshot: kept by the hub, read by admission and
+/// `/readyz`. None while the hub has no board (starting, restarting): every
+/// stream connect is then turned away with `retry:`.
 #[derive(Default)]
-pub struct ResumeWindow(Mutex<(EventCursor, EventCursor)>);
+pub struct ResumeWindow(Mutex<Option<(EventCursor, EventCursor)>>);
 
 impl ResumeWindow {
-    fn set(&self, window: (EventCursor, EventCursor)) {
+    fn set(&self, window: Option<(EventCursor, EventCursor)>) {
         if let Ok(mut held) = self.0.lock() {
             *held = window;
         }
@@ -96,8 +98,13 @@ impl ResumeWindow {
     pub fn covers(&self, after: EventCursor) -> bool {
         self.0
             .lock()
-            .map(|w| after >= w.0 && after <= w.1)
+            .map(|w| w.is_some_and(|(floor, top)| after >= floor && after <= top))
             .unwrap_or(false)
+    }
+
+    /// Whether the hub has read its board and serves streams.
+    pub fn board_loaded(&self) -> bool {
+        self.0.lock().map(|w| w.is_some()).unwrap_or(false)
     }
 }
 
@@ -195,7 +202,7 @@ impl SseHubState {
                 }
             }
         }
-        self.args.resume_window.set(board.resume_window());
+        self.args.resume_window.set(Some(board.resume_window()));
         for id in gone {
             self.unsubscribe(id);
         }
@@ -341,6 +348,8 @@ impl Actor for SseHub {
         myself: ActorRef<Self::Msg>,
         args: SseHubArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
+        // A restarted hub has no board until its reader has read one.
+        args.resume_window.set(None);
         let mut tasks = ActorTasks::new();
         tasks.run(
             myself.clone(),
@@ -374,6 +383,7 @@ impl Actor for SseHub {
         // A stopped or crashed hub ends its clients' streams: they resume
         // with the restarted one.
         state.close_all();
+        state.args.resume_window.set(None);
         Ok(())
     }
 
@@ -426,7 +436,7 @@ impl Actor for SseHub {
                     );
                 }
                 info!(%cursor, jobs = board.len(), "sse hub: board loaded");
-                state.args.resume_window.set(board.resume_window());
+                state.args.resume_window.set(Some(board.resume_window()));
                 state.board = Some(board);
             }
             SseHubMsg::Published(batch) => {

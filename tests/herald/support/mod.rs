@@ -742,6 +742,20 @@ impl Daemon {
         .await;
     }
 
+    /// Waits until `/readyz` says the stream hub has read its board (before
+    /// that, every stream connect is turned away with `retry:` alone).
+    pub async fn wait_for_stream_ready(&self) {
+        eventually(
+            "/readyz stream = ready",
+            Duration::from_secs(30),
+            || async {
+                let ready: serde_json::Value = self.get("/readyz").await.json().await.ok()?;
+                (ready["stream"] == "ready").then_some(())
+            },
+        )
+        .await;
+    }
+
     /// The value the daemon was started with for `key`, if any.
     pub fn env_value(&self, key: &str) -> Option<&str> {
         self.env
