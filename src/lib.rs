@@ -53,6 +53,7 @@ pub mod http;
 pub mod idempotency;
 pub mod keys;
 pub mod rate;
+pub mod redis_client;
 pub mod retry;
 pub mod secrets;
 pub mod server;

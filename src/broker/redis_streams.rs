@@ -54,20 +54,7 @@ fn is_nogroup(e: &fred::error::Error) -> bool {
 
 /// Builds a client of its own (own connection) for the broker.
 fn client(url: &str, timeout: Duration) -> Result<Client, BrokerError> {
-    let config = Config::from_url(url).map_err(unavailable)?;
-    let client = Builder::from_config(config)
-        .with_performance_config(|p| p.default_command_timeout = timeout)
-        .with_connection_config(|c| {
-            c.connection_timeout = Duration::from_secs(1);
-            c.internal_command_timeout = timeout;
-            c.max_command_attempts = 1;
-            c.max_command_buffer_len = 10_000;
-        })
-        .set_policy(ReconnectPolicy::new_constant(0, 200))
-        .build()
-        .map_err(unavailable)?;
-    client.connect();
-    Ok(client)
+    crate::redis_client::client(url, timeout).map_err(unavailable)
 }
 
 /// The publishing side, used by the OutboxRelay.

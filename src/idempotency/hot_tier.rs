@@ -96,23 +96,7 @@ impl HotTier {
     /// for Redis: a daemon must start (in fallback) while Redis is down.
     pub fn connect(url: &str, config: &RedisConfig) -> Result<HotTier, HotTierError> {
         let timeout = Duration::from_millis(config.command_timeout_ms);
-        let redis_config = Config::from_url(url)?;
-        let client = Builder::from_config(redis_config)
-            .with_performance_config(|p| {
-                p.default_command_timeout = timeout;
-            })
-            .with_connection_config(|c| {
-                c.connection_timeout = Duration::from_millis(1000);
-                c.internal_command_timeout = timeout;
-                c.max_command_attempts = 1;
-                // Bounded queue to the connection task: a stalled Redis
-                // cannot make commands pile up in memory.
-                c.max_command_buffer_len = 10_000;
-            })
-            // Unlimited attempts, 200 ms apart: Redis coming back is noticed quickly.
-            .set_policy(ReconnectPolicy::new_constant(0, 200))
-            .build()?;
-        client.connect();
+        let client = crate::redis_client::client(url, timeout)?;
         Ok(HotTier { client, timeout })
     }
 

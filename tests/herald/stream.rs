@@ -532,3 +532,45 @@ on_both_backends!(
     sigterm_ends_every_stream_with_a_jittered_retry_and_the_process_exits,
     an_idle_stream_carries_heartbeat_comments,
 );
+
+/// Started while Redis is down, a process is ready (every other route
+/// works, the hot tier in fallback) but its stream hub cannot read the jobs
+/// stream's position: `/readyz` says `"stream": "starting"` and a stream
+/// connect gets `retry:` alone. Once Redis is back the process uses it —
+/// its clients had to keep reconnecting after a failed *first* connect —
+/// the hot tier leaves fallback, the hub serves streams and a job posted
+/// then reaches them.
+#[tokio::test]
+async fn a_process_started_with_redis_down_uses_it_once_it_is_back() {
+    let mut b = Backing::start(Backend::Postgres).await;
+    b.redis_mut().kill();
+    let herald = b.daemon(&[]).await;
+    let ready: serde_json::Value = herald.get("/readyz").await.json().await.expect("json");
+    assert_eq!(ready["status"], "ready");
+    assert_eq!(ready["redis"], "fallback");
+    assert_eq!(ready["stream"], "starting");
+    let mut turned_away = SseClient::connect_once(&stream_url(&herald), None).await;
+    let only = turned_away
+        .next(Duration::from_secs(10))
+        .await
+        .expect("a retry");
+    assert_eq!(only.event, "retry");
+    assert!(turned_away.next(Duration::from_secs(10)).await.is_none());
+
+    b.redis_mut().restart().await;
+    herald.wait_for_stream_ready().await;
+    herald.wait_for_metric("herald_redis_fallback", 0.0).await;
+    let mut served = SseClient::connect_once(&stream_url(&herald), None).await;
+    served
+        .read_until("a snapshot", Duration::from_secs(10), |seen| {
+            seen.iter().any(|e| e.event == "snapshot")
+        })
+        .await;
+    herald.post_job("After Redis came back").await;
+    served
+        .read_until("the job", Duration::from_secs(15), |seen| {
+            seen.iter()
+                .any(|e| e.event == "job.posted" && e.data.contains("After Redis came back"))
+        })
+        .await;
+}
