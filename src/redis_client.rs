@@ -2,7 +2,7 @@
 //! and the idempotency hot tier alike.
 //!
 //! Redis is never waited for: a client is built and connects in the
-//! background, and reconnects every 200 ms for as long as it takes —
+//! background, and reconnects (at most 200 ms apart) for as long as it takes —
 //! *including when its very first connect fails*. fred's `fail_fast`, on by
 //! default, ends the connection task at a failed first connect instead, so
 //! a process started while Redis was down would never use it, even long
@@ -16,8 +16,21 @@ use std::time::Duration;
 
 use fred::prelude::{Builder, Client, ClientLike, Config, ReconnectPolicy};
 
-/// Milliseconds between reconnect attempts, for ever.
-const RECONNECT_EVERY_MS: u32 = 200;
+/// How a client (re)connects, for ever: after 5 ms, then twice as long
+/// each time up to 200 ms apart, plus up to 20 ms of jitter. fred waits a
+/// policy's first delay even before the very first connect, so it is small:
+/// a healthy Redis is in use at once, a returning one is noticed within a
+/// fifth of a second.
+fn reconnect_policy() -> ReconnectPolicy {
+    ReconnectPolicy::Exponential {
+        attempts: 0,
+        max_attempts: 0,
+        min_delay: 5,
+        max_delay: 200,
+        base: 2,
+        jitter: 20,
+    }
+}
 
 /// A client for `url` (`redis://`, `rediss://`, `redis-sentinel://`,
 /// `redis-cluster://`), already connecting in the background.
@@ -32,7 +45,7 @@ pub fn client(url: &str, command_timeout: Duration) -> Result<Client, fred::erro
             c.max_command_attempts = 1;
             c.max_command_buffer_len = 10_000;
         })
-        .set_policy(ReconnectPolicy::new_constant(0, RECONNECT_EVERY_MS))
+        .set_policy(reconnect_policy())
         .build()?;
     client.connect();
     Ok(client)

@@ -198,11 +198,10 @@ async fn lists_converge_under_churn_across_two_processes() {
 async fn a_job_edited_across_filters_leaves_one_list_and_joins_another(backend: Backend) {
     let b = Backing::start(backend).await;
     let herald = b.daemon(&[]).await;
-    // The hub has its board, then both jobs, before anyone connects: each
-    // snapshot is then exactly what the assertions below say.
-    herald.wait_for_stream_ready().await;
     let job = herald.post_job_at("Rust engineer", "Acme", "Berlin").await;
     let elsewhere = herald.post_job_at("Gardener", "Initech", "Rome").await;
+    // The hub has both jobs before anyone connects: each snapshot is then
+    // exactly what the assertions below say.
     herald.wait_for_metric("herald_sse_events_total", 2.0).await;
     let stream = herald.url("/api/jobs/stream");
     let mut berlin = SseClient::connect(&format!("{stream}?location=berlin"), None).await;
@@ -292,9 +291,6 @@ async fn slow_readers_catch_up_by_conflation_then_by_resnapshot(backend: Backend
             ("HERALD_SSE__SNAPSHOT_JOBS", "1000"),
         ])
         .await;
-    // Its board read before the first post: every job event below is then
-    // announced (and counted) exactly once.
-    herald.wait_for_stream_ready().await;
     let description = "d".repeat(2_000);
     let mut jobs = Vec::new();
     for n in 0..10 {

@@ -544,7 +544,7 @@ on_both_backends!(
 async fn a_process_started_with_redis_down_uses_it_once_it_is_back() {
     let mut b = Backing::start(Backend::Postgres).await;
     b.redis_mut().kill();
-    let herald = b.daemon(&[]).await;
+    let herald = Daemon::start_while_redis_is_down(&b.database_url(), &b.redis().url(), &[]).await;
     let ready: serde_json::Value = herald.get("/readyz").await.json().await.expect("json");
     assert_eq!(ready["status"], "ready");
     assert_eq!(ready["redis"], "fallback");

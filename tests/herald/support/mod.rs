@@ -637,12 +637,27 @@ pub struct Daemon {
     pub public: String,
     pub admin: String,
     pub http: reqwest::Client,
+    /// Whether a start waits for the stream hub's board and the hot tier too
+    /// (`/readyz` `"stream": "ready"`, `"redis"` not `"fallback"`), so a job
+    /// posted next is announced, and counted, as new and a key is cached:
+    /// off only for a start while Redis is down on purpose.
+    wait_for_stream: bool,
 }
 
 impl Daemon {
     /// Starts Herald on `database_url` (and Redis when given) with test secrets,
     /// dev login on, and the extra `HERALD_*` settings in `extra`.
     pub async fn start(
+        database_url: &str,
+        redis_url: Option<&str>,
+        extra: &[(&str, &str)],
+    ) -> Daemon {
+        let mut daemon = Daemon::start_unspawned(database_url, redis_url, extra);
+        daemon.spawn().await;
+        daemon
+    }
+
+    fn start_unspawned(
         database_url: &str,
         redis_url: Option<&str>,
         extra: &[(&str, &str)],
@@ -674,7 +689,7 @@ impl Daemon {
         for (k, v) in extra {
             env.push((k.to_string(), v.to_string()));
         }
-        let mut daemon = Daemon {
+        Daemon {
             dir,
             env,
             child: None,
@@ -684,7 +699,19 @@ impl Daemon {
                 .timeout(Duration::from_secs(30))
                 .build()
                 .expect("http client"),
-        };
+            wait_for_stream: true,
+        }
+    }
+
+    /// [`Daemon::start`] for a Redis that is down on purpose: ready means
+    /// the database answers; the stream hub may still be starting.
+    pub async fn start_while_redis_is_down(
+        database_url: &str,
+        redis_url: &str,
+        extra: &[(&str, &str)],
+    ) -> Daemon {
+        let mut daemon = Daemon::start_unspawned(database_url, Some(redis_url), extra);
+        daemon.wait_for_stream = false;
         daemon.spawn().await;
         daemon
     }
@@ -729,14 +756,22 @@ impl Daemon {
         self.public = field("public");
         self.admin = field("admin");
         self.child = Some(child);
-        // Ready once the database answers through the daemon.
+        // Ready once the database answers through the daemon, and (unless
+        // Redis is down on purpose) its stream hub has read its board and
+        // its hot tier is using Redis.
         let http = self.http.clone();
         let url = format!("{}/readyz", self.public);
+        let wait_for_stream = self.wait_for_stream;
         eventually("herald /readyz", Duration::from_secs(30), || {
             let (http, url) = (http.clone(), url.clone());
             async move {
                 let r = http.get(url).send().await.ok()?;
-                r.status().is_success().then_some(())
+                if !r.status().is_success() {
+                    return None;
+                }
+                let ready: serde_json::Value = r.json().await.ok()?;
+                let settled = ready["stream"] == "ready" && ready["redis"] != "fallback";
+                (!wait_for_stream || settled).then_some(())
             }
         })
         .await;
