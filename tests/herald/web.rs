@@ -42,12 +42,7 @@ async fn the_page_streams_new_jobs_and_a_lost_apply_response_still_applies_once(
     )
     .await
     .expect("proxy");
-    let browser = Browser::start(1280, 900).await;
-    browser
-        .client
-        .goto(&format!("{}/", proxy.url))
-        .await
-        .expect("open page");
+    let browser = Browser::open_page(&proxy.url, 1280, 900).await;
 
     // The snapshot fills the list.
     browser
@@ -215,12 +210,7 @@ async fn the_page_is_readable_on_a_phone_and_labels_its_controls() {
     herald
         .post_job("A job with a rather long title that must wrap on a small screen")
         .await;
-    let browser = Browser::start(390, 844).await;
-    browser
-        .client
-        .goto(&format!("{}/", herald.public))
-        .await
-        .expect("open page");
+    let browser = Browser::open_page(&herald.public, 390, 844).await;
     browser
         .wait_for(
             "the job on the page",
@@ -266,12 +256,7 @@ async fn the_page_says_loading_then_falls_back_to_the_api_when_a_proxy_holds_the
     )
     .await
     .expect("proxy");
-    let browser = Browser::start(1280, 900).await;
-    browser
-        .client
-        .goto(&format!("{}/", proxy.url))
-        .await
-        .expect("open page");
+    let browser = Browser::open_page(&proxy.url, 1280, 900).await;
     // Nothing has answered yet: "Loading jobs…", never "No jobs yet".
     let loading = browser
         .js(&format!(
@@ -327,12 +312,7 @@ async fn the_page_says_no_jobs_yet_only_when_the_snapshot_is_empty_and_is_never_
     assert!(csp.contains("script-src 'self'"), "{csp}");
     assert_eq!(page.headers()["x-frame-options"], "DENY");
 
-    let browser = Browser::start(1280, 900).await;
-    browser
-        .client
-        .goto(&format!("{}/", herald.public))
-        .await
-        .expect("open page");
+    let browser = Browser::open_page(&herald.public, 1280, 900).await;
     browser
         .wait_for(
             "the empty state after the snapshot",
@@ -367,12 +347,7 @@ async fn the_page_updates_an_edited_job_in_place_and_a_closed_one_leaves_with_a_
     let kept = herald.post_job("Kept role").await;
     let job = herald.post_job("Edited role").await;
     let id = job["id"].as_str().unwrap().to_string();
-    let browser = Browser::start(1280, 900).await;
-    browser
-        .client
-        .goto(&format!("{}/", herald.public))
-        .await
-        .expect("open page");
+    let browser = Browser::open_page(&herald.public, 1280, 900).await;
     browser
         .wait_for(
             "both jobs, live",
@@ -488,12 +463,7 @@ async fn the_page_searches_live_and_lists_my_applications_with_their_email_statu
     post("Rust engineer", "Berlin").await;
     post("Go developer", "Paris").await;
     let in_paris = post("Rust in Paris", "Paris").await;
-    let browser = Browser::start(1280, 1000).await;
-    browser
-        .client
-        .goto(&format!("{}/", herald.public))
-        .await
-        .expect("open page");
+    let browser = Browser::open_page(&herald.public, 1280, 1000).await;
     browser
         .wait_for(
             "the whole list, live",
@@ -622,12 +592,7 @@ async fn a_search_falls_back_to_the_filtered_api_when_a_proxy_holds_the_stream()
     )
     .await
     .expect("proxy");
-    let browser = Browser::start(1280, 900).await;
-    browser
-        .client
-        .goto(&format!("{}/", proxy.url))
-        .await
-        .expect("open page");
+    let browser = Browser::open_page(&proxy.url, 1280, 900).await;
     search(&browser, "", "berlin").await;
     browser
         .wait_for(

@@ -118,6 +118,17 @@ impl Browser {
 
     /// Polls `script` until it returns something truthy other than `false`
     /// or `null`; returns that value.
+    /// [`Browser::start`], then the page at `base` (`{base}/`).
+    pub async fn open_page(base: &str, width: u32, height: u32) -> Browser {
+        let browser = Browser::start(width, height).await;
+        browser
+            .client
+            .goto(&format!("{base}/"))
+            .await
+            .expect("open page");
+        browser
+    }
+
     pub async fn wait_for(&self, what: &str, within: Duration, script: &str) -> Value {
         eventually(what, within, || async move {
             let value = tokio::time::timeout(
