@@ -325,9 +325,14 @@ pub struct EmailConfig {
     /// `RESEND_API_KEY`.
     #[serde(default)]
     pub resend_api_key: Option<Secret>,
-    /// `RESEND_BASE_URL`, so tests can point the SDK at a local server.
+    /// `RESEND_BASE_URL`, so tests can point the transport at a local server.
     #[serde(default)]
     pub resend_base_url: Option<String>,
+    /// The signing secret of the Resend webhook that posts to
+    /// `/webhooks/resend` (`whsec_` and base64, as Resend shows it); unset,
+    /// that route answers 404 and Herald never hears of bounces.
+    #[serde(default)]
+    pub webhook_secret: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -336,6 +341,9 @@ pub struct RetryConfig {
     pub base_ms: u64,
     pub cap_ms: u64,
     pub max_attempts: u32,
+    /// The longest wait a downstream may impose (`retry-after`,
+    /// `ratelimit-reset`); a longer one is cut to this.
+    pub max_delay_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -419,6 +427,19 @@ pub struct LogConfig {
     pub format: String,
     /// Default `tracing` filter; `RUST_LOG` overrides it.
     pub filter: String,
+}
+
+/// The longest retry window and provider-imposed delay allowed: a day.
+const MAX_RETRY_DELAY_MS: u64 = 86_400_000;
+
+/// The HMAC key of a Svix-style signing secret (`whsec_<base64>`), if it is one.
+pub fn webhook_key(secret: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    let encoded = secret.trim().strip_prefix("whsec_")?;
+    base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .ok()
+        .filter(|key| !key.is_empty())
 }
 
 /// Turns figment's errors into one message naming each key as it is written
@@ -744,6 +765,24 @@ impl Config {
             self.retry.max_attempts >= 1,
             "retry.max_attempts",
             "must be at least 1",
+        )?;
+        check(
+            self.retry.cap_ms <= MAX_RETRY_DELAY_MS,
+            "retry.cap_ms",
+            "must be at most 86400000 (a day)",
+        )?;
+        check(
+            (1..=MAX_RETRY_DELAY_MS).contains(&self.retry.max_delay_ms),
+            "retry.max_delay_ms",
+            "must be from 1 to 86400000 (a day)",
+        )?;
+        check(
+            self.email
+                .webhook_secret
+                .as_ref()
+                .is_none_or(|s| webhook_key(s.expose()).is_some()),
+            "email.webhook_secret",
+            "must be the signing secret Resend shows for the webhook: `whsec_` and base64",
         )?;
         check(
             self.sse.admit_per_sec > 0.0,

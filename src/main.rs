@@ -202,8 +202,6 @@ fn main() -> ExitCode {
     // secrets, `.eml` files, their directories) is its own: 0600 and 0700.
     // SAFETY: umask only swaps the process's file-creation mask.
     unsafe { libc::umask(0o077) };
-    // SAFETY: no other thread exists yet (the runtime is built below).
-    unsafe { herald::email::resend::open_sdk_rate_limit() };
     purge_freed_memory_promptly();
     // Several TLS users (sqlx, fred, reqwest) link rustls with different
     // providers; pick one for the process so none has to guess.

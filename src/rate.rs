@@ -96,7 +96,8 @@ impl TokenBucket {
     /// No token before `pause` from now, whatever the bucket held.
     pub fn hold_off(&mut self, pause: Duration, now: Instant) {
         self.refill(now);
-        self.tokens = self.tokens.min(1.0 - pause.as_secs_f64() * self.rate);
+        let owed = (pause.as_secs_f64() * self.rate).min(f64::MAX / 2.0);
+        self.tokens = self.tokens.min(1.0 - owed);
     }
 
     /// Whether the bucket is full again at `now` (its client can be forgotten).
@@ -110,7 +111,9 @@ impl TokenBucket {
         if missing <= 0.0 {
             Duration::ZERO
         } else {
-            Duration::from_secs_f64(missing / self.rate)
+            // Checked: a debt no float can express waits "forever" (tokio
+            // saturates a far deadline) instead of panicking.
+            Duration::try_from_secs_f64(missing / self.rate).unwrap_or(Duration::MAX)
         }
     }
 }

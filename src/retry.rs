@@ -25,6 +25,9 @@ pub struct RetryPolicy {
     pub cap: Duration,
     /// Attempts before a delivery is dead-lettered (`retry.max_attempts`).
     pub max_attempts: u32,
+    /// The longest floor a downstream may set (`retry.max_delay_ms`): a
+    /// `Retry-After` beyond it is cut to it.
+    pub max_delay: Duration,
 }
 
 impl From<&RetryConfig> for RetryPolicy {
@@ -33,6 +36,7 @@ impl From<&RetryConfig> for RetryPolicy {
             base: Duration::from_millis(config.base_ms),
             cap: Duration::from_millis(config.cap_ms),
             max_attempts: config.max_attempts,
+            max_delay: Duration::from_millis(config.max_delay_ms),
         }
     }
 }
@@ -48,14 +52,20 @@ impl RetryPolicy {
     }
 
     /// The delay before the next attempt after `attempt` failed ones: uniform
-    /// in `[0, window]`, never below `floor` (the downstream's Retry-After).
+    /// in `[0, window]`, never below `floor` (the downstream's Retry-After),
+    /// which itself is cut to `max_delay`.
     pub fn delay(&self, attempt: u32, floor: Option<Duration>, rng: &mut impl Rng) -> Duration {
-        let window = self.window(attempt).as_millis() as u64;
+        let window = self.window(attempt).as_millis().min(u64::MAX as u128) as u64;
         let jittered = Duration::from_millis(rng.random_range(0..=window));
         match floor {
-            Some(floor) => jittered.max(floor),
+            Some(floor) => jittered.max(self.bounded(floor)),
             None => jittered,
         }
+    }
+
+    /// A downstream's delay, cut to `max_delay`.
+    pub fn bounded(&self, delay: Duration) -> Duration {
+        delay.min(self.max_delay)
     }
 
     /// Whether a delivery that has now failed `attempt` times is out of attempts.
@@ -70,6 +80,7 @@ const RECONNECT: RetryPolicy = RetryPolicy {
     base: Duration::from_millis(200),
     cap: Duration::from_secs(5),
     max_attempts: u32::MAX,
+    max_delay: Duration::from_secs(5),
 };
 
 /// How long to pause after `failures` consecutive failures of a loop that
@@ -88,6 +99,7 @@ mod tests {
             base: Duration::from_secs(1),
             cap: Duration::from_secs(300),
             max_attempts: 10,
+            max_delay: Duration::from_secs(600),
         }
     }
 
@@ -128,6 +140,17 @@ mod tests {
         assert!(delays.iter().all(|d| *d >= floor));
         // Above the floor the jitter is kept (window 128 s).
         assert!(delays.iter().any(|d| *d > Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn a_floor_past_max_delay_is_cut_to_it() {
+        let p = policy();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let absurd = Duration::from_secs(u64::MAX);
+        for attempt in [1, 5, u32::MAX] {
+            let d = p.delay(attempt, Some(absurd), &mut rng);
+            assert_eq!(d, Duration::from_secs(600), "attempt {attempt}");
+        }
     }
 
     #[test]

@@ -103,6 +103,7 @@ fn email_transport(config: &Config) -> anyhow::Result<Arc<dyn Transport>> {
                 key.expose(),
                 config.email.resend_base_url.as_deref(),
                 Duration::from_secs(10),
+                Duration::from_millis(config.retry.max_delay_ms),
             )
             .map_err(|message| ConfigError::Invalid {
                 key: "email.resend_base_url",
@@ -117,6 +118,34 @@ fn email_transport(config: &Config) -> anyhow::Result<Arc<dyn Transport>> {
             ),
         }
         .into()),
+    }
+}
+
+/// The verifier of the provider's webhooks, when `email.webhook_secret` is
+/// set; without it a `resend` deployment is told what it will not see.
+fn webhook_verifier(
+    config: &Config,
+) -> anyhow::Result<Option<Arc<crate::http::webhooks::WebhookVerifier>>> {
+    match &config.email.webhook_secret {
+        Some(secret) => {
+            let verifier = crate::http::webhooks::verifier(secret.expose()).map_err(|message| {
+                ConfigError::Invalid {
+                    key: "email.webhook_secret",
+                    message,
+                }
+            })?;
+            Ok(Some(Arc::new(verifier)))
+        }
+        None => {
+            if config.email.transport == "resend" {
+                tracing::warn!(
+                    "email.webhook_secret is not set: POST /webhooks/resend answers 404, so \
+                     bounces and complaints are not seen and bouncing addresses keep being \
+                     mailed (docs/DEPLOY.md, \"Resend's webhooks\")"
+                );
+            }
+            Ok(None)
+        }
     }
 }
 
@@ -341,6 +370,7 @@ pub async fn run(
         sse: sse.clone(),
         broker: broker.name(),
         limits: Arc::new(AbuseLimits::new(&config.limits)),
+        webhooks: webhook_verifier(&config)?,
     };
     // The daemon's own tasks beside the servers and the actor tree; this
     // function owns them (dropped, aborted, when it returns).

@@ -116,6 +116,8 @@ pub mod metrics {
     pub const CONNECTIONS_OPEN: &str = "herald_connections_open";
     /// Connections closed because a request head did not arrive in time.
     pub const CONNECTIONS_TIMED_OUT: &str = "herald_connections_header_timeout_total";
+    /// Webhook deliveries from the email provider, by event type and outcome.
+    pub const WEBHOOK_EVENTS: &str = "herald_webhook_events_total";
 
     /// One resolved key: `new`, `replay`, `in_flight` or `mismatch`.
     pub fn idempotency_request(outcome: &'static str) {
@@ -134,6 +136,12 @@ pub mod metrics {
     pub fn http_request(route: &'static str, status: u16) {
         ::metrics::counter!(HTTP_REQUESTS, "route" => route, "status" => status.to_string())
             .increment(1);
+    }
+
+    /// One webhook delivery: its `type` (one of a fixed set, so the label
+    /// stays small) and what became of it.
+    pub fn webhook_event(kind: &'static str, outcome: &'static str) {
+        ::metrics::counter!(WEBHOOK_EVENTS, "type" => kind, "outcome" => outcome).increment(1);
     }
 
     pub fn application_created() {

@@ -55,7 +55,7 @@ use super::consumer::Handler;
 use super::retry_budget::RetryBudgetHandle;
 use crate::broker::{Delivery, Envelope};
 use crate::domain::topics;
-use crate::email::{Email, SendError, SendPacer, Transport};
+use crate::email::{Email, MemberAnswer, SendError, SendPacer, Transport};
 use crate::retry::RetryPolicy;
 use crate::store::{
     Admission, BatchDecision, BatchResult, BatchToSend, Consumer, Effect, MemberOutcome, Store,
@@ -232,8 +232,12 @@ impl EmailSender {
         match formed {
             Ok(admissions) => {
                 for (waiting, admission) in members.into_iter().zip(admissions) {
-                    if admission != Admission::Member {
-                        m::delivery(CONSUMER, "deduped");
+                    match admission {
+                        Admission::Member => {}
+                        // Settled at once, without a request: the address
+                        // bounced or complained before.
+                        Admission::Suppressed => m::delivery(CONSUMER, "suppressed"),
+                        _ => m::delivery(CONSUMER, "deduped"),
                     }
                     let _ = waiting.answer.send(true);
                 }
@@ -293,7 +297,7 @@ fn record(sent: Result<Option<BatchResult>, StoreError>) {
         BatchDecision::Answered(outcomes) => {
             for outcome in outcomes {
                 match outcome {
-                    MemberOutcome::Done => {
+                    MemberOutcome::Done { .. } => {
                         m::delivery(CONSUMER, "ok");
                         m::email_sent();
                     }
@@ -402,28 +406,7 @@ async fn send_batch(
         }
         match args.transport.send_batch(batch.id, &emails).await {
             Ok(answers) => answers,
-            Err(SendError::Transient {
-                reason,
-                retry_after,
-            }) => {
-                if reason.starts_with("429") {
-                    // The provider is over its limit: every sender waits.
-                    let pause = retry_after.unwrap_or(Duration::from_secs(1));
-                    args.pacer.hold_off(pause);
-                }
-                let attempt = attempt.max(1) as u32;
-                return if args.policy.exhausted(attempt) {
-                    BatchDecision::Dead {
-                        error: format!("{reason} (after {attempt} attempts)"),
-                    }
-                } else {
-                    BatchDecision::Retry {
-                        after: args.policy.delay(attempt, retry_after, &mut rand::rng()),
-                        error: reason,
-                    }
-                };
-            }
-            Err(SendError::Permanent(error)) => return BatchDecision::Dead { error },
+            Err(error) => return failed(args, attempt, error),
         }
     };
     args.budget.succeeded(CALL_SITE);
@@ -433,9 +416,13 @@ async fn send_batch(
             .into_iter()
             .map(|r| match r {
                 Err(error) => MemberOutcome::Dead { error },
+                // The transport answers once per email it was handed, in
+                // order (it checked the provider named each one).
                 Ok(_) => match answers.next() {
-                    Some(Ok(())) => MemberOutcome::Done,
-                    Some(Err(error)) => MemberOutcome::Dead { error },
+                    Some(MemberAnswer::Accepted { provider_id }) => {
+                        MemberOutcome::Done { provider_id }
+                    }
+                    Some(MemberAnswer::Refused(error)) => MemberOutcome::Dead { error },
                     None => MemberOutcome::Dead {
                         error: "the provider's answer did not cover this email".into(),
                     },
@@ -443,4 +430,43 @@ async fn send_batch(
             })
             .collect(),
     )
+}
+
+/// What a failed send of a batch (its `attempt`, 1-based) becomes: the
+/// same batch again later, under the same key, or every member's dead
+/// letter once the attempts are spent or the failure is permanent. A reply
+/// that named no outcome is retried like a timeout, and its dead letters
+/// say `provider_reply_invalid`.
+fn failed(args: &EmailSenderArgs, attempt: i32, error: SendError) -> BatchDecision {
+    let (reason, floor) = match error {
+        SendError::Permanent(error) => return BatchDecision::Dead { error },
+        SendError::RateLimited {
+            reason,
+            retry_after,
+        } => {
+            // The provider is over its limit: every sender waits (never
+            // longer than `retry.max_delay_ms`, whatever it asked).
+            let pause = args
+                .policy
+                .bounded(retry_after.unwrap_or(Duration::from_secs(1)));
+            args.pacer.hold_off(pause);
+            (reason, retry_after)
+        }
+        SendError::Transient {
+            reason,
+            retry_after,
+        } => (reason, retry_after),
+        invalid @ SendError::ReplyInvalid(_) => (invalid.to_string(), None),
+    };
+    let attempt = u32::try_from(attempt).unwrap_or(1).max(1);
+    if args.policy.exhausted(attempt) {
+        BatchDecision::Dead {
+            error: format!("{reason} (after {attempt} attempts)"),
+        }
+    } else {
+        BatchDecision::Retry {
+            after: args.policy.delay(attempt, floor, &mut rand::rng()),
+            error: reason,
+        }
+    }
 }

@@ -149,6 +149,7 @@ pub async fn attack(args: AttackArgs, config: &Config) -> anyhow::Result<bool> {
             base: Duration::from_millis(100),
             cap: Duration::from_secs(3),
             max_attempts: 30,
+            max_delay: Duration::from_secs(60),
         },
         // The attack's losses are the point: budget a few retries per operation.
         budget: RetryBudgetArgs {

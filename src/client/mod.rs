@@ -49,6 +49,7 @@ impl Default for ClientPolicy {
                 base: Duration::from_millis(100),
                 cap: Duration::from_secs(5),
                 max_attempts: 8,
+                max_delay: Duration::from_secs(60),
             },
             // Generous for a single caller; each success earns a retry back.
             budget: RetryBudgetArgs {

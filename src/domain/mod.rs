@@ -14,8 +14,10 @@ use uuid::Uuid;
 #[error("{0}")]
 pub struct InvalidBody(pub String);
 
+pub mod email;
 pub mod job;
 
+pub use email::*;
 pub use job::*;
 
 /// Topics of outbox events.
@@ -66,15 +68,6 @@ impl User {
     }
 }
 
-/// Delivery status of an application's confirmation email.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum EmailStatus {
-    Pending,
-    Sent,
-    Dead,
-}
-
 /// An application of one user to one job (at most one per pair).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Application {
@@ -84,6 +77,8 @@ pub struct Application {
     pub email: String,
     pub resume_url: Option<String>,
     pub cover_letter: Option<String>,
+    /// As the API shows it: Herald's status and the provider's report
+    /// ([`EmailStatus::shown`]).
     pub email_status: EmailStatus,
     pub created_at: DateTime<Utc>,
 }

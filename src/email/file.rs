@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use uuid::Uuid;
 
-use super::{Email, SendError, Transport};
+use super::{BatchAnswers, Email, MemberAnswer, SendError, Transport};
 
 pub struct FileTransport {
     /// Directory the `.eml` files are written to.
@@ -33,12 +33,12 @@ fn render(email: &Email, id: Uuid) -> String {
     )
 }
 
-#[async_trait::async_trait]
-impl Transport for FileTransport {
-    async fn send(&self, email: &Email, idempotency_key: Uuid) -> Result<(), SendError> {
-        let path = self.dir.join(format!("{idempotency_key}.eml"));
-        let partial = self.dir.join(format!(".{idempotency_key}.eml.partial"));
-        let body = render(email, idempotency_key);
+impl FileTransport {
+    /// Writes one message, named after its event id.
+    async fn write(&self, email: &Email, event_id: Uuid) -> Result<(), SendError> {
+        let path = self.dir.join(format!("{event_id}.eml"));
+        let partial = self.dir.join(format!(".{event_id}.eml.partial"));
+        let body = render(email, event_id);
         // Write then rename, so a reader never sees half a message.
         let write = async {
             tokio::fs::write(&partial, body).await?;
@@ -48,5 +48,20 @@ impl Transport for FileTransport {
             reason: format!("writing {}: {e}", path.display()),
             retry_after: None,
         })
+    }
+}
+
+#[async_trait::async_trait]
+impl Transport for FileTransport {
+    /// One file per email; a failure stops there (the files already written
+    /// are rewritten, not doubled, when the batch is retried).
+    async fn send_batch(&self, _batch_key: Uuid, emails: &[(Uuid, Email)]) -> BatchAnswers {
+        for (event_id, email) in emails {
+            self.write(email, *event_id).await?;
+        }
+        Ok(vec![
+            MemberAnswer::Accepted { provider_id: None };
+            emails.len()
+        ])
     }
 }

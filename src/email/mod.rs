@@ -1,20 +1,20 @@
 //! Outbound email: what a confirmation says, and the transports that send it.
 //!
 //! The EmailSender pool ([`crate::actors::email_sender`]) builds one
-//! [`Email`] per `application.submitted` event and hands it to a
-//! [`Transport`] with the event id as the idempotency key. A transport only
-//! sends and classifies the outcome ([`SendError`]); rate, retries and dead
-//! letters are Herald's, never the transport's.
+//! [`Email`] per `application.submitted` event and hands a batch of them to a
+//! [`Transport`] under the batch's idempotency key. A transport only sends
+//! and classifies the outcome ([`reply`], [`SendError`]); rate, retries and
+//! dead letters are Herald's, never the transport's.
 
 pub mod file;
+pub mod reply;
 pub mod resend;
-
-use std::time::Duration;
 
 use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::domain::ApplicationSubmitted;
+pub use reply::{MemberAnswer, SendError, PROVIDER_REPLY_INVALID};
 
 /// One email, ready to send.
 #[derive(Debug, Clone, PartialEq)]
@@ -55,57 +55,20 @@ impl Email {
     }
 }
 
-/// Why a send did not succeed, classified for the retry policy (docs/ARCHITECTURE.md).
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum SendError {
-    /// Worth retrying (timeouts, connection errors, 429, 5xx, concurrent
-    /// idempotent request). `retry_after` is the downstream's floor.
-    #[error("transient: {reason}")]
-    Transient {
-        reason: String,
-        retry_after: Option<Duration>,
-    },
-    /// Retrying cannot help (other 4xx, invalid payload): dead-letter now.
-    #[error("permanent: {0}")]
-    Permanent(String),
-}
-
-/// The provider's answer for one email of a batch: accepted, or refused
-/// for good with its reason (the rest of the batch is unaffected).
-pub type BatchAnswer = Result<(), String>;
+/// What the provider answered for each email of one request.
+pub type BatchAnswers = Result<Vec<MemberAnswer>, SendError>;
 
 /// Something that sends email.
 #[async_trait::async_trait]
 pub trait Transport: Send + Sync + 'static {
-    /// Sends `email`; `idempotency_key` (the event id) makes a repeat of the
-    /// same call send nothing new.
-    async fn send(&self, email: &Email, idempotency_key: Uuid) -> Result<(), SendError>;
-
     /// Sends several emails in one request under `batch_key`, so a repeat of
     /// the same call (same key, same emails) sends nothing new; each email
     /// also carries its own event id. `Ok` holds one answer per email, in
-    /// order; `Err` means the request as a whole failed (nothing to record
-    /// per email: retry the same batch, or dead-letter all of it).
-    ///
-    /// The default sends one at a time, each under its event id; a
-    /// transient failure stops there (those already sent are deduplicated by
-    /// their keys when the batch is retried).
-    async fn send_batch(
-        &self,
-        batch_key: Uuid,
-        emails: &[(Uuid, Email)],
-    ) -> Result<Vec<BatchAnswer>, SendError> {
-        let _ = batch_key;
-        let mut answers = Vec::with_capacity(emails.len());
-        for (event_id, email) in emails {
-            answers.push(match self.send(email, *event_id).await {
-                Ok(()) => Ok(()),
-                Err(SendError::Permanent(reason)) => Err(reason),
-                Err(transient) => return Err(transient),
-            });
-        }
-        Ok(answers)
-    }
+    /// order (a transport checks that the provider's reply names each one,
+    /// [`reply`]); `Err` means the request as a whole failed or its outcome
+    /// is unknown (nothing to record per email: retry the same batch, or
+    /// dead-letter all of it).
+    async fn send_batch(&self, batch_key: Uuid, emails: &[(Uuid, Email)]) -> BatchAnswers;
 }
 
 /// Herald's own outbound rate (`email.max_per_sec`: requests per second to

@@ -1,7 +1,8 @@
 //! The admin listener: `/metrics` (no auth, for the scraper) and `/admin/*`
-//! (admin token on every route): status, and the dead-letter queue (list,
-//! replay one, replay many, discard), every DLQ action audited with who
-//! (`X-Herald-Actor`, else `admin`) and when.
+//! (admin token on every route): status, the dead-letter queue (list,
+//! replay one, replay many, discard) and the suppressed addresses (list,
+//! lift one), every action audited with who (`X-Herald-Actor`, else
+//! `admin`) and when.
 
 use std::time::Duration;
 
@@ -23,7 +24,13 @@ pub async fn dispatch(state: AppState, request: Request) -> Response {
     let response = route(&state, &request).await;
     // `/metrics` is scraped every few seconds: debug, not the request log.
     if request.path != "/metrics" {
-        super::log_request("admin", &request.path, &request, request_id, &response);
+        // An address in a path is personal data: the log names the route.
+        let route = if request.path.starts_with("/admin/suppressions/") {
+            "/admin/suppressions/{email}"
+        } else {
+            &request.path
+        };
+        super::log_request("admin", route, &request, request_id, &response);
     }
     response
 }
@@ -39,6 +46,10 @@ async fn route(state: &AppState, request: &Request) -> Response {
         (["admin", "dlq", id], &Method::DELETE) if *id != "replay" => {
             discard(state, request, id).await
         }
+        (["admin", "suppressions"], &Method::GET) => list_suppressions(state, request).await,
+        (["admin", "suppressions", email], &Method::DELETE) => {
+            lift_suppression(state, request, email).await
+        }
         (path, _) => Err(ApiError::unrouted(allowed_methods(path))),
     };
     result.unwrap_or_else(ApiError::into_response)
@@ -47,7 +58,10 @@ async fn route(state: &AppState, request: &Request) -> Response {
 /// The methods a known admin path accepts (for 405 and `Allow`).
 fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
     match segments {
-        ["metrics"] | ["admin", "status"] | ["admin", "dlq"] => Some("GET"),
+        ["metrics"] | ["admin", "status"] | ["admin", "dlq"] | ["admin", "suppressions"] => {
+            Some("GET")
+        }
+        ["admin", "suppressions", _] => Some("DELETE"),
         ["admin", "dlq", "replay"] | ["admin", "dlq", _, "replay"] => Some("POST"),
         ["admin", "dlq", _] => Some("DELETE"),
         _ => None,
@@ -188,6 +202,76 @@ async fn discard(state: &AppState, request: &Request, id: &str) -> Result<Respon
                 tracing::info!(dead_letter = %id, actor = %who, "dead letter discarded");
             }
             Ok(ok_json(&serde_json::json!({ "id": id, "result": action })))
+        }
+    }
+}
+
+/// A percent-encoded address, decoded (`+` stays `+`: addresses have none
+/// of the form encoding's spaces) and compared as suppressions are.
+fn address_param(encoded: &str) -> Result<String, ApiError> {
+    let decoded = percent_encoding::percent_decode_str(encoded)
+        .decode_utf8()
+        .map_err(|_| ApiError::InvalidQuery("an address must be UTF-8".into()))?;
+    let key = crate::domain::address_key(&decoded);
+    if key.is_empty() || key.chars().count() > 320 || key.chars().any(char::is_control) {
+        return Err(ApiError::InvalidQuery(
+            "an address is 1 to 320 printable characters".into(),
+        ));
+    }
+    Ok(key)
+}
+
+/// `GET /admin/suppressions?email=&limit=&before=`: newest first.
+async fn list_suppressions(state: &AppState, request: &Request) -> Result<Response, ApiError> {
+    state.auth.admin(&request.headers)?;
+    let (mut email, mut before, mut limit) = (None, None, 50u32);
+    for pair in request.query.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match name {
+            "email" => email = Some(address_param(value)?),
+            "before" => before = Some(address_param(value)?),
+            "limit" => {
+                limit = value
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| (1..=500).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::InvalidQuery("`limit` must be an integer from 1 to 500".into())
+                    })?;
+            }
+            _ => {}
+        }
+    }
+    let items = state
+        .store
+        .list_suppressions(email.as_deref(), limit, before.as_deref())
+        .await?;
+    let next_before = (items.len() == limit as usize)
+        .then(|| items.last().map(|s| s.address.clone()))
+        .flatten();
+    Ok(ok_json(&serde_json::json!({
+        "items": items,
+        "next_before": next_before,
+    })))
+}
+
+/// `DELETE /admin/suppressions/{email}`: the next confirmation to it is
+/// mailed again. Audited (`admin_audit`).
+async fn lift_suppression(
+    state: &AppState,
+    request: &Request,
+    email: &str,
+) -> Result<Response, ApiError> {
+    state.auth.admin(&request.headers)?;
+    let address = address_param(email)?;
+    let who = actor(request);
+    match state.store.lift_suppression(&address, &who).await? {
+        None => Err(ApiError::NotFound),
+        Some(lifted) => {
+            tracing::info!(actor = %who, reason = lifted.reason.as_str(), "suppression lifted");
+            Ok(ok_json(&serde_json::json!({
+                "lifted": lifted,
+            })))
         }
     }
 }

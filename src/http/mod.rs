@@ -17,6 +17,7 @@ pub mod limits;
 pub mod problem;
 pub mod public;
 pub mod stream;
+pub mod webhooks;
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -70,6 +71,9 @@ pub struct AppState {
     pub broker: &'static str,
     /// Per-client rate buckets and open-stream counts of the public listener.
     pub limits: Arc<limits::AbuseLimits>,
+    /// The verifier of the provider's webhooks (`email.webhook_secret`);
+    /// `None`: `/webhooks/resend` answers 404.
+    pub webhooks: Option<Arc<webhooks::WebhookVerifier>>,
 }
 
 /// One incoming request, as the dispatchers see it.

@@ -50,6 +50,12 @@ pub enum ApiError {
     RateLimited { retry_after_secs: u64 },
     #[error("the request was not received within {0} ms")]
     RequestTimeout(u64),
+    #[error("the webhook's signature does not verify: {0}")]
+    WebhookUnverified(&'static str),
+    #[error(
+        "webhooks are not configured here: set email.webhook_secret (HERALD_EMAIL__WEBHOOK_SECRET)"
+    )]
+    WebhooksNotConfigured,
     #[error("service temporarily unavailable; retry later")]
     Unavailable,
     #[error("internal error")]
@@ -85,10 +91,11 @@ impl ApiError {
             | ApiError::InvalidQuery(_)
             | ApiError::IdempotencyKeyInvalid
             | ApiError::IdempotencyKeyMissing => StatusCode::BAD_REQUEST,
-            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ApiError::NotFound | ApiError::JobNotFound | ApiError::DevLoginDisabled => {
-                StatusCode::NOT_FOUND
-            }
+            ApiError::Unauthorized(_) | ApiError::WebhookUnverified(_) => StatusCode::UNAUTHORIZED,
+            ApiError::NotFound
+            | ApiError::JobNotFound
+            | ApiError::DevLoginDisabled
+            | ApiError::WebhooksNotConfigured => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::InFlight | ApiError::DeadLetterClosed(..) | ApiError::JobClosed => {
                 StatusCode::CONFLICT
@@ -118,6 +125,8 @@ impl ApiError {
             ApiError::KeyReused => "idempotency_key_reused",
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::RequestTimeout(_) => "request_timeout",
+            ApiError::WebhookUnverified(_) => "webhook_unverified",
+            ApiError::WebhooksNotConfigured => "webhooks_not_configured",
             ApiError::Unavailable => "unavailable",
             ApiError::Internal => "internal",
         }
@@ -140,6 +149,8 @@ impl ApiError {
             ApiError::KeyReused => "Idempotency-Key reused",
             ApiError::RateLimited { .. } => "Too many requests",
             ApiError::RequestTimeout(_) => "Request timeout",
+            ApiError::WebhookUnverified(_) => "Webhook not verified",
+            ApiError::WebhooksNotConfigured => "Webhooks not configured",
             ApiError::Unavailable => "Service unavailable",
             ApiError::Internal => "Internal error",
         }
@@ -302,6 +313,8 @@ mod tests {
                 retry_after_secs: 1,
             },
             ApiError::RequestTimeout(1),
+            ApiError::WebhookUnverified(""),
+            ApiError::WebhooksNotConfigured,
             ApiError::Unavailable,
             ApiError::Internal,
         ];
@@ -324,6 +337,8 @@ mod tests {
                 | ApiError::DeadLetterClosed(..)
                 | ApiError::RateLimited { .. }
                 | ApiError::RequestTimeout(_)
+                | ApiError::WebhookUnverified(_)
+                | ApiError::WebhooksNotConfigured
                 | ApiError::Unavailable
                 | ApiError::Internal => {}
             }

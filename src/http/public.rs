@@ -15,6 +15,7 @@
 //! | POST /api/charges             | user, Idempotency-Key required |
 //! | GET  /api/charges/{id}        | user (own only; others get 404) |
 //! | POST /api/dev/login           | anyone, dev mode only |
+//! | POST /webhooks/resend         | Resend (signed, [`super::webhooks`]) |
 //! | GET  /healthz, /readyz        | anyone |
 
 use std::time::Duration;
@@ -89,6 +90,10 @@ pub async fn dispatch(state: AppState, request: Request) -> Response {
             (["api", "dev", "login"], &Method::POST) => {
                 ("/api/dev/login", dev_login(&state, &request))
             }
+            (["webhooks", "resend"], &Method::POST) => (
+                "/webhooks/resend",
+                super::webhooks::resend(&state, &request).await,
+            ),
             (path, _) => ("other", Err(ApiError::unrouted(allowed_methods(path)))),
         };
         let mut response = result.unwrap_or_else(ApiError::into_response);
@@ -112,7 +117,10 @@ fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
         ["api", "jobs", _] => Some("GET, PATCH"),
         ["api", "applications", _] | ["api", "charges", _] => Some("GET"),
         ["api", "applications"] => Some("GET, POST"),
-        ["api", "charges"] | ["api", "dev", "login"] | ["api", "jobs", _, "close"] => Some("POST"),
+        ["api", "charges"]
+        | ["api", "dev", "login"]
+        | ["api", "jobs", _, "close"]
+        | ["webhooks", "resend"] => Some("POST"),
         _ => None,
     }
 }
@@ -292,7 +300,7 @@ fn body_json(request: &Request) -> Result<serde_json::Value, ApiError> {
     Ok(parse_json(body)?)
 }
 
-fn clone_error(e: &ApiError) -> ApiError {
+pub(super) fn clone_error(e: &ApiError) -> ApiError {
     match e {
         ApiError::BodyTooLarge { limit } => ApiError::BodyTooLarge { limit: *limit },
         other => ApiError::InvalidBody(other.to_string()),

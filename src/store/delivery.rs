@@ -39,6 +39,8 @@ pub enum Effect {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Settled {
     Delivered,
+    /// Not delivered on purpose: the recipient's address is suppressed.
+    Suppressed,
     Dead,
     /// A dead letter put back in the outbox: waiting again.
     Replayed,
@@ -76,6 +78,7 @@ impl Effect {
         match (self, settled) {
             (Effect::ApplicationEmail, Settled::Delivered) => "sent",
             (Effect::ChargeLedger, Settled::Delivered) => "applied",
+            (_, Settled::Suppressed) => "suppressed",
             (_, Settled::Dead) => "dead",
             (_, Settled::Replayed) => "pending",
         }
@@ -86,6 +89,39 @@ impl Effect {
     pub(crate) const fn writes_ledger_entry(self) -> bool {
         matches!(self, Effect::ChargeLedger)
     }
+
+    /// The statement that keeps the provider's id of a delivered effect:
+    /// `$1` the id, `$2` the aggregate's id (one text for both backends).
+    pub(crate) const fn provider_id_update(self) -> Option<&'static str> {
+        match self {
+            Effect::ApplicationEmail => Some("UPDATE applications SET email_id = $1 WHERE id = $2"),
+            Effect::ChargeLedger => None,
+        }
+    }
+
+    /// The address a delivery of `envelope` goes to, as suppressions
+    /// compare it ([`crate::domain::address_key`]); `None` for an effect
+    /// that mails no one, or a payload without an address (it is
+    /// dead-lettered when rendered).
+    pub fn recipient(self, envelope: &Envelope) -> Option<String> {
+        match self {
+            Effect::ApplicationEmail => envelope
+                .payload
+                .get("email")
+                .and_then(|e| e.as_str())
+                .map(crate::domain::address_key),
+            Effect::ChargeLedger => None,
+        }
+    }
+}
+
+/// The longest a row is ever put off (a retry, a deferral), whatever the
+/// caller asked: the bound every backend's time arithmetic stays within.
+pub const LONGEST_DELAY: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// `after`, bounded by [`LONGEST_DELAY`].
+pub(crate) fn bounded_delay(after: Duration) -> Duration {
+    after.min(LONGEST_DELAY)
 }
 
 /// What [`Store::form_batch`] made of one envelope.
@@ -101,6 +137,8 @@ pub enum Admission {
     Gone,
     /// Already a member of an unsettled batch (a redelivered copy).
     Batched,
+    /// To an address that is suppressed: settled at once, never sent.
+    Suppressed,
 }
 
 /// An outbox row's state, as far as admitting a copy of it goes.
@@ -110,6 +148,8 @@ pub struct RowState {
     pub in_inbox: bool,
     pub batched: bool,
     pub attempts: i32,
+    /// Its recipient's address is suppressed.
+    pub suppressed: bool,
 }
 
 /// The one rule, on both backends, for a copy read from the broker: is it
@@ -120,6 +160,7 @@ pub fn admit(row: Option<RowState>, copy_attempts: i32) -> Admission {
         Some(r) if r.settled || r.in_inbox => Admission::Duplicate,
         Some(r) if r.batched => Admission::Batched,
         Some(r) if r.attempts != copy_attempts => Admission::Stale,
+        Some(r) if r.suppressed => Admission::Suppressed,
         Some(_) => Admission::Member,
     }
 }
@@ -130,8 +171,11 @@ impl Admission {
     pub fn refusal(self) -> Option<DeliveryResult> {
         match self {
             Admission::Member => None,
-            // A batch member is settled by its batch.
-            Admission::Duplicate | Admission::Batched => Some(DeliveryResult::Duplicate),
+            // A batch member is settled by its batch; a suppressed copy
+            // was settled when it was admitted.
+            Admission::Duplicate | Admission::Batched | Admission::Suppressed => {
+                Some(DeliveryResult::Duplicate)
+            }
             Admission::Stale => Some(DeliveryResult::Stale),
             Admission::Gone => Some(DeliveryResult::Gone),
         }
@@ -151,8 +195,9 @@ pub struct BatchToSend {
 /// What became of one member of a sent batch.
 #[derive(Debug, Clone, PartialEq)]
 pub enum MemberOutcome {
-    /// Accepted by the provider: record it in the inbox and settle.
-    Done,
+    /// Accepted by the provider (under its id for it, when it named one):
+    /// record it in the inbox and settle.
+    Done { provider_id: Option<String> },
     /// Refused for good: dead-letter this member alone.
     Dead { error: String },
 }
@@ -202,9 +247,22 @@ pub fn batch_outcomes(decision: &BatchDecision, members: usize) -> Vec<MemberOut
     }
 }
 
+/// The provider's ids of the members a batch decision records as sent.
+pub(crate) fn provider_ids(outcomes: &[MemberOutcome]) -> Vec<&str> {
+    outcomes
+        .iter()
+        .filter_map(|o| match o {
+            MemberOutcome::Done {
+                provider_id: Some(id),
+            } => Some(id.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
 /// What a settled batch writes for one member.
 pub(crate) enum MemberRecord<'a> {
-    Done(DoneEvent),
+    Done(DoneEvent<'a>),
     Dead(DeadEvent<'a>),
 }
 
@@ -223,11 +281,13 @@ pub(crate) fn member_records<'a>(
         .zip(aggregates)
         .zip(outcomes)
         .map(move |((member, aggregate_id), outcome)| match outcome {
-            MemberOutcome::Done => MemberRecord::Done(DoneEvent {
+            MemberOutcome::Done { provider_id } => MemberRecord::Done(DoneEvent {
                 consumer,
                 event_id: member.event_id,
                 aggregate_id: *aggregate_id,
                 attempt,
+                settled: Settled::Delivered,
+                provider_id: provider_id.as_deref(),
             }),
             MemberOutcome::Dead { error } => MemberRecord::Dead(DeadEvent {
                 consumer,
@@ -241,13 +301,35 @@ pub(crate) fn member_records<'a>(
         })
 }
 
-/// One delivered event to record, as both backends record it.
-pub(crate) struct DoneEvent {
+/// One event to record as done (its inbox row, its effect, the row
+/// settled), as both backends record it.
+pub(crate) struct DoneEvent<'a> {
     pub(crate) consumer: Consumer,
     pub(crate) event_id: Uuid,
     pub(crate) aggregate_id: Uuid,
     /// The attempt that succeeded (1-based).
     pub(crate) attempt: i32,
+    /// [`Settled::Delivered`], or [`Settled::Suppressed`] for a copy to a
+    /// suppressed address (no ledger entry, no provider id).
+    pub(crate) settled: Settled,
+    /// The provider's id of what it delivered.
+    pub(crate) provider_id: Option<&'a str>,
+}
+
+/// The record of a copy admitted as [`Admission::Suppressed`].
+pub(crate) fn suppressed_record(
+    consumer: Consumer,
+    event_id: Uuid,
+    aggregate_id: Uuid,
+) -> DoneEvent<'static> {
+    DoneEvent {
+        consumer,
+        event_id,
+        aggregate_id,
+        attempt: 0,
+        settled: Settled::Suppressed,
+        provider_id: None,
+    }
 }
 
 /// One event to dead-letter, as both backends record it.
@@ -370,11 +452,12 @@ mod tests {
     #[test]
     fn a_batch_decision_gives_each_member_its_own_outcome() {
         let dead = |e: &str| MemberOutcome::Dead { error: e.into() };
-        let answered = BatchDecision::Answered(vec![MemberOutcome::Done, dead("refused")]);
+        let done = MemberOutcome::Done { provider_id: None };
+        let answered = BatchDecision::Answered(vec![done.clone(), dead("refused")]);
         assert_eq!(
             batch_outcomes(&answered, 3),
             [
-                MemberOutcome::Done,
+                done,
                 dead("refused"),
                 dead("the provider's answer did not cover this email")
             ]
@@ -401,6 +484,7 @@ mod tests {
                 in_inbox,
                 batched,
                 attempts,
+                suppressed: false,
             })
         };
         assert_eq!(admit(row(false, false, false, 0), 0), Admission::Member);
@@ -409,6 +493,20 @@ mod tests {
         assert_eq!(admit(row(false, true, false, 0), 0), Admission::Duplicate);
         assert_eq!(admit(row(false, false, true, 0), 0), Admission::Batched);
         assert_eq!(admit(row(false, false, false, 2), 1), Admission::Stale);
+        let suppressed = row(false, false, false, 0).map(|r| RowState {
+            suppressed: true,
+            ..r
+        });
+        assert_eq!(admit(suppressed, 0), Admission::Suppressed);
+        let settled_and_suppressed = row(true, false, false, 0).map(|r| RowState {
+            suppressed: true,
+            ..r
+        });
+        assert_eq!(
+            admit(settled_and_suppressed, 0),
+            Admission::Duplicate,
+            "a settled copy stays settled"
+        );
         // What a single delivery answers for each.
         assert_eq!(Admission::Member.refusal(), None);
         assert_eq!(

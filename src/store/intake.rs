@@ -68,7 +68,7 @@ pub(crate) trait Columns: PlainColumns {
 
 /// The columns [`application_from_row`] reads.
 pub(crate) const APPLICATION_COLUMNS: &str =
-    "id, job_id, user_id, email, resume_url, cover_letter, email_status, created_at";
+    "id, job_id, user_id, email, resume_url, cover_letter, email_status, email_report, created_at";
 
 /// The columns [`job_from_row`] reads.
 pub(crate) const JOB_COLUMNS: &str =
@@ -173,7 +173,14 @@ pub(crate) fn application_from_row(row: &impl Columns) -> Result<Application, sq
         email: row.text("email")?,
         resume_url: row.optional_text("resume_url")?,
         cover_letter: row.optional_text("cover_letter")?,
-        email_status: row.status("email_status")?,
+        email_status: row
+            .status::<crate::domain::EmailStatus>("email_status")?
+            .shown(match row.optional_text("email_report")? {
+                Some(report) => Some(crate::domain::parse_status(&report).ok_or_else(|| {
+                    sqlx::Error::Decode(format!("unknown email_report `{report}`").into())
+                })?),
+                None => None,
+            }),
         created_at: row.instant("created_at")?,
     })
 }

@@ -16,6 +16,7 @@ mod intake;
 mod keys;
 mod maintenance;
 pub mod postgres;
+mod provider_events;
 mod relay;
 pub mod sqlite;
 
@@ -24,6 +25,7 @@ pub use delivery::*;
 pub use intake::*;
 pub use keys::*;
 pub use maintenance::*;
+pub use provider_events::*;
 pub use relay::*;
 
 use std::sync::Arc;
@@ -117,7 +119,14 @@ fn to_json<T: serde::Serialize>(value: &T) -> Result<serde_json::Value, StoreErr
 /// Herald's durable state. Implementations are cheap to share (`Arc<dyn Store>`).
 #[async_trait]
 pub trait Store:
-    KeyStore + IntakeStore + RelayStore + DeliveryStore + DeadLetterStore + MaintenanceStore + 'static
+    KeyStore
+    + IntakeStore
+    + RelayStore
+    + DeliveryStore
+    + DeadLetterStore
+    + MaintenanceStore
+    + ProviderEventStore
+    + 'static
 {
     /// The backend's name, for `/admin/status`.
     fn backend(&self) -> &'static str;

@@ -1,8 +1,9 @@
 //! `herald attack` against a live daemon: 1,000 logical
 //! operations, 30 % sent twice concurrently, 15 % of responses lost by the
-//! attack's proxy. The count is checked where the effects land — the fake
-//! Resend and the ledger table — as well as by the command's own verdict
-//! (read from `/metrics`).
+//! attack's proxy, while the fake Resend reports every email it accepted
+//! `delivered` by webhook. The count is checked where the effects land —
+//! the fake Resend, the ledger table, the reports applied — as well as by
+//! the command's own verdict (read from `/metrics`) and `herald audit`.
 
 use crate::support;
 
@@ -11,7 +12,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use rand::Rng;
-use support::{count, eventually, free_port, Daemon, Stack, ADMIN_TOKEN, JWT_SECRET};
+use support::{count, eventually, free_port, herald_audit, Daemon, Stack, ADMIN_TOKEN, JWT_SECRET};
 
 /// The daemon settings of both runs: fast email and relay, and a killed
 /// process's claims and published events back soon.
@@ -63,6 +64,12 @@ async fn assert_exact(stack: &Stack, output: std::process::Output, transcript: &
     let recipients: HashSet<&str> = sent.iter().map(|s| s.to.as_str()).collect();
     assert_eq!(recipients.len(), 500, "every applicant got an email");
     assert_eq!(sent.len(), 500, "and only one");
+    // Webhooks arrived throughout (through the kills too): each applied once.
+    stack
+        .wait_until_reports_applied(500, Duration::from_secs(120))
+        .await;
+    let (code, audit) = herald_audit(&stack.backing.database_url());
+    assert_eq!(code, 0, "the auditor finds every invariant held: {audit}");
 
     let lines = std::fs::read_to_string(transcript).unwrap();
     let records: Vec<serde_json::Value> = lines
@@ -84,6 +91,7 @@ async fn assert_exact(stack: &Stack, output: std::process::Output, transcript: &
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_duplicated_operations_with_lost_responses_have_exactly_a_thousand_effects() {
     let stack = Stack::start(&FAST).await;
+    stack.resend.auto_deliver(true);
     let transcript = tempfile::NamedTempFile::new().unwrap();
     let output = attack(&stack.herald, transcript.path())
         .output()
@@ -103,6 +111,7 @@ async fn the_same_attack_stays_exact_when_the_daemon_is_killed_three_times() {
         ("HERALD_ADMIN_LISTEN", admin.as_str()),
     ]);
     let mut stack = Stack::start(&settings).await;
+    stack.resend.auto_deliver(true);
     let transcript = tempfile::NamedTempFile::new().unwrap();
     let running = attack(&stack.herald, transcript.path())
         .spawn()

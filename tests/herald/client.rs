@@ -64,6 +64,7 @@ async fn while_the_database_is_down_the_client_honours_retry_after_and_spreads_i
             base: Duration::from_secs(4),
             cap: Duration::from_secs(8),
             max_attempts: 10,
+            max_delay: Duration::from_secs(60),
         },
         ..ClientPolicy::default()
     };

@@ -13,7 +13,8 @@ use support::fake_resend::{FakeResend, Mode, API_KEY};
 use support::fake_sentry::FakeSentry;
 use support::sse::SseClient;
 use support::{
-    apply_as as apply, count, eventually, user_token, Backend, Backing, Daemon, Db, ADMIN_TOKEN,
+    apply_as as apply, count, eventually, herald_audit, user_token, Backend, Backing, Daemon, Db,
+    ADMIN_TOKEN,
 };
 
 struct World {
@@ -1556,18 +1557,6 @@ async fn a_request_cut_off_by_its_timeout_inside_its_transaction_leaves_no_lock_
     tx.rollback().await.unwrap();
     // Nothing of the cut-off request was kept.
     assert_eq!(count(&w.db, "SELECT count(*) FROM charges").await, 0);
-}
-
-/// Runs `herald audit` against `database_url`; its exit code and output.
-fn herald_audit(database_url: &str) -> (i32, String) {
-    let out = support::clean_env::herald_command()
-        .arg("audit")
-        .env("HERALD_DATABASE_URL", database_url)
-        .output()
-        .expect("run herald audit");
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.code().unwrap_or(-1), text)
 }
 
 /// Sentry events the auditor raised for `invariant`.

@@ -28,6 +28,8 @@ mod harness;
 mod intake;
 mod live_list;
 mod live_stream;
+#[cfg(feature = "failpoints")]
+mod provider;
 mod runbook;
 mod store;
 #[cfg(feature = "failpoints")]

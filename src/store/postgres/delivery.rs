@@ -10,12 +10,14 @@ use super::*;
 /// row does. This one statement is the fast path of every delivery; the
 /// other outcomes use [`Effect::status_update`]. `$1` consumer, `$2` event
 /// id, `$3` attempts spent, `$4` the effect's name ([`Effect::as_str`]: a
-/// unit test below keeps the names here in step), `$5` aggregate id.
+/// unit test below keeps the names here in step), `$5` aggregate id, `$7`
+/// the provider's id of the email (NULL keeps the one it has). A copy to a
+/// suppressed address is recorded the same way, with its status.
 pub(super) const SETTLE_DELIVERED: &str = "
 WITH inbox_row AS (
     INSERT INTO inbox (consumer, event_id) VALUES ($1, $2)
 ), effect AS (
-    UPDATE applications SET email_status = $6
+    UPDATE applications SET email_status = $6, email_id = COALESCE($7, email_id)
      WHERE $4 = 'application_email' AND id = $5
 ), ledger AS (
     INSERT INTO ledger_entries (charge_id, event_id, user_id, amount_cents, currency)
@@ -29,6 +31,24 @@ UPDATE outbox_events SET settled_at = now(), attempts = $3, last_error = NULL
  WHERE event_id = $2";
 
 impl PgStore {
+    /// Records one event as done ([`SETTLE_DELIVERED`]), in the caller's transaction.
+    pub(super) async fn record_done(
+        tx: &mut Transaction<'_, Postgres>,
+        done: &DoneEvent<'_>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(SETTLE_DELIVERED)
+            .bind(done.consumer.name)
+            .bind(done.event_id)
+            .bind(done.attempt)
+            .bind(done.consumer.effect.as_str())
+            .bind(done.aggregate_id)
+            .bind(done.consumer.effect.status(done.settled))
+            .bind(done.provider_id)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
     /// Writes one event's dead letter, marks its aggregate `dead` and
     /// settles the row, in the caller's transaction.
     pub(super) async fn record_dead(
@@ -101,7 +121,7 @@ impl DeliveryStore for PgStore {
             let ids: Vec<Uuid> = envelopes.iter().map(|e| e.event_id).collect();
             let rows = sqlx::query(
                 "SELECT o.event_id, o.attempts, o.settled_at IS NOT NULL AS settled,
-                        o.batch_id IS NOT NULL AS batched,
+                        o.batch_id IS NOT NULL AS batched, o.aggregate_id,
                         EXISTS (SELECT 1 FROM inbox i
                                  WHERE i.consumer = $2 AND i.event_id = o.event_id) AS in_inbox
                    FROM outbox_events o
@@ -113,9 +133,26 @@ impl DeliveryStore for PgStore {
             .bind(consumer.name)
             .fetch_all(&mut *tx)
             .await?;
+            let recipients: Vec<Option<String>> = envelopes
+                .iter()
+                .map(|e| consumer.effect.recipient(e))
+                .collect();
+            let addresses: Vec<&str> = recipients.iter().flatten().map(String::as_str).collect();
+            let suppressed: std::collections::HashSet<String> = if addresses.is_empty() {
+                Default::default()
+            } else {
+                sqlx::query_scalar("SELECT address FROM suppressions WHERE address = ANY($1)")
+                    .bind(&addresses)
+                    .fetch_all(&mut *tx)
+                    .await?
+                    .into_iter()
+                    .collect()
+            };
             let mut states = std::collections::HashMap::new();
+            let mut aggregates = std::collections::HashMap::new();
             for row in &rows {
                 let id: Uuid = row.try_get("event_id")?;
+                aggregates.insert(id, row.try_get::<Uuid, _>("aggregate_id")?);
                 states.insert(
                     id,
                     RowState {
@@ -123,24 +160,46 @@ impl DeliveryStore for PgStore {
                         in_inbox: row.try_get("in_inbox")?,
                         batched: row.try_get("batched")?,
                         attempts: row.try_get("attempts")?,
+                        suppressed: false,
                     },
                 );
             }
             let mut members = Vec::new();
+            let mut unsent = Vec::new();
             let admissions: Vec<Admission> = envelopes
                 .iter()
-                .map(|e| {
-                    let admission = admit(states.get(&e.event_id).copied(), e.attempts);
-                    if admission == Admission::Member {
-                        // A second copy of the same event in this set is a repeat.
-                        if let Some(state) = states.get_mut(&e.event_id) {
-                            state.batched = true;
+                .zip(&recipients)
+                .map(|(e, to)| {
+                    let state = states.get_mut(&e.event_id).map(|state| {
+                        state.suppressed = to.as_ref().is_some_and(|to| suppressed.contains(to));
+                        *state
+                    });
+                    let admission = admit(state, e.attempts);
+                    // A second copy of the same event in this set is a repeat.
+                    if let Some(state) = states.get_mut(&e.event_id) {
+                        match admission {
+                            Admission::Member => {
+                                state.batched = true;
+                                members.push(e.event_id);
+                            }
+                            Admission::Suppressed => {
+                                state.settled = true;
+                                unsent.push(e.event_id);
+                            }
+                            _ => {}
                         }
-                        members.push(e.event_id);
                     }
                     admission
                 })
                 .collect();
+            for event_id in unsent {
+                let aggregate_id = aggregates.get(&event_id).copied().unwrap_or_default();
+                Self::record_done(
+                    &mut tx,
+                    &suppressed_record(consumer, event_id, aggregate_id),
+                )
+                .await?;
+            }
             if !members.is_empty() {
                 sqlx::query("INSERT INTO send_batches (id, consumer) VALUES ($1, $2)")
                     .bind(batch_id)
@@ -233,7 +292,7 @@ impl DeliveryStore for PgStore {
                     .bind(id)
                     .bind(attempt)
                     .bind(error)
-                    .bind(after.as_secs_f64())
+                    .bind(bounded_delay(*after).as_secs_f64())
                     .execute(&mut *tx)
                     .await?;
                 }
@@ -243,7 +302,7 @@ impl DeliveryStore for PgStore {
                           WHERE id = $1",
                     )
                     .bind(id)
-                    .bind(after.as_secs_f64())
+                    .bind(bounded_delay(*after).as_secs_f64())
                     .execute(&mut *tx)
                     .await?;
                 }
@@ -256,6 +315,11 @@ impl DeliveryStore for PgStore {
                     sqlx::query("SELECT 1 FROM effect_counters ORDER BY name, shard FOR UPDATE")
                         .execute(&mut *tx)
                         .await?;
+                    // Before the emails get their ids: a report about one of
+                    // them waits for this commit, or has committed before and
+                    // is applied below.
+                    let email_ids = provider_ids(&outcomes);
+                    Self::lock_emails(&mut tx, &email_ids).await?;
                     let records = member_records(
                         consumer,
                         &members,
@@ -266,20 +330,11 @@ impl DeliveryStore for PgStore {
                     );
                     for record in records {
                         match record {
-                            MemberRecord::Done(done) => {
-                                sqlx::query(SETTLE_DELIVERED)
-                                    .bind(done.consumer.name)
-                                    .bind(done.event_id)
-                                    .bind(done.attempt)
-                                    .bind(done.consumer.effect.as_str())
-                                    .bind(done.aggregate_id)
-                                    .bind(done.consumer.effect.status(Settled::Delivered))
-                                    .execute(&mut *tx)
-                                    .await?;
-                            }
+                            MemberRecord::Done(done) => Self::record_done(&mut tx, &done).await?,
                             MemberRecord::Dead(dead) => Self::record_dead(&mut tx, &dead).await?,
                         }
                     }
+                    Self::apply_waiting_reports(&mut tx, &email_ids).await?;
                     sqlx::query(
                         "UPDATE send_batches SET settled_at = now(), attempts = $2
                           WHERE id = $1",
@@ -347,6 +402,7 @@ impl DeliveryStore for PgStore {
                 in_inbox: row.try_get("in_inbox")?,
                 batched: false,
                 attempts,
+                suppressed: false,
             };
             if let Some(refused) = admit(Some(state), envelope.attempts).refusal() {
                 return Ok(refused);
@@ -362,15 +418,15 @@ impl DeliveryStore for PgStore {
             match &decision {
                 DeliveryDecision::Done => {
                     // Inbox row, local effect and settling in one statement.
-                    sqlx::query(SETTLE_DELIVERED)
-                        .bind(consumer.name)
-                        .bind(envelope.event_id)
-                        .bind(attempt)
-                        .bind(consumer.effect.as_str())
-                        .bind(aggregate_id)
-                        .bind(consumer.effect.status(Settled::Delivered))
-                        .execute(&mut *tx)
-                        .await?;
+                    let done = DoneEvent {
+                        consumer,
+                        event_id: envelope.event_id,
+                        aggregate_id,
+                        attempt,
+                        settled: Settled::Delivered,
+                        provider_id: None,
+                    };
+                    Self::record_done(&mut tx, &done).await?;
                 }
                 DeliveryDecision::Retry { after, error } => {
                     sqlx::query(
@@ -384,7 +440,7 @@ impl DeliveryStore for PgStore {
                     .bind(envelope.event_id)
                     .bind(attempt)
                     .bind(error)
-                    .bind(after.as_secs_f64())
+                    .bind(bounded_delay(*after).as_secs_f64())
                     .execute(&mut *tx)
                     .await?;
                 }
@@ -395,7 +451,7 @@ impl DeliveryStore for PgStore {
                           WHERE event_id = $1",
                     )
                     .bind(envelope.event_id)
-                    .bind(after.as_secs_f64())
+                    .bind(bounded_delay(*after).as_secs_f64())
                     .execute(&mut *tx)
                     .await?;
                 }

@@ -286,11 +286,9 @@ impl IntakeStore for PgStore {
                 return Ok(ApplyOutcome::Created(application.clone()));
             }
             // The user already applied: return that application, write nothing.
-            let row = sqlx::query(
-                "SELECT id, job_id, user_id, email, resume_url, cover_letter, email_status,
-                        created_at
-                   FROM applications WHERE user_id = $1 AND job_id = $2",
-            )
+            let row = sqlx::query(AssertSqlSafe(format!(
+                "SELECT {APPLICATION_COLUMNS} FROM applications WHERE user_id = $1 AND job_id = $2"
+            )))
             .bind(&application.user_id)
             .bind(application.job_id)
             .fetch_one(&mut *conn)
@@ -340,10 +338,9 @@ impl IntakeStore for PgStore {
         let mut session = self.session().await?;
         let result: Result<Option<Application>, StoreError> = async {
             let conn: &mut PgConnection = &mut session;
-            let row = sqlx::query(
-                "SELECT id, job_id, user_id, email, resume_url, cover_letter, email_status, created_at
-                   FROM applications WHERE id = $1 AND user_id = $2",
-            )
+            let row = sqlx::query(AssertSqlSafe(format!(
+                "SELECT {APPLICATION_COLUMNS} FROM applications WHERE id = $1 AND user_id = $2"
+            )))
             .bind(id)
             .bind(user_id)
             .fetch_optional(&mut *conn)

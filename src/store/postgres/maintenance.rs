@@ -94,6 +94,18 @@ impl MaintenanceStore for PgStore {
             .bind(retention)
             .execute(&mut *conn)
             .await?;
+            // Reports past the provider's redelivery window (it stops
+            // retrying a message after about a day and a half).
+            sqlx::query(
+                "DELETE FROM provider_events WHERE id IN (
+                     SELECT id FROM provider_events
+                      WHERE received_at < now() - make_interval(secs => $2)
+                      LIMIT $1 FOR UPDATE SKIP LOCKED)",
+            )
+            .bind(batch)
+            .bind(retention)
+            .execute(&mut *conn)
+            .await?;
             Ok(Purged {
                 keys,
                 outbox,

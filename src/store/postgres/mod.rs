@@ -13,6 +13,7 @@ mod delivery;
 mod intake;
 mod keys;
 mod maintenance;
+mod provider_events;
 mod relay;
 
 // `herald bench intake` has pgbench run the exact statements of an application.

@@ -31,13 +31,13 @@ impl SqliteStore {
         Ok(())
     }
 
-    /// Records one delivered event: settles its row, writes its inbox row
-    /// and its consumer's effect (the aggregate's status; for
-    /// [`Effect::ChargeLedger`] first the ledger entry), in the caller's
-    /// transaction.
+    /// Records one event as done: settles its row, writes its inbox row
+    /// and its consumer's effect (the aggregate's status and the provider's
+    /// id; for a delivered [`Effect::ChargeLedger`] first the ledger entry),
+    /// in the caller's transaction.
     pub(super) async fn record_done(
         tx: &mut Transaction<'_, Sqlite>,
-        done: &DoneEvent,
+        done: &DoneEvent<'_>,
         now: i64,
     ) -> Result<(), StoreError> {
         let (event_id, aggregate_id) = (done.event_id.to_string(), done.aggregate_id.to_string());
@@ -49,7 +49,7 @@ impl SqliteStore {
             .execute(&mut **tx)
             .await?;
         let effect = done.consumer.effect;
-        if effect.writes_ledger_entry() {
+        if effect.writes_ledger_entry() && done.settled == Settled::Delivered {
             sqlx::query(
                 "INSERT INTO ledger_entries
                      (charge_id, event_id, user_id, amount_cents, currency, applied_at)
@@ -61,7 +61,14 @@ impl SqliteStore {
             .execute(&mut **tx)
             .await?;
         }
-        Self::set_status(tx, effect, &aggregate_id, Settled::Delivered).await
+        if let (Some(id), Some(sql)) = (done.provider_id, effect.provider_id_update()) {
+            sqlx::query(sql)
+                .bind(id)
+                .bind(&aggregate_id)
+                .execute(&mut **tx)
+                .await?;
+        }
+        Self::set_status(tx, effect, &aggregate_id, done.settled).await
     }
 
     /// Writes one event's dead letter, marks its aggregate `dead` and
@@ -129,29 +136,40 @@ impl DeliveryStore for SqliteStore {
         let mut members = Vec::new();
         for envelope in envelopes {
             let event_id = envelope.event_id.to_string();
+            // Each copy reads its row afresh: one settled a moment ago (a
+            // suppressed one) is a repeat.
             let row = sqlx::query(
-                "SELECT o.attempts, o.settled_at IS NOT NULL AS settled,
+                "SELECT o.attempts, o.settled_at IS NOT NULL AS settled, o.aggregate_id,
                         o.batch_id IS NOT NULL AS batched,
                         EXISTS (SELECT 1 FROM inbox i
-                                 WHERE i.consumer = ?2 AND i.event_id = o.event_id) AS in_inbox
+                                 WHERE i.consumer = ?2 AND i.event_id = o.event_id) AS in_inbox,
+                        EXISTS (SELECT 1 FROM suppressions s WHERE s.address = ?3) AS suppressed
                    FROM outbox_events o WHERE o.event_id = ?1",
             )
             .bind(&event_id)
             .bind(consumer.name)
+            .bind(consumer.effect.recipient(envelope))
             .fetch_optional(&mut *tx)
             .await?;
-            let state = match row {
+            let state = match &row {
                 Some(row) => Some(RowState {
                     settled: row.try_get("settled")?,
                     in_inbox: row.try_get("in_inbox")?,
                     batched: row.try_get::<bool, _>("batched")? || members.contains(&event_id),
                     attempts: row.try_get("attempts")?,
+                    suppressed: row.try_get("suppressed")?,
                 }),
                 None => None,
             };
             let admission = admit(state, envelope.attempts);
-            if admission == Admission::Member {
-                members.push(event_id);
+            match (admission, &row) {
+                (Admission::Member, _) => members.push(event_id),
+                (Admission::Suppressed, Some(row)) => {
+                    let aggregate_id = uuid_column(row, "aggregate_id")?;
+                    let done = suppressed_record(consumer, envelope.event_id, aggregate_id);
+                    Self::record_done(&mut tx, &done, now).await?;
+                }
+                _ => {}
             }
             admissions.push(admission);
         }
@@ -266,18 +284,18 @@ impl DeliveryStore for SqliteStore {
         let held = match &decision {
             BatchDecision::Retry { after, error } => fenced(
                 "UPDATE send_batches
-                    SET attempts = ?1, due_at = ?2 + ?5, last_error = ?6,
+                    SET attempts = ?1, due_at = ?5, last_error = ?6,
                         first_failed_at = COALESCE(first_failed_at, ?2),
                         locked_by = NULL, locked_until = NULL
                   WHERE id = ?3 AND locked_by = ?4",
             )
-            .bind(us(*after))
+            .bind(later(now, *after))
             .bind(error),
             BatchDecision::Defer { after } => fenced(
-                "UPDATE send_batches SET due_at = ?2 + ?5, locked_by = NULL, locked_until = NULL
-                  WHERE id = ?3 AND locked_by = ?4 AND ?1 = ?1",
+                "UPDATE send_batches SET due_at = ?5, locked_by = NULL, locked_until = NULL
+                  WHERE id = ?3 AND locked_by = ?4 AND ?1 = ?1 AND ?2 = ?2",
             )
-            .bind(us(*after)),
+            .bind(later(now, *after)),
             BatchDecision::Answered(_) | BatchDecision::Dead { .. } => fenced(
                 "UPDATE send_batches
                     SET attempts = ?1, settled_at = ?2, locked_by = NULL, locked_until = NULL
@@ -305,6 +323,7 @@ impl DeliveryStore for SqliteStore {
                 MemberRecord::Dead(dead) => Self::record_dead(&mut tx, &dead, now).await?,
             }
         }
+        Self::apply_waiting_reports(&mut tx, &provider_ids(&outcomes), now).await?;
         // Failpoint: a crash with the outcome written, before the commit.
         fail::fail_point!("batch-before-commit", |_| std::process::abort());
         tx.commit().await?;
@@ -349,6 +368,7 @@ impl DeliveryStore for SqliteStore {
             in_inbox: row.try_get("in_inbox")?,
             batched: false,
             attempts,
+            suppressed: false,
         };
         if let Some(refused) = admit(Some(state), envelope.attempts).refusal() {
             return Ok(refused);
@@ -400,6 +420,8 @@ impl DeliveryStore for SqliteStore {
                     event_id: envelope.event_id,
                     aggregate_id,
                     attempt,
+                    settled: Settled::Delivered,
+                    provider_id: None,
                 };
                 Self::record_done(&mut tx, &done, now).await?;
             }
@@ -412,7 +434,7 @@ impl DeliveryStore for SqliteStore {
                 )
                 .bind(attempt)
                 .bind(error)
-                .bind(now + us(*after))
+                .bind(later(now, *after))
                 .bind(now)
                 .bind(&event_id)
                 .execute(&mut *tx)
@@ -422,7 +444,7 @@ impl DeliveryStore for SqliteStore {
                 sqlx::query(
                     "UPDATE outbox_events SET due_at = ?, stream_id = NULL WHERE event_id = ?",
                 )
-                .bind(now + us(*after))
+                .bind(later(now, *after))
                 .bind(&event_id)
                 .execute(&mut *tx)
                 .await?;

@@ -78,6 +78,15 @@ impl MaintenanceStore for SqliteStore {
         .bind(batch)
         .execute(&self.writer)
         .await?;
+        // Reports past the provider's redelivery window.
+        sqlx::query(
+            "DELETE FROM provider_events WHERE rowid IN (
+                 SELECT rowid FROM provider_events WHERE received_at < ? LIMIT ?)",
+        )
+        .bind(horizon)
+        .bind(batch)
+        .execute(&self.writer)
+        .await?;
         Ok(Purged {
             keys,
             outbox,

@@ -31,6 +31,7 @@ mod delivery;
 mod intake;
 mod keys;
 mod maintenance;
+mod provider_events;
 mod relay;
 
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -67,6 +68,12 @@ fn now_us() -> i64 {
 
 fn us(duration: Duration) -> i64 {
     i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// The instant `after` from `now` (microseconds), `after` bounded by
+/// [`LONGEST_DELAY`]: no overflow whatever a caller asked for.
+fn later(now: i64, after: Duration) -> i64 {
+    now.saturating_add(us(bounded_delay(after)))
 }
 
 fn instant(micros: i64) -> Result<DateTime<Utc>, sqlx::Error> {

@@ -23,6 +23,16 @@
 //!   counted whatever it carries; over it, 429 `rate_limit_exceeded` with
 //!   `retry-after` and `ratelimit-*` headers.
 //!
+//! - replies that lie ([`Mode::Lie`]): 200 with ids that do not name every
+//!   email (`{"data": []}`, an id too few, an `errors[].index` out of range
+//!   or named twice), keeping nothing and sending nothing, as a provider
+//!   having a bad day would; a 429 whose headers ask for any delay at all
+//!   ([`Mode::RateLimitedBy`]);
+//! - webhooks ([`super::resend_webhooks`]): what became of an accepted email
+//!   (`email.delivered`, `email.bounced`, …), signed the Svix way and posted
+//!   to Herald, retried on anything but 2xx; on request every accepted email
+//!   is reported delivered ([`FakeResend::auto_deliver`]).
+//!
 //! Every call is recorded with its time, key and status, and every email
 //! actually "sent" is kept: tests count there, never in Herald.
 
@@ -33,6 +43,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use warp::http::{Response, StatusCode};
+
+use super::resend_webhooks::{deliver, event_body, Message, Sender};
 use warp::hyper::body::Bytes;
 use warp::Filter;
 
@@ -48,11 +60,15 @@ pub struct Call {
     pub emails: usize,
     /// A `/emails/batch` request.
     pub batch: bool,
+    /// Answered 200 with a lie ([`Mode::Lie`]).
+    pub lied: bool,
 }
 
 /// An email the server accepted (and would have sent).
 #[derive(Debug, Clone)]
 pub struct Sent {
+    /// The id the reply named for it, which its webhooks carry.
+    pub id: String,
     pub to: String,
     pub subject: String,
 }
@@ -71,6 +87,58 @@ pub enum Mode {
         n: u32,
         retry_after: u64,
     },
+    /// Answer the next `n` calls 429 with these header values (either may
+    /// be left out), then normal.
+    RateLimitedBy {
+        n: u32,
+        retry_after: Option<String>,
+        ratelimit_reset: Option<String>,
+    },
+    /// Answer every batch 200 with this lie, keeping and sending nothing.
+    Lie(Lie),
+}
+
+/// A success reply that does not say which emails were accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lie {
+    /// `{"data": []}`.
+    NoIds,
+    /// One id fewer than the emails.
+    IdTooFew,
+    /// An `errors[].index` past the last email.
+    IndexOutOfRange,
+    /// One `errors[].index` named twice.
+    IndexRepeated,
+}
+
+impl Lie {
+    pub const ALL: [Lie; 4] = [
+        Lie::NoIds,
+        Lie::IdTooFew,
+        Lie::IndexOutOfRange,
+        Lie::IndexRepeated,
+    ];
+
+    /// The reply to a batch of `n` emails.
+    fn reply(self, n: usize) -> Value {
+        let ids = |k: usize| -> Vec<Value> {
+            (0..k)
+                .map(|_| json!({ "id": uuid::Uuid::new_v4().to_string() }))
+                .collect()
+        };
+        let refused = |i: usize| json!({ "index": i, "message": "Invalid `to` field" });
+        match self {
+            Lie::NoIds => json!({ "data": [] }),
+            Lie::IdTooFew => json!({ "data": ids(n.saturating_sub(1)), "errors": [] }),
+            Lie::IndexOutOfRange => {
+                json!({ "data": ids(n.saturating_sub(1)), "errors": [refused(n)] })
+            }
+            Lie::IndexRepeated => json!({
+                "data": ids(n.saturating_sub(2)),
+                "errors": [refused(0), refused(0)],
+            }),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -89,6 +157,8 @@ struct State {
     sent: Vec<Sent>,
     /// Idempotency key -> (body, status, response body), or in progress.
     keys: HashMap<String, KeyState>,
+    /// Report every accepted email delivered, by webhook.
+    auto_deliver: bool,
 }
 
 enum KeyState {
@@ -103,14 +173,17 @@ enum KeyState {
 #[derive(Clone)]
 pub struct FakeResend {
     state: Arc<Mutex<State>>,
+    webhooks: Arc<Mutex<Sender>>,
     pub addr: SocketAddr,
 }
 
 impl FakeResend {
     pub async fn start() -> FakeResend {
         let state = Arc::new(Mutex::new(State::default()));
+        let webhooks = Arc::new(Mutex::new(Sender::default()));
         let shared = state.clone();
         let batch_state = state.clone();
+        let batch_webhooks = webhooks.clone();
         let single = warp::post()
             .and(warp::path("emails"))
             .and(warp::path::end())
@@ -125,7 +198,14 @@ impl FakeResend {
             .and(warp::header::optional::<String>("x-batch-validation"))
             .and(warp::body::bytes())
             .then(move |auth, key, validation, body| {
-                handle_batch(batch_state.clone(), auth, key, validation, body)
+                handle_batch(
+                    batch_state.clone(),
+                    batch_webhooks.clone(),
+                    auth,
+                    key,
+                    validation,
+                    body,
+                )
             });
         let route = batch.or(single);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -133,7 +213,78 @@ impl FakeResend {
             .expect("bind fake resend");
         let addr = listener.local_addr().expect("addr");
         tokio::spawn(warp::serve(route).incoming(listener).run());
-        FakeResend { state, addr }
+        FakeResend {
+            state,
+            webhooks,
+            addr,
+        }
+    }
+
+    /// Posts this fake's webhooks to `url` (Herald's `/webhooks/resend`).
+    pub fn webhooks_to(&self, url: &str) {
+        self.webhooks.lock().unwrap().target = Some(url.to_string());
+    }
+
+    /// Signs each webhook with every one of `secrets` (two while a secret
+    /// rotates).
+    pub fn sign_with(&self, secrets: &[&str]) {
+        self.webhooks.lock().unwrap().secrets = secrets.iter().map(|s| s.to_string()).collect();
+    }
+
+    /// Reports every email accepted from now on `email.delivered`.
+    pub fn auto_deliver(&self, on: bool) {
+        self.state.lock().unwrap().auto_deliver = on;
+    }
+
+    /// Sends a webhook of `kind` about the email `email_id` (with `data`'s
+    /// extra fields, e.g. `{"bounce": {"type": "Permanent"}}`), retried until
+    /// answered 2xx; its message id.
+    pub fn emit(&self, kind: &str, email_id: &str, data: Value) -> String {
+        let to = self
+            .sent()
+            .into_iter()
+            .find(|s| s.id == email_id)
+            .map(|s| s.to)
+            .unwrap_or_default();
+        emit(
+            &self.webhooks,
+            kind,
+            email_id,
+            event_body(kind, email_id, &to, data),
+        )
+    }
+
+    /// Sends message `id` again, as a new delivery of the same message
+    /// (same id and body, new timestamp and signature).
+    pub fn redeliver(&self, id: &str) {
+        let index = {
+            let mut w = self.webhooks.lock().unwrap();
+            let Some(m) = w.messages.iter().find(|m| m.id == id).cloned() else {
+                panic!("no webhook message {id}");
+            };
+            w.messages.push(Message {
+                attempts: Vec::new(),
+                delivered: false,
+                given_up: false,
+                ..m
+            });
+            w.messages.len() - 1
+        };
+        tokio::spawn(deliver(self.webhooks.clone(), index));
+    }
+
+    /// Every webhook message so far (a redelivery is a message of its own).
+    pub fn messages(&self) -> Vec<Message> {
+        self.webhooks.lock().unwrap().messages.clone()
+    }
+
+    /// The id of the last email accepted for `to`.
+    pub fn email_id_of(&self, to: &str) -> Option<String> {
+        self.sent()
+            .into_iter()
+            .rev()
+            .find(|s| s.to == to)
+            .map(|s| s.id)
     }
 
     pub fn base_url(&self) -> String {
@@ -241,13 +392,35 @@ async fn handle(
         status,
         emails: 1,
         batch: false,
+        lied: false,
     });
     drop(state);
     reply(status, response, &extra)
 }
 
+/// Queues a webhook message and starts its delivery; its id.
+fn emit(webhooks: &Arc<Mutex<Sender>>, kind: &str, email_id: &str, body: Vec<u8>) -> String {
+    let id = format!("msg_{}", uuid::Uuid::new_v4().simple());
+    let index = {
+        let mut w = webhooks.lock().unwrap();
+        w.messages.push(Message {
+            id: id.clone(),
+            kind: kind.to_string(),
+            email_id: email_id.to_string(),
+            body,
+            attempts: Vec::new(),
+            delivered: false,
+            given_up: false,
+        });
+        w.messages.len() - 1
+    };
+    tokio::spawn(deliver(webhooks.clone(), index));
+    id
+}
+
 async fn handle_batch(
     state: Arc<Mutex<State>>,
+    webhooks: Arc<Mutex<Sender>>,
     auth: Option<String>,
     key: Option<String>,
     validation: Option<String>,
@@ -261,14 +434,31 @@ async fn handle_batch(
         .map(|a| a.len())
         .unwrap_or(0);
     let permissive = validation.as_deref() == Some("permissive");
+    let sent_before = state.lock().unwrap().sent.len();
     let (status, response, extra) = decide_batch(&state, auth, key.clone(), parsed, permissive);
-    state.lock().unwrap().calls.push(Call {
-        at: Instant::now(),
-        key,
-        status,
-        emails,
-        batch: true,
-    });
+    let (auto, accepted) = {
+        let mut st = state.lock().unwrap();
+        let lied = matches!(st.mode, Some(Mode::Lie(_))) && status == 200;
+        st.calls.push(Call {
+            at: Instant::now(),
+            key,
+            status,
+            emails,
+            batch: true,
+            lied,
+        });
+        (st.auto_deliver, st.sent[sent_before..].to_vec())
+    };
+    if auto {
+        for email in accepted {
+            emit(
+                &webhooks,
+                "email.delivered",
+                &email.id,
+                event_body("email.delivered", &email.id, &email.to, json!({})),
+            );
+        }
+    }
     reply(status, response, &extra)
 }
 
@@ -330,6 +520,33 @@ fn gate(st: &mut State, auth: Option<&str>) -> Option<Answer> {
                     ("retry-after", retry_after.to_string()),
                     ("ratelimit-reset", retry_after.to_string()),
                 ],
+            ));
+        }
+        Mode::RateLimitedBy {
+            n,
+            retry_after,
+            ratelimit_reset,
+        } if n > 0 => {
+            st.mode = Some(if n > 1 {
+                Mode::RateLimitedBy {
+                    n: n - 1,
+                    retry_after: retry_after.clone(),
+                    ratelimit_reset: ratelimit_reset.clone(),
+                }
+            } else {
+                Mode::Normal
+            });
+            let mut headers = vec![];
+            if let Some(v) = retry_after {
+                headers.push(("retry-after", v));
+            }
+            // Without one of its own, the answer's default `ratelimit-reset`
+            // (1) is left out, so only the header under test asks for a delay.
+            headers.push(("ratelimit-reset", ratelimit_reset.unwrap_or_default()));
+            return Some((
+                429,
+                error(429, "rate_limit_exceeded", "Too many requests"),
+                headers,
             ));
         }
         _ => {}
@@ -443,6 +660,10 @@ fn decide_batch(
             vec![],
         );
     }
+    if let Some(Mode::Lie(lie)) = st.mode {
+        // A success that names no outcome: nothing kept, nothing sent.
+        return (200, lie.reply(emails.len()), vec![]);
+    }
     let body = Value::Array(emails.clone());
     // The validation mode is part of what the key was used for.
     let keyed = json!({ "permissive": permissive, "emails": body });
@@ -475,6 +696,7 @@ fn decide_batch(
         }
         let id = uuid::Uuid::new_v4().to_string();
         st.sent.push(Sent {
+            id: id.clone(),
             to: recipient(email).unwrap_or_default(),
             subject: email
                 .get("subject")
@@ -547,6 +769,7 @@ fn decide(
     } else {
         let id = uuid::Uuid::new_v4().to_string();
         st.sent.push(Sent {
+            id: id.clone(),
             to,
             subject: subject.to_string(),
         });

@@ -24,6 +24,7 @@ pub mod browser;
 pub mod clean_env;
 pub mod fake_resend;
 pub mod fake_sentry;
+pub mod resend_webhooks;
 pub mod sse;
 pub mod testable;
 
@@ -1138,6 +1139,7 @@ pub fn patient_client(base_url: &str) -> herald::client::RetryingClient {
             base: Duration::from_millis(100),
             cap: Duration::from_secs(2),
             max_attempts: 60,
+            max_delay: Duration::from_secs(60),
         },
         budget: herald::actors::retry_budget::RetryBudgetArgs {
             capacity: 5000.0,
@@ -1334,8 +1336,9 @@ macro_rules! on_both_backends {
     };
 }
 
-/// Postgres, Redis, a fake Resend and one daemon sending email through it:
-/// the world of the tests that count emails where they land.
+/// Postgres, Redis, a fake Resend and one daemon sending email through it,
+/// the fake's webhooks pointed back at the daemon: the world of the tests
+/// that count emails where they land.
 pub struct Stack {
     pub backing: Backing,
     pub resend: fake_resend::FakeResend,
@@ -1360,9 +1363,14 @@ impl Stack {
             ("RESEND_API_KEY", fake_resend::API_KEY),
             ("RESEND_BASE_URL", &base),
             ("HERALD_EMAIL__MAX_PER_SEC", "1000"),
+            (
+                "HERALD_EMAIL__WEBHOOK_SECRET",
+                resend_webhooks::WEBHOOK_SECRET,
+            ),
         ];
         env.extend_from_slice(extra);
         let herald = backing.daemon(&env).await;
+        resend.webhooks_to(&herald.url("/webhooks/resend"));
         let db = backing.db().await;
         Stack {
             backing,
@@ -1370,6 +1378,38 @@ impl Stack {
             herald,
             db,
         }
+    }
+
+    /// Waits until every webhook the fake Resend sent was answered 2xx (none
+    /// given up), then checks that each of the `emails` accepted emails was
+    /// reported delivered exactly once and shows it: a report lost or
+    /// applied twice on the way would show here.
+    pub async fn wait_until_reports_applied(&self, emails: usize, within: Duration) {
+        eventually("every webhook answered 2xx", within, || async {
+            let messages = self.resend.messages();
+            if let Some(lost) = messages.iter().find(|m| m.given_up) {
+                panic!("a webhook was given up: {lost:?}");
+            }
+            (messages.len() >= emails && messages.iter().all(|m| m.delivered)).then_some(())
+        })
+        .await;
+        let reported: std::collections::HashSet<String> = self
+            .resend
+            .messages()
+            .into_iter()
+            .filter(|m| m.kind == "email.delivered")
+            .map(|m| m.email_id)
+            .collect();
+        assert_eq!(reported.len(), emails, "one report per accepted email");
+        assert_eq!(
+            count(
+                &self.db,
+                "SELECT count(*) FROM applications WHERE email_report = 'delivered'"
+            )
+            .await,
+            emails as i64,
+            "every report applied"
+        );
     }
 
     /// Waits until every outbox event is settled (delivered, dead or fanned out).
@@ -1380,4 +1420,16 @@ impl Stack {
         })
         .await;
     }
+}
+
+/// Runs `herald audit` against `database_url`; its exit code and output.
+pub fn herald_audit(database_url: &str) -> (i32, String) {
+    let out = clean_env::herald_command()
+        .arg("audit")
+        .env("HERALD_DATABASE_URL", database_url)
+        .output()
+        .expect("run herald audit");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), text)
 }

@@ -1,0 +1,244 @@
+//! The provider's reports and the suppression list on Postgres: a report's
+//! dedupe row, the email it names (row-locked) and its address's
+//! suppression in one transaction; a report that outran the send's record
+//! is applied by that record's transaction.
+
+use super::*;
+use crate::domain::EmailEvent;
+
+/// The class of Herald's advisory locks on an email's provider id (the
+/// two-number form, so no other advisory lock can collide with them).
+const EMAIL_LOCK_CLASS: i32 = 24;
+
+impl PgStore {
+    /// Serialises, per provider id, the recording of a report with the
+    /// recording of the send it is about. Without it each could commit
+    /// unseen by the other (the report finds no email yet, the send finds
+    /// no report yet) and the report would wait forever. In hash order, so
+    /// two holders never wait on each other crosswise.
+    pub(super) async fn lock_emails(
+        tx: &mut Transaction<'_, Postgres>,
+        email_ids: &[&str],
+    ) -> Result<(), StoreError> {
+        if email_ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "SELECT pg_advisory_xact_lock($1, h)
+               FROM (SELECT DISTINCT hashtext(id) AS h FROM unnest($2::text[]) AS id) AS ids
+              ORDER BY h",
+        )
+        .bind(EMAIL_LOCK_CLASS)
+        .bind(email_ids)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Applies `event` to the sent emails with `email_id` (row-locked):
+    /// their report ([`apply_event`]) and their address's suppression.
+    async fn apply_to_email(
+        tx: &mut Transaction<'_, Postgres>,
+        email_id: &str,
+        event: EmailEvent,
+    ) -> Result<Recorded, StoreError> {
+        let emails = sqlx::query(
+            "SELECT id, email, email_report FROM applications
+              WHERE email_id = $1 ORDER BY id FOR UPDATE",
+        )
+        .bind(email_id)
+        .fetch_all(&mut **tx)
+        .await?;
+        let mut recorded = if emails.is_empty() {
+            Recorded::UnknownEmail
+        } else {
+            Recorded::Unchanged
+        };
+        for row in &emails {
+            let id: Uuid = row.try_get("id")?;
+            let current = match row.optional_text("email_report")? {
+                Some(r) => crate::domain::parse_status(&r),
+                None => None,
+            };
+            let applied = apply_event(event, current);
+            if let Recorded::Applied { report, suppressed } = applied {
+                if let Some(report) = report {
+                    sqlx::query(
+                        "UPDATE applications SET email_report = $1, email_report_at = now()
+                          WHERE id = $2",
+                    )
+                    .bind(report.as_str())
+                    .bind(id)
+                    .execute(&mut **tx)
+                    .await?;
+                }
+                if let Some(reason) = suppressed {
+                    let address: String = row.try_get("email")?;
+                    sqlx::query(
+                        "INSERT INTO suppressions (address, reason, email_id, application_id)
+                         VALUES ($1, $2, $3, $4) ON CONFLICT (address) DO NOTHING",
+                    )
+                    .bind(crate::domain::address_key(&address))
+                    .bind(reason.as_str())
+                    .bind(email_id)
+                    .bind(id)
+                    .execute(&mut **tx)
+                    .await?;
+                }
+                recorded = applied;
+            }
+        }
+        Ok(recorded)
+    }
+
+    /// Applies the reports that arrived before the sends of `email_ids`
+    /// were recorded (they wait as `unknown_email`), in arrival order, in
+    /// the transaction that records the sends (which holds their locks).
+    pub(super) async fn apply_waiting_reports(
+        tx: &mut Transaction<'_, Postgres>,
+        email_ids: &[&str],
+    ) -> Result<(), StoreError> {
+        if email_ids.is_empty() {
+            return Ok(());
+        }
+        let waiting = sqlx::query(
+            "SELECT id, event, email_id FROM provider_events
+              WHERE outcome = 'unknown_email' AND email_id = ANY($1)
+              ORDER BY received_at, id",
+        )
+        .bind(email_ids)
+        .fetch_all(&mut **tx)
+        .await?;
+        for row in &waiting {
+            let id: String = row.try_get("id")?;
+            let email_id: String = row.try_get("email_id")?;
+            let Some(event) = row
+                .optional_text("event")?
+                .as_deref()
+                .and_then(EmailEvent::parse)
+            else {
+                continue;
+            };
+            let recorded = Self::apply_to_email(tx, &email_id, event).await?;
+            sqlx::query("UPDATE provider_events SET outcome = $2 WHERE id = $1")
+                .bind(&id)
+                .bind(recorded.outcome())
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ProviderEventStore for PgStore {
+    #[instrument(skip_all, fields(kind = %event.kind))]
+    async fn record_provider_event(&self, event: &ProviderEvent) -> Result<Recorded, StoreError> {
+        let mut session = self.session().await?;
+        let result: Result<Recorded, StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            let mut tx = conn
+                .begin_with("BEGIN; SET LOCAL lock_timeout = '5s'")
+                .await?;
+            let new = sqlx::query(
+                "INSERT INTO provider_events (id, type, event, email_id, outcome, detail)
+                 VALUES ($1, $2, $3, $4, 'pending', $5) ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(&event.id)
+            .bind(&event.kind)
+            .bind(event.event.map(EmailEvent::as_str))
+            .bind(&event.email_id)
+            .bind(&event.detail)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1;
+            if !new {
+                return Ok(Recorded::Duplicate);
+            }
+            let recorded = match (event.event, &event.email_id) {
+                (Some(email_event), Some(email_id)) => {
+                    Self::lock_emails(&mut tx, &[email_id.as_str()]).await?;
+                    Self::apply_to_email(&mut tx, email_id, email_event).await?
+                }
+                (Some(_), None) => Recorded::UnknownEmail,
+                (None, _) => Recorded::Ignored,
+            };
+            sqlx::query("UPDATE provider_events SET outcome = $2 WHERE id = $1")
+                .bind(&event.id)
+                .bind(recorded.outcome())
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(recorded)
+        }
+        .await;
+        session.settle(result)
+    }
+
+    async fn list_suppressions(
+        &self,
+        address: Option<&str>,
+        limit: u32,
+        before: Option<&str>,
+    ) -> Result<Vec<Suppression>, StoreError> {
+        let mut session = self.session().await?;
+        let result: Result<Vec<Suppression>, StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            let sql = format!(
+                "SELECT {SUPPRESSION_COLUMNS} FROM suppressions s
+                  WHERE ($1::text IS NULL OR address = $1)
+                    AND ($2::text IS NULL OR (suppressed_at, address) <
+                         (SELECT suppressed_at, address FROM suppressions WHERE address = $2))
+                  ORDER BY suppressed_at DESC, address DESC LIMIT $3"
+            );
+            let rows = sqlx::query(AssertSqlSafe(sql))
+                .bind(address)
+                .bind(before)
+                .bind(i64::from(limit))
+                .fetch_all(&mut *conn)
+                .await?;
+            rows.iter()
+                .map(|r| suppression_from_row(r).map_err(StoreError::from))
+                .collect()
+        }
+        .await;
+        session.settle(result)
+    }
+
+    async fn lift_suppression(
+        &self,
+        address: &str,
+        actor: &str,
+    ) -> Result<Option<Suppression>, StoreError> {
+        let mut session = self.session().await?;
+        let result: Result<Option<Suppression>, StoreError> = async {
+            let conn: &mut PgConnection = &mut session;
+            let mut tx = conn.begin().await?;
+            let sql = format!(
+                "DELETE FROM suppressions WHERE address = $1 RETURNING {SUPPRESSION_COLUMNS}"
+            );
+            let Some(row) = sqlx::query(AssertSqlSafe(sql))
+                .bind(address)
+                .fetch_optional(&mut *tx)
+                .await?
+            else {
+                return Ok(None);
+            };
+            let lifted = suppression_from_row(&row)?;
+            sqlx::query(
+                "INSERT INTO admin_audit (action, subject, detail, actor)
+                 VALUES ('suppression.lift', $1, $2, $3)",
+            )
+            .bind(address)
+            .bind(lift_detail(&lifted))
+            .bind(actor)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(Some(lifted))
+        }
+        .await;
+        session.settle(result)
+    }
+}
