@@ -329,14 +329,22 @@
     return titles.get(id);
   }
 
+  // What became of each confirmation email, in words (the API's
+  // email_status: Herald's side, then what the provider reported).
   const STATUS_TEXT = {
     pending: "Confirmation email on its way",
     sent: "Confirmation email sent",
+    delivered: "Confirmation email delivered",
+    bounced: "Confirmation email bounced: check your address",
+    complained: "Confirmation email marked as spam: no more emails to this address",
+    failed: "Confirmation email could not be sent",
+    suppressed: "No confirmation email: this address bounced or reported spam before",
     dead: "Confirmation email could not be delivered",
   };
 
   // The signed-in user's applications with their email status; read again
-  // every few seconds while an email is still pending.
+  // every few seconds while an email is still pending, and now and then
+  // while one is sent and its fate (delivered, bounced) not yet reported.
   async function refreshApplications() {
     clearTimeout(applicationsTimer);
     applicationsTimer = null;
@@ -374,8 +382,11 @@
     );
     $("my-applications-list").replaceChildren(...items);
     $("my-applications-empty").hidden = items.length > 0;
-    if ((page.items || []).some((a) => a.email_status === "pending")) {
+    const statuses = (page.items || []).map((a) => a.email_status);
+    if (statuses.includes("pending")) {
       applicationsTimer = setTimeout(refreshApplications, 3000);
+    } else if (statuses.includes("sent")) {
+      applicationsTimer = setTimeout(refreshApplications, 15000);
     }
   }
 

@@ -213,7 +213,7 @@ fn address_param(encoded: &str) -> Result<String, ApiError> {
         .decode_utf8()
         .map_err(|_| ApiError::InvalidQuery("an address must be UTF-8".into()))?;
     let key = crate::domain::address_key(&decoded);
-    if key.is_empty() || key.chars().count() > 320 || key.chars().any(char::is_control) {
+    if key.is_empty() || decoded.chars().count() > 320 || decoded.chars().any(char::is_control) {
         return Err(ApiError::InvalidQuery(
             "an address is 1 to 320 printable characters".into(),
         ));

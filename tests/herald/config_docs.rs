@@ -13,7 +13,7 @@ use figment::value::Dict;
 use figment::Figment;
 
 /// Keys that have no default (absent unless configured), documented too.
-const OPTIONAL_KEYS: [&str; 9] = [
+const OPTIONAL_KEYS: [&str; 10] = [
     "mode",
     "redis_url",
     "admin_token",
@@ -23,6 +23,7 @@ const OPTIONAL_KEYS: [&str; 9] = [
     "email.resend_base_url",
     "auth.dev_login",
     "limits.trusted_proxy_header",
+    "email.webhook_secret",
 ];
 
 /// Every leaf key of a configuration tree, `table.field` style.
@@ -123,6 +124,10 @@ fn every_optional_key_is_accepted_by_the_configuration() {
         ("email.resend_base_url", "\"http://127.0.0.1:1\""),
         ("auth.dev_login", "true"),
         ("limits.trusted_proxy_header", "\"X-Forwarded-For\""),
+        (
+            "email.webhook_secret",
+            "\"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"",
+        ),
     ];
     assert_eq!(values.len(), OPTIONAL_KEYS.len());
     for (key, value) in values {
@@ -330,6 +335,7 @@ fn stand_in(key: &str) -> String {
         "sentry_dsn" => "https://key@127.0.0.1:1/0",
         "email.resend_api_key" => "re_stand_in",
         "email.resend_base_url" => "http://127.0.0.1:1",
+        "email.webhook_secret" => "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
         "auth.dev_login" => "true",
         "mode" => "embedded",
         other => panic!(

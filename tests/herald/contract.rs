@@ -198,6 +198,30 @@ async fn schemathesis_finds_no_5xx_and_no_response_outside_the_openapi_document(
         (w.herald.metric("herald_dlq_depth").await >= dead).then_some(())
     })
     .await;
+    // A suppressed address, so the suppression routes have data: an email
+    // sent, then bounced for good by webhook.
+    apply_as(&w.herald, "bouncer", &job).await;
+    let bounced = eventually("the email sent", Duration::from_secs(60), || async {
+        w.resend.email_id_of("bouncer@example.com")
+    })
+    .await;
+    w.resend.emit(
+        "email.bounced",
+        &bounced,
+        serde_json::json!({ "bounce": { "type": "Permanent" } }),
+    );
+    eventually(
+        "the address suppressed",
+        Duration::from_secs(60),
+        || async {
+            (w.herald
+                .metric(r#"herald_webhook_events_total{type="email.bounced",outcome="applied"}"#)
+                .await
+                >= 1.0)
+                .then_some(())
+        },
+    )
+    .await;
 
     let dir = tempfile::Builder::new()
         .prefix("herald-contract")

@@ -256,6 +256,7 @@ fn the_deploy_settings_block_is_a_valid_env_file_that_herald_accepts_as_written(
                 "HERALD_ADMIN_TOKEN" => "0123456789abcdef-admin".into(),
                 "HERALD_JWT_SECRET" => "0123456789abcdef0123456789abcdef-jwt".into(),
                 "RESEND_API_KEY" => "re_placeholder".into(),
+                "HERALD_EMAIL__WEBHOOK_SECRET" => "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
                 "SENTRY_DSN" => "https://key@127.0.0.1:1/0".into(),
                 other => panic!("no stand-in for the placeholder of {other}"),
             };
@@ -268,6 +269,7 @@ fn the_deploy_settings_block_is_a_valid_env_file_that_herald_accepts_as_written(
     assert_eq!(config["email"]["transport"], "resend");
     assert_eq!(config["email"]["from"], "Acme Jobs <jobs@acme.example>");
     assert_eq!(config["log"]["format"], "json");
+    assert_eq!(config["email"]["webhook_secret"], "[redacted]");
     assert_eq!(config["listen"], "0.0.0.0:8080");
     // Dev login is off there, unasked.
     assert!(config["auth"]["dev_login"].is_null());

@@ -1,7 +1,8 @@
 //! docs/RUNBOOK.md works as written: every command marked
 //! `<!-- call: NAME -->` is taken from the document itself and run with `sh`
 //! (curl) against a live daemon whose Resend refuses three recipients, so
-//! there are dead letters to list, replay and discard.
+//! there are dead letters to list, replay and discard, and reports one
+//! email bounced, so there is a suppression to find and lift.
 
 use crate::support;
 
@@ -58,6 +59,17 @@ cat '{}'
 
 /// Runs one call as the on-call would: `sh -c`, with the documented variables.
 fn run(calls: &HashMap<String, String>, name: &str, herald: &Daemon, id: Option<&str>) -> String {
+    run_with(calls, name, herald, id, "")
+}
+
+/// [`run`] with `EMAIL` set to an applicant's address.
+fn run_with(
+    calls: &HashMap<String, String>,
+    name: &str,
+    herald: &Daemon,
+    id: Option<&str>,
+    email: &str,
+) -> String {
     let shim = journal_shim(herald);
     // `herald` itself is on the on-call's PATH, as the package installs it.
     let herald_bin = std::path::Path::new(env!("CARGO_BIN_EXE_herald"));
@@ -80,6 +92,7 @@ fn run(calls: &HashMap<String, String>, name: &str, herald: &Daemon, id: Option<
         .env("HERALD_ADMIN_TOKEN", ADMIN_TOKEN)
         .env("USER", "oncall-test")
         .env("ID", id.unwrap_or(""))
+        .env("EMAIL", email)
         .env(
             "HERALD_DATABASE_URL",
             herald.env_value("HERALD_DATABASE_URL").unwrap_or_default(),
@@ -110,6 +123,9 @@ async fn every_admin_call_in_the_runbook_works_as_written() {
         "dlq-discard",
         "mismatches",
         "audit",
+        "suppression-check",
+        "suppression-lift",
+        "webhooks",
     ];
     for name in expected {
         assert!(calls.contains_key(name), "the runbook documents {name}");
@@ -268,4 +284,57 @@ async fn every_admin_call_in_the_runbook_works_as_written() {
     // Section 6: the audit, as written (dead letters and replays break nothing).
     let audit = run(&calls, "audit", herald, None);
     assert!(audit.contains("all 4 invariants hold"), "{audit}");
+
+    // Section 7: an applicant whose confirmation bounced.
+    let r = herald
+        .apply(
+            &user_token("Bouncy"),
+            Some("apply-bouncy"),
+            &json!({"job_id": job["id"]}),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    let email_id = eventually("bouncy's email sent", Duration::from_secs(30), || async {
+        resend.email_id_of("Bouncy@example.com")
+    })
+    .await;
+    resend.emit(
+        "email.bounced",
+        &email_id,
+        json!({ "bounce": { "type": "Permanent", "message": "no such user" } }),
+    );
+    let email = "Bouncy@example.com";
+    let found = eventually(
+        "the address suppressed",
+        Duration::from_secs(30),
+        || async {
+            let listed: Value =
+                serde_json::from_str(&run_with(&calls, "suppression-check", herald, None, email))
+                    .unwrap();
+            let item = listed["items"][0].clone();
+            (!item.is_null()).then_some(item)
+        },
+    )
+    .await;
+    assert_eq!(found["address"], "bouncy@example.com");
+    assert_eq!(found["reason"], "bounced");
+    assert_eq!(found["email_id"], email_id.as_str());
+    let webhooks = run(&calls, "webhooks", herald, None);
+    assert!(
+        webhooks
+            .contains(r#"herald_webhook_events_total{type="email.bounced",outcome="applied"} 1"#),
+        "{webhooks}"
+    );
+    let lifted: Value =
+        serde_json::from_str(&run_with(&calls, "suppression-lift", herald, None, email)).unwrap();
+    assert_eq!(lifted["lifted"]["reason"], "bounced", "{lifted}");
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM admin_audit WHERE actor = 'oncall-test' AND action = 'suppression.lift'"
+        )
+        .await,
+        1,
+        "the lift audited with who did it"
+    );
 }

@@ -571,6 +571,143 @@ async fn the_page_searches_live_and_lists_my_applications_with_their_email_statu
     browser.close().await;
 }
 
+/// What the provider reported of each confirmation, in words: delivered,
+/// bounced ("check your address"), complained, and the next one to that
+/// address suppressed, read by a user on "My applications".
+async fn my_applications_say_what_became_of_each_email(backend: Backend) {
+    let stack = Stack::start_on(backend, &[]).await;
+    let herald = &stack.herald;
+    // The token the page's dev login gives ada, so the page shows these.
+    let login = herald
+        .http
+        .post(herald.url("/api/dev/login"))
+        .json(&serde_json::json!({ "email": "ada@example.com" }))
+        .send()
+        .await
+        .expect("dev login");
+    assert_eq!(login.status(), 200);
+    let token = login.json::<serde_json::Value>().await.unwrap()["token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    let apply = |job: serde_json::Value, key: &'static str| {
+        let token = token.clone();
+        async move {
+            let r = herald
+                .apply(
+                    &token,
+                    Some(key),
+                    &serde_json::json!({ "job_id": job["id"] }),
+                )
+                .await;
+            assert_eq!(r.status(), 201, "{key}");
+        }
+    };
+    let titles = ["Delivered role", "Complained role", "Bounced role"];
+    for (title, key) in titles.iter().zip(["k1", "k2", "k3"]) {
+        apply(herald.post_job(title).await, key).await;
+    }
+    eventually("three emails sent", Duration::from_secs(30), || async {
+        (stack.resend.sent().len() == 3).then_some(())
+    })
+    .await;
+    stack.wait_until_settled(Duration::from_secs(30)).await;
+    // Each email's provider id, by the job its subject names.
+    let id_for = |title: &str| {
+        stack
+            .resend
+            .sent()
+            .into_iter()
+            .find(|s| s.subject.contains(title))
+            .map(|s| s.id)
+            .expect("an email per job")
+    };
+    let reports = [
+        stack.resend.emit(
+            "email.delivered",
+            &id_for("Delivered role"),
+            serde_json::json!({}),
+        ),
+        stack.resend.emit(
+            "email.complained",
+            &id_for("Complained role"),
+            serde_json::json!({}),
+        ),
+        stack.resend.emit(
+            "email.bounced",
+            &id_for("Bounced role"),
+            serde_json::json!({ "bounce": { "type": "Permanent", "message": "no such mailbox" } }),
+        ),
+    ];
+    eventually("the reports answered", Duration::from_secs(30), || async {
+        let messages = stack.resend.messages();
+        reports
+            .iter()
+            .all(|r| messages.iter().any(|m| &m.id == r && m.delivered))
+            .then_some(())
+    })
+    .await;
+    // The next confirmation to that address is not sent.
+    apply(herald.post_job("Suppressed role").await, "k4").await;
+    stack.wait_until_settled(Duration::from_secs(30)).await;
+    assert_eq!(
+        stack.resend.sent().len(),
+        3,
+        "no email to a suppressed address"
+    );
+
+    let browser = Browser::open_page(&herald.public, 1280, 1000).await;
+    browser
+        .js(
+            "document.getElementById('email').value = 'ada@example.com'; \
+             document.getElementById('sign-in').requestSubmit(); return true",
+        )
+        .await;
+    let shown = browser
+        .wait_for(
+            "four applications, each email's fate in words",
+            Duration::from_secs(20),
+            "const items = [...document.querySelectorAll('#my-applications-list li')]; \
+             if (items.length !== 4) return false; \
+             const statuses = items.map((li) => li.querySelector('.email-status')); \
+             if (statuses.some((s) => !s.dataset.status || s.offsetParent === null)) return false; \
+             return JSON.stringify(items.map((li) => [ \
+               li.querySelector('.application-job').textContent, \
+               li.querySelector('.email-status').dataset.status, \
+               li.querySelector('.email-status').textContent]))",
+        )
+        .await;
+    let shown: Vec<(String, String, String)> =
+        serde_json::from_str(shown.as_str().unwrap_or("[]")).expect("rows");
+    let by_job = |title: &str| {
+        shown
+            .iter()
+            .find(|(job, _, _)| job == title)
+            .cloned()
+            .unwrap_or_else(|| panic!("{title} listed: {shown:?}"))
+    };
+    assert_eq!(by_job("Delivered role").1, "delivered");
+    assert_eq!(by_job("Delivered role").2, "Confirmation email delivered");
+    assert_eq!(by_job("Complained role").1, "complained");
+    assert!(by_job("Complained role").2.contains("marked as spam"));
+    assert_eq!(by_job("Bounced role").1, "bounced");
+    assert_eq!(
+        by_job("Bounced role").2,
+        "Confirmation email bounced: check your address"
+    );
+    assert_eq!(by_job("Suppressed role").1, "suppressed");
+    assert!(by_job("Suppressed role")
+        .2
+        .starts_with("No confirmation email"));
+    browser
+        .js("document.getElementById('my-applications').scrollIntoView(); return true")
+        .await;
+    browser
+        .save_screenshot(&format!("web-email-statuses-{backend:?}.png"))
+        .await;
+    browser.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_search_falls_back_to_the_filtered_api_when_a_proxy_holds_the_stream() {
     let (_pg, _redis, herald) = board().await;
@@ -616,5 +753,6 @@ async fn a_search_falls_back_to_the_filtered_api_when_a_proxy_holds_the_stream()
 
 on_both_backends!(
     the_page_updates_an_edited_job_in_place_and_a_closed_one_leaves_with_a_note,
-    the_page_searches_live_and_lists_my_applications_with_their_email_status
+    the_page_searches_live_and_lists_my_applications_with_their_email_status,
+    my_applications_say_what_became_of_each_email
 );
