@@ -92,6 +92,16 @@ pub struct Request {
     pub received: tokio::time::Instant,
 }
 
+impl Request {
+    /// The body, or the error to answer for it (413, or an unreadable body).
+    pub fn body_bytes(&self) -> Result<&Bytes, ApiError> {
+        self.body.as_ref().map_err(|e| match e {
+            ApiError::BodyTooLarge { limit } => ApiError::BodyTooLarge { limit: *limit },
+            other => ApiError::InvalidBody(other.to_string()),
+        })
+    }
+}
+
 /// The request log: one `info` line per request (target `herald::request`),
 /// JSON with `log.format = "json"`. It names the route as a template, never
 /// the query, a token or an address, so it can be kept and shared.

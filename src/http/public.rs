@@ -269,7 +269,7 @@ async fn change_job(
     let (change, json) = if route == CLOSE_JOB {
         (JobChange::Close, serde_json::Value::Null)
     } else {
-        let body = request.body.as_ref().map_err(clone_error)?;
+        let body = request.body_bytes()?;
         (JobChange::Edit(JobPatch::parse(body)?), body_json(request)?)
     };
     let scope = KeyScope {
@@ -296,22 +296,16 @@ const EDIT_JOB: &str = "/api/jobs/{id}";
 const CLOSE_JOB: &str = "/api/jobs/{id}/close";
 
 fn body_json(request: &Request) -> Result<serde_json::Value, ApiError> {
-    let body = request.body.as_ref().map_err(clone_error)?;
+    let body = request.body_bytes()?;
     Ok(parse_json(body)?)
 }
 
-pub(super) fn clone_error(e: &ApiError) -> ApiError {
-    match e {
-        ApiError::BodyTooLarge { limit } => ApiError::BodyTooLarge { limit: *limit },
-        other => ApiError::InvalidBody(other.to_string()),
-    }
-}
 
 async fn post_job(state: &AppState, request: &Request) -> Result<Response, ApiError> {
     state.auth.admin(&request.headers)?;
     let key = super::idempotency_key(&request.headers)?;
     let json = body_json(request)?;
-    let new_job = NewJob::parse(request.body.as_ref().map_err(clone_error)?)?;
+    let new_job = NewJob::parse(request.body_bytes()?)?;
     let job: Job = new_job.into_job(Uuid::now_v7(), Utc::now());
     let scope = KeyScope {
         principal: "admin".into(),
@@ -339,7 +333,7 @@ async fn submit_application(state: &AppState, request: &Request) -> Result<Respo
         .check_user(Action::Apply, &user.id, request.client)?;
     let key = super::idempotency_key(&request.headers)?;
     let json = body_json(request)?;
-    let new = NewApplication::parse(request.body.as_ref().map_err(clone_error)?)?;
+    let new = NewApplication::parse(request.body_bytes()?)?;
     let application = Application {
         id: Uuid::now_v7(),
         job_id: new.job_id,
@@ -421,7 +415,7 @@ async fn create_charge(state: &AppState, request: &Request) -> Result<Response, 
         .check_user(Action::Charge, &user.id, request.client)?;
     let key = super::idempotency_key(&request.headers)?.ok_or(ApiError::IdempotencyKeyMissing)?;
     let json = body_json(request)?;
-    let new = NewCharge::parse(request.body.as_ref().map_err(clone_error)?)?;
+    let new = NewCharge::parse(request.body_bytes()?)?;
     let charge = new.into_charge(Uuid::now_v7(), user.id.clone(), Utc::now());
     let scope = KeyScope {
         principal: user.principal(),
@@ -456,7 +450,7 @@ fn dev_login(state: &AppState, request: &Request) -> Result<Response, ApiError> 
         return Err(ApiError::DevLoginDisabled);
     }
     state.limits.check(Action::DevLogin, request.client)?;
-    let body = request.body.as_ref().map_err(clone_error)?;
+    let body = request.body_bytes()?;
     let login: DevLogin = parse_json(body)?;
     let email = login.email.trim().to_ascii_lowercase();
     if !crate::domain::valid_email(&email) {

@@ -21,7 +21,6 @@ use serde::Deserialize;
 use warp::reply::Response;
 
 use super::problem::{json_response, ApiError};
-use super::public::clone_error;
 use super::{AppState, Request};
 use crate::domain::EmailEvent;
 use crate::store::{ProviderEvent, MAX_EVENT_TEXT};
@@ -86,7 +85,7 @@ pub async fn resend(state: &AppState, request: &Request) -> Result<Response, Api
     let Some(verifier) = state.webhooks.as_deref() else {
         return Err(ApiError::WebhooksNotConfigured);
     };
-    let body = request.body.as_ref().map_err(clone_error)?;
+    let body = request.body_bytes()?;
     if let Err(error) = verifier.verify(body, &request.headers) {
         m::webhook_event("unverified", "rejected");
         tracing::warn!(%error, "a webhook to /webhooks/resend did not verify; refused");

@@ -316,6 +316,25 @@ pub(crate) struct DoneEvent<'a> {
     pub(crate) provider_id: Option<&'a str>,
 }
 
+impl DoneEvent<'static> {
+    /// A single delivery's record (no provider id).
+    pub(crate) fn delivered(
+        consumer: Consumer,
+        event_id: Uuid,
+        aggregate_id: Uuid,
+        attempt: i32,
+    ) -> Self {
+        DoneEvent {
+            consumer,
+            event_id,
+            aggregate_id,
+            attempt,
+            settled: Settled::Delivered,
+            provider_id: None,
+        }
+    }
+}
+
 /// The record of a copy admitted as [`Admission::Suppressed`].
 pub(crate) fn suppressed_record(
     consumer: Consumer,

@@ -102,6 +102,141 @@ pub(crate) fn suppression_from_row(row: &impl Columns) -> Result<Suppression, sq
     })
 }
 
+/// A sent email a report names: its application, its address and the
+/// report it has.
+pub(crate) struct SentEmail {
+    pub(crate) application: Uuid,
+    pub(crate) address: String,
+    pub(crate) report: Option<EmailReport>,
+}
+
+/// The per-table operations recording a report needs, on one backend's open
+/// transaction. The steps that use them ([`record_report`],
+/// [`apply_waiting_reports`]) are written once, here.
+#[async_trait]
+pub(crate) trait ReportTx: Send {
+    /// Keeps a delivery's id and what it says; `false` when the id was
+    /// kept before (a redelivery).
+    async fn insert_event(&mut self, event: &ProviderEvent) -> Result<bool, StoreError>;
+    async fn set_outcome(&mut self, id: &str, outcome: &str) -> Result<(), StoreError>;
+    /// Orders this transaction with any other one that records these
+    /// emails' sends or reports, held to its commit (Postgres: an advisory
+    /// lock per id, in one order; SQLite has one writer already).
+    async fn lock_emails(&mut self, email_ids: &[&str]) -> Result<(), StoreError>;
+    /// The sent emails with this provider id, locked for update.
+    async fn sent_emails(&mut self, email_id: &str) -> Result<Vec<SentEmail>, StoreError>;
+    async fn set_report(
+        &mut self,
+        application: Uuid,
+        report: EmailReport,
+    ) -> Result<(), StoreError>;
+    /// Suppresses `address` (already [`crate::domain::address_key`]ed),
+    /// unless it is suppressed already.
+    async fn suppress(
+        &mut self,
+        address: &str,
+        reason: SuppressionReason,
+        email_id: &str,
+        application: Uuid,
+    ) -> Result<(), StoreError>;
+    /// Reports that named one of `email_ids` before its send was recorded
+    /// (`unknown_email`), in arrival order: (delivery id, email id, event).
+    async fn waiting_reports(
+        &mut self,
+        email_ids: &[&str],
+    ) -> Result<Vec<(String, String, EmailEvent)>, StoreError>;
+}
+
+/// Records one verified report: its id (a repeat changes nothing), then
+/// what it does to the email it names.
+pub(crate) async fn record_report(
+    tx: &mut impl ReportTx,
+    event: &ProviderEvent,
+) -> Result<Recorded, StoreError> {
+    if !tx.insert_event(event).await? {
+        return Ok(Recorded::Duplicate);
+    }
+    let recorded = match (event.event, &event.email_id) {
+        (Some(email_event), Some(email_id)) => {
+            tx.lock_emails(&[email_id.as_str()]).await?;
+            apply_to_email(tx, email_id, email_event).await?
+        }
+        (Some(_), None) => Recorded::UnknownEmail,
+        (None, _) => Recorded::Ignored,
+    };
+    tx.set_outcome(&event.id, recorded.outcome()).await?;
+    Ok(recorded)
+}
+
+/// Applies `event` to the sent emails with `email_id`: their report
+/// ([`apply_event`]) and their address's suppression.
+async fn apply_to_email(
+    tx: &mut impl ReportTx,
+    email_id: &str,
+    event: EmailEvent,
+) -> Result<Recorded, StoreError> {
+    let emails = tx.sent_emails(email_id).await?;
+    let mut recorded = if emails.is_empty() {
+        Recorded::UnknownEmail
+    } else {
+        Recorded::Unchanged
+    };
+    for email in emails {
+        let applied = apply_event(event, email.report);
+        if let Recorded::Applied { report, suppressed } = applied {
+            if let Some(report) = report {
+                tx.set_report(email.application, report).await?;
+            }
+            if let Some(reason) = suppressed {
+                let address = crate::domain::address_key(&email.address);
+                tx.suppress(&address, reason, email_id, email.application)
+                    .await?;
+            }
+            recorded = applied;
+        }
+    }
+    Ok(recorded)
+}
+
+/// Applies the reports that arrived before the sends of `email_ids` were
+/// recorded, in the transaction that records the sends (which took
+/// [`ReportTx::lock_emails`] before the emails got their ids).
+pub(crate) async fn apply_waiting_reports(
+    tx: &mut impl ReportTx,
+    email_ids: &[&str],
+) -> Result<(), StoreError> {
+    if email_ids.is_empty() {
+        return Ok(());
+    }
+    for (id, email_id, event) in tx.waiting_reports(email_ids).await? {
+        let recorded = apply_to_email(tx, &email_id, event).await?;
+        tx.set_outcome(&id, recorded.outcome()).await?;
+    }
+    Ok(())
+}
+
+/// The rows of [`ReportTx::waiting_reports`] (`id`, `event`, `email_id`); a
+/// row whose event this build does not know is passed over.
+pub(crate) fn waiting_from_rows<R>(
+    rows: &[R],
+) -> Result<Vec<(String, String, EmailEvent)>, StoreError>
+where
+    R: PlainColumns,
+{
+    let mut waiting = Vec::with_capacity(rows.len());
+    for row in rows {
+        let Some(event) = row
+            .optional_text("event")?
+            .as_deref()
+            .and_then(EmailEvent::parse)
+        else {
+            continue;
+        };
+        waiting.push((row.text("id")?, row.text("email_id")?, event));
+    }
+    Ok(waiting)
+}
+
 /// Longest `type` and `detail` kept of a report (they come from outside).
 pub const MAX_EVENT_TEXT: usize = 500;
 

@@ -1,6 +1,7 @@
 //! Deliveries and batches on Postgres: the outbox row (or the batch row)
 //! locked through the send, the outcome recorded in the same transaction.
 
+use super::provider_events::PgReports;
 use super::*;
 
 /// Records a delivered event: the consumer's inbox row, its effect (the
@@ -319,7 +320,7 @@ impl DeliveryStore for PgStore {
                     // them waits for this commit, or has committed before and
                     // is applied below.
                     let email_ids = provider_ids(&outcomes);
-                    Self::lock_emails(&mut tx, &email_ids).await?;
+                    PgReports { tx: &mut tx }.lock_emails(&email_ids).await?;
                     let records = member_records(
                         consumer,
                         &members,
@@ -334,7 +335,7 @@ impl DeliveryStore for PgStore {
                             MemberRecord::Dead(dead) => Self::record_dead(&mut tx, &dead).await?,
                         }
                     }
-                    Self::apply_waiting_reports(&mut tx, &email_ids).await?;
+                    apply_waiting_reports(&mut PgReports { tx: &mut tx }, &email_ids).await?;
                     sqlx::query(
                         "UPDATE send_batches SET settled_at = now(), attempts = $2
                           WHERE id = $1",
@@ -418,14 +419,8 @@ impl DeliveryStore for PgStore {
             match &decision {
                 DeliveryDecision::Done => {
                     // Inbox row, local effect and settling in one statement.
-                    let done = DoneEvent {
-                        consumer,
-                        event_id: envelope.event_id,
-                        aggregate_id,
-                        attempt,
-                        settled: Settled::Delivered,
-                        provider_id: None,
-                    };
+                    let done =
+                        DoneEvent::delivered(consumer, envelope.event_id, aggregate_id, attempt);
                     Self::record_done(&mut tx, &done).await?;
                 }
                 DeliveryDecision::Retry { after, error } => {

@@ -4,22 +4,49 @@
 //! is applied by that record's transaction.
 
 use super::*;
-use crate::domain::EmailEvent;
+use crate::domain::{EmailEvent, EmailReport, SuppressionReason};
 
 /// The class of Herald's advisory locks on an email's provider id (the
 /// two-number form, so no other advisory lock can collide with them).
 const EMAIL_LOCK_CLASS: i32 = 24;
 
-impl PgStore {
-    /// Serialises, per provider id, the recording of a report with the
-    /// recording of the send it is about. Without it each could commit
+/// [`ReportTx`] on a Postgres transaction.
+pub(super) struct PgReports<'t, 'c> {
+    pub(super) tx: &'t mut Transaction<'c, Postgres>,
+}
+
+#[async_trait]
+impl ReportTx for PgReports<'_, '_> {
+    async fn insert_event(&mut self, event: &ProviderEvent) -> Result<bool, StoreError> {
+        let inserted = sqlx::query(
+            "INSERT INTO provider_events (id, type, event, email_id, outcome, detail)
+             VALUES ($1, $2, $3, $4, 'pending', $5) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&event.id)
+        .bind(&event.kind)
+        .bind(event.event.map(EmailEvent::as_str))
+        .bind(&event.email_id)
+        .bind(&event.detail)
+        .execute(&mut **self.tx)
+        .await?
+        .rows_affected();
+        Ok(inserted == 1)
+    }
+
+    async fn set_outcome(&mut self, id: &str, outcome: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE provider_events SET outcome = $2 WHERE id = $1")
+            .bind(id)
+            .bind(outcome)
+            .execute(&mut **self.tx)
+            .await?;
+        Ok(())
+    }
+
+    /// Without it a report and the send it is about could each commit
     /// unseen by the other (the report finds no email yet, the send finds
     /// no report yet) and the report would wait forever. In hash order, so
     /// two holders never wait on each other crosswise.
-    pub(super) async fn lock_emails(
-        tx: &mut Transaction<'_, Postgres>,
-        email_ids: &[&str],
-    ) -> Result<(), StoreError> {
+    async fn lock_emails(&mut self, email_ids: &[&str]) -> Result<(), StoreError> {
         if email_ids.is_empty() {
             return Ok(());
         }
@@ -30,103 +57,80 @@ impl PgStore {
         )
         .bind(EMAIL_LOCK_CLASS)
         .bind(email_ids)
-        .execute(&mut **tx)
+        .execute(&mut **self.tx)
         .await?;
         Ok(())
     }
 
-    /// Applies `event` to the sent emails with `email_id` (row-locked):
-    /// their report ([`apply_event`]) and their address's suppression.
-    async fn apply_to_email(
-        tx: &mut Transaction<'_, Postgres>,
-        email_id: &str,
-        event: EmailEvent,
-    ) -> Result<Recorded, StoreError> {
-        let emails = sqlx::query(
+    async fn sent_emails(&mut self, email_id: &str) -> Result<Vec<SentEmail>, StoreError> {
+        let rows = sqlx::query(
             "SELECT id, email, email_report FROM applications
               WHERE email_id = $1 ORDER BY id FOR UPDATE",
         )
         .bind(email_id)
-        .fetch_all(&mut **tx)
+        .fetch_all(&mut **self.tx)
         .await?;
-        let mut recorded = if emails.is_empty() {
-            Recorded::UnknownEmail
-        } else {
-            Recorded::Unchanged
-        };
-        for row in &emails {
-            let id: Uuid = row.try_get("id")?;
-            let current = match row.optional_text("email_report")? {
-                Some(r) => crate::domain::parse_status(&r),
-                None => None,
-            };
-            let applied = apply_event(event, current);
-            if let Recorded::Applied { report, suppressed } = applied {
-                if let Some(report) = report {
-                    sqlx::query(
-                        "UPDATE applications SET email_report = $1, email_report_at = now()
-                          WHERE id = $2",
-                    )
-                    .bind(report.as_str())
-                    .bind(id)
-                    .execute(&mut **tx)
-                    .await?;
-                }
-                if let Some(reason) = suppressed {
-                    let address: String = row.try_get("email")?;
-                    sqlx::query(
-                        "INSERT INTO suppressions (address, reason, email_id, application_id)
-                         VALUES ($1, $2, $3, $4) ON CONFLICT (address) DO NOTHING",
-                    )
-                    .bind(crate::domain::address_key(&address))
-                    .bind(reason.as_str())
-                    .bind(email_id)
-                    .bind(id)
-                    .execute(&mut **tx)
-                    .await?;
-                }
-                recorded = applied;
-            }
-        }
-        Ok(recorded)
+        rows.iter()
+            .map(|row| {
+                Ok(SentEmail {
+                    application: row.try_get("id")?,
+                    address: row.try_get("email")?,
+                    report: row
+                        .optional_text("email_report")?
+                        .and_then(|r| crate::domain::parse_status(&r)),
+                })
+            })
+            .collect()
     }
 
-    /// Applies the reports that arrived before the sends of `email_ids`
-    /// were recorded (they wait as `unknown_email`), in arrival order, in
-    /// the transaction that records the sends (which holds their locks).
-    pub(super) async fn apply_waiting_reports(
-        tx: &mut Transaction<'_, Postgres>,
-        email_ids: &[&str],
+    async fn set_report(
+        &mut self,
+        application: Uuid,
+        report: EmailReport,
     ) -> Result<(), StoreError> {
-        if email_ids.is_empty() {
-            return Ok(());
-        }
-        let waiting = sqlx::query(
+        sqlx::query(
+            "UPDATE applications SET email_report = $1, email_report_at = now() WHERE id = $2",
+        )
+        .bind(report.as_str())
+        .bind(application)
+        .execute(&mut **self.tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn suppress(
+        &mut self,
+        address: &str,
+        reason: SuppressionReason,
+        email_id: &str,
+        application: Uuid,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO suppressions (address, reason, email_id, application_id)
+             VALUES ($1, $2, $3, $4) ON CONFLICT (address) DO NOTHING",
+        )
+        .bind(address)
+        .bind(reason.as_str())
+        .bind(email_id)
+        .bind(application)
+        .execute(&mut **self.tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn waiting_reports(
+        &mut self,
+        email_ids: &[&str],
+    ) -> Result<Vec<(String, String, EmailEvent)>, StoreError> {
+        let rows = sqlx::query(
             "SELECT id, event, email_id FROM provider_events
               WHERE outcome = 'unknown_email' AND email_id = ANY($1)
               ORDER BY received_at, id",
         )
         .bind(email_ids)
-        .fetch_all(&mut **tx)
+        .fetch_all(&mut **self.tx)
         .await?;
-        for row in &waiting {
-            let id: String = row.try_get("id")?;
-            let email_id: String = row.try_get("email_id")?;
-            let Some(event) = row
-                .optional_text("event")?
-                .as_deref()
-                .and_then(EmailEvent::parse)
-            else {
-                continue;
-            };
-            let recorded = Self::apply_to_email(tx, &email_id, event).await?;
-            sqlx::query("UPDATE provider_events SET outcome = $2 WHERE id = $1")
-                .bind(&id)
-                .bind(recorded.outcome())
-                .execute(&mut **tx)
-                .await?;
-        }
-        Ok(())
+        waiting_from_rows(&rows)
     }
 }
 
@@ -140,35 +144,7 @@ impl ProviderEventStore for PgStore {
             let mut tx = conn
                 .begin_with("BEGIN; SET LOCAL lock_timeout = '5s'")
                 .await?;
-            let new = sqlx::query(
-                "INSERT INTO provider_events (id, type, event, email_id, outcome, detail)
-                 VALUES ($1, $2, $3, $4, 'pending', $5) ON CONFLICT (id) DO NOTHING",
-            )
-            .bind(&event.id)
-            .bind(&event.kind)
-            .bind(event.event.map(EmailEvent::as_str))
-            .bind(&event.email_id)
-            .bind(&event.detail)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-                == 1;
-            if !new {
-                return Ok(Recorded::Duplicate);
-            }
-            let recorded = match (event.event, &event.email_id) {
-                (Some(email_event), Some(email_id)) => {
-                    Self::lock_emails(&mut tx, &[email_id.as_str()]).await?;
-                    Self::apply_to_email(&mut tx, email_id, email_event).await?
-                }
-                (Some(_), None) => Recorded::UnknownEmail,
-                (None, _) => Recorded::Ignored,
-            };
-            sqlx::query("UPDATE provider_events SET outcome = $2 WHERE id = $1")
-                .bind(&event.id)
-                .bind(recorded.outcome())
-                .execute(&mut *tx)
-                .await?;
+            let recorded = record_report(&mut PgReports { tx: &mut tx }, event).await?;
             tx.commit().await?;
             Ok(recorded)
         }

@@ -2,6 +2,7 @@
 //! instead of a lock held through the send, the outcome recorded in a second
 //! transaction fenced on the lease.
 
+use super::provider_events::SqliteReports;
 use super::*;
 
 /// How long a consumer's lease on an outbox row lasts: longer than any one
@@ -323,7 +324,8 @@ impl DeliveryStore for SqliteStore {
                 MemberRecord::Dead(dead) => Self::record_dead(&mut tx, &dead, now).await?,
             }
         }
-        Self::apply_waiting_reports(&mut tx, &provider_ids(&outcomes), now).await?;
+        let email_ids = provider_ids(&outcomes);
+        apply_waiting_reports(&mut SqliteReports { tx: &mut tx, now }, &email_ids).await?;
         // Failpoint: a crash with the outcome written, before the commit.
         fail::fail_point!("batch-before-commit", |_| std::process::abort());
         tx.commit().await?;
@@ -415,14 +417,7 @@ impl DeliveryStore for SqliteStore {
         }
         match &decision {
             DeliveryDecision::Done => {
-                let done = DoneEvent {
-                    consumer,
-                    event_id: envelope.event_id,
-                    aggregate_id,
-                    attempt,
-                    settled: Settled::Delivered,
-                    provider_id: None,
-                };
+                let done = DoneEvent::delivered(consumer, envelope.event_id, aggregate_id, attempt);
                 Self::record_done(&mut tx, &done, now).await?;
             }
             DeliveryDecision::Retry { after, error } => {

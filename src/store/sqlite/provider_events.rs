@@ -4,102 +4,119 @@
 //! two never overlap).
 
 use super::*;
-use crate::domain::EmailEvent;
+use crate::domain::{EmailEvent, EmailReport, SuppressionReason};
 
-impl SqliteStore {
-    /// Applies `event` to the sent emails with `email_id`: their report
-    /// ([`apply_event`]) and their address's suppression.
-    async fn apply_to_email(
-        tx: &mut Transaction<'_, Sqlite>,
-        email_id: &str,
-        event: EmailEvent,
-        now: i64,
-    ) -> Result<Recorded, StoreError> {
-        let emails = sqlx::query(
+/// [`ReportTx`] on SQLite's write transaction (`now` its instant).
+pub(super) struct SqliteReports<'t, 'c> {
+    pub(super) tx: &'t mut Transaction<'c, Sqlite>,
+    pub(super) now: i64,
+}
+
+#[async_trait]
+impl ReportTx for SqliteReports<'_, '_> {
+    async fn insert_event(&mut self, event: &ProviderEvent) -> Result<bool, StoreError> {
+        let inserted = sqlx::query(
+            "INSERT INTO provider_events (id, type, event, email_id, outcome, detail, received_at)
+             VALUES (?, ?, ?, ?, 'pending', ?, ?) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&event.id)
+        .bind(&event.kind)
+        .bind(event.event.map(EmailEvent::as_str))
+        .bind(&event.email_id)
+        .bind(&event.detail)
+        .bind(self.now)
+        .execute(&mut **self.tx)
+        .await?
+        .rows_affected();
+        Ok(inserted == 1)
+    }
+
+    async fn set_outcome(&mut self, id: &str, outcome: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE provider_events SET outcome = ? WHERE id = ?")
+            .bind(outcome)
+            .bind(id)
+            .execute(&mut **self.tx)
+            .await?;
+        Ok(())
+    }
+
+    /// One writer: a report and a send's record never overlap.
+    async fn lock_emails(&mut self, _email_ids: &[&str]) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn sent_emails(&mut self, email_id: &str) -> Result<Vec<SentEmail>, StoreError> {
+        let rows = sqlx::query(
             "SELECT id, email, email_report FROM applications WHERE email_id = ? ORDER BY id",
         )
         .bind(email_id)
-        .fetch_all(&mut **tx)
+        .fetch_all(&mut **self.tx)
         .await?;
-        let mut recorded = if emails.is_empty() {
-            Recorded::UnknownEmail
-        } else {
-            Recorded::Unchanged
-        };
-        for row in &emails {
-            let id: String = row.try_get("id")?;
-            let current = match row.optional_text("email_report")? {
-                Some(r) => crate::domain::parse_status(&r),
-                None => None,
-            };
-            let applied = apply_event(event, current);
-            if let Recorded::Applied { report, suppressed } = applied {
-                if let Some(report) = report {
-                    sqlx::query(
-                        "UPDATE applications SET email_report = ?, email_report_at = ? WHERE id = ?",
-                    )
-                    .bind(report.as_str())
-                    .bind(now)
-                    .bind(&id)
-                    .execute(&mut **tx)
-                    .await?;
-                }
-                if let Some(reason) = suppressed {
-                    let address: String = row.try_get("email")?;
-                    sqlx::query(
-                        "INSERT INTO suppressions
-                             (address, reason, email_id, application_id, suppressed_at)
-                         VALUES (?, ?, ?, ?, ?) ON CONFLICT (address) DO NOTHING",
-                    )
-                    .bind(crate::domain::address_key(&address))
-                    .bind(reason.as_str())
-                    .bind(email_id)
-                    .bind(&id)
-                    .bind(now)
-                    .execute(&mut **tx)
-                    .await?;
-                }
-                recorded = applied;
-            }
-        }
-        Ok(recorded)
+        rows.iter()
+            .map(|row| {
+                Ok(SentEmail {
+                    application: uuid_column(row, "id")?,
+                    address: row.try_get("email")?,
+                    report: row
+                        .optional_text("email_report")?
+                        .and_then(|r| crate::domain::parse_status(&r)),
+                })
+            })
+            .collect()
     }
 
-    /// Applies the reports that arrived before the sends of `email_ids`
-    /// were recorded (they wait as `unknown_email`), in arrival order, in
-    /// the transaction that records the sends.
-    pub(super) async fn apply_waiting_reports(
-        tx: &mut Transaction<'_, Sqlite>,
-        email_ids: &[&str],
-        now: i64,
+    async fn set_report(
+        &mut self,
+        application: Uuid,
+        report: EmailReport,
     ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE applications SET email_report = ?, email_report_at = ? WHERE id = ?")
+            .bind(report.as_str())
+            .bind(self.now)
+            .bind(application.to_string())
+            .execute(&mut **self.tx)
+            .await?;
+        Ok(())
+    }
+
+    async fn suppress(
+        &mut self,
+        address: &str,
+        reason: SuppressionReason,
+        email_id: &str,
+        application: Uuid,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO suppressions (address, reason, email_id, application_id, suppressed_at)
+             VALUES (?, ?, ?, ?, ?) ON CONFLICT (address) DO NOTHING",
+        )
+        .bind(address)
+        .bind(reason.as_str())
+        .bind(email_id)
+        .bind(application.to_string())
+        .bind(self.now)
+        .execute(&mut **self.tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn waiting_reports(
+        &mut self,
+        email_ids: &[&str],
+    ) -> Result<Vec<(String, String, EmailEvent)>, StoreError> {
+        let mut waiting = Vec::new();
         for email_id in email_ids {
-            let waiting = sqlx::query(
-                "SELECT id, event FROM provider_events
+            let rows = sqlx::query(
+                "SELECT id, event, email_id FROM provider_events
                   WHERE outcome = 'unknown_email' AND email_id = ?
                   ORDER BY received_at, id",
             )
             .bind(email_id)
-            .fetch_all(&mut **tx)
+            .fetch_all(&mut **self.tx)
             .await?;
-            for row in &waiting {
-                let id: String = row.try_get("id")?;
-                let Some(event) = row
-                    .optional_text("event")?
-                    .as_deref()
-                    .and_then(EmailEvent::parse)
-                else {
-                    continue;
-                };
-                let recorded = Self::apply_to_email(tx, email_id, event, now).await?;
-                sqlx::query("UPDATE provider_events SET outcome = ? WHERE id = ?")
-                    .bind(recorded.outcome())
-                    .bind(&id)
-                    .execute(&mut **tx)
-                    .await?;
-            }
+            waiting.extend(waiting_from_rows(&rows)?);
         }
-        Ok(())
+        Ok(waiting)
     }
 }
 
@@ -109,35 +126,7 @@ impl ProviderEventStore for SqliteStore {
     async fn record_provider_event(&self, event: &ProviderEvent) -> Result<Recorded, StoreError> {
         let mut tx = self.write().await?;
         let now = now_us();
-        let new = sqlx::query(
-            "INSERT INTO provider_events (id, type, event, email_id, outcome, detail, received_at)
-             VALUES (?, ?, ?, ?, 'pending', ?, ?) ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(&event.id)
-        .bind(&event.kind)
-        .bind(event.event.map(EmailEvent::as_str))
-        .bind(&event.email_id)
-        .bind(&event.detail)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        if !new {
-            return Ok(Recorded::Duplicate);
-        }
-        let recorded = match (event.event, &event.email_id) {
-            (Some(email_event), Some(email_id)) => {
-                Self::apply_to_email(&mut tx, email_id, email_event, now).await?
-            }
-            (Some(_), None) => Recorded::UnknownEmail,
-            (None, _) => Recorded::Ignored,
-        };
-        sqlx::query("UPDATE provider_events SET outcome = ? WHERE id = ?")
-            .bind(recorded.outcome())
-            .bind(&event.id)
-            .execute(&mut *tx)
-            .await?;
+        let recorded = record_report(&mut SqliteReports { tx: &mut tx, now }, event).await?;
         tx.commit().await?;
         Ok(recorded)
     }
