@@ -195,7 +195,11 @@ impl EmailSender {
             self.args.pacer.until_free().await;
             gather(&mut inbox, &mut waiting, self.args.max_batch);
             if !waiting.is_empty() && waiting.len() < self.args.max_batch {
-                let deadline = tokio::time::Instant::now() + self.args.linger;
+                // Checked: a linger no clock can express is "as long as it takes".
+                let now = tokio::time::Instant::now();
+                let deadline = now
+                    .checked_add(self.args.linger)
+                    .unwrap_or_else(|| now + Duration::from_secs(86_400));
                 while waiting.len() < self.args.max_batch {
                     match tokio::time::timeout_at(deadline, inbox.recv()).await {
                         Ok(Some(w)) => waiting.push(w),

@@ -300,7 +300,6 @@ fn body_json(request: &Request) -> Result<serde_json::Value, ApiError> {
     Ok(parse_json(body)?)
 }
 
-
 async fn post_job(state: &AppState, request: &Request) -> Result<Response, ApiError> {
     state.auth.admin(&request.headers)?;
     let key = super::idempotency_key(&request.headers)?;
