@@ -211,17 +211,32 @@ fn pgbench_script() -> String {
             &payload,
             "'job_title'",
             "'company'",
+            "'open'",
         ],
     );
     format!("\\set uid random(1, 9000000000000000000)\n{claim} \\gset\n{submit};\n")
 }
 
-/// Replaces `$1`…`$n` (highest first, so `$1` never eats `$12`).
+/// Replaces each whole `$n` with `values[n - 1]`. A parameter with no value
+/// is left as it is, so the statement fails loudly (and the unit test below
+/// sees it) instead of `$20` silently becoming the first value and a `0`.
 fn substitute(sql: &str, values: &[&str]) -> String {
-    let mut out = sql.to_string();
-    for (i, value) in values.iter().enumerate().rev() {
-        out = out.replace(&format!("${}", i + 1), value);
+    let mut out = String::with_capacity(sql.len());
+    let mut rest = sql;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let digits = rest[at + 1..]
+            .bytes()
+            .take_while(u8::is_ascii_digit)
+            .count();
+        let number = rest[at + 1..at + 1 + digits].parse::<usize>().ok();
+        match number.and_then(|n| values.get(n.checked_sub(1)?)) {
+            Some(value) => out.push_str(value),
+            None => out.push_str(&rest[at..at + 1 + digits]),
+        }
+        rest = &rest[at + 1 + digits..];
     }
+    out.push_str(rest);
     out
 }
 
@@ -874,5 +889,10 @@ mod tests {
         let twelve: Vec<String> = (1..=12).map(|i| format!("v{i}")).collect();
         let refs: Vec<&str> = twelve.iter().map(String::as_str).collect();
         assert_eq!(substitute("$1 $12 $2", &refs), "v1 v12 v2");
+        assert_eq!(
+            substitute("$13 $1", &refs),
+            "$13 v1",
+            "a parameter without a value stays"
+        );
     }
 }
