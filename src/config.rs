@@ -432,14 +432,15 @@ pub struct LogConfig {
 /// The longest retry window and provider-imposed delay allowed: a day.
 const MAX_RETRY_DELAY_MS: u64 = 86_400_000;
 
-/// The HMAC key of a Svix-style signing secret (`whsec_<base64>`), if it is one.
-pub fn webhook_key(secret: &str) -> Option<Vec<u8>> {
+/// Whether `secret` is a Svix-style signing secret: `whsec_` and the
+/// base64 of a key that is not empty.
+pub fn is_webhook_secret(secret: &str) -> bool {
     use base64::Engine;
-    let encoded = secret.trim().strip_prefix("whsec_")?;
-    base64::engine::general_purpose::STANDARD
-        .decode(encoded)
-        .ok()
-        .filter(|key| !key.is_empty())
+    secret.trim().strip_prefix("whsec_").is_some_and(|encoded| {
+        base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .is_ok_and(|key| !key.is_empty())
+    })
 }
 
 /// Turns figment's errors into one message naming each key as it is written
@@ -780,7 +781,7 @@ impl Config {
             self.email
                 .webhook_secret
                 .as_ref()
-                .is_none_or(|s| webhook_key(s.expose()).is_some()),
+                .is_none_or(|s| is_webhook_secret(s.expose())),
             "email.webhook_secret",
             "must be the signing secret Resend shows for the webhook: `whsec_` and base64",
         )?;

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::domain::ApplicationSubmitted;
-pub use reply::{MemberAnswer, SendError, PROVIDER_REPLY_INVALID};
+pub use reply::{MemberAnswer, SendError};
 
 /// One email, ready to send.
 #[derive(Debug, Clone, PartialEq)]

@@ -30,7 +30,7 @@ use crate::telemetry::metrics as m;
 pub type WebhookVerifier = svix::webhooks::Webhook;
 
 /// The verifier for a configured secret (checked at load:
-/// [`crate::config::webhook_key`]).
+/// [`crate::config::is_webhook_secret`]).
 pub fn verifier(secret: &str) -> Result<WebhookVerifier, String> {
     svix::webhooks::Webhook::new(secret.trim()).map_err(|e| e.to_string())
 }
