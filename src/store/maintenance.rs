@@ -96,6 +96,16 @@ impl Invariant {
     }
 }
 
+/// Tables the janitor empties by age alone, with the instant that ages each
+/// row: settled batches (their members settled with them), and the
+/// provider's reports past its redelivery window (it stops retrying a
+/// message after about a day and a half). Written here once for both
+/// backends' deletes.
+pub(crate) const PURGED_BY_AGE: [(&str, &str); 2] = [
+    ("send_batches", "settled_at"),
+    ("provider_events", "received_at"),
+];
+
 /// What one janitor pass deleted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Purged {

@@ -448,11 +448,35 @@ async fn the_store_tells_the_same_story(backend: Backend) {
     assert_eq!(audit.len(), Invariant::ALL.len());
     assert!(audit.iter().all(|(_, n)| *n == 0), "{audit:?}");
 
+    // The provider's reports: recorded once by their id; one about an email
+    // no send has named waits as unknown.
+    let report = herald::store::ProviderEvent {
+        id: "msg_story".into(),
+        kind: "email.delivered".into(),
+        event: Some(herald::domain::EmailEvent::Delivered),
+        email_id: Some("not-sent-yet".into()),
+        detail: None,
+    };
+    assert_eq!(
+        store.record_provider_event(&report).await.unwrap(),
+        herald::store::Recorded::UnknownEmail
+    );
+    assert_eq!(
+        store.record_provider_event(&report).await.unwrap(),
+        herald::store::Recorded::Duplicate
+    );
+
     // The janitor: with no retention, the settled rows and their inbox rows go.
     let purged = store.purge_expired(100, Duration::ZERO).await.unwrap();
     assert_eq!(purged.outbox, 3, "{purged:?}");
     assert_eq!(purged.inbox, 2, "{purged:?}");
     assert_eq!(store.outbox_stats().await.unwrap().pending, 0);
+    // Reports too: the same id is new again once its row is gone.
+    assert_eq!(
+        store.record_provider_event(&report).await.unwrap(),
+        herald::store::Recorded::UnknownEmail,
+        "the janitor let the old report go"
+    );
     // A copy of a purged event is gone, and nothing is delivered twice.
     assert_eq!(
         deliver(&store, &ada_copy, DeliveryDecision::Done).await,

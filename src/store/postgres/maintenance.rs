@@ -83,29 +83,18 @@ impl MaintenanceStore for PgStore {
             .execute(&mut *conn)
             .await?
             .rows_affected();
-            // Settled batches: their members settled with them.
-            sqlx::query(
-                "DELETE FROM send_batches WHERE id IN (
-                     SELECT id FROM send_batches
-                      WHERE settled_at < now() - make_interval(secs => $2)
-                      LIMIT $1 FOR UPDATE SKIP LOCKED)",
-            )
-            .bind(batch)
-            .bind(retention)
-            .execute(&mut *conn)
-            .await?;
-            // Reports past the provider's redelivery window (it stops
-            // retrying a message after about a day and a half).
-            sqlx::query(
-                "DELETE FROM provider_events WHERE id IN (
-                     SELECT id FROM provider_events
-                      WHERE received_at < now() - make_interval(secs => $2)
-                      LIMIT $1 FOR UPDATE SKIP LOCKED)",
-            )
-            .bind(batch)
-            .bind(retention)
-            .execute(&mut *conn)
-            .await?;
+            for (table, aged_by) in PURGED_BY_AGE {
+                sqlx::query(AssertSqlSafe(format!(
+                    "DELETE FROM {table} WHERE id IN (
+                         SELECT id FROM {table}
+                          WHERE {aged_by} < now() - make_interval(secs => $2)
+                          LIMIT $1 FOR UPDATE SKIP LOCKED)"
+                )))
+                .bind(batch)
+                .bind(retention)
+                .execute(&mut *conn)
+                .await?;
+            }
             Ok(Purged {
                 keys,
                 outbox,

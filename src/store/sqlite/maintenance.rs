@@ -69,24 +69,16 @@ impl MaintenanceStore for SqliteStore {
         .execute(&self.writer)
         .await?
         .rows_affected();
-        // Settled batches: their members settled with them.
-        sqlx::query(
-            "DELETE FROM send_batches WHERE rowid IN (
-                 SELECT rowid FROM send_batches WHERE settled_at < ? LIMIT ?)",
-        )
-        .bind(horizon)
-        .bind(batch)
-        .execute(&self.writer)
-        .await?;
-        // Reports past the provider's redelivery window.
-        sqlx::query(
-            "DELETE FROM provider_events WHERE rowid IN (
-                 SELECT rowid FROM provider_events WHERE received_at < ? LIMIT ?)",
-        )
-        .bind(horizon)
-        .bind(batch)
-        .execute(&self.writer)
-        .await?;
+        for (table, aged_by) in PURGED_BY_AGE {
+            sqlx::query(AssertSqlSafe(format!(
+                "DELETE FROM {table} WHERE rowid IN (
+                     SELECT rowid FROM {table} WHERE {aged_by} < ? LIMIT ?)"
+            )))
+            .bind(horizon)
+            .bind(batch)
+            .execute(&self.writer)
+            .await?;
+        }
         Ok(Purged {
             keys,
             outbox,
