@@ -4,8 +4,13 @@
 //! optimisation only. It holds one of two things:
 //! - the in-flight marker [`IN_FLIGHT`], planted with `SET NX PX <lease>`, so
 //!   a concurrent duplicate is answered 409 without touching the database;
-//! - the completed outcome (fingerprint, status, body as JSON), written over
-//!   the marker on completion, so a replay costs no database query.
+//! - the completed outcome (fingerprint, status, and the body when it is at
+//!   most [`CACHED_BODY_MAX`] bytes, as JSON), written over the marker on
+//!   completion, so a replay of a small outcome costs no database query.
+//!   A larger body stays in the database alone (a key then costs about
+//!   250 bytes of Redis; a cached body at most about 1.3 KB): the broker's
+//!   streams share this Redis, and a day of 40 KB cover letters must not
+//!   push them out.
 //!
 //! One command does the whole lookup: `SET key IN_FLIGHT NX PX lease GET`
 //! either plants the marker (reply nil: the caller is first) or leaves the
@@ -43,24 +48,42 @@ pub enum HotTierError {
     Corrupt(String),
 }
 
+/// The largest response body the hot tier keeps; a replay of a larger one
+/// reads the database.
+pub const CACHED_BODY_MAX: usize = 1024;
+
 /// A completed outcome as cached in Redis.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CachedOutcome {
     /// Hex fingerprint of the request that produced the response.
     pub fp: String,
     pub status: u16,
-    pub body: String,
+    /// The response body, if it is small enough to cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
 }
 
 impl CachedOutcome {
+    /// The outcome of `response` to the request fingerprinted `fp`, its body
+    /// kept only up to [`CACHED_BODY_MAX`] bytes.
+    pub fn of(fp: Fingerprint, response: &StoredResponse) -> CachedOutcome {
+        CachedOutcome {
+            fp: fp.to_hex(),
+            status: response.status,
+            body: (response.body.len() <= CACHED_BODY_MAX).then(|| response.body.clone()),
+        }
+    }
+
     pub fn matches(&self, fp: Fingerprint) -> bool {
         self.fp == fp.to_hex()
     }
-    pub fn response(self) -> StoredResponse {
-        StoredResponse {
+
+    /// The response to replay, when its body was cached.
+    pub fn response(self) -> Option<StoredResponse> {
+        Some(StoredResponse {
             status: self.status,
-            body: self.body,
-        }
+            body: self.body?,
+        })
     }
 }
 

@@ -144,11 +144,7 @@ impl Idempotency {
     /// Caches a committed outcome in Redis, over the in-flight marker.
     async fn cache(&self, lease: &KeyLease, response: &StoredResponse) {
         if let Some(hot) = self.hot() {
-            let outcome = CachedOutcome {
-                fp: lease.fingerprint.to_hex(),
-                status: response.status,
-                body: response.body.clone(),
-            };
+            let outcome = CachedOutcome::of(lease.fingerprint, response);
             // The database keeps the key until at least `forgotten_by`
             // (measured from before the claim was sent), so this never
             // outlives it.
@@ -182,12 +178,14 @@ impl Idempotency {
         if let Some(hot) = hot {
             match hot.lookup_or_mark(&digest, claim.lease).await {
                 Ok(FastPath::Cached(cached)) => {
-                    return Ok(if cached.matches(claim.fingerprint) {
-                        // Redis expires it; the remaining time is not needed.
-                        KeyClaim::Replay(cached.response(), Duration::ZERO)
-                    } else {
-                        KeyClaim::Mismatch
-                    });
+                    if !cached.matches(claim.fingerprint) {
+                        return Ok(KeyClaim::Mismatch);
+                    }
+                    // Redis expires it; the remaining time is not needed. A
+                    // body too large to cache is read from the database.
+                    if let Some(response) = cached.response() {
+                        return Ok(KeyClaim::Replay(response, Duration::ZERO));
+                    }
                 }
                 Ok(FastPath::Marked) => marked = true,
                 // Someone holds the marker: a concurrent duplicate, answered
@@ -208,11 +206,7 @@ impl Idempotency {
                 // database keeps the key — Redis must never answer for a key
                 // the database has forgotten.
                 Ok(KeyClaim::Replay(response, remaining)) if !remaining.is_zero() => {
-                    let outcome = CachedOutcome {
-                        fp: claim.fingerprint.to_hex(),
-                        status: response.status,
-                        body: response.body.clone(),
-                    };
+                    let outcome = CachedOutcome::of(claim.fingerprint, response);
                     hot.store_completed(&digest, &outcome, *remaining).await
                 }
                 _ if marked => hot.clear_in_flight(&digest).await,
