@@ -100,6 +100,12 @@ impl TokenBucket {
         self.tokens = self.tokens.min(1.0 - owed);
     }
 
+    /// From `now` on, `rate` tokens per second (> 0); what was held stays.
+    pub fn set_rate(&mut self, rate: f64, now: Instant) {
+        self.refill(now);
+        self.rate = rate.max(1e-9);
+    }
+
     /// Whether the bucket is full again at `now` (its client can be forgotten).
     pub fn is_full(&mut self, now: Instant) -> bool {
         self.refill(now);
@@ -153,6 +159,11 @@ impl Pacer {
     /// No slot before `pause` from now (the provider said 429).
     pub fn hold_off(&self, pause: Duration) {
         self.with(|b, now| b.hold_off(pause, now));
+    }
+
+    /// `per_sec` slots a second from now on.
+    pub fn set_rate(&self, per_sec: f64) {
+        self.with(|b, now| b.set_rate(per_sec, now));
     }
 }
 

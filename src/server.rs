@@ -85,7 +85,7 @@ fn required<'a>(
 }
 
 /// The email transport `email.transport` names.
-fn email_transport(config: &Config) -> anyhow::Result<Arc<dyn Transport>> {
+fn email_transport(config: &Config, pacer: &Arc<SendPacer>) -> anyhow::Result<Arc<dyn Transport>> {
     match config.email.transport.as_str() {
         "file" => {
             let dir = config.state_dir.join("mail");
@@ -108,7 +108,8 @@ fn email_transport(config: &Config) -> anyhow::Result<Arc<dyn Transport>> {
             .map_err(|message| ConfigError::Invalid {
                 key: "email.resend_base_url",
                 message: format!("{message} (RESEND_BASE_URL)"),
-            })?;
+            })?
+            .advertising_to(pacer.clone());
             Ok(Arc::new(transport))
         }
         other => Err(ConfigError::Invalid {
@@ -190,6 +191,20 @@ fn pipeline_args(
         config.email.max_batch as usize,
         config.email.workers as usize,
     );
+    // `email.max_per_sec` is the provider account's: with Redis, every
+    // process takes its slots from one limiter there.
+    let pacer = Arc::new(match &config.redis_url {
+        Some(url) => SendPacer::shared(
+            config.email.max_per_sec,
+            crate::redis_client::client(
+                url.expose(),
+                Duration::from_millis(config.redis.command_timeout_ms),
+            )
+            .context("configuration key `redis_url`")?,
+            pool.consumer_name.clone(),
+        ),
+        None => SendPacer::new(config.email.max_per_sec),
+    });
     let sender = ConsumerArgs {
         pool: PoolArgs {
             // The reader keeps up to two batches' worth of copies in hand.
@@ -198,9 +213,9 @@ fn pipeline_args(
         },
         handler: Arc::new(EmailSender::new(EmailSenderArgs {
             store: store.clone(),
-            transport: email_transport(config)?,
+            transport: email_transport(config, &pacer)?,
             from: config.email.from.clone(),
-            pacer: Arc::new(SendPacer::new(config.email.max_per_sec)),
+            pacer,
             policy: RetryPolicy::from(&config.retry),
             budget,
             max_batch,

@@ -116,6 +116,11 @@ pub mod metrics {
     pub const CONNECTIONS_OPEN: &str = "herald_connections_open";
     /// Connections closed because a request head did not arrive in time.
     pub const CONNECTIONS_TIMED_OUT: &str = "herald_connections_header_timeout_total";
+    /// Connections reset because the peer took no bytes for the write timeout.
+    pub const CONNECTIONS_WRITE_TIMED_OUT: &str = "herald_connections_write_timeout_total";
+    /// The email provider's request rate this process paces to now, and
+    /// which limiter holds the slots (`fleet`: Redis, shared; `local`).
+    pub const EMAIL_PACE: &str = "herald_email_pace_per_sec";
     /// Webhook deliveries from the email provider, by event type and outcome.
     pub const WEBHOOK_EVENTS: &str = "herald_webhook_events_total";
 
@@ -275,5 +280,18 @@ pub mod metrics {
     /// A connection closed because its request head was overdue.
     pub fn connection_timed_out(listener: &'static str) {
         ::metrics::counter!(CONNECTIONS_TIMED_OUT, "listener" => listener).increment(1);
+    }
+
+    /// A connection reset because its peer took no bytes in time.
+    pub fn connection_write_timed_out(listener: &'static str) {
+        ::metrics::counter!(CONNECTIONS_WRITE_TIMED_OUT, "listener" => listener).increment(1);
+    }
+
+    /// The provider rate paced to now, by the limiter in use.
+    pub fn email_pace(limiter: &'static str, per_sec: f64) {
+        for other in ["fleet", "local"] {
+            let value = if other == limiter { per_sec } else { 0.0 };
+            ::metrics::gauge!(EMAIL_PACE, "limiter" => other).set(value);
+        }
     }
 }

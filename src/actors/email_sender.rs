@@ -410,7 +410,7 @@ async fn send_batch(
         }
         match args.transport.send_batch(batch.id, &emails).await {
             Ok(answers) => answers,
-            Err(error) => return failed(args, attempt, error),
+            Err(error) => return failed(args, attempt, error).await,
         }
     };
     args.budget.succeeded(CALL_SITE);
@@ -441,7 +441,7 @@ async fn send_batch(
 /// letter once the attempts are spent or the failure is permanent. A reply
 /// that named no outcome is retried like a timeout, and its dead letters
 /// say `provider_reply_invalid`.
-fn failed(args: &EmailSenderArgs, attempt: i32, error: SendError) -> BatchDecision {
+async fn failed(args: &EmailSenderArgs, attempt: i32, error: SendError) -> BatchDecision {
     let (reason, floor) = match error {
         SendError::Permanent(error) => return BatchDecision::Dead { error },
         SendError::RateLimited {
@@ -453,7 +453,7 @@ fn failed(args: &EmailSenderArgs, attempt: i32, error: SendError) -> BatchDecisi
             let pause = args
                 .policy
                 .bounded(retry_after.unwrap_or(Duration::from_secs(1)));
-            args.pacer.hold_off(pause);
+            args.pacer.hold_off(pause).await;
             (reason, retry_after)
         }
         SendError::Transient {

@@ -7,6 +7,7 @@
 //! dead letters are Herald's, never the transport's.
 
 pub mod file;
+pub mod pace;
 pub mod reply;
 pub mod resend;
 
@@ -14,6 +15,7 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::domain::ApplicationSubmitted;
+pub use pace::SendPacer;
 pub use reply::{MemberAnswer, SendError};
 
 /// One email, ready to send.
@@ -70,13 +72,6 @@ pub trait Transport: Send + Sync + 'static {
     /// dead-letter all of it).
     async fn send_batch(&self, batch_key: Uuid, emails: &[(Uuid, Email)]) -> BatchAnswers;
 }
-
-/// Herald's own outbound rate (`email.max_per_sec`: requests per second to
-/// the provider, each carrying up to `email.max_batch` emails), shared by
-/// every sender of the process: each request takes the next free slot,
-/// `1/rate` apart, and waits for it. No burst, so a backlog never exceeds
-/// the provider's rate; a 429's `retry-after` holds every sender off.
-pub type SendPacer = crate::rate::Pacer;
 
 #[cfg(test)]
 mod tests {

@@ -130,6 +130,25 @@ pub fn seconds(value: &str, max: Duration) -> Option<Duration> {
     Some(delay.min(max))
 }
 
+/// The request rate the provider says it allows, from `ratelimit-limit`
+/// (requests per one-second window, Resend's form; a `;w=N` window, the
+/// IETF draft's form, divides it): `None` when absent or not a positive
+/// number.
+pub fn advertised_rate(headers: &[(&str, &str)]) -> Option<f64> {
+    let value = header(headers, "ratelimit-limit")?.trim();
+    if value.len() > 80 {
+        return None;
+    }
+    let mut parts = value.split(',').next()?.split(';');
+    let limit: f64 = parts.next()?.trim().parse().ok()?;
+    let window = parts
+        .filter_map(|p| p.trim().strip_prefix("w="))
+        .find_map(|w| w.trim().parse::<f64>().ok())
+        .unwrap_or(1.0);
+    let rate = limit / window;
+    (rate.is_finite() && rate > 0.0 && limit <= 1e6 && window >= 1e-3).then_some(rate)
+}
+
 /// The longest delay the reply asks for (`retry-after`, `ratelimit-reset`),
 /// capped at `max`.
 pub fn provider_delay(headers: &[(&str, &str)], max: Duration) -> Option<Duration> {
@@ -279,6 +298,19 @@ mod tests {
         MemberAnswer::Accepted {
             provider_id: Some(id.into()),
         }
+    }
+
+    #[test]
+    fn the_advertised_rate_is_a_positive_number_per_window_or_nothing() {
+        let rate = |v: &str| advertised_rate(&[("RateLimit-Limit", v)]);
+        assert_eq!(rate("2"), Some(2.0));
+        assert_eq!(rate(" 1 "), Some(1.0));
+        assert_eq!(rate("10;w=5"), Some(2.0));
+        assert_eq!(rate("4, 100;w=60"), Some(4.0));
+        for absurd in ["0", "-1", "NaN", "inf", "fast", "", "1e300", "2;w=0"] {
+            assert_eq!(rate(absurd), None, "{absurd}");
+        }
+        assert_eq!(advertised_rate(&[("retry-after", "2")]), None);
     }
 
     #[test]

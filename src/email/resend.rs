@@ -28,8 +28,8 @@ use std::time::Duration;
 use resend_rs::types::{BatchValidation, CreateEmailBaseOptions};
 use uuid::Uuid;
 
-use super::reply::{classify_batch_reply, SendError};
-use super::{BatchAnswers, Email, Transport};
+use super::reply::{advertised_rate, classify_batch_reply, SendError};
+use super::{BatchAnswers, Email, SendPacer, Transport};
 
 /// Resend's API, unless `email.resend_base_url` says otherwise.
 pub const DEFAULT_BASE_URL: &str = "https://api.resend.com";
@@ -44,6 +44,8 @@ pub struct ResendTransport {
     api_key: String,
     /// The longest delay any reply may impose (`retry.max_delay_ms`).
     max_delay: Duration,
+    /// Told the provider's `ratelimit-limit` of every answer.
+    pacer: Option<std::sync::Arc<SendPacer>>,
 }
 
 impl ResendTransport {
@@ -79,7 +81,14 @@ impl ResendTransport {
             batch_url,
             api_key: api_key.to_string(),
             max_delay,
+            pacer: None,
         })
+    }
+
+    /// Tells `pacer` the rate the provider advertises on every answer.
+    pub fn advertising_to(mut self, pacer: std::sync::Arc<SendPacer>) -> Self {
+        self.pacer = Some(pacer);
+        self
     }
 }
 
@@ -143,6 +152,9 @@ impl Transport for ResendTransport {
             .iter()
             .map(|(n, v)| (n.as_str(), v.as_str()))
             .collect();
+        if let Some(pacer) = &self.pacer {
+            pacer.advertised(advertised_rate(&headers));
+        }
         classify_batch_reply(status, &headers, &reply, emails.len(), self.max_delay)
     }
 }

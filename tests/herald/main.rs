@@ -23,6 +23,7 @@ mod deploy;
 mod embedded;
 #[cfg(feature = "failpoints")]
 mod failure_matrix;
+mod fleet;
 mod harness;
 #[cfg(feature = "failpoints")]
 mod intake;

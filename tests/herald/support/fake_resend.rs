@@ -9,8 +9,9 @@
 //!   the first response and sends nothing; with another body 409
 //!   `invalid_idempotent_request`; while the first is still being handled
 //!   409 `concurrent_idempotent_requests`;
-//! - `ratelimit-limit/-remaining/-reset` on every answer; a scripted 429
-//!   carries `retry-after` and `ratelimit-reset`;
+//! - `ratelimit-limit/-remaining/-reset` on every answer, the limit being
+//!   the one it enforces ([`FakeResend::limit_rate`]; 10,000 unlimited); a
+//!   scripted 429 carries `retry-after` and `ratelimit-reset`;
 //! - scripted 5xx outages, poison recipients (422), latency;
 //! - `/emails/batch`: a JSON array of up to 100 emails under one
 //!   `Idempotency-Key` (same key and body: the same ids, nothing sent; same
@@ -335,10 +336,22 @@ impl FakeResend {
     }
 }
 
-fn reply(status: u16, body: Value, extra: &[(&str, String)]) -> Response<String> {
+/// What `ratelimit-limit` says while no limit is set: more than any test
+/// paces to, as a real account's limit is always there.
+const UNLIMITED_ADVERTISED: u32 = 10_000;
+
+fn reply(
+    status: u16,
+    body: Value,
+    extra: &[(&str, String)],
+    limit: Option<u32>,
+) -> Response<String> {
     let mut headers: Vec<(&str, String)> = vec![
         ("content-type", "application/json".into()),
-        ("ratelimit-limit", "2".into()),
+        (
+            "ratelimit-limit",
+            limit.unwrap_or(UNLIMITED_ADVERTISED).to_string(),
+        ),
         ("ratelimit-remaining", "1".into()),
         ("ratelimit-reset", "1".into()),
     ];
@@ -394,8 +407,9 @@ async fn handle(
         batch: false,
         lied: false,
     });
+    let limit = state.rate_limit;
     drop(state);
-    reply(status, response, &extra)
+    reply(status, response, &extra, limit)
 }
 
 /// Queues a webhook message and starts its delivery; its id.
@@ -436,7 +450,7 @@ async fn handle_batch(
     let permissive = validation.as_deref() == Some("permissive");
     let sent_before = state.lock().unwrap().sent.len();
     let (status, response, extra) = decide_batch(&state, auth, key.clone(), parsed, permissive);
-    let (auto, accepted) = {
+    let (auto, accepted, limit) = {
         let mut st = state.lock().unwrap();
         let lied = matches!(st.mode, Some(Mode::Lie(_))) && status == 200;
         st.calls.push(Call {
@@ -447,7 +461,11 @@ async fn handle_batch(
             batch: true,
             lied,
         });
-        (st.auto_deliver, st.sent[sent_before..].to_vec())
+        (
+            st.auto_deliver,
+            st.sent[sent_before..].to_vec(),
+            st.rate_limit,
+        )
     };
     if auto {
         for email in accepted {
@@ -459,7 +477,7 @@ async fn handle_batch(
             );
         }
     }
-    reply(status, response, &extra)
+    reply(status, response, &extra, limit)
 }
 
 /// A status, a JSON body and extra headers.
