@@ -229,6 +229,14 @@ pub struct ConnectionsConfig {
     pub per_ip: usize,
     /// Most connections the admin listener holds at once.
     pub admin_max: usize,
+    /// A connection that takes no byte of what Herald has to write for this
+    /// long is closed (its unsent data discarded); also the sockets'
+    /// `TCP_USER_TIMEOUT`.
+    pub write_timeout_ms: u64,
+    /// Longest request head (request line and headers); past it 431 and close.
+    pub max_head_bytes: usize,
+    /// Most header fields in one request head; past it 431 and close.
+    pub max_headers: usize,
 }
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -391,10 +399,16 @@ pub struct LimitsConfig {
     /// that come from one address.
     pub per_ip: bool,
     /// Header the operator's own reverse proxy sets to the client address
-    /// (its last entry counts); unset, the TCP peer is the client. Setting it
-    /// without such a proxy lets clients pick their own address.
+    /// (e.g. `X-Forwarded-For`); believed only from a peer in
+    /// `trusted_proxies`. Unset, the TCP peer is the client.
     #[serde(default)]
     pub trusted_proxy_header: Option<String>,
+    /// The operator's reverse proxies, comma-separated addresses or CIDRs
+    /// (`10.0.0.0/8, 2001:db8::/32`): only a TCP peer in this list is
+    /// believed about the client, and the client is the right-most address
+    /// of `trusted_proxy_header` that is not itself one of them. Empty: none.
+    #[serde(default)]
+    pub trusted_proxies: String,
     /// `POST /api/applications` per user: sustained rate and burst.
     pub apply_per_sec: f64,
     pub apply_burst: u32,
@@ -431,6 +445,22 @@ pub struct LogConfig {
 
 /// The longest retry window and provider-imposed delay allowed: a day.
 const MAX_RETRY_DELAY_MS: u64 = 86_400_000;
+
+/// The comma-separated addresses and CIDRs of `limits.trusted_proxies` (an
+/// address alone is one host), or what is wrong with an entry.
+pub fn trusted_proxy_nets(list: &str) -> Result<Vec<ipnet::IpNet>, String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+        .map(|entry| {
+            entry
+                .parse::<ipnet::IpNet>()
+                .map(|net| net.trunc())
+                .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| format!("`{entry}` is not an IP address or CIDR (e.g. 10.0.0.0/8)"))
+        })
+        .collect()
+}
 
 /// Whether `secret` is a Svix-style signing secret: `whsec_` and the
 /// base64 of a key that is not empty.
@@ -709,6 +739,23 @@ impl Config {
             "limits.trusted_proxy_header",
             "must be an HTTP header name, e.g. X-Forwarded-For",
         )?;
+        let proxies =
+            trusted_proxy_nets(&l.trusted_proxies).map_err(|message| ConfigError::Invalid {
+                key: "limits.trusted_proxies",
+                message,
+            })?;
+        check(
+            l.trusted_proxy_header.is_none() || !proxies.is_empty(),
+            "limits.trusted_proxies",
+            "is empty, so limits.trusted_proxy_header would never be believed: name your \
+             reverse proxies' addresses (HERALD_LIMITS__TRUSTED_PROXIES=10.0.0.5,10.1.0.0/16)",
+        )?;
+        check(
+            l.trusted_proxy_header.is_some() || proxies.is_empty(),
+            "limits.trusted_proxy_header",
+            "is unset, so limits.trusted_proxies has no header to believe: name the header \
+             your proxy writes (HERALD_LIMITS__TRUSTED_PROXY_HEADER=X-Forwarded-For)",
+        )?;
         let c = &self.connections;
         check(
             c.header_read_timeout_ms >= 100,
@@ -721,6 +768,21 @@ impl Config {
             "must be at least 100",
         )?;
         check(c.max >= 1, "connections.max", "must be at least 1")?;
+        check(
+            c.write_timeout_ms >= 100,
+            "connections.write_timeout_ms",
+            "must be at least 100",
+        )?;
+        check(
+            (1024..=1_048_576).contains(&c.max_head_bytes),
+            "connections.max_head_bytes",
+            "must be from 1024 to 1048576",
+        )?;
+        check(
+            (8..=1024).contains(&c.max_headers),
+            "connections.max_headers",
+            "must be from 8 to 1024",
+        )?;
         check(c.per_ip >= 1, "connections.per_ip", "must be at least 1")?;
         check(
             c.admin_max >= 1,
@@ -870,6 +932,23 @@ mod tests {
         }
         assert_eq!(sections, want_sections);
         assert_eq!(top, want_top);
+    }
+
+    #[test]
+    fn trusted_proxies_parse_addresses_and_cidrs_and_name_a_bad_entry() {
+        let nets = trusted_proxy_nets(" 10.0.0.5, 10.1.0.0/16,2001:db8::/32 ,").unwrap();
+        assert_eq!(nets.len(), 3);
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert!(nets[0].contains(&ip("10.0.0.5")) && !nets[0].contains(&ip("10.0.0.6")));
+        assert!(nets[1].contains(&ip("10.1.255.1")));
+        let err = trusted_proxy_nets("10.0.0.0/8, proxy.internal").unwrap_err();
+        assert!(err.contains("proxy.internal"), "{err}");
+        assert!(trusted_proxy_nets("").unwrap().is_empty());
+        // One without the other is refused at start, naming the missing key.
+        let err = with("limits.trusted_proxies", "10.0.0.5").unwrap_err();
+        assert!(err.to_string().contains("trusted_proxy_header"), "{err}");
+        let err = with("limits.trusted_proxy_header", "X-Forwarded-For").unwrap_err();
+        assert!(err.to_string().contains("trusted_proxies"), "{err}");
     }
 
     #[test]

@@ -437,10 +437,8 @@ pub async fn run(
     ]);
     ready();
     let limits = &config.limits;
-    // Behind a trusted proxy every connection is the proxy's: a per-address
-    // connection cap would cap the proxy, so it applies only without one.
-    let per_ip_connections = (limits.per_ip && limits.trusted_proxy_header.is_none())
-        .then_some(config.connections.per_ip);
+    // A trusted proxy's connections count against the clients it names.
+    let per_ip_connections = limits.per_ip.then_some(config.connections.per_ip);
     let public_server = connections::serve(
         listeners.public,
         listener_filter(state.clone(), public::dispatch),
@@ -450,7 +448,7 @@ pub async fn run(
             per_ip_connections,
             &config.connections,
         ),
-        |peer| crate::http::limits::per_host(peer.ip()),
+        connections::ClientCount::new(state.limits.proxies().clone()),
         stopped(stop_rx.clone()),
     );
     let admin_server = connections::serve(
@@ -462,7 +460,7 @@ pub async fn run(
             None,
             &config.connections,
         ),
-        |peer| peer.ip(),
+        connections::ClientCount::default(),
         stopped(stop_rx),
     );
     // Graceful, but bounded: a client that stops reading must not hold the

@@ -10,16 +10,33 @@
 //!
 //! - **a cap on connections**: the listener's global cap
 //!   (`connections.max`, `connections.admin_max`) and, on the public
-//!   listener, one per client address (`connections.per_ip`; per /64 for
-//!   IPv6; off with `limits.per_ip = false` and when a trusted proxy header
-//!   says every connection is the proxy's). Past a cap a new connection is
-//!   answered `503` with `Connection: close` and closed at once, never
-//!   queued; `herald_connections_refused_total{listener,reason}` counts it;
+//!   listener, one per client address (`connections.per_ip`, but never more
+//!   than a fifth of `connections.max`, so a few addresses cannot hold the
+//!   whole listener; per /64 for IPv6; off with `limits.per_ip = false`).
+//!   A connection from one of the operator's proxies (`limits.trusted_proxies`)
+//!   is not counted against the proxy at the accept: each request head names
+//!   its client, and the connection counts against that client from then
+//!   on (a client past its cap gets `503` and the close). Past a cap a new
+//!   connection is answered `503` with `Connection: close` and closed at
+//!   once, never queued; `herald_connections_refused_total{listener,reason}`
+//!   counts it;
+//! - **bounded heads** (`connections.max_head_bytes`,
+//!   `connections.max_headers`): hyper answers `431` and closes past either,
+//!   and its read buffer never grows much past the head limit;
 //! - **a header read timeout** (`connections.header_read_timeout_ms`): a
 //!   request head must be complete within this long of the server starting
-//!   to wait for it — from the connect, or from the first byte after the
-//!   previous response. A connection watchdog ([`Activity`]) sees the bytes
-//!   arrive and the handler start; an overdue head closes the connection;
+//!   to wait for it — from the connect, from the first byte after the
+//!   previous response, or from the first byte of a pipelined head that came
+//!   while a bodiless request was being answered. A connection watchdog
+//!   ([`Activity`]) sees the bytes arrive and the handler start; an overdue
+//!   head closes the connection;
+//! - **write progress** (`connections.write_timeout_ms`): a connection that
+//!   takes no byte of what Herald has to write for this long (a stream
+//!   client that stopped reading, a peer holding its window at zero) is
+//!   closed with a reset, so the kernel drops its unsent data at once; the
+//!   socket's `TCP_USER_TIMEOUT` is the same, and its send buffer is small
+//!   ([`SEND_BUFFER_BYTES`]), so what one stalled peer pins in the kernel is
+//!   bounded;
 //! - **a keep-alive idle timeout** (`connections.idle_timeout_ms`): hyper's
 //!   own header timer, given a tokio timer here, closes a connection that
 //!   waits this long for its next request;
@@ -45,8 +62,17 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use warp::Filter;
 
-use super::limits::{ClientSlot, OpenPerClient};
+use super::limits::{per_host, ClientSlot, OpenPerClient, TrustedProxies};
 use crate::telemetry::metrics;
+
+/// The kernel send buffer of an accepted socket (Linux doubles it): enough
+/// for a stream's events and a page, not for megabytes a stalled peer would
+/// pin in the kernel.
+pub const SEND_BUFFER_BYTES: usize = 64 * 1024;
+
+/// No client address holds more than this share of a listener's
+/// connections (`1/SHARE_DIVISOR` of `connections.max`).
+pub const SHARE_DIVISOR: usize = 5;
 
 /// The TCP peer of a request, put into its extensions for the filters
 /// (warp's own `addr::remote` only works under warp's server).
@@ -65,6 +91,9 @@ pub struct ConnectionLimits {
     /// See the module documentation.
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
+    pub write_timeout: Duration,
+    pub max_head_bytes: usize,
+    pub max_headers: usize,
 }
 
 impl ConnectionLimits {
@@ -78,9 +107,13 @@ impl ConnectionLimits {
         ConnectionLimits {
             listener,
             max,
-            per_ip,
+            // A few addresses never hold the whole listener.
+            per_ip: per_ip.map(|cap| cap.min((max / SHARE_DIVISOR).max(1))),
             header_read_timeout: Duration::from_millis(config.header_read_timeout_ms),
             idle_timeout: Duration::from_millis(config.idle_timeout_ms),
+            write_timeout: Duration::from_millis(config.write_timeout_ms),
+            max_head_bytes: config.max_head_bytes,
+            max_headers: config.max_headers,
         }
     }
 }
@@ -97,18 +130,95 @@ fn refusal() -> String {
     )
 }
 
-/// What the watchdog of one connection knows: when the request head it is
-/// waiting for started, and whether a handler is running.
+/// The `503` a request gets when its client (named by a trusted proxy)
+/// already holds its share of connections; the connection closes after it.
+fn refused_response() -> warp::reply::Response {
+    let mut response = warp::reply::Response::new(REFUSAL_BODY.into());
+    *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+    let headers = response.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/problem+json"),
+    );
+    headers.insert(
+        http::header::RETRY_AFTER,
+        http::HeaderValue::from_static("1"),
+    );
+    headers.insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
+    response
+}
+
+/// One wait the watchdog times (a head, a write): since when it runs, in
+/// milliseconds after the connection's start plus one (0: not running).
+struct Stopwatch {
+    since: AtomicU64,
+    /// Wakes the watchdog when the wait starts. `notify_one` keeps a permit
+    /// if nobody waits yet, so a start between a load and the wait is not
+    /// missed.
+    started: tokio::sync::Notify,
+}
+
+impl Stopwatch {
+    fn new(since: u64) -> Stopwatch {
+        Stopwatch {
+            since: AtomicU64::new(since),
+            started: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Starts it at `mark`, unless it runs already.
+    fn start(&self, mark: u64) {
+        if self.since.load(Ordering::Acquire) == 0 {
+            self.since.store(mark, Ordering::Release);
+            self.started.notify_one();
+        }
+    }
+
+    fn stop(&self) {
+        self.since.store(0, Ordering::Release);
+    }
+
+    /// Resolves when one wait has run for longer than `timeout` (counted
+    /// from `origin`, the connection's start).
+    async fn overdue(&self, origin: Instant, timeout: Duration) {
+        loop {
+            let since = self.since.load(Ordering::Acquire);
+            if since == 0 {
+                self.started.notified().await;
+                continue;
+            }
+            let deadline = origin + Duration::from_millis(since - 1) + timeout;
+            tokio::time::sleep_until(deadline).await;
+            if self.since.load(Ordering::Acquire) == since {
+                return;
+            }
+        }
+    }
+}
+
+/// What the watchdog of one connection knows: since when a request head has
+/// been awaited, whether a handler is running, and since when a write has
+/// been waiting for the peer.
 struct Activity {
-    /// The connection's start; the clock below counts from it.
+    /// The connection's start; the stopwatches count from it.
     start: Instant,
-    /// Milliseconds after `start` (plus one, so 0 means none) since which a
-    /// request head is awaited and incomplete.
-    head_since: AtomicU64,
+    /// A request head is awaited and incomplete.
+    head: Stopwatch,
+    /// A write waits for the peer to take bytes.
+    write: Stopwatch,
     /// A handler is running: bytes now are its body, not a head.
     busy: AtomicBool,
-    /// Wakes the watchdog when a new head starts.
-    head_started: tokio::sync::Notify,
+    /// The running request has a body (bytes while it runs may be it).
+    expects_body: AtomicBool,
+    /// The bytes read so far end after the last head terminator: a head
+    /// (or a body) is partly here.
+    partial: AtomicBool,
+    /// The watchdog gave up on the peer: close with a reset, dropping what
+    /// the kernel still holds for it.
+    abort: AtomicBool,
 }
 
 impl Activity {
@@ -116,9 +226,12 @@ impl Activity {
         Activity {
             start: Instant::now(),
             // The first head is awaited from the connect.
-            head_since: AtomicU64::new(1),
+            head: Stopwatch::new(1),
+            write: Stopwatch::new(0),
             busy: AtomicBool::new(false),
-            head_started: tokio::sync::Notify::new(),
+            expects_body: AtomicBool::new(false),
+            partial: AtomicBool::new(false),
+            abort: AtomicBool::new(false),
         }
     }
 
@@ -128,18 +241,23 @@ impl Activity {
             .saturating_add(1)
     }
 
-    /// Bytes arrived: between requests they are a new head.
+    /// Bytes arrived: between requests, or while a request without a body
+    /// is answered (pipelining), they are a new head.
     fn bytes_read(&self) {
-        if !self.busy.load(Ordering::Acquire) && self.head_since.load(Ordering::Acquire) == 0 {
-            self.head_since.store(self.now_mark(), Ordering::Release);
-            self.head_started.notify_one();
+        if !self.busy.load(Ordering::Acquire) || !self.expects_body.load(Ordering::Acquire) {
+            self.head.start(self.now_mark());
         }
     }
 
-    /// hyper parsed a head and called the service.
-    fn request_started(&self) {
+    /// hyper parsed a head and called the service. Bytes already read past
+    /// a bodiless request's head are the next head, and its clock starts.
+    fn request_started(&self, expects_body: bool) {
+        self.expects_body.store(expects_body, Ordering::Release);
         self.busy.store(true, Ordering::Release);
-        self.head_since.store(0, Ordering::Release);
+        self.head.stop();
+        if !expects_body && self.partial.load(Ordering::Acquire) {
+            self.head.start(self.now_mark());
+        }
     }
 
     /// The handler answered; the next bytes start the next head.
@@ -147,29 +265,55 @@ impl Activity {
         self.busy.store(false, Ordering::Release);
     }
 
+    /// A write is waiting for the peer (`true`) or went through.
+    fn write_waiting(&self, waiting: bool) {
+        if waiting {
+            self.write.start(self.now_mark());
+        } else {
+            self.write.stop();
+        }
+    }
+
     /// Resolves when a head has been awaited for longer than `timeout`.
     async fn head_overdue(&self, timeout: Duration) {
-        loop {
-            let since = self.head_since.load(Ordering::Acquire);
-            if since == 0 {
-                // `notify_one` keeps a permit if nobody waits yet, so a head
-                // that starts between the load and here is not missed.
-                self.head_started.notified().await;
-                continue;
-            }
-            let deadline = self.start + Duration::from_millis(since - 1) + timeout;
-            tokio::time::sleep_until(deadline).await;
-            if self.head_since.load(Ordering::Acquire) == since {
-                return;
-            }
-        }
+        self.head.overdue(self.start, timeout).await
+    }
+
+    /// Resolves when a write has waited for the peer longer than `timeout`.
+    async fn write_stalled(&self, timeout: Duration) {
+        self.write.overdue(self.start, timeout).await
     }
 }
 
-/// A connection's socket, telling [`Activity`] when bytes arrive.
+/// A connection's socket, telling [`Activity`] when bytes arrive and when
+/// a write waits for the peer.
 struct Watched {
     stream: TcpStream,
     activity: Arc<Activity>,
+    /// The last bytes read (newest lowest), to see a head's end go by.
+    tail: u32,
+}
+
+impl Watched {
+    /// Whether `tail` ends a head: `\r\n\r\n`, or the `\n\n` httparse also takes.
+    fn at_head_end(tail: u32) -> bool {
+        tail == u32::from_be_bytes(*b"\r\n\r\n") || tail & 0xffff == 0x0a0a
+    }
+
+    fn wrote<T>(&self, result: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
+        self.activity.write_waiting(result.is_pending());
+        result
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        if self.activity.abort.load(Ordering::Acquire) {
+            // SO_LINGER 0: the close sends a reset and the kernel frees the
+            // unsent data now, instead of probing a zero window for minutes.
+            let _ = socket2::SockRef::from(&self.stream).set_linger(Some(Duration::ZERO));
+        }
+    }
 }
 
 impl AsyncRead for Watched {
@@ -181,6 +325,14 @@ impl AsyncRead for Watched {
         let before = buf.filled().len();
         let result = Pin::new(&mut self.stream).poll_read(cx, buf);
         if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            let mut tail = self.tail;
+            for &byte in &buf.filled()[before..] {
+                tail = (tail << 8) | u32::from(byte);
+            }
+            self.tail = tail;
+            self.activity
+                .partial
+                .store(!Watched::at_head_end(tail), Ordering::Release);
             self.activity.bytes_read();
         }
         result
@@ -193,7 +345,8 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let result = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.wrote(result)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.stream).poll_flush(cx)
@@ -206,7 +359,8 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let result = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.wrote(result)
     }
     fn is_write_vectored(&self) -> bool {
         self.stream.is_write_vectored()
@@ -232,16 +386,45 @@ fn refuse(
     });
 }
 
+/// Sets an accepted socket's options: no Nagle delay, a small send buffer,
+/// and `TCP_USER_TIMEOUT` (unacknowledged data, zero-window probes
+/// included, gives up after the write timeout).
+fn tune(stream: &TcpStream, limits: &ConnectionLimits) {
+    let _ = stream.set_nodelay(true);
+    let socket = socket2::SockRef::from(stream);
+    let _ = socket.set_send_buffer_size(SEND_BUFFER_BYTES);
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let _ = socket.set_tcp_user_timeout(Some(limits.write_timeout));
+}
+
+/// Which client a connection counts against, and who may say otherwise.
+#[derive(Clone, Default)]
+pub struct ClientCount {
+    /// Open connections per client.
+    table: Arc<OpenPerClient>,
+    /// A peer in here is counted by the client its request heads name.
+    proxies: TrustedProxies,
+}
+
+impl ClientCount {
+    pub fn new(proxies: TrustedProxies) -> ClientCount {
+        ClientCount {
+            table: Arc::default(),
+            proxies,
+        }
+    }
+}
+
 /// Serves `filter` on `listener` within `limits` until `stop` resolves,
 /// then lets open connections finish and returns when they are all closed.
-/// `client_of` says which client address a peer counts against. Every
+/// `clients` says which client address a connection counts against. Every
 /// connection is a task of this call's own set: dropping the call (the
 /// daemon's shutdown grace ran out) closes whatever is still open.
 pub async fn serve<F>(
     listener: TcpListener,
     filter: F,
     limits: ConnectionLimits,
-    client_of: impl Fn(SocketAddr) -> IpAddr,
+    clients: ClientCount,
     stop: impl Future<Output = ()>,
 ) where
     F: Filter<Extract = (warp::reply::Response,), Error = std::convert::Infallible>
@@ -251,7 +434,6 @@ pub async fn serve<F>(
         + 'static,
 {
     let slots = Arc::new(Semaphore::new(limits.max));
-    let per_client = Arc::new(OpenPerClient::default());
     let graceful = GracefulShutdown::new();
     let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut stop = std::pin::pin!(stop);
@@ -275,22 +457,25 @@ pub async fn serve<F>(
             refuse(&mut tasks, limits.listener, "max", stream);
             continue;
         };
+        // A trusted proxy's connection is counted once a head names its client.
+        let via_proxy = clients.proxies.is_trusted(peer.ip());
         let slot = match limits.per_ip {
-            Some(cap) => match per_client.admit(client_of(peer), cap) {
+            Some(cap) if !via_proxy => match clients.table.admit(per_host(peer.ip()), cap) {
                 Some(slot) => Some(slot),
                 None => {
                     refuse(&mut tasks, limits.listener, "per_ip", stream);
                     continue;
                 }
             },
-            None => None,
+            _ => None,
         };
-        let _ = stream.set_nodelay(true);
+        tune(&stream, &limits);
         let connection = Connection {
             filter: filter.clone(),
             limits: limits.clone(),
             peer,
             open: open.clone(),
+            clients: via_proxy.then(|| clients.clone()),
         };
         let watcher = graceful.watcher();
         tasks.spawn(connection.run(stream, watcher, permit, slot));
@@ -306,6 +491,27 @@ struct Connection<F> {
     limits: ConnectionLimits,
     peer: SocketAddr,
     open: Arc<std::sync::atomic::AtomicUsize>,
+    /// Set for a trusted proxy's connection: each request counts it
+    /// against the client its head names.
+    clients: Option<ClientCount>,
+}
+
+/// A proxied connection's place in its current client's count.
+type ProxiedSlot = Arc<std::sync::Mutex<Option<ClientSlot>>>;
+
+/// Counts a proxied connection against `client` (keeping its place when it
+/// already counts there); `false` when `client` is at its cap.
+fn count_against(slot: &ProxiedSlot, clients: &ClientCount, client: IpAddr, cap: usize) -> bool {
+    let Ok(mut held) = slot.lock() else {
+        return true;
+    };
+    if held.as_ref().is_some_and(|s| s.client() == client) {
+        return true;
+    }
+    // Give the old place back first: a connection never counts twice.
+    *held = None;
+    *held = clients.table.admit(client, cap);
+    held.is_some()
 }
 
 impl<F> Connection<F>
@@ -329,17 +535,41 @@ where
         let io = TokioIo::new(Watched {
             stream,
             activity: activity.clone(),
+            tail: 0,
         });
         let service = warp::service(self.filter);
         let peer = self.peer;
         let on_request = activity.clone();
+        let proxied: ProxiedSlot = Arc::default();
+        let (clients, cap, listener) = (self.clients, self.limits.per_ip, self.limits.listener);
         let service = hyper::service::service_fn(move |mut request: http::Request<_>| {
             request.extensions_mut().insert(Peer(peer));
-            on_request.request_started();
+            let expects_body = request
+                .headers()
+                .contains_key(http::header::TRANSFER_ENCODING)
+                || request
+                    .headers()
+                    .get(http::header::CONTENT_LENGTH)
+                    .is_some_and(|v| v.as_bytes() != b"0");
+            on_request.request_started(expects_body);
             let answered = on_request.clone();
             let mut service = service.clone();
+            // Behind a trusted proxy: count the connection against the
+            // client this head names, or refuse the request and close.
+            let admitted = match (&clients, cap) {
+                (Some(clients), Some(cap)) => {
+                    let client = per_host(clients.proxies.client_of(peer.ip(), request.headers()));
+                    count_against(&proxied, clients, client, cap)
+                }
+                _ => true,
+            };
             async move {
-                let response = tower_service::Service::call(&mut service, request).await;
+                let response = if admitted {
+                    tower_service::Service::call(&mut service, request).await
+                } else {
+                    metrics::connection_refused(listener, "per_ip");
+                    Ok(refused_response())
+                };
                 answered.request_answered();
                 response
             }
@@ -348,6 +578,10 @@ where
         http1
             .timer(TokioTimer::new())
             .header_read_timeout(self.limits.idle_timeout)
+            .max_header_size(self.limits.max_head_bytes)
+            .max_headers(self.limits.max_headers)
+            // hyper's floor is 8 KiB; the head limit acts before this does.
+            .max_buf_size((self.limits.max_head_bytes + 8192).max(16 * 1024))
             .keep_alive(true);
         // Pinned out here rather than inside `select!` so that an overdue head
         // is counted while the socket is still open: `select!` drops its
@@ -364,6 +598,11 @@ where
             () = activity.head_overdue(self.limits.header_read_timeout) => {
                 metrics::connection_timed_out(self.limits.listener);
                 tracing::debug!(listener = self.limits.listener, %peer, "request head not complete in time; closed");
+            }
+            () = activity.write_stalled(self.limits.write_timeout) => {
+                activity.abort.store(true, Ordering::Release);
+                metrics::connection_write_timed_out(self.limits.listener);
+                tracing::debug!(listener = self.limits.listener, %peer, "peer took no bytes in time; reset");
             }
         }
         let now_open = self.open.fetch_sub(1, Ordering::Relaxed) - 1;

@@ -10,10 +10,14 @@
 //! host minting users to get around the per-user bucket. Anonymous actions
 //! (dev login, stream connects) can only be counted per address.
 //!
-//! A client is its IP address — the TCP peer's, or, only when the operator
-//! names one (`limits.trusted_proxy_header`), the last address in the header
-//! their own reverse proxy writes. IPv6 clients are counted per /64 (one
-//! host usually holds the whole prefix). Each limited action has its own
+//! A client is its IP address — the TCP peer's, or, when the peer is one of
+//! the operator's own reverse proxies (`limits.trusted_proxies`), the
+//! right-most address of the header they append to
+//! (`limits.trusted_proxy_header`) that is not itself a trusted proxy
+//! ([`TrustedProxies::client_of`]): the entries left of it are whatever the
+//! client claimed, and a peer outside the list is never believed, so nobody
+//! who reaches the port directly can pick an address. IPv6 clients are
+//! counted per /64 (one host usually holds the whole prefix). Each limited action has its own
 //! token bucket per client ([`KeyedBuckets`], Herald's one rate primitive): a client over
 //! its bucket gets 429 `rate_limited` with `Retry-After`, and nobody else is
 //! affected. Stream connects over the rate, and connects past
@@ -53,12 +57,92 @@ fn bucket<K: std::hash::Hash + Eq + Clone>(per_sec: f64, burst: u32) -> Bucket<K
     KeyedBuckets::new(per_sec, f64::from(burst.max(1)))
 }
 
+/// The operator's reverse proxies and the header they write: who may say
+/// which address a request comes from.
+#[derive(Debug, Clone, Default)]
+pub struct TrustedProxies {
+    header: Option<http::HeaderName>,
+    nets: Vec<ipnet::IpNet>,
+}
+
+impl TrustedProxies {
+    /// From the `[limits]` settings (validated at start).
+    pub fn new(config: &LimitsConfig) -> TrustedProxies {
+        TrustedProxies {
+            header: config
+                .trusted_proxy_header
+                .as_deref()
+                .and_then(|h| http::HeaderName::from_bytes(h.trim().as_bytes()).ok()),
+            nets: crate::config::trusted_proxy_nets(&config.trusted_proxies).unwrap_or_default(),
+        }
+    }
+
+    /// Whether `ip` is one of the operator's proxies (an IPv4-mapped IPv6
+    /// peer is its IPv4 address).
+    pub fn is_trusted(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.header.is_some() && self.nets.iter().any(|net| net.contains(&ip))
+    }
+
+    /// The address a request from `peer` with `headers` comes from: a
+    /// trusted peer's header, read right to left past the trusted proxies
+    /// (every header line, in order, as one list), else the peer itself. A
+    /// garbled entry ends the walk at the last address known good, so a
+    /// client can never name someone else by writing nonsense.
+    pub fn client_of(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        let peer = peer.to_canonical();
+        let Some(name) = self.header.as_ref().filter(|_| self.is_trusted(peer)) else {
+            return peer;
+        };
+        let mut client = peer;
+        let lines: Vec<&http::HeaderValue> = headers.get_all(name).iter().collect();
+        for line in lines.into_iter().rev() {
+            let Ok(line) = line.to_str() else {
+                return client;
+            };
+            for entry in line.rsplit(',') {
+                match parse_forwarded_entry(entry) {
+                    Some(ip) => {
+                        client = ip;
+                        if !self.is_trusted(ip) {
+                            return client;
+                        }
+                    }
+                    None => return client,
+                }
+            }
+        }
+        client
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.header.is_none() || self.nets.is_empty()
+    }
+}
+
+/// One `X-Forwarded-For` entry: an address, an IPv6 one possibly in
+/// brackets, either possibly with a port.
+fn parse_forwarded_entry(entry: &str) -> Option<IpAddr> {
+    let entry = entry.trim();
+    if let Ok(ip) = entry.parse::<IpAddr>() {
+        return Some(ip.to_canonical());
+    }
+    entry
+        .parse::<SocketAddr>()
+        .ok()
+        .map(|s| s.ip().to_canonical())
+        .or_else(|| {
+            let inner = entry.strip_prefix('[')?.split(']').next()?;
+            inner.parse::<IpAddr>().ok().map(|ip| ip.to_canonical())
+        })
+}
+
 /// The public listener's per-client limits (shared by every request).
 pub struct AbuseLimits {
     /// Off: every check passes (`limits.per_ip = false`).
     per_ip: bool,
-    /// Header holding the client address, set by the operator's own proxy.
-    trusted_proxy_header: Option<http::HeaderName>,
+    /// Who may say which address a request comes from.
+    proxies: TrustedProxies,
     /// Per principal.
     apply: Bucket<String>,
     charge: Bucket<String>,
@@ -107,6 +191,13 @@ impl OpenPerClient {
     }
 }
 
+impl ClientSlot {
+    /// The client this place counts for.
+    pub fn client(&self) -> IpAddr {
+        self.client
+    }
+}
+
 impl Drop for ClientSlot {
     fn drop(&mut self) {
         if let Ok(mut open) = self.table.open.lock() {
@@ -133,10 +224,7 @@ impl AbuseLimits {
     pub fn new(config: &LimitsConfig) -> AbuseLimits {
         AbuseLimits {
             per_ip: config.per_ip,
-            trusted_proxy_header: config
-                .trusted_proxy_header
-                .as_deref()
-                .and_then(|h| http::HeaderName::from_bytes(h.trim().as_bytes()).ok()),
+            proxies: TrustedProxies::new(config),
             apply: bucket(config.apply_per_sec, config.apply_burst),
             charge: bucket(config.charges_per_sec, config.charges_burst),
             authenticated: bucket(
@@ -150,19 +238,16 @@ impl AbuseLimits {
         }
     }
 
-    /// The client a request is counted against: the trusted header's last
-    /// address when one is configured and present, else the TCP peer.
+    /// The client a request is counted against (per host: an IPv6 client
+    /// is its /64): see [`TrustedProxies::client_of`].
     pub fn client_of(&self, peer: Option<SocketAddr>, headers: &HeaderMap) -> IpAddr {
-        let from_header = self.trusted_proxy_header.as_ref().and_then(|name| {
-            // The last entry is the one the operator's proxy appended; the
-            // ones before it are whatever the client claimed.
-            let value = headers.get_all(name).iter().next_back()?.to_str().ok()?;
-            value.rsplit(',').next()?.trim().parse::<IpAddr>().ok()
-        });
-        let ip = from_header
-            .or(peer.map(|p| p.ip()))
-            .unwrap_or(IpAddr::from([0, 0, 0, 0]));
-        per_host(ip)
+        let peer = peer.map_or(IpAddr::from([0, 0, 0, 0]), |p| p.ip());
+        per_host(self.proxies.client_of(peer, headers))
+    }
+
+    /// Who may say which address a request comes from.
+    pub fn proxies(&self) -> &TrustedProxies {
+        &self.proxies
     }
 
     /// Takes a token for an anonymous `action` from `client`'s bucket, or
@@ -320,6 +405,7 @@ mod tests {
         Arc::new(AbuseLimits::new(&LimitsConfig {
             per_ip: true,
             trusted_proxy_header: header.map(str::to_string),
+            trusted_proxies: "127.0.0.1, 10.0.0.0/8".into(),
             apply_per_sec: per_sec,
             apply_burst: burst,
             charges_per_sec: per_sec,
@@ -396,6 +482,10 @@ mod tests {
         assert!(l.open_stream(a).is_ok());
     }
 
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
     #[test]
     fn the_proxy_header_is_ignored_unless_configured_and_its_last_entry_counts() {
         let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
@@ -404,13 +494,40 @@ mod tests {
         let off = limits(1.0, 1, 1, None);
         assert_eq!(off.client_of(Some(peer), &headers), peer.ip());
         let on = limits(1.0, 1, 1, Some("X-Forwarded-For"));
-        assert_eq!(
-            on.client_of(Some(peer), &headers),
-            "203.0.113.9".parse::<IpAddr>().unwrap()
-        );
+        assert_eq!(on.client_of(Some(peer), &headers), ip("203.0.113.9"));
         // A garbled header falls back to the peer, never to a claimed address.
         headers.insert("x-forwarded-for", "not-an-ip".parse().unwrap());
         assert_eq!(on.client_of(Some(peer), &headers), peer.ip());
+    }
+
+    #[test]
+    fn only_a_trusted_peer_is_believed_and_trusted_hops_are_skipped_from_the_right() {
+        let on = limits(1.0, 1, 1, Some("X-Forwarded-For"));
+        let mut headers = HeaderMap::new();
+        // A client claimed 6.6.6.6; the edge proxy appended the client, the
+        // inner one (10.0.0.7, trusted) the edge's address.
+        headers.append("x-forwarded-for", "6.6.6.6, 198.51.100.4".parse().unwrap());
+        headers.append("x-forwarded-for", "10.0.0.7".parse().unwrap());
+        let proxy: SocketAddr = "10.0.0.9:4000".parse().unwrap();
+        assert_eq!(on.client_of(Some(proxy), &headers), ip("198.51.100.4"));
+        // The same header straight from an untrusted peer is ignored.
+        let direct: SocketAddr = "192.0.2.50:4000".parse().unwrap();
+        assert_eq!(on.client_of(Some(direct), &headers), ip("192.0.2.50"));
+        // Only trusted hops: the left-most of them is the client.
+        headers.insert("x-forwarded-for", "10.1.2.3, 10.0.0.7".parse().unwrap());
+        assert_eq!(on.client_of(Some(proxy), &headers), ip("10.1.2.3"));
+        // Ports and brackets are taken off; a garbled entry stops the walk.
+        headers.insert("x-forwarded-for", "[2001:db8::1]:443".parse().unwrap());
+        assert_eq!(on.client_of(Some(proxy), &headers), ip("2001:db8::"));
+        headers.insert(
+            "x-forwarded-for",
+            "6.6.6.6, junk, 10.0.0.7".parse().unwrap(),
+        );
+        assert_eq!(on.client_of(Some(proxy), &headers), ip("10.0.0.7"));
+        // An IPv4-mapped peer is its IPv4 address.
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:1".parse().unwrap();
+        headers.insert("x-forwarded-for", "198.51.100.4".parse().unwrap());
+        assert_eq!(on.client_of(Some(mapped), &headers), ip("198.51.100.4"));
     }
 
     #[test]

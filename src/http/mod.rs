@@ -126,6 +126,9 @@ pub fn log_request(
         listener,
         method = %request.method,
         route,
+        // The address the per-client limits counted (a trusted proxy's
+        // client, or the TCP peer).
+        client = %request.client,
         status = response.status().as_u16(),
         duration_ms = (duration_ms * 1000.0).round() / 1000.0,
         request_id = %request_id,

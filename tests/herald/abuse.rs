@@ -4,7 +4,8 @@
 //! served; connections are capped and bounded in time (half-sent heads,
 //! silent sockets); a client's open streams are capped (turned away with a
 //! `retry:`, never a non-200); deep JSON and slow bodies are refused with a
-//! clear 4xx; a proxy header is believed only when the operator names it.
+//! clear 4xx; a proxy header is believed only from a proxy the operator
+//! names (tests/herald/proxy.rs puts a real nginx in front).
 //!
 //! Other clients are other loopback addresses: the test's requests leave
 //! from 127.0.0.2, 127.0.0.3, … (`local_address`), so the daemon sees
@@ -20,12 +21,12 @@ use support::sse::SseClient;
 use support::{eventually, user_token, Backend, Backing, Daemon};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn from(last_octet: u8) -> IpAddr {
+pub(crate) fn from(last_octet: u8) -> IpAddr {
     IpAddr::from([127, 0, 0, last_octet])
 }
 
 /// An HTTP client whose connections leave from 127.0.0.`last_octet`.
-fn client_at(last_octet: u8) -> reqwest::Client {
+pub(crate) fn client_at(last_octet: u8) -> reqwest::Client {
     reqwest::Client::builder()
         .local_address(from(last_octet))
         .timeout(Duration::from_secs(10))
@@ -34,7 +35,7 @@ fn client_at(last_octet: u8) -> reqwest::Client {
 }
 
 /// An embedded daemon with the per-client limits on and `extra` settings.
-async fn limited(extra: &[(&str, &str)]) -> (Backing, Daemon) {
+pub(crate) async fn limited(extra: &[(&str, &str)]) -> (Backing, Daemon) {
     let b = Backing::start(Backend::Sqlite).await;
     let mut settings = vec![("HERALD_LIMITS__PER_IP", "true")];
     settings.extend_from_slice(extra);
@@ -251,7 +252,7 @@ async fn charges_and_dev_logins_have_buckets_of_their_own() {
 
 /// A stream from 127.0.0.`octet` that is served: the opening `retry:`,
 /// then a snapshot.
-async fn served_stream(url: &str, octet: u8) -> SseClient {
+pub(crate) async fn served_stream(url: &str, octet: u8) -> SseClient {
     let mut s = SseClient::connect_once_from(url, None, Some(from(octet))).await;
     s.next(Duration::from_secs(10))
         .await
@@ -451,11 +452,13 @@ async fn a_forwarded_for_header_is_believed_only_when_the_operator_names_it() {
     )
     .await;
 
-    // Behind the operator's proxy: the header's last address is the client.
+    // Behind the operator's proxy (127.0.0.1, where `spoofer` sends from):
+    // the header's last address is the client.
     let (_b2, proxied) = limited(&[
         ("HERALD_LIMITS__AUTHENTICATED_PER_IP_PER_SEC", "0.01"),
         ("HERALD_LIMITS__AUTHENTICATED_PER_IP_BURST", "2"),
         ("HERALD_LIMITS__TRUSTED_PROXY_HEADER", "X-Forwarded-For"),
+        ("HERALD_LIMITS__TRUSTED_PROXIES", "127.0.0.1"),
     ])
     .await;
     let job = proxied.post_job("Proxied").await;
@@ -480,6 +483,27 @@ async fn a_forwarded_for_header_is_believed_only_when_the_operator_names_it() {
         201,
         "another client behind the proxy has its own bucket"
     );
+    // The same header from a peer that is not a trusted proxy is ignored:
+    // that peer is one client, whatever it claims.
+    let outsider = client_at(2);
+    for (i, forwarded) in ["198.51.100.21", "198.51.100.22", "198.51.100.23"]
+        .iter()
+        .enumerate()
+    {
+        let r = outsider
+            .post(proxied.url("/api/applications"))
+            .bearer_auth(user_token(&format!("o{i}")))
+            .header("x-forwarded-for", *forwarded)
+            .json(&body(&job))
+            .send()
+            .await
+            .expect("POST");
+        if i < 2 {
+            assert_eq!(r.status(), 201);
+        } else {
+            assert_rate_limited(r).await;
+        }
+    }
 }
 
 #[tokio::test]
@@ -520,7 +544,7 @@ async fn a_hundred_and_twenty_people_behind_one_address_all_apply_at_the_first_a
 }
 
 /// Opens a TCP connection to `addr` from 127.0.0.`octet`.
-async fn connect_from(addr: &str, octet: u8) -> tokio::net::TcpStream {
+pub(crate) async fn connect_from(addr: &str, octet: u8) -> tokio::net::TcpStream {
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
     socket
         .bind(std::net::SocketAddr::new(from(octet), 0))
@@ -533,7 +557,7 @@ async fn connect_from(addr: &str, octet: u8) -> tokio::net::TcpStream {
 
 /// Reads `stream` until the server closes it; false if it is still open at
 /// `deadline`.
-async fn closed_by(mut stream: tokio::net::TcpStream, deadline: Instant) -> bool {
+pub(crate) async fn closed_by(mut stream: tokio::net::TcpStream, deadline: Instant) -> bool {
     let mut buf = [0u8; 1024];
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -546,7 +570,7 @@ async fn closed_by(mut stream: tokio::net::TcpStream, deadline: Instant) -> bool
 }
 
 /// The public listener's `host:port`.
-fn public_addr(herald: &Daemon) -> String {
+pub(crate) fn public_addr(herald: &Daemon) -> String {
     herald
         .public
         .trim_start_matches("http://")
@@ -606,7 +630,8 @@ async fn half_sent_heads_and_silent_connections_neither_delay_others_nor_stay_op
 #[tokio::test]
 async fn past_the_connection_caps_new_connections_are_refused_at_once_and_counted() {
     let (_b, herald) = limited(&[
-        ("HERALD_CONNECTIONS__MAX", "40"),
+        // A fifth of 50 is 10: per_ip is the cap that binds.
+        ("HERALD_CONNECTIONS__MAX", "50"),
         ("HERALD_CONNECTIONS__PER_IP", "10"),
         ("HERALD_CONNECTIONS__HEADER_READ_TIMEOUT_MS", "60000"),
     ])
@@ -634,7 +659,7 @@ async fn past_the_connection_caps_new_connections_are_refused_at_once_and_counte
         .expect("healthz");
     assert_eq!(r.status(), 200);
     // Fill the listener to its global cap from many addresses: refused too.
-    for i in 0..30 {
+    for i in 0..40 {
         held.push(connect_from(&addr, 30 + i).await);
     }
     let refused_at = Instant::now();

@@ -123,7 +123,11 @@ fn every_optional_key_is_accepted_by_the_configuration() {
         ("email.resend_api_key", "\"re_test\""),
         ("email.resend_base_url", "\"http://127.0.0.1:1\""),
         ("auth.dev_login", "true"),
-        ("limits.trusted_proxy_header", "\"X-Forwarded-For\""),
+        // Only with the proxies it is believed from (else refused at start).
+        (
+            "limits.trusted_proxy_header",
+            "\"X-Forwarded-For\"\ntrusted_proxies = \"10.0.0.5\"",
+        ),
         (
             "email.webhook_secret",
             "\"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"",
@@ -399,6 +403,17 @@ fn every_environment_name_the_documents_show_is_accepted_by_the_daemon_in_both_f
             }
             if key != "jwt_secret" {
                 base.push(("HERALD_JWT_SECRET".into(), stand_in("jwt_secret")));
+            }
+            // The proxy settings come in a pair: start refuses one alone.
+            match key.as_str() {
+                "limits.trusted_proxies" => base.push((
+                    "HERALD_LIMITS__TRUSTED_PROXY_HEADER".into(),
+                    "X-Forwarded-For".into(),
+                )),
+                "limits.trusted_proxy_header" => {
+                    base.push(("HERALD_LIMITS__TRUSTED_PROXIES".into(), "10.0.0.5".into()))
+                }
+                _ => {}
             }
             for form in std::iter::once(name.clone()).chain(other.clone()) {
                 let mut env = base.clone();

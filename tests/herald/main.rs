@@ -27,10 +27,12 @@ mod fleet;
 mod harness;
 #[cfg(feature = "failpoints")]
 mod intake;
+mod listener;
 mod live_list;
 mod live_stream;
 #[cfg(feature = "failpoints")]
 mod provider;
+mod proxy;
 mod runbook;
 mod store;
 #[cfg(feature = "failpoints")]

@@ -175,7 +175,9 @@ async fn every_admin_call_in_the_runbook_works_as_written() {
     ] {
         assert!(signals.contains(metric), "{metric} in:\n{signals}");
     }
-    assert!(run(&calls, "deliveries", herald, None).contains("result=\"dead\""));
+    let deliveries = run(&calls, "deliveries", herald, None);
+    assert!(deliveries.contains("result=\"dead\""));
+    assert!(deliveries.contains("herald_email_pace_per_sec{limiter="));
 
     // A 422 spike: the request log finds the caller by its request id.
     let reused = herald

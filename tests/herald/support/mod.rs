@@ -24,6 +24,7 @@ pub mod browser;
 pub mod clean_env;
 pub mod fake_resend;
 pub mod fake_sentry;
+pub mod nginx;
 pub mod resend_webhooks;
 pub mod sse;
 pub mod testable;
@@ -41,6 +42,12 @@ use serde_json::Value;
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 pub const JWT_SECRET: &str = "test-jwt-secret-0123456789-0123456789";
+
+/// A file of the repository, as text.
+pub fn repo_file(path: &str) -> String {
+    let full = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+    std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("{}: {e}", full.display()))
+}
 
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
