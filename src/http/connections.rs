@@ -609,3 +609,41 @@ where
         metrics::connections_open(self.limits.listener, now_open);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(max: usize, per_ip: usize) -> ConnectionLimits {
+        let mut config = crate::config::Config::from_toml("")
+            .expect("defaults")
+            .connections;
+        config.max = max;
+        ConnectionLimits::new("public", max, Some(per_ip), &config)
+    }
+
+    #[test]
+    fn an_address_gets_at_most_a_fifth_of_the_listener_and_the_defaults_fit_a_nat() {
+        let defaults = crate::config::Config::from_toml("").expect("defaults");
+        let c = &defaults.connections;
+        let public = ConnectionLimits::new("public", c.max, Some(c.per_ip), c);
+        // 120 people behind one NAT, a page and a stream each.
+        assert!(
+            public.per_ip.is_some_and(|cap| cap >= 240),
+            "{:?}",
+            public.per_ip
+        );
+        assert_eq!(limits(400, 1024).per_ip, Some(80));
+        assert_eq!(limits(400, 10).per_ip, Some(10), "per_ip still binds");
+        assert_eq!(limits(3, 1024).per_ip, Some(1), "never none at all");
+    }
+
+    #[test]
+    fn a_head_ends_at_a_blank_line_of_either_kind() {
+        let tail = |bytes: &[u8]| bytes.iter().fold(0u32, |t, b| (t << 8) | u32::from(*b));
+        assert!(Watched::at_head_end(tail(b"Host: a\r\n\r\n")));
+        assert!(Watched::at_head_end(tail(b"Host: a\n\n")));
+        assert!(!Watched::at_head_end(tail(b"Host: a\r\n")));
+        assert!(!Watched::at_head_end(tail(b"X-Half: ")));
+    }
+}
