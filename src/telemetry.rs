@@ -110,7 +110,8 @@ pub mod metrics {
     /// Requests refused by a per-client limit, by action.
     pub const RATE_LIMITED: &str = "herald_rate_limited_total";
     pub const SSE_EVENTS: &str = "herald_sse_events_total";
-    /// Connections refused at accept, by listener and cap (`max`, `per_ip`).
+    /// Connections refused at accept, by listener and cap (`max`, `per_ip`);
+    /// behind a trusted proxy also a request whose client is over its share.
     pub const CONNECTIONS_REFUSED: &str = "herald_connections_refused_total";
     /// Connections open now, by listener.
     pub const CONNECTIONS_OPEN: &str = "herald_connections_open";
