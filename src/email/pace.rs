@@ -102,19 +102,19 @@ pub struct SendPacer {
 impl SendPacer {
     /// A pacer of this process alone, `per_sec` requests a second.
     pub fn new(per_sec: f64) -> SendPacer {
-        metrics::email_pace("local", per_sec);
-        SendPacer {
+        let pacer = SendPacer {
             configured: per_sec,
             advertised: AtomicU64::new(0),
             local: Pacer::new(per_sec / JITTER_MARGIN),
             fleet: None,
-        }
+        };
+        pacer.publish();
+        pacer
     }
 
     /// A pacer sharing `per_sec` with every process using the same Redis
     /// (`client`); `name` tells this process apart.
     pub fn shared(per_sec: f64, client: Client, name: String) -> SendPacer {
-        metrics::email_pace("fleet", per_sec);
         let pacer = SendPacer {
             fleet: Some(Fleet {
                 client,
@@ -127,6 +127,7 @@ impl SendPacer {
         };
         // Until Redis first answers, the fallback is a share.
         pacer.local.set_rate(pacer.local_rate());
+        pacer.publish();
         pacer
     }
 
@@ -159,27 +160,32 @@ impl SendPacer {
             );
         }
         self.local.set_rate(self.local_rate());
-        metrics::email_pace(
-            if self.fleet_usable().is_some() {
-                "fleet"
-            } else {
-                "local"
+        self.publish();
+    }
+
+    /// How many processes the rate is shared by when this one paces alone:
+    /// one without a fleet; in a fleet, those it last saw (two if none).
+    fn share(&self) -> f64 {
+        match &self.fleet {
+            None => 1.0,
+            Some(fleet) => match fleet.processes.load(Ordering::Acquire) {
+                0 => 2.0,
+                seen => seen as f64,
             },
-            now,
-        );
+        }
     }
 
     /// The local limiter's rate: all of it alone, a share in a fleet (the
     /// margin taken off either way).
     fn local_rate(&self) -> f64 {
-        let paced = self.rate() / JITTER_MARGIN;
-        match &self.fleet {
-            None => paced,
-            Some(fleet) => {
-                let seen = fleet.processes.load(Ordering::Acquire);
-                let share = if seen == 0 { 2 } else { seen };
-                paced / share as f64
-            }
+        self.rate() / JITTER_MARGIN / self.share()
+    }
+
+    /// `herald_email_pace_per_sec`: the rate and the limiter in use.
+    fn publish(&self) {
+        match (&self.fleet, self.fleet_usable()) {
+            (Some(_), Some(_)) => metrics::email_pace("fleet", self.rate()),
+            _ => metrics::email_pace("local", self.rate() / self.share()),
         }
     }
 
@@ -214,12 +220,12 @@ impl SendPacer {
                 if let Ok(mut down) = fleet.down_until.lock() {
                     if down.take().is_some() {
                         tracing::info!("the email rate is the fleet's again (Redis answers)");
-                        metrics::email_pace("fleet", self.rate());
                     }
                 }
                 let processes = u64::try_from(*processes).unwrap_or(1).max(1);
                 fleet.processes.store(processes, Ordering::Release);
                 self.local.set_rate(self.local_rate());
+                self.publish();
                 Some((u64::try_from(*wait).unwrap_or(0), interval_us))
             }
             other => {
@@ -239,7 +245,7 @@ impl SendPacer {
                     *down = Some(Instant::now() + FLEET_RETRY_AFTER);
                 }
                 self.local.set_rate(self.local_rate());
-                metrics::email_pace("local", self.local_rate());
+                self.publish();
                 None
             }
         }
