@@ -262,6 +262,14 @@ pub struct JobFilter {
 }
 
 impl JobFilter {
+    /// The filter of a list or stream query string (form-urlencoded): `q`,
+    /// `location`, `company`; other names are the caller's.
+    pub fn from_query(query: &str) -> Result<JobFilter, InvalidBody> {
+        JobFilter::from_pairs(
+            form_urlencoded::parse(query.as_bytes()).map(|(n, v)| (n, v.into_owned())),
+        )
+    }
+
     /// Takes `q`, `location` and `company` from a query string's pairs
     /// (percent-decoded by the caller); other names are the caller's.
     pub fn from_pairs<N: AsRef<str>>(

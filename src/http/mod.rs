@@ -247,6 +247,11 @@ where
     Ok(buf.freeze())
 }
 
+/// The job filter of a list or stream query (400 `invalid_query`).
+pub fn job_filter(query: &str) -> Result<crate::domain::JobFilter, ApiError> {
+    crate::domain::JobFilter::from_query(query).map_err(|e| ApiError::InvalidQuery(e.0))
+}
+
 /// The `Idempotency-Key` header, validated; `None` when absent.
 pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiError> {
     headers

@@ -30,8 +30,8 @@ use super::limits::Action;
 use super::problem::{json_response, ApiError};
 use super::{stored, AppState, Request};
 use crate::domain::{
-    parse_json, Application, DevLogin, EmailStatus, Job, JobChange, JobFilter, JobPatch,
-    NewApplication, NewCharge, NewJob, Page,
+    parse_json, Application, DevLogin, EmailStatus, Job, JobChange, JobPatch, NewApplication,
+    NewCharge, NewJob, Page,
 };
 use crate::idempotency::protocol::Ending;
 use crate::idempotency::KeyScope;
@@ -225,18 +225,9 @@ pub(super) fn list_params(query: &str) -> Result<(u32, Option<Uuid>), ApiError> 
     Ok((limit, before))
 }
 
-/// The job filter of a list or stream query: `q`, `location`, `company`
-/// (form-urlencoded); other names are the caller's.
-pub(super) fn job_filter(query: &str) -> Result<JobFilter, ApiError> {
-    JobFilter::from_pairs(
-        form_urlencoded::parse(query.as_bytes()).map(|(n, v)| (n, v.into_owned())),
-    )
-    .map_err(|e| ApiError::InvalidQuery(e.0))
-}
-
 async fn list_jobs(state: &AppState, request: &Request) -> Result<Response, ApiError> {
     let (limit, before) = list_params(&request.query)?;
-    let filter = job_filter(&request.query)?;
+    let filter = super::job_filter(&request.query)?;
     let jobs = state.store.list_jobs(limit, before, &filter).await?;
     let next_before = if jobs.len() == limit as usize {
         jobs.last().map(|j| j.id.to_string())

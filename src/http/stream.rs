@@ -83,7 +83,7 @@ fn turned_away() -> Response {
 pub async fn job_stream(state: &AppState, request: &Request) -> Response {
     // A filter the client got wrong is its bug, not a reason to retry: 400,
     // whatever the limits would have said.
-    let filter = match super::public::job_filter(&request.query) {
+    let filter = match super::job_filter(&request.query) {
         Ok(filter) => filter,
         Err(e) => return e.into_response(),
     };
