@@ -4,7 +4,7 @@
 //! every documented key exists, and every field of the `Config` struct (as it
 //! serialises, optional fields included) is a documented key.
 
-use crate::support::clean_env;
+use crate::support::{self, clean_env};
 
 use std::collections::BTreeSet;
 
@@ -445,5 +445,71 @@ fn every_environment_name_the_documents_show_is_accepted_by_the_daemon_in_both_f
     assert!(
         err.contains("exit Some(2)") && err.contains("form"),
         "{err}"
+    );
+}
+
+/// The layout block of docs/DEVELOPMENT.md: the first word of each line.
+fn development_layout() -> (String, Vec<String>) {
+    let doc = support::repo_file("docs/DEVELOPMENT.md");
+    let block = doc
+        .split("## Layout")
+        .nth(1)
+        .and_then(|rest| rest.split("```\n").nth(1))
+        .expect("DEVELOPMENT.md's layout block")
+        .to_string();
+    let listed = block
+        .lines()
+        .filter(|l| !l.starts_with(' '))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect();
+    (block, listed)
+}
+
+#[test]
+fn the_development_layout_lists_what_is_there_and_names_every_source_file() {
+    let (block, listed) = development_layout();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    for path in &listed {
+        assert!(
+            root.join(path).exists(),
+            "DEVELOPMENT.md lists {path}, which does not exist"
+        );
+    }
+    // Every file under src/ is listed, or named under a listed directory
+    // (its file name, or its subdirectory's name with a slash).
+    let mut unnamed = Vec::new();
+    let mut dirs = vec![root.join("src")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).expect("src") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            let rel = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .to_string();
+            let named = listed.contains(&rel)
+                || listed.iter().any(|dir| {
+                    dir.ends_with('/')
+                        && rel.strip_prefix(dir.as_str()).is_some_and(|under| {
+                            match under.split_once('/') {
+                                Some((sub, _)) => block.contains(&format!("{sub}/")),
+                                None => block.contains(under),
+                            }
+                        })
+                });
+            if !named {
+                unnamed.push(rel);
+            }
+        }
+    }
+    unnamed.sort();
+    assert!(
+        unnamed.is_empty(),
+        "docs/DEVELOPMENT.md's layout does not name {unnamed:?}"
     );
 }
