@@ -35,6 +35,8 @@ pub enum AuditorMsg {
 
 pub struct AuditorState {
     args: AuditorArgs,
+    /// The schedule, stopped with the actor.
+    _ticker: super::Ticker,
     /// The last count per invariant, for the rising edge.
     last: HashMap<&'static str, i64>,
 }
@@ -71,10 +73,11 @@ impl Actor for Auditor {
         for invariant in Invariant::ALL {
             m::audit_violations(invariant.name(), 0);
         }
-        myself.send_interval(args.interval, || AuditorMsg::Audit);
+        let ticker = super::Ticker::every(&myself, args.interval, || AuditorMsg::Audit);
         let _ = myself.cast(AuditorMsg::Audit);
         Ok(AuditorState {
             args,
+            _ticker: ticker,
             last: HashMap::new(),
         })
     }

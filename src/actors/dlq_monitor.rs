@@ -41,6 +41,8 @@ pub struct DlqMonitor;
 
 pub struct DlqMonitorState {
     args: DlqMonitorArgs,
+    /// The schedule, stopped with the actor.
+    _ticker: super::Ticker,
     /// Topics whose alert is raised.
     raised: HashMap<String, DlqTopicStats>,
 }
@@ -87,10 +89,11 @@ impl Actor for DlqMonitor {
         myself: ActorRef<Self::Msg>,
         args: DlqMonitorArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        myself.send_interval(args.interval, || DlqMonitorMsg::Check);
+        let ticker = super::Ticker::every(&myself, args.interval, || DlqMonitorMsg::Check);
         let _ = myself.cast(DlqMonitorMsg::Check);
         Ok(DlqMonitorState {
             args,
+            _ticker: ticker,
             raised: HashMap::new(),
         })
     }

@@ -33,9 +33,15 @@ pub enum JanitorMsg {
 
 pub struct Janitor;
 
+pub struct JanitorState {
+    args: JanitorArgs,
+    /// The schedule, stopped with the actor.
+    _ticker: super::Ticker,
+}
+
 impl Actor for Janitor {
     type Msg = JanitorMsg;
-    type State = JanitorArgs;
+    type State = JanitorState;
     type Arguments = JanitorArgs;
 
     async fn pre_start(
@@ -43,17 +49,21 @@ impl Actor for Janitor {
         myself: ActorRef<Self::Msg>,
         args: JanitorArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        myself.send_interval(args.interval, || JanitorMsg::Sweep);
-        Ok(args)
+        let ticker = super::Ticker::every(&myself, args.interval, || JanitorMsg::Sweep);
+        Ok(JanitorState {
+            args,
+            _ticker: ticker,
+        })
     }
 
     async fn handle(
         &self,
         _myself: ActorRef<Self::Msg>,
         message: Self::Msg,
-        args: &mut Self::State,
+        state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         let JanitorMsg::Sweep = message;
+        let args = &state.args;
         let mut total = Purged::default();
         // Bounded: at most 100 batches per sweep; the rest waits for the next.
         for _ in 0..100 {

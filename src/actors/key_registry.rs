@@ -32,9 +32,15 @@ pub struct KeyRegistryArgs {
 
 pub struct KeyRegistry;
 
+pub struct KeyRegistryState {
+    args: KeyRegistryArgs,
+    /// The probe schedule (none without a hot tier), stopped with the actor.
+    _ticker: Option<super::Ticker>,
+}
+
 impl Actor for KeyRegistry {
     type Msg = KeyRegistryMsg;
-    type State = KeyRegistryArgs;
+    type State = KeyRegistryState;
     type Arguments = KeyRegistryArgs;
 
     async fn pre_start(
@@ -42,21 +48,27 @@ impl Actor for KeyRegistry {
         myself: ActorRef<Self::Msg>,
         args: KeyRegistryArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        if args.hot.is_some() {
-            myself.send_interval(args.probe_interval, || KeyRegistryMsg::Probe);
+        let ticker = args.hot.is_some().then(|| {
+            let ticker =
+                super::Ticker::every(&myself, args.probe_interval, || KeyRegistryMsg::Probe);
             let _ = myself.cast(KeyRegistryMsg::Probe);
-        }
+            ticker
+        });
         m::redis_fallback(!args.mode.is_healthy() && args.hot.is_some());
-        Ok(args)
+        Ok(KeyRegistryState {
+            args,
+            _ticker: ticker,
+        })
     }
 
     async fn handle(
         &self,
         _myself: ActorRef<Self::Msg>,
         message: Self::Msg,
-        args: &mut Self::State,
+        state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         let KeyRegistryMsg::Probe = message;
+        let args = &state.args;
         // Bounded by Redis's command timeout; only probes queue here.
         if let Some(hot) = &args.hot {
             match hot.probe().await {

@@ -225,6 +225,8 @@ pub struct SupervisorState {
     children: Arc<Vec<Arc<dyn Child>>>,
     /// Recent restart instants per child, for the backoff.
     recent_restarts: HashMap<&'static str, Vec<Instant>>,
+    /// Restarts waiting out their backoff, stopped with the supervisor.
+    pending_restarts: Vec<super::Timer<Result<(), ractor::MessagingErr<SupervisorMsg>>>>,
     stopping: bool,
 }
 
@@ -246,6 +248,7 @@ impl Actor for HeraldSupervisor {
         Ok(SupervisorState {
             children,
             recent_restarts: HashMap::new(),
+            pending_restarts: Vec::new(),
             stopping: false,
         })
     }
@@ -334,7 +337,10 @@ impl Actor for HeraldSupervisor {
             &format!("actor {name} died ({reason}); restarting in {delay:?}"),
             sentry::Level::Error,
         );
-        myself.send_after(delay, move || SupervisorMsg::Restart(name));
+        state.pending_restarts.retain(|t| !t.is_finished());
+        state.pending_restarts.push(super::Timer::hold(
+            myself.send_after(delay, move || SupervisorMsg::Restart(name)),
+        ));
         Ok(())
     }
 }

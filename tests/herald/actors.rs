@@ -359,6 +359,31 @@ async fn the_auditor_and_the_dlq_monitor_report_what_the_database_holds() {
     assert_eq!(metric("herald_dlq_depth "), Some(0.0));
     monitor.stop(None);
     assert!(started.elapsed() < Duration::from_secs(10));
+
+    // Each stops its ticker when it stops.
+    let hour = Duration::from_secs(3600);
+    assert_its_ticker_stops_with_it(
+        Auditor,
+        AuditorArgs {
+            store: store.clone(),
+            interval: hour,
+            max_unsettled_age: hour,
+            retention: hour,
+        },
+        "the auditor",
+    )
+    .await;
+    assert_its_ticker_stops_with_it(
+        DlqMonitor,
+        DlqMonitorArgs {
+            store: store.clone(),
+            threshold: 0,
+            max_age: hour,
+            interval: hour,
+        },
+        "the DLQ monitor",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -686,4 +711,71 @@ async fn the_supervisor_restarts_a_dead_child_into_its_slot_and_escalates_past_i
     slot.get().expect("running").kill();
     handled.assert_stopped_without_a_message().await;
     assert_eq!(supervisor.get_status(), ractor::ActorStatus::Stopped);
+}
+
+/// Spawns `actor` (its schedule an hour apart), stops it, and shows its
+/// ticker task gone with it: before the tickers were held in the actors'
+/// state, an hourly one ran on for up to the hour.
+async fn assert_its_ticker_stops_with_it<A: ractor::Actor>(
+    actor: A,
+    args: A::Arguments,
+    what: &str,
+) {
+    let (actor, handle) = ractor::Actor::spawn(None, actor, args)
+        .await
+        .expect("spawn");
+    let id = actor.get_id();
+    // Let the ticker reach its wait for the next period (one poll on this
+    // single-threaded runtime): stopped before, it would see the actor gone
+    // and end by itself, and the check below would prove nothing.
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert!(herald::actors::is_ticking(id), "{what}: its ticker runs");
+    actor.stop(None);
+    handle.await.expect("stopped");
+    eventually(
+        &format!("{what}'s ticker to stop with it"),
+        Duration::from_secs(5),
+        || {
+            let ticking = herald::actors::is_ticking(id);
+            async move { (!ticking).then_some(()) }
+        },
+    )
+    .await;
+}
+
+// The auditor's and the DLQ monitor's are checked at the end of their own
+// test: each run moves the metrics that test counts.
+#[tokio::test]
+async fn the_janitor_and_the_key_registry_stop_their_tickers_when_they_stop() {
+    let (store, _dir) = sqlite().await;
+    let hour = Duration::from_secs(3600);
+    assert_its_ticker_stops_with_it(
+        Janitor,
+        JanitorArgs {
+            store: store.clone(),
+            interval: hour,
+            batch: 100,
+            retention: hour,
+        },
+        "the janitor",
+    )
+    .await;
+    let redis = Redis::start().await;
+    let config = RedisConfig {
+        command_timeout_ms: 250,
+        ..Config::from_toml("").unwrap().redis
+    };
+    let hot = HotTier::connect(&redis.url(), &config).unwrap();
+    assert_its_ticker_stops_with_it(
+        KeyRegistry,
+        KeyRegistryArgs {
+            hot: Some(hot),
+            mode: RedisMode::configured(false),
+            probe_interval: hour,
+        },
+        "the key registry",
+    )
+    .await;
 }
