@@ -21,9 +21,11 @@
 //!   canonical-JSON fingerprint, stored response).
 //! - [`idempotency`]: the protocol every keyed route follows, and the Redis hot
 //!   tier in front of the database's key table.
-//! - [`store`]: the storage traits, one per concern, and their backends,
-//!   Postgres and SQLite (a folder each, a file per concern, their own
-//!   migrations folder), chosen by `database_url`'s scheme.
+//! - [`use_cases`]: every state change a request makes (post, edit and close
+//!   a job, apply, charge), written once over the store's unit of work.
+//! - [`store`]: the storage traits, one per concern, the unit of work, and
+//!   their backends, Postgres and SQLite (a folder each, a file per concern,
+//!   their own migrations folder), chosen by `database_url`'s scheme.
 //! - [`rate`]: the one rate-limiting primitive (a token bucket) every limit uses.
 //! - [`failpoints`]: the tests' crash and pause points (feature `failpoints`).
 //! - [`secrets`]: the embedded mode's generated admin token and JWT secret.
@@ -59,3 +61,4 @@ pub mod secrets;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod use_cases;

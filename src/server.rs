@@ -370,12 +370,15 @@ pub async fn run(
         config: config.clone(),
         store: store.clone(),
         idempotency: Idempotency::new(
+            store.clone(),
             store,
+            crate::http::problem::refusal,
             hot,
             redis_mode.clone(),
             Duration::from_secs(config.idempotency.lease_secs),
             Duration::from_secs(config.idempotency.ttl_secs),
-        ),
+        )
+        .waking(outbox_wake.clone()),
         actors: actors.clone(),
         auth,
         redis_mode,

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::{Stream, StreamExt};
-use http::{HeaderMap, HeaderValue, Method};
+use http::{HeaderMap, Method};
 use metrics_exporter_prometheus::PrometheusHandle;
 use warp::reply::Response;
 use warp::Filter;
@@ -34,11 +34,11 @@ use warp::Filter;
 use crate::actors::supervisor::ActorTree;
 use crate::config::Config;
 use crate::idempotency::hot_tier::RedisMode;
-use crate::idempotency::protocol::{Ending, Idempotency, NextAction};
-use crate::idempotency::{IdempotencyKey, KeyScope, StoredResponse};
-use crate::store::{KeyLease, Store, StoreError};
+use crate::idempotency::protocol::Idempotency;
+use crate::idempotency::IdempotencyKey;
+use crate::store::Store;
 use auth::Auth;
-use problem::{json_response, ApiError};
+use problem::ApiError;
 
 /// Largest request body accepted; larger gets 413 `body_too_large`.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -53,15 +53,15 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub store: Arc<dyn Store>,
     pub actors: ActorTree,
-    /// The idempotency protocol, run on the request's own task.
+    /// The idempotency protocol, run on the request's own task: every
+    /// write's unit of work is opened, committed or refused there.
     pub idempotency: Idempotency,
     pub auth: Auth,
     /// Hot-tier mode, for `/readyz` and `/admin/status`.
     pub redis_mode: RedisMode,
     pub prometheus: PrometheusHandle,
-    /// Wakes this process's OutboxRelay after a commit that wrote an event,
-    /// so it is relayed at once without a database NOTIFY per transaction
-    /// (which serialises commits); other processes' relays poll.
+    /// Wakes this process's OutboxRelay after a write outside the
+    /// idempotency protocol made rows due (a dead letter replayed).
     pub outbox_wake: Arc<tokio::sync::Notify>,
     /// The RetryBudget's token counts, for `/admin/status`.
     pub budget: crate::actors::retry_budget::RetryBudgetHandle,
@@ -261,105 +261,7 @@ pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, Ap
         .map_err(ApiError::from)
 }
 
-/// Builds the HTTP response for a stored (or fresh) outcome.
-pub fn stored_response(stored: StoredResponse, replayed: bool) -> Response {
-    let status = http::StatusCode::from_u16(stored.status)
-        .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
-    let mut response = json_response(status, stored.body);
-    if replayed {
-        response
-            .headers_mut()
-            .insert("idempotent-replayed", HeaderValue::from_static("true"));
-    }
-    response
-}
-
 /// Serialises a resource as a stored response.
-pub fn stored<T: serde::Serialize>(status: u16, value: &T) -> StoredResponse {
-    StoredResponse::json(status, value)
-}
-
-impl AppState {
-    /// Steps 1–2 of the idempotency protocol for a keyed write: the lease to
-    /// run under (`None` without a key), or the answer when it must not run
-    /// (a replay, 409 in flight, 422 reused).
-    pub async fn begin_keyed(
-        &self,
-        scope: KeyScope,
-        key: Option<IdempotencyKey>,
-        body: &serde_json::Value,
-    ) -> Result<Result<Option<KeyLease>, Response>, ApiError> {
-        let lease = match self.idempotency.begin(scope, key, body).await? {
-            NextAction::Replay(response) => {
-                let mut response = stored_response(response, true);
-                response
-                    .extensions_mut()
-                    .insert(problem::IdempotencyOutcome("replay"));
-                return Ok(Err(response));
-            }
-            NextAction::StartProcessing(lease) => lease,
-        };
-        // Failpoint: a request that holds its claim for a while (the
-        // in-flight duplicate case, on any backend).
-        if lease.is_some() {
-            if let Some(pause) = crate::failpoints::pause("intake-after-claim") {
-                tokio::time::sleep(pause).await;
-            }
-        }
-        Ok(Ok(lease))
-    }
-
-    /// Step 4: ends the keyed write that ran under `lease` with `written`
-    /// (what its one transaction did) and answers the client. A 4xx becomes
-    /// the key's outcome; a 5xx releases the key so a retry can run.
-    pub async fn end_keyed(
-        &self,
-        lease: Option<KeyLease>,
-        written: Result<Ending, StoreError>,
-    ) -> Result<Response, ApiError> {
-        let ending = match written {
-            Err(StoreError::LeaseLost) => return Err(ApiError::InFlight),
-            Err(e) => {
-                let error = ApiError::from(e);
-                if let Some(lease) = lease {
-                    let ending = if error.status().is_client_error() {
-                        Ending::Unwritten(error.stored())
-                    } else {
-                        Ending::Failed
-                    };
-                    self.idempotency.end(lease, ending).await;
-                }
-                return Err(error);
-            }
-            Ok(ending) => ending,
-        };
-        let response = match &ending {
-            Ending::Committed(response) => {
-                self.outbox_wake.notify_one();
-                response.clone()
-            }
-            Ending::Unwritten(response) => response.clone(),
-            // Handlers report a failure as `Err`; should one say `Failed`,
-            // release the key and answer 500.
-            Ending::Failed => {
-                if let Some(lease) = lease {
-                    self.idempotency.end(lease, Ending::Failed).await;
-                }
-                return Err(ApiError::from(StoreError::Internal(
-                    "the write failed".into(),
-                )));
-            }
-        };
-        let outcome = if lease.is_some() { "new" } else { "none" };
-        if let Some(lease) = lease {
-            self.idempotency.end(lease, ending).await;
-        }
-        let mut response = stored_response(response, false);
-        if outcome == "new" {
-            response
-                .extensions_mut()
-                .insert(problem::IdempotencyOutcome("new"));
-        }
-        Ok(response)
-    }
+pub fn stored<T: serde::Serialize>(status: u16, value: &T) -> crate::idempotency::StoredResponse {
+    crate::idempotency::StoredResponse::json(status, value)
 }

@@ -11,7 +11,7 @@ use serde::Serialize;
 use warp::reply::Response;
 
 use crate::domain::InvalidBody;
-use crate::idempotency::protocol::IdempotencyError;
+use crate::idempotency::protocol::{Answer, IdempotencyError};
 use crate::idempotency::{InvalidKey, StoredResponse};
 use crate::store::StoreError;
 
@@ -228,6 +228,50 @@ impl ApiError {
         }
         response
     }
+}
+
+/// The HTTP response of a write's [`Answer`]: a replay says so, and the
+/// request log learns what the key did.
+pub fn answer_response(answer: Answer) -> Response {
+    let mut response = stored_response(answer.response, answer.replayed);
+    let outcome = match (answer.replayed, answer.keyed) {
+        (true, _) => Some("replay"),
+        (false, true) => Some("new"),
+        (false, false) => None,
+    };
+    if let Some(outcome) = outcome {
+        response
+            .extensions_mut()
+            .insert(IdempotencyOutcome(outcome));
+    }
+    response
+}
+
+/// Builds the HTTP response for a stored (or fresh) outcome.
+pub fn stored_response(stored: StoredResponse, replayed: bool) -> Response {
+    let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = json_response(status, stored.body);
+    if replayed {
+        response
+            .headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    response
+}
+
+/// The idempotency protocol's [`Refusal`](crate::idempotency::protocol::Refusal):
+/// a store error that is the request's own fault (a 4xx: the job is
+/// missing or closed) is stored as its key's outcome, with its problem
+/// body; any other (a 5xx) is not.
+pub fn refusal(e: &StoreError) -> Option<StoredResponse> {
+    let refused = match e {
+        StoreError::JobNotFound => ApiError::JobNotFound,
+        StoreError::JobClosed => ApiError::JobClosed,
+        StoreError::Unavailable(_) | StoreError::LeaseLost | StoreError::Internal(_) => {
+            return None
+        }
+    };
+    Some(refused.stored())
 }
 
 /// A JSON response with `status` and an already serialised body. Error

@@ -27,16 +27,17 @@ use uuid::Uuid;
 use warp::reply::Response;
 
 use super::limits::Action;
-use super::problem::{json_response, ApiError};
+use super::problem::{answer_response, json_response, ApiError};
 use super::{stored, AppState, Request};
 use crate::domain::{
     parse_json, Application, DevLogin, EmailStatus, Job, JobChange, JobPatch, NewApplication,
     NewCharge, NewJob, Page,
 };
-use crate::idempotency::protocol::Ending;
+use crate::idempotency::protocol::Outcome;
 use crate::idempotency::KeyScope;
-use crate::store::{ApplyOutcome, StoreError};
+use crate::store::ApplyOutcome;
 use crate::telemetry::metrics as m;
+use crate::use_cases;
 
 /// Routes one request of the public listener.
 pub async fn dispatch(state: AppState, request: Request) -> Response {
@@ -270,16 +271,16 @@ async fn change_job(
     };
     // The key's scope is the route; the job is part of what it fingerprints.
     let fingerprinted = serde_json::json!({ "job": id, "change": json });
-    let lease = match state.begin_keyed(scope, key, &fingerprinted).await? {
-        Ok(lease) => lease,
-        Err(replay) => return Ok(replay),
-    };
-    let changed = state
-        .store
-        .change_job(id, &change, lease.as_ref(), 200)
-        .await
-        .map(|job| Ending::Committed(stored(200, &job)));
-    state.end_keyed(lease, changed).await
+    let answer = state
+        .idempotency
+        .run(scope, key, &fingerprinted, |tx| {
+            Box::pin(async move {
+                let job = use_cases::change_job(tx, id, &change).await?;
+                Ok(Outcome::Written(stored(200, &job)))
+            })
+        })
+        .await?;
+    Ok(answer_response(answer))
 }
 
 /// The routes of [`change_job`].
@@ -302,15 +303,16 @@ async fn post_job(state: &AppState, request: &Request) -> Result<Response, ApiEr
         method: "POST",
         route: "/api/jobs",
     };
-    let response = stored(201, &job);
-    let lease = match state.begin_keyed(scope, key, &json).await? {
-        Ok(lease) => lease,
-        Err(replay) => return Ok(replay),
-    };
-    let written = state.store.post_job(&job, lease.as_ref(), &response).await;
-    state
-        .end_keyed(lease, written.map(|()| Ending::Committed(response)))
-        .await
+    let answer = state
+        .idempotency
+        .run(scope, key, &json, |tx| {
+            Box::pin(async move {
+                use_cases::post_job(tx, &job).await?;
+                Ok(Outcome::Written(stored(201, &job)))
+            })
+        })
+        .await?;
+    Ok(answer_response(answer))
 }
 
 async fn submit_application(state: &AppState, request: &Request) -> Result<Response, ApiError> {
@@ -339,26 +341,27 @@ async fn submit_application(state: &AppState, request: &Request) -> Result<Respo
         method: "POST",
         route: "/api/applications",
     };
+    // Built before the unit of work: it is the key's outcome, committed
+    // with the application.
     let created = stored(201, &application.view(false));
-    let lease = match state.begin_keyed(scope, key, &json).await? {
-        Ok(lease) => lease,
-        Err(replay) => return Ok(replay),
-    };
-    let written = state
-        .store
-        .submit_application(&application, lease.as_ref(), &created)
-        .await
-        .map(|outcome| match outcome {
-            ApplyOutcome::Created(_) => {
-                m::application_created();
-                Ending::Committed(created)
-            }
-            // Nothing written: the existing application is the answer.
-            ApplyOutcome::AlreadyApplied(existing) => {
-                Ending::Unwritten(stored(200, &existing.view(true)))
-            }
-        });
-    state.end_keyed(lease, written).await
+    let answer = state
+        .idempotency
+        .run(scope, key, &json, |tx| {
+            Box::pin(async move {
+                match use_cases::submit_application(tx, &application, &created).await? {
+                    ApplyOutcome::Created(_) => {
+                        m::application_created();
+                        Ok(Outcome::Written(created))
+                    }
+                    // Nothing written: the existing application is the answer.
+                    ApplyOutcome::AlreadyApplied(existing) => {
+                        Ok(Outcome::Unwritten(stored(200, &existing.view(true))))
+                    }
+                }
+            })
+        })
+        .await?;
+    Ok(answer_response(answer))
 }
 
 /// The signed-in user's applications, newest first, with their email status.
@@ -412,16 +415,16 @@ async fn create_charge(state: &AppState, request: &Request) -> Result<Response, 
         method: "POST",
         route: "/api/charges",
     };
-    let response = stored(201, &charge);
-    let lease = match state.begin_keyed(scope, Some(key), &json).await? {
-        Ok(Some(lease)) => lease,
-        Ok(None) => return Err(StoreError::Internal("charge without a key".into()).into()),
-        Err(replay) => return Ok(replay),
-    };
-    let written = state.store.create_charge(&charge, &lease, &response).await;
-    state
-        .end_keyed(Some(lease), written.map(|()| Ending::Committed(response)))
-        .await
+    let answer = state
+        .idempotency
+        .run(scope, Some(key), &json, |tx| {
+            Box::pin(async move {
+                use_cases::create_charge(tx, &charge).await?;
+                Ok(Outcome::Written(stored(201, &charge)))
+            })
+        })
+        .await?;
+    Ok(answer_response(answer))
 }
 
 async fn get_charge(state: &AppState, request: &Request, id: &str) -> Result<Response, ApiError> {

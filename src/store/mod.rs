@@ -10,23 +10,23 @@
 //! The one rule every backend keeps: a business row, its outbox event and the
 //! idempotency key's `completed` outcome commit in **one** transaction.
 
+mod board;
 mod dead_letters;
 mod delivery;
-mod intake;
-mod keys;
 mod maintenance;
 pub mod postgres;
 mod provider_events;
 mod relay;
 pub mod sqlite;
+mod work;
 
+pub use board::*;
 pub use dead_letters::*;
 pub use delivery::*;
-pub use intake::*;
-pub use keys::*;
 pub use maintenance::*;
 pub use provider_events::*;
 pub use relay::*;
+pub use work::*;
 
 use std::sync::Arc;
 
@@ -112,15 +112,12 @@ impl From<sqlx::migrate::MigrateError> for StoreError {
     }
 }
 
-fn to_json<T: serde::Serialize>(value: &T) -> Result<serde_json::Value, StoreError> {
-    serde_json::to_value(value).map_err(|e| StoreError::Internal(e.to_string()))
-}
-
 /// Herald's durable state. Implementations are cheap to share (`Arc<dyn Store>`).
 #[async_trait]
 pub trait Store:
     KeyStore
-    + IntakeStore
+    + BoardReads
+    + Transact
     + RelayStore
     + DeliveryStore
     + DeadLetterStore

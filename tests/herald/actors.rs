@@ -39,6 +39,7 @@ use herald::idempotency::{Fingerprint, IdempotencyKey, KeyScope, StoredResponse}
 use herald::retry::RetryPolicy;
 use herald::store::sqlite::SqliteStore;
 use herald::store::{KeyClaim, KeyClaimRequest, Store};
+use herald::use_cases;
 use support::testable;
 use support::{eventually, Redis};
 use uuid::Uuid;
@@ -88,10 +89,12 @@ async fn charge(store: &Arc<dyn Store>, user: &str, amount_cents: i64) -> Charge
         status: 201,
         body: "{}".into(),
     };
-    store
-        .create_charge(&charge, &lease, &response)
-        .await
-        .unwrap();
+    let written = charge.clone();
+    support::in_unit(store, Some(lease), &response, |tx| {
+        Box::pin(async move { use_cases::create_charge(tx, &written).await })
+    })
+    .await
+    .unwrap();
     charge
 }
 
@@ -407,7 +410,12 @@ async fn the_email_sender_sends_each_confirmation_once_in_a_batch() {
         status: 201,
         body: "{}".into(),
     };
-    store.post_job(&job, None, &created).await.unwrap();
+    let posted = job.clone();
+    support::in_unit(&store, None, &created, |tx| {
+        Box::pin(async move { use_cases::post_job(tx, &posted).await })
+    })
+    .await
+    .unwrap();
     let mut applications = Vec::new();
     for user in ["ada", "bob", "cy"] {
         let application = Application {
@@ -420,10 +428,13 @@ async fn the_email_sender_sends_each_confirmation_once_in_a_batch() {
             email_status: EmailStatus::Pending,
             created_at: chrono::Utc::now(),
         };
-        store
-            .submit_application(&application, None, &created)
-            .await
-            .unwrap();
+        let submitted = application.clone();
+        let answer = created.clone();
+        support::in_unit(&store, None, &created, |tx| {
+            Box::pin(async move { use_cases::submit_application(tx, &submitted, &answer).await })
+        })
+        .await
+        .unwrap();
         applications.push(application);
     }
     let config = Config::from_toml("").unwrap();
@@ -539,7 +550,12 @@ async fn the_sse_hub_serves_each_filter_its_list_and_lets_a_slow_client_catch_up
         status: 201,
         body: "{}".into(),
     };
-    store.post_job(&earlier, None, &created).await.unwrap();
+    let posted = earlier.clone();
+    support::in_unit(&store, None, &created, |tx| {
+        Box::pin(async move { use_cases::post_job(tx, &posted).await })
+    })
+    .await
+    .unwrap();
     let args = SseHubArgs {
         store: store.clone(),
         broker: Some(broker.clone()),

@@ -8,17 +8,17 @@
 //! Business transactions complete the key with a fencing check on the holder,
 //! so a request that ran past its lease cannot overwrite its successor.
 
+mod board;
 mod dead_letters;
 mod delivery;
-mod intake;
-mod keys;
 mod maintenance;
 mod provider_events;
 mod relay;
+mod work;
 
 // `herald bench intake` has pgbench run the exact statements of an application.
-pub use intake::SUBMIT_APPLICATION;
-pub use keys::CLAIM_KEY;
+pub use work::CLAIM_KEY;
+pub use work::SUBMIT_APPLICATION;
 
 use std::ops::{Deref, DerefMut};
 use std::time::Duration;
@@ -36,10 +36,7 @@ use uuid::Uuid;
 use super::*;
 use crate::broker::Envelope;
 use crate::config::Config;
-use crate::domain::{
-    topics, Application, ApplicationSubmitted, Charge, Job, JobChange, JobFilter, JobStatus,
-    SearchKeys,
-};
+use crate::domain::{topics, Application, Charge, Job, JobFilter, JobStatus, SearchKeys};
 use crate::keys::{IdempotencyKey, KeyScope, StoredResponse};
 
 /// Postgres reads ids and instants as their own types.

@@ -26,13 +26,13 @@
 //! commit in one transaction. UUIDs are stored as text, instants as integer
 //! microseconds (see `migrations/sqlite/0001_schema.sql`).
 
+mod board;
 mod dead_letters;
 mod delivery;
-mod intake;
-mod keys;
 mod maintenance;
 mod provider_events;
 mod relay;
+mod work;
 
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -55,10 +55,7 @@ use uuid::Uuid;
 use super::*;
 use crate::broker::Envelope;
 use crate::config::Config;
-use crate::domain::{
-    topics, Application, ApplicationSubmitted, Charge, Job, JobChange, JobFilter, JobStatus,
-    SearchKeys,
-};
+use crate::domain::{Application, Charge, Job, JobFilter, JobStatus, SearchKeys};
 use crate::keys::{KeyScope, StoredResponse};
 
 /// Now, in the schema's unit (microseconds since the epoch).

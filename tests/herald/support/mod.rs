@@ -1440,3 +1440,21 @@ pub fn herald_audit(database_url: &str) -> (i32, String) {
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     (out.status.code().unwrap_or(-1), text)
 }
+
+/// Runs `work` (a use case) in a unit of work of `store`, opened for `key`
+/// if any, and commits it with `answer`: the idempotency protocol's step 3,
+/// for tests that drive the store without the daemon.
+pub async fn in_unit<T>(
+    store: &std::sync::Arc<dyn herald::store::Store>,
+    key: Option<herald::store::KeyLease>,
+    answer: &herald::idempotency::StoredResponse,
+    work: impl for<'t> FnOnce(
+        &'t mut dyn herald::store::UnitOfWork,
+    )
+        -> futures::future::BoxFuture<'t, Result<T, herald::store::StoreError>>,
+) -> Result<T, herald::store::StoreError> {
+    let mut unit = store.begin(key).await?;
+    let value = work(&mut *unit).await?;
+    unit.commit(answer).await?;
+    Ok(value)
+}

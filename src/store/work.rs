@@ -1,9 +1,19 @@
-//! Idempotency keys in the store: claim, complete, release.
+//! The unit of work, and the idempotency key it completes.
 //!
-//! A key is claimed atomically (a free key is the caller's at once; a taken
-//! one is a replay, in flight or a mismatch; an expired key or a lapsed
-//! lease is taken over), and completed with its response in the business
-//! transaction that used it, fenced on the holder.
+//! Every state change Herald makes runs in one [`UnitOfWork`]: a transaction
+//! the backend opens ([`Transact::begin`]) and hands to a use case
+//! ([`crate::use_cases`]), which reads and writes through small per-table
+//! operations (read a job for update, put a job, insert an application or a
+//! charge, emit an outbox event). [`UnitOfWork::commit`] then writes the
+//! buffered outbox rows and completes the request's idempotency key with its
+//! answer, fenced on the key's holder, and commits: the business rows, their
+//! events and the key's outcome are one transaction, on either backend,
+//! whatever the use case. A unit dropped without commit rolls back.
+//!
+//! A key is claimed atomically before its unit opens (a free key is the
+//! caller's at once; a taken one is a replay, in flight or a mismatch; an
+//! expired key or a lapsed lease is taken over); the protocol around all of
+//! this is [`crate::idempotency::protocol`].
 
 use std::time::Duration;
 
@@ -11,6 +21,7 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 use super::*;
+use crate::domain::{Application, Charge, Job};
 use crate::keys::{Fingerprint, IdempotencyKey, KeyScope, StoredResponse};
 
 /// A request to claim an idempotency key.
@@ -135,18 +146,76 @@ pub fn stored_status(column: i64) -> u16 {
         .unwrap_or(500)
 }
 
-/// Idempotency keys: the claim a request makes before it runs, and its end.
+/// An outbox event a unit of work emits: topic, aggregate id, payload.
+pub type OutboxEvent = (&'static str, Uuid, serde_json::Value);
+
+/// One open transaction of a backend, with the per-table operations the use
+/// cases are written with. Opened by [`Transact::begin`]; ended by
+/// [`UnitOfWork::commit`], or rolled back when dropped.
+#[async_trait]
+pub trait UnitOfWork: Send {
+    /// A job, locked until this unit ends (its edits are serialised).
+    async fn job_for_update(&mut self, id: Uuid) -> Result<Option<Job>, StoreError>;
+
+    /// Writes a new job.
+    async fn insert_job(&mut self, job: &Job) -> Result<(), StoreError>;
+
+    /// Writes a changed job over its row.
+    async fn update_job(&mut self, job: &Job) -> Result<(), StoreError>;
+
+    /// Inserts an application; `false` (nothing written) when its user
+    /// already applied to its job.
+    async fn insert_application(&mut self, application: &Application) -> Result<bool, StoreError>;
+
+    /// A user's application to a job.
+    async fn application_of(
+        &mut self,
+        user_id: &str,
+        job_id: Uuid,
+    ) -> Result<Option<Application>, StoreError>;
+
+    /// Inserts a charge.
+    async fn insert_charge(&mut self, charge: &Charge) -> Result<(), StoreError>;
+
+    /// Emits an outbox event, written when the unit commits.
+    fn emit(&mut self, event: OutboxEvent);
+
+    /// The declared fast path of [`crate::use_cases::submit_application`]:
+    /// a backend that can run the whole submission as one statement (the
+    /// job's checks, the insert, its event and the key's completion with
+    /// `created`) does so here, before anything else ran in this unit, and
+    /// returns its outcome; the unit's commit then has nothing left to do.
+    /// `None`: the use case takes the general path. The conformance suite
+    /// runs both on the same cases.
+    async fn submit_at_once(
+        &mut self,
+        _application: &Application,
+        _created: &StoredResponse,
+    ) -> Option<Result<ApplyOutcome, StoreError>> {
+        None
+    }
+
+    /// Writes the emitted events, completes the unit's key (if it was
+    /// opened for one) with `answer` — only if its lease still holds it,
+    /// else nothing is written and the result is [`StoreError::LeaseLost`] —
+    /// and commits.
+    async fn commit(self: Box<Self>, answer: &StoredResponse) -> Result<(), StoreError>;
+}
+
+/// Opens units of work.
+#[async_trait]
+pub trait Transact: Send + Sync {
+    /// A unit of work; opened for `key`, its commit completes that key.
+    async fn begin(&self, key: Option<KeyLease>) -> Result<Box<dyn UnitOfWork>, StoreError>;
+}
+
+/// Idempotency keys: the claim a request makes before it runs, and the
+/// release of one whose request failed. (A key is completed by the unit of
+/// work that answered it.)
 #[async_trait]
 pub trait KeyStore: Send + Sync {
     /// Atomically creates the key `in_progress` or reports its state.
     async fn claim_key(&self, claim: &KeyClaimRequest) -> Result<KeyClaim, StoreError>;
-
-    /// Stores an outcome that carries no business rows (a 4xx answer).
-    async fn complete_key(
-        &self,
-        lease: &KeyLease,
-        response: &StoredResponse,
-    ) -> Result<(), StoreError>;
 
     /// Forgets a claim whose request failed with a 5xx, so a retry can run.
     async fn release_key(&self, lease: &KeyLease) -> Result<(), StoreError>;

@@ -1,12 +1,12 @@
-//! Intake in the store: jobs, applications and charges, each written with its
-//! outbox event and its key's outcome in one transaction.
+//! The board's rows in the store: how jobs, applications and charges are
+//! read (the [`BoardReads`] trait), and the row mappers and statements both
+//! backends share. They are written by the use cases, in a [`UnitOfWork`].
 
 use async_trait::async_trait;
 use uuid::Uuid;
 
 use super::*;
-use crate::domain::{Application, ChangeRefused, Charge, Job, JobChange, JobFilter, SearchKeys};
-use crate::keys::StoredResponse;
+use crate::domain::{Application, Charge, Job, JobFilter, SearchKeys};
 
 /// The result of applying: a new application or the user's existing one.
 #[derive(Debug, Clone)]
@@ -126,45 +126,6 @@ pub(crate) fn search_keys_from_row(row: &impl Columns) -> Result<(Uuid, SearchKe
     Ok((row.id("id")?, keys))
 }
 
-/// What a change does to `job` at `now`: the job after it and the event it
-/// emits (`job.updated`: the job, and `before`, the texts it had;
-/// `job.closed`: the job, closed), or `None` when it changes nothing (no version spent, no event:
-/// the caller answers with the job as it is).
-pub fn decide_job_change(
-    change: &JobChange,
-    job: &Job,
-    now: chrono::DateTime<chrono::Utc>,
-) -> Result<Option<(Job, JobEvent)>, StoreError> {
-    // Both backends keep instants to the microsecond: the job returned and
-    // sent is the job stored.
-    let now = chrono::SubsecRound::trunc_subsecs(now, 6);
-    match change.apply(job, now) {
-        Err(ChangeRefused::Closed) => Err(StoreError::JobClosed),
-        Ok(None) => Ok(None),
-        Ok(Some(next)) => {
-            let payload = match change {
-                // The texts it had ride along, so a stream reader can tell
-                // which filters the edit took it out of.
-                JobChange::Edit(_) => {
-                    let mut payload = to_json(&next)?;
-                    payload["before"] = serde_json::json!({
-                        "title": job.title, "company": job.company,
-                        "location": job.location, "description": job.description,
-                    });
-                    payload
-                }
-                // The whole job, closed: its texts say which filters it
-                // leaves (stream clients get `{"id", "version"}`).
-                JobChange::Close => to_json(&next)?,
-            };
-            Ok(Some((next, (change.topic(), job.id, payload))))
-        }
-    }
-}
-
-/// An outbox event as the backends' `finish` writes it: topic, aggregate id, payload.
-pub type JobEvent = (&'static str, Uuid, serde_json::Value);
-
 pub(crate) fn application_from_row(row: &impl Columns) -> Result<Application, sqlx::Error> {
     Ok(Application {
         id: row.id("id")?,
@@ -197,21 +158,10 @@ pub(crate) fn charge_from_row(row: &impl Columns) -> Result<Charge, sqlx::Error>
     })
 }
 
-/// The `job.posted` event's payload: the job as the API shows it.
-pub fn job_posted_payload(job: &Job) -> Result<serde_json::Value, StoreError> {
-    to_json(job)
-}
-
-/// The `charge.created` event's payload: the charge and its user.
-pub fn charge_created_payload(charge: &Charge) -> Result<serde_json::Value, StoreError> {
-    let mut payload = to_json(charge)?;
-    payload["user_id"] = serde_json::json!(charge.user_id);
-    Ok(payload)
-}
-
-/// Jobs, applications and charges: the business rows and their events.
+/// Jobs, applications and charges as the API reads them. (They are written
+/// by the use cases, [`crate::use_cases`], in a [`UnitOfWork`].)
 #[async_trait]
-pub trait IntakeStore: Send + Sync {
+pub trait BoardReads: Send + Sync {
     /// Open jobs matching `filter`, newest first, strictly older than the
     /// `before` cursor.
     async fn list_jobs(
@@ -223,39 +173,6 @@ pub trait IntakeStore: Send + Sync {
 
     /// A job, open or closed.
     async fn get_job(&self, id: Uuid) -> Result<Option<Job>, StoreError>;
-
-    /// Edits or closes a job ([`decide_job_change`]): writes the changed
-    /// job and its `job.updated` / `job.closed` event, or nothing when it
-    /// changes nothing, and completes the key if any with `status` and the
-    /// job as it now is, in one transaction. The job as it now is.
-    async fn change_job(
-        &self,
-        id: Uuid,
-        change: &JobChange,
-        lease: Option<&KeyLease>,
-        status: u16,
-    ) -> Result<Job, StoreError>;
-
-    /// Inserts the job and its `job.posted` event, completing the key if any
-    /// with `response` (built by the caller before this, its one commit),
-    /// in one transaction.
-    async fn post_job(
-        &self,
-        job: &Job,
-        lease: Option<&KeyLease>,
-        response: &StoredResponse,
-    ) -> Result<(), StoreError>;
-
-    /// Inserts the application and its `application.submitted` event and
-    /// completes the key if any with `created`, in one transaction; or finds
-    /// the user's existing application for the job, writes nothing and
-    /// leaves the key to the caller (whose answer depends on it).
-    async fn submit_application(
-        &self,
-        application: &Application,
-        lease: Option<&KeyLease>,
-        created: &StoredResponse,
-    ) -> Result<ApplyOutcome, StoreError>;
 
     /// `user_id`'s applications, newest first, strictly older than the
     /// `before` cursor.
@@ -272,15 +189,6 @@ pub trait IntakeStore: Send + Sync {
         id: Uuid,
         user_id: &str,
     ) -> Result<Option<Application>, StoreError>;
-
-    /// Inserts the charge and its `charge.created` event and completes the
-    /// (required) key with `response`, in one transaction.
-    async fn create_charge(
-        &self,
-        charge: &Charge,
-        lease: &KeyLease,
-        response: &StoredResponse,
-    ) -> Result<(), StoreError>;
 
     /// One charge, only if it belongs to `user_id`.
     async fn get_charge(&self, id: Uuid, user_id: &str) -> Result<Option<Charge>, StoreError>;
