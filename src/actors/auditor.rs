@@ -14,9 +14,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use async_trait::async_trait;
 use tracing::{error, warn};
 
+use super::periodic::{Every, Periodic};
 use crate::store::{Invariant, Store};
 use crate::telemetry::metrics as m;
 
@@ -29,19 +30,15 @@ pub struct AuditorArgs {
     pub retention: Duration,
 }
 
-pub enum AuditorMsg {
-    Audit,
-}
+/// The auditor: an [`Audit`] every `audit.interval_ms`, and at start.
+pub type Auditor = Every<Audit>;
 
-pub struct AuditorState {
+/// One audit, and the counts of the last one.
+pub struct Audit {
     args: AuditorArgs,
-    /// The schedule, stopped with the actor.
-    _ticker: super::Ticker,
     /// The last count per invariant, for the rising edge.
     last: HashMap<&'static str, i64>,
 }
-
-pub struct Auditor;
 
 /// The Sentry event of an invariant that just broke.
 fn alert_event(invariant: Invariant, rows: i64) -> sentry::protocol::Event<'static> {
@@ -60,36 +57,27 @@ fn alert_event(invariant: Invariant, rows: i64) -> sentry::protocol::Event<'stat
     }
 }
 
-impl Actor for Auditor {
-    type Msg = AuditorMsg;
-    type State = AuditorState;
-    type Arguments = AuditorArgs;
+#[async_trait]
+impl Periodic for Audit {
+    type Args = AuditorArgs;
+    const AT_START: bool = true;
 
-    async fn pre_start(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        args: AuditorArgs,
-    ) -> Result<Self::State, ActorProcessingErr> {
+    fn period(args: &AuditorArgs) -> Option<Duration> {
+        Some(args.interval)
+    }
+
+    fn start(args: AuditorArgs) -> Self {
         for invariant in Invariant::ALL {
             m::audit_violations(invariant.name(), 0);
         }
-        let ticker = super::Ticker::every(&myself, args.interval, || AuditorMsg::Audit);
-        let _ = myself.cast(AuditorMsg::Audit);
-        Ok(AuditorState {
+        Audit {
             args,
-            _ticker: ticker,
             last: HashMap::new(),
-        })
+        }
     }
 
-    async fn handle(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        message: Self::Msg,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        let AuditorMsg::Audit = message;
-        let args = &state.args;
+    async fn run(&mut self) {
+        let args = &self.args;
         let found = match args
             .store
             .audit(&super::CONSUMERS, args.max_unsettled_age, args.retention)
@@ -98,13 +86,13 @@ impl Actor for Auditor {
             Ok(found) => found,
             Err(e) => {
                 warn!(error = %e, "audit failed; the gauges keep their last values");
-                return Ok(());
+                return;
             }
         };
         m::audit_run();
         for (invariant, rows) in found {
             m::audit_violations(invariant.name(), rows);
-            let before = state.last.insert(invariant.name(), rows).unwrap_or(0);
+            let before = self.last.insert(invariant.name(), rows).unwrap_or(0);
             if rows > 0 && before == 0 {
                 error!(
                     invariant = invariant.name(),
@@ -113,6 +101,5 @@ impl Actor for Auditor {
                 sentry::capture_event(alert_event(invariant, rows));
             }
         }
-        Ok(())
     }
 }

@@ -17,9 +17,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use async_trait::async_trait;
 use tracing::{error, info, warn};
 
+use super::periodic::{Every, Periodic};
 use crate::store::{DlqTopicStats, Store};
 use crate::telemetry::metrics as m;
 
@@ -33,21 +34,17 @@ pub struct DlqMonitorArgs {
     pub interval: Duration,
 }
 
-pub enum DlqMonitorMsg {
-    Check,
-}
+/// The DLQ monitor: a [`Check`] every `dlq.check_interval_ms`, and at start.
+pub type DlqMonitor = Every<Check>;
 
-pub struct DlqMonitor;
-
-pub struct DlqMonitorState {
+/// One check, and the alerts raised so far.
+pub struct Check {
     args: DlqMonitorArgs,
-    /// The schedule, stopped with the actor.
-    _ticker: super::Ticker,
     /// Topics whose alert is raised.
     raised: HashMap<String, DlqTopicStats>,
 }
 
-impl DlqMonitorState {
+impl Check {
     fn over_limits(&self, stats: &DlqTopicStats) -> bool {
         stats.depth > self.args.threshold
             || stats.oldest_age_seconds > self.args.max_age.as_secs_f64()
@@ -79,37 +76,29 @@ fn alert_event(stats: &DlqTopicStats) -> sentry::protocol::Event<'static> {
     }
 }
 
-impl Actor for DlqMonitor {
-    type Msg = DlqMonitorMsg;
-    type State = DlqMonitorState;
-    type Arguments = DlqMonitorArgs;
+#[async_trait]
+impl Periodic for Check {
+    type Args = DlqMonitorArgs;
+    const AT_START: bool = true;
 
-    async fn pre_start(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        args: DlqMonitorArgs,
-    ) -> Result<Self::State, ActorProcessingErr> {
-        let ticker = super::Ticker::every(&myself, args.interval, || DlqMonitorMsg::Check);
-        let _ = myself.cast(DlqMonitorMsg::Check);
-        Ok(DlqMonitorState {
-            args,
-            _ticker: ticker,
-            raised: HashMap::new(),
-        })
+    fn period(args: &DlqMonitorArgs) -> Option<Duration> {
+        Some(args.interval)
     }
 
-    async fn handle(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        message: Self::Msg,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        let DlqMonitorMsg::Check = message;
+    fn start(args: DlqMonitorArgs) -> Self {
+        Check {
+            args,
+            raised: HashMap::new(),
+        }
+    }
+
+    async fn run(&mut self) {
+        let state = self;
         let stats = match state.args.store.dlq_stats().await {
             Ok(stats) => stats,
             Err(e) => {
                 warn!(error = %e, "DLQ check failed; alerts unchanged");
-                return Ok(());
+                return;
             }
         };
         m::dlq_depth(stats.iter().map(|s| s.depth).sum());
@@ -143,6 +132,5 @@ impl Actor for DlqMonitor {
             state.raised.remove(&topic);
             info!(%topic, depth = 0, "dead letter alert resolved");
         }
-        Ok(())
     }
 }

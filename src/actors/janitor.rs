@@ -13,7 +13,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use async_trait::async_trait;
+
+use super::periodic::{Every, Periodic};
 use tracing::{debug, warn};
 
 use crate::store::{Purged, Store};
@@ -27,43 +29,29 @@ pub struct JanitorArgs {
     pub retention: Duration,
 }
 
-pub enum JanitorMsg {
-    Sweep,
-}
+/// The janitor: a [`Sweep`] every `janitor.interval_ms`.
+pub type Janitor = Every<Sweep>;
 
-pub struct Janitor;
-
-pub struct JanitorState {
+/// One sweep of the janitor.
+pub struct Sweep {
     args: JanitorArgs,
-    /// The schedule, stopped with the actor.
-    _ticker: super::Ticker,
 }
 
-impl Actor for Janitor {
-    type Msg = JanitorMsg;
-    type State = JanitorState;
-    type Arguments = JanitorArgs;
+#[async_trait]
+impl Periodic for Sweep {
+    type Args = JanitorArgs;
+    const AT_START: bool = false;
 
-    async fn pre_start(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        args: JanitorArgs,
-    ) -> Result<Self::State, ActorProcessingErr> {
-        let ticker = super::Ticker::every(&myself, args.interval, || JanitorMsg::Sweep);
-        Ok(JanitorState {
-            args,
-            _ticker: ticker,
-        })
+    fn period(args: &JanitorArgs) -> Option<Duration> {
+        Some(args.interval)
     }
 
-    async fn handle(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        message: Self::Msg,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        let JanitorMsg::Sweep = message;
-        let args = &state.args;
+    fn start(args: JanitorArgs) -> Self {
+        Sweep { args }
+    }
+
+    async fn run(&mut self) {
+        let args = &self.args;
         let mut total = Purged::default();
         // Bounded: at most 100 batches per sweep; the rest waits for the next.
         for _ in 0..100 {
@@ -87,6 +75,5 @@ impl Actor for Janitor {
         m::janitor_deleted("outbox_events", total.outbox);
         m::janitor_deleted("inbox", total.inbox);
         debug!(?total, "janitor sweep");
-        Ok(())
     }
 }

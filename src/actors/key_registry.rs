@@ -11,16 +11,12 @@
 
 use std::time::Duration;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use async_trait::async_trait;
+
+use super::periodic::{Every, Periodic};
 
 use crate::idempotency::hot_tier::{HotTier, RedisMode};
 use crate::telemetry::metrics as m;
-
-/// Messages the KeyRegistry actor handles.
-pub enum KeyRegistryMsg {
-    /// Time to probe Redis.
-    Probe,
-}
 
 /// Everything a KeyRegistry needs; cloned into each restart.
 #[derive(Clone)]
@@ -30,45 +26,31 @@ pub struct KeyRegistryArgs {
     pub probe_interval: Duration,
 }
 
-pub struct KeyRegistry;
+/// The KeyRegistry: a [`Probe`] of Redis every `redis.probe_interval_ms`
+/// (and at start); without a hot tier, nothing.
+pub type KeyRegistry = Every<Probe>;
 
-pub struct KeyRegistryState {
+/// One probe of the hot tier.
+pub struct Probe {
     args: KeyRegistryArgs,
-    /// The probe schedule (none without a hot tier), stopped with the actor.
-    _ticker: Option<super::Ticker>,
 }
 
-impl Actor for KeyRegistry {
-    type Msg = KeyRegistryMsg;
-    type State = KeyRegistryState;
-    type Arguments = KeyRegistryArgs;
+#[async_trait]
+impl Periodic for Probe {
+    type Args = KeyRegistryArgs;
+    const AT_START: bool = true;
 
-    async fn pre_start(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        args: KeyRegistryArgs,
-    ) -> Result<Self::State, ActorProcessingErr> {
-        let ticker = args.hot.is_some().then(|| {
-            let ticker =
-                super::Ticker::every(&myself, args.probe_interval, || KeyRegistryMsg::Probe);
-            let _ = myself.cast(KeyRegistryMsg::Probe);
-            ticker
-        });
-        m::redis_fallback(!args.mode.is_healthy() && args.hot.is_some());
-        Ok(KeyRegistryState {
-            args,
-            _ticker: ticker,
-        })
+    fn period(args: &KeyRegistryArgs) -> Option<Duration> {
+        args.hot.is_some().then_some(args.probe_interval)
     }
 
-    async fn handle(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        message: Self::Msg,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        let KeyRegistryMsg::Probe = message;
-        let args = &state.args;
+    fn start(args: KeyRegistryArgs) -> Self {
+        m::redis_fallback(!args.mode.is_healthy() && args.hot.is_some());
+        Probe { args }
+    }
+
+    async fn run(&mut self) {
+        let args = &self.args;
         // Bounded by Redis's command timeout; only probes queue here.
         if let Some(hot) = &args.hot {
             match hot.probe().await {
@@ -76,6 +58,5 @@ impl Actor for KeyRegistry {
                 Err(e) => args.mode.lost(&e),
             }
         }
-        Ok(())
     }
 }

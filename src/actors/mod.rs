@@ -34,6 +34,7 @@ pub mod janitor;
 pub mod key_registry;
 pub mod ledger;
 pub mod outbox_relay;
+pub mod periodic;
 pub mod retry_budget;
 pub mod sse_hub;
 pub mod supervisor;
@@ -50,6 +51,8 @@ use ractor::ActorRef;
 pub const CONSUMERS: [crate::store::Consumer; 2] = [email_sender::AS_STORED, ledger::AS_STORED];
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+
+pub use periodic::{is_ticking, Ticker, Timer};
 
 /// The live reference to a supervised actor, refilled by the supervisor
 /// whenever it restarts the actor, plus what `/admin/status` shows about it.
@@ -105,74 +108,6 @@ impl<M: ractor::Message> ActorSlot<M> {
 /// restarts and reports it. Stopping the actor ([`ActorTasks::finish`])
 /// cuts off plain loops ([`ActorTasks::run`]) and lets draining ones
 /// ([`ActorTasks::run_draining`], the consumers) finish what they hold.
-/// A timer task an actor holds in its state: ractor's `send_interval` and
-/// `send_after` hand back the task's handle, and a handle dropped leaves the
-/// task running — an interval until its next tick finds the actor gone (an
-/// hour later for an hourly audit). Held here, it is aborted when the actor
-/// stops and its state is dropped, or when it is replaced.
-pub struct Timer<T = ()>(tokio::task::JoinHandle<T>);
-
-/// An actor's periodic message to itself.
-pub type Ticker = Timer<()>;
-
-/// The actors whose ticker task is alive, so a test can see one stop.
-static TICKING: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<ractor::ActorId>>> =
-    std::sync::LazyLock::new(Default::default);
-
-/// Whether the ticker task of `actor` is still alive.
-pub fn is_ticking(actor: ractor::ActorId) -> bool {
-    TICKING.lock().is_ok_and(|t| t.contains(&actor))
-}
-
-/// Marks an actor's ticker task alive for as long as the task holds it.
-struct TickingMark(ractor::ActorId);
-
-impl Drop for TickingMark {
-    fn drop(&mut self) {
-        if let Ok(mut ticking) = TICKING.lock() {
-            ticking.remove(&self.0);
-        }
-    }
-}
-
-impl Ticker {
-    /// Sends `message()` to `myself` every `period`, the first after one period.
-    pub fn every<M: ractor::Message>(
-        myself: &ActorRef<M>,
-        period: std::time::Duration,
-        message: fn() -> M,
-    ) -> Ticker {
-        let id = myself.get_id();
-        if let Ok(mut ticking) = TICKING.lock() {
-            ticking.insert(id);
-        }
-        // Owned by the task's closure: dropped when the task ends or is aborted.
-        let mark = TickingMark(id);
-        Timer(myself.send_interval(period, move || {
-            let _alive = &mark;
-            message()
-        }))
-    }
-}
-
-impl<T> Timer<T> {
-    /// Holds the timer task `handle`.
-    pub fn hold(handle: tokio::task::JoinHandle<T>) -> Timer<T> {
-        Timer(handle)
-    }
-
-    /// Whether the task has ended (sent its message, or was stopped).
-    pub fn is_finished(&self) -> bool {
-        self.0.is_finished()
-    }
-}
-
-impl<T> Drop for Timer<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 pub struct ActorTasks {
     tasks: JoinSet<()>,
     stopping: CancellationToken,

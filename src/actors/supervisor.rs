@@ -155,7 +155,7 @@ impl ActorTree {
     ) -> Result<(ActorTree, tokio::task::JoinHandle<()>), anyhow::Error> {
         let mut children: Vec<Arc<dyn Child>> = vec![
             SlotChild::new(
-                || KeyRegistry,
+                KeyRegistry::new,
                 args.key_registry,
                 ActorSlot::new("key_registry"),
             ),
@@ -179,17 +179,17 @@ impl ActorTree {
             ));
         }
         children.push(SlotChild::new(
-            || DlqMonitor,
+            DlqMonitor::new,
             args.dlq_monitor,
             ActorSlot::new("dlq_monitor"),
         ));
         children.push(SlotChild::new(
-            || Janitor,
+            Janitor::new,
             args.janitor,
             ActorSlot::new("janitor"),
         ));
         children.push(SlotChild::new(
-            || Auditor,
+            Auditor::new,
             args.auditor,
             ActorSlot::new("auditor"),
         ));

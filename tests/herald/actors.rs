@@ -10,14 +10,15 @@ use crate::support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use herald::actors::auditor::{Auditor, AuditorArgs, AuditorMsg};
+use herald::actors::auditor::{Auditor, AuditorArgs};
 use herald::actors::consumer::{ConsumerActor, ConsumerArgs, PoolArgs};
-use herald::actors::dlq_monitor::{DlqMonitor, DlqMonitorArgs, DlqMonitorMsg};
+use herald::actors::dlq_monitor::{DlqMonitor, DlqMonitorArgs};
 use herald::actors::email_sender::{EmailSender, EmailSenderArgs};
-use herald::actors::janitor::{Janitor, JanitorArgs, JanitorMsg};
-use herald::actors::key_registry::{KeyRegistry, KeyRegistryArgs, KeyRegistryMsg};
+use herald::actors::janitor::{Janitor, JanitorArgs};
+use herald::actors::key_registry::{KeyRegistry, KeyRegistryArgs};
 use herald::actors::ledger::LedgerConsumer;
 use herald::actors::outbox_relay::{OutboxRelay, OutboxRelayArgs};
+use herald::actors::periodic::Tick;
 use herald::actors::retry_budget::{
     RetryBudget, RetryBudgetArgs, RetryBudgetHandle, RetryBudgetMsg, TokensView,
 };
@@ -169,12 +170,12 @@ async fn the_key_registry_leaves_fallback_when_redis_answers_and_enters_it_when_
         // Probes are sent by the test; the timer's first is an hour away.
         probe_interval: Duration::from_secs(3600),
     };
-    let (registry, mut handled) = testable::spawn(KeyRegistry, args).await;
+    let (registry, mut handled) = testable::spawn(KeyRegistry::new(), args).await;
     // pre_start probes once at once.
     handled.next().await.unwrap();
     assert_eq!(mode.label(), "healthy");
     redis.kill();
-    registry.cast(KeyRegistryMsg::Probe).unwrap();
+    registry.cast(Tick).unwrap();
     handled.next().await.unwrap();
     assert_eq!(mode.label(), "fallback");
     redis.restart().await;
@@ -187,7 +188,7 @@ async fn the_key_registry_leaves_fallback_when_redis_answers_and_enters_it_when_
             "the hot tier healthy again within 20 s"
         );
         pace.tick().await;
-        registry.cast(KeyRegistryMsg::Probe).unwrap();
+        registry.cast(Tick).unwrap();
         handled.next().await.unwrap();
     }
     registry.stop(None);
@@ -287,7 +288,7 @@ async fn the_janitor_deletes_settled_rows_past_their_retention() {
     assert_eq!((rows("outbox_events").await, rows("inbox").await), (1, 1));
     // A long retention keeps them; none keeps nothing settled.
     let (janitor, mut handled) = testable::spawn(
-        Janitor,
+        Janitor::new(),
         JanitorArgs {
             store: store.clone(),
             interval: Duration::from_secs(3600),
@@ -296,12 +297,12 @@ async fn the_janitor_deletes_settled_rows_past_their_retention() {
         },
     )
     .await;
-    janitor.cast(JanitorMsg::Sweep).unwrap();
+    janitor.cast(Tick).unwrap();
     handled.next().await.unwrap();
     assert_eq!((rows("outbox_events").await, rows("inbox").await), (1, 1));
     janitor.stop(None);
     let (janitor, mut handled) = testable::spawn(
-        Janitor,
+        Janitor::new(),
         JanitorArgs {
             store: store.clone(),
             interval: Duration::from_secs(3600),
@@ -310,7 +311,7 @@ async fn the_janitor_deletes_settled_rows_past_their_retention() {
         },
     )
     .await;
-    janitor.cast(JanitorMsg::Sweep).unwrap();
+    janitor.cast(Tick).unwrap();
     handled.next().await.unwrap();
     assert_eq!((rows("outbox_events").await, rows("inbox").await), (0, 0));
     // The ledger entry is the effect: it stays.
@@ -324,7 +325,7 @@ async fn the_auditor_and_the_dlq_monitor_report_what_the_database_holds() {
     let started = Instant::now();
     let runs_before = metric("herald_audit_runs_total").unwrap_or(0.0);
     let (auditor, mut handled) = testable::spawn(
-        Auditor,
+        Auditor::new(),
         AuditorArgs {
             store: store.clone(),
             interval: Duration::from_secs(3600),
@@ -335,7 +336,7 @@ async fn the_auditor_and_the_dlq_monitor_report_what_the_database_holds() {
     .await;
     // pre_start audits once at once; then one on demand.
     handled.next().await.unwrap();
-    auditor.cast(AuditorMsg::Audit).unwrap();
+    auditor.cast(Tick).unwrap();
     handled.next().await.unwrap();
     assert_eq!(
         metric("herald_audit_runs_total").unwrap_or(0.0) - runs_before,
@@ -348,7 +349,7 @@ async fn the_auditor_and_the_dlq_monitor_report_what_the_database_holds() {
     auditor.stop(None);
 
     let (monitor, mut handled) = testable::spawn(
-        DlqMonitor,
+        DlqMonitor::new(),
         DlqMonitorArgs {
             store: store.clone(),
             threshold: 0,
@@ -357,7 +358,7 @@ async fn the_auditor_and_the_dlq_monitor_report_what_the_database_holds() {
         },
     )
     .await;
-    monitor.cast(DlqMonitorMsg::Check).unwrap();
+    monitor.cast(Tick).unwrap();
     handled.next().await.unwrap();
     assert_eq!(metric("herald_dlq_depth "), Some(0.0));
     monitor.stop(None);
@@ -366,7 +367,7 @@ async fn the_auditor_and_the_dlq_monitor_report_what_the_database_holds() {
     // Each stops its ticker when it stops.
     let hour = Duration::from_secs(3600);
     assert_its_ticker_stops_with_it(
-        Auditor,
+        Auditor::new(),
         AuditorArgs {
             store: store.clone(),
             interval: hour,
@@ -377,7 +378,7 @@ async fn the_auditor_and_the_dlq_monitor_report_what_the_database_holds() {
     )
     .await;
     assert_its_ticker_stops_with_it(
-        DlqMonitor,
+        DlqMonitor::new(),
         DlqMonitorArgs {
             store: store.clone(),
             threshold: 0,
@@ -768,7 +769,7 @@ async fn the_janitor_and_the_key_registry_stop_their_tickers_when_they_stop() {
     let (store, _dir) = sqlite().await;
     let hour = Duration::from_secs(3600);
     assert_its_ticker_stops_with_it(
-        Janitor,
+        Janitor::new(),
         JanitorArgs {
             store: store.clone(),
             interval: hour,
@@ -785,7 +786,7 @@ async fn the_janitor_and_the_key_registry_stop_their_tickers_when_they_stop() {
     };
     let hot = HotTier::connect(&redis.url(), &config).unwrap();
     assert_its_ticker_stops_with_it(
-        KeyRegistry,
+        KeyRegistry::new(),
         KeyRegistryArgs {
             hot: Some(hot),
             mode: RedisMode::configured(false),
