@@ -18,12 +18,12 @@ use async_trait::async_trait;
 use tracing::{error, warn};
 
 use super::periodic::{Every, Periodic};
-use crate::store::{Invariant, Store};
+use crate::store::{Invariant, MaintenanceStore};
 use crate::telemetry::metrics as m;
 
 #[derive(Clone)]
 pub struct AuditorArgs {
-    pub store: Arc<dyn Store>,
+    pub store: Arc<dyn MaintenanceStore>,
     pub interval: Duration,
     pub max_unsettled_age: Duration,
     /// The janitor's retention: older settled events have lost their inbox rows.

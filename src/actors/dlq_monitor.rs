@@ -21,12 +21,12 @@ use async_trait::async_trait;
 use tracing::{error, info, warn};
 
 use super::periodic::{Every, Periodic};
-use crate::store::{DlqTopicStats, Store};
+use crate::store::{DeadLetterStore, DlqTopicStats};
 use crate::telemetry::metrics as m;
 
 #[derive(Clone)]
 pub struct DlqMonitorArgs {
-    pub store: Arc<dyn Store>,
+    pub store: Arc<dyn DeadLetterStore>,
     /// Alert when a topic holds more than this many open dead letters.
     pub threshold: i64,
     /// Alert when a topic's oldest open dead letter is older than this.

@@ -58,8 +58,8 @@ use crate::domain::topics;
 use crate::email::{Email, MemberAnswer, SendError, SendPacer, Transport};
 use crate::retry::RetryPolicy;
 use crate::store::{
-    Admission, BatchDecision, BatchResult, BatchToSend, Consumer, Effect, MemberOutcome, Store,
-    StoreError,
+    Admission, BatchDecision, BatchResult, BatchToSend, Consumer, DeliveryStore, Effect,
+    MemberOutcome, StoreError,
 };
 use crate::telemetry::metrics as m;
 
@@ -80,7 +80,7 @@ const DUE_POLL: Duration = Duration::from_millis(500);
 
 #[derive(Clone)]
 pub struct EmailSenderArgs {
-    pub store: Arc<dyn Store>,
+    pub store: Arc<dyn DeliveryStore>,
     pub transport: Arc<dyn Transport>,
     pub from: String,
     /// Requests per second to the provider.

@@ -18,12 +18,12 @@ use async_trait::async_trait;
 use super::periodic::{Every, Periodic};
 use tracing::{debug, warn};
 
-use crate::store::{Purged, Store};
+use crate::store::{MaintenanceStore, Purged};
 use crate::telemetry::metrics as m;
 
 #[derive(Clone)]
 pub struct JanitorArgs {
-    pub store: Arc<dyn Store>,
+    pub store: Arc<dyn MaintenanceStore>,
     pub interval: Duration,
     pub batch: u32,
     pub retention: Duration,

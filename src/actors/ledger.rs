@@ -21,7 +21,7 @@ use super::consumer::ConsumerActor;
 use super::consumer::{self, Handler};
 use crate::broker::Delivery;
 use crate::domain::topics;
-use crate::store::{Consumer, DeliveryDecision, Effect, Store};
+use crate::store::{Consumer, DeliveryDecision, DeliveryStore, Effect};
 use crate::telemetry::metrics as m;
 
 /// The consumer's name in inboxes, dead letters, metrics and the group.
@@ -37,11 +37,11 @@ pub const AS_STORED: Consumer = Consumer {
 /// Applies `charge.created` entries to the ledger: the handler of the
 /// LedgerConsumer actor, a [`ConsumerActor`].
 pub struct LedgerConsumer {
-    store: Arc<dyn Store>,
+    store: Arc<dyn DeliveryStore>,
 }
 
 impl LedgerConsumer {
-    pub fn new(store: Arc<dyn Store>) -> LedgerConsumer {
+    pub fn new(store: Arc<dyn DeliveryStore>) -> LedgerConsumer {
         LedgerConsumer { store }
     }
 }

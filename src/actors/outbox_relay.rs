@@ -54,7 +54,7 @@ use super::ActorTasks;
 use crate::broker::{Broker, BrokerError, Holding};
 use crate::domain::topics;
 use crate::retry::reconnect_pause;
-use crate::store::{DueEvent, Relayed, Store};
+use crate::store::{DueEvent, RelayStore, Relayed};
 use crate::telemetry::metrics as m;
 
 /// One topic the relay publishes, and the consumer group that settles its
@@ -95,7 +95,7 @@ const LANES: [Lane; 5] = [
 
 #[derive(Clone)]
 pub struct OutboxRelayArgs {
-    pub store: Arc<dyn Store>,
+    pub store: Arc<dyn RelayStore>,
     /// Redis Streams, or the in-process broker of the embedded mode.
     pub publisher: Arc<dyn Broker>,
     /// Poked by this process's request handlers after a commit with an event.

@@ -59,7 +59,7 @@ use crate::broker::{Broker, EventCursor};
 use crate::domain::{topics, JobFilter};
 use crate::rate::TokenBucket;
 use crate::retry::reconnect_pause;
-use crate::store::Store;
+use crate::store::BoardReads;
 use crate::telemetry::metrics as m;
 
 /// How many stream entries one read takes.
@@ -67,7 +67,7 @@ const READ_BATCH: u64 = 500;
 
 #[derive(Clone)]
 pub struct SseHubArgs {
-    pub store: Arc<dyn Store>,
+    pub store: Arc<dyn BoardReads>,
     /// Where the jobs stream is read from; `None` (this process delivers
     /// nothing: `relay.enabled = false` without Redis): the board is read
     /// once and no deltas arrive.
@@ -247,7 +247,7 @@ impl SseHubState {
 /// Reads the first snapshot, then follows the stream, forever.
 async fn follow_stream(
     myself: ActorRef<SseHubMsg>,
-    store: Arc<dyn Store>,
+    store: Arc<dyn BoardReads>,
     broker: Option<Arc<dyn Broker>>,
     index_jobs: usize,
 ) -> anyhow::Result<()> {
