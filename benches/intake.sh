@@ -19,7 +19,15 @@ runas=()
 [ "$(id -u)" -eq 0 ] && runas=(setpriv --reuid=postgres --regid=postgres --clear-groups --)
 
 if [ "$(basename "$0")" = delivery.sh ]; then
-    command -v node >/dev/null || { echo "node not installed (the BullMQ peer needs it)" >&2; exit 1; }
+    # The BullMQ peer runs on Debian's Node.js, installed here as scripts/test
+    # installs its own packages.
+    if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+        echo "benches/delivery.sh: installing nodejs and npm (the BullMQ peer needs them)" >&2
+        sudo=""
+        [ "$(id -u)" -eq 0 ] || sudo="sudo"
+        $sudo apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+    fi
     if ! [ -d benches/bullmq/node_modules ]; then
         echo "benches/delivery.sh: installing the BullMQ peer (npm ci in benches/bullmq)" >&2
         # Loud on failure: npm's own error, then ours, then a non-zero exit.

@@ -88,10 +88,82 @@ pub(crate) fn job_from_row(row: &impl Columns) -> Result<Job, sqlx::Error> {
     })
 }
 
+/// A statement's parameters as both backends bind them: ids and instants in
+/// each backend's column types (Postgres `uuid` and `timestamptz`; SQLite
+/// text and integer microseconds), text and integers alike. The mirror of
+/// [`Columns`]: each backend says how it binds those two, and the binders
+/// below ([`bind_job`], [`bind_application`], [`bind_charge`]) are written
+/// once.
+pub(crate) trait Binds<'q>: Sized {
+    fn id(self, id: Uuid) -> Self;
+    fn instant(self, at: chrono::DateTime<chrono::Utc>) -> Self;
+    fn text(self, text: &'q str) -> Self;
+    fn optional_text(self, text: Option<&'q str>) -> Self;
+    fn bigint(self, n: i64) -> Self;
+}
+
+/// Binds `$1`-`$11` of [`INSERT_JOB`] and [`UPDATE_JOB`].
+pub(crate) fn bind_job<'q, Q: Binds<'q>>(query: Q, job: &'q Job, keys: &'q SearchKeys) -> Q {
+    query
+        .id(job.id)
+        .text(&job.title)
+        .text(&job.company)
+        .text(&job.location)
+        .text(&job.description)
+        .text(job.status.as_str())
+        .bigint(job.version)
+        .instant(job.updated_at)
+        .text(&keys.text)
+        .text(&keys.location)
+        .text(&keys.company)
+}
+
+/// Writes an application unless its user applied to its job already:
+/// `$1`-`$7` as [`bind_application`] binds them.
+pub(crate) const INSERT_APPLICATION: &str = "
+INSERT INTO applications (id, job_id, user_id, email, resume_url, cover_letter, created_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+ON CONFLICT (user_id, job_id) DO NOTHING";
+
+/// Binds `$1`-`$7` of [`INSERT_APPLICATION`].
+pub(crate) fn bind_application<'q, Q: Binds<'q>>(query: Q, application: &'q Application) -> Q {
+    query
+        .id(application.id)
+        .id(application.job_id)
+        .text(&application.user_id)
+        .text(&application.email)
+        .optional_text(application.resume_url.as_deref())
+        .optional_text(application.cover_letter.as_deref())
+        .instant(application.created_at)
+}
+
+/// A user's application to a job: `$1` user, `$2` job.
+pub(crate) fn application_of() -> sqlx::AssertSqlSafe<String> {
+    sqlx::AssertSqlSafe(format!(
+        "SELECT {APPLICATION_COLUMNS} FROM applications WHERE user_id = $1 AND job_id = $2"
+    ))
+}
+
+/// Writes a charge: `$1`-`$6` as [`bind_charge`] binds them.
+pub(crate) const INSERT_CHARGE: &str = "
+INSERT INTO charges (id, user_id, amount_cents, currency, description, created_at)
+VALUES ($1, $2, $3, $4, $5, $6)";
+
+/// Binds `$1`-`$6` of [`INSERT_CHARGE`].
+pub(crate) fn bind_charge<'q, Q: Binds<'q>>(query: Q, charge: &'q Charge) -> Q {
+    query
+        .id(charge.id)
+        .text(&charge.user_id)
+        .bigint(charge.amount_cents)
+        .text(&charge.currency)
+        .text(&charge.description)
+        .instant(charge.created_at)
+}
+
 /// Writes a new job: one SQL text for both backends (sqlx binds SQLite's
 /// `$n` by its number). `$1` id, `$2`-`$5` title, company, location,
 /// description, `$6` status, `$7` version, `$8` updated_at, `$9`-`$11` the
-/// search keys (each backend's `bind_job`), `$12` posted_at.
+/// search keys ([`bind_job`]), `$12` posted_at.
 pub(crate) const INSERT_JOB: &str = "
 INSERT INTO jobs (id, title, company, location, description, status, version, updated_at,
                   search_text, location_key, company_key, posted_at)

@@ -36,7 +36,7 @@ use uuid::Uuid;
 use super::*;
 use crate::broker::Envelope;
 use crate::config::Config;
-use crate::domain::{topics, Application, Charge, Job, JobFilter, JobStatus, SearchKeys};
+use crate::domain::{topics, Application, Charge, Job, JobFilter, JobStatus};
 use crate::keys::{IdempotencyKey, KeyScope, StoredResponse};
 
 /// Postgres reads ids and instants as their own types.

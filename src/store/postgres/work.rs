@@ -239,24 +239,26 @@ SELECT EXISTS (SELECT 1 FROM held) AS held,
        EXISTS (SELECT 1 FROM done) AS completed"
 );
 
-/// Binds `$1`-`$11` of [`INSERT_JOB`] and [`UPDATE_JOB`].
-trait BindJob<'q> {
-    fn bind_job(self, job: &'q Job, keys: &'q SearchKeys) -> Self;
-}
+/// Postgres binds ids and instants as their own types.
+impl<'q> Binds<'q> for sqlx::query::Query<'q, Postgres, PgArguments> {
+    fn id(self, id: Uuid) -> Self {
+        self.bind(id)
+    }
 
-impl<'q> BindJob<'q> for sqlx::query::Query<'q, Postgres, PgArguments> {
-    fn bind_job(self, job: &'q Job, keys: &'q SearchKeys) -> Self {
-        self.bind(job.id)
-            .bind(&job.title)
-            .bind(&job.company)
-            .bind(&job.location)
-            .bind(&job.description)
-            .bind(job.status.as_str())
-            .bind(job.version)
-            .bind(job.updated_at)
-            .bind(&keys.text)
-            .bind(&keys.location)
-            .bind(&keys.company)
+    fn instant(self, at: DateTime<Utc>) -> Self {
+        self.bind(at)
+    }
+
+    fn text(self, text: &'q str) -> Self {
+        self.bind(text)
+    }
+
+    fn optional_text(self, text: Option<&'q str>) -> Self {
+        self.bind(text)
+    }
+
+    fn bigint(self, n: i64) -> Self {
+        self.bind(n)
     }
 }
 
@@ -359,9 +361,8 @@ impl UnitOfWork for PgUnitOfWork {
     async fn insert_job(&mut self, job: &Job) -> Result<(), StoreError> {
         let keys = job.search_keys();
         let conn = self.begun().await?;
-        let done = sqlx::query(INSERT_JOB)
-            .bind_job(job, &keys)
-            .bind(job.posted_at)
+        let done = bind_job(sqlx::query(INSERT_JOB), job, &keys)
+            .instant(job.posted_at)
             .execute(conn)
             .await;
         self.check(done).map(drop)
@@ -370,8 +371,7 @@ impl UnitOfWork for PgUnitOfWork {
     async fn update_job(&mut self, job: &Job) -> Result<(), StoreError> {
         let keys = job.search_keys();
         let conn = self.begun().await?;
-        let done = sqlx::query(UPDATE_JOB)
-            .bind_job(job, &keys)
+        let done = bind_job(sqlx::query(UPDATE_JOB), job, &keys)
             .execute(conn)
             .await;
         self.check(done).map(drop)
@@ -379,20 +379,9 @@ impl UnitOfWork for PgUnitOfWork {
 
     async fn insert_application(&mut self, application: &Application) -> Result<bool, StoreError> {
         let conn = self.begun().await?;
-        let done = sqlx::query(
-            "INSERT INTO applications (id, job_id, user_id, email, resume_url, cover_letter, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
-             ON CONFLICT (user_id, job_id) DO NOTHING",
-        )
-        .bind(application.id)
-        .bind(application.job_id)
-        .bind(&application.user_id)
-        .bind(&application.email)
-        .bind(&application.resume_url)
-        .bind(&application.cover_letter)
-        .bind(application.created_at)
-        .execute(conn)
-        .await;
+        let done = bind_application(sqlx::query(INSERT_APPLICATION), application)
+            .execute(conn)
+            .await;
         Ok(self.check(done)?.rows_affected() == 1)
     }
 
@@ -401,14 +390,11 @@ impl UnitOfWork for PgUnitOfWork {
         user_id: &str,
         job_id: Uuid,
     ) -> Result<Option<Application>, StoreError> {
-        let sql = format!(
-            "SELECT {APPLICATION_COLUMNS} FROM applications WHERE user_id = $1 AND job_id = $2"
-        );
         // Read where the unit stands: inside its transaction if it began.
         let conn: &mut PgConnection = &mut self.session;
-        let row = sqlx::query(AssertSqlSafe(sql))
-            .bind(user_id)
-            .bind(job_id)
+        let row = sqlx::query(application_of())
+            .text(user_id)
+            .id(job_id)
             .fetch_optional(conn)
             .await;
         let row = self.check(row)?;
@@ -417,18 +403,9 @@ impl UnitOfWork for PgUnitOfWork {
 
     async fn insert_charge(&mut self, charge: &Charge) -> Result<(), StoreError> {
         let conn = self.begun().await?;
-        let done = sqlx::query(
-            "INSERT INTO charges (id, user_id, amount_cents, currency, description, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(charge.id)
-        .bind(&charge.user_id)
-        .bind(charge.amount_cents)
-        .bind(&charge.currency)
-        .bind(&charge.description)
-        .bind(charge.created_at)
-        .execute(conn)
-        .await;
+        let done = bind_charge(sqlx::query(INSERT_CHARGE), charge)
+            .execute(conn)
+            .await;
         self.check(done).map(drop)
     }
 

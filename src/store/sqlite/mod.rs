@@ -55,7 +55,7 @@ use uuid::Uuid;
 use super::*;
 use crate::broker::Envelope;
 use crate::config::Config;
-use crate::domain::{Application, Charge, Job, JobFilter, JobStatus, SearchKeys};
+use crate::domain::{Application, Charge, Job, JobFilter, JobStatus};
 use crate::keys::{KeyScope, StoredResponse};
 
 /// Now, in the schema's unit (microseconds since the epoch).

@@ -114,20 +114,27 @@ impl KeyStore for SqliteStore {
     }
 }
 
-/// Binds `$1`-`$11` of [`INSERT_JOB`] and [`UPDATE_JOB`].
-fn bind_job<'q>(query: Query<'q>, job: &'q Job, keys: &'q SearchKeys) -> Query<'q> {
-    query
-        .bind(job.id.to_string())
-        .bind(&job.title)
-        .bind(&job.company)
-        .bind(&job.location)
-        .bind(&job.description)
-        .bind(job.status.as_str())
-        .bind(job.version)
-        .bind(job.updated_at.timestamp_micros())
-        .bind(&keys.text)
-        .bind(&keys.location)
-        .bind(&keys.company)
+/// SQLite binds ids as text and instants as integer microseconds.
+impl<'q> Binds<'q> for Query<'q> {
+    fn id(self, id: Uuid) -> Self {
+        self.bind(id.to_string())
+    }
+
+    fn instant(self, at: DateTime<Utc>) -> Self {
+        self.bind(at.timestamp_micros())
+    }
+
+    fn text(self, text: &'q str) -> Self {
+        self.bind(text)
+    }
+
+    fn optional_text(self, text: Option<&'q str>) -> Self {
+        self.bind(text)
+    }
+
+    fn bigint(self, n: i64) -> Self {
+        self.bind(n)
+    }
 }
 
 /// A unit of work: one `BEGIN IMMEDIATE` transaction on the writer (the
@@ -167,7 +174,7 @@ impl UnitOfWork for SqliteUnitOfWork {
     async fn insert_job(&mut self, job: &Job) -> Result<(), StoreError> {
         let keys = job.search_keys();
         bind_job(sqlx::query(INSERT_JOB), job, &keys)
-            .bind(job.posted_at.timestamp_micros())
+            .instant(job.posted_at)
             .execute(&mut *self.tx)
             .await?;
         Ok(())
@@ -182,21 +189,10 @@ impl UnitOfWork for SqliteUnitOfWork {
     }
 
     async fn insert_application(&mut self, application: &Application) -> Result<bool, StoreError> {
-        let inserted = sqlx::query(
-            "INSERT INTO applications (id, job_id, user_id, email, resume_url, cover_letter, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?)
-             ON CONFLICT (user_id, job_id) DO NOTHING",
-        )
-        .bind(application.id.to_string())
-        .bind(application.job_id.to_string())
-        .bind(&application.user_id)
-        .bind(&application.email)
-        .bind(&application.resume_url)
-        .bind(&application.cover_letter)
-        .bind(application.created_at.timestamp_micros())
-        .execute(&mut *self.tx)
-        .await?
-        .rows_affected();
+        let inserted = bind_application(sqlx::query(INSERT_APPLICATION), application)
+            .execute(&mut *self.tx)
+            .await?
+            .rows_affected();
         Ok(inserted == 1)
     }
 
@@ -205,30 +201,18 @@ impl UnitOfWork for SqliteUnitOfWork {
         user_id: &str,
         job_id: Uuid,
     ) -> Result<Option<Application>, StoreError> {
-        let sql = format!(
-            "SELECT {APPLICATION_COLUMNS} FROM applications WHERE user_id = ? AND job_id = ?"
-        );
-        let row = sqlx::query(AssertSqlSafe(sql))
-            .bind(user_id)
-            .bind(job_id.to_string())
+        let row = sqlx::query(application_of())
+            .text(user_id)
+            .id(job_id)
             .fetch_optional(&mut *self.tx)
             .await?;
         Ok(row.as_ref().map(application_from_row).transpose()?)
     }
 
     async fn insert_charge(&mut self, charge: &Charge) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO charges (id, user_id, amount_cents, currency, description, created_at)
-             VALUES (?, ?, ?, ?, ?, ?)",
-        )
-        .bind(charge.id.to_string())
-        .bind(&charge.user_id)
-        .bind(charge.amount_cents)
-        .bind(&charge.currency)
-        .bind(&charge.description)
-        .bind(charge.created_at.timestamp_micros())
-        .execute(&mut *self.tx)
-        .await?;
+        bind_charge(sqlx::query(INSERT_CHARGE), charge)
+            .execute(&mut *self.tx)
+            .await?;
         Ok(())
     }
 
