@@ -80,38 +80,37 @@ impl PgStore {
         actor: &str,
         how: DlqAction,
     ) -> Result<DlqAction, StoreError> {
-        let mut session = self.session().await?;
-        let result: Result<DlqAction, StoreError> = async {
-            let conn: &mut PgConnection = &mut session;
-            let closed: i64 = match how {
-                DlqAction::Replayed => {
-                    Self::replay_letters(&mut *conn, None, Some(id), actor).await? as i64
+        self.with_conn(|conn, _| {
+            Box::pin(async move {
+                let closed: i64 = match how {
+                    DlqAction::Replayed => {
+                        Self::replay_letters(&mut *conn, None, Some(id), actor).await? as i64
+                    }
+                    _ => {
+                        sqlx::query_scalar(DISCARD_DEAD_LETTER)
+                            .bind(id)
+                            .bind(actor)
+                            .fetch_one(&mut *conn)
+                            .await?
+                    }
+                };
+                if closed > 0 {
+                    return Ok(how);
                 }
-                _ => {
-                    sqlx::query_scalar(DISCARD_DEAD_LETTER)
-                        .bind(id)
-                        .bind(actor)
-                        .fetch_one(&mut *conn)
-                        .await?
-                }
-            };
-            if closed > 0 {
-                return Ok(how);
-            }
-            let row = sqlx::query(
-                "SELECT replayed_at IS NOT NULL AS replayed FROM dead_letters WHERE id = $1",
-            )
-            .bind(id)
-            .fetch_optional(&mut *conn)
-            .await?;
-            Ok(match row {
-                None => DlqAction::NotFound,
-                Some(row) if row.try_get::<bool, _>("replayed")? => DlqAction::AlreadyReplayed,
-                Some(_) => DlqAction::AlreadyDiscarded,
+                let row = sqlx::query(
+                    "SELECT replayed_at IS NOT NULL AS replayed FROM dead_letters WHERE id = $1",
+                )
+                .bind(id)
+                .fetch_optional(&mut *conn)
+                .await?;
+                Ok(match row {
+                    None => DlqAction::NotFound,
+                    Some(row) if row.try_get::<bool, _>("replayed")? => DlqAction::AlreadyReplayed,
+                    Some(_) => DlqAction::AlreadyDiscarded,
+                })
             })
-        }
-        .await;
-        session.settle(result)
+        })
+        .await
     }
 }
 
@@ -124,11 +123,10 @@ impl DeadLetterStore for PgStore {
         limit: u32,
         before: Option<Uuid>,
     ) -> Result<Vec<DeadLetter>, StoreError> {
-        let mut session = self.session().await?;
-        let result: Result<Vec<DeadLetter>, StoreError> = async {
-            let conn: &mut PgConnection = &mut session;
-            let rows = sqlx::query(
-                "SELECT id, event_id, topic, consumer, attempts, last_error, first_failed_at,
+        self.with_conn(|conn, _| {
+            Box::pin(async move {
+                let rows = sqlx::query(
+                    "SELECT id, event_id, topic, consumer, attempts, last_error, first_failed_at,
                         dead_at
                    FROM dead_letters
                   WHERE replayed_at IS NULL AND discarded_at IS NULL
@@ -136,19 +134,19 @@ impl DeadLetterStore for PgStore {
                     AND ($2::uuid IS NULL OR id < $2)
                   ORDER BY id DESC
                   LIMIT $3",
-            )
-            .bind(topic)
-            .bind(before)
-            .bind(i64::from(limit))
-            .fetch_all(&mut *conn)
-            .await?;
-            Ok(rows
-                .iter()
-                .map(dead_letter_from_row)
-                .collect::<Result<_, _>>()?)
-        }
-        .await;
-        session.settle(result)
+                )
+                .bind(topic)
+                .bind(before)
+                .bind(i64::from(limit))
+                .fetch_all(&mut *conn)
+                .await?;
+                Ok(rows
+                    .iter()
+                    .map(dead_letter_from_row)
+                    .collect::<Result<_, _>>()?)
+            })
+        })
+        .await
     }
 
     #[instrument(skip_all)]
@@ -162,13 +160,10 @@ impl DeadLetterStore for PgStore {
         topic: Option<&str>,
         actor: &str,
     ) -> Result<u64, StoreError> {
-        let mut session = self.session().await?;
-        let result: Result<u64, StoreError> = async {
-            let conn: &mut PgConnection = &mut session;
-            Self::replay_letters(conn, topic, None, actor).await
-        }
-        .await;
-        session.settle(result)
+        self.with_conn(|conn, _| {
+            Box::pin(async move { Self::replay_letters(conn, topic, None, actor).await })
+        })
+        .await
     }
 
     #[instrument(skip_all)]
@@ -179,29 +174,28 @@ impl DeadLetterStore for PgStore {
 
     #[instrument(skip_all)]
     async fn dlq_stats(&self) -> Result<Vec<DlqTopicStats>, StoreError> {
-        let mut session = self.session().await?;
-        let result: Result<Vec<DlqTopicStats>, StoreError> = async {
-            let conn: &mut PgConnection = &mut session;
-            let rows = sqlx::query(
-                "SELECT topic, count(*) AS depth,
+        self.with_conn(|conn, _| {
+            Box::pin(async move {
+                let rows = sqlx::query(
+                    "SELECT topic, count(*) AS depth,
                         EXTRACT(EPOCH FROM now() - min(dead_at))::float8 AS oldest
                    FROM dead_letters
                   WHERE replayed_at IS NULL AND discarded_at IS NULL
                   GROUP BY topic ORDER BY topic",
-            )
-            .fetch_all(&mut *conn)
-            .await?;
-            rows.iter()
-                .map(|row| {
-                    Ok(DlqTopicStats {
-                        topic: row.try_get("topic")?,
-                        depth: row.try_get("depth")?,
-                        oldest_age_seconds: row.try_get::<f64, _>("oldest")?.max(0.0),
+                )
+                .fetch_all(&mut *conn)
+                .await?;
+                rows.iter()
+                    .map(|row| {
+                        Ok(DlqTopicStats {
+                            topic: row.try_get("topic")?,
+                            depth: row.try_get("depth")?,
+                            oldest_age_seconds: row.try_get::<f64, _>("oldest")?.max(0.0),
+                        })
                     })
-                })
-                .collect()
-        }
-        .await;
-        session.settle(result)
+                    .collect()
+            })
+        })
+        .await
     }
 }

@@ -113,15 +113,14 @@ impl DeliveryStore for PgStore {
         batch_id: Uuid,
         envelopes: &[Envelope],
     ) -> Result<Vec<Admission>, StoreError> {
-        let mut session = self.session().await?;
-        let result: Result<Vec<Admission>, StoreError> = async {
-            let conn: &mut PgConnection = &mut session;
-            let mut tx = conn
-                .begin_with("BEGIN; SET LOCAL lock_timeout = '5s'")
-                .await?;
-            let ids: Vec<Uuid> = envelopes.iter().map(|e| e.event_id).collect();
-            let rows = sqlx::query(
-                "SELECT o.event_id, o.attempts, o.settled_at IS NOT NULL AS settled,
+        self.with_conn(|conn, _| {
+            Box::pin(async move {
+                let mut tx = conn
+                    .begin_with("BEGIN; SET LOCAL lock_timeout = '5s'")
+                    .await?;
+                let ids: Vec<Uuid> = envelopes.iter().map(|e| e.event_id).collect();
+                let rows = sqlx::query(
+                    "SELECT o.event_id, o.attempts, o.settled_at IS NOT NULL AS settled,
                         o.batch_id IS NOT NULL AS batched, o.aggregate_id,
                         EXISTS (SELECT 1 FROM inbox i
                                  WHERE i.consumer = $2 AND i.event_id = o.event_id) AS in_inbox
@@ -129,95 +128,97 @@ impl DeliveryStore for PgStore {
                   WHERE o.event_id = ANY($1)
                   ORDER BY o.event_id
                   FOR UPDATE OF o",
-            )
-            .bind(&ids)
-            .bind(consumer.name)
-            .fetch_all(&mut *tx)
-            .await?;
-            let recipients: Vec<Option<String>> = envelopes
-                .iter()
-                .map(|e| consumer.effect.recipient(e))
-                .collect();
-            let addresses: Vec<&str> = recipients.iter().flatten().map(String::as_str).collect();
-            let suppressed: std::collections::HashSet<String> = if addresses.is_empty() {
-                Default::default()
-            } else {
-                sqlx::query_scalar("SELECT address FROM suppressions WHERE address = ANY($1)")
-                    .bind(&addresses)
-                    .fetch_all(&mut *tx)
-                    .await?
-                    .into_iter()
-                    .collect()
-            };
-            let mut states = std::collections::HashMap::new();
-            let mut aggregates = std::collections::HashMap::new();
-            for row in &rows {
-                let id: Uuid = row.try_get("event_id")?;
-                aggregates.insert(id, row.try_get::<Uuid, _>("aggregate_id")?);
-                states.insert(
-                    id,
-                    RowState {
-                        settled: row.try_get("settled")?,
-                        in_inbox: row.try_get("in_inbox")?,
-                        batched: row.try_get("batched")?,
-                        attempts: row.try_get("attempts")?,
-                        suppressed: false,
-                    },
-                );
-            }
-            let mut members = Vec::new();
-            let mut unsent = Vec::new();
-            let admissions: Vec<Admission> = envelopes
-                .iter()
-                .zip(&recipients)
-                .map(|(e, to)| {
-                    let state = states.get_mut(&e.event_id).map(|state| {
-                        state.suppressed = to.as_ref().is_some_and(|to| suppressed.contains(to));
-                        *state
-                    });
-                    let admission = admit(state, e.attempts);
-                    // A second copy of the same event in this set is a repeat.
-                    if let Some(state) = states.get_mut(&e.event_id) {
-                        match admission {
-                            Admission::Member => {
-                                state.batched = true;
-                                members.push(e.event_id);
-                            }
-                            Admission::Suppressed => {
-                                state.settled = true;
-                                unsent.push(e.event_id);
-                            }
-                            _ => {}
-                        }
-                    }
-                    admission
-                })
-                .collect();
-            for event_id in unsent {
-                let aggregate_id = aggregates.get(&event_id).copied().unwrap_or_default();
-                Self::record_done(
-                    &mut tx,
-                    &suppressed_record(consumer, event_id, aggregate_id),
                 )
+                .bind(&ids)
+                .bind(consumer.name)
+                .fetch_all(&mut *tx)
                 .await?;
-            }
-            if !members.is_empty() {
-                sqlx::query("INSERT INTO send_batches (id, consumer) VALUES ($1, $2)")
-                    .bind(batch_id)
-                    .bind(consumer.name)
-                    .execute(&mut *tx)
+                let recipients: Vec<Option<String>> = envelopes
+                    .iter()
+                    .map(|e| consumer.effect.recipient(e))
+                    .collect();
+                let addresses: Vec<&str> =
+                    recipients.iter().flatten().map(String::as_str).collect();
+                let suppressed: std::collections::HashSet<String> = if addresses.is_empty() {
+                    Default::default()
+                } else {
+                    sqlx::query_scalar("SELECT address FROM suppressions WHERE address = ANY($1)")
+                        .bind(&addresses)
+                        .fetch_all(&mut *tx)
+                        .await?
+                        .into_iter()
+                        .collect()
+                };
+                let mut states = std::collections::HashMap::new();
+                let mut aggregates = std::collections::HashMap::new();
+                for row in &rows {
+                    let id: Uuid = row.try_get("event_id")?;
+                    aggregates.insert(id, row.try_get::<Uuid, _>("aggregate_id")?);
+                    states.insert(
+                        id,
+                        RowState {
+                            settled: row.try_get("settled")?,
+                            in_inbox: row.try_get("in_inbox")?,
+                            batched: row.try_get("batched")?,
+                            attempts: row.try_get("attempts")?,
+                            suppressed: false,
+                        },
+                    );
+                }
+                let mut members = Vec::new();
+                let mut unsent = Vec::new();
+                let admissions: Vec<Admission> = envelopes
+                    .iter()
+                    .zip(&recipients)
+                    .map(|(e, to)| {
+                        let state = states.get_mut(&e.event_id).map(|state| {
+                            state.suppressed =
+                                to.as_ref().is_some_and(|to| suppressed.contains(to));
+                            *state
+                        });
+                        let admission = admit(state, e.attempts);
+                        // A second copy of the same event in this set is a repeat.
+                        if let Some(state) = states.get_mut(&e.event_id) {
+                            match admission {
+                                Admission::Member => {
+                                    state.batched = true;
+                                    members.push(e.event_id);
+                                }
+                                Admission::Suppressed => {
+                                    state.settled = true;
+                                    unsent.push(e.event_id);
+                                }
+                                _ => {}
+                            }
+                        }
+                        admission
+                    })
+                    .collect();
+                for event_id in unsent {
+                    let aggregate_id = aggregates.get(&event_id).copied().unwrap_or_default();
+                    Self::record_done(
+                        &mut tx,
+                        &suppressed_record(consumer, event_id, aggregate_id),
+                    )
                     .await?;
-                sqlx::query("UPDATE outbox_events SET batch_id = $1 WHERE event_id = ANY($2)")
-                    .bind(batch_id)
-                    .bind(&members)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            tx.commit().await?;
-            Ok(admissions)
-        }
-        .await;
-        session.settle(result)
+                }
+                if !members.is_empty() {
+                    sqlx::query("INSERT INTO send_batches (id, consumer) VALUES ($1, $2)")
+                        .bind(batch_id)
+                        .bind(consumer.name)
+                        .execute(&mut *tx)
+                        .await?;
+                    sqlx::query("UPDATE outbox_events SET batch_id = $1 WHERE event_id = ANY($2)")
+                        .bind(batch_id)
+                        .bind(&members)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+                Ok(admissions)
+            })
+        })
+        .await
     }
 
     #[instrument(skip_all, fields(consumer = consumer.name))]
@@ -226,138 +227,143 @@ impl DeliveryStore for PgStore {
         consumer: Consumer,
         send: BatchSendFn<'_>,
     ) -> Result<Option<BatchResult>, StoreError> {
-        let mut session = self.session().await?;
-        let result: Result<Option<BatchResult>, StoreError> = async {
-            let conn: &mut PgConnection = &mut session;
-            let mut tx = conn.begin().await?;
-            let Some(batch) = sqlx::query(
-                "SELECT id, attempts, first_failed_at FROM send_batches
+        self.with_conn(|conn, _| {
+            Box::pin(async move {
+                let mut tx = conn.begin().await?;
+                let Some(batch) = sqlx::query(
+                    "SELECT id, attempts, first_failed_at FROM send_batches
                   WHERE consumer = $1 AND settled_at IS NULL AND due_at <= now()
                   ORDER BY due_at
                   LIMIT 1
                   FOR UPDATE SKIP LOCKED",
-            )
-            .bind(consumer.name)
-            .fetch_optional(&mut *tx)
-            .await?
-            else {
-                return Ok(None);
-            };
-            let id: Uuid = batch.try_get("id")?;
-            let attempts: i32 = batch.try_get("attempts")?;
-            let first_at: DateTime<Utc> = batch
-                .try_get::<Option<DateTime<Utc>>, _>("first_failed_at")?
-                .unwrap_or_else(Utc::now);
-            let rows = sqlx::query(
-                "SELECT event_id, topic, attempts, payload, aggregate_id FROM outbox_events
+                )
+                .bind(consumer.name)
+                .fetch_optional(&mut *tx)
+                .await?
+                else {
+                    return Ok(None);
+                };
+                let id: Uuid = batch.try_get("id")?;
+                let attempts: i32 = batch.try_get("attempts")?;
+                let first_at: DateTime<Utc> = batch
+                    .try_get::<Option<DateTime<Utc>>, _>("first_failed_at")?
+                    .unwrap_or_else(Utc::now);
+                let rows = sqlx::query(
+                    "SELECT event_id, topic, attempts, payload, aggregate_id FROM outbox_events
                   WHERE batch_id = $1 AND settled_at IS NULL
                   ORDER BY event_id",
-            )
-            .bind(id)
-            .fetch_all(&mut *tx)
-            .await?;
-            let mut members = Vec::with_capacity(rows.len());
-            let mut aggregates = Vec::with_capacity(rows.len());
-            for row in &rows {
-                members.push(Envelope {
-                    event_id: row.try_get("event_id")?,
-                    topic: row.try_get("topic")?,
-                    attempts: row.try_get("attempts")?,
-                    payload: row.try_get("payload")?,
-                });
-                aggregates.push(row.try_get::<Uuid, _>("aggregate_id")?);
-            }
-            let attempt = attempts + 1;
-            let decision = if members.is_empty() {
-                BatchDecision::Answered(Vec::new())
-            } else {
-                let to_send = BatchToSend {
-                    id,
-                    attempts,
-                    members: members.clone(),
+                )
+                .bind(id)
+                .fetch_all(&mut *tx)
+                .await?;
+                let mut members = Vec::with_capacity(rows.len());
+                let mut aggregates = Vec::with_capacity(rows.len());
+                for row in &rows {
+                    members.push(Envelope {
+                        event_id: row.try_get("event_id")?,
+                        topic: row.try_get("topic")?,
+                        attempts: row.try_get("attempts")?,
+                        payload: row.try_get("payload")?,
+                    });
+                    aggregates.push(row.try_get::<Uuid, _>("aggregate_id")?);
+                }
+                let attempt = attempts + 1;
+                let decision = if members.is_empty() {
+                    BatchDecision::Answered(Vec::new())
+                } else {
+                    let to_send = BatchToSend {
+                        id,
+                        attempts,
+                        members: members.clone(),
+                    };
+                    let decision = send(to_send).await;
+                    fail::fail_point!("batch-after-send", |_| std::process::abort());
+                    decision
                 };
-                let decision = send(to_send).await;
-                fail::fail_point!("batch-after-send", |_| std::process::abort());
-                decision
-            };
-            let outcomes = batch_outcomes(&decision, members.len());
-            match &decision {
-                BatchDecision::Retry { after, error } => {
-                    sqlx::query(
-                        "UPDATE send_batches
+                let outcomes = batch_outcomes(&decision, members.len());
+                match &decision {
+                    BatchDecision::Retry { after, error } => {
+                        sqlx::query(
+                            "UPDATE send_batches
                             SET attempts = $2, last_error = $3,
                                 due_at = now() + make_interval(secs => $4),
                                 first_failed_at = COALESCE(first_failed_at, now())
                           WHERE id = $1",
-                    )
-                    .bind(id)
-                    .bind(attempt)
-                    .bind(error)
-                    .bind(bounded_delay(*after).as_secs_f64())
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                BatchDecision::Defer { after } => {
-                    sqlx::query(
-                        "UPDATE send_batches SET due_at = now() + make_interval(secs => $2)
-                          WHERE id = $1",
-                    )
-                    .bind(id)
-                    .bind(bounded_delay(*after).as_secs_f64())
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                BatchDecision::Answered(_) | BatchDecision::Dead { .. } => {
-                    // Settling many members bumps many counter shards
-                    // (migrations/postgres/0005), in no set order; two
-                    // batches doing that at once can deadlock. Take every
-                    // shard in one order first: batches settle one after
-                    // another (a few a second), never crosswise.
-                    sqlx::query("SELECT 1 FROM effect_counters ORDER BY name, shard FOR UPDATE")
+                        )
+                        .bind(id)
+                        .bind(attempt)
+                        .bind(error)
+                        .bind(bounded_delay(*after).as_secs_f64())
                         .execute(&mut *tx)
                         .await?;
-                    // Before the emails get their ids: a report about one of
-                    // them waits for this commit, or has committed before and
-                    // is applied below.
-                    let email_ids = provider_ids(&outcomes);
-                    PgReports { tx: &mut tx }.lock_emails(&email_ids).await?;
-                    let records = member_records(
-                        consumer,
-                        &members,
-                        &aggregates,
-                        &outcomes,
-                        attempt,
-                        first_at,
-                    );
-                    for record in records {
-                        match record {
-                            MemberRecord::Done(done) => Self::record_done(&mut tx, &done).await?,
-                            MemberRecord::Dead(dead) => Self::record_dead(&mut tx, &dead).await?,
-                        }
                     }
-                    apply_waiting_reports(&mut PgReports { tx: &mut tx }, &email_ids).await?;
-                    sqlx::query(
-                        "UPDATE send_batches SET settled_at = now(), attempts = $2
+                    BatchDecision::Defer { after } => {
+                        sqlx::query(
+                            "UPDATE send_batches SET due_at = now() + make_interval(secs => $2)
                           WHERE id = $1",
-                    )
-                    .bind(id)
-                    .bind(attempt)
-                    .execute(&mut *tx)
-                    .await?;
+                        )
+                        .bind(id)
+                        .bind(bounded_delay(*after).as_secs_f64())
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    BatchDecision::Answered(_) | BatchDecision::Dead { .. } => {
+                        // Settling many members bumps many counter shards
+                        // (migrations/postgres/0005), in no set order; two
+                        // batches doing that at once can deadlock. Take every
+                        // shard in one order first: batches settle one after
+                        // another (a few a second), never crosswise.
+                        sqlx::query(
+                            "SELECT 1 FROM effect_counters ORDER BY name, shard FOR UPDATE",
+                        )
+                        .execute(&mut *tx)
+                        .await?;
+                        // Before the emails get their ids: a report about one of
+                        // them waits for this commit, or has committed before and
+                        // is applied below.
+                        let email_ids = provider_ids(&outcomes);
+                        PgReports { tx: &mut tx }.lock_emails(&email_ids).await?;
+                        let records = member_records(
+                            consumer,
+                            &members,
+                            &aggregates,
+                            &outcomes,
+                            attempt,
+                            first_at,
+                        );
+                        for record in records {
+                            match record {
+                                MemberRecord::Done(done) => {
+                                    Self::record_done(&mut tx, &done).await?
+                                }
+                                MemberRecord::Dead(dead) => {
+                                    Self::record_dead(&mut tx, &dead).await?
+                                }
+                            }
+                        }
+                        apply_waiting_reports(&mut PgReports { tx: &mut tx }, &email_ids).await?;
+                        sqlx::query(
+                            "UPDATE send_batches SET settled_at = now(), attempts = $2
+                          WHERE id = $1",
+                        )
+                        .bind(id)
+                        .bind(attempt)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
                 }
-            }
-            // Failpoint: a crash with the outcome written, before the commit.
-            fail::fail_point!("batch-before-commit", |_| std::process::abort());
-            tx.commit().await?;
-            Ok(Some(BatchResult {
-                id,
-                attempt,
-                members: members.len(),
-                decision,
-            }))
-        }
-        .await;
-        session.settle(result)
+                // Failpoint: a crash with the outcome written, before the commit.
+                fail::fail_point!("batch-before-commit", |_| std::process::abort());
+                tx.commit().await?;
+                Ok(Some(BatchResult {
+                    id,
+                    attempt,
+                    members: members.len(),
+                    decision,
+                }))
+            })
+        })
+        .await
     }
 
     #[instrument(skip_all, fields(event_id = %envelope.event_id))]
@@ -367,107 +373,110 @@ impl DeliveryStore for PgStore {
         envelope: &Envelope,
         deliver: DeliverFn<'_>,
     ) -> Result<DeliveryResult, StoreError> {
-        let mut session = self.session().await?;
-        let result: Result<DeliveryResult, StoreError> = async {
-            let conn: &mut PgConnection = &mut session;
-            // Another worker may hold the row while it sends a copy of this
-            // event (or the relay, while it marks it published): wait for its
-            // outcome rather than skip, but not forever. One round trip.
-            let mut tx = conn
-                .begin_with("BEGIN; SET LOCAL lock_timeout = '5s'")
-                .await?;
-            let row = sqlx::query(
-                "SELECT o.attempts, o.settled_at IS NOT NULL AS settled, o.topic,
+        self.with_conn(|conn, _| {
+            Box::pin(async move {
+                // Another worker may hold the row while it sends a copy of this
+                // event (or the relay, while it marks it published): wait for its
+                // outcome rather than skip, but not forever. One round trip.
+                let mut tx = conn
+                    .begin_with("BEGIN; SET LOCAL lock_timeout = '5s'")
+                    .await?;
+                let row = sqlx::query(
+                    "SELECT o.attempts, o.settled_at IS NOT NULL AS settled, o.topic,
                         o.aggregate_id, o.first_failed_at,
                         EXISTS (SELECT 1 FROM inbox i
                                  WHERE i.consumer = $2 AND i.event_id = o.event_id) AS in_inbox
                    FROM outbox_events o
                   WHERE o.event_id = $1
                   FOR UPDATE OF o",
-            )
-            .bind(envelope.event_id)
-            .bind(consumer.name)
-            .fetch_optional(&mut *tx)
-            .await;
-            let row = match row {
-                Ok(Some(row)) => row,
-                Ok(None) => return Ok(DeliveryResult::Gone),
-                Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("55P03") => {
-                    return Ok(DeliveryResult::Busy)
+                )
+                .bind(envelope.event_id)
+                .bind(consumer.name)
+                .fetch_optional(&mut *tx)
+                .await;
+                let row = match row {
+                    Ok(Some(row)) => row,
+                    Ok(None) => return Ok(DeliveryResult::Gone),
+                    Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("55P03") => {
+                        return Ok(DeliveryResult::Busy)
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                let attempts: i32 = row.try_get("attempts")?;
+                let state = RowState {
+                    settled: row.try_get("settled")?,
+                    in_inbox: row.try_get("in_inbox")?,
+                    batched: false,
+                    attempts,
+                    suppressed: false,
+                };
+                if let Some(refused) = admit(Some(state), envelope.attempts).refusal() {
+                    return Ok(refused);
                 }
-                Err(e) => return Err(e.into()),
-            };
-            let attempts: i32 = row.try_get("attempts")?;
-            let state = RowState {
-                settled: row.try_get("settled")?,
-                in_inbox: row.try_get("in_inbox")?,
-                batched: false,
-                attempts,
-                suppressed: false,
-            };
-            if let Some(refused) = admit(Some(state), envelope.attempts).refusal() {
-                return Ok(refused);
-            }
-            let topic: String = row.try_get("topic")?;
-            let aggregate_id: Uuid = row.try_get("aggregate_id")?;
-            let first_at: DateTime<Utc> = row
-                .try_get::<Option<DateTime<Utc>>, _>("first_failed_at")?
-                .unwrap_or_else(Utc::now);
-            let decision = deliver(attempts).await;
-            fail::fail_point!("consumer-after-deliver", |_| std::process::abort());
-            let attempt = attempts + 1;
-            match &decision {
-                DeliveryDecision::Done => {
-                    // Inbox row, local effect and settling in one statement.
-                    let done =
-                        DoneEvent::delivered(consumer, envelope.event_id, aggregate_id, attempt);
-                    Self::record_done(&mut tx, &done).await?;
-                }
-                DeliveryDecision::Retry { after, error } => {
-                    sqlx::query(
-                        "UPDATE outbox_events
+                let topic: String = row.try_get("topic")?;
+                let aggregate_id: Uuid = row.try_get("aggregate_id")?;
+                let first_at: DateTime<Utc> = row
+                    .try_get::<Option<DateTime<Utc>>, _>("first_failed_at")?
+                    .unwrap_or_else(Utc::now);
+                let decision = deliver(attempts).await;
+                fail::fail_point!("consumer-after-deliver", |_| std::process::abort());
+                let attempt = attempts + 1;
+                match &decision {
+                    DeliveryDecision::Done => {
+                        // Inbox row, local effect and settling in one statement.
+                        let done = DoneEvent::delivered(
+                            consumer,
+                            envelope.event_id,
+                            aggregate_id,
+                            attempt,
+                        );
+                        Self::record_done(&mut tx, &done).await?;
+                    }
+                    DeliveryDecision::Retry { after, error } => {
+                        sqlx::query(
+                            "UPDATE outbox_events
                             SET attempts = $2, last_error = $3,
                                 due_at = now() + make_interval(secs => $4),
                                 first_failed_at = COALESCE(first_failed_at, now()),
                                 stream_id = NULL
                           WHERE event_id = $1",
-                    )
-                    .bind(envelope.event_id)
-                    .bind(attempt)
-                    .bind(error)
-                    .bind(bounded_delay(*after).as_secs_f64())
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                DeliveryDecision::Defer { after } => {
-                    sqlx::query(
-                        "UPDATE outbox_events
+                        )
+                        .bind(envelope.event_id)
+                        .bind(attempt)
+                        .bind(error)
+                        .bind(bounded_delay(*after).as_secs_f64())
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    DeliveryDecision::Defer { after } => {
+                        sqlx::query(
+                            "UPDATE outbox_events
                             SET due_at = now() + make_interval(secs => $2), stream_id = NULL
                           WHERE event_id = $1",
-                    )
-                    .bind(envelope.event_id)
-                    .bind(bounded_delay(*after).as_secs_f64())
-                    .execute(&mut *tx)
-                    .await?;
+                        )
+                        .bind(envelope.event_id)
+                        .bind(bounded_delay(*after).as_secs_f64())
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    DeliveryDecision::Dead { error } => {
+                        let dead = DeadEvent {
+                            consumer,
+                            event_id: envelope.event_id,
+                            topic: &topic,
+                            aggregate_id,
+                            attempt,
+                            error,
+                            first_at,
+                        };
+                        Self::record_dead(&mut tx, &dead).await?;
+                    }
                 }
-                DeliveryDecision::Dead { error } => {
-                    let dead = DeadEvent {
-                        consumer,
-                        event_id: envelope.event_id,
-                        topic: &topic,
-                        aggregate_id,
-                        attempt,
-                        error,
-                        first_at,
-                    };
-                    Self::record_dead(&mut tx, &dead).await?;
-                }
-            }
-            tx.commit().await?;
-            Ok(DeliveryResult::Attempted { attempt, decision })
-        }
-        .await;
-        session.settle(result)
+                tx.commit().await?;
+                Ok(DeliveryResult::Attempted { attempt, decision })
+            })
+        })
+        .await
     }
 }
 

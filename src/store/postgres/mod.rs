@@ -27,6 +27,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use deadpool::managed::{Manager, Metrics, Object, Pool, PoolError, RecycleError, RecycleResult};
 use deadpool::Runtime;
+use futures::future::BoxFuture;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, Connection, Postgres, Row, Transaction};
 use tokio_util::task::TaskTracker;
@@ -224,6 +225,10 @@ impl Settle for Session {
     }
 }
 
+/// `'a: 'c`, implied by an argument of this type: a closure given one may
+/// return a future (living `'c`) that holds borrows living `'a`.
+type Borrows<'c, 'a> = std::marker::PhantomData<&'c &'a ()>;
+
 /// Postgres store over a connection pool.
 #[derive(Clone)]
 pub struct PgStore {
@@ -264,6 +269,23 @@ impl PgStore {
             acquire_timeout: acquire,
             returns: TaskTracker::new(),
         })
+    }
+
+    /// Runs `work` on one pooled connection, and marks the connection
+    /// broken when its result says the database is unreachable through it:
+    /// the ceremony of every store call, written once. (`work` gets a
+    /// [`Borrows`] so the future it returns may hold the caller's borrows.)
+    async fn with_conn<'a, T>(
+        &self,
+        work: impl for<'c> FnOnce(
+            &'c mut PgConnection,
+            Borrows<'c, 'a>,
+        ) -> BoxFuture<'c, Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let mut session = self.session().await?;
+        let conn: &mut PgConnection = &mut session;
+        let result = work(conn, std::marker::PhantomData).await;
+        session.settle(result)
     }
 
     async fn session(&self) -> Result<Session, StoreError> {
@@ -336,14 +358,13 @@ impl Store for PgStore {
 
     #[instrument(skip_all)]
     async fn ping(&self) -> Result<(), StoreError> {
-        let mut session = self.session().await?;
-        let result: Result<(), StoreError> = async {
-            let conn: &mut PgConnection = &mut session;
-            sqlx::query("SELECT 1").execute(&mut *conn).await?;
-            Ok(())
-        }
-        .await;
-        session.settle(result)
+        self.with_conn(|conn, _| {
+            Box::pin(async move {
+                sqlx::query("SELECT 1").execute(&mut *conn).await?;
+                Ok(())
+            })
+        })
+        .await
     }
 }
 

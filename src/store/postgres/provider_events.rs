@@ -138,18 +138,17 @@ impl ReportTx for PgReports<'_, '_> {
 impl ProviderEventStore for PgStore {
     #[instrument(skip_all, fields(kind = %event.kind))]
     async fn record_provider_event(&self, event: &ProviderEvent) -> Result<Recorded, StoreError> {
-        let mut session = self.session().await?;
-        let result: Result<Recorded, StoreError> = async {
-            let conn: &mut PgConnection = &mut session;
-            let mut tx = conn
-                .begin_with("BEGIN; SET LOCAL lock_timeout = '5s'")
-                .await?;
-            let recorded = record_report(&mut PgReports { tx: &mut tx }, event).await?;
-            tx.commit().await?;
-            Ok(recorded)
-        }
-        .await;
-        session.settle(result)
+        self.with_conn(|conn, _| {
+            Box::pin(async move {
+                let mut tx = conn
+                    .begin_with("BEGIN; SET LOCAL lock_timeout = '5s'")
+                    .await?;
+                let recorded = record_report(&mut PgReports { tx: &mut tx }, event).await?;
+                tx.commit().await?;
+                Ok(recorded)
+            })
+        })
+        .await
     }
 
     async fn list_suppressions(
@@ -158,28 +157,27 @@ impl ProviderEventStore for PgStore {
         limit: u32,
         before: Option<&str>,
     ) -> Result<Vec<Suppression>, StoreError> {
-        let mut session = self.session().await?;
-        let result: Result<Vec<Suppression>, StoreError> = async {
-            let conn: &mut PgConnection = &mut session;
-            let sql = format!(
-                "SELECT {SUPPRESSION_COLUMNS} FROM suppressions s
+        self.with_conn(|conn, _| {
+            Box::pin(async move {
+                let sql = format!(
+                    "SELECT {SUPPRESSION_COLUMNS} FROM suppressions s
                   WHERE ($1::text IS NULL OR address = $1)
                     AND ($2::text IS NULL OR (suppressed_at, address) <
                          (SELECT suppressed_at, address FROM suppressions WHERE address = $2))
                   ORDER BY suppressed_at DESC, address DESC LIMIT $3"
-            );
-            let rows = sqlx::query(AssertSqlSafe(sql))
-                .bind(address)
-                .bind(before)
-                .bind(i64::from(limit))
-                .fetch_all(&mut *conn)
-                .await?;
-            rows.iter()
-                .map(|r| suppression_from_row(r).map_err(StoreError::from))
-                .collect()
-        }
-        .await;
-        session.settle(result)
+                );
+                let rows = sqlx::query(AssertSqlSafe(sql))
+                    .bind(address)
+                    .bind(before)
+                    .bind(i64::from(limit))
+                    .fetch_all(&mut *conn)
+                    .await?;
+                rows.iter()
+                    .map(|r| suppression_from_row(r).map_err(StoreError::from))
+                    .collect()
+            })
+        })
+        .await
     }
 
     async fn lift_suppression(
@@ -187,34 +185,33 @@ impl ProviderEventStore for PgStore {
         address: &str,
         actor: &str,
     ) -> Result<Option<Suppression>, StoreError> {
-        let mut session = self.session().await?;
-        let result: Result<Option<Suppression>, StoreError> = async {
-            let conn: &mut PgConnection = &mut session;
-            let mut tx = conn.begin().await?;
-            let sql = format!(
-                "DELETE FROM suppressions WHERE address = $1 RETURNING {SUPPRESSION_COLUMNS}"
-            );
-            let Some(row) = sqlx::query(AssertSqlSafe(sql))
-                .bind(address)
-                .fetch_optional(&mut *tx)
-                .await?
-            else {
-                return Ok(None);
-            };
-            let lifted = suppression_from_row(&row)?;
-            sqlx::query(
-                "INSERT INTO admin_audit (action, subject, detail, actor)
+        self.with_conn(|conn, _| {
+            Box::pin(async move {
+                let mut tx = conn.begin().await?;
+                let sql = format!(
+                    "DELETE FROM suppressions WHERE address = $1 RETURNING {SUPPRESSION_COLUMNS}"
+                );
+                let Some(row) = sqlx::query(AssertSqlSafe(sql))
+                    .bind(address)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                else {
+                    return Ok(None);
+                };
+                let lifted = suppression_from_row(&row)?;
+                sqlx::query(
+                    "INSERT INTO admin_audit (action, subject, detail, actor)
                  VALUES ('suppression.lift', $1, $2, $3)",
-            )
-            .bind(address)
-            .bind(lift_detail(&lifted))
-            .bind(actor)
-            .execute(&mut *tx)
-            .await?;
-            tx.commit().await?;
-            Ok(Some(lifted))
-        }
-        .await;
-        session.settle(result)
+                )
+                .bind(address)
+                .bind(lift_detail(&lifted))
+                .bind(actor)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(Some(lifted))
+            })
+        })
+        .await
     }
 }

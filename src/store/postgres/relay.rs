@@ -30,35 +30,34 @@ impl RelayStore for PgStore {
 
     #[instrument(skip_all)]
     async fn outbox_stats(&self) -> Result<OutboxStats, StoreError> {
-        let mut session = self.session().await?;
-        let result: Result<OutboxStats, StoreError> = async {
-            let conn: &mut PgConnection = &mut session;
-            let row = sqlx::query(
-                // The effect counts come from the triggers' counters
-                // (migrations/postgres/0005): O(1) however many rows.
-                "SELECT count(*) AS pending, min(due_at) AS oldest,
+        self.with_conn(|conn, _| {
+            Box::pin(async move {
+                let row = sqlx::query(
+                    // The effect counts come from the triggers' counters
+                    // (migrations/postgres/0005): O(1) however many rows.
+                    "SELECT count(*) AS pending, min(due_at) AS oldest,
                         (SELECT coalesce(sum(value), 0) FROM effect_counters
                           WHERE name = 'emails_delivered')::bigint AS emails_delivered,
                         (SELECT coalesce(sum(value), 0) FROM effect_counters
                           WHERE name = 'ledger_entries')::bigint AS ledger_entries
                    FROM outbox_events WHERE settled_at IS NULL AND due_at <= now()",
-            )
-            .fetch_one(&mut *conn)
-            .await?;
-            let pending: i64 = row.try_get("pending")?;
-            let oldest: Option<DateTime<Utc>> = row.try_get("oldest")?;
-            let lag_seconds = oldest
-                .map(|t| (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0)
-                .unwrap_or(0.0);
-            Ok(OutboxStats {
-                pending,
-                lag_seconds,
-                emails_delivered: row.try_get("emails_delivered")?,
-                ledger_entries: row.try_get("ledger_entries")?,
+                )
+                .fetch_one(&mut *conn)
+                .await?;
+                let pending: i64 = row.try_get("pending")?;
+                let oldest: Option<DateTime<Utc>> = row.try_get("oldest")?;
+                let lag_seconds = oldest
+                    .map(|t| (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0)
+                    .unwrap_or(0.0);
+                Ok(OutboxStats {
+                    pending,
+                    lag_seconds,
+                    emails_delivered: row.try_get("emails_delivered")?,
+                    ledger_entries: row.try_get("ledger_entries")?,
+                })
             })
-        }
-        .await;
-        session.settle(result)
+        })
+        .await
     }
 
     #[instrument(skip_all, fields(topic))]
@@ -70,12 +69,11 @@ impl RelayStore for PgStore {
         fan_out: bool,
         relay: RelayFn<'_>,
     ) -> Result<RelayStep, StoreError> {
-        let mut session = self.session().await?;
-        let result: Result<RelayStep, StoreError> = async {
-            let conn: &mut PgConnection = &mut session;
-            let mut tx = conn.begin().await?;
-            let rows = sqlx::query(
-                "SELECT event_id, topic, attempts, payload, stream_id,
+        self.with_conn(|conn, _| {
+            Box::pin(async move {
+                let mut tx = conn.begin().await?;
+                let rows = sqlx::query(
+                    "SELECT event_id, topic, attempts, payload, stream_id,
                         published_at IS NOT NULL AS published
                    FROM outbox_events
                   WHERE settled_at IS NULL AND batch_id IS NULL AND topic = $2
@@ -83,73 +81,73 @@ impl RelayStore for PgStore {
                   ORDER BY due_at
                   LIMIT $1
                   FOR UPDATE SKIP LOCKED",
-            )
-            .bind(limit)
-            .bind(topic)
-            .fetch_all(&mut *tx)
-            .await?;
-            if rows.is_empty() {
-                return Ok(RelayStep::default());
-            }
-            let mut due = Vec::with_capacity(rows.len());
-            for row in &rows {
-                due.push(DueEvent {
-                    envelope: Envelope {
-                        event_id: row.try_get("event_id")?,
-                        topic: row.try_get("topic")?,
-                        attempts: row.try_get("attempts")?,
-                        payload: row.try_get("payload")?,
-                    },
-                    stream_id: row.try_get("stream_id")?,
-                    published_before: row.try_get("published")?,
-                });
-            }
-            let ids: Vec<Uuid> = due.iter().map(|d| d.envelope.event_id).collect();
-            // On failure the transaction rolls back: the rows stay due.
-            let relayed = relay(due)
-                .await
-                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-            fail::fail_point!("relay-after-publish", |_| std::process::abort());
-            let mut published = (Vec::new(), Vec::new());
-            let mut held = Vec::new();
-            for (id, what) in ids.iter().zip(relayed) {
-                match what {
-                    Relayed::Published(stream_id) => {
-                        published.0.push(*id);
-                        published.1.push(stream_id);
-                    }
-                    Relayed::StillHeld => held.push(*id),
+                )
+                .bind(limit)
+                .bind(topic)
+                .fetch_all(&mut *tx)
+                .await?;
+                if rows.is_empty() {
+                    return Ok(RelayStep::default());
                 }
-            }
-            sqlx::query(
-                "UPDATE outbox_events o
+                let mut due = Vec::with_capacity(rows.len());
+                for row in &rows {
+                    due.push(DueEvent {
+                        envelope: Envelope {
+                            event_id: row.try_get("event_id")?,
+                            topic: row.try_get("topic")?,
+                            attempts: row.try_get("attempts")?,
+                            payload: row.try_get("payload")?,
+                        },
+                        stream_id: row.try_get("stream_id")?,
+                        published_before: row.try_get("published")?,
+                    });
+                }
+                let ids: Vec<Uuid> = due.iter().map(|d| d.envelope.event_id).collect();
+                // On failure the transaction rolls back: the rows stay due.
+                let relayed = relay(due)
+                    .await
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                fail::fail_point!("relay-after-publish", |_| std::process::abort());
+                let mut published = (Vec::new(), Vec::new());
+                let mut held = Vec::new();
+                for (id, what) in ids.iter().zip(relayed) {
+                    match what {
+                        Relayed::Published(stream_id) => {
+                            published.0.push(*id);
+                            published.1.push(stream_id);
+                        }
+                        Relayed::StillHeld => held.push(*id),
+                    }
+                }
+                sqlx::query(
+                    "UPDATE outbox_events o
                     SET published_at = now(), stream_id = p.stream_id,
                         due_at = now() + make_interval(secs => $3),
                         settled_at = CASE WHEN $4 THEN now() END
                    FROM unnest($1::uuid[], $2::text[]) AS p(event_id, stream_id)
                   WHERE o.event_id = p.event_id",
-            )
-            .bind(&published.0)
-            .bind(&published.1)
-            .bind(check_after.as_secs_f64())
-            .bind(fan_out)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
-                "UPDATE outbox_events SET due_at = now() + make_interval(secs => $2)
+                )
+                .bind(&published.0)
+                .bind(&published.1)
+                .bind(check_after.as_secs_f64())
+                .bind(fan_out)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "UPDATE outbox_events SET due_at = now() + make_interval(secs => $2)
                   WHERE event_id = ANY($1)",
-            )
-            .bind(&held)
-            .bind(check_after.as_secs_f64())
-            .execute(&mut *tx)
-            .await?;
-            tx.commit().await?;
-            Ok(RelayStep {
-                claimed: ids.len(),
-                published: published.0.len(),
+                )
+                .bind(&held)
+                .bind(check_after.as_secs_f64())
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(RelayStep {
+                    claimed: ids.len(),
+                    published: published.0.len(),
+                })
             })
-        }
-        .await;
-        session.settle(result)
+        })
+        .await
     }
 }

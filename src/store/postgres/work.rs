@@ -85,27 +85,26 @@ impl<'q> BindKey<'q> for sqlx::query::Query<'q, Postgres, PgArguments> {
 impl KeyStore for PgStore {
     #[instrument(skip_all)]
     async fn claim_key(&self, claim: &KeyClaimRequest) -> Result<KeyClaim, StoreError> {
-        let mut session = self.session().await?;
-        let result: Result<KeyClaim, StoreError> = async {
-            let conn: &mut PgConnection = &mut session;
-            let holder = Uuid::new_v4();
-            let lease_secs = claim.lease.as_secs_f64();
-            let ttl_secs = claim.ttl.as_secs_f64();
-            // A few passes at most: each retry follows a row that changed under us
-            // (deleted by the janitor, or taken over by another request).
-            for _ in 0..3 {
-                let created = sqlx::query(CLAIM_KEY)
-                    .bind_key(&claim.scope, &claim.key)
-                    .bind(&claim.fingerprint.0[..])
-                    .bind(holder)
-                    .bind(lease_secs)
-                    .bind(ttl_secs)
-                    .fetch_optional(&mut *conn)
-                    .await?;
-                if created.is_some() {
-                    return Ok(KeyClaim::New(claim.lease_to(holder)));
-                }
-                let existing = sqlx::query(
+        self.with_conn(|conn, _| {
+            Box::pin(async move {
+                let holder = Uuid::new_v4();
+                let lease_secs = claim.lease.as_secs_f64();
+                let ttl_secs = claim.ttl.as_secs_f64();
+                // A few passes at most: each retry follows a row that changed under us
+                // (deleted by the janitor, or taken over by another request).
+                for _ in 0..3 {
+                    let created = sqlx::query(CLAIM_KEY)
+                        .bind_key(&claim.scope, &claim.key)
+                        .bind(&claim.fingerprint.0[..])
+                        .bind(holder)
+                        .bind(lease_secs)
+                        .bind(ttl_secs)
+                        .fetch_optional(&mut *conn)
+                        .await?;
+                    if created.is_some() {
+                        return Ok(KeyClaim::New(claim.lease_to(holder)));
+                    }
+                    let existing = sqlx::query(
                     "SELECT fingerprint, state, holder, response_status::int8 AS response_status,
                             response_body,
                             expires_at < now() AS expired,
@@ -117,25 +116,25 @@ impl KeyStore for PgStore {
                 .bind_key(&claim.scope, &claim.key)
                 .fetch_optional(&mut *conn)
                 .await?;
-                let Some(row) = existing else { continue };
-                let previous: Uuid = row.try_get("holder")?;
-                let taken = TakenKey {
-                    fingerprint: row.try_get("fingerprint")?,
-                    completed: completed_response(&row)?,
-                    expired: row.try_get("expired")?,
-                    lease_lapsed: row.try_get::<Option<bool>, _>("lapsed")? == Some(true),
-                    remaining: Duration::from_secs_f64(
-                        row.try_get::<f64, _>("remaining_secs")?.max(0.0),
-                    ),
-                };
-                let answer = match decide_taken_key(taken, &claim.fingerprint) {
-                    TakenKeyDecision::Answer(answer) => answer,
-                    TakenKeyDecision::TakeOver => {
-                        // An expired key starts afresh; a lapsed lease (its holder
-                        // crashed) passes to this request. Fenced on the previous
-                        // holder, so of two racing takeovers exactly one wins.
-                        let taken = sqlx::query(
-                            "UPDATE idempotency_keys
+                    let Some(row) = existing else { continue };
+                    let previous: Uuid = row.try_get("holder")?;
+                    let taken = TakenKey {
+                        fingerprint: row.try_get("fingerprint")?,
+                        completed: completed_response(&row)?,
+                        expired: row.try_get("expired")?,
+                        lease_lapsed: row.try_get::<Option<bool>, _>("lapsed")? == Some(true),
+                        remaining: Duration::from_secs_f64(
+                            row.try_get::<f64, _>("remaining_secs")?.max(0.0),
+                        ),
+                    };
+                    let answer = match decide_taken_key(taken, &claim.fingerprint) {
+                        TakenKeyDecision::Answer(answer) => answer,
+                        TakenKeyDecision::TakeOver => {
+                            // An expired key starts afresh; a lapsed lease (its holder
+                            // crashed) passes to this request. Fenced on the previous
+                            // holder, so of two racing takeovers exactly one wins.
+                            let taken = sqlx::query(
+                                "UPDATE idempotency_keys
                             SET fingerprint = $6, state = 'in_progress', holder = $7,
                                 lease_expires_at = now() + make_interval(secs => $8),
                                 response_status = NULL, response_body = NULL,
@@ -144,46 +143,45 @@ impl KeyStore for PgStore {
                             AND holder = $5
                             AND (expires_at < now()
                                  OR (state = 'in_progress' AND lease_expires_at < now()))",
-                        )
-                        .bind_key(&claim.scope, &claim.key)
-                        .bind(previous)
-                        .bind(&claim.fingerprint.0[..])
-                        .bind(holder)
-                        .bind(lease_secs)
-                        .bind(ttl_secs)
-                        .execute(&mut *conn)
-                        .await?;
-                        if taken.rows_affected() == 1 {
-                            return Ok(KeyClaim::New(claim.lease_to(holder)));
+                            )
+                            .bind_key(&claim.scope, &claim.key)
+                            .bind(previous)
+                            .bind(&claim.fingerprint.0[..])
+                            .bind(holder)
+                            .bind(lease_secs)
+                            .bind(ttl_secs)
+                            .execute(&mut *conn)
+                            .await?;
+                            if taken.rows_affected() == 1 {
+                                return Ok(KeyClaim::New(claim.lease_to(holder)));
+                            }
+                            continue;
                         }
-                        continue;
-                    }
-                };
-                return Ok(answer);
-            }
-            Ok(KeyClaim::InFlight)
-        }
-        .await;
-        session.settle(result)
+                    };
+                    return Ok(answer);
+                }
+                Ok(KeyClaim::InFlight)
+            })
+        })
+        .await
     }
 
     #[instrument(skip_all)]
     async fn release_key(&self, lease: &KeyLease) -> Result<(), StoreError> {
-        let mut session = self.session().await?;
-        let result: Result<(), StoreError> = async {
-            let conn: &mut PgConnection = &mut session;
-            sqlx::query(concat!(
-                "DELETE FROM idempotency_keys WHERE ",
-                held_by!("$1", "$2", "$3", "$4", "$5")
-            ))
-            .bind_key(&lease.scope, &lease.key)
-            .bind(lease.holder)
-            .execute(&mut *conn)
-            .await?;
-            Ok(())
-        }
-        .await;
-        session.settle(result)
+        self.with_conn(|conn, _| {
+            Box::pin(async move {
+                sqlx::query(concat!(
+                    "DELETE FROM idempotency_keys WHERE ",
+                    held_by!("$1", "$2", "$3", "$4", "$5")
+                ))
+                .bind_key(&lease.scope, &lease.key)
+                .bind(lease.holder)
+                .execute(&mut *conn)
+                .await?;
+                Ok(())
+            })
+        })
+        .await
     }
 }
 
