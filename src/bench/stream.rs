@@ -93,6 +93,9 @@ async fn stream_client(
             buf.extend_from_slice(&chunk[..n]);
         }
         if contains(&buf, b"event: snapshot") {
+            // It has its snapshot: counted, and its connect slot freed.
+            clock.ready.fetch_add(1, Ordering::Relaxed);
+            drop(permit);
             break (stream, buf);
         }
         if attempts >= 50 {
@@ -104,7 +107,6 @@ async fn stream_client(
     let mut chunk = vec![0u8; 8192];
     let mut arrivals = Vec::with_capacity(expected);
     let mut seen = vec![false; indices];
-    let mut permit = Some(permit);
     let mut pending_frames = true; // `buf` may already hold frames
     while arrivals.len() < expected {
         if !pending_frames {
@@ -120,10 +122,6 @@ async fn stream_client(
         while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
             let frame: Vec<u8> = buf.drain(..end + 2).collect();
             let text = String::from_utf8_lossy(&frame);
-            if permit.is_some() && text.contains("event: snapshot") {
-                permit = None;
-                clock.ready.fetch_add(1, Ordering::Relaxed);
-            }
             if !text.contains("event: job.posted") && !text.contains("event: job.updated") {
                 continue;
             }
@@ -257,8 +255,19 @@ async fn phase(
         ));
     }
     let connect_deadline = Instant::now() + Duration::from_secs(120);
+    // A filtered client no job is for (few jobs, many filters) is done
+    // once it has its snapshot; any other client that ends here failed.
+    let mut done_early = 0;
     while clock.ready.load(Ordering::Relaxed) < clients {
-        if Instant::now() > connect_deadline || tasks.try_join_next().is_some() {
+        let ended = match tasks.try_join_next() {
+            Some(Ok(Ok(arrivals))) if arrivals.is_empty() => {
+                done_early += 1;
+                false
+            }
+            Some(_) => true,
+            None => false,
+        };
+        if Instant::now() > connect_deadline || ended {
             bail!(
                 "only {} of {clients} clients got their snapshot",
                 clock.ready.load(Ordering::Relaxed)
@@ -310,7 +319,7 @@ async fn phase(
     let mut received = 0usize;
     let mut failed = 0usize;
     let collect_deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    for _ in 0..clients {
+    for _ in done_early..clients {
         match tokio::time::timeout_at(collect_deadline, tasks.join_next()).await {
             Ok(Some(Ok(Ok(arrivals)))) => {
                 received += arrivals.len();
