@@ -94,12 +94,37 @@ pub(crate) fn job_from_row(row: &impl Columns) -> Result<Job, sqlx::Error> {
 /// [`Columns`]: each backend says how it binds those two, and the binders
 /// below ([`bind_job`], [`bind_application`], [`bind_charge`]) are written
 /// once.
-pub(crate) trait Binds<'q>: Sized {
+pub(crate) trait Binds<'q>: PlainBinds<'q> {
     fn id(self, id: Uuid) -> Self;
     fn instant(self, at: chrono::DateTime<chrono::Utc>) -> Self;
+}
+
+/// The parameters both backends bind alike (text and integers), for any
+/// sqlx query (the blanket impl below).
+pub(crate) trait PlainBinds<'q>: Sized {
     fn text(self, text: &'q str) -> Self;
     fn optional_text(self, text: Option<&'q str>) -> Self;
     fn bigint(self, n: i64) -> Self;
+}
+
+impl<'q, DB> PlainBinds<'q> for sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments>
+where
+    DB: sqlx::Database,
+    &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    Option<&'q str>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    fn text(self, text: &'q str) -> Self {
+        self.bind(text)
+    }
+
+    fn optional_text(self, text: Option<&'q str>) -> Self {
+        self.bind(text)
+    }
+
+    fn bigint(self, n: i64) -> Self {
+        self.bind(n)
+    }
 }
 
 /// Binds `$1`-`$11` of [`INSERT_JOB`] and [`UPDATE_JOB`].

@@ -246,18 +246,6 @@ impl<'q> Binds<'q> for sqlx::query::Query<'q, Postgres, PgArguments> {
     fn instant(self, at: DateTime<Utc>) -> Self {
         self.bind(at)
     }
-
-    fn text(self, text: &'q str) -> Self {
-        self.bind(text)
-    }
-
-    fn optional_text(self, text: Option<&'q str>) -> Self {
-        self.bind(text)
-    }
-
-    fn bigint(self, n: i64) -> Self {
-        self.bind(n)
-    }
 }
 
 /// Begins, commits and starts rolling back through sqlx's own transaction

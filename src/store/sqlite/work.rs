@@ -123,18 +123,6 @@ impl<'q> Binds<'q> for Query<'q> {
     fn instant(self, at: DateTime<Utc>) -> Self {
         self.bind(at.timestamp_micros())
     }
-
-    fn text(self, text: &'q str) -> Self {
-        self.bind(text)
-    }
-
-    fn optional_text(self, text: Option<&'q str>) -> Self {
-        self.bind(text)
-    }
-
-    fn bigint(self, n: i64) -> Self {
-        self.bind(n)
-    }
 }
 
 /// A unit of work: one `BEGIN IMMEDIATE` transaction on the writer (the
