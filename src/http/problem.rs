@@ -248,7 +248,7 @@ pub fn answer_response(answer: Answer) -> Response {
 }
 
 /// Builds the HTTP response for a stored (or fresh) outcome.
-pub fn stored_response(stored: StoredResponse, replayed: bool) -> Response {
+fn stored_response(stored: StoredResponse, replayed: bool) -> Response {
     let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = json_response(status, stored.body);
     if replayed {

@@ -7,6 +7,7 @@ use uuid::Uuid;
 
 use super::*;
 use crate::domain::{Application, Charge, Job, JobFilter, SearchKeys};
+use crate::keys::{IdempotencyKey, KeyScope};
 
 /// The result of applying: a new application or the user's existing one.
 #[derive(Debug, Clone)]
@@ -105,6 +106,15 @@ pub(crate) trait PlainBinds<'q>: Sized {
     fn text(self, text: &'q str) -> Self;
     fn optional_text(self, text: Option<&'q str>) -> Self;
     fn bigint(self, n: i64) -> Self;
+
+    /// The four columns that identify an idempotency key, in the order
+    /// every key statement takes them: principal, method, route, key.
+    fn bind_key(self, scope: &'q KeyScope, key: &'q IdempotencyKey) -> Self {
+        self.text(&scope.principal)
+            .text(scope.method)
+            .text(scope.route)
+            .text(key.as_str())
+    }
 }
 
 impl<'q, DB> PlainBinds<'q> for sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments>

@@ -245,6 +245,15 @@ struct Seeded {
     bob: Application,
 }
 
+/// The copy of `application`'s `application.submitted` event among `envelopes`.
+fn copy_of(envelopes: &[Envelope], application: &Application) -> Envelope {
+    envelopes
+        .iter()
+        .find(|e| e.payload["application_id"] == application.id.to_string())
+        .cloned()
+        .unwrap_or_else(|| panic!("an event for {}: {envelopes:?}", application.id))
+}
+
 async fn seed(store: &Arc<dyn Store>) -> Seeded {
     let job = job("Rust engineer");
     post(store, &job).await;
@@ -518,11 +527,7 @@ async fn a_delivery_is_done_once_and_its_copy_is_a_duplicate(backend: Backend) {
     let (store, _storage) = open(backend).await;
     let Seeded { ada, .. } = seed(&store).await;
     let envelopes = relay(&store, topics::APPLICATION_SUBMITTED).await;
-    let copy = envelopes
-        .iter()
-        .find(|e| e.payload["application_id"] == ada.id.to_string())
-        .expect("ada's event")
-        .clone();
+    let copy = copy_of(&envelopes, &ada);
     assert!(matches!(
         deliver(&store, &copy, DeliveryDecision::Done).await,
         DeliveryResult::Attempted {
@@ -542,11 +547,7 @@ async fn a_dead_letter_is_replayed_once_and_then_closed_to_discarding(backend: B
     let (store, _storage) = open(backend).await;
     let Seeded { bob, .. } = seed(&store).await;
     let envelopes = relay(&store, topics::APPLICATION_SUBMITTED).await;
-    let copy = envelopes
-        .iter()
-        .find(|e| e.payload["application_id"] == bob.id.to_string())
-        .expect("bob's event")
-        .clone();
+    let copy = copy_of(&envelopes, &bob);
     deliver(
         &store,
         &copy,
@@ -674,10 +675,7 @@ async fn a_provider_report_is_recorded_once_and_the_janitor_lets_it_go(backend: 
         "the janitor let the old report go"
     );
     // A copy of a purged event is gone, and nothing is delivered twice.
-    let ada_copy = envelopes
-        .iter()
-        .find(|e| e.payload["application_id"] == ada.id.to_string())
-        .unwrap();
+    let ada_copy = &copy_of(&envelopes, &ada);
     assert_eq!(
         deliver(&store, ada_copy, DeliveryDecision::Done).await,
         DeliveryResult::Gone

@@ -38,7 +38,7 @@ use super::*;
 use crate::broker::Envelope;
 use crate::config::Config;
 use crate::domain::{topics, Application, Charge, Job, JobFilter, JobStatus};
-use crate::keys::{IdempotencyKey, KeyScope, StoredResponse};
+use crate::keys::StoredResponse;
 
 /// Postgres reads ids and instants as their own types.
 impl Columns for PgRow {

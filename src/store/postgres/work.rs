@@ -1,12 +1,19 @@
 //! The unit of work on Postgres, and the idempotency key it completes: the
 //! claim (`INSERT … ON CONFLICT DO NOTHING RETURNING`, then a fenced
 //! takeover), the release, and [`PgUnitOfWork`], whose commit writes the
-//! outbox rows and completes the key. The key's fence ([`held_by!`]), its
-//! completion ([`complete_key!`]) and the outbox insert ([`insert_outbox!`])
+//! outbox rows and completes the key. The key's fence (`held_by!`), its
+//! completion (`complete_key!`) and the outbox insert (`insert_outbox!`)
 //! are each written once, here; the declared fast path of an application
 //! ([`SUBMIT_APPLICATION`]) is composed of them.
 
+// A unit owns its connection, so it cannot hold a `Transaction` (which
+// borrows one): it begins, commits and starts rolling back through sqlx's
+// own transaction manager, the one `Connection::begin` uses. sqlx then
+// tracks the transaction, and a unit dropped open queues its ROLLBACK, which
+// `Session`'s drop flushes before the connection rejoins the pool. (sqlx
+// does not re-export the trait: hence the direct `sqlx-core` dependency.)
 use sqlx::postgres::PgTransactionManager;
+use sqlx_core::transaction::TransactionManager;
 
 use super::*;
 use crate::domain::{ApplicationSubmitted, JobStatus};
@@ -65,21 +72,6 @@ pub const CLAIM_KEY: &str = "INSERT INTO idempotency_keys
          now() + make_interval(secs => $7), now() + make_interval(secs => $8))
  ON CONFLICT (principal, method, route, key) DO NOTHING
  RETURNING holder";
-
-/// Binds the four columns that identify a key, `$1`…`$4` in every key query:
-/// principal, method, route, key.
-pub(super) trait BindKey<'q> {
-    fn bind_key(self, scope: &'q KeyScope, key: &'q IdempotencyKey) -> Self;
-}
-
-impl<'q> BindKey<'q> for sqlx::query::Query<'q, Postgres, PgArguments> {
-    fn bind_key(self, scope: &'q KeyScope, key: &'q IdempotencyKey) -> Self {
-        self.bind(&scope.principal)
-            .bind(scope.method)
-            .bind(scope.route)
-            .bind(key.as_str())
-    }
-}
 
 #[async_trait]
 impl KeyStore for PgStore {
@@ -248,13 +240,6 @@ impl<'q> Binds<'q> for sqlx::query::Query<'q, Postgres, PgArguments> {
     }
 }
 
-/// Begins, commits and starts rolling back through sqlx's own transaction
-/// manager (the one `Connection::begin` uses), so sqlx tracks the
-/// transaction: a unit dropped open queues its ROLLBACK, which [`Session`]'s
-/// drop flushes before the connection rejoins the pool. (A `Transaction`
-/// would borrow the connection the unit owns.)
-type Tm = PgTransactionManager;
-
 /// A unit of work on one pooled connection. Its transaction begins with its
 /// first statement, so a unit that runs one statement only (the fast path,
 /// a key completed with an answer that wrote nothing) runs it alone.
@@ -281,7 +266,7 @@ impl PgUnitOfWork {
     async fn begun(&mut self) -> Result<&mut PgConnection, StoreError> {
         if !self.open {
             let conn: &mut PgConnection = &mut self.session;
-            let begun = <Tm as sqlx_core::transaction::TransactionManager>::begin(conn, None).await;
+            let begun = PgTransactionManager::begin(conn, None).await;
             self.check(begun)?;
             self.open = true;
         }
@@ -313,7 +298,7 @@ impl Drop for PgUnitOfWork {
     fn drop(&mut self) {
         if self.open {
             let conn: &mut PgConnection = &mut self.session;
-            <Tm as sqlx_core::transaction::TransactionManager>::start_rollback(conn);
+            PgTransactionManager::start_rollback(conn);
         }
     }
 }
@@ -453,7 +438,7 @@ impl UnitOfWork for PgUnitOfWork {
             if let Some(pause) = crate::failpoints::pause("business-before-commit") {
                 tokio::time::sleep(pause).await;
             }
-            <Tm as sqlx_core::transaction::TransactionManager>::commit(conn).await?;
+            PgTransactionManager::commit(conn).await?;
             Ok(())
         }
         .await;

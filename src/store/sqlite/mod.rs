@@ -56,7 +56,7 @@ use super::*;
 use crate::broker::Envelope;
 use crate::config::Config;
 use crate::domain::{Application, Charge, Job, JobFilter, JobStatus};
-use crate::keys::{KeyScope, StoredResponse};
+use crate::keys::StoredResponse;
 
 /// Now, in the schema's unit (microseconds since the epoch).
 fn now_us() -> i64 {

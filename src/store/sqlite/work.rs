@@ -7,15 +7,6 @@ use super::*;
 
 type Query<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments>;
 
-/// Binds the four columns that identify a key: principal, method, route, key.
-fn bind_key<'q>(query: Query<'q>, scope: &'q KeyScope, key: &'q str) -> Query<'q> {
-    query
-        .bind(scope.principal.as_str())
-        .bind(scope.method)
-        .bind(scope.route)
-        .bind(key)
-}
-
 const KEY_WHERE: &str = "principal = ? AND method = ? AND route = ? AND key = ?";
 
 #[async_trait]
@@ -25,18 +16,15 @@ impl KeyStore for SqliteStore {
         let holder = Uuid::new_v4();
         let mut tx = self.write().await?;
         let now = now_us();
-        let created = bind_key(
-            sqlx::query(
-                "INSERT INTO idempotency_keys
-                    (principal, method, route, key, fingerprint, state, holder,
-                     lease_expires_at, created_at, expires_at)
-                 VALUES (?, ?, ?, ?, ?, 'in_progress', ?, ?, ?, ?)
-                 ON CONFLICT (principal, method, route, key) DO NOTHING
-                 RETURNING holder",
-            ),
-            &claim.scope,
-            claim.key.as_str(),
+        let created = sqlx::query(
+            "INSERT INTO idempotency_keys
+                (principal, method, route, key, fingerprint, state, holder,
+                 lease_expires_at, created_at, expires_at)
+             VALUES (?, ?, ?, ?, ?, 'in_progress', ?, ?, ?, ?)
+             ON CONFLICT (principal, method, route, key) DO NOTHING
+             RETURNING holder",
         )
+        .bind_key(&claim.scope, &claim.key)
         .bind(&claim.fingerprint.0[..])
         .bind(holder.to_string())
         .bind(now + us(claim.lease))
@@ -53,13 +41,10 @@ impl KeyStore for SqliteStore {
                     lease_expires_at
                FROM idempotency_keys WHERE {KEY_WHERE}"
         );
-        let row = bind_key(
-            sqlx::query(AssertSqlSafe(sql)),
-            &claim.scope,
-            claim.key.as_str(),
-        )
-        .fetch_one(&mut *tx)
-        .await?;
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind_key(&claim.scope, &claim.key)
+            .fetch_one(&mut *tx)
+            .await?;
         let expires_at = row.try_get::<i64, _>("expires_at")?;
         let taken = TakenKey {
             fingerprint: row.try_get("fingerprint")?,
@@ -90,7 +75,8 @@ impl KeyStore for SqliteStore {
             .bind(now + us(claim.lease))
             .bind(now)
             .bind(now + us(claim.ttl));
-        bind_key(query, &claim.scope, claim.key.as_str())
+        query
+            .bind_key(&claim.scope, &claim.key)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
@@ -102,14 +88,11 @@ impl KeyStore for SqliteStore {
         let sql = format!(
             "DELETE FROM idempotency_keys WHERE {KEY_WHERE} AND holder = ? AND state = 'in_progress'"
         );
-        bind_key(
-            sqlx::query(AssertSqlSafe(sql)),
-            &lease.scope,
-            lease.key.as_str(),
-        )
-        .bind(lease.holder.to_string())
-        .execute(&self.writer)
-        .await?;
+        sqlx::query(AssertSqlSafe(sql))
+            .bind_key(&lease.scope, &lease.key)
+            .bind(lease.holder.to_string())
+            .execute(&self.writer)
+            .await?;
         Ok(())
     }
 }
@@ -236,16 +219,13 @@ impl UnitOfWork for SqliteUnitOfWork {
                         lease_expires_at = NULL
                   WHERE {KEY_WHERE} AND holder = ? AND state = 'in_progress'"
             );
-            let done = bind_key(
-                sqlx::query(AssertSqlSafe(sql))
-                    .bind(i64::from(answer.status))
-                    .bind(answer.body.as_str()),
-                &key.scope,
-                key.key.as_str(),
-            )
-            .bind(key.holder.to_string())
-            .execute(&mut *tx)
-            .await?;
+            let done = sqlx::query(AssertSqlSafe(sql))
+                .bind(i64::from(answer.status))
+                .bind(answer.body.as_str())
+                .bind_key(&key.scope, &key.key)
+                .bind(key.holder.to_string())
+                .execute(&mut *tx)
+                .await?;
             if done.rows_affected() != 1 {
                 return Err(StoreError::LeaseLost);
             }
