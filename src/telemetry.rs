@@ -43,7 +43,10 @@ pub fn prometheus() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let recorder = PrometheusBuilder::new().build_recorder();
+            // Only an empty bucket list is refused, and none is.
+            let recorder = with_buckets(PrometheusBuilder::new())
+                .unwrap_or_else(|_| PrometheusBuilder::new())
+                .build_recorder();
             let handle = recorder.handle();
             // Another recorder may exist when Herald is embedded in a test
             // binary; then this handle renders only what it records itself.
@@ -61,9 +64,38 @@ pub fn prometheus() -> PrometheusHandle {
                 metrics::OUTBOX_LAG_SECONDS,
                 "Age of the oldest unpublished outbox row"
             );
+            metrics::exported_from_the_start();
             handle
         })
         .clone()
+}
+
+/// Latency histograms get Prometheus buckets (`_bucket` series, so
+/// `histogram_quantile` works across a fleet; the exporter's default is a
+/// per-process summary that cannot be aggregated). Request and provider
+/// times are short; delivery times include the provider's rate and retries,
+/// so their buckets reach minutes.
+fn with_buckets(
+    builder: PrometheusBuilder,
+) -> Result<PrometheusBuilder, metrics_exporter_prometheus::BuildError> {
+    use metrics_exporter_prometheus::Matcher;
+    const SHORT: &[f64] = &[
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ];
+    const LONG: &[f64] = &[
+        0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+    ];
+    let per_metric = [
+        (metrics::HTTP_REQUEST_DURATION, SHORT),
+        (metrics::PROVIDER_REQUEST_DURATION, SHORT),
+        (metrics::EMAIL_DELIVERY, LONG),
+        (metrics::SSE_DELIVERY, LONG),
+    ];
+    per_metric
+        .iter()
+        .try_fold(builder, |builder, (name, buckets)| {
+            builder.set_buckets_for_metric(Matcher::Full((*name).to_string()), buckets)
+        })
 }
 
 /// The contract's metric names and the helpers that record them.
@@ -125,9 +157,42 @@ pub mod metrics {
     /// Webhook deliveries from the email provider, by event type and outcome.
     pub const WEBHOOK_EVENTS: &str = "herald_webhook_events_total";
 
+    /// Seconds from a request's head to its answer, by route template and
+    /// status class (`2xx` … `5xx`).
+    pub const HTTP_REQUEST_DURATION: &str = "herald_http_request_duration_seconds";
+    /// Seconds from the commit of an application (its outbox event) to the
+    /// provider's acceptance of its confirmation, retries and waits included.
+    pub const EMAIL_DELIVERY: &str = "herald_email_delivery_seconds";
+    /// Seconds from an event's publish (its stream entry) to its frame's
+    /// write to a stream client.
+    pub const SSE_DELIVERY: &str = "herald_sse_delivery_seconds";
+    /// Seconds of one request to the email provider, by outcome.
+    pub const PROVIDER_REQUEST_DURATION: &str = "herald_provider_request_duration_seconds";
+
+    /// 1 when the database answered this scrape in time (what `/readyz`
+    /// checks), else 0.
+    pub const READY: &str = "herald_ready";
+
+    /// Counters an alert rule or a dashboard panel rates, exported at 0
+    /// from the start: a series that appears only with its first event
+    /// makes `rate()` miss that event, and a panel read before it dead.
+    pub fn exported_from_the_start() {
+        ::metrics::counter!(SSE_EVICTED).increment(0);
+        ::metrics::counter!(SSE_RESNAPSHOTS).increment(0);
+        ::metrics::counter!(SSE_CONFLATED).increment(0);
+        ::metrics::counter!(WEBHOOK_EVENTS, "type" => "unverified", "outcome" => "rejected")
+            .increment(0);
+        ::metrics::counter!(APPLICATIONS_CREATED).increment(0);
+        ::metrics::counter!(EMAILS_SENT).increment(0);
+    }
+
     /// One resolved key: `new`, `replay`, `in_flight` or `mismatch`.
     pub fn idempotency_request(outcome: &'static str) {
         ::metrics::counter!(IDEMPOTENCY_REQUESTS, "outcome" => outcome).increment(1);
+    }
+
+    pub fn ready(ready: bool) {
+        ::metrics::gauge!(READY).set(if ready { 1.0 } else { 0.0 });
     }
 
     pub fn redis_fallback(on: bool) {
@@ -139,9 +204,36 @@ pub mod metrics {
         ::metrics::gauge!(OUTBOX_LAG_SECONDS).set(lag_seconds);
     }
 
-    pub fn http_request(route: &'static str, status: u16) {
+    /// One answered request: its count by status, its duration by class.
+    pub fn http_request(route: &'static str, status: u16, took: std::time::Duration) {
         ::metrics::counter!(HTTP_REQUESTS, "route" => route, "status" => status.to_string())
             .increment(1);
+        let class = match status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        ::metrics::histogram!(HTTP_REQUEST_DURATION, "route" => route, "status_class" => class)
+            .record(took.as_secs_f64());
+    }
+
+    /// One request to the email provider and how it ended (`ok`,
+    /// `rate_limited`, `transient`, `permanent`, `reply_invalid`).
+    pub fn provider_request(outcome: &'static str, took: std::time::Duration) {
+        ::metrics::histogram!(PROVIDER_REQUEST_DURATION, "outcome" => outcome)
+            .record(took.as_secs_f64());
+    }
+
+    /// A confirmation the provider accepted, `seconds` after its event's commit.
+    pub fn email_delivered_after(seconds: f64) {
+        ::metrics::histogram!(EMAIL_DELIVERY).record(seconds.max(0.0));
+    }
+
+    /// A frame written to a stream client, `seconds` after its event's publish.
+    pub fn sse_delivered_after(seconds: f64) {
+        ::metrics::histogram!(SSE_DELIVERY).record(seconds.max(0.0));
     }
 
     /// One webhook delivery: its `type` (one of a fixed set, so the label

@@ -39,7 +39,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -408,31 +408,63 @@ async fn send_batch(
         if let Some(reserved) = reserved.lock().ok().and_then(|mut r| r.take()) {
             let _ = reserved.send(());
         }
-        match args.transport.send_batch(batch.id, &emails).await {
+        let asked = Instant::now();
+        let answered = args.transport.send_batch(batch.id, &emails).await;
+        m::provider_request(provider_outcome(&answered), asked.elapsed());
+        match answered {
             Ok(answers) => answers,
             Err(error) => return failed(args, attempt, error).await,
         }
     };
     args.budget.succeeded(CALL_SITE);
     let mut answers = answers.into_iter();
-    BatchDecision::Answered(
-        rendered
-            .into_iter()
-            .map(|r| match r {
-                Err(error) => MemberOutcome::Dead { error },
-                // The transport answers once per email it was handed, in
-                // order (it checked the provider named each one).
-                Ok(_) => match answers.next() {
-                    Some(MemberAnswer::Accepted { provider_id }) => {
-                        MemberOutcome::Done { provider_id }
-                    }
-                    Some(MemberAnswer::Refused(error)) => MemberOutcome::Dead { error },
-                    None => MemberOutcome::Dead {
-                        error: "the provider's answer did not cover this email".into(),
-                    },
+    let outcomes: Vec<MemberOutcome> = rendered
+        .into_iter()
+        .map(|r| match r {
+            Err(error) => MemberOutcome::Dead { error },
+            // The transport answers once per email it was handed, in
+            // order (it checked the provider named each one).
+            Ok(_) => match answers.next() {
+                Some(MemberAnswer::Accepted { provider_id }) => MemberOutcome::Done { provider_id },
+                Some(MemberAnswer::Refused(error)) => MemberOutcome::Dead { error },
+                None => MemberOutcome::Dead {
+                    error: "the provider's answer did not cover this email".into(),
                 },
-            })
-            .collect(),
+            },
+        })
+        .collect();
+    for (member, outcome) in batch.members.iter().zip(&outcomes) {
+        if let (MemberOutcome::Done { .. }, Some(seconds)) =
+            (outcome, seconds_since_commit(member.event_id))
+        {
+            m::email_delivered_after(seconds);
+        }
+    }
+    BatchDecision::Answered(outcomes)
+}
+
+/// The outcome label of one provider request.
+fn provider_outcome(answered: &crate::email::BatchAnswers) -> &'static str {
+    match answered {
+        Ok(_) => "ok",
+        Err(SendError::RateLimited { .. }) => "rate_limited",
+        Err(SendError::Transient { .. }) => "transient",
+        Err(SendError::Permanent(_)) => "permanent",
+        Err(SendError::ReplyInvalid(_)) => "reply_invalid",
+    }
+}
+
+/// Seconds since `event_id` was committed: outbox ids are UUIDv7, minted
+/// in the committing transaction, so the id carries its commit's instant
+/// (to the millisecond) and no column or envelope field is needed.
+pub fn seconds_since_commit(event_id: uuid::Uuid) -> Option<f64> {
+    let (secs, nanos) = event_id.get_timestamp()?.to_unix();
+    let committed = std::time::UNIX_EPOCH + Duration::new(secs, nanos);
+    Some(
+        std::time::SystemTime::now()
+            .duration_since(committed)
+            .unwrap_or_default()
+            .as_secs_f64(),
     )
 }
 

@@ -21,38 +21,50 @@ use crate::telemetry::metrics as m;
 /// Routes one request of the admin listener.
 pub async fn dispatch(state: AppState, request: Request) -> Response {
     let request_id = uuid::Uuid::new_v4();
-    let response = route(&state, &request).await;
+    let (route, response) = route(&state, &request).await;
+    m::http_request(
+        route,
+        response.status().as_u16(),
+        request.received.elapsed(),
+    );
     // `/metrics` is scraped every few seconds: debug, not the request log.
-    if request.path != "/metrics" {
-        // An address in a path is personal data: the log names the route.
-        let route = if request.path.starts_with("/admin/suppressions/") {
-            "/admin/suppressions/{email}"
-        } else {
-            &request.path
-        };
+    if route != "/metrics" {
+        // An id or address in a path is not a route: the log names the template.
         super::log_request("admin", route, &request, request_id, &response);
     }
     response
 }
 
-async fn route(state: &AppState, request: &Request) -> Response {
+/// Answers one admin request, and names its route as a template (a label
+/// of `herald_http_requests_total`: an id or an address in it would make
+/// a series per request, and an address is personal data).
+async fn route(state: &AppState, request: &Request) -> (&'static str, Response) {
     let segments: Vec<&str> = request.path.trim_matches('/').split('/').collect();
-    let result = match (segments.as_slice(), &request.method) {
-        (["metrics"], &Method::GET) => Ok(metrics(state).await),
-        (["admin", "status"], &Method::GET) => status(state, request).await,
-        (["admin", "dlq"], &Method::GET) => list_dlq(state, request).await,
-        (["admin", "dlq", "replay"], &Method::POST) => replay_many(state, request).await,
-        (["admin", "dlq", id, "replay"], &Method::POST) => replay_one(state, request, id).await,
+    let (route, result) = match (segments.as_slice(), &request.method) {
+        (["metrics"], &Method::GET) => ("/metrics", Ok(metrics(state).await)),
+        (["admin", "status"], &Method::GET) => ("/admin/status", status(state, request).await),
+        (["admin", "dlq"], &Method::GET) => ("/admin/dlq", list_dlq(state, request).await),
+        (["admin", "dlq", "replay"], &Method::POST) => {
+            ("/admin/dlq/replay", replay_many(state, request).await)
+        }
+        (["admin", "dlq", id, "replay"], &Method::POST) => (
+            "/admin/dlq/{id}/replay",
+            replay_one(state, request, id).await,
+        ),
         (["admin", "dlq", id], &Method::DELETE) if *id != "replay" => {
-            discard(state, request, id).await
+            ("/admin/dlq/{id}", discard(state, request, id).await)
         }
-        (["admin", "suppressions"], &Method::GET) => list_suppressions(state, request).await,
-        (["admin", "suppressions", email], &Method::DELETE) => {
-            lift_suppression(state, request, email).await
-        }
-        (path, _) => Err(ApiError::unrouted(allowed_methods(path))),
+        (["admin", "suppressions"], &Method::GET) => (
+            "/admin/suppressions",
+            list_suppressions(state, request).await,
+        ),
+        (["admin", "suppressions", email], &Method::DELETE) => (
+            "/admin/suppressions/{email}",
+            lift_suppression(state, request, email).await,
+        ),
+        (path, _) => ("other", Err(ApiError::unrouted(allowed_methods(path)))),
     };
-    result.unwrap_or_else(ApiError::into_response)
+    (route, result.unwrap_or_else(ApiError::into_response))
 }
 
 /// The methods a known admin path accepts (for 405 and `Allow`).
@@ -81,7 +93,7 @@ async fn refresh_outbox_gauges(state: &AppState) -> Option<crate::store::OutboxS
 }
 
 async fn metrics(state: &AppState) -> Response {
-    refresh_outbox_gauges(state).await;
+    m::ready(refresh_outbox_gauges(state).await.is_some());
     let mut response = Response::new(state.prometheus.render().into());
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,

@@ -101,7 +101,11 @@ pub async fn dispatch(state: AppState, request: Request) -> Response {
         if let Ok(v) = HeaderValue::from_str(&request_id.to_string()) {
             response.headers_mut().insert("x-request-id", v);
         }
-        m::http_request(route, response.status().as_u16());
+        m::http_request(
+            route,
+            response.status().as_u16(),
+            request.received.elapsed(),
+        );
         super::log_request("public", route, &request, request_id, &response);
         response
     }

@@ -185,6 +185,7 @@ impl Stream for ClientStream {
                 Poll::Ready(Some(Next::Event(cursor, frame))) => {
                     if cursor > this.sent_upto {
                         this.sent_upto = cursor;
+                        crate::telemetry::metrics::sse_delivered_after(seconds_since(cursor));
                         return Poll::Ready(Some(Ok(frame)));
                     }
                 }
@@ -201,6 +202,16 @@ impl Stream for ClientStream {
         }
         Poll::Pending
     }
+}
+
+/// Seconds since the event at `cursor` was published: a stream entry id's
+/// first part is the broker's clock at publish, in milliseconds (Redis's
+/// own, or the in-process broker's). A clock behind it reads as 0.
+fn seconds_since(cursor: EventCursor) -> f64 {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    now_ms.saturating_sub(u128::from(cursor.millis)) as f64 / 1000.0
 }
 
 impl ClientStream {

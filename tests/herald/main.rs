@@ -30,6 +30,7 @@ mod intake;
 mod listener;
 mod live_list;
 mod live_stream;
+mod operators;
 #[cfg(feature = "failpoints")]
 mod provider;
 mod proxy;
