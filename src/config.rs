@@ -247,6 +247,30 @@ pub struct AuthConfig {
     pub dev_login: Option<bool>,
     /// Lifetime of a dev-login token.
     pub dev_token_ttl_secs: u64,
+    /// The board's identity provider's public keys (RS256, ES256) as a JWKS
+    /// document at this URL (`https://…/.well-known/jwks.json`).
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// The same from a file (read at start and when a token names a key
+    /// it does not hold).
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// Required `iss` of every user token, when set.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// Required `aud` of every user token (one of its audiences), when set.
+    #[serde(default)]
+    pub audience: Option<String>,
+    /// A user token living longer than this (`exp` - `iat`, or `exp` - now)
+    /// is refused, whoever signed it.
+    pub max_token_lifetime_secs: u64,
+}
+
+impl AuthConfig {
+    /// Whether user tokens may be verified against an identity provider's keys.
+    pub fn has_identity_provider(&self) -> bool {
+        self.jwks_url.is_some() || self.jwks_file.is_some()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -632,6 +656,24 @@ impl Config {
             "jwt_secret",
             "must be at least 32 bytes for HS256",
         )?;
+        check(
+            !(self.auth.jwks_url.is_some() && self.auth.jwks_file.is_some()),
+            "auth.jwks_url",
+            "and auth.jwks_file are alternatives: set one",
+        )?;
+        check(
+            self.auth.jwks_url.as_deref().is_none_or(|url| {
+                reqwest::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "https" | "http"))
+            }),
+            "auth.jwks_url",
+            "must be an http(s) URL",
+        )?;
+        check(
+            self.auth.max_token_lifetime_secs >= 60,
+            "auth.max_token_lifetime_secs",
+            "must be at least 60",
+        )?;
+
         check(
             self.database.max_connections >= 1,
             "database.max_connections",

@@ -245,10 +245,28 @@ pub async fn run(
     ready: impl FnOnce(),
 ) -> anyhow::Result<()> {
     let config = Arc::new(config);
-    let auth = Auth::new(
-        required(&config.admin_token, "admin_token", "HERALD_ADMIN_TOKEN")?,
-        required(&config.jwt_secret, "jwt_secret", "HERALD_JWT_SECRET")?,
-    );
+    let admin_token = required(&config.admin_token, "admin_token", "HERALD_ADMIN_TOKEN")?;
+    // User tokens need a way to be verified: the shared secret, the
+    // identity provider's keys, or both. Dev login signs with the secret.
+    let jwt_secret = if config.auth.has_identity_provider() && !config.dev_login() {
+        config.jwt_secret.as_ref()
+    } else {
+        Some(required(
+            &config.jwt_secret,
+            "jwt_secret",
+            "HERALD_JWT_SECRET",
+        )?)
+    };
+    let auth = Auth::from_config(admin_token, jwt_secret, &config.auth)
+        .await
+        .map_err(|message| ConfigError::Invalid {
+            key: if config.auth.jwks_url.is_some() {
+                "auth.jwks_url"
+            } else {
+                "auth.jwks_file"
+            },
+            message,
+        })?;
     let prometheus = crate::telemetry::prometheus();
     // Every connection is a file: the caps must fit under the process's
     // open-files limit, with room for the database and Redis pools.

@@ -186,6 +186,10 @@ pub mod metrics {
         ::metrics::counter!(EMAILS_SENT).increment(0);
     }
 
+    /// Reads of the identity provider's key set, by why (`start`,
+    /// `unknown_kid`) and outcome (`ok`, `error`).
+    pub const JWKS_FETCHES: &str = "herald_jwks_fetches_total";
+
     /// One resolved key: `new`, `replay`, `in_flight` or `mismatch`.
     pub fn idempotency_request(outcome: &'static str) {
         ::metrics::counter!(IDEMPOTENCY_REQUESTS, "outcome" => outcome).increment(1);
@@ -193,6 +197,10 @@ pub mod metrics {
 
     pub fn ready(ready: bool) {
         ::metrics::gauge!(READY).set(if ready { 1.0 } else { 0.0 });
+    }
+
+    pub fn jwks_fetch(reason: &'static str, outcome: &'static str) {
+        ::metrics::counter!(JWKS_FETCHES, "reason" => reason, "outcome" => outcome).increment(1);
     }
 
     pub fn redis_fallback(on: bool) {

@@ -1,24 +1,37 @@
 //! Authentication of the two principals.
 //!
-//! - **user**: `Authorization: Bearer <JWT>`, HS256 only, claims `sub`, `email`,
-//!   `exp`, signed with `HERALD_JWT_SECRET` by the job board's login (or by
-//!   `POST /api/dev/login` in dev mode).
+//! - **user**: `Authorization: Bearer <JWT>` with claims `sub`, `email`,
+//!   `exp` (and `iat`), either HS256-signed with `HERALD_JWT_SECRET` (the
+//!   simple setup, and `POST /api/dev/login`), or RS256/ES256-signed by the
+//!   board's identity provider, whose keys come from `auth.jwks_url` or
+//!   `auth.jwks_file` ([`super::jwks`]). `auth.issuer` and `auth.audience`
+//!   are checked on the provider's tokens when set; a token living longer than
+//!   `auth.max_token_lifetime_secs` is refused whoever signed it. Any other
+//!   algorithm (`none`, HS384, PS256…) is refused.
 //! - **admin**: `Authorization: Bearer <HERALD_ADMIN_TOKEN>`, compared in
 //!   constant time (over SHA-256 digests, so the length leaks nothing either).
 //!
 //! Every failure is the same 401 `unauthorized`; the detail says what was
 //! wrong with the credential, never anything about the secret.
 
+use std::sync::Arc;
+
 use http::header::AUTHORIZATION;
 use http::HeaderMap;
-use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{
+    decode, decode_header, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation,
+};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use super::jwks::KeySet;
 use super::problem::ApiError;
-use crate::config::Secret;
+use crate::config::{AuthConfig, Secret};
 use crate::domain::{valid_email, User};
+
+/// Seconds of clock difference allowed on `exp` (and lifetimes).
+const LEEWAY_SECS: u64 = 5;
 
 /// The claims Herald reads from a user JWT.
 #[derive(Debug, Serialize, Deserialize)]
@@ -26,6 +39,23 @@ struct Claims {
     sub: String,
     email: String,
     exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    iat: Option<u64>,
+}
+
+/// What a user token must say besides its signature.
+#[derive(Debug, Clone)]
+struct TokenRules {
+    issuer: Option<String>,
+    audience: Option<String>,
+    max_lifetime_secs: u64,
+}
+
+/// HS256 with the shared secret: verification, and issuing for dev login.
+#[derive(Clone)]
+struct SharedSecret {
+    decoding: DecodingKey,
+    encoding: EncodingKey,
 }
 
 /// Verifier (and, in dev mode, issuer) of credentials.
@@ -33,10 +63,11 @@ struct Claims {
 pub struct Auth {
     /// SHA-256 of the admin token; the token itself is not kept.
     admin_digest: [u8; 32],
-    /// HS256 verification key.
-    decoding: DecodingKey,
-    /// HS256 signing key, used by dev login only.
-    encoding: EncodingKey,
+    /// HS256, when `jwt_secret` is set.
+    shared: Option<SharedSecret>,
+    /// The identity provider's keys, when `auth.jwks_url`/`jwks_file` is set.
+    provider: Option<Arc<KeySet>>,
+    rules: Arc<TokenRules>,
 }
 
 fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
@@ -57,13 +88,56 @@ fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
     Ok(token.trim())
 }
 
+fn now_secs() -> u64 {
+    chrono::Utc::now().timestamp().max(0) as u64
+}
+
 impl Auth {
+    /// HS256 with `jwt_secret` alone, no issuer or audience, tokens of at
+    /// most a day (tests, benchmarks, `herald attack`).
     pub fn new(admin_token: &Secret, jwt_secret: &Secret) -> Auth {
         Auth {
             admin_digest: Sha256::digest(admin_token.expose().as_bytes()).into(),
-            decoding: DecodingKey::from_secret(jwt_secret.expose().as_bytes()),
-            encoding: EncodingKey::from_secret(jwt_secret.expose().as_bytes()),
+            shared: Some(SharedSecret {
+                decoding: DecodingKey::from_secret(jwt_secret.expose().as_bytes()),
+                encoding: EncodingKey::from_secret(jwt_secret.expose().as_bytes()),
+            }),
+            provider: None,
+            rules: Arc::new(TokenRules {
+                issuer: None,
+                audience: None,
+                max_lifetime_secs: 86_400,
+            }),
         }
+    }
+
+    /// As configured: HS256 when `jwt_secret` is set, the identity
+    /// provider's keys when `auth.jwks_url`/`jwks_file` is (read now: an
+    /// unreadable key set is an error), and the token rules of `auth`.
+    pub async fn from_config(
+        admin_token: &Secret,
+        jwt_secret: Option<&Secret>,
+        auth: &AuthConfig,
+    ) -> Result<Auth, String> {
+        let provider = KeySet::load(
+            auth.jwks_url.as_deref(),
+            auth.jwks_file.as_ref(),
+            super::jwks::MIN_REFRESH,
+        )
+        .await?;
+        Ok(Auth {
+            admin_digest: Sha256::digest(admin_token.expose().as_bytes()).into(),
+            shared: jwt_secret.map(|secret| SharedSecret {
+                decoding: DecodingKey::from_secret(secret.expose().as_bytes()),
+                encoding: EncodingKey::from_secret(secret.expose().as_bytes()),
+            }),
+            provider,
+            rules: Arc::new(TokenRules {
+                issuer: auth.issuer.clone(),
+                audience: auth.audience.clone(),
+                max_lifetime_secs: auth.max_token_lifetime_secs,
+            }),
+        })
     }
 
     /// Checks the admin bearer token.
@@ -77,15 +151,79 @@ impl Auth {
         }
     }
 
+    /// The key that verifies a token of this header: the shared secret for
+    /// HS256, the identity provider's key of that `kid` for RS256/ES256.
+    async fn key_for(&self, header: &Header) -> Result<Arc<DecodingKey>, ApiError> {
+        match header.alg {
+            Algorithm::HS256 => self
+                .shared
+                .as_ref()
+                .map(|s| Arc::new(s.decoding.clone()))
+                .ok_or(ApiError::Unauthorized("HS256 tokens are not accepted here")),
+            Algorithm::RS256 | Algorithm::ES256 => match &self.provider {
+                Some(keys) => keys
+                    .key(header.kid.as_deref(), header.alg)
+                    .await
+                    .ok_or(ApiError::Unauthorized("token signed with an unknown key")),
+                None => Err(ApiError::Unauthorized(
+                    "RS256/ES256 tokens are not accepted here",
+                )),
+            },
+            _ => Err(ApiError::Unauthorized("unsupported token algorithm")),
+        }
+    }
+
     /// Verifies a user JWT and returns who it names.
-    pub fn user(&self, headers: &HeaderMap) -> Result<User, ApiError> {
+    pub async fn user(&self, headers: &HeaderMap) -> Result<User, ApiError> {
         let token = bearer(headers)?;
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.leeway = 5;
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        let data = decode::<Claims>(token, &self.decoding, &validation)
-            .map_err(|_| ApiError::Unauthorized("invalid, forged or expired token"))?;
-        let claims = data.claims;
+        // `alg: none` and unknown algorithms fail here already.
+        let header = decode_header(token).map_err(|_| ApiError::Unauthorized("malformed token"))?;
+        let key = self.key_for(&header).await?;
+        let mut validation = Validation::new(header.alg);
+        validation.leeway = LEEWAY_SECS;
+        let mut required = vec!["exp", "sub"];
+        // The issuer and audience are the identity provider's; the shared
+        // secret's tokens (the board's own login, dev login) carry neither.
+        let from_provider = header.alg != Algorithm::HS256;
+        let issuer = self.rules.issuer.as_ref().filter(|_| from_provider);
+        let audience = self.rules.audience.as_ref().filter(|_| from_provider);
+        match issuer {
+            Some(issuer) => {
+                validation.set_issuer(&[issuer]);
+                required.push("iss");
+            }
+            None => validation.iss = None,
+        }
+        match audience {
+            Some(audience) => {
+                validation.set_audience(&[audience]);
+                required.push("aud");
+            }
+            // A provider's tokens carry an `aud`; unchecked unless asked.
+            None => validation.validate_aud = false,
+        }
+        validation.set_required_spec_claims(&required);
+        let claims = decode::<Claims>(token, &key, &validation)
+            .map_err(|e| {
+                use jsonwebtoken::errors::ErrorKind;
+                ApiError::Unauthorized(match e.kind() {
+                    ErrorKind::ExpiredSignature => "expired token",
+                    ErrorKind::InvalidIssuer => "token from another issuer",
+                    ErrorKind::InvalidAudience => "token for another audience",
+                    _ => "invalid, forged or expired token",
+                })
+            })?
+            .claims;
+        let max = self.rules.max_lifetime_secs + LEEWAY_SECS;
+        let too_long = claims.exp.saturating_sub(now_secs()) > max
+            || claims
+                .iat
+                .is_some_and(|iat| claims.exp.saturating_sub(iat) > max);
+        if too_long {
+            return Err(ApiError::Unauthorized(
+                "token lives longer than auth.max_token_lifetime_secs",
+            ));
+        }
         if claims.sub.is_empty() || claims.sub.len() > 255 || !valid_email(&claims.email) {
             return Err(ApiError::Unauthorized("token lacks a usable sub or email"));
         }
@@ -95,15 +233,17 @@ impl Auth {
         })
     }
 
-    /// Issues a user JWT (dev login, tests, benchmarks).
+    /// Issues a user JWT with the shared secret (dev login, tests, benchmarks).
     pub fn issue(&self, sub: &str, email: &str, ttl_secs: u64) -> Result<String, ApiError> {
-        let exp = chrono::Utc::now().timestamp().max(0) as u64 + ttl_secs;
+        let shared = self.shared.as_ref().ok_or(ApiError::Internal)?;
+        let iat = now_secs();
         let claims = Claims {
             sub: sub.to_string(),
             email: email.to_string(),
-            exp,
+            exp: iat + ttl_secs,
+            iat: Some(iat),
         };
-        encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+        encode(&Header::new(Algorithm::HS256), &claims, &shared.encoding)
             .map_err(|_| ApiError::Internal)
     }
 }
@@ -129,28 +269,38 @@ mod tests {
         h
     }
 
-    #[test]
-    fn an_issued_token_verifies() {
+    #[tokio::test]
+    async fn an_issued_token_verifies() {
         let a = auth();
         let t = a.issue("u1", "u1@example.com", 60).unwrap();
-        assert_eq!(a.user(&with_bearer(&t)).unwrap().id, "u1");
+        assert_eq!(a.user(&with_bearer(&t)).await.unwrap().id, "u1");
     }
 
-    #[test]
-    fn a_token_signed_with_another_secret_is_refused() {
+    #[tokio::test]
+    async fn a_token_signed_with_another_secret_is_refused() {
         let other = Auth::new(
             &Secret::new("admin-token-0123456789"),
             &Secret::new("another-secret-0123456789-0123456789"),
         );
         let t = other.issue("u1", "u1@example.com", 60).unwrap();
-        assert!(auth().user(&with_bearer(&t)).is_err());
+        assert!(auth().user(&with_bearer(&t)).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn an_unsigned_token_is_refused() {
+        // {"alg":"none","typ":"JWT"} . {"sub":"u","email":"u@x.io","exp":9999999999} .
+        let t = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJ1IiwiZW1haWwiOiJ1QHguaW8iLCJleHAiOjk5OTk5OTk5OTl9.";
+        assert!(auth().user(&with_bearer(t)).await.is_err());
     }
 
     #[test]
-    fn an_unsigned_token_is_refused() {
-        // {"alg":"none","typ":"JWT"} . {"sub":"u","email":"u@x.io","exp":9999999999} .
-        let t = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJ1IiwiZW1haWwiOiJ1QHguaW8iLCJleHAiOjk5OTk5OTk5OTl9.";
-        assert!(auth().user(&with_bearer(t)).is_err());
+    fn a_token_living_longer_than_the_maximum_is_refused() {
+        let a = auth();
+        let t = a.issue("u1", "u1@example.com", 2 * 86_400).unwrap();
+        let refused = tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(a.user(&with_bearer(&t)));
+        assert!(refused.is_err());
     }
 
     #[test]

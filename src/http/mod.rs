@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod auth;
 pub mod connections;
+pub mod jwks;
 pub mod limits;
 pub mod problem;
 pub mod public;

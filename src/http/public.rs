@@ -320,7 +320,7 @@ async fn post_job(state: &AppState, request: &Request) -> Result<Response, ApiEr
 }
 
 async fn submit_application(state: &AppState, request: &Request) -> Result<Response, ApiError> {
-    let user = state.auth.user(&request.headers)?;
+    let user = state.auth.user(&request.headers).await?;
     // Right after authentication (a 401 is the truer answer to a bad token
     // than "retry later") and before the key is claimed: a refused request
     // leaves no trace a retry would trip over.
@@ -370,7 +370,7 @@ async fn submit_application(state: &AppState, request: &Request) -> Result<Respo
 
 /// The signed-in user's applications, newest first, with their email status.
 async fn list_applications(state: &AppState, request: &Request) -> Result<Response, ApiError> {
-    let user = state.auth.user(&request.headers)?;
+    let user = state.auth.user(&request.headers).await?;
     let (limit, before) = list_params(&request.query)?;
     let applications = state
         .store
@@ -395,7 +395,7 @@ async fn get_application(
     request: &Request,
     id: &str,
 ) -> Result<Response, ApiError> {
-    let user = state.auth.user(&request.headers)?;
+    let user = state.auth.user(&request.headers).await?;
     let id = Uuid::parse_str(id).map_err(|_| ApiError::NotFound)?;
     let application = state
         .store
@@ -406,7 +406,7 @@ async fn get_application(
 }
 
 async fn create_charge(state: &AppState, request: &Request) -> Result<Response, ApiError> {
-    let user = state.auth.user(&request.headers)?;
+    let user = state.auth.user(&request.headers).await?;
     state
         .limits
         .check_user(Action::Charge, &user.id, request.client)?;
@@ -432,7 +432,7 @@ async fn create_charge(state: &AppState, request: &Request) -> Result<Response, 
 }
 
 async fn get_charge(state: &AppState, request: &Request, id: &str) -> Result<Response, ApiError> {
-    let user = state.auth.user(&request.headers)?;
+    let user = state.auth.user(&request.headers).await?;
     let id = Uuid::parse_str(id).map_err(|_| ApiError::NotFound)?;
     let charge = state
         .store
@@ -458,7 +458,12 @@ fn dev_login(state: &AppState, request: &Request) -> Result<Response, ApiError> 
     let token = state.auth.issue(
         &format!("dev:{email}"),
         &email,
-        state.config.auth.dev_token_ttl_secs,
+        // Never longer than a token may live.
+        state
+            .config
+            .auth
+            .dev_token_ttl_secs
+            .min(state.config.auth.max_token_lifetime_secs),
     )?;
     Ok(ok_json(&serde_json::json!({ "token": token })))
 }

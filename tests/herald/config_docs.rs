@@ -13,7 +13,7 @@ use figment::value::Dict;
 use figment::Figment;
 
 /// Keys that have no default (absent unless configured), documented too.
-const OPTIONAL_KEYS: [&str; 10] = [
+const OPTIONAL_KEYS: [&str; 14] = [
     "mode",
     "redis_url",
     "admin_token",
@@ -24,6 +24,10 @@ const OPTIONAL_KEYS: [&str; 10] = [
     "auth.dev_login",
     "limits.trusted_proxy_header",
     "email.webhook_secret",
+    "auth.jwks_url",
+    "auth.jwks_file",
+    "auth.issuer",
+    "auth.audience",
 ];
 
 /// Every leaf key of a configuration tree, `table.field` style.
@@ -132,6 +136,13 @@ fn every_optional_key_is_accepted_by_the_configuration() {
             "email.webhook_secret",
             "\"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"",
         ),
+        (
+            "auth.jwks_url",
+            "\"https://id.example.test/.well-known/jwks.json\"",
+        ),
+        ("auth.jwks_file", "\"/etc/herald/jwks.json\""),
+        ("auth.issuer", "\"https://id.example.test/\""),
+        ("auth.audience", "\"https://jobs.example.test/api\""),
     ];
     assert_eq!(values.len(), OPTIONAL_KEYS.len());
     for (key, value) in values {
@@ -341,6 +352,7 @@ fn stand_in(key: &str) -> String {
         "email.resend_base_url" => "http://127.0.0.1:1",
         "email.webhook_secret" => "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
         "auth.dev_login" => "true",
+        "auth.jwks_file" => "/etc/herald/jwks.json",
         "mode" => "embedded",
         other => panic!(
             "no stand-in value for `{other}`: show a literal value in the docs or add one here"

@@ -25,6 +25,7 @@ mod embedded;
 mod failure_matrix;
 mod fleet;
 mod harness;
+mod identity;
 #[cfg(feature = "failpoints")]
 mod intake;
 mod listener;
