@@ -44,7 +44,8 @@ pub const TOP_LEVEL_KEYS: [&str; 10] = [
 
 /// The sections (`[email]`, …); a unit test keeps the list equal to
 /// [`Config`]'s table fields.
-pub const SECTIONS: [&str; 14] = [
+pub const SECTIONS: [&str; 15] = [
+    "admin",
     "auth",
     "database",
     "redis",
@@ -183,6 +184,7 @@ pub struct Config {
     /// one-file try-out; unset, `database_url` decides.
     #[serde(default)]
     pub mode: Option<Mode>,
+    pub admin: AdminConfig,
     pub auth: AuthConfig,
     pub database: DatabaseConfig,
     pub redis: RedisConfig,
@@ -289,6 +291,23 @@ pub struct RedisConfig {
     pub command_timeout_ms: u64,
     /// How often Redis is probed to notice loss and recovery.
     pub probe_interval_ms: u64,
+}
+
+/// Operators: named admin credentials, and how many wrong ones an address
+/// may present.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Operator name → `sha256:<hex>` of their token. `admin_token`, when
+    /// set, is the operator `admin`.
+    #[serde(default)]
+    pub tokens: std::collections::BTreeMap<String, String>,
+    /// The same as lines `<name> sha256:<hex>` in a file (`#` comments).
+    #[serde(default)]
+    pub tokens_file: Option<PathBuf>,
+    /// Wrong admin credentials one address may present per minute (on
+    /// either listener) before its admin requests are answered 429.
+    pub failed_auth_per_min: u32,
 }
 
 /// The janitor: what it deletes, how much at a time, how often.
@@ -656,6 +675,18 @@ impl Config {
             "jwt_secret",
             "must be at least 32 bytes for HS256",
         )?;
+        check(
+            self.admin.failed_auth_per_min >= 1,
+            "admin.failed_auth_per_min",
+            "must be at least 1",
+        )?;
+        for (name, hash) in &self.admin.tokens {
+            check(
+                crate::http::auth::valid_operator(name, hash),
+                "admin.tokens",
+                "each name is 1-64 of a-z, 0-9, `.`, `_`, `-`, and each value `sha256:` and 64 hex digits",
+            )?;
+        }
         check(
             !(self.auth.jwks_url.is_some() && self.auth.jwks_file.is_some()),
             "auth.jwks_url",

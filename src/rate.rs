@@ -208,6 +208,19 @@ impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
         }
     }
 
+    /// Whether `key`'s bucket has a token, without taking it; else how
+    /// long until it has one.
+    pub fn peek(&self, key: &K) -> Result<(), Duration> {
+        let now = Instant::now();
+        match self.shard(key).get_mut(key) {
+            Some(bucket) => match bucket.available_in(1.0, now) {
+                wait if wait.is_zero() => Ok(()),
+                wait => Err(wait),
+            },
+            None => Ok(()),
+        }
+    }
+
     /// Forgets every client whose bucket is full again: it would start full.
     pub fn forget_full(&self) {
         let now = Instant::now();

@@ -245,7 +245,11 @@ pub async fn run(
     ready: impl FnOnce(),
 ) -> anyhow::Result<()> {
     let config = Arc::new(config);
-    let admin_token = required(&config.admin_token, "admin_token", "HERALD_ADMIN_TOKEN")?;
+    let operators =
+        crate::http::auth::operators(&config).map_err(|message| ConfigError::Invalid {
+            key: "admin_token",
+            message,
+        })?;
     // User tokens need a way to be verified: the shared secret, the
     // identity provider's keys, or both. Dev login signs with the secret.
     let jwt_secret = if config.auth.has_identity_provider() && !config.dev_login() {
@@ -257,7 +261,7 @@ pub async fn run(
             "HERALD_JWT_SECRET",
         )?)
     };
-    let auth = Auth::from_config(admin_token, jwt_secret, &config.auth)
+    let auth = Auth::from_config(operators, jwt_secret, &config.auth)
         .await
         .map_err(|message| ConfigError::Invalid {
             key: if config.auth.jwks_url.is_some() {
@@ -405,7 +409,7 @@ pub async fn run(
         budget,
         sse: sse.clone(),
         broker: broker.name(),
-        limits: Arc::new(AbuseLimits::new(&config.limits)),
+        limits: Arc::new(AbuseLimits::new(&config.limits, &config.admin)),
         webhooks: webhook_verifier(&config)?,
     };
     // The daemon's own tasks beside the servers and the actor tree; this

@@ -1,8 +1,8 @@
 //! The admin listener: `/metrics` (no auth, for the scraper) and `/admin/*`
 //! (admin token on every route): status, the dead-letter queue (list,
 //! replay one, replay many, discard) and the suppressed addresses (list,
-//! lift one), every action audited with who (`X-Herald-Actor`, else
-//! `admin`) and when.
+//! lift one), the audit trail; every action audited with the operator
+//! whose credential made it (`X-Herald-Actor` only as their note) and when.
 
 use std::time::Duration;
 
@@ -54,6 +54,7 @@ async fn route(state: &AppState, request: &Request) -> (&'static str, Response) 
         (["admin", "dlq", id], &Method::DELETE) if *id != "replay" => {
             ("/admin/dlq/{id}", discard(state, request, id).await)
         }
+        (["admin", "audit"], &Method::GET) => ("/admin/audit", audit_trail(state, request).await),
         (["admin", "suppressions"], &Method::GET) => (
             "/admin/suppressions",
             list_suppressions(state, request).await,
@@ -70,9 +71,11 @@ async fn route(state: &AppState, request: &Request) -> (&'static str, Response) 
 /// The methods a known admin path accepts (for 405 and `Allow`).
 fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
     match segments {
-        ["metrics"] | ["admin", "status"] | ["admin", "dlq"] | ["admin", "suppressions"] => {
-            Some("GET")
-        }
+        ["metrics"]
+        | ["admin", "status"]
+        | ["admin", "dlq"]
+        | ["admin", "suppressions"]
+        | ["admin", "audit"] => Some("GET"),
         ["admin", "suppressions", _] => Some("DELETE"),
         ["admin", "dlq", "replay"] | ["admin", "dlq", _, "replay"] => Some("POST"),
         ["admin", "dlq", _] => Some("DELETE"),
@@ -103,7 +106,7 @@ async fn metrics(state: &AppState) -> Response {
 }
 
 async fn status(state: &AppState, request: &Request) -> Result<Response, ApiError> {
-    state.auth.admin(&request.headers)?;
+    super::operator(state, request)?;
     let outbox = refresh_outbox_gauges(state).await;
     let body = serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
@@ -119,21 +122,6 @@ async fn status(state: &AppState, request: &Request) -> Result<Response, ApiErro
         StatusCode::OK,
         serde_json::to_string(&body).unwrap_or_default(),
     ))
-}
-
-/// Who is acting, for the audit: `X-Herald-Actor` when it is a short
-/// printable name, else `admin`.
-fn actor(request: &Request) -> String {
-    request
-        .headers
-        .get("x-herald-actor")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| {
-            !v.is_empty() && v.len() <= 64 && v.chars().all(|c| c.is_ascii_graphic() || c == ' ')
-        })
-        .unwrap_or("admin")
-        .to_string()
 }
 
 /// `?topic=`: one of Herald's topics.
@@ -161,7 +149,7 @@ fn letter_id(id: &str) -> Result<Uuid, ApiError> {
 }
 
 async fn list_dlq(state: &AppState, request: &Request) -> Result<Response, ApiError> {
-    state.auth.admin(&request.headers)?;
+    super::operator(state, request)?;
     let topic = topic_param(&request.query)?;
     let (limit, before) = list_params(&request.query)?;
     let items = state.store.list_dead_letters(topic, limit, before).await?;
@@ -175,9 +163,9 @@ async fn list_dlq(state: &AppState, request: &Request) -> Result<Response, ApiEr
 }
 
 async fn replay_one(state: &AppState, request: &Request, id: &str) -> Result<Response, ApiError> {
-    state.auth.admin(&request.headers)?;
+    let operator = super::operator(state, request)?;
     let id = letter_id(id)?;
-    let who = actor(request);
+    let who = operator.actor();
     let action = state.store.replay_dead_letter(id, &who).await?;
     match action {
         DlqAction::NotFound => Err(ApiError::NotFound),
@@ -193,9 +181,9 @@ async fn replay_one(state: &AppState, request: &Request, id: &str) -> Result<Res
 }
 
 async fn replay_many(state: &AppState, request: &Request) -> Result<Response, ApiError> {
-    state.auth.admin(&request.headers)?;
+    let operator = super::operator(state, request)?;
     let topic = topic_param(&request.query)?;
-    let who = actor(request);
+    let who = operator.actor();
     let replayed = state.store.replay_dead_letters(topic, &who).await?;
     tracing::info!(replayed, topic = topic.unwrap_or("*"), actor = %who, "dead letters replayed");
     state.outbox_wake.notify_one();
@@ -203,9 +191,9 @@ async fn replay_many(state: &AppState, request: &Request) -> Result<Response, Ap
 }
 
 async fn discard(state: &AppState, request: &Request, id: &str) -> Result<Response, ApiError> {
-    state.auth.admin(&request.headers)?;
+    let operator = super::operator(state, request)?;
     let id = letter_id(id)?;
-    let who = actor(request);
+    let who = operator.actor();
     match state.store.discard_dead_letter(id, &who).await? {
         DlqAction::NotFound => Err(ApiError::NotFound),
         DlqAction::AlreadyReplayed => Err(ApiError::DeadLetterClosed("replayed", "discarded")),
@@ -234,8 +222,27 @@ fn address_param(encoded: &str) -> Result<String, ApiError> {
 }
 
 /// `GET /admin/suppressions?email=&limit=&before=`: newest first.
+/// `GET /admin/audit?limit=`: the newest lines of the operators' audit trail.
+async fn audit_trail(state: &AppState, request: &Request) -> Result<Response, ApiError> {
+    super::operator(state, request)?;
+    let mut limit = 50u32;
+    for pair in request.query.split('&').filter(|p| !p.is_empty()) {
+        if let Some(("limit", value)) = pair.split_once('=') {
+            limit = value
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (1..=500).contains(n))
+                .ok_or_else(|| {
+                    ApiError::InvalidQuery("`limit` must be an integer from 1 to 500".into())
+                })?;
+        }
+    }
+    let items = state.store.recent_audit(limit).await?;
+    Ok(ok_json(&serde_json::json!({ "items": items })))
+}
+
 async fn list_suppressions(state: &AppState, request: &Request) -> Result<Response, ApiError> {
-    state.auth.admin(&request.headers)?;
+    super::operator(state, request)?;
     let (mut email, mut before, mut limit) = (None, None, 50u32);
     for pair in request.query.split('&').filter(|p| !p.is_empty()) {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -274,9 +281,9 @@ async fn lift_suppression(
     request: &Request,
     email: &str,
 ) -> Result<Response, ApiError> {
-    state.auth.admin(&request.headers)?;
+    let operator = super::operator(state, request)?;
     let address = address_param(email)?;
-    let who = actor(request);
+    let who = operator.actor();
     match state.store.lift_suppression(&address, &who).await? {
         None => Err(ApiError::NotFound),
         Some(lifted) => {

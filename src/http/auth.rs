@@ -8,8 +8,12 @@
 //!   are checked on the provider's tokens when set; a token living longer than
 //!   `auth.max_token_lifetime_secs` is refused whoever signed it. Any other
 //!   algorithm (`none`, HS384, PS256…) is refused.
-//! - **admin**: `Authorization: Bearer <HERALD_ADMIN_TOKEN>`, compared in
-//!   constant time (over SHA-256 digests, so the length leaks nothing either).
+//! - **operator** (admin): `Authorization: Bearer <token>` of one of the
+//!   named credentials of `admin.tokens`/`admin.tokens_file` (SHA-256
+//!   digests; the tokens themselves are never stored), or `admin_token` as
+//!   the operator `admin`. Every digest is compared, in constant time, so
+//!   neither which operator nor the length leaks. The name is who the audit
+//!   trail records.
 //!
 //! Every failure is the same 401 `unauthorized`; the detail says what was
 //! wrong with the credential, never anything about the secret.
@@ -61,8 +65,8 @@ struct SharedSecret {
 /// Verifier (and, in dev mode, issuer) of credentials.
 #[derive(Clone)]
 pub struct Auth {
-    /// SHA-256 of the admin token; the token itself is not kept.
-    admin_digest: [u8; 32],
+    /// Operators: each name with the SHA-256 of its token.
+    operators: Arc<Vec<(String, [u8; 32])>>,
     /// HS256, when `jwt_secret` is set.
     shared: Option<SharedSecret>,
     /// The identity provider's keys, when `auth.jwks_url`/`jwks_file` is set.
@@ -97,7 +101,10 @@ impl Auth {
     /// most a day (tests, benchmarks, `herald attack`).
     pub fn new(admin_token: &Secret, jwt_secret: &Secret) -> Auth {
         Auth {
-            admin_digest: Sha256::digest(admin_token.expose().as_bytes()).into(),
+            operators: Arc::new(vec![(
+                "admin".to_string(),
+                Sha256::digest(admin_token.expose().as_bytes()).into(),
+            )]),
             shared: Some(SharedSecret {
                 decoding: DecodingKey::from_secret(jwt_secret.expose().as_bytes()),
                 encoding: EncodingKey::from_secret(jwt_secret.expose().as_bytes()),
@@ -111,11 +118,11 @@ impl Auth {
         }
     }
 
-    /// As configured: HS256 when `jwt_secret` is set, the identity
-    /// provider's keys when `auth.jwks_url`/`jwks_file` is (read now: an
-    /// unreadable key set is an error), and the token rules of `auth`.
+    /// As configured: the operators, HS256 when `jwt_secret` is set, the
+    /// identity provider's keys when `auth.jwks_url`/`jwks_file` is (read
+    /// now: an unreadable key set is an error), and the token rules of `auth`.
     pub async fn from_config(
-        admin_token: &Secret,
+        operators: Vec<(String, [u8; 32])>,
         jwt_secret: Option<&Secret>,
         auth: &AuthConfig,
     ) -> Result<Auth, String> {
@@ -126,7 +133,7 @@ impl Auth {
         )
         .await?;
         Ok(Auth {
-            admin_digest: Sha256::digest(admin_token.expose().as_bytes()).into(),
+            operators: Arc::new(operators),
             shared: jwt_secret.map(|secret| SharedSecret {
                 decoding: DecodingKey::from_secret(secret.expose().as_bytes()),
                 encoding: EncodingKey::from_secret(secret.expose().as_bytes()),
@@ -140,15 +147,21 @@ impl Auth {
         })
     }
 
-    /// Checks the admin bearer token.
-    pub fn admin(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+    /// The operator an admin bearer token belongs to (their name).
+    pub fn admin(&self, headers: &HeaderMap) -> Result<String, ApiError> {
         let token = bearer(headers)?;
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        if bool::from(digest.ct_eq(&self.admin_digest)) {
-            Ok(())
-        } else {
-            Err(ApiError::Unauthorized("invalid admin token"))
+        // Every digest is compared, matching or not: the time taken says
+        // nothing of which operator (if any) matched.
+        let mut found: Option<&str> = None;
+        for (name, held) in self.operators.iter() {
+            if bool::from(digest.ct_eq(held)) {
+                found = Some(name);
+            }
         }
+        found
+            .map(str::to_string)
+            .ok_or(ApiError::Unauthorized("invalid admin token"))
     }
 
     /// The key that verifies a token of this header: the shared secret for
@@ -248,6 +261,72 @@ impl Auth {
     }
 }
 
+/// Whether `name` and `hash` make a named credential: a name of 1-64
+/// characters of `a-z0-9._-`, and `sha256:` with 64 hex digits.
+pub fn valid_operator(name: &str, hash: &str) -> bool {
+    let name_ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+    name_ok && digest_of(hash).is_some()
+}
+
+fn digest_of(hash: &str) -> Option<[u8; 32]> {
+    let hex = hash.strip_prefix("sha256:")?;
+    let bytes = hex::decode(hex.to_ascii_lowercase()).ok()?;
+    bytes.try_into().ok()
+}
+
+/// Every operator of the configuration, by name: `admin.tokens`, the lines
+/// of `admin.tokens_file`, and `admin_token` as `admin`. At least one.
+pub fn operators(config: &crate::config::Config) -> Result<Vec<(String, [u8; 32])>, String> {
+    let mut named: std::collections::BTreeMap<String, [u8; 32]> = Default::default();
+    let mut add = |name: &str, hash: &str, from: &str| -> Result<(), String> {
+        let digest = digest_of(hash)
+            .filter(|_| valid_operator(name, hash))
+            .ok_or_else(|| {
+                format!("{from}: `{name}` needs a name of a-z0-9._- and `sha256:<64 hex digits>`")
+            })?;
+        if named.insert(name.to_string(), digest).is_some() {
+            return Err(format!("{from}: the operator `{name}` is named twice"));
+        }
+        Ok(())
+    };
+    for (name, hash) in &config.admin.tokens {
+        add(name, hash, "admin.tokens")?;
+    }
+    if let Some(path) = &config.admin.tokens_file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("admin.tokens_file {}: {e}", path.display()))?;
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let from = format!("admin.tokens_file {} line {}", path.display(), n + 1);
+            let mut fields = line.split_whitespace();
+            match (fields.next(), fields.next(), fields.next()) {
+                (Some(name), Some(hash), None) => add(name, hash, &from)?,
+                _ => return Err(format!("{from}: expected `<name> sha256:<hex>`")),
+            }
+        }
+    }
+    if let Some(token) = &config.admin_token {
+        let hash = format!(
+            "sha256:{}",
+            hex::encode(Sha256::digest(token.expose().as_bytes()))
+        );
+        add("admin", &hash, "admin_token")?;
+    }
+    if named.is_empty() {
+        return Err(
+            "is required (set HERALD_ADMIN_TOKEN, or name operators in admin.tokens)".into(),
+        );
+    }
+    Ok(named.into_iter().collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -306,7 +385,10 @@ mod tests {
     #[test]
     fn the_admin_token_must_match_exactly() {
         let a = auth();
-        assert!(a.admin(&with_bearer("admin-token-0123456789")).is_ok());
+        assert_eq!(
+            a.admin(&with_bearer("admin-token-0123456789")).unwrap(),
+            "admin"
+        );
         assert!(a.admin(&with_bearer("admin-token-012345678")).is_err());
         assert!(a.admin(&HeaderMap::new()).is_err());
     }

@@ -37,7 +37,7 @@ use std::time::Duration;
 use http::HeaderMap;
 
 use super::problem::ApiError;
-use crate::config::LimitsConfig;
+use crate::config::{AdminConfig, LimitsConfig};
 use crate::rate::KeyedBuckets;
 
 /// The per-client actions with a bucket of their own.
@@ -154,6 +154,8 @@ pub struct AbuseLimits {
     streams_per_ip: usize,
     /// Open streams per client.
     open_streams: Arc<OpenPerClient>,
+    /// Wrong admin credentials per address (both listeners): never off.
+    admin_failures: Bucket,
 }
 
 /// How many of something (streams, connections) each client holds open; an
@@ -221,7 +223,7 @@ pub enum StreamRefused {
 }
 
 impl AbuseLimits {
-    pub fn new(config: &LimitsConfig) -> AbuseLimits {
+    pub fn new(config: &LimitsConfig, admin: &AdminConfig) -> AbuseLimits {
         AbuseLimits {
             per_ip: config.per_ip,
             proxies: TrustedProxies::new(config),
@@ -235,7 +237,25 @@ impl AbuseLimits {
             stream_connect: bucket(config.stream_connects_per_sec, config.stream_connect_burst),
             streams_per_ip: config.streams_per_ip,
             open_streams: Arc::default(),
+            admin_failures: bucket(
+                f64::from(admin.failed_auth_per_min) / 60.0,
+                admin.failed_auth_per_min,
+            ),
         }
+    }
+
+    /// 429 while `client` has presented more wrong admin credentials than
+    /// `admin.failed_auth_per_min` allows (a right one is not even checked:
+    /// a guesser learns nothing until the minute is over).
+    pub fn admin_locked(&self, client: IpAddr) -> Result<(), ApiError> {
+        self.admin_failures
+            .peek(&client)
+            .map_err(|wait| refused("admin_auth", wait))
+    }
+
+    /// Counts a wrong admin credential `client` presented.
+    pub fn admin_failed(&self, client: IpAddr) {
+        let _ = self.admin_failures.try_take(&client);
     }
 
     /// The client a request is counted against (per host: an IPv6 client
@@ -322,7 +342,12 @@ impl AbuseLimits {
         for bucket in [&self.apply, &self.charge] {
             bucket.forget_full();
         }
-        for bucket in [&self.authenticated, &self.dev_login, &self.stream_connect] {
+        for bucket in [
+            &self.authenticated,
+            &self.dev_login,
+            &self.stream_connect,
+            &self.admin_failures,
+        ] {
             bucket.forget_full();
         }
     }
@@ -402,24 +427,48 @@ mod tests {
     use super::*;
 
     fn limits(per_sec: f64, burst: u32, streams: usize, header: Option<&str>) -> Arc<AbuseLimits> {
-        Arc::new(AbuseLimits::new(&LimitsConfig {
-            per_ip: true,
-            trusted_proxy_header: header.map(str::to_string),
-            trusted_proxies: "127.0.0.1, 10.0.0.0/8".into(),
-            apply_per_sec: per_sec,
-            apply_burst: burst,
-            charges_per_sec: per_sec,
-            charges_burst: burst,
-            authenticated_per_ip_per_sec: 1.0,
-            authenticated_per_ip_burst: 100,
-            dev_login_per_sec: per_sec,
-            dev_login_burst: burst,
-            stream_connects_per_sec: 1000.0,
-            stream_connect_burst: 1000,
-            streams_per_ip: streams,
-            request_timeout_ms: 1000,
-            json_max_depth: 4,
-        }))
+        Arc::new(AbuseLimits::new(
+            &LimitsConfig {
+                per_ip: true,
+                trusted_proxy_header: header.map(str::to_string),
+                trusted_proxies: "127.0.0.1, 10.0.0.0/8".into(),
+                apply_per_sec: per_sec,
+                apply_burst: burst,
+                charges_per_sec: per_sec,
+                charges_burst: burst,
+                authenticated_per_ip_per_sec: 1.0,
+                authenticated_per_ip_burst: 100,
+                dev_login_per_sec: per_sec,
+                dev_login_burst: burst,
+                stream_connects_per_sec: 1000.0,
+                stream_connect_burst: 1000,
+                streams_per_ip: streams,
+                request_timeout_ms: 1000,
+                json_max_depth: 4,
+            },
+            &AdminConfig {
+                tokens: Default::default(),
+                tokens_file: None,
+                failed_auth_per_min: 3,
+            },
+        ))
+    }
+
+    #[test]
+    fn wrong_admin_credentials_lock_the_address_out_not_others() {
+        let l = limits(1.0, 3, 1, None);
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        for _ in 0..3 {
+            assert!(l.admin_locked(a).is_ok());
+            l.admin_failed(a);
+        }
+        assert!(matches!(
+            l.admin_locked(a),
+            Err(ApiError::RateLimited {
+                retry_after_secs: 20
+            })
+        ));
+        assert!(l.admin_locked(b).is_ok());
     }
 
     #[test]

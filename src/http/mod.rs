@@ -77,6 +77,56 @@ pub struct AppState {
     pub webhooks: Option<Arc<webhooks::WebhookVerifier>>,
 }
 
+/// The operator behind an admin request (on either listener): who the
+/// audit trail names, and what they said of it.
+pub struct Operator {
+    /// The credential's name (`admin` for `admin_token`).
+    pub name: String,
+    /// `X-Herald-Actor`, when given: a self-declared note, never the actor.
+    pub note: Option<String>,
+}
+
+impl Operator {
+    /// The audit trail's actor: the credential's name, then the note
+    /// (`ada (note: on behalf of grace)`). A name has no space, so the
+    /// first word is always the credential's.
+    pub fn actor(&self) -> String {
+        match &self.note {
+            Some(note) => format!("{} (note: {note})", self.name),
+            None => self.name.clone(),
+        }
+    }
+}
+
+/// Authenticates an admin request: 429 while its address has presented
+/// more wrong credentials than `admin.failed_auth_per_min` allows, 401 for
+/// a wrong one (counted; a missing one is not a guess and is not).
+pub fn operator(state: &AppState, request: &Request) -> Result<Operator, ApiError> {
+    state.limits.admin_locked(request.client)?;
+    match state.auth.admin(&request.headers) {
+        Ok(name) => Ok(Operator {
+            name,
+            note: request
+                .headers
+                .get("x-herald-actor")
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+                .filter(|v| {
+                    !v.is_empty()
+                        && v.len() <= 64
+                        && v.chars().all(|c| c.is_ascii_graphic() || c == ' ')
+                })
+                .map(str::to_string),
+        }),
+        Err(refused) => {
+            if request.headers.contains_key(http::header::AUTHORIZATION) {
+                state.limits.admin_failed(request.client);
+            }
+            Err(refused)
+        }
+    }
+}
+
 /// One incoming request, as the dispatchers see it.
 pub struct Request {
     pub method: Method,

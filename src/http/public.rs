@@ -35,7 +35,7 @@ use crate::domain::{
 };
 use crate::idempotency::protocol::Outcome;
 use crate::idempotency::KeyScope;
-use crate::store::ApplyOutcome;
+use crate::store::{ApplyOutcome, AuditEntry};
 use crate::telemetry::metrics as m;
 use crate::use_cases;
 
@@ -259,7 +259,7 @@ async fn change_job(
     id: &str,
     route: &'static str,
 ) -> Result<Response, ApiError> {
-    state.auth.admin(&request.headers)?;
+    let operator = super::operator(state, request)?;
     let key = super::idempotency_key(&request.headers)?;
     let id = Uuid::parse_str(id).map_err(|_| ApiError::JobNotFound)?;
     let (change, json) = if route == CLOSE_JOB {
@@ -275,11 +275,23 @@ async fn change_job(
     };
     // The key's scope is the route; the job is part of what it fingerprints.
     let fingerprinted = serde_json::json!({ "job": id, "change": json });
+    let entry = AuditEntry {
+        action: if route == CLOSE_JOB {
+            "job.close"
+        } else {
+            "job.update"
+        }
+        .into(),
+        subject: id.to_string(),
+        detail: json.to_string(),
+        actor: operator.actor(),
+    };
     let answer = state
         .idempotency
         .run(scope, key, &fingerprinted, |tx| {
             Box::pin(async move {
                 let job = use_cases::change_job(tx, id, &change).await?;
+                tx.audit(&entry).await?;
                 Ok(Outcome::Written(stored(200, &job)))
             })
         })
@@ -297,7 +309,7 @@ fn body_json(request: &Request) -> Result<serde_json::Value, ApiError> {
 }
 
 async fn post_job(state: &AppState, request: &Request) -> Result<Response, ApiError> {
-    state.auth.admin(&request.headers)?;
+    let operator = super::operator(state, request)?;
     let key = super::idempotency_key(&request.headers)?;
     let json = body_json(request)?;
     let new_job = NewJob::parse(request.body_bytes()?)?;
@@ -307,11 +319,18 @@ async fn post_job(state: &AppState, request: &Request) -> Result<Response, ApiEr
         method: "POST",
         route: "/api/jobs",
     };
+    let entry = AuditEntry {
+        action: "job.post".into(),
+        subject: job.id.to_string(),
+        detail: json.to_string(),
+        actor: operator.actor(),
+    };
     let answer = state
         .idempotency
         .run(scope, key, &json, |tx| {
             Box::pin(async move {
                 use_cases::post_job(tx, &job).await?;
+                tx.audit(&entry).await?;
                 Ok(Outcome::Written(stored(201, &job)))
             })
         })

@@ -81,4 +81,50 @@ pub trait DeadLetterStore: Send + Sync {
 
     /// Depth and oldest age of the open dead letters, per topic.
     async fn dlq_stats(&self) -> Result<Vec<DlqTopicStats>, StoreError>;
+
+    /// The newest `limit` lines of the operators' audit trail: job writes
+    /// and suppression lifts (`admin_audit`), dead-letter replays and
+    /// discards (`dlq_audit`, as `dlq.replay`/`dlq.discard` of the letter).
+    async fn recent_audit(&self, limit: u32) -> Result<Vec<AuditRecord>, StoreError>;
+}
+
+/// One line of the audit trail, as read back.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AuditRecord {
+    pub at: chrono::DateTime<chrono::Utc>,
+    #[serde(flatten)]
+    pub entry: crate::store::AuditEntry,
+}
+
+/// The audit trail's newest lines, both tables; `$1`/`?` the limit. The
+/// backends differ only in how a letter's id becomes text.
+macro_rules! recent_audit_sql {
+    ($letter_id:literal, $limit:literal) => {
+        concat!(
+            "SELECT at, action, subject, detail, actor FROM (
+                 SELECT at, action, subject, detail, actor FROM admin_audit
+                 UNION ALL
+                 SELECT at, 'dlq.' || action, ",
+            $letter_id,
+            ", '{}', actor FROM dlq_audit
+             ) trail ORDER BY at DESC LIMIT ",
+            $limit
+        )
+    };
+}
+pub(crate) use recent_audit_sql;
+
+/// An audit line from a row of [`recent_audit_sql`].
+pub(crate) fn audit_record(
+    row: &impl crate::store::board::Columns,
+) -> Result<AuditRecord, sqlx::Error> {
+    Ok(AuditRecord {
+        at: row.instant("at")?,
+        entry: crate::store::AuditEntry {
+            action: row.text("action")?,
+            subject: row.text("subject")?,
+            detail: row.text("detail")?,
+            actor: row.text("actor")?,
+        },
+    })
 }

@@ -149,6 +149,19 @@ pub fn stored_status(column: i64) -> u16 {
 /// An outbox event a unit of work emits: topic, aggregate id, payload.
 pub type OutboxEvent = (&'static str, Uuid, serde_json::Value);
 
+/// One line of the operators' audit trail (`admin_audit`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AuditEntry {
+    /// What was done (`job.post`, `job.update`, `job.close`, `suppression.lift`).
+    pub action: String,
+    /// What it was done to (a job's id, an address).
+    pub subject: String,
+    /// JSON: the change.
+    pub detail: String,
+    /// Who: the operator's credential name (and their note).
+    pub actor: String,
+}
+
 /// One open transaction of a backend, with the per-table operations the use
 /// cases are written with. Opened by [`Transact::begin`]; ended by
 /// [`UnitOfWork::commit`], or rolled back when dropped.
@@ -176,6 +189,10 @@ pub trait UnitOfWork: Send {
 
     /// Inserts a charge.
     async fn insert_charge(&mut self, charge: &Charge) -> Result<(), StoreError>;
+
+    /// Records what an operator did in `admin_audit`, in this unit: the
+    /// entry exists exactly when the change does.
+    async fn audit(&mut self, entry: &AuditEntry) -> Result<(), StoreError>;
 
     /// Emits an outbox event, written when the unit commits.
     fn emit(&mut self, event: OutboxEvent);

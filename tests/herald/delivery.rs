@@ -440,7 +440,7 @@ async fn poison_alerts_sentry_once_and_an_admin_replay_delivers_exactly_one_emai
     assert_eq!(w.sentry.events().len(), 1);
     let audit = count(
         &w.db,
-        "SELECT count(*) FROM dlq_audit WHERE action = 'replay' AND actor = 'on-call'",
+        "SELECT count(*) FROM dlq_audit WHERE action = 'replay' AND actor = 'admin (note: on-call)'",
     )
     .await;
     assert_eq!(audit, 2);
@@ -483,7 +483,7 @@ async fn a_discarded_dead_letter_is_audited_and_can_no_longer_be_replayed(backen
     assert_eq!(
         count(
             &w.db,
-            "SELECT count(*) FROM dlq_audit WHERE action = 'discard' AND actor = 'on-call'"
+            "SELECT count(*) FROM dlq_audit WHERE action = 'discard' AND actor = 'admin (note: on-call)'"
         )
         .await,
         1

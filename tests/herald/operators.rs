@@ -385,3 +385,154 @@ async fn a_real_prometheus_scraping_a_busy_herald_answers_every_panel_and_every_
     assert!(rounds > 5, "the load ran {rounds} rounds");
     drop(herald);
 }
+
+/// DEPLOY.md's operator block, run by bash as written, with the file it
+/// appends to moved into `dir`; the token it made for ada.
+fn add_operator_as_deploy_says(dir: &std::path::Path) -> String {
+    let deploy = repo_file("docs/DEPLOY.md");
+    let block = deploy
+        .split("## Operators")
+        .nth(1)
+        .and_then(|rest| rest.split("```sh\n").nth(1))
+        .and_then(|rest| rest.split("```").next())
+        .expect("DEPLOY.md's operators block");
+    let file = dir.join("admin-tokens");
+    let script = block.replace("/etc/herald/admin-tokens", file.to_str().unwrap());
+    let out = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &script])
+        .output()
+        .expect("bash");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .strip_prefix("give ada her token: ")
+        .expect("the block prints the token")
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_trail_names_the_operator_s_credential_and_wrong_tokens_lock_an_address_out() {
+    use sha2::Digest;
+    let dir = tempfile::tempdir().unwrap();
+    let ada = add_operator_as_deploy_says(dir.path());
+    let grace = "grace-token-0123456789abcdef";
+    let grace_hash = format!("sha256:{}", hex::encode(sha2::Sha256::digest(grace)));
+    let tokens_file = dir.path().join("admin-tokens");
+    let backing = Backing::start(Backend::Sqlite).await;
+    let config = dir.path().join("herald.toml");
+    std::fs::write(
+        &config,
+        format!("[admin]\ntokens = {{ grace = \"{grace_hash}\" }}\n"),
+    )
+    .unwrap();
+    let herald = backing
+        .daemon(&[
+            ("HERALD_ADMIN__TOKENS_FILE", tokens_file.to_str().unwrap()),
+            ("HERALD_CONFIG", config.to_str().unwrap()),
+            ("HERALD_ADMIN__FAILED_AUTH_PER_MIN", "5"),
+        ])
+        .await;
+    let http = reqwest::Client::new();
+    // ada posts, saying she is mallory: the note says so, the actor is ada.
+    let job: Value = http
+        .post(herald.url("/api/jobs"))
+        .bearer_auth(&ada)
+        .header("X-Herald-Actor", "mallory")
+        .json(&json!({"title": "Audited", "company": "Acme", "location": "Remote", "description": "d"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().expect("posted").to_string();
+    // grace edits on the public listener, admin (admin_token) closes.
+    let edited = http
+        .patch(herald.url(&format!("/api/jobs/{id}")))
+        .bearer_auth(grace)
+        .json(&json!({"title": "Audited, edited"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(edited.status(), 200);
+    let closed = http
+        .post(herald.url(&format!("/api/jobs/{id}/close")))
+        .bearer_auth(support::ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(closed.status(), 200);
+    let trail: Value = http
+        .get(herald.admin_url("/admin/audit?limit=10"))
+        .bearer_auth(grace)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let lines: Vec<(String, String, String)> = trail["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|i| {
+            (
+                i["action"].as_str().unwrap().to_string(),
+                i["subject"].as_str().unwrap().to_string(),
+                i["actor"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        lines,
+        vec![
+            ("job.close".into(), id.clone(), "admin".into()),
+            ("job.update".into(), id.clone(), "grace".into()),
+            ("job.post".into(), id.clone(), "ada (note: mallory)".into()),
+        ],
+        "{trail}"
+    );
+
+    // Five wrong tokens from this address, then even a right one is 429.
+    for n in 0..5 {
+        let r = http
+            .get(herald.admin_url("/admin/status"))
+            .bearer_auth(format!("guess-{n}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "guess {n}");
+    }
+    let locked = http
+        .get(herald.admin_url("/admin/status"))
+        .bearer_auth(&ada)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(locked.status(), 429);
+    assert!(locked.headers().contains_key("retry-after"));
+    let locked_public = http
+        .post(herald.url(&format!("/api/jobs/{id}/close")))
+        .bearer_auth(&ada)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        locked_public.status(),
+        429,
+        "the public listener's job writes too"
+    );
+    // Users are not operators: their requests go on.
+    let listed = http
+        .get(herald.url("/api/applications"))
+        .bearer_auth(user_token("ada-user"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed.status(), 200);
+}

@@ -657,7 +657,7 @@ async fn suppressed_addresses_are_not_mailed_until_lifted(backend: Backend) {
             &s.db,
             "SELECT count(*) FROM admin_audit
               WHERE action = 'suppression.lift' AND subject = 'bob@example.com'
-                AND actor = 'postmaster'"
+                AND actor = 'admin (note: postmaster)'"
         )
         .await,
         1

@@ -173,6 +173,19 @@ impl DeadLetterStore for PgStore {
     }
 
     #[instrument(skip_all)]
+    async fn recent_audit(&self, limit: u32) -> Result<Vec<AuditRecord>, StoreError> {
+        self.with_conn(|conn, _| {
+            Box::pin(async move {
+                let rows = sqlx::query(recent_audit_sql!("dead_letter_id::text", "$1"))
+                    .bind(i64::from(limit))
+                    .fetch_all(&mut *conn)
+                    .await?;
+                Ok(rows.iter().map(audit_record).collect::<Result<_, _>>()?)
+            })
+        })
+        .await
+    }
+
     async fn dlq_stats(&self) -> Result<Vec<DlqTopicStats>, StoreError> {
         self.with_conn(|conn, _| {
             Box::pin(async move {

@@ -380,6 +380,20 @@ impl UnitOfWork for PgUnitOfWork {
         self.check(done).map(drop)
     }
 
+    async fn audit(&mut self, entry: &AuditEntry) -> Result<(), StoreError> {
+        let conn = self.begun().await?;
+        let done = sqlx::query(
+            "INSERT INTO admin_audit (action, subject, detail, actor) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&entry.action)
+        .bind(&entry.subject)
+        .bind(&entry.detail)
+        .bind(&entry.actor)
+        .execute(conn)
+        .await;
+        self.check(done).map(drop)
+    }
+
     fn emit(&mut self, event: OutboxEvent) {
         self.events.push(event);
     }

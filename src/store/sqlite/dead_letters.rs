@@ -158,6 +158,14 @@ impl DeadLetterStore for SqliteStore {
     }
 
     #[instrument(skip_all)]
+    async fn recent_audit(&self, limit: u32) -> Result<Vec<AuditRecord>, StoreError> {
+        let rows = sqlx::query(recent_audit_sql!("dead_letter_id", "?"))
+            .bind(i64::from(limit))
+            .fetch_all(&self.reader)
+            .await?;
+        Ok(rows.iter().map(audit_record).collect::<Result<_, _>>()?)
+    }
+
     async fn dlq_stats(&self) -> Result<Vec<DlqTopicStats>, StoreError> {
         let now = now_us();
         let rows = sqlx::query(

@@ -187,6 +187,20 @@ impl UnitOfWork for SqliteUnitOfWork {
         Ok(())
     }
 
+    async fn audit(&mut self, entry: &AuditEntry) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO admin_audit (action, subject, detail, actor, at) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(&entry.action)
+        .bind(&entry.subject)
+        .bind(&entry.detail)
+        .bind(&entry.actor)
+        .bind(now_us())
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
     fn emit(&mut self, event: OutboxEvent) {
         self.events.push(event);
     }
