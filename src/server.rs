@@ -308,6 +308,7 @@ pub async fn run(
         RedisMode::default()
     };
     let outbox_wake = Arc::new(tokio::sync::Notify::new());
+    let last_audit = crate::actors::auditor::LastAudit::default();
     let slots = Slots::new();
     let resume_window = Arc::new(ResumeWindow::default());
     let sse = SseHubHandle {
@@ -372,6 +373,7 @@ pub async fn run(
                 interval: Duration::from_millis(config.audit.interval_ms),
                 max_unsettled_age: Duration::from_secs(config.audit.max_unsettled_age_secs),
                 retention: Duration::from_secs(config.janitor.retention_secs),
+                last: last_audit.clone(),
             },
             sse_hub: SseHubArgs {
                 store: store.clone(),
@@ -410,6 +412,7 @@ pub async fn run(
         sse: sse.clone(),
         broker: broker.name(),
         limits: Arc::new(AbuseLimits::new(&config.limits, &config.admin)),
+        last_audit,
         webhooks: webhook_verifier(&config)?,
     };
     // The daemon's own tasks beside the servers and the actor tree; this

@@ -28,6 +28,18 @@ pub struct AuditorArgs {
     pub max_unsettled_age: Duration,
     /// The janitor's retention: older settled events have lost their inbox rows.
     pub retention: Duration,
+    /// The last audit's result, for `/admin/status` and the admin page.
+    pub last: LastAudit,
+}
+
+/// The result of the last audit that completed (`None` before the first).
+pub type LastAudit = Arc<std::sync::Mutex<Option<AuditResult>>>;
+
+/// One completed audit: when, and the rows breaking each invariant.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AuditResult {
+    pub at: chrono::DateTime<chrono::Utc>,
+    pub violations: std::collections::BTreeMap<&'static str, i64>,
 }
 
 /// The auditor: an [`Audit`] every `audit.interval_ms`, and at start.
@@ -90,6 +102,11 @@ impl Periodic for Audit {
             }
         };
         m::audit_run();
+        let result = AuditResult {
+            at: chrono::Utc::now(),
+            violations: found.iter().map(|(i, rows)| (i.name(), *rows)).collect(),
+        };
+        *args.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
         for (invariant, rows) in found {
             m::audit_violations(invariant.name(), rows);
             let before = self.last.insert(invariant.name(), rows).unwrap_or(0);

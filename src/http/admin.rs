@@ -12,7 +12,7 @@ use warp::reply::Response;
 use uuid::Uuid;
 
 use super::problem::{json_response, ApiError};
-use super::public::{list_params, ok_json};
+use super::public::{self, list_params, ok_json};
 use super::{AppState, Request};
 use crate::domain::topics;
 use crate::store::DlqAction;
@@ -42,6 +42,26 @@ async fn route(state: &AppState, request: &Request) -> (&'static str, Response) 
     let segments: Vec<&str> = request.path.trim_matches('/').split('/').collect();
     let (route, result) = match (segments.as_slice(), &request.method) {
         (["metrics"], &Method::GET) => ("/metrics", Ok(metrics(state).await)),
+        // The operator page: its files need no credential, everything it
+        // shows and does goes through the routes below with the operator's.
+        (["admin"], &Method::GET) => ("/admin/", Ok(page(PAGE_HTML, "text/html; charset=utf-8"))),
+        (["admin", "app.js"], &Method::GET) => (
+            "/admin/app.js",
+            Ok(page(PAGE_JS, "text/javascript; charset=utf-8")),
+        ),
+        (["admin", "style.css"], &Method::GET) => (
+            "/admin/style.css",
+            Ok(page(PAGE_CSS, "text/css; charset=utf-8")),
+        ),
+        (["admin", "jobs"], &Method::GET) => ("/admin/jobs", jobs(state, request).await),
+        (["admin", "jobs", id], &Method::PATCH) => (
+            "/admin/jobs/{id}",
+            public::change_job(state, request, id, public::EDIT_JOB).await,
+        ),
+        (["admin", "jobs", id, "close"], &Method::POST) => (
+            "/admin/jobs/{id}/close",
+            public::change_job(state, request, id, public::CLOSE_JOB).await,
+        ),
         (["admin", "status"], &Method::GET) => ("/admin/status", status(state, request).await),
         (["admin", "dlq"], &Method::GET) => ("/admin/dlq", list_dlq(state, request).await),
         (["admin", "dlq", "replay"], &Method::POST) => {
@@ -71,6 +91,9 @@ async fn route(state: &AppState, request: &Request) -> (&'static str, Response) 
 /// The methods a known admin path accepts (for 405 and `Allow`).
 fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
     match segments {
+        ["admin"] | ["admin", "app.js"] | ["admin", "style.css"] | ["admin", "jobs"] => Some("GET"),
+        ["admin", "jobs", _] => Some("PATCH"),
+        ["admin", "jobs", _, "close"] => Some("POST"),
         ["metrics"]
         | ["admin", "status"]
         | ["admin", "dlq"]
@@ -117,6 +140,7 @@ async fn status(state: &AppState, request: &Request) -> Result<Response, ApiErro
         "outbox": outbox,
         "dlq": state.store.dlq_stats().await.ok(),
         "retry_budget_tokens": state.budget.tokens(),
+        "audit": *state.last_audit.lock().unwrap_or_else(|p| p.into_inner()),
     });
     Ok(json_response(
         StatusCode::OK,
@@ -222,6 +246,28 @@ fn address_param(encoded: &str) -> Result<String, ApiError> {
 }
 
 /// `GET /admin/suppressions?email=&limit=&before=`: newest first.
+/// The operator page's files (`web/admin/`), compiled into the binary.
+const PAGE_HTML: &str = include_str!("../../web/admin/index.html");
+const PAGE_JS: &str = include_str!("../../web/admin/app.js");
+const PAGE_CSS: &str = include_str!("../../web/admin/style.css");
+
+/// The operator page's Content-Security-Policy: its own script, style and
+/// API only; no inline code, no images or fonts from anywhere, no form
+/// posts (it uses fetch), no framing, no `<base>`.
+pub const PAGE_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+     connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+fn page(body: &'static str, content_type: &'static str) -> Response {
+    public::page_asset(body, content_type, PAGE_CSP)
+}
+
+/// `GET /admin/jobs`: the open jobs, as `GET /api/jobs` lists them, for
+/// an operator (the page's Edit and Close).
+async fn jobs(state: &AppState, request: &Request) -> Result<Response, ApiError> {
+    super::operator(state, request)?;
+    public::list_jobs(state, request).await
+}
+
 /// `GET /admin/audit?limit=`: the newest lines of the operators' audit trail.
 async fn audit_trail(state: &AppState, request: &Request) -> Result<Response, ApiError> {
     super::operator(state, request)?;

@@ -75,6 +75,8 @@ pub struct AppState {
     /// The verifier of the provider's webhooks (`email.webhook_secret`);
     /// `None`: `/webhooks/resend` answers 404.
     pub webhooks: Option<Arc<webhooks::WebhookVerifier>>,
+    /// The auditor's last result, for `/admin/status`.
+    pub last_audit: crate::actors::auditor::LastAudit,
 }
 
 /// The operator behind an admin request (on either listener): who the

@@ -150,6 +150,15 @@ pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'
      form-action 'self'; frame-ancestors 'none'";
 
 fn asset(body: &'static str, content_type: &'static str) -> Response {
+    page_asset(body, content_type, CONTENT_SECURITY_POLICY)
+}
+
+/// A file of a page (this one's, or the admin page's), with `csp`.
+pub(super) fn page_asset(
+    body: &'static str,
+    content_type: &'static str,
+    csp: &'static str,
+) -> Response {
     let mut response = Response::new(body.into());
     let headers = response.headers_mut();
     headers.insert(
@@ -169,7 +178,7 @@ fn asset(body: &'static str, content_type: &'static str) -> Response {
     // `frame-ancestors 'none'`, and X-Frame-Options for older browsers.
     headers.insert(
         http::header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(CONTENT_SECURITY_POLICY),
+        HeaderValue::from_static(csp),
     );
     headers.insert(
         http::header::X_FRAME_OPTIONS,
@@ -230,7 +239,7 @@ pub(super) fn list_params(query: &str) -> Result<(u32, Option<Uuid>), ApiError> 
     Ok((limit, before))
 }
 
-async fn list_jobs(state: &AppState, request: &Request) -> Result<Response, ApiError> {
+pub(super) async fn list_jobs(state: &AppState, request: &Request) -> Result<Response, ApiError> {
     let (limit, before) = list_params(&request.query)?;
     let filter = super::job_filter(&request.query)?;
     let jobs = state.store.list_jobs(limit, before, &filter).await?;
@@ -253,7 +262,7 @@ async fn get_job(state: &AppState, id: &str) -> Result<Response, ApiError> {
 
 /// `PATCH /api/jobs/{id}` and `POST /api/jobs/{id}/close`: 200 with the job
 /// as it now is (also when the change changed nothing).
-async fn change_job(
+pub(super) async fn change_job(
     state: &AppState,
     request: &Request,
     id: &str,
@@ -300,8 +309,8 @@ async fn change_job(
 }
 
 /// The routes of [`change_job`].
-const EDIT_JOB: &str = "/api/jobs/{id}";
-const CLOSE_JOB: &str = "/api/jobs/{id}/close";
+pub(super) const EDIT_JOB: &str = "/api/jobs/{id}";
+pub(super) const CLOSE_JOB: &str = "/api/jobs/{id}/close";
 
 fn body_json(request: &Request) -> Result<serde_json::Value, ApiError> {
     let body = request.body_bytes()?;

@@ -331,6 +331,7 @@ async fn the_auditor_and_the_dlq_monitor_report_what_the_database_holds() {
             interval: Duration::from_secs(3600),
             max_unsettled_age: Duration::from_secs(3600),
             retention: Duration::from_secs(3600),
+            last: Default::default(),
         },
     )
     .await;
@@ -373,6 +374,7 @@ async fn the_auditor_and_the_dlq_monitor_report_what_the_database_holds() {
             interval: hour,
             max_unsettled_age: hour,
             retention: hour,
+            last: Default::default(),
         },
         "the auditor",
     )

@@ -13,7 +13,7 @@ use figment::value::Dict;
 use figment::Figment;
 
 /// Keys that have no default (absent unless configured), documented too.
-const OPTIONAL_KEYS: [&str; 14] = [
+const OPTIONAL_KEYS: [&str; 16] = [
     "mode",
     "redis_url",
     "admin_token",
@@ -28,12 +28,15 @@ const OPTIONAL_KEYS: [&str; 14] = [
     "auth.jwks_file",
     "auth.issuer",
     "auth.audience",
+    "admin.tokens",
+    "admin.tokens_file",
 ];
 
 /// Every leaf key of a configuration tree, `table.field` style.
 fn leaf_keys(prefix: &str, value: &serde_json::Value, out: &mut BTreeSet<String>) {
     match value {
-        serde_json::Value::Object(fields) => {
+        // An empty table (a map with nothing in it, `admin.tokens`) is a key.
+        serde_json::Value::Object(fields) if !fields.is_empty() => {
             for (key, inner) in fields {
                 let path = if prefix.is_empty() {
                     key.clone()
@@ -143,6 +146,11 @@ fn every_optional_key_is_accepted_by_the_configuration() {
         ("auth.jwks_file", "\"/etc/herald/jwks.json\""),
         ("auth.issuer", "\"https://id.example.test/\""),
         ("auth.audience", "\"https://jobs.example.test/api\""),
+        (
+            "admin.tokens",
+            "{ ada = \"sha256:0000000000000000000000000000000000000000000000000000000000000000\" }",
+        ),
+        ("admin.tokens_file", "\"/etc/herald/admin-tokens\""),
     ];
     assert_eq!(values.len(), OPTIONAL_KEYS.len());
     for (key, value) in values {
@@ -353,6 +361,7 @@ fn stand_in(key: &str) -> String {
         "email.webhook_secret" => "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
         "auth.dev_login" => "true",
         "auth.jwks_file" => "/etc/herald/jwks.json",
+        "admin.tokens_file" => "/etc/herald/admin-tokens",
         "mode" => "embedded",
         other => panic!(
             "no stand-in value for `{other}`: show a literal value in the docs or add one here"

@@ -756,3 +756,172 @@ on_both_backends!(
     the_page_searches_live_and_lists_my_applications_with_their_email_status,
     my_applications_say_what_became_of_each_email
 );
+
+/// The operator page (`/admin/` on the admin listener) in the browser,
+/// signed in with a named operator's token: a dead letter replayed (the
+/// email then reaches the provider once) and a job closed, with
+/// screenshots; the audit trail names the operator, not what a header says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_operator_page_replays_a_dead_letter_and_closes_a_job() {
+    use sha2::Digest;
+    let ada = "ada-operator-token-0123456789";
+    let hash = format!("sha256:{}", hex::encode(sha2::Sha256::digest(ada)));
+    let stack = Stack::start_on(
+        Backend::Sqlite,
+        // A permanent refusal (422) is a dead letter at once.
+        &[("HERALD_ADMIN__TOKENS__ADA", &hash)],
+    )
+    .await;
+    let (herald, resend) = (&stack.herald, &stack.resend);
+    // The page's headers: a strict CSP, never framed.
+    let page = reqwest::get(herald.admin_url("/admin/")).await.unwrap();
+    assert_eq!(page.status(), 200);
+    let csp = page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    for directive in [
+        "default-src 'none'",
+        "script-src 'self'",
+        "frame-ancestors 'none'",
+        "form-action 'none'",
+    ] {
+        assert!(csp.contains(directive), "{csp}");
+    }
+    assert_eq!(page.headers()["x-frame-options"], "DENY");
+
+    // A dead letter: the provider refuses the address for good.
+    let job = herald.post_job("Lighthouse keeper").await;
+    let job_id = job["id"].as_str().unwrap().to_string();
+    resend.poison("doomed@example.com", true);
+    support::apply_as(herald, "doomed", &job).await;
+    herald.wait_for_metric("herald_dlq_depth", 1.0).await;
+    resend.poison("doomed@example.com", false);
+    assert_eq!(resend.sent_to("doomed@example.com"), 0);
+
+    let browser = Browser::start(1280, 1000).await;
+    browser
+        .client
+        .goto(&herald.admin_url("/admin/"))
+        .await
+        .unwrap();
+    let token = browser.client.find(Locator::Id("token")).await.unwrap();
+    token.send_keys(ada).await.unwrap();
+    browser
+        .client
+        .find(Locator::Css("#sign-in button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    browser
+        .wait_for(
+            "the console with one dead letter and the job",
+            Duration::from_secs(15),
+            "return !document.getElementById('console').hidden \
+               && document.querySelectorAll('#dlq tbody tr').length === 1 \
+               && Array.from(document.querySelectorAll('#jobs tbody td')).some(td => td.textContent === 'Lighthouse keeper') \
+               && document.getElementById('status').textContent.includes('Ready')",
+        )
+        .await;
+    browser.save_screenshot("admin-page.png").await;
+
+    // Replay it from the page.
+    browser
+        .client
+        .find(Locator::XPath(
+            "//table[@id='dlq']//button[text()='Replay']",
+        ))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    eventually(
+        "the replayed email at the provider",
+        Duration::from_secs(30),
+        || async { (resend.sent_to("doomed@example.com") == 1).then_some(()) },
+    )
+    .await;
+    browser
+        .wait_for(
+            "the page to show no dead letter",
+            Duration::from_secs(15),
+            "return !document.getElementById('dlq-empty').hidden \
+               && document.getElementById('notice').textContent === 'Dead letter replayed.'",
+        )
+        .await;
+    browser.save_screenshot("admin-replayed.png").await;
+
+    // Close the job: the button asks once more.
+    let close = "//table[@id='jobs']//tr[td[text()='Lighthouse keeper']]//button[starts-with(text(), 'Close')]";
+    for _ in 0..2 {
+        browser
+            .client
+            .find(Locator::XPath(close))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+    }
+    eventually("the job closed", Duration::from_secs(15), || async {
+        let job: serde_json::Value = herald
+            .get(&format!("/api/jobs/{job_id}"))
+            .await
+            .json()
+            .await
+            .ok()?;
+        (job["status"] == "closed").then_some(())
+    })
+    .await;
+    browser
+        .wait_for(
+            "the audit trail on the page",
+            Duration::from_secs(15),
+            "const rows = Array.from(document.querySelectorAll('#audit tbody tr')).map(r => r.textContent); \
+             return rows.some(r => r.includes('job.close') && r.includes('ada')) \
+               && rows.some(r => r.includes('dlq.replay') && r.includes('ada'))",
+        )
+        .await;
+    browser.save_screenshot("admin-closed.png").await;
+    browser.close().await;
+    // One email for the replayed application, however the page was used.
+    assert_eq!(resend.sent_to("doomed@example.com"), 1);
+
+    let trail: serde_json::Value = herald
+        .http
+        .get(herald.admin_url("/admin/audit"))
+        .bearer_auth(ada)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let actions: Vec<(String, String)> = trail["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["action"].as_str().unwrap().into(),
+                i["actor"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert!(
+        actions.contains(&("job.close".into(), "ada".into())),
+        "{trail}"
+    );
+    assert!(
+        actions.contains(&("dlq.replay".into(), "ada".into())),
+        "{trail}"
+    );
+    // The job was posted by the test's admin token.
+    assert!(
+        actions.contains(&("job.post".into(), "admin".into())),
+        "{trail}"
+    );
+}
