@@ -44,7 +44,7 @@ pub const TOP_LEVEL_KEYS: [&str; 10] = [
 
 /// The sections (`[email]`, …); a unit test keeps the list equal to
 /// [`Config`]'s table fields.
-pub const SECTIONS: [&str; 15] = [
+pub const SECTIONS: [&str; 16] = [
     "admin",
     "auth",
     "database",
@@ -60,6 +60,7 @@ pub const SECTIONS: [&str; 15] = [
     "limits",
     "connections",
     "log",
+    "telemetry",
 ];
 
 /// The configuration key an environment variable sets, from its name
@@ -199,6 +200,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub connections: ConnectionsConfig,
     pub log: LogConfig,
+    pub telemetry: TelemetryConfig,
 }
 
 /// The two shapes of a deployment (`mode`).
@@ -308,6 +310,18 @@ pub struct AdminConfig {
     /// Wrong admin credentials one address may present per minute (on
     /// either listener) before its admin requests are answered 429.
     pub failed_auth_per_min: u32,
+}
+
+/// Traces: where spans go.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// An OTLP/HTTP collector's base URL (`http://collector:4318`); spans
+    /// are posted to `<it>/v1/traces`. Unset: no traces.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the spans.
+    pub service_name: String,
 }
 
 /// The janitor: what it deletes, how much at a time, how often.
@@ -674,6 +688,13 @@ impl Config {
                 .is_none_or(|t| t.expose().len() >= 32),
             "jwt_secret",
             "must be at least 32 bytes for HS256",
+        )?;
+        check(
+            self.telemetry.otlp_endpoint.as_deref().is_none_or(|url| {
+                reqwest::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "https" | "http"))
+            }),
+            "telemetry.otlp_endpoint",
+            "must be an http(s) URL (an OTLP/HTTP collector, e.g. http://127.0.0.1:4318)",
         )?;
         check(
             self.admin.failed_auth_per_min >= 1,

@@ -230,7 +230,7 @@ async fn run_cli() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    herald::telemetry::init_logging(&config.log);
+    let _traces = herald::telemetry::init_logging(&config.log, &config.telemetry);
     // Errors, panics and DLQ alerts go to Sentry when SENTRY_DSN is set; the
     // guard flushes queued events when the command returns.
     let dsn = match config

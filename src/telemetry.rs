@@ -1,19 +1,27 @@
-//! Logs and metrics.
+//! Logs, metrics and traces.
 //!
 //! Logs go through `tracing` to stderr, JSON when `log.format = "json"`.
 //! Metrics use the `metrics` facade with the Prometheus exporter; `/metrics`
 //! on the admin listener renders them. The metric names in [`metrics`] are part
-//! of the product contract.
+//! of the product contract. Spans go to an OTLP collector when
+//! `telemetry.otlp_endpoint` is set, through `tracing-opentelemetry`; the
+//! W3C trace context crosses the outbox and the broker ([`traces`]).
 
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
-use crate::config::LogConfig;
+use crate::config::{LogConfig, TelemetryConfig};
 
-/// Installs the global `tracing` subscriber. Safe to call more than once.
-pub fn init_logging(config: &LogConfig) {
+/// Installs the global `tracing` subscriber: logs to stderr, and spans to
+/// an OTLP collector when `telemetry.otlp_endpoint` is set. Safe to call
+/// more than once (the first wins). The guard flushes the spans still
+/// queued when it is dropped (at exit).
+pub fn init_logging(config: &LogConfig, telemetry: &TelemetryConfig) -> TracesGuard {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.filter));
     // warp logs every connection a client drops mid-response (a closed tab
@@ -27,15 +35,160 @@ pub fn init_logging(config: &LogConfig) {
                 .unwrap_or_else(|_| tracing_subscriber::filter::LevelFilter::OFF.into()),
         ),
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let _ = if config.format == "json" {
-        builder.json().flatten_event(true).try_init()
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (text, json) = if config.format == "json" {
+        let json = tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::stderr);
+        (None, Some(json))
     } else {
-        builder.try_init()
+        let text = tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(ansi);
+        (Some(text), None)
     };
+    let (provider, error) = match telemetry.otlp_endpoint.as_deref() {
+        Some(endpoint) => match traces::provider(endpoint, &telemetry.service_name) {
+            Ok(provider) => (Some(provider), None),
+            Err(e) => (None, Some(e)),
+        },
+        None => (None, None),
+    };
+    let otel = provider.as_ref().map(|provider| {
+        use opentelemetry::trace::TracerProvider as _;
+        tracing_opentelemetry::layer().with_tracer(provider.tracer("herald"))
+    });
+    let installed = tracing_subscriber::registry()
+        .with(filter)
+        .with(text)
+        .with(json)
+        .with(otel)
+        .try_init()
+        .is_ok();
+    if let Some(error) = error {
+        tracing::error!(%error, "telemetry.otlp_endpoint: traces are not exported");
+    }
+    if installed && provider.is_some() {
+        traces::ON.store(true, std::sync::atomic::Ordering::Relaxed);
+        opentelemetry::global::set_text_map_propagator(
+            opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+        );
+    }
+    TracesGuard(provider.filter(|_| installed))
+}
+
+/// Flushes and stops the span exporter when dropped.
+pub struct TracesGuard(Option<opentelemetry_sdk::trace::SdkTracerProvider>);
+
+impl Drop for TracesGuard {
+    fn drop(&mut self) {
+        if let Some(provider) = self.0.take() {
+            let _ = provider.shutdown();
+        }
+    }
+}
+
+/// W3C trace context across Herald's seams: a request's `traceparent` is
+/// its span's parent; the context an outbox event was committed in is
+/// stored with it (`outbox_events.traceparent`) and travels in its envelope;
+/// the relay's publish continues that trace, and the consumer's send, which
+/// serves many events at once, starts its own trace *linked* to each (the
+/// OpenTelemetry messaging convention); the provider request carries its
+/// own `traceparent`. All of it is a no-op unless traces are exported.
+pub mod traces {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use opentelemetry::propagation::TextMapPropagator;
+    use opentelemetry::trace::TraceContextExt;
+    use opentelemetry_sdk::propagation::TraceContextPropagator;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    /// Whether spans are exported (set once, at start).
+    pub(super) static ON: AtomicBool = AtomicBool::new(false);
+
+    pub fn on() -> bool {
+        ON.load(Ordering::Relaxed)
+    }
+
+    /// The exporter: OTLP over HTTP/protobuf to `<endpoint>/v1/traces`,
+    /// batched off the request path.
+    pub(super) fn provider(
+        endpoint: &str,
+        service: &str,
+    ) -> Result<opentelemetry_sdk::trace::SdkTracerProvider, String> {
+        use opentelemetry_otlp::WithExportConfig;
+        let url = format!("{}/v1/traces", endpoint.trim_end_matches('/'));
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_endpoint(url)
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(
+                opentelemetry_sdk::Resource::builder_empty()
+                    .with_service_name(service.to_string())
+                    .build(),
+            )
+            .build())
+    }
+
+    /// The `traceparent` of `span` (`None` when traces are off).
+    pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
+        if !on() {
+            return None;
+        }
+        let mut carrier = HashMap::new();
+        TraceContextPropagator::new().inject_context(&span.context(), &mut carrier);
+        carrier.remove("traceparent")
+    }
+
+    /// The `traceparent` of the span the caller is in.
+    pub fn current() -> Option<String> {
+        traceparent_of(&tracing::Span::current())
+    }
+
+    /// The context a `traceparent` names (an invalid one names none).
+    fn context_of(traceparent: &str) -> opentelemetry::Context {
+        let carrier = HashMap::from([("traceparent".to_string(), traceparent.to_string())]);
+        TraceContextPropagator::new().extract(&carrier)
+    }
+
+    /// Renames `span` (a server span's name is its route, known only once
+    /// routed; the span has started by then).
+    pub fn rename(span: &tracing::Span, name: String) {
+        if on() {
+            span.context().span().update_name(name);
+        }
+    }
+
+    /// Makes `span` a child of the remote context `traceparent` names.
+    pub fn continue_from(span: &tracing::Span, traceparent: Option<&str>) {
+        if let (true, Some(parent)) = (on(), traceparent) {
+            let _ = span.set_parent(context_of(parent));
+        }
+    }
+
+    /// Makes `span` a child of an incoming request's `traceparent` header.
+    pub fn continue_request(span: &tracing::Span, headers: &http::HeaderMap) {
+        let parent = headers.get("traceparent").and_then(|v| v.to_str().ok());
+        continue_from(span, parent);
+    }
+
+    /// Links `span` to each context of `traceparents` it may.
+    pub fn link_to<'a>(span: &tracing::Span, traceparents: impl Iterator<Item = &'a str>) {
+        if !on() {
+            return;
+        }
+        for traceparent in traceparents {
+            let linked = context_of(traceparent).span().span_context().clone();
+            if linked.is_valid() {
+                span.add_link(linked);
+            }
+        }
+    }
 }
 
 /// The process-wide Prometheus recorder (installed on first use).

@@ -47,7 +47,7 @@ use rand::Rng;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{warn, Instrument};
 
 #[cfg(doc)]
 use super::consumer::ConsumerActor;
@@ -382,6 +382,32 @@ async fn send_batch(
     batch: BatchToSend,
     reserved: &std::sync::Mutex<Option<oneshot::Sender<()>>>,
 ) -> BatchDecision {
+    // One send serves many applications: its span starts a trace of its
+    // own, linked to the trace each member was committed in.
+    let span = tracing::info_span!(
+        "email batch send",
+        otel.kind = "consumer",
+        messaging.batch.message_count = batch.members.len(),
+        batch = %batch.id,
+        attempt = batch.attempts + 1,
+    );
+    crate::telemetry::traces::link_to(
+        &span,
+        batch
+            .members
+            .iter()
+            .filter_map(|m| m.traceparent.as_deref()),
+    );
+    send_batch_in_span(args, batch, reserved)
+        .instrument(span)
+        .await
+}
+
+async fn send_batch_in_span(
+    args: &EmailSenderArgs,
+    batch: BatchToSend,
+    reserved: &std::sync::Mutex<Option<oneshot::Sender<()>>>,
+) -> BatchDecision {
     if batch.attempts > 0 && !args.budget.try_retry(CALL_SITE).await {
         let after = Duration::from_millis(rand::rng().random_range(1000..=5000));
         return BatchDecision::Defer { after };
@@ -409,7 +435,14 @@ async fn send_batch(
             let _ = reserved.send(());
         }
         let asked = Instant::now();
-        let answered = args.transport.send_batch(batch.id, &emails).await;
+        let answered = args
+            .transport
+            .send_batch(batch.id, &emails)
+            .instrument(tracing::info_span!(
+                "provider request",
+                otel.kind = "client"
+            ))
+            .await;
         m::provider_request(provider_outcome(&answered), asked.elapsed());
         match answered {
             Ok(answers) => answers,

@@ -282,7 +282,27 @@ async fn relay_due(
         }
         to_publish.push(d.envelope.clone());
     }
+    // With traces on, each event's publish is a span of the trace it was
+    // committed in (they share the one broker call).
+    let spans: Vec<tracing::Span> = if crate::telemetry::traces::on() {
+        to_publish
+            .iter()
+            .map(|e| {
+                let span = tracing::info_span!(
+                    "outbox publish",
+                    otel.kind = "producer",
+                    messaging.destination.name = %e.topic,
+                    messaging.message.id = %e.event_id,
+                );
+                crate::telemetry::traces::continue_from(&span, e.traceparent.as_deref());
+                span
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     let mut receipts = broker.publish(&to_publish).await?.into_iter();
+    drop(spans);
     // Counted as the broker took them, whether or not the marking commits.
     m::relay_published(to_publish.len());
     for (reason, n) in ["lost", "unclaimed", "rescheduled"]

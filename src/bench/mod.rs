@@ -212,6 +212,7 @@ fn pgbench_script() -> String {
             "'job_title'",
             "'company'",
             "'open'",
+            "CAST(NULL AS text)",
         ],
     );
     format!("\\set uid random(1, 9000000000000000000)\n{claim} \\gset\n{submit};\n")

@@ -447,6 +447,7 @@ mod tests {
             event_id: Uuid::now_v7(),
             topic: topic.to_string(),
             attempts: 0,
+            traceparent: None,
             payload: serde_json::json!({ "n": n }),
         }
     }

@@ -121,6 +121,10 @@ pub struct Envelope {
     /// Delivery attempts spent when this copy was published; a consumer
     /// ignores a copy whose count no longer matches the row (a stale copy).
     pub attempts: i32,
+    /// The W3C trace context the event was committed in, when traces are
+    /// exported (a consumer's span links to it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
     pub payload: serde_json::Value,
 }
 

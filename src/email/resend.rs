@@ -118,9 +118,12 @@ impl Transport for ResendTransport {
                     .with_text(&email.text)
             })
             .collect();
-        let mut response = self
-            .http
-            .post(self.batch_url.clone())
+        let mut request = self.http.post(self.batch_url.clone());
+        // The provider request's own trace context, when traces are on.
+        if let Some(traceparent) = crate::telemetry::traces::current() {
+            request = request.header("traceparent", traceparent);
+        }
+        let mut response = request
             .bearer_auth(&self.api_key)
             .header("Idempotency-Key", batch_key.to_string())
             .header(

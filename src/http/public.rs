@@ -42,7 +42,18 @@ use crate::use_cases;
 /// Routes one request of the public listener.
 pub async fn dispatch(state: AppState, request: Request) -> Response {
     let request_id = Uuid::new_v4();
-    let span = info_span!("request", %request_id, method = %request.method, path = %request.path);
+    let span = info_span!(
+        "request",
+        %request_id,
+        method = %request.method,
+        path = %request.path,
+        otel.kind = "server",
+        http.route = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+    );
+    // A caller's W3C `traceparent` makes this request part of its trace.
+    crate::telemetry::traces::continue_request(&span, &request.headers);
+    let current = span.clone();
     async move {
         let segments: Vec<&str> = request.path.trim_matches('/').split('/').collect();
         let (route, result) = match (segments.as_slice(), &request.method) {
@@ -106,6 +117,9 @@ pub async fn dispatch(state: AppState, request: Request) -> Response {
             response.status().as_u16(),
             request.received.elapsed(),
         );
+        crate::telemetry::traces::rename(&current, format!("{} {route}", request.method));
+        current.record("http.route", route);
+        current.record("http.response.status_code", response.status().as_u16());
         super::log_request("public", route, &request, request_id, &response);
         response
     }

@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use tracing::warn;
+use tracing::Instrument;
 
 use super::hot_tier::{CachedOutcome, FastPath, HotTier, RedisMode};
 use super::{Fingerprint, IdempotencyKey, KeyScope, StoredResponse};
@@ -157,7 +158,14 @@ impl Idempotency {
             },
         };
         let keyed = lease.is_some();
-        match self.work_in_unit(lease.clone(), work).await {
+        // The unit of work is the span traces continue from: the outbox
+        // events it commits carry its context.
+        let unit = tracing::info_span!("outbox commit", otel.kind = "internal");
+        match self
+            .work_in_unit(lease.clone(), work)
+            .instrument(unit)
+            .await
+        {
             Ok((response, wrote)) => {
                 if wrote {
                     self.committed.notify_one();

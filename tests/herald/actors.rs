@@ -538,6 +538,7 @@ async fn publish(broker: &Arc<dyn Broker>, topic: &str, payload: serde_json::Val
             event_id: Uuid::now_v7(),
             topic: topic.into(),
             attempts: 0,
+            traceparent: None,
             payload,
         }])
         .await

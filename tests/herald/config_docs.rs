@@ -13,7 +13,7 @@ use figment::value::Dict;
 use figment::Figment;
 
 /// Keys that have no default (absent unless configured), documented too.
-const OPTIONAL_KEYS: [&str; 16] = [
+const OPTIONAL_KEYS: [&str; 17] = [
     "mode",
     "redis_url",
     "admin_token",
@@ -30,6 +30,7 @@ const OPTIONAL_KEYS: [&str; 16] = [
     "auth.audience",
     "admin.tokens",
     "admin.tokens_file",
+    "telemetry.otlp_endpoint",
 ];
 
 /// Every leaf key of a configuration tree, `table.field` style.
@@ -151,6 +152,7 @@ fn every_optional_key_is_accepted_by_the_configuration() {
             "{ ada = \"sha256:0000000000000000000000000000000000000000000000000000000000000000\" }",
         ),
         ("admin.tokens_file", "\"/etc/herald/admin-tokens\""),
+        ("telemetry.otlp_endpoint", "\"http://127.0.0.1:4318\""),
     ];
     assert_eq!(values.len(), OPTIONAL_KEYS.len());
     for (key, value) in values {
@@ -362,6 +364,7 @@ fn stand_in(key: &str) -> String {
         "auth.dev_login" => "true",
         "auth.jwks_file" => "/etc/herald/jwks.json",
         "admin.tokens_file" => "/etc/herald/admin-tokens",
+        "telemetry.otlp_endpoint" => "http://127.0.0.1:4318",
         "mode" => "embedded",
         other => panic!(
             "no stand-in value for `{other}`: show a literal value in the docs or add one here"

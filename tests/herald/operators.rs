@@ -536,3 +536,124 @@ async fn the_audit_trail_names_the_operator_s_credential_and_wrong_tokens_lock_a
         .unwrap();
     assert_eq!(listed.status(), 200);
 }
+
+/// One application's trace, as an OTLP collector receives it: the HTTP
+/// request (continuing the caller's `traceparent`) → the outbox commit →
+/// the relay's publish, one trace; the batch send a trace of its own,
+/// *linked* to the commit; the provider request its child, and the request
+/// the provider got carries that span's `traceparent`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_application_s_trace_runs_from_its_http_request_to_the_provider_request() {
+    use support::otlp::OtlpReceiver;
+    let collector = OtlpReceiver::start().await;
+    let stack = support::Stack::start_on(
+        Backend::Postgres,
+        &[
+            ("HERALD_TELEMETRY__OTLP_ENDPOINT", &collector.url),
+            // The SDK's batch exporter, every 100 ms instead of 5 s.
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    )
+    .await;
+    let (herald, resend) = (&stack.herald, &stack.resend);
+    let job = herald.post_job("Traced").await;
+    // The caller's own trace context.
+    let caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let applied = herald
+        .http
+        .post(herald.url("/api/applications"))
+        .bearer_auth(user_token("traced"))
+        .header("Idempotency-Key", "traced-1")
+        .header("traceparent", format!("00-{caller_trace}-{caller_span}-01"))
+        .json(&json!({"job_id": job["id"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(applied.status(), 201);
+    eventually(
+        "the email at the provider",
+        Duration::from_secs(30),
+        || async { (resend.sent_to("traced@example.com") == 1).then_some(()) },
+    )
+    .await;
+
+    let by_name = |spans: &[support::otlp::Span], name: &str| -> Vec<support::otlp::Span> {
+        spans.iter().filter(|s| s.name == name).cloned().collect()
+    };
+    let spans = eventually(
+        "the whole trace at the collector",
+        Duration::from_secs(30),
+        || async {
+            let spans = collector.spans();
+            let request = by_name(&spans, "POST /api/applications")
+                .into_iter()
+                .find(|s| s.trace_id == caller_trace)?;
+            let commit = by_name(&spans, "outbox commit")
+                .into_iter()
+                .find(|s| s.parent_span_id == request.span_id)?;
+            by_name(&spans, "outbox publish")
+                .into_iter()
+                .find(|s| s.parent_span_id == commit.span_id)?;
+            let send = by_name(&spans, "email batch send").into_iter().find(|s| {
+                s.links
+                    .contains(&(caller_trace.to_string(), commit.span_id.clone()))
+            })?;
+            by_name(&spans, "provider request")
+                .into_iter()
+                .find(|s| s.parent_span_id == send.span_id)?;
+            Some(spans)
+        },
+    )
+    .await;
+    let request = by_name(&spans, "POST /api/applications")
+        .into_iter()
+        .find(|s| s.trace_id == caller_trace)
+        .unwrap();
+    assert_eq!(
+        request.parent_span_id, caller_span,
+        "the caller's span is its parent"
+    );
+    assert_eq!(request.kind, 2, "a server span");
+    let commit = by_name(&spans, "outbox commit")
+        .into_iter()
+        .find(|s| s.parent_span_id == request.span_id)
+        .unwrap();
+    let publish = by_name(&spans, "outbox publish")
+        .into_iter()
+        .find(|s| s.parent_span_id == commit.span_id)
+        .unwrap();
+    assert_eq!(
+        publish.trace_id, caller_trace,
+        "the publish continues the request's trace"
+    );
+    assert_eq!(publish.kind, 4, "a producer span");
+    let send = by_name(&spans, "email batch send")
+        .into_iter()
+        .find(|s| {
+            s.links
+                .contains(&(caller_trace.to_string(), commit.span_id.clone()))
+        })
+        .unwrap();
+    assert_ne!(
+        send.trace_id, caller_trace,
+        "a batch send starts its own trace, linked"
+    );
+    assert_eq!(send.kind, 5, "a consumer span");
+    let provider = by_name(&spans, "provider request")
+        .into_iter()
+        .find(|s| s.parent_span_id == send.span_id)
+        .unwrap();
+    assert_eq!(provider.kind, 3, "a client span");
+    assert!(request.service.contains("herald"), "{:?}", request.service);
+    // The provider got the provider request's context.
+    let carried: Vec<String> = resend
+        .calls()
+        .iter()
+        .filter_map(|c| c.traceparent.clone())
+        .collect();
+    assert!(
+        carried.contains(&format!("00-{}-{}-01", provider.trace_id, provider.span_id)),
+        "{carried:?} vs {provider:?}"
+    );
+}

@@ -275,7 +275,7 @@ async fn every_admin_call_in_the_runbook_works_as_written() {
     assert_eq!(
         count(
             &db,
-            "SELECT count(*) FROM dlq_audit WHERE actor = 'oncall-test'"
+            "SELECT count(*) FROM dlq_audit WHERE actor = 'admin (note: oncall-test)'"
         )
         .await,
         3,
@@ -333,7 +333,7 @@ async fn every_admin_call_in_the_runbook_works_as_written() {
     assert_eq!(
         count(
             &db,
-            "SELECT count(*) FROM admin_audit WHERE actor = 'oncall-test' AND action = 'suppression.lift'"
+            "SELECT count(*) FROM admin_audit WHERE actor = 'admin (note: oncall-test)' AND action = 'suppression.lift'"
         )
         .await,
         1,

@@ -249,7 +249,7 @@ impl DeliveryStore for PgStore {
                     .try_get::<Option<DateTime<Utc>>, _>("first_failed_at")?
                     .unwrap_or_else(Utc::now);
                 let rows = sqlx::query(
-                    "SELECT event_id, topic, attempts, payload, aggregate_id FROM outbox_events
+                    "SELECT event_id, topic, attempts, payload, traceparent, aggregate_id FROM outbox_events
                   WHERE batch_id = $1 AND settled_at IS NULL
                   ORDER BY event_id",
                 )
@@ -263,6 +263,7 @@ impl DeliveryStore for PgStore {
                         event_id: row.try_get("event_id")?,
                         topic: row.try_get("topic")?,
                         attempts: row.try_get("attempts")?,
+                        traceparent: row.try_get("traceparent")?,
                         payload: row.try_get("payload")?,
                     });
                     aggregates.push(row.try_get::<Uuid, _>("aggregate_id")?);

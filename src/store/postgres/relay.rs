@@ -73,7 +73,7 @@ impl RelayStore for PgStore {
             Box::pin(async move {
                 let mut tx = conn.begin().await?;
                 let rows = sqlx::query(
-                    "SELECT event_id, topic, attempts, payload, stream_id,
+                    "SELECT event_id, topic, attempts, payload, traceparent, stream_id,
                         published_at IS NOT NULL AS published
                    FROM outbox_events
                   WHERE settled_at IS NULL AND batch_id IS NULL AND topic = $2
@@ -96,6 +96,7 @@ impl RelayStore for PgStore {
                             event_id: row.try_get("event_id")?,
                             topic: row.try_get("topic")?,
                             attempts: row.try_get("attempts")?,
+                            traceparent: row.try_get("traceparent")?,
                             payload: row.try_get("payload")?,
                         },
                         stream_id: row.try_get("stream_id")?,

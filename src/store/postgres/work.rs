@@ -59,7 +59,7 @@ macro_rules! complete_key {
 /// event id, topic, aggregate id, payload (a `VALUES` or `SELECT` follows).
 macro_rules! insert_outbox {
     () => {
-        "INSERT INTO outbox_events (event_id, topic, aggregate_id, payload) "
+        "INSERT INTO outbox_events (event_id, topic, aggregate_id, payload, traceparent) "
     };
 }
 
@@ -214,7 +214,7 @@ WITH held AS (
     ",
     insert_outbox!(),
     "SELECT $13, $16, app.id,
-           $17::jsonb || jsonb_build_object($18::text, job.title, $19::text, job.company)
+           $17::jsonb || jsonb_build_object($18::text, job.title, $19::text, job.company), $21
       FROM app, job
 ), done AS (
     ",
@@ -432,14 +432,17 @@ impl UnitOfWork for PgUnitOfWork {
             return self.session.settle(result);
         }
         let key = self.key.clone();
+        // The context the events are committed in: traces continue from it.
+        let traceparent = crate::telemetry::traces::current();
         let conn = self.begun().await?;
         let result: Result<(), StoreError> = async {
             for (topic, aggregate_id, payload) in events {
-                sqlx::query(concat!(insert_outbox!(), "VALUES ($1, $2, $3, $4)"))
+                sqlx::query(concat!(insert_outbox!(), "VALUES ($1, $2, $3, $4, $5)"))
                     .bind(Uuid::now_v7())
                     .bind(topic)
                     .bind(aggregate_id)
                     .bind(payload)
+                    .bind(&traceparent)
                     .execute(&mut *conn)
                     .await?;
             }
@@ -495,6 +498,7 @@ impl PgUnitOfWork {
             .bind(ApplicationSubmitted::JOB_TITLE)
             .bind(ApplicationSubmitted::COMPANY)
             .bind(JobStatus::Open.as_str())
+            .bind(crate::telemetry::traces::current())
             .fetch_one(&mut *conn)
             .await?;
         let (held, job_found, job_open, inserted, completed): (bool, bool, bool, bool, bool) = (

@@ -234,7 +234,7 @@ impl DeliveryStore for SqliteStore {
             .execute(&mut *tx)
             .await?;
         let rows = sqlx::query(
-            "SELECT event_id, topic, attempts, payload, aggregate_id FROM outbox_events
+            "SELECT event_id, topic, attempts, payload, traceparent, aggregate_id FROM outbox_events
               WHERE batch_id = ? AND settled_at IS NULL
               ORDER BY event_id",
         )
@@ -250,6 +250,7 @@ impl DeliveryStore for SqliteStore {
                 event_id: uuid_column(row, "event_id")?,
                 topic: row.try_get("topic")?,
                 attempts: row.try_get("attempts")?,
+                traceparent: row.try_get("traceparent")?,
                 payload: serde_json::from_str(&payload)
                     .map_err(|e| StoreError::Internal(format!("outbox payload: {e}")))?,
             });

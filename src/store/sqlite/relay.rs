@@ -44,7 +44,7 @@ impl RelayStore for SqliteStore {
         // Rows a consumer holds a lease on are skipped, as Postgres skips
         // locked rows.
         let rows = sqlx::query(
-            "SELECT event_id, topic, attempts, payload, stream_id,
+            "SELECT event_id, topic, attempts, payload, traceparent, stream_id,
                     published_at IS NOT NULL AS published
                FROM outbox_events
               WHERE settled_at IS NULL AND batch_id IS NULL AND topic = ?1 AND due_at <= ?2
@@ -67,6 +67,7 @@ impl RelayStore for SqliteStore {
                     event_id: uuid_column(row, "event_id")?,
                     topic: row.try_get("topic")?,
                     attempts: row.try_get("attempts")?,
+                    traceparent: row.try_get("traceparent")?,
                     payload: serde_json::from_str(&payload)
                         .map_err(|e| StoreError::Internal(format!("outbox payload: {e}")))?,
                 },

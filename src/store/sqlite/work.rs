@@ -212,10 +212,13 @@ impl UnitOfWork for SqliteUnitOfWork {
             events,
         } = *self;
         let now = now_us();
+        // The context the events are committed in: traces continue from it.
+        let traceparent = crate::telemetry::traces::current();
         for (topic, aggregate_id, payload) in events {
             sqlx::query(
-                "INSERT INTO outbox_events (event_id, topic, aggregate_id, payload, created_at, due_at)
-                 VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO outbox_events
+                        (event_id, topic, aggregate_id, payload, created_at, due_at, traceparent)
+                 VALUES (?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(Uuid::now_v7().to_string())
             .bind(topic)
@@ -223,6 +226,7 @@ impl UnitOfWork for SqliteUnitOfWork {
             .bind(payload.to_string())
             .bind(now)
             .bind(now)
+            .bind(&traceparent)
             .execute(&mut *tx)
             .await?;
         }

@@ -63,6 +63,8 @@ pub struct Call {
     pub batch: bool,
     /// Answered 200 with a lie ([`Mode::Lie`]).
     pub lied: bool,
+    /// The W3C `traceparent` the request carried.
+    pub traceparent: Option<String>,
 }
 
 /// An email the server accepted (and would have sent).
@@ -197,14 +199,15 @@ impl FakeResend {
             .and(warp::header::optional::<String>("authorization"))
             .and(warp::header::optional::<String>("idempotency-key"))
             .and(warp::header::optional::<String>("x-batch-validation"))
+            .and(warp::header::optional::<String>("traceparent"))
             .and(warp::body::bytes())
-            .then(move |auth, key, validation, body| {
+            .then(move |auth, key, validation, traceparent, body| {
                 handle_batch(
                     batch_state.clone(),
                     batch_webhooks.clone(),
                     auth,
                     key,
-                    validation,
+                    (validation, traceparent),
                     body,
                 )
             });
@@ -406,6 +409,7 @@ async fn handle(
         emails: 1,
         batch: false,
         lied: false,
+        traceparent: None,
     });
     let limit = state.rate_limit;
     drop(state);
@@ -437,7 +441,7 @@ async fn handle_batch(
     webhooks: Arc<Mutex<Sender>>,
     auth: Option<String>,
     key: Option<String>,
-    validation: Option<String>,
+    (validation, traceparent): (Option<String>, Option<String>),
     body: Bytes,
 ) -> Response<String> {
     respond_after_latency(&state).await;
@@ -460,6 +464,7 @@ async fn handle_batch(
             emails,
             batch: true,
             lied,
+            traceparent,
         });
         (
             st.auto_deliver,
