@@ -89,6 +89,28 @@ pub fn env_key(name: &str) -> String {
     name
 }
 
+/// An absolute `http://` or `https://` URL with a host.
+fn is_http_url(url: &str) -> bool {
+    url.parse::<http::Uri>().is_ok_and(|u| {
+        matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some_and(|h| !h.is_empty())
+    })
+}
+
+/// Whether `name` and `hash` make a named operator credential
+/// (`admin.tokens`): a name of 1-64 characters of `a-z0-9._-`, and
+/// `sha256:` with 64 hex digits.
+pub fn valid_operator(name: &str, hash: &str) -> bool {
+    let name_ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+    let hash_ok = hash
+        .strip_prefix("sha256:")
+        .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()));
+    name_ok && hash_ok
+}
+
 /// A configuration problem, always naming the key it is about.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -690,9 +712,7 @@ impl Config {
             "must be at least 32 bytes for HS256",
         )?;
         check(
-            self.telemetry.otlp_endpoint.as_deref().is_none_or(|url| {
-                reqwest::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "https" | "http"))
-            }),
+            self.telemetry.otlp_endpoint.as_deref().is_none_or(is_http_url),
             "telemetry.otlp_endpoint",
             "must be an http(s) URL (an OTLP/HTTP collector, e.g. http://127.0.0.1:4318)",
         )?;
@@ -703,7 +723,7 @@ impl Config {
         )?;
         for (name, hash) in &self.admin.tokens {
             check(
-                crate::http::auth::valid_operator(name, hash),
+                valid_operator(name, hash),
                 "admin.tokens",
                 "each name is 1-64 of a-z, 0-9, `.`, `_`, `-`, and each value `sha256:` and 64 hex digits",
             )?;
@@ -714,9 +734,7 @@ impl Config {
             "and auth.jwks_file are alternatives: set one",
         )?;
         check(
-            self.auth.jwks_url.as_deref().is_none_or(|url| {
-                reqwest::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "https" | "http"))
-            }),
+            self.auth.jwks_url.as_deref().is_none_or(is_http_url),
             "auth.jwks_url",
             "must be an http(s) URL",
         )?;

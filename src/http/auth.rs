@@ -261,17 +261,6 @@ impl Auth {
     }
 }
 
-/// Whether `name` and `hash` make a named credential: a name of 1-64
-/// characters of `a-z0-9._-`, and `sha256:` with 64 hex digits.
-pub fn valid_operator(name: &str, hash: &str) -> bool {
-    let name_ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
-    name_ok && digest_of(hash).is_some()
-}
-
 fn digest_of(hash: &str) -> Option<[u8; 32]> {
     let hex = hash.strip_prefix("sha256:")?;
     let bytes = hex::decode(hex.to_ascii_lowercase()).ok()?;
@@ -284,7 +273,7 @@ pub fn operators(config: &crate::config::Config) -> Result<Vec<(String, [u8; 32]
     let mut named: std::collections::BTreeMap<String, [u8; 32]> = Default::default();
     let mut add = |name: &str, hash: &str, from: &str| -> Result<(), String> {
         let digest = digest_of(hash)
-            .filter(|_| valid_operator(name, hash))
+            .filter(|_| crate::config::valid_operator(name, hash))
             .ok_or_else(|| {
                 format!("{from}: `{name}` needs a name of a-z0-9._- and `sha256:<64 hex digits>`")
             })?;
