@@ -112,6 +112,9 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
         banner.push_str(&format!(
             "  Admin API:  http://{admin}/admin/status   (Authorization: Bearer <admin token>)\n"
         ));
+        banner.push_str(&format!(
+            "  Operators:  http://{admin}/admin/   (sign in with the admin token)\n"
+        ));
         match &new_admin_token {
             Some(token) => banner.push_str(&format!(
                 "  Admin token (shown once; kept in {}): {}\n",

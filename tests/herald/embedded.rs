@@ -69,6 +69,10 @@ async fn the_run_command_with_nothing_configured_serves_a_board_that_posts_strea
         text.contains("Admin API:  http://127.0.0.1:9091/"),
         "{text}"
     );
+    assert!(
+        text.contains("Operators:  http://127.0.0.1:9091/admin/"),
+        "{text}"
+    );
     // The banner says what really runs, and only once it is ready.
     assert!(
         text.contains("in-process broker, file email, dev login on"),
