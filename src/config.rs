@@ -712,7 +712,10 @@ impl Config {
             "must be at least 32 bytes for HS256",
         )?;
         check(
-            self.telemetry.otlp_endpoint.as_deref().is_none_or(is_http_url),
+            self.telemetry
+                .otlp_endpoint
+                .as_deref()
+                .is_none_or(is_http_url),
             "telemetry.otlp_endpoint",
             "must be an http(s) URL (an OTLP/HTTP collector, e.g. http://127.0.0.1:4318)",
         )?;

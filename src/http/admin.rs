@@ -268,19 +268,22 @@ async fn jobs(state: &AppState, request: &Request) -> Result<Response, ApiError>
     public::list_jobs(state, request).await
 }
 
+/// An admin list's `limit`: 1 to 500.
+fn admin_limit(value: &str) -> Result<u32, ApiError> {
+    value
+        .parse::<u32>()
+        .ok()
+        .filter(|n| (1..=500).contains(n))
+        .ok_or_else(|| ApiError::InvalidQuery("`limit` must be an integer from 1 to 500".into()))
+}
+
 /// `GET /admin/audit?limit=`: the newest lines of the operators' audit trail.
 async fn audit_trail(state: &AppState, request: &Request) -> Result<Response, ApiError> {
     super::operator(state, request)?;
     let mut limit = 50u32;
     for pair in request.query.split('&').filter(|p| !p.is_empty()) {
         if let Some(("limit", value)) = pair.split_once('=') {
-            limit = value
-                .parse::<u32>()
-                .ok()
-                .filter(|n| (1..=500).contains(n))
-                .ok_or_else(|| {
-                    ApiError::InvalidQuery("`limit` must be an integer from 1 to 500".into())
-                })?;
+            limit = admin_limit(value)?;
         }
     }
     let items = state.store.recent_audit(limit).await?;
@@ -295,15 +298,7 @@ async fn list_suppressions(state: &AppState, request: &Request) -> Result<Respon
         match name {
             "email" => email = Some(address_param(value)?),
             "before" => before = Some(address_param(value)?),
-            "limit" => {
-                limit = value
-                    .parse::<u32>()
-                    .ok()
-                    .filter(|n| (1..=500).contains(n))
-                    .ok_or_else(|| {
-                        ApiError::InvalidQuery("`limit` must be an integer from 1 to 500".into())
-                    })?;
-            }
+            "limit" => limit = admin_limit(value)?,
             _ => {}
         }
     }

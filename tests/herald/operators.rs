@@ -578,72 +578,44 @@ async fn one_application_s_trace_runs_from_its_http_request_to_the_provider_requ
     )
     .await;
 
-    let by_name = |spans: &[support::otlp::Span], name: &str| -> Vec<support::otlp::Span> {
-        spans.iter().filter(|s| s.name == name).cloned().collect()
-    };
-    let spans = eventually(
+    /// The chain, once the collector holds all of it: request, commit,
+    /// publish, batch send, provider request.
+    fn chain(
+        spans: &[support::otlp::Span],
+        caller_trace: &str,
+    ) -> Option<[support::otlp::Span; 5]> {
+        let find = |name: &str, is: &dyn Fn(&support::otlp::Span) -> bool| {
+            spans.iter().find(|s| s.name == name && is(s)).cloned()
+        };
+        let request = find("POST /api/applications", &|s| s.trace_id == caller_trace)?;
+        let commit = find("outbox commit", &|s| s.parent_span_id == request.span_id)?;
+        let publish = find("outbox publish", &|s| s.parent_span_id == commit.span_id)?;
+        let link = (caller_trace.to_string(), commit.span_id.clone());
+        let send = find("email batch send", &|s| s.links.contains(&link))?;
+        let provider = find("provider request", &|s| s.parent_span_id == send.span_id)?;
+        Some([request, commit, publish, send, provider])
+    }
+    let [request, _commit, publish, send, provider] = eventually(
         "the whole trace at the collector",
         Duration::from_secs(30),
-        || async {
-            let spans = collector.spans();
-            let request = by_name(&spans, "POST /api/applications")
-                .into_iter()
-                .find(|s| s.trace_id == caller_trace)?;
-            let commit = by_name(&spans, "outbox commit")
-                .into_iter()
-                .find(|s| s.parent_span_id == request.span_id)?;
-            by_name(&spans, "outbox publish")
-                .into_iter()
-                .find(|s| s.parent_span_id == commit.span_id)?;
-            let send = by_name(&spans, "email batch send").into_iter().find(|s| {
-                s.links
-                    .contains(&(caller_trace.to_string(), commit.span_id.clone()))
-            })?;
-            by_name(&spans, "provider request")
-                .into_iter()
-                .find(|s| s.parent_span_id == send.span_id)?;
-            Some(spans)
-        },
+        || async { chain(&collector.spans(), caller_trace) },
     )
     .await;
-    let request = by_name(&spans, "POST /api/applications")
-        .into_iter()
-        .find(|s| s.trace_id == caller_trace)
-        .unwrap();
     assert_eq!(
         request.parent_span_id, caller_span,
         "the caller's span is its parent"
     );
     assert_eq!(request.kind, 2, "a server span");
-    let commit = by_name(&spans, "outbox commit")
-        .into_iter()
-        .find(|s| s.parent_span_id == request.span_id)
-        .unwrap();
-    let publish = by_name(&spans, "outbox publish")
-        .into_iter()
-        .find(|s| s.parent_span_id == commit.span_id)
-        .unwrap();
     assert_eq!(
         publish.trace_id, caller_trace,
         "the publish continues the request's trace"
     );
     assert_eq!(publish.kind, 4, "a producer span");
-    let send = by_name(&spans, "email batch send")
-        .into_iter()
-        .find(|s| {
-            s.links
-                .contains(&(caller_trace.to_string(), commit.span_id.clone()))
-        })
-        .unwrap();
     assert_ne!(
         send.trace_id, caller_trace,
         "a batch send starts its own trace, linked"
     );
     assert_eq!(send.kind, 5, "a consumer span");
-    let provider = by_name(&spans, "provider request")
-        .into_iter()
-        .find(|s| s.parent_span_id == send.span_id)
-        .unwrap();
     assert_eq!(provider.kind, 3, "a client span");
     assert!(request.service.contains("herald"), "{:?}", request.service);
     // The provider got the provider request's context.
