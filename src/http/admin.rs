@@ -129,10 +129,11 @@ async fn metrics(state: &AppState) -> Response {
 }
 
 async fn status(state: &AppState, request: &Request) -> Result<Response, ApiError> {
-    super::operator(state, request)?;
+    let operator = super::operator(state, request)?;
     let outbox = refresh_outbox_gauges(state).await;
     let body = serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
+        "operator": operator.name,
         "backend": state.store.backend(),
         "broker": state.broker,
         "actors": state.actors.status(),

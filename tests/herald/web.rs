@@ -822,7 +822,8 @@ async fn the_operator_page_replays_a_dead_letter_and_closes_a_job() {
             "return !document.getElementById('console').hidden \
                && document.querySelectorAll('#dlq tbody tr').length === 1 \
                && Array.from(document.querySelectorAll('#jobs tbody td')).some(td => td.textContent === 'Lighthouse keeper') \
-               && document.getElementById('status').textContent.includes('Ready')",
+               && document.getElementById('status').textContent.includes('Ready') \
+               && document.getElementById('who').textContent.includes('Signed in as ada')",
         )
         .await;
     browser.save_screenshot("admin-page.png").await;

@@ -105,14 +105,15 @@ function statusRow(list, term, value, cls) {
 
 async function loadStatus() {
   const s = await api('GET', '/admin/status');
+  $('operator').textContent = s.operator || '';
   const list = $('status');
   list.replaceChildren();
   statusRow(list, 'Ready', s.outbox ? 'yes: the database answers' : 'no: the database does not answer', s.outbox ? 'good' : 'bad');
   statusRow(list, 'Version', s.version);
   statusRow(list, 'Store / broker', `${s.backend} / ${s.broker}`);
   statusRow(list, 'Redis', s.redis, s.redis === 'fallback' ? 'bad' : '');
-  const actors = Object.entries(s.actors || {});
-  const down = actors.filter(([, a]) => !a.running).map(([n]) => n);
+  const actors = s.actors || [];
+  const down = actors.filter((a) => !a.running).map((a) => a.name);
   statusRow(list, 'Actors', down.length ? `not running: ${down.join(', ')}` : `${actors.length} running`, down.length ? 'bad' : 'good');
   if (s.outbox) {
     statusRow(list, 'Outbox', `${s.outbox.pending} pending, oldest ${Number(s.outbox.lag_seconds).toFixed(1)} s`);
@@ -218,8 +219,9 @@ function signOut(reason) {
 async function signedIn() {
   $('sign-in').hidden = true;
   $('console').hidden = false;
-  $('who').textContent = 'Signed in';
-  $('who').append(' ', button('Sign out', 'link', () => signOut()));
+  const name = document.createElement('strong');
+  name.id = 'operator';
+  $('who').replaceChildren('Signed in as ', name, ' ', button('Sign out', 'link', () => signOut()));
   await refresh();
 }
 
