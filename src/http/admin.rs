@@ -246,7 +246,6 @@ fn address_param(encoded: &str) -> Result<String, ApiError> {
     Ok(key)
 }
 
-/// `GET /admin/suppressions?email=&limit=&before=`: newest first.
 /// The operator page's files (`web/admin/`), compiled into the binary.
 const PAGE_HTML: &str = include_str!("../../web/admin/index.html");
 const PAGE_JS: &str = include_str!("../../web/admin/app.js");
@@ -291,6 +290,7 @@ async fn audit_trail(state: &AppState, request: &Request) -> Result<Response, Ap
     Ok(ok_json(&serde_json::json!({ "items": items })))
 }
 
+/// `GET /admin/suppressions?email=&limit=&before=`: newest first.
 async fn list_suppressions(state: &AppState, request: &Request) -> Result<Response, ApiError> {
     super::operator(state, request)?;
     let (mut email, mut before, mut limit) = (None, None, 50u32);

@@ -176,8 +176,11 @@ impl Load {
             async move {
                 let http = reqwest::Client::new();
                 let mut rounds = 0;
-                // Bounded in count and time: at most 600 rounds of ~100 ms.
+                // A steady pace, not a burst: a round every 100 ms at most,
+                // bounded in count (600) as well as by `stop`.
+                let mut pace = tokio::time::interval(Duration::from_millis(100));
                 while running.load(Ordering::Relaxed) && rounds < 600 {
+                    pace.tick().await;
                     rounds += 1;
                     let job: Value = http
                         .post(format!("{public}/api/jobs"))
@@ -206,7 +209,6 @@ impl Load {
                         .bearer_auth(user_token(&user))
                         .send()
                         .await;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 rounds
             }

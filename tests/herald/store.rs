@@ -23,8 +23,8 @@ use herald::idempotency::{Fingerprint, IdempotencyKey, KeyScope, StoredResponse}
 use herald::store::postgres::PgStore;
 use herald::store::sqlite::SqliteStore;
 use herald::store::{
-    ApplyOutcome, Consumer, DeliveryDecision, DeliveryResult, DlqAction, Effect, Invariant,
-    KeyClaim, KeyClaimRequest, KeyLease, Relayed, Store, StoreError,
+    ApplyOutcome, AuditEntry, Consumer, DeliveryDecision, DeliveryResult, DlqAction, Effect,
+    Invariant, KeyClaim, KeyClaimRequest, KeyLease, Relayed, Store, StoreError,
 };
 use herald::use_cases;
 use support::{eventually, Backend};
@@ -862,6 +862,62 @@ async fn a_charge_is_written_with_its_event_and_its_key(backend: Backend) {
     ));
 }
 
+async fn an_operator_s_change_is_audited_with_it_and_dead_letter_actions_too(backend: Backend) {
+    let (store, _storage) = open(backend).await;
+    let entry = |action: &str, subject: Uuid, actor: &str| AuditEntry {
+        action: action.into(),
+        subject: subject.to_string(),
+        detail: "{}".into(),
+        actor: actor.into(),
+    };
+    // A change and its audit line commit together...
+    let posted = job("Audited");
+    let line = entry("job.post", posted.id, "ada");
+    let (job_in_unit, line_in_unit) = (posted.clone(), line.clone());
+    support::in_unit(&store, None, &answer(201, "{}"), |tx| {
+        Box::pin(async move {
+            use_cases::post_job(tx, &job_in_unit).await?;
+            tx.audit(&line_in_unit).await
+        })
+    })
+    .await
+    .expect("posted and audited");
+    // ... and a unit dropped without commit leaves neither.
+    let dropped = job("Never posted");
+    let mut unit = store.begin(None).await.unwrap();
+    use_cases::post_job(&mut *unit, &dropped).await.unwrap();
+    unit.audit(&entry("job.post", dropped.id, "grace"))
+        .await
+        .unwrap();
+    drop(unit);
+    // A dead letter's replay is on the same trail, newest first.
+    let Seeded { bob, .. } = seed(&store).await;
+    let envelopes = relay(&store, topics::APPLICATION_SUBMITTED).await;
+    let copy = copy_of(&envelopes, &bob);
+    let dead = DeliveryDecision::Dead {
+        error: "refused".into(),
+    };
+    deliver(&store, &copy, dead).await;
+    let letter = store.list_dead_letters(None, 10, None).await.unwrap()[0].id;
+    store
+        .replay_dead_letter(letter, "ada (note: on call)")
+        .await
+        .unwrap();
+    let trail: Vec<AuditEntry> = store
+        .recent_audit(10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.entry)
+        .collect();
+    assert_eq!(
+        trail,
+        [entry("dlq.replay", letter, "ada (note: on call)"), line],
+        "{trail:?}"
+    );
+    assert_eq!(store.recent_audit(1).await.unwrap().len(), 1);
+}
+
 on_both_backends!(
     a_free_key_is_claimed_then_in_flight_then_replayed_and_another_body_is_refused,
     a_released_key_is_free_again_at_once,
@@ -880,4 +936,5 @@ on_both_backends!(
     the_job_filters_match_text_location_and_company_in_any_case,
     a_keyed_close_completes_its_key_with_the_job_as_it_now_is,
     a_charge_is_written_with_its_event_and_its_key,
+    an_operator_s_change_is_audited_with_it_and_dead_letter_actions_too,
 );
