@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Runs `herald bench intake` (or, as benches/delivery.sh or benches/stream.sh,
-# `herald bench delivery` / `herald bench stream`) against throwaway PostgreSQL and Redis servers (temp dir, free
-# ports, 127.0.0.1), then stops exactly the processes it started.
+# Runs `herald bench intake` (or, as benches/delivery.sh, benches/stream.sh or
+# benches/filters.sh, `herald bench delivery` / `stream` / `filters`) against
+# throwaway PostgreSQL and Redis servers (temp dir, free ports, 127.0.0.1),
+# then stops exactly the processes it started.
 # Usage: benches/intake.sh [--seconds N] [--concurrency N]
 #        benches/delivery.sh [--events N] [--concurrency N] [--rounds N]
 #        benches/stream.sh [--clients N] [--jobs N] [--interval-ms N]
+#        benches/filters.sh [--jobs N] [--requests N] [--concurrency N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -48,9 +50,10 @@ trap cleanup EXIT
 
 pg_port=$(free_port); redis_port=$(free_port)
 "${runas[@]}" "$pgbin/initdb" -D "$tmp/pg" -U herald --auth=trust -E UTF8 --no-sync >/dev/null
-# Durable settings (fsync on), as production would run.
+# Durable settings (fsync on), as production would run. Every lock wait
+# past 100 ms is logged ("still waiting for"), and counted after the run.
 "${runas[@]}" "$pgbin/postgres" -D "$tmp/pg" -p "$pg_port" -k "$tmp" -c listen_addresses=127.0.0.1 \
-    -c max_connections=200 >"$tmp/pg.log" 2>&1 &
+    -c max_connections=200 -c log_lock_waits=on -c deadlock_timeout=100ms >"$tmp/pg.log" 2>&1 &
 pids+=($!)
 redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >/dev/null &
 pids+=($!)
@@ -61,3 +64,8 @@ export HERALD_DATABASE_URL="postgres://herald@127.0.0.1:$pg_port/postgres"
 [ -n "${NO_REDIS:-}" ] || export HERALD_REDIS_URL="redis://127.0.0.1:$redis_port"
 bench=$(basename "$0" .sh)
 PATH="$pgbin:$PATH" target/release/herald bench "$bench" "$@"
+waits=$(grep -c "still waiting for" "$tmp/pg.log" || true)
+echo "postgres lock waits over 100 ms: $waits"
+if [ "$waits" -gt 0 ]; then
+    grep -A2 "still waiting for" "$tmp/pg.log" | head -12
+fi

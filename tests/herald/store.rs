@@ -23,8 +23,9 @@ use herald::idempotency::{Fingerprint, IdempotencyKey, KeyScope, StoredResponse}
 use herald::store::postgres::PgStore;
 use herald::store::sqlite::SqliteStore;
 use herald::store::{
-    ApplyOutcome, AuditEntry, Consumer, DeliveryDecision, DeliveryResult, DlqAction, Effect,
-    Invariant, KeyClaim, KeyClaimRequest, KeyLease, Relayed, Store, StoreError,
+    Admission, ApplyOutcome, AuditEntry, BatchDecision, BatchToSend, Consumer, DeliveryDecision,
+    DeliveryResult, DlqAction, Effect, Invariant, KeyClaim, KeyClaimRequest, KeyLease,
+    MemberOutcome, Relayed, Store, StoreError,
 };
 use herald::use_cases;
 use support::{eventually, Backend};
@@ -918,6 +919,156 @@ async fn an_operator_s_change_is_audited_with_it_and_dead_letter_actions_too(bac
     assert_eq!(store.recent_audit(1).await.unwrap().len(), 1);
 }
 
+/// Four batches of ten, sent at once (each send waits until all four are
+/// in flight, so their settles overlap): every member settles with its own
+/// outcome in its batch's few statements, one member of each batch is
+/// dead-lettered alone, and the effect counters `/metrics` reads equal the
+/// rows they count.
+async fn batches_settling_at_once_each_write_their_members_and_the_counters_stay_exact(
+    backend: Backend,
+) {
+    let (store, _storage) = open(backend).await;
+    let job = job("Rust engineer");
+    post(&store, &job).await;
+    let mut applications = Vec::new();
+    for i in 0..40 {
+        let app = application(&job, &format!("user-{i}"));
+        apply(&store, ApplyPath::AsTheDaemonDoes, &app, None)
+            .await
+            .expect("applied");
+        applications.push(app);
+    }
+    let envelopes = relay(&store, topics::APPLICATION_SUBMITTED).await;
+    assert_eq!(envelopes.len(), 40);
+    for chunk in envelopes.chunks(10) {
+        let admitted = store
+            .form_batch(EMAIL, Uuid::now_v7(), chunk)
+            .await
+            .expect("formed");
+        assert!(
+            admitted.iter().all(|a| *a == Admission::Member),
+            "{admitted:?}"
+        );
+    }
+    let in_flight = Arc::new(tokio::sync::Barrier::new(4));
+    let send = move |batch: BatchToSend| {
+        let in_flight = in_flight.clone();
+        async move {
+            in_flight.wait().await;
+            // The first member of each batch is refused; the rest are sent.
+            let answers = batch
+                .members
+                .iter()
+                .enumerate()
+                .map(|(i, member)| match i {
+                    0 => MemberOutcome::Dead {
+                        error: "422 invalid recipient".into(),
+                    },
+                    _ => MemberOutcome::Done {
+                        provider_id: Some(format!("re_{}", member.event_id)),
+                    },
+                })
+                .collect();
+            BatchDecision::Answered(answers)
+        }
+        .boxed()
+    };
+    let settles = (0..4).map(|_| store.send_due_batch(EMAIL, &send));
+    let results = tokio::time::timeout(Duration::from_secs(30), futures::future::join_all(settles))
+        .await
+        .expect("four batches settle at once, none waits for another");
+    for result in results {
+        let result = result.expect("settled").expect("a batch was due");
+        assert_eq!(result.members, 10);
+    }
+    let mut sent = 0;
+    for app in &applications {
+        let now = store
+            .get_application(app.id, &app.user_id)
+            .await
+            .unwrap()
+            .unwrap();
+        match now.email_status {
+            EmailStatus::Sent => sent += 1,
+            EmailStatus::Dead => {}
+            other => panic!("{} is {other:?}", app.id),
+        }
+    }
+    assert_eq!(sent, 36);
+    assert_eq!(
+        store
+            .list_dead_letters(None, 100, None)
+            .await
+            .unwrap()
+            .len(),
+        4
+    );
+    assert_eq!(store.outbox_stats().await.unwrap().emails_delivered, 36);
+    // A replayed letter that is then delivered moves the counter by one.
+    let letter = store.list_dead_letters(None, 1, None).await.unwrap()[0].id;
+    store.replay_dead_letter(letter, "test").await.unwrap();
+    let replayed = relay(&store, topics::APPLICATION_SUBMITTED).await;
+    deliver(&store, &replayed[0], DeliveryDecision::Done).await;
+    assert_eq!(store.outbox_stats().await.unwrap().emails_delivered, 37);
+    let audit = store
+        .audit(
+            &herald::actors::CONSUMERS,
+            Duration::from_secs(3600),
+            Duration::from_secs(3600),
+        )
+        .await
+        .unwrap();
+    assert!(audit.iter().all(|(_, n)| *n == 0), "{audit:?}");
+}
+
+/// A `q` page reads the newest thousand open jobs first and the text index
+/// below them: across that line, pages (a cursor each) list every match
+/// once, newest first, as a full reading would; short terms and
+/// characters LIKE would read as wildcards match only themselves.
+async fn a_text_search_pages_through_the_newest_jobs_and_the_index_alike(backend: Backend) {
+    let (store, _storage) = open(backend).await;
+    let mut posted = Vec::new();
+    // 1,050 jobs, one unit: matches in the window (the newest 1,000) and
+    // below it.
+    let mut unit = store.begin(None).await.unwrap();
+    for i in 0..1050 {
+        let mut job = job(&format!("Job {i}"));
+        job.description = match i {
+            3 | 7 | 500 | 1040 => format!("needle 100%_ off #{i}"),
+            _ => format!("hay #{i}"),
+        };
+        use_cases::post_job(&mut *unit, &job).await.unwrap();
+        posted.push(job.id);
+    }
+    unit.commit(&answer(201, "{}")).await.unwrap();
+    let pages = |q: &'static str, limit: u32| {
+        let store = store.clone();
+        async move {
+            let filter = JobFilter::from_pairs([("q", q.to_string())]).unwrap();
+            let (mut all, mut before, mut pages) = (Vec::new(), None, 0);
+            loop {
+                let page = store.list_jobs(limit, before, &filter).await.unwrap();
+                pages += 1;
+                all.extend(page.iter().map(|j| j.id));
+                if page.len() < limit as usize {
+                    return (all, pages);
+                }
+                before = page.last().map(|j| j.id);
+            }
+        }
+    };
+    let expected = [posted[1040], posted[500], posted[7], posted[3]];
+    // Three a page: the first page takes two from the window, one from the index.
+    let (found, _) = pages("needle", 3).await;
+    assert_eq!(found, expected);
+    let (found, pages_read) = pages("needle", 1).await;
+    assert_eq!(found, expected);
+    assert_eq!(pages_read, 5);
+    assert_eq!(pages("100%_", 10).await.0, expected, "% and _ are themselves");
+    assert!(pages("100%x", 10).await.0.is_empty());
+    assert_eq!(pages("#7", 10).await.0.len(), 1 + 10 + 100, "a short term, by reading");
+}
+
 on_both_backends!(
     a_free_key_is_claimed_then_in_flight_then_replayed_and_another_body_is_refused,
     a_released_key_is_free_again_at_once,
@@ -937,4 +1088,6 @@ on_both_backends!(
     a_keyed_close_completes_its_key_with_the_job_as_it_now_is,
     a_charge_is_written_with_its_event_and_its_key,
     an_operator_s_change_is_audited_with_it_and_dead_letter_actions_too,
+    batches_settling_at_once_each_write_their_members_and_the_counters_stay_exact,
+    a_text_search_pages_through_the_newest_jobs_and_the_index_alike,
 );

@@ -4,86 +4,127 @@
 use super::provider_events::PgReports;
 use super::*;
 
-/// Records a delivered event: the consumer's inbox row, its effect (the
-/// aggregate's status, `$6` = [`Effect::status`]; for
-/// [`Effect::ChargeLedger`] also the ledger entry) and the row settled, all
-/// in one statement, so a charge's ledger entry exists exactly when its inbox
-/// row does. This one statement is the fast path of every delivery; the
-/// other outcomes use [`Effect::status_update`]. `$1` consumer, `$2` event
-/// id, `$3` attempts spent, `$4` the effect's name ([`Effect::as_str`]: a
-/// unit test below keeps the names here in step), `$5` aggregate id, `$7`
-/// the provider's id of the email (NULL keeps the one it has). A copy to a
-/// suppressed address is recorded the same way, with its status.
+/// Records delivered events, however many, in one statement: their
+/// consumer's inbox rows, their effect (the aggregate's status and the
+/// provider's id of the email; for [`Effect::ChargeLedger`] also the ledger
+/// entry) and their rows settled, so a charge's ledger entry exists exactly
+/// when its inbox row does. A batch of a hundred settles in this one
+/// statement (and the counters' one statement trigger,
+/// migrations/postgres/0011); a single delivery is a set of one. `$1`
+/// consumer, `$2`–`$6` one array each (event id, aggregate id, attempts
+/// spent, the aggregate's new status ([`Effect::status`]), the provider's
+/// id of the email or NULL to keep the one it has), `$7` the effect's name
+/// ([`Effect::as_str`]: a unit test below keeps the names here in step). A
+/// copy to a suppressed address is recorded the same way, with its status.
 pub(super) const SETTLE_DELIVERED: &str = "
-WITH inbox_row AS (
-    INSERT INTO inbox (consumer, event_id) VALUES ($1, $2)
+WITH m AS (
+    SELECT * FROM unnest($2::uuid[], $3::uuid[], $4::int4[], $5::text[], $6::text[])
+        AS m(event_id, aggregate_id, attempts, status, provider_id)
+), inbox_rows AS (
+    INSERT INTO inbox (consumer, event_id) SELECT $1, event_id FROM m
 ), effect AS (
-    UPDATE applications SET email_status = $6, email_id = COALESCE($7, email_id)
-     WHERE $4 = 'application_email' AND id = $5
+    UPDATE applications a SET email_status = m.status, email_id = COALESCE(m.provider_id, a.email_id)
+      FROM m
+     WHERE $7 = 'application_email' AND a.id = m.aggregate_id
 ), ledger AS (
     INSERT INTO ledger_entries (charge_id, event_id, user_id, amount_cents, currency)
-    SELECT c.id, $2, c.user_id, c.amount_cents, c.currency FROM charges c
-     WHERE $4 = 'charge_ledger' AND c.id = $5
+    SELECT c.id, m.event_id, c.user_id, c.amount_cents, c.currency
+      FROM m JOIN charges c ON c.id = m.aggregate_id
+     WHERE $7 = 'charge_ledger'
 ), charge AS (
-    UPDATE charges SET ledger_status = $6
-     WHERE $4 = 'charge_ledger' AND id = $5
+    UPDATE charges c SET ledger_status = m.status
+      FROM m
+     WHERE $7 = 'charge_ledger' AND c.id = m.aggregate_id
 )
-UPDATE outbox_events SET settled_at = now(), attempts = $3, last_error = NULL
- WHERE event_id = $2";
+UPDATE outbox_events o SET settled_at = now(), attempts = m.attempts, last_error = NULL
+  FROM m
+ WHERE o.event_id = m.event_id";
+
+/// Dead-letters events, however many, in one statement: each one's dead
+/// letter (a replayed letter dies again in place), its aggregate's status
+/// `$9` ([`Effect::status`] of [`Settled::Dead`]) and its row settled with
+/// the error. `$1`–`$7` one array each (event id, aggregate id, topic,
+/// attempts spent, error, first failure, the letter's new id), `$8` the
+/// consumer, `$10` the effect's name.
+pub(super) const SETTLE_DEAD: &str = "
+WITH m AS (
+    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int4[], $5::text[],
+                         $6::timestamptz[], $7::uuid[])
+        AS m(event_id, aggregate_id, topic, attempts, error, first_at, letter_id)
+), letters AS (
+    INSERT INTO dead_letters
+           (event_id, consumer, topic, attempts, last_error, first_failed_at, id, effect)
+    SELECT event_id, $8, topic, attempts, error, first_at, letter_id, $10 FROM m
+    ON CONFLICT (consumer, event_id) DO UPDATE
+       SET attempts = EXCLUDED.attempts, last_error = EXCLUDED.last_error,
+           dead_at = now(), replayed_at = NULL, discarded_at = NULL
+), effect AS (
+    UPDATE applications a SET email_status = $9
+      FROM m
+     WHERE $10 = 'application_email' AND a.id = m.aggregate_id
+), charge AS (
+    UPDATE charges c SET ledger_status = $9
+      FROM m
+     WHERE $10 = 'charge_ledger' AND c.id = m.aggregate_id
+)
+UPDATE outbox_events o SET settled_at = now(), attempts = m.attempts, last_error = m.error
+  FROM m
+ WHERE o.event_id = m.event_id";
 
 impl PgStore {
-    /// Records one event as done ([`SETTLE_DELIVERED`]), in the caller's transaction.
+    /// Records `done` events of `consumer` ([`SETTLE_DELIVERED`]), in the
+    /// caller's transaction: one statement however many there are.
     pub(super) async fn record_done(
         tx: &mut Transaction<'_, Postgres>,
-        done: &DoneEvent<'_>,
+        consumer: Consumer,
+        done: &[DoneEvent<'_>],
     ) -> Result<(), StoreError> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        debug_assert!(done.iter().all(|d| d.consumer == consumer));
+        let column = |f: fn(&DoneEvent<'_>) -> Uuid| done.iter().map(f).collect::<Vec<_>>();
         sqlx::query(SETTLE_DELIVERED)
-            .bind(done.consumer.name)
-            .bind(done.event_id)
-            .bind(done.attempt)
-            .bind(done.consumer.effect.as_str())
-            .bind(done.aggregate_id)
-            .bind(done.consumer.effect.status(done.settled))
-            .bind(done.provider_id)
+            .bind(consumer.name)
+            .bind(column(|d| d.event_id))
+            .bind(column(|d| d.aggregate_id))
+            .bind(done.iter().map(|d| d.attempt).collect::<Vec<_>>())
+            .bind(
+                done.iter()
+                    .map(|d| consumer.effect.status(d.settled))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(done.iter().map(|d| d.provider_id).collect::<Vec<_>>())
+            .bind(consumer.effect.as_str())
             .execute(&mut **tx)
             .await?;
         Ok(())
     }
 
-    /// Writes one event's dead letter, marks its aggregate `dead` and
-    /// settles the row, in the caller's transaction.
+    /// Dead-letters `dead` events of `consumer` ([`SETTLE_DEAD`]), in the
+    /// caller's transaction: one statement however many there are.
     pub(super) async fn record_dead(
         tx: &mut Transaction<'_, Postgres>,
-        dead: &DeadEvent<'_>,
+        consumer: Consumer,
+        dead: &[DeadEvent<'_>],
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO dead_letters
-                 (event_id, consumer, topic, attempts, last_error, first_failed_at, id, effect)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-             ON CONFLICT (consumer, event_id) DO UPDATE
-                SET attempts = EXCLUDED.attempts, last_error = EXCLUDED.last_error,
-                    dead_at = now(), replayed_at = NULL, discarded_at = NULL",
-        )
-        .bind(dead.event_id)
-        .bind(dead.consumer.name)
-        .bind(dead.topic)
-        .bind(dead.attempt)
-        .bind(dead.error)
-        .bind(dead.first_at)
-        .bind(Uuid::now_v7())
-        .bind(dead.consumer.effect.as_str())
-        .execute(&mut **tx)
-        .await?;
-        Self::set_status(tx, dead.consumer.effect, dead.aggregate_id, Settled::Dead).await?;
-        sqlx::query(
-            "UPDATE outbox_events SET settled_at = now(), attempts = $2, last_error = $3
-              WHERE event_id = $1",
-        )
-        .bind(dead.event_id)
-        .bind(dead.attempt)
-        .bind(dead.error)
-        .execute(&mut **tx)
-        .await?;
+        if dead.is_empty() {
+            return Ok(());
+        }
+        debug_assert!(dead.iter().all(|d| d.consumer == consumer));
+        sqlx::query(SETTLE_DEAD)
+            .bind(dead.iter().map(|d| d.event_id).collect::<Vec<_>>())
+            .bind(dead.iter().map(|d| d.aggregate_id).collect::<Vec<_>>())
+            .bind(dead.iter().map(|d| d.topic).collect::<Vec<_>>())
+            .bind(dead.iter().map(|d| d.attempt).collect::<Vec<_>>())
+            .bind(dead.iter().map(|d| d.error).collect::<Vec<_>>())
+            .bind(dead.iter().map(|d| d.first_at).collect::<Vec<_>>())
+            .bind(dead.iter().map(|_| Uuid::now_v7()).collect::<Vec<_>>())
+            .bind(consumer.name)
+            .bind(consumer.effect.status(Settled::Dead))
+            .bind(consumer.effect.as_str())
+            .execute(&mut **tx)
+            .await?;
         Ok(())
     }
 
@@ -119,12 +160,15 @@ impl DeliveryStore for PgStore {
                     .begin_with("BEGIN; SET LOCAL lock_timeout = '5s'")
                     .await?;
                 let ids: Vec<Uuid> = envelopes.iter().map(|e| e.event_id).collect();
+                // A join, not an `EXISTS` per row: for a set, the planner
+                // made that a hashed subplan over the consumer's whole inbox
+                // (every row it ever settled, read on every batch).
                 let rows = sqlx::query(
                     "SELECT o.event_id, o.attempts, o.settled_at IS NOT NULL AS settled,
                         o.batch_id IS NOT NULL AS batched, o.aggregate_id,
-                        EXISTS (SELECT 1 FROM inbox i
-                                 WHERE i.consumer = $2 AND i.event_id = o.event_id) AS in_inbox
+                        i.event_id IS NOT NULL AS in_inbox
                    FROM outbox_events o
+                   LEFT JOIN inbox i ON i.consumer = $2 AND i.event_id = o.event_id
                   WHERE o.event_id = ANY($1)
                   ORDER BY o.event_id
                   FOR UPDATE OF o",
@@ -194,14 +238,14 @@ impl DeliveryStore for PgStore {
                         admission
                     })
                     .collect();
-                for event_id in unsent {
-                    let aggregate_id = aggregates.get(&event_id).copied().unwrap_or_default();
-                    Self::record_done(
-                        &mut tx,
-                        &suppressed_record(consumer, event_id, aggregate_id),
-                    )
-                    .await?;
-                }
+                let unsent: Vec<DoneEvent> = unsent
+                    .into_iter()
+                    .map(|event_id| {
+                        let aggregate_id = aggregates.get(&event_id).copied().unwrap_or_default();
+                        suppressed_record(consumer, event_id, aggregate_id)
+                    })
+                    .collect();
+                Self::record_done(&mut tx, consumer, &unsent).await?;
                 if !members.is_empty() {
                     sqlx::query("INSERT INTO send_batches (id, consumer) VALUES ($1, $2)")
                         .bind(batch_id)
@@ -309,16 +353,6 @@ impl DeliveryStore for PgStore {
                         .await?;
                     }
                     BatchDecision::Answered(_) | BatchDecision::Dead { .. } => {
-                        // Settling many members bumps many counter shards
-                        // (migrations/postgres/0005), in no set order; two
-                        // batches doing that at once can deadlock. Take every
-                        // shard in one order first: batches settle one after
-                        // another (a few a second), never crosswise.
-                        sqlx::query(
-                            "SELECT 1 FROM effect_counters ORDER BY name, shard FOR UPDATE",
-                        )
-                        .execute(&mut *tx)
-                        .await?;
                         // Before the emails get their ids: a report about one of
                         // them waits for this commit, or has committed before and
                         // is applied below.
@@ -332,16 +366,18 @@ impl DeliveryStore for PgStore {
                             attempt,
                             first_at,
                         );
+                        // Every member in two statements at most, whatever the
+                        // batch's size: no lock but the members' own rows and
+                        // one counter shard (migrations/postgres/0011).
+                        let (mut done, mut dead) = (Vec::new(), Vec::new());
                         for record in records {
                             match record {
-                                MemberRecord::Done(done) => {
-                                    Self::record_done(&mut tx, &done).await?
-                                }
-                                MemberRecord::Dead(dead) => {
-                                    Self::record_dead(&mut tx, &dead).await?
-                                }
+                                MemberRecord::Done(record) => done.push(record),
+                                MemberRecord::Dead(record) => dead.push(record),
                             }
                         }
+                        Self::record_done(&mut tx, consumer, &done).await?;
+                        Self::record_dead(&mut tx, consumer, &dead).await?;
                         apply_waiting_reports(&mut PgReports { tx: &mut tx }, &email_ids).await?;
                         sqlx::query(
                             "UPDATE send_batches SET settled_at = now(), attempts = $2
@@ -431,7 +467,7 @@ impl DeliveryStore for PgStore {
                             aggregate_id,
                             attempt,
                         );
-                        Self::record_done(&mut tx, &done).await?;
+                        Self::record_done(&mut tx, consumer, &[done]).await?;
                     }
                     DeliveryDecision::Retry { after, error } => {
                         sqlx::query(
@@ -470,7 +506,7 @@ impl DeliveryStore for PgStore {
                             error,
                             first_at,
                         };
-                        Self::record_dead(&mut tx, &dead).await?;
+                        Self::record_dead(&mut tx, consumer, &[dead]).await?;
                     }
                 }
                 tx.commit().await?;
@@ -486,10 +522,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_one_statement_delivery_names_every_effect_as_effect_does() {
+    fn the_one_statement_settles_name_every_effect_as_effect_does() {
         for effect in [Effect::ApplicationEmail, Effect::ChargeLedger] {
-            let name = format!("$4 = '{}'", effect.as_str());
+            let name = format!("$7 = '{}'", effect.as_str());
             assert!(SETTLE_DELIVERED.contains(&name), "{name} missing");
+            let name = format!("$10 = '{}'", effect.as_str());
+            assert!(SETTLE_DEAD.contains(&name), "{name} missing");
         }
     }
 }
