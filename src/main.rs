@@ -206,8 +206,9 @@ fn main() -> ExitCode {
     // SAFETY: umask only swaps the process's file-creation mask.
     unsafe { libc::umask(0o077) };
     purge_freed_memory_promptly();
-    // Several TLS users (sqlx, fred, reqwest) link rustls with different
-    // providers; pick one for the process so none has to guess.
+    // Several TLS users (sqlx, fred, reqwest, sentry) link rustls; reqwest
+    // and sentry are built with no provider of their own (Cargo.toml), so
+    // this is the one they use: ring, as sqlx and fred do.
     let _ = rustls::crypto::ring::default_provider().install_default();
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();

@@ -7,7 +7,12 @@
 //! which must be the HMAC-SHA256 of `{svix-id}.{svix-timestamp}.{body}` under
 //! the key in `email.webhook_secret` (any one is enough: during a secret
 //! rotation both are sent), and `svix-timestamp` must be within 5 minutes.
-//! The check is Svix's own verifier (the `svix` crate), not a copy of it.
+//! The check is Svix's own verifier, as the Standard Webhooks reference
+//! implementation they publish (`standardwebhooks`), not a copy of it. (The
+//! `svix` crate carries the same verifier inside its API client, whose build
+//! needs a TLS stack of its own: aws-lc-rs, the slowest crate of a fresh
+//! build, for a client Herald never calls.) Standard Webhooks names the
+//! headers `webhook-*`; Resend sends them as `svix-*`: either is read.
 //! Anything else is 401 and changes nothing.
 //!
 //! A verified delivery is recorded by its `svix-id` in the same transaction
@@ -27,12 +32,28 @@ use crate::store::{ProviderEvent, MAX_EVENT_TEXT};
 use crate::telemetry::metrics as m;
 
 /// The verifier of `email.webhook_secret`.
-pub type WebhookVerifier = svix::webhooks::Webhook;
+pub type WebhookVerifier = standardwebhooks::Webhook;
 
 /// The verifier for a configured secret (checked at load:
 /// [`crate::config::is_webhook_secret`]).
 pub fn verifier(secret: &str) -> Result<WebhookVerifier, String> {
-    svix::webhooks::Webhook::new(secret.trim()).map_err(|e| e.to_string())
+    standardwebhooks::Webhook::new(secret.trim()).map_err(|e| e.to_string())
+}
+
+/// The three signature headers under their Standard Webhooks names, from
+/// Resend's `svix-*` (or, failing that, from `webhook-*` as sent).
+fn signature_headers(headers: &http::HeaderMap) -> http::HeaderMap {
+    let mut named = http::HeaderMap::new();
+    for (svix, standard) in [
+        ("svix-id", standardwebhooks::HEADER_WEBHOOK_ID),
+        ("svix-timestamp", standardwebhooks::HEADER_WEBHOOK_TIMESTAMP),
+        ("svix-signature", standardwebhooks::HEADER_WEBHOOK_SIGNATURE),
+    ] {
+        if let Some(value) = headers.get(svix).or_else(|| headers.get(standard)) {
+            named.insert(standard, value.clone());
+        }
+    }
+    named
 }
 
 /// What of a Resend webhook body Herald reads: its `type` and its `data`.
@@ -59,8 +80,8 @@ fn type_label(kind: &str) -> &'static str {
 }
 
 /// Why a delivery did not verify, in words that do not help a forger.
-fn unverified(error: svix::webhooks::WebhookError) -> ApiError {
-    use svix::webhooks::WebhookError as E;
+fn unverified(error: standardwebhooks::WebhookError) -> ApiError {
+    use standardwebhooks::WebhookError as E;
     ApiError::WebhookUnverified(match error {
         E::MissingHeader(_) => "svix-id, svix-timestamp and svix-signature are required",
         E::InvalidTimestamp | E::TimestampTooOldError | E::FutureTimestampError => {
@@ -86,7 +107,7 @@ pub async fn resend(state: &AppState, request: &Request) -> Result<Response, Api
         return Err(ApiError::WebhooksNotConfigured);
     };
     let body = request.body_bytes()?;
-    if let Err(error) = verifier.verify(body, &request.headers) {
+    if let Err(error) = verifier.verify(body, &signature_headers(&request.headers)) {
         m::webhook_event("unverified", "rejected");
         tracing::warn!(%error, "a webhook to /webhooks/resend did not verify; refused");
         return Err(unverified(error));
