@@ -504,6 +504,9 @@ pub struct LimitsConfig {
     /// `GET /api/jobs/stream` connects per client.
     pub stream_connects_per_sec: f64,
     pub stream_connect_burst: u32,
+    /// Anonymous `GET /api/jobs` per client.
+    pub job_lists_per_sec: f64,
+    pub job_list_burst: u32,
     /// Streams one client may hold open at once.
     pub streams_per_ip: usize,
     /// Longest a request may take to arrive and be answered (a stream's
@@ -823,6 +826,12 @@ impl Config {
                 l.stream_connect_burst,
                 "limits.stream_connects_per_sec",
                 "limits.stream_connect_burst",
+            ),
+            (
+                l.job_lists_per_sec,
+                l.job_list_burst,
+                "limits.job_lists_per_sec",
+                "limits.job_list_burst",
             ),
         ] {
             check(

@@ -510,7 +510,7 @@ pub mod metrics {
     }
 
     /// A request refused by a per-client abuse limit (`apply`, `charge`,
-    /// `dev_login`, `stream_connect`, `streams_open`).
+    /// `dev_login`, `stream_connect`, `job_list`, `streams_open`).
     pub fn rate_limited(action: &'static str) {
         ::metrics::counter!(RATE_LIMITED, "action" => action).increment(1);
     }

@@ -28,6 +28,7 @@
 //! Point it at a disposable database: `benches/intake.sh` starts throwaway
 //! PostgreSQL and Redis servers and runs it.
 
+mod filters;
 mod stream;
 
 use std::io::{BufRead, BufReader};
@@ -108,6 +109,21 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 0)]
         filters: usize,
     },
+    /// `GET /api/jobs` filtered by a random word (`q`) and by location, on
+    /// a board of `--jobs` open jobs, against the unfiltered list; on the
+    /// configured Postgres, then on a fresh SQLite file.
+    /// Uses HERALD_DATABASE_URL (Postgres).
+    Filters {
+        /// Open jobs on the board.
+        #[arg(long, default_value_t = 100_000)]
+        jobs: usize,
+        /// Requests per round (unfiltered, `q`, `location`).
+        #[arg(long, default_value_t = 4_000)]
+        requests: usize,
+        /// Concurrent keep-alive clients.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+    },
 }
 
 pub async fn run(command: BenchCommand, config: Config) -> anyhow::Result<()> {
@@ -121,6 +137,11 @@ pub async fn run(command: BenchCommand, config: Config) -> anyhow::Result<()> {
             let duration = Duration::from_secs(seconds.max(1));
             intake(config, concurrency, duration, rounds.max(1), &pgbench).await
         }
+        BenchCommand::Filters {
+            jobs,
+            requests,
+            concurrency,
+        } => filters::filters(config, jobs.max(1), requests.max(1), concurrency.max(1)).await,
         BenchCommand::Stream {
             clients,
             jobs,

@@ -304,6 +304,35 @@ impl JobFilter {
         *self == JobFilter::default()
     }
 
+    /// `q` as a LIKE pattern that matches where `q` occurs (`%`, `_` and
+    /// `\` escaped by `\`): the same test as [`Self::matches`], in a form
+    /// an index answers (Postgres' trigram index, migrations/postgres/0012).
+    pub fn q_like_pattern(&self) -> Option<String> {
+        self.q.as_ref().map(|q| {
+            let mut pattern = String::with_capacity(q.len() + 2);
+            pattern.push('%');
+            for c in q.chars() {
+                if matches!(c, '%' | '_' | '\\') {
+                    pattern.push('\\');
+                }
+                pattern.push(c);
+            }
+            pattern.push('%');
+            pattern
+        })
+    }
+
+    /// `q` as an FTS5 phrase (in double quotes, a quote doubled) for the
+    /// trigram index of SQLite (migrations/sqlite/0008), when it is long
+    /// enough for one: a trigram index finds nothing shorter than three
+    /// characters, and such a `q` is matched by scanning.
+    pub fn q_trigram_phrase(&self) -> Option<String> {
+        self.q
+            .as_ref()
+            .filter(|q| q.chars().count() >= 3)
+            .map(|q| format!("\"{}\"", q.replace('"', "\"\"")))
+    }
+
     /// Whether an open job with these keys is on this filter's list.
     pub fn matches(&self, keys: &SearchKeys) -> bool {
         self.q
@@ -317,6 +346,24 @@ impl JobFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_q_is_searched_as_itself_whatever_it_holds() {
+        let filter = |q: &str| JobFilter::from_query(&format!("q={q}")).unwrap();
+        assert_eq!(filter("Rust").q_like_pattern().unwrap(), "%rust%");
+        assert_eq!(
+            filter("100%25_a%5Cb").q_like_pattern().unwrap(),
+            "%100\\%\\_a\\\\b%"
+        );
+        assert_eq!(filter("rust").q_trigram_phrase().unwrap(), "\"rust\"");
+        assert_eq!(filter("a%22b").q_trigram_phrase().unwrap(), "\"a\"\"b\"");
+        assert_eq!(
+            filter("go").q_trigram_phrase(),
+            None,
+            "too short for trigrams"
+        );
+        assert_eq!(JobFilter::default().q_like_pattern(), None);
+    }
 
     fn job() -> Job {
         NewJob {

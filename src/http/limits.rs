@@ -47,6 +47,8 @@ pub enum Action {
     Charge,
     DevLogin,
     StreamConnect,
+    /// An anonymous `GET /api/jobs`.
+    JobList,
 }
 
 /// One action's bucket per client (an address, or a principal).
@@ -150,6 +152,7 @@ pub struct AbuseLimits {
     authenticated: Bucket,
     dev_login: Bucket,
     stream_connect: Bucket,
+    job_list: Bucket,
     /// Most streams one client may hold open at once.
     streams_per_ip: usize,
     /// Open streams per client.
@@ -235,6 +238,7 @@ impl AbuseLimits {
             ),
             dev_login: bucket(config.dev_login_per_sec, config.dev_login_burst),
             stream_connect: bucket(config.stream_connects_per_sec, config.stream_connect_burst),
+            job_list: bucket(config.job_lists_per_sec, config.job_list_burst),
             streams_per_ip: config.streams_per_ip,
             open_streams: Arc::default(),
             admin_failures: bucket(
@@ -279,6 +283,7 @@ impl AbuseLimits {
         let bucket = match action {
             Action::DevLogin => &self.dev_login,
             Action::StreamConnect => &self.stream_connect,
+            Action::JobList => &self.job_list,
             // Authenticated actions go through `check_user`; asked here, the
             // address's ceiling is what applies.
             Action::Apply | Action::Charge => &self.authenticated,
@@ -304,7 +309,9 @@ impl AbuseLimits {
         let bucket = match action {
             Action::Apply => &self.apply,
             Action::Charge => &self.charge,
-            Action::DevLogin | Action::StreamConnect => return self.check(action, client),
+            Action::DevLogin | Action::StreamConnect | Action::JobList => {
+                return self.check(action, client)
+            }
         };
         bucket
             .try_take(&principal.to_string())
@@ -346,6 +353,7 @@ impl AbuseLimits {
             &self.authenticated,
             &self.dev_login,
             &self.stream_connect,
+            &self.job_list,
             &self.admin_failures,
         ] {
             bucket.forget_full();
@@ -361,6 +369,7 @@ impl Action {
             Action::Charge => "charge",
             Action::DevLogin => "dev_login",
             Action::StreamConnect => "stream_connect",
+            Action::JobList => "job_list",
         }
     }
 }
@@ -442,6 +451,8 @@ mod tests {
                 dev_login_burst: burst,
                 stream_connects_per_sec: 1000.0,
                 stream_connect_burst: 1000,
+                job_lists_per_sec: 1000.0,
+                job_list_burst: 1000,
                 streams_per_ip: streams,
                 request_timeout_ms: 1000,
                 json_max_depth: 4,

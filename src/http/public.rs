@@ -256,6 +256,7 @@ pub(super) fn list_params(query: &str) -> Result<(u32, Option<Uuid>), ApiError> 
 pub(super) async fn list_jobs(state: &AppState, request: &Request) -> Result<Response, ApiError> {
     let (limit, before) = list_params(&request.query)?;
     let filter = super::job_filter(&request.query)?;
+    state.limits.check(Action::JobList, request.client)?;
     let jobs = state.store.list_jobs(limit, before, &filter).await?;
     let next_before = if jobs.len() == limit as usize {
         jobs.last().map(|j| j.id.to_string())

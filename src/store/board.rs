@@ -265,6 +265,34 @@ pub(crate) fn charge_from_row(row: &impl Columns) -> Result<Charge, sqlx::Error>
     })
 }
 
+/// How many of the newest open jobs a `q` list reads directly before it
+/// asks the text index. A term in a fraction `f` of the jobs fills a page
+/// of `n` from about `n / f` of the newest; the text index instead reads
+/// every one of its `f · N` matches to sort them. Reading this many first
+/// and the index only below them bounds a page at about `Q_WINDOW + n · N /
+/// Q_WINDOW` rows, whatever the term: with `N` = 100,000 jobs and `n` = 20,
+/// about 3,000 (the best window is `√(n · N)`).
+pub(crate) const Q_WINDOW: i64 = 1_000;
+
+/// What the newest [`Q_WINDOW`] open jobs (below the cursor) gave a `q`
+/// list: its matches among them, newest first (at most a page), and, when
+/// they did not fill the page and the window was full, the window's oldest
+/// job: older matches are the text index's to find.
+pub(crate) struct WindowHits {
+    pub(crate) jobs: Vec<Job>,
+    pub(crate) floor: Option<Uuid>,
+}
+
+/// Below which job the text index must look after the window, for a page
+/// of `limit`; `None` when the window filled the page or held every open
+/// job below the cursor.
+pub(crate) fn index_below(window: &WindowHits, limit: u32) -> Option<Uuid> {
+    if window.jobs.len() >= limit as usize {
+        return None;
+    }
+    window.floor
+}
+
 /// Jobs, applications and charges as the API reads them. (They are written
 /// by the use cases, [`crate::use_cases`], in a [`UnitOfWork`].)
 #[async_trait]

@@ -14,24 +14,18 @@ impl BoardReads for PgStore {
     ) -> Result<Vec<Job>, StoreError> {
         self.with_conn(|conn, _| {
             Box::pin(async move {
-                let sql = format!(
-                    "SELECT {JOB_COLUMNS} FROM jobs
-                  WHERE status = $3 AND ($1::uuid IS NULL OR id < $1)
-                    AND ($4::text IS NULL OR strpos(search_text, $4) > 0)
-                    AND ($5::text IS NULL OR location_key = $5)
-                    AND ($6::text IS NULL OR company_key = $6)
-                  ORDER BY id DESC LIMIT $2"
-                );
-                let rows = sqlx::query(AssertSqlSafe(sql))
-                    .bind(before)
-                    .bind(limit as i64)
-                    .bind(JobStatus::Open.as_str())
-                    .bind(filter.q.as_deref())
-                    .bind(filter.location.as_deref())
-                    .bind(filter.company.as_deref())
-                    .fetch_all(&mut *conn)
-                    .await?;
-                Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
+                if filter.q.is_none() {
+                    return indexed_page(conn, limit, before, filter).await;
+                }
+                // A `q` reads the newest jobs first, then the text index
+                // below them ([`Q_WINDOW`] says why).
+                let window = newest_matching(conn, limit, before, filter).await?;
+                let mut jobs = window.jobs.clone();
+                if let Some(below) = index_below(&window, limit) {
+                    let rest = limit - jobs.len() as u32;
+                    jobs.extend(indexed_page(conn, rest, Some(below), filter).await?);
+                }
+                Ok(jobs)
             })
         })
         .await
@@ -119,4 +113,84 @@ impl BoardReads for PgStore {
         })
         .await
     }
+}
+
+/// The filter's conditions, as many as it has, each one bound.
+fn push_filter(sql: &mut sqlx::QueryBuilder<Postgres>, filter: &JobFilter) {
+    if let Some(pattern) = filter.q_like_pattern() {
+        sql.push(" AND search_text LIKE ").push_bind(pattern);
+    }
+    if let Some(location) = &filter.location {
+        sql.push(" AND location_key = ").push_bind(location.clone());
+    }
+    if let Some(company) = &filter.company {
+        sql.push(" AND company_key = ").push_bind(company.clone());
+    }
+}
+
+/// Open jobs matching `filter` below `before`, newest first, through the
+/// indexes: only the conditions the filter has, so the planner sees each one
+/// (a generic `$n IS NULL OR …` hides them from an index): `q` by the trigram
+/// index, location and company by theirs (migrations/postgres/0012).
+async fn indexed_page(
+    conn: &mut PgConnection,
+    limit: u32,
+    before: Option<Uuid>,
+    filter: &JobFilter,
+) -> Result<Vec<Job>, StoreError> {
+    let mut sql = sqlx::QueryBuilder::<Postgres>::new(format!(
+        "SELECT {JOB_COLUMNS} FROM jobs WHERE status = "
+    ));
+    sql.push_bind(JobStatus::Open.as_str());
+    if let Some(before) = before {
+        sql.push(" AND id < ").push_bind(before);
+    }
+    push_filter(&mut sql, filter);
+    sql.push(" ORDER BY id DESC LIMIT ")
+        .push_bind(i64::from(limit));
+    let rows = sql.build().fetch_all(&mut *conn).await?;
+    Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
+}
+
+/// `filter`'s matches among the newest [`Q_WINDOW`] open jobs below
+/// `before`, and the window's oldest job when it was full.
+async fn newest_matching(
+    conn: &mut PgConnection,
+    limit: u32,
+    before: Option<Uuid>,
+    filter: &JobFilter,
+) -> Result<WindowHits, StoreError> {
+    // Reads the window newest first and stops at the page's last match.
+    let mut sql = sqlx::QueryBuilder::<Postgres>::new(format!(
+        "SELECT {JOB_COLUMNS} FROM jobs JOIN (SELECT id AS hit FROM (
+            SELECT id, search_text, location_key, company_key FROM jobs WHERE status = "
+    ));
+    sql.push_bind(JobStatus::Open.as_str());
+    if let Some(before) = before {
+        sql.push(" AND id < ").push_bind(before);
+    }
+    sql.push(" ORDER BY id DESC LIMIT ")
+        .push_bind(Q_WINDOW)
+        .push(") AS newest WHERE true");
+    push_filter(&mut sql, filter);
+    sql.push(" ORDER BY id DESC LIMIT ")
+        .push_bind(i64::from(limit))
+        .push(") AS hits ON jobs.id = hits.hit ORDER BY jobs.id DESC");
+    let rows = sql.build().fetch_all(&mut *conn).await?;
+    let jobs: Vec<Job> = rows.iter().map(job_from_row).collect::<Result<_, _>>()?;
+    if jobs.len() >= limit as usize {
+        return Ok(WindowHits { jobs, floor: None });
+    }
+    // The whole window was read: its oldest job, if it was full.
+    let mut sql = sqlx::QueryBuilder::<Postgres>::new("SELECT id FROM jobs WHERE status = ");
+    sql.push_bind(JobStatus::Open.as_str());
+    if let Some(before) = before {
+        sql.push(" AND id < ").push_bind(before);
+    }
+    sql.push(" ORDER BY id DESC OFFSET ")
+        .push_bind(Q_WINDOW - 1)
+        .push(" LIMIT 1");
+    let floor = sql.build().fetch_optional(&mut *conn).await?;
+    let floor = floor.map(|row| row.try_get::<Uuid, _>("id")).transpose()?;
+    Ok(WindowHits { jobs, floor })
 }

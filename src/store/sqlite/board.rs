@@ -12,24 +12,18 @@ impl BoardReads for SqliteStore {
         before: Option<Uuid>,
         filter: &JobFilter,
     ) -> Result<Vec<Job>, StoreError> {
-        let sql = format!(
-            "SELECT {JOB_COLUMNS} FROM jobs
-              WHERE status = ?3 AND (?1 IS NULL OR id < ?1)
-                AND (?4 IS NULL OR instr(search_text, ?4) > 0)
-                AND (?5 IS NULL OR location_key = ?5)
-                AND (?6 IS NULL OR company_key = ?6)
-              ORDER BY id DESC LIMIT ?2"
-        );
-        let rows = sqlx::query(AssertSqlSafe(sql))
-            .bind(before.map(|b| b.to_string()))
-            .bind(i64::from(limit))
-            .bind(JobStatus::Open.as_str())
-            .bind(filter.q.as_deref())
-            .bind(filter.location.as_deref())
-            .bind(filter.company.as_deref())
-            .fetch_all(&self.reader)
-            .await?;
-        Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
+        if filter.q.is_none() {
+            return self.indexed_page(limit, before, filter).await;
+        }
+        // A `q` reads the newest jobs first, then the text index below
+        // them ([`Q_WINDOW`] says why).
+        let window = self.newest_matching(limit, before, filter).await?;
+        let mut jobs = window.jobs.clone();
+        if let Some(below) = index_below(&window, limit) {
+            let rest = limit - jobs.len() as u32;
+            jobs.extend(self.indexed_page(rest, Some(below), filter).await?);
+        }
+        Ok(jobs)
     }
 
     #[instrument(skip_all)]
@@ -93,5 +87,100 @@ impl BoardReads for SqliteStore {
         .fetch_optional(&self.reader)
         .await?;
         Ok(row.as_ref().map(charge_from_row).transpose()?)
+    }
+}
+
+/// The filter's conditions, as many as it has, each one bound; `q` as
+/// itself (`instr`), which [`SqliteStore::indexed_page`] narrows first.
+fn push_filter(sql: &mut sqlx::QueryBuilder<Sqlite>, filter: &JobFilter) {
+    if let Some(q) = &filter.q {
+        sql.push(" AND instr(search_text, ")
+            .push_bind(q.clone())
+            .push(") > 0");
+    }
+    if let Some(location) = &filter.location {
+        sql.push(" AND location_key = ").push_bind(location.clone());
+    }
+    if let Some(company) = &filter.company {
+        sql.push(" AND company_key = ").push_bind(company.clone());
+    }
+}
+
+impl SqliteStore {
+    /// Open jobs matching `filter` below `before`, newest first, through
+    /// the indexes: `q` by the trigram index (migrations/sqlite/0008) when
+    /// it is long enough for one, then checked as itself; location and
+    /// company by their indexes.
+    async fn indexed_page(
+        &self,
+        limit: u32,
+        before: Option<Uuid>,
+        filter: &JobFilter,
+    ) -> Result<Vec<Job>, StoreError> {
+        let mut sql = sqlx::QueryBuilder::<Sqlite>::new(format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE status = "
+        ));
+        sql.push_bind(JobStatus::Open.as_str());
+        if let Some(before) = before {
+            sql.push(" AND id < ").push_bind(before.to_string());
+        }
+        if let Some(phrase) = filter.q_trigram_phrase() {
+            sql.push(" AND search_id IN (SELECT rowid FROM jobs_search WHERE jobs_search MATCH ")
+                .push_bind(phrase)
+                .push(")");
+        }
+        push_filter(&mut sql, filter);
+        sql.push(" ORDER BY id DESC LIMIT ")
+            .push_bind(i64::from(limit));
+        let rows = sql.build().fetch_all(&self.reader).await?;
+        Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
+    }
+
+    /// `filter`'s matches among the newest [`Q_WINDOW`] open jobs below
+    /// `before`, and the window's oldest job when it was full.
+    async fn newest_matching(
+        &self,
+        limit: u32,
+        before: Option<Uuid>,
+        filter: &JobFilter,
+    ) -> Result<WindowHits, StoreError> {
+        // Reads the window newest first and stops at the page's last match.
+        let mut sql = sqlx::QueryBuilder::<Sqlite>::new(format!(
+            "SELECT {JOB_COLUMNS} FROM jobs JOIN (SELECT id AS hit FROM (
+                SELECT id, search_text, location_key, company_key FROM jobs WHERE status = "
+        ));
+        sql.push_bind(JobStatus::Open.as_str());
+        if let Some(before) = before {
+            sql.push(" AND id < ").push_bind(before.to_string());
+        }
+        sql.push(" ORDER BY id DESC LIMIT ")
+            .push_bind(Q_WINDOW)
+            .push(") AS newest WHERE 1");
+        push_filter(&mut sql, filter);
+        sql.push(" ORDER BY id DESC LIMIT ")
+            .push_bind(i64::from(limit))
+            .push(") AS hits ON jobs.id = hits.hit ORDER BY jobs.id DESC");
+        let rows = sql.build().fetch_all(&self.reader).await?;
+        let jobs: Vec<Job> = rows.iter().map(job_from_row).collect::<Result<_, _>>()?;
+        if jobs.len() >= limit as usize {
+            return Ok(WindowHits { jobs, floor: None });
+        }
+        // The whole window was read: its oldest job, if it was full.
+        let mut sql = sqlx::QueryBuilder::<Sqlite>::new("SELECT id FROM jobs WHERE status = ");
+        sql.push_bind(JobStatus::Open.as_str());
+        if let Some(before) = before {
+            sql.push(" AND id < ").push_bind(before.to_string());
+        }
+        sql.push(" ORDER BY id DESC LIMIT 1 OFFSET ")
+            .push_bind(Q_WINDOW - 1);
+        let floor = sql.build().fetch_optional(&self.reader).await?;
+        let floor = match floor {
+            Some(row) => Some(
+                Uuid::parse_str(&row.try_get::<String, _>("id")?)
+                    .map_err(|e| sqlx::Error::Decode(e.into()))?,
+            ),
+            None => None,
+        };
+        Ok(WindowHits { jobs, floor })
     }
 }
