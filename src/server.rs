@@ -311,9 +311,10 @@ pub async fn run(
     let last_audit = crate::actors::auditor::LastAudit::default();
     let slots = Slots::new();
     let resume_window = Arc::new(ResumeWindow::default());
+    let admission = Arc::new(Admission::new(config.sse.admit_per_sec));
     let sse = SseHubHandle {
         slot: slots.sse_hub.clone(),
-        admission: Arc::new(Admission::new(config.sse.admit_per_sec)),
+        admission: admission.clone(),
         client_queue: config.sse.client_queue,
         stall_timeout: Duration::from_millis(config.sse.stall_timeout_ms),
         resume_window: resume_window.clone(),
@@ -384,6 +385,7 @@ pub async fn run(
                     history: config.sse.history,
                 },
                 resume_window,
+                admission,
             },
         },
         slots,

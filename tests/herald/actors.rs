@@ -569,6 +569,7 @@ async fn the_sse_hub_serves_each_filter_its_list_and_lets_a_slow_client_catch_up
             history: 100,
         },
         resume_window: Arc::default(),
+        admission: Arc::new(herald::actors::sse_hub::Admission::new(1000.0)),
     };
     let (hub, mut handled) = testable::spawn(SseHub, args).await;
     // Its reader loads the board first.

@@ -18,7 +18,7 @@
 //! job's post (two relays, a backlog) is still routed right; the job's
 //! `version` orders what arrives out of order.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -113,6 +113,21 @@ fn parse(topic: &str, mut job: serde_json::Value) -> Option<Parsed> {
     })
 }
 
+/// One filter's view of the board: the ids of its matching open jobs, the
+/// newest `sse.snapshot_jobs` of them (every one, when fewer match). Every
+/// event updates it in place ([`Board::apply`]); the board is read only to
+/// refill a full view that lost a member, from just below its oldest. So a
+/// snapshot costs what it returns, however many jobs the board holds.
+struct FilterView {
+    ids: BTreeSet<Uuid>,
+    /// The frame rendered from it, at the cursor it names.
+    rendered: Option<(EventCursor, Bytes)>,
+}
+
+/// Views kept at once; past it the least recently read goes (a storm of
+/// distinct filters renders each, keeps the recent ones).
+const MAX_VIEWS: usize = 4096;
+
 /// How the board is sized (from `[sse]`).
 #[derive(Debug, Clone, Copy)]
 pub struct BoardSize {
@@ -140,8 +155,10 @@ pub struct Board {
     /// The last events, oldest first; every event after `history_floor`.
     history: VecDeque<Arc<BoardEvent>>,
     history_floor: EventCursor,
-    /// Rendered snapshots by filter, valid until the next event.
-    snapshots: HashMap<JobFilter, Bytes>,
+    /// Each filter's view, kept up to date by every event, and when each
+    /// was last read (a count, for eviction).
+    views: HashMap<JobFilter, (FilterView, u64)>,
+    reads: u64,
 }
 
 impl Board {
@@ -158,7 +175,8 @@ impl Board {
             closed_order: VecDeque::new(),
             history: VecDeque::new(),
             history_floor: cursor,
-            snapshots: HashMap::new(),
+            views: HashMap::new(),
+            reads: 0,
         };
         for job in jobs.into_iter().take(size.jobs) {
             if let Some(parsed) = parse(topics::JOB_POSTED, job) {
@@ -192,8 +210,50 @@ impl Board {
             },
         );
         while self.jobs.len() > self.size.jobs {
-            self.jobs.pop_first();
+            if let Some((oldest, _)) = self.jobs.pop_first() {
+                // Nothing older is left to refill from: a view that loses
+                // it shows the filter's matches among the newest jobs.
+                for (view, _) in self.views.values_mut() {
+                    view.ids.remove(&oldest);
+                }
+            }
             self.complete = false;
+        }
+    }
+
+    /// Moves every view to what `id` is after an event (open and on the
+    /// board with `keys`, or not): in or out of each, refilled from the
+    /// board when a full view lost it.
+    fn update_views(&mut self, id: Uuid, keys: &SearchKeys) {
+        let cap = self.size.snapshot;
+        let listed = self.jobs.contains_key(&id);
+        for (filter, (view, _)) in &mut self.views {
+            if listed && filter.matches(keys) {
+                let newer_than_all = view.ids.first().is_none_or(|oldest| id > *oldest);
+                if view.ids.len() < cap || newer_than_all {
+                    view.ids.insert(id);
+                    if view.ids.len() > cap {
+                        view.ids.pop_first();
+                    }
+                }
+            } else {
+                let floor = view.ids.first().copied();
+                let was_full = view.ids.len() >= cap;
+                if view.ids.remove(&id) && was_full {
+                    // Every match newer than the view's oldest is in it:
+                    // the next one is below that.
+                    if let Some(floor) = floor {
+                        let next = self
+                            .jobs
+                            .range(..floor)
+                            .rev()
+                            .find(|(_, job)| filter.matches(&job.keys));
+                        if let Some((next, _)) = next {
+                            view.ids.insert(*next);
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -245,7 +305,7 @@ impl Board {
             self.jobs.remove(&parsed.id);
             self.remember_closed(parsed.id, parsed.version);
         }
-        self.snapshots.clear();
+        self.update_views(parsed.id, &parsed.keys);
         let (listed_name, delisted_name) = match topic {
             topics::JOB_POSTED => (topics::JOB_POSTED, topics::JOB_REMOVED),
             topics::JOB_CLOSED => (topics::JOB_UPDATED, topics::JOB_CLOSED),
@@ -277,19 +337,49 @@ impl Board {
     }
 
     /// The `snapshot` frame for `filter` at the board's cursor: its open
-    /// matching jobs, newest first, at most `sse.snapshot_jobs`.
+    /// matching jobs, newest first, at most `sse.snapshot_jobs`. Rendered
+    /// from the filter's view (made by one pass over the board the first
+    /// time the filter is asked for, then kept by the events).
     pub fn snapshot(&mut self, filter: &JobFilter) -> Bytes {
-        if let Some(frame) = self.snapshots.get(filter) {
-            return frame.clone();
+        self.reads += 1;
+        let reads = self.reads;
+        if !self.views.contains_key(filter) {
+            if self.views.len() >= MAX_VIEWS {
+                let least_recent = self
+                    .views
+                    .iter()
+                    .min_by_key(|(_, (_, read))| *read)
+                    .map(|(f, _)| f.clone());
+                if let Some(least_recent) = least_recent {
+                    self.views.remove(&least_recent);
+                }
+            }
+            let ids = self
+                .jobs
+                .iter()
+                .rev()
+                .filter(|(_, job)| filter.matches(&job.keys))
+                .take(self.size.snapshot)
+                .map(|(id, _)| *id)
+                .collect();
+            let view = FilterView {
+                ids,
+                rendered: None,
+            };
+            self.views.insert(filter.clone(), (view, reads));
+        }
+        let Some((view, read)) = self.views.get_mut(filter) else {
+            return Bytes::new();
+        };
+        *read = reads;
+        if let Some((at, frame)) = &view.rendered {
+            if *at == self.cursor {
+                return frame.clone();
+            }
         }
         let mut data = String::from("{\"jobs\":[");
-        let matching = self
-            .jobs
-            .values()
-            .rev()
-            .filter(|job| filter.matches(&job.keys))
-            .take(self.size.snapshot);
-        for (n, job) in matching.enumerate() {
+        let listed = view.ids.iter().rev().filter_map(|id| self.jobs.get(id));
+        for (n, job) in listed.enumerate() {
             if n > 0 {
                 data.push(',');
             }
@@ -300,12 +390,13 @@ impl Board {
             "id: {}\nevent: snapshot\ndata: {data}\n\n",
             self.cursor
         ));
-        // Bounded: a storm of distinct filters renders each, keeps a few.
-        if self.snapshots.len() >= 256 {
-            self.snapshots.clear();
-        }
-        self.snapshots.insert(filter.clone(), frame.clone());
+        view.rendered = Some((self.cursor, frame.clone()));
         frame
+    }
+
+    /// How many views are kept (a gauge's worth, for tests and metrics).
+    pub fn views(&self) -> usize {
+        self.views.len()
     }
 
     /// Whether a client that saw everything up to `after` can be caught up
@@ -332,6 +423,16 @@ impl Board {
             .collect();
         frames.reverse();
         Some(frames)
+    }
+
+    /// How many history events a resume after `after` reads back (what
+    /// [`Self::missed`] scans): what the resume is charged by.
+    pub fn events_after(&self, after: EventCursor) -> usize {
+        self.history
+            .iter()
+            .rev()
+            .take_while(|e| e.cursor > after)
+            .count()
     }
 
     /// The window a resume must fall in to be cheap: (floor, cursor].
@@ -460,6 +561,109 @@ mod tests {
             .collect();
         assert_eq!(listed, expected);
         assert!(text.starts_with("id: 2-0\n"));
+    }
+
+    /// The ids in a snapshot frame, in order.
+    fn snapshot_ids(frame: &Bytes) -> Vec<Uuid> {
+        let text = std::str::from_utf8(frame).unwrap();
+        let data: serde_json::Value =
+            serde_json::from_str(text.lines().nth(2).unwrap().trim_start_matches("data: "))
+                .unwrap();
+        data["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["id"].as_str().unwrap().parse().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_kept_view_is_what_a_full_pass_over_the_board_would_show_after_every_event() {
+        // Small views (3) over many jobs, moved, closed and posted in a
+        // fixed pseudo-random order; after each event every view is
+        // compared with the answer worked out from scratch.
+        // (A board that holds every job: what it drops past its size is
+        // another test's.)
+        let small = BoardSize {
+            jobs: 1000,
+            snapshot: 3,
+            history: 100,
+        };
+        let mut board = Board::load(small, cursor(1), Vec::new());
+        let places = ["Berlin", "Paris", "Lima"];
+        let filters: Vec<JobFilter> = places
+            .iter()
+            .map(|p| filter(p))
+            .chain([JobFilter::default()])
+            .collect();
+        // The model: every job's place and whether it is open, and version.
+        let mut model: BTreeMap<Uuid, (usize, bool, i64)> = BTreeMap::new();
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for f in &filters {
+            board.snapshot(f);
+        }
+        for step in 0..600u64 {
+            let open: Vec<Uuid> = model
+                .iter()
+                .filter(|(_, (_, open, _))| *open)
+                .map(|(id, _)| *id)
+                .collect();
+            let at = cursor(2 + step);
+            match next(3) {
+                0 if !open.is_empty() => {
+                    let id = open[next(open.len() as u64) as usize];
+                    let (place, _, version) = model[&id];
+                    let to = next(3) as usize;
+                    let mut moved = job(id, version + 1, places[to], "open");
+                    moved["before"] = job(id, version, places[place], "open");
+                    board.apply(at, topics::JOB_UPDATED, moved);
+                    model.insert(id, (to, true, version + 1));
+                }
+                1 if !open.is_empty() => {
+                    let id = open[next(open.len() as u64) as usize];
+                    let (place, _, version) = model[&id];
+                    board.apply(
+                        at,
+                        topics::JOB_CLOSED,
+                        job(id, version + 1, places[place], "closed"),
+                    );
+                    model.insert(id, (place, false, version + 1));
+                }
+                _ => {
+                    let id = Uuid::now_v7();
+                    let place = next(3) as usize;
+                    board.apply(at, topics::JOB_POSTED, job(id, 1, places[place], "open"));
+                    model.insert(id, (place, true, 1));
+                }
+            }
+            let on_board: Vec<(Uuid, usize)> = model
+                .iter()
+                .rev()
+                .filter(|(_, (_, open, _))| *open)
+                .map(|(id, (place, _, _))| (*id, *place))
+                .take(small.jobs)
+                .collect();
+            for (k, f) in filters.iter().enumerate() {
+                let expected: Vec<Uuid> = on_board
+                    .iter()
+                    .filter(|(_, place)| k == places.len() || *place == k)
+                    .map(|(id, _)| *id)
+                    .take(small.snapshot)
+                    .collect();
+                assert_eq!(
+                    snapshot_ids(&board.snapshot(f)),
+                    expected,
+                    "step {step}, {f:?}"
+                );
+            }
+        }
+        assert_eq!(board.views(), filters.len());
     }
 
     #[test]

@@ -78,6 +78,8 @@ pub struct SseHubArgs {
     pub size: BoardSize,
     /// Where the hub tells the request path which resumes are cheap.
     pub resume_window: Arc<ResumeWindow>,
+    /// The connects' admission, which a resume is charged to.
+    pub admission: Arc<Admission>,
 }
 
 /// The cursors a `Last-Event-ID` must fall between to be caught up from
@@ -231,6 +233,12 @@ impl SseHubState {
         };
         if let Some(after) = after {
             if let Some(frames) = board.missed(after, filter) {
+                // Charged by what it read back: the whole history's worth
+                // costs what a snapshot does. Admitted already (it was
+                // cheap to promise); the charge slows the connects after it.
+                let read_back = board.events_after(after) as f64;
+                let history = (self.args.size.history.max(1)) as f64;
+                self.args.admission.charge(read_back / history);
                 return CatchUp::Missed {
                     cursor: board.cursor.max(after),
                     frames: frames.into_iter().map(|(_, frame)| frame).collect(),
@@ -467,6 +475,14 @@ impl Admission {
         let burst = (rate / 5.0).max(1.0);
         Admission {
             bucket: Mutex::new(TokenBucket::new(rate, burst, tokio::time::Instant::now())),
+        }
+    }
+
+    /// Spends `tokens` (a fraction of one connect's), into debt if need
+    /// be: a resume's cost, paid by the connects after it.
+    pub fn charge(&self, tokens: f64) {
+        if let Ok(mut bucket) = self.bucket.lock() {
+            bucket.take(tokens, tokio::time::Instant::now());
         }
     }
 
