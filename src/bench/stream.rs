@@ -38,13 +38,19 @@ use crate::config::Config;
 /// Title prefix of the benchmark's jobs; the index follows it.
 const TITLE_PREFIX: &str = "stream-bench-";
 
-/// Peak resident set of a process, from /proc (kB).
-fn peak_rss_kib(pid: u32) -> Option<u64> {
+/// A process's memory figure `field` (`VmHWM:` the peak resident set,
+/// `VmRSS:` the current one), from /proc (kB).
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()?
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// Peak resident set of a process (kB).
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmHWM:")
 }
 
 /// What the run shares between the poster and the clients.
@@ -217,6 +223,9 @@ struct Measured {
     failed: usize,
     connected_in: Duration,
     rss_connected: u64,
+    /// Resident memory grown from before the first connect to all
+    /// connected, per client (kB).
+    per_client_kib: f64,
 }
 
 /// One phase: `clients` connect (all of the stream, or `filtered`), then
@@ -237,6 +246,7 @@ async fn phase(
     });
     // Connect everyone (at most 500 connects in progress at once).
     let connecting = Arc::new(tokio::sync::Semaphore::new(500));
+    let rss_before = status_kib(herald.process.id(), "VmRSS:").unwrap_or(0);
     let connect_start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     let mut expected_total = 0;
@@ -277,6 +287,8 @@ async fn phase(
     }
     let connected_in = connect_start.elapsed();
     let rss_connected = peak_rss_kib(herald.process.id()).unwrap_or(0);
+    let rss_now = status_kib(herald.process.id(), "VmRSS:").unwrap_or(0);
+    let per_client_kib = rss_now.saturating_sub(rss_before) as f64 / clients.max(1) as f64;
 
     // Post the jobs (then, filtered, edit each to the next location),
     // noting when each request left.
@@ -338,6 +350,7 @@ async fn phase(
         failed,
         connected_in,
         rss_connected,
+        per_client_kib,
     })
 }
 
@@ -347,6 +360,10 @@ fn report(name: &str, clients: usize, measured: &Measured) -> f64 {
         "  {name}: {clients} clients connected (snapshot received) in {:.1} s, RSS then {:.1} MB",
         measured.connected_in.as_secs_f64(),
         measured.rss_connected as f64 / 1024.0
+    );
+    println!(
+        "    memory per client : {:.1} kB (resident growth from 0 to {clients} connected, over {clients}; target <= 8 kB)",
+        measured.per_client_kib
     );
     println!(
         "    deliveries : {} of {} ({} missing, {} clients failed)",

@@ -1064,9 +1064,17 @@ async fn a_text_search_pages_through_the_newest_jobs_and_the_index_alike(backend
     let (found, pages_read) = pages("needle", 1).await;
     assert_eq!(found, expected);
     assert_eq!(pages_read, 5);
-    assert_eq!(pages("100%_", 10).await.0, expected, "% and _ are themselves");
+    assert_eq!(
+        pages("100%_", 10).await.0,
+        expected,
+        "% and _ are themselves"
+    );
     assert!(pages("100%x", 10).await.0.is_empty());
-    assert_eq!(pages("#7", 10).await.0.len(), 1 + 10 + 100, "a short term, by reading");
+    assert_eq!(
+        pages("#7", 10).await.0.len(),
+        1 + 10 + 100,
+        "a short term, by reading"
+    );
 }
 
 on_both_backends!(
