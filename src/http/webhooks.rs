@@ -165,6 +165,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_signature_verifies_under_resend_s_svix_names_or_the_standard_ones() {
+        // whsec_ + base64 of a 24-byte key.
+        let verifier = verifier("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        let body = br#"{"type":"email.delivered","data":{}}"#;
+        let now = chrono::Utc::now().timestamp();
+        let signature = verifier.sign("msg_1", now, body).unwrap();
+        let headers = |prefix: &str, signature: &str| {
+            let mut headers = http::HeaderMap::new();
+            for (name, value) in [
+                ("id", "msg_1".to_string()),
+                ("timestamp", now.to_string()),
+                ("signature", format!("v1,bm90IGl0 {signature}")),
+            ] {
+                let name = http::HeaderName::from_bytes(format!("{prefix}-{name}").as_bytes());
+                headers.insert(name.unwrap(), value.parse().unwrap());
+            }
+            headers
+        };
+        for prefix in ["svix", "webhook"] {
+            let named = signature_headers(&headers(prefix, &signature));
+            assert!(verifier.verify(body, &named).is_ok(), "{prefix}-*");
+            let forged = signature_headers(&headers(prefix, "v1,Zm9yZ2Vk"));
+            assert!(verifier.verify(body, &forged).is_err(), "{prefix}-* forged");
+        }
+        assert!(matches!(
+            verifier.verify(body, &signature_headers(&http::HeaderMap::new())),
+            Err(standardwebhooks::WebhookError::MissingHeader(_))
+        ));
+    }
+
+    #[test]
     fn the_type_label_is_one_of_a_fixed_set() {
         assert_eq!(type_label("email.bounced"), "email.bounced");
         assert_eq!(type_label("email.opened"), "other");
