@@ -87,35 +87,35 @@ fn bench_jobs(count: usize, words: &[String]) -> Vec<Job> {
         .collect()
 }
 
+/// Writes `$jobs` on the connection `$conn` in one transaction, then has
+/// the planner look at them (`$analyze`): the same on both backends, whose
+/// connection types differ.
+macro_rules! write_jobs {
+    ($conn:expr, $jobs:expr, $analyze:expr) => {{
+        let mut tx = $conn.begin().await?;
+        for job in $jobs {
+            let keys = job.search_keys();
+            bind_job(sqlx::query(INSERT_JOB), job, &keys)
+                .instant(job.posted_at)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        sqlx::query($analyze).execute(&mut $conn).await?;
+    }};
+}
+
 /// Migrates the backend at `url` and writes `jobs` in one transaction.
 async fn seed(config: &Config, jobs: &[Job]) -> anyhow::Result<()> {
     let url = config.database_url.expose();
     if url.starts_with("sqlite:") {
         SqliteStore::connect(config).await?.migrate().await?;
         let mut conn = sqlx::SqliteConnection::connect(url).await?;
-        let mut tx = conn.begin().await?;
-        for job in jobs {
-            let keys = job.search_keys();
-            bind_job(sqlx::query(INSERT_JOB), job, &keys)
-                .instant(job.posted_at)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        sqlx::query("ANALYZE").execute(&mut conn).await?;
+        write_jobs!(conn, jobs, "ANALYZE");
     } else {
         PgStore::connect(config).await?.migrate().await?;
         let mut conn = sqlx::PgConnection::connect(url).await?;
-        let mut tx = conn.begin().await?;
-        for job in jobs {
-            let keys = job.search_keys();
-            bind_job(sqlx::query(INSERT_JOB), job, &keys)
-                .instant(job.posted_at)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        sqlx::query("ANALYZE jobs").execute(&mut conn).await?;
+        write_jobs!(conn, jobs, "ANALYZE jobs");
     }
     Ok(())
 }
