@@ -275,22 +275,12 @@ pub(crate) fn charge_from_row(row: &impl Columns) -> Result<Charge, sqlx::Error>
 pub(crate) const Q_WINDOW: i64 = 1_000;
 
 /// What the newest [`Q_WINDOW`] open jobs (below the cursor) gave a `q`
-/// list: its matches among them, newest first (at most a page), and, when
-/// they did not fill the page and the window was full, the window's oldest
-/// job: older matches are the text index's to find.
+/// list: its matches among them, newest first (at most a page), and
+/// `below`: set only when they did not fill the page and the window was
+/// full, to the window's oldest job, below which the text index must look.
 pub(crate) struct WindowHits {
     pub(crate) jobs: Vec<Job>,
-    pub(crate) floor: Option<Uuid>,
-}
-
-/// Below which job the text index must look after the window, for a page
-/// of `limit`; `None` when the window filled the page or held every open
-/// job below the cursor.
-pub(crate) fn index_below(window: &WindowHits, limit: u32) -> Option<Uuid> {
-    if window.jobs.len() >= limit as usize {
-        return None;
-    }
-    window.floor
+    pub(crate) below: Option<Uuid>,
 }
 
 /// Jobs, applications and charges as the API reads them. (They are written

@@ -19,9 +19,9 @@ impl BoardReads for PgStore {
                 }
                 // A `q` reads the newest jobs first, then the text index
                 // below them ([`Q_WINDOW`] says why).
-                let window = newest_matching(conn, limit, before, filter).await?;
-                let mut jobs = window.jobs.clone();
-                if let Some(below) = index_below(&window, limit) {
+                let WindowHits { mut jobs, below } =
+                    newest_matching(conn, limit, before, filter).await?;
+                if let Some(below) = below {
                     let rest = limit - jobs.len() as u32;
                     jobs.extend(indexed_page(conn, rest, Some(below), filter).await?);
                 }
@@ -179,7 +179,7 @@ async fn newest_matching(
     let rows = sql.build().fetch_all(&mut *conn).await?;
     let jobs: Vec<Job> = rows.iter().map(job_from_row).collect::<Result<_, _>>()?;
     if jobs.len() >= limit as usize {
-        return Ok(WindowHits { jobs, floor: None });
+        return Ok(WindowHits { jobs, below: None });
     }
     // The whole window was read: its oldest job, if it was full.
     let mut sql = sqlx::QueryBuilder::<Postgres>::new("SELECT id FROM jobs WHERE status = ");
@@ -192,5 +192,5 @@ async fn newest_matching(
         .push(" LIMIT 1");
     let floor = sql.build().fetch_optional(&mut *conn).await?;
     let floor = floor.map(|row| row.try_get::<Uuid, _>("id")).transpose()?;
-    Ok(WindowHits { jobs, floor })
+    Ok(WindowHits { jobs, below: floor })
 }

@@ -83,11 +83,10 @@ impl PgStore {
             return Ok(());
         }
         debug_assert!(done.iter().all(|d| d.consumer == consumer));
-        let column = |f: fn(&DoneEvent<'_>) -> Uuid| done.iter().map(f).collect::<Vec<_>>();
         sqlx::query(SETTLE_DELIVERED)
             .bind(consumer.name)
-            .bind(column(|d| d.event_id))
-            .bind(column(|d| d.aggregate_id))
+            .bind(done.iter().map(|d| d.event_id).collect::<Vec<_>>())
+            .bind(done.iter().map(|d| d.aggregate_id).collect::<Vec<_>>())
             .bind(done.iter().map(|d| d.attempt).collect::<Vec<_>>())
             .bind(
                 done.iter()

@@ -17,9 +17,8 @@ impl BoardReads for SqliteStore {
         }
         // A `q` reads the newest jobs first, then the text index below
         // them ([`Q_WINDOW`] says why).
-        let window = self.newest_matching(limit, before, filter).await?;
-        let mut jobs = window.jobs.clone();
-        if let Some(below) = index_below(&window, limit) {
+        let WindowHits { mut jobs, below } = self.newest_matching(limit, before, filter).await?;
+        if let Some(below) = below {
             let rest = limit - jobs.len() as u32;
             jobs.extend(self.indexed_page(rest, Some(below), filter).await?);
         }
@@ -163,7 +162,7 @@ impl SqliteStore {
         let rows = sql.build().fetch_all(&self.reader).await?;
         let jobs: Vec<Job> = rows.iter().map(job_from_row).collect::<Result<_, _>>()?;
         if jobs.len() >= limit as usize {
-            return Ok(WindowHits { jobs, floor: None });
+            return Ok(WindowHits { jobs, below: None });
         }
         // The whole window was read: its oldest job, if it was full.
         let mut sql = sqlx::QueryBuilder::<Sqlite>::new("SELECT id FROM jobs WHERE status = ");
@@ -181,6 +180,6 @@ impl SqliteStore {
             ),
             None => None,
         };
-        Ok(WindowHits { jobs, floor })
+        Ok(WindowHits { jobs, below: floor })
     }
 }
