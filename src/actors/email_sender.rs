@@ -14,7 +14,10 @@
 //!    is what gathers a full batch; on an idle board a lone email goes at
 //!    once, after at most `email.batch_linger_ms` for company. The send
 //!    itself takes the slot right before its request leaves, so the
-//!    provider sees requests evenly spaced however long forming took.
+//!    provider sees requests evenly spaced however long forming took. When
+//!    a full batch already waits, it is formed while the previous send is
+//!    still on its way to its slot (waiting would not fill it any more),
+//!    and sent once that slot is taken: forming and sending overlap.
 //! 3. It forms a batch of up to `email.max_batch` waiting copies
 //!    ([`Store::form_batch`]): the ones still to deliver become its members,
 //!    recorded in the database in one transaction; then every copy is
@@ -176,34 +179,50 @@ impl EmailSender {
         // after an outage, batches a crashed process formed), and the next
         // round goes at the rate's next slot instead of waiting for news.
         let mut sent_last = false;
+        // The last send, until it has taken the rate's slot (or found
+        // nothing due).
+        let mut reaching_slot: Option<oneshot::Receiver<()>> = None;
         loop {
-            if waiting.is_empty() && !sent_last {
-                tokio::select! {
-                    got = inbox.recv() => match got {
-                        Some(w) => waiting.push(w),
-                        None => return,
-                    },
-                    _ = tokio::time::sleep(DUE_POLL) => {}
+            gather(&mut inbox, &mut waiting, self.args.max_batch);
+            // A full batch is formed while the last send is still on its way
+            // to its slot: waiting would not make it any fuller, and forming
+            // is a transaction of its own. Anything less waits for that slot
+            // and then for the next, since the wait is what fills a batch.
+            let full = waiting.len() >= self.args.max_batch;
+            if !full {
+                if let Some(slot) = reaching_slot.take() {
+                    sent_last = slot.await.is_ok();
+                }
+                if waiting.is_empty() && !sent_last {
+                    tokio::select! {
+                        got = inbox.recv() => match got {
+                            Some(w) => waiting.push(w),
+                            None => return,
+                        },
+                        _ = tokio::time::sleep(DUE_POLL) => {}
+                    }
                 }
             }
             while sends.len() >= self.args.workers.max(1) {
                 sends.join_next().await;
             }
             while sends.try_join_next().is_some() {}
-            // The rate's next slot: under a backlog, this wait is what fills
-            // the batch.
-            self.args.pacer.until_free().await;
-            gather(&mut inbox, &mut waiting, self.args.max_batch);
-            if !waiting.is_empty() && waiting.len() < self.args.max_batch {
-                // Checked: a linger no clock can express is "as long as it takes".
-                let now = tokio::time::Instant::now();
-                let deadline = now
-                    .checked_add(self.args.linger)
-                    .unwrap_or_else(|| now + Duration::from_secs(86_400));
-                while waiting.len() < self.args.max_batch {
-                    match tokio::time::timeout_at(deadline, inbox.recv()).await {
-                        Ok(Some(w)) => waiting.push(w),
-                        _ => break,
+            if !full {
+                // The rate's next slot: under a backlog, this wait is what
+                // fills the batch.
+                self.args.pacer.until_free().await;
+                gather(&mut inbox, &mut waiting, self.args.max_batch);
+                if !waiting.is_empty() && waiting.len() < self.args.max_batch {
+                    // Checked: a linger no clock can express is "as long as it takes".
+                    let now = tokio::time::Instant::now();
+                    let deadline = now
+                        .checked_add(self.args.linger)
+                        .unwrap_or_else(|| now + Duration::from_secs(86_400));
+                    while waiting.len() < self.args.max_batch {
+                        match tokio::time::timeout_at(deadline, inbox.recv()).await {
+                            Ok(Some(w)) => waiting.push(w),
+                            _ => break,
+                        }
                     }
                 }
             }
@@ -212,13 +231,20 @@ impl EmailSender {
                 let members: Vec<Waiting> = waiting.drain(..take).collect();
                 self.form(members).await;
             }
+            if let Some(slot) = reaching_slot.take() {
+                sent_last = slot.await.is_ok();
+                // Formed ahead: the send still finds its slot free, rather
+                // than waiting for it inside its transaction.
+                self.args.pacer.until_free().await;
+            }
             // The send takes its slot right before the request leaves (so
             // the provider sees requests 1/rate apart, however long forming
-            // took); the next round waits until it has.
+            // took); the next round waits until it has, or forms the next
+            // full batch meanwhile.
             let (reserved, slot_taken) = oneshot::channel();
             let sender = self.clone();
             sends.spawn(async move { sender.send_due(reserved).await });
-            sent_last = slot_taken.await.is_ok();
+            reaching_slot = Some(slot_taken);
         }
     }
 
