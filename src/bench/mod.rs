@@ -757,6 +757,13 @@ async fn delivery_round_herald(
         .bind("Bench")
         .execute(db)
         .await?;
+    // What the committing process's own signal does in production (its
+    // request handlers wake its relay at commit): without it, rows written
+    // from outside wait for the relay's poll (`relay.poll_interval_ms`,
+    // 1 s), which BullMQ's peer, woken by Redis, never does.
+    sqlx::query("SELECT pg_notify('herald_outbox', '')")
+        .execute(db)
+        .await?;
     let deadline = start + Duration::from_secs(600);
     while resend.emails() < before + events as usize {
         if Instant::now() > deadline {
