@@ -212,27 +212,17 @@ impl EmailSender {
                 // fills the batch.
                 self.args.pacer.until_free().await;
                 gather(&mut inbox, &mut waiting, self.args.max_batch);
-                if !waiting.is_empty() && waiting.len() < self.args.max_batch {
-                    // Checked: a linger no clock can express is "as long as it takes".
-                    let now = tokio::time::Instant::now();
-                    let deadline = now
-                        .checked_add(self.args.linger)
-                        .unwrap_or_else(|| now + Duration::from_secs(86_400));
-                    while waiting.len() < self.args.max_batch {
-                        match tokio::time::timeout_at(deadline, inbox.recv()).await {
-                            Ok(Some(w)) => waiting.push(w),
-                            _ => break,
-                        }
-                    }
-                }
+                self.linger(&mut inbox, &mut waiting).await;
             }
             if !waiting.is_empty() {
                 let take = waiting.len().min(self.args.max_batch);
                 let members: Vec<Waiting> = waiting.drain(..take).collect();
                 self.form(members).await;
             }
-            if let Some(slot) = reaching_slot.take() {
-                sent_last = slot.await.is_ok();
+            if full {
+                if let Some(slot) = reaching_slot.take() {
+                    sent_last = slot.await.is_ok();
+                }
                 // Formed ahead: the send still finds its slot free, rather
                 // than waiting for it inside its transaction.
                 self.args.pacer.until_free().await;
@@ -245,6 +235,29 @@ impl EmailSender {
             let sender = self.clone();
             sends.spawn(async move { sender.send_due(reserved).await });
             reaching_slot = Some(slot_taken);
+        }
+    }
+
+    /// Lets a partial batch wait up to `email.batch_linger_ms` for company
+    /// (a request could go at once, so only a short wait is worth it).
+    async fn linger(
+        &self,
+        inbox: &mut mpsc::UnboundedReceiver<Waiting>,
+        waiting: &mut Vec<Waiting>,
+    ) {
+        if waiting.is_empty() || waiting.len() >= self.args.max_batch {
+            return;
+        }
+        // Checked: a linger no clock can express is "as long as it takes".
+        let now = tokio::time::Instant::now();
+        let deadline = now
+            .checked_add(self.args.linger)
+            .unwrap_or_else(|| now + Duration::from_secs(86_400));
+        while waiting.len() < self.args.max_batch {
+            match tokio::time::timeout_at(deadline, inbox.recv()).await {
+                Ok(Some(w)) => waiting.push(w),
+                _ => break,
+            }
         }
     }
 
