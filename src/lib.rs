@@ -46,6 +46,7 @@
 pub mod actors;
 pub mod bench;
 pub mod broker;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod domain;
