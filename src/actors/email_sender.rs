@@ -190,8 +190,8 @@ impl EmailSender {
             // and then for the next, since the wait is what fills a batch.
             let full = waiting.len() >= self.args.max_batch;
             if !full {
-                if let Some(slot) = reaching_slot.take() {
-                    sent_last = slot.await.is_ok();
+                if let Some(sent) = last_send(&mut reaching_slot).await {
+                    sent_last = sent;
                 }
                 if waiting.is_empty() && !sent_last {
                     tokio::select! {
@@ -207,25 +207,25 @@ impl EmailSender {
                 sends.join_next().await;
             }
             while sends.try_join_next().is_some() {}
-            if !full {
+            if full {
+                self.form(next_batch(&mut waiting, self.args.max_batch))
+                    .await;
+                if let Some(sent) = last_send(&mut reaching_slot).await {
+                    sent_last = sent;
+                }
+                // Formed ahead: the send still finds its slot free, rather
+                // than waiting for it inside its transaction.
+                self.args.pacer.until_free().await;
+            } else {
                 // The rate's next slot: under a backlog, this wait is what
                 // fills the batch.
                 self.args.pacer.until_free().await;
                 gather(&mut inbox, &mut waiting, self.args.max_batch);
                 self.linger(&mut inbox, &mut waiting).await;
-            }
-            if !waiting.is_empty() {
-                let take = waiting.len().min(self.args.max_batch);
-                let members: Vec<Waiting> = waiting.drain(..take).collect();
-                self.form(members).await;
-            }
-            if full {
-                if let Some(slot) = reaching_slot.take() {
-                    sent_last = slot.await.is_ok();
+                if !waiting.is_empty() {
+                    self.form(next_batch(&mut waiting, self.args.max_batch))
+                        .await;
                 }
-                // Formed ahead: the send still finds its slot free, rather
-                // than waiting for it inside its transaction.
-                self.args.pacer.until_free().await;
             }
             // The send takes its slot right before the request leaves (so
             // the provider sees requests 1/rate apart, however long forming
@@ -310,6 +310,18 @@ impl EmailSender {
         self.in_flight.leave();
         record(sent);
     }
+}
+
+/// Waits until the last send took its slot: whether it sent a batch
+/// (`None` when no send is on its way).
+async fn last_send(reaching_slot: &mut Option<oneshot::Receiver<()>>) -> Option<bool> {
+    Some(reaching_slot.take()?.await.is_ok())
+}
+
+/// The oldest waiting copies, at most `max_batch`: the next batch's members.
+fn next_batch(waiting: &mut Vec<Waiting>, max_batch: usize) -> Vec<Waiting> {
+    let take = waiting.len().min(max_batch);
+    waiting.drain(..take).collect()
 }
 
 /// Moves what the readers handed over meanwhile into `waiting`.
