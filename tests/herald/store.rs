@@ -1018,20 +1018,22 @@ async fn batches_settling_at_once_each_write_their_members_and_the_counters_stay
     every_invariant_holds(&store).await;
 }
 
-/// A `q` page reads the newest thousand open jobs first and the text index
-/// below them: across that line, pages (a cursor each) list every match
-/// once, newest first, as a full reading would; short terms and
-/// characters LIKE would read as wildcards match only themselves.
+/// A `q` page reads the newest thousand open jobs first, then as many more
+/// as their rate of matches promises, and the text index below them: across
+/// those lines, pages (a cursor each) list every match once, newest first,
+/// as a full reading would; short terms and characters LIKE would read as
+/// wildcards match only themselves.
 async fn a_text_search_pages_through_the_newest_jobs_and_the_index_alike(backend: Backend) {
     let (store, _storage) = open(backend).await;
     let mut posted = Vec::new();
-    // 1,050 jobs, one unit: matches in the window (the newest 1,000) and
-    // below it.
+    // 5,100 jobs, one unit. Needles: two in the first window (the newest
+    // 1,000), one in the further window (the 4,000 below it), two below
+    // both, for the index.
     let mut unit = store.begin(None).await.unwrap();
-    for i in 0..1050 {
+    for i in 0..5100 {
         let mut job = job(&format!("Job {i}"));
         job.description = match i {
-            3 | 7 | 500 | 1040 => format!("needle 100%_ off #{i}"),
+            7 | 50 | 2000 | 4500 | 5000 => format!("needle 100%_ off #{i}"),
             _ => format!("hay #{i}"),
         };
         use_cases::post_job(&mut *unit, &job).await.unwrap();
@@ -1054,13 +1056,26 @@ async fn a_text_search_pages_through_the_newest_jobs_and_the_index_alike(backend
             }
         }
     };
-    let expected = [posted[1040], posted[500], posted[7], posted[3]];
-    // Three a page: the first page takes two from the window, one from the index.
-    let (found, _) = pages("needle", 3).await;
+    let expected = [
+        posted[5000],
+        posted[4500],
+        posted[2000],
+        posted[50],
+        posted[7],
+    ];
+    // Three a page: two from the first window and one from the further
+    // window, then (below #2000 the next window holds none) two from the
+    // index.
+    let (found, pages_read) = pages("needle", 3).await;
     assert_eq!(found, expected);
+    assert_eq!(pages_read, 2);
+    // Four: the further window holds only one, the index gives the fourth.
+    let (found, pages_read) = pages("needle", 4).await;
+    assert_eq!(found, expected);
+    assert_eq!(pages_read, 2);
     let (found, pages_read) = pages("needle", 1).await;
     assert_eq!(found, expected);
-    assert_eq!(pages_read, 5);
+    assert_eq!(pages_read, 6);
     assert_eq!(
         pages("100%_", 10).await.0,
         expected,

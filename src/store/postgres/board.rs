@@ -17,15 +17,7 @@ impl BoardReads for PgStore {
                 if filter.q.is_none() {
                     return indexed_page(conn, limit, before, filter).await;
                 }
-                // A `q` reads the newest jobs first, then the text index
-                // below them ([`Q_WINDOW`] says why).
-                let WindowHits { mut jobs, below } =
-                    newest_matching(conn, limit, before, filter).await?;
-                if let Some(below) = below {
-                    let rest = limit - jobs.len() as u32;
-                    jobs.extend(indexed_page(conn, rest, Some(below), filter).await?);
-                }
-                Ok(jobs)
+                q_page(&mut PgQSearch { conn, filter }, limit, before).await
             })
         })
         .await
@@ -115,10 +107,29 @@ impl BoardReads for PgStore {
     }
 }
 
+/// How a `q` is tested: by `strpos` where the rows are read anyway (a
+/// window of the newest: the cheapest test of a text), by `LIKE` where the
+/// trigram index should answer it.
+#[derive(Clone, Copy)]
+enum QTest {
+    Strpos,
+    Like,
+}
+
 /// The filter's conditions, as many as it has, each one bound.
-fn push_filter(sql: &mut sqlx::QueryBuilder<Postgres>, filter: &JobFilter) {
-    if let Some(pattern) = filter.q_like_pattern() {
-        sql.push(" AND search_text LIKE ").push_bind(pattern);
+fn push_filter(sql: &mut sqlx::QueryBuilder<Postgres>, filter: &JobFilter, q_test: QTest) {
+    match (q_test, &filter.q) {
+        (_, None) => {}
+        (QTest::Strpos, Some(q)) => {
+            sql.push(" AND strpos(search_text, ")
+                .push_bind(q.clone())
+                .push(") > 0");
+        }
+        (QTest::Like, Some(_)) => {
+            if let Some(pattern) = filter.q_like_pattern() {
+                sql.push(" AND search_text LIKE ").push_bind(pattern);
+            }
+        }
     }
     if let Some(location) = &filter.location {
         sql.push(" AND location_key = ").push_bind(location.clone());
@@ -145,19 +156,42 @@ async fn indexed_page(
     if let Some(before) = before {
         sql.push(" AND id < ").push_bind(before);
     }
-    push_filter(&mut sql, filter);
+    push_filter(&mut sql, filter, QTest::Like);
     sql.push(" ORDER BY id DESC LIMIT ")
         .push_bind(i64::from(limit));
     let rows = sql.build().fetch_all(&mut *conn).await?;
     Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
 }
 
-/// `filter`'s matches among the newest [`Q_WINDOW`] open jobs below
-/// `before`, and the window's oldest job when it was full.
+/// A `q` list on one connection ([`q_page`] drives it).
+struct PgQSearch<'c> {
+    conn: &'c mut PgConnection,
+    filter: &'c JobFilter,
+}
+
+#[async_trait]
+impl QSearch for PgQSearch<'_> {
+    async fn newest_matching(
+        &mut self,
+        limit: u32,
+        before: Option<Uuid>,
+        window: i64,
+    ) -> Result<WindowHits, StoreError> {
+        newest_matching(self.conn, limit, before, window, self.filter).await
+    }
+
+    async fn indexed(&mut self, limit: u32, before: Option<Uuid>) -> Result<Vec<Job>, StoreError> {
+        indexed_page(self.conn, limit, before, self.filter).await
+    }
+}
+
+/// `filter`'s matches among the newest `window` open jobs below `before`,
+/// and the window's oldest job when it was full.
 async fn newest_matching(
     conn: &mut PgConnection,
     limit: u32,
     before: Option<Uuid>,
+    window: i64,
     filter: &JobFilter,
 ) -> Result<WindowHits, StoreError> {
     // Reads the window newest first and stops at the page's last match.
@@ -170,9 +204,9 @@ async fn newest_matching(
         sql.push(" AND id < ").push_bind(before);
     }
     sql.push(" ORDER BY id DESC LIMIT ")
-        .push_bind(Q_WINDOW)
+        .push_bind(window)
         .push(") AS newest WHERE true");
-    push_filter(&mut sql, filter);
+    push_filter(&mut sql, filter, QTest::Strpos);
     sql.push(" ORDER BY id DESC LIMIT ")
         .push_bind(i64::from(limit))
         .push(") AS hits ON jobs.id = hits.hit ORDER BY jobs.id DESC");
@@ -188,7 +222,7 @@ async fn newest_matching(
         sql.push(" AND id < ").push_bind(before);
     }
     sql.push(" ORDER BY id DESC OFFSET ")
-        .push_bind(Q_WINDOW - 1)
+        .push_bind(window - 1)
         .push(" LIMIT 1");
     let floor = sql.build().fetch_optional(&mut *conn).await?;
     let floor = floor.map(|row| row.try_get::<Uuid, _>("id")).transpose()?;

@@ -15,14 +15,15 @@ impl BoardReads for SqliteStore {
         if filter.q.is_none() {
             return self.indexed_page(limit, before, filter).await;
         }
-        // A `q` reads the newest jobs first, then the text index below
-        // them ([`Q_WINDOW`] says why).
-        let WindowHits { mut jobs, below } = self.newest_matching(limit, before, filter).await?;
-        if let Some(below) = below {
-            let rest = limit - jobs.len() as u32;
-            jobs.extend(self.indexed_page(rest, Some(below), filter).await?);
-        }
-        Ok(jobs)
+        q_page(
+            &mut SqliteQSearch {
+                store: self,
+                filter,
+            },
+            limit,
+            before,
+        )
+        .await
     }
 
     #[instrument(skip_all)]
@@ -135,43 +136,27 @@ impl SqliteStore {
         Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
     }
 
-    /// `filter`'s matches among the newest [`Q_WINDOW`] open jobs below
+    /// `filter`'s matches among the newest `window` open jobs below
     /// `before`, and the window's oldest job when it was full.
     async fn newest_matching(
         &self,
         limit: u32,
         before: Option<Uuid>,
+        window: i64,
         filter: &JobFilter,
     ) -> Result<WindowHits, StoreError> {
-        // Reads the window newest first and stops at the page's last match.
-        let mut sql = sqlx::QueryBuilder::<Sqlite>::new(format!(
-            "SELECT {JOB_COLUMNS} FROM jobs JOIN (SELECT id AS hit FROM (
-                SELECT id, search_text, location_key, company_key FROM jobs WHERE status = "
-        ));
-        sql.push_bind(JobStatus::Open.as_str());
-        if let Some(before) = before {
-            sql.push(" AND id < ").push_bind(before.to_string());
-        }
-        sql.push(" ORDER BY id DESC LIMIT ")
-            .push_bind(Q_WINDOW)
-            .push(") AS newest WHERE 1");
-        push_filter(&mut sql, filter);
-        sql.push(" ORDER BY id DESC LIMIT ")
-            .push_bind(i64::from(limit))
-            .push(") AS hits ON jobs.id = hits.hit ORDER BY jobs.id DESC");
-        let rows = sql.build().fetch_all(&self.reader).await?;
-        let jobs: Vec<Job> = rows.iter().map(job_from_row).collect::<Result<_, _>>()?;
-        if jobs.len() >= limit as usize {
-            return Ok(WindowHits { jobs, below: None });
-        }
-        // The whole window was read: its oldest job, if it was full.
+        // The window's oldest job first (a walk of the index alone), then
+        // the matches at or above it, newest first, so that the scan stops
+        // at the page's last match. (A window as a subquery with its own
+        // LIMIT is read whole and sorted again: SQLite does not carry its
+        // order out of it.)
         let mut sql = sqlx::QueryBuilder::<Sqlite>::new("SELECT id FROM jobs WHERE status = ");
         sql.push_bind(JobStatus::Open.as_str());
         if let Some(before) = before {
             sql.push(" AND id < ").push_bind(before.to_string());
         }
         sql.push(" ORDER BY id DESC LIMIT 1 OFFSET ")
-            .push_bind(Q_WINDOW - 1);
+            .push_bind(window - 1);
         let floor = sql.build().fetch_optional(&self.reader).await?;
         let floor = match floor {
             Some(row) => Some(
@@ -180,6 +165,47 @@ impl SqliteStore {
             ),
             None => None,
         };
-        Ok(WindowHits { jobs, below: floor })
+        let mut sql = sqlx::QueryBuilder::<Sqlite>::new(format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE status = "
+        ));
+        sql.push_bind(JobStatus::Open.as_str());
+        if let Some(before) = before {
+            sql.push(" AND id < ").push_bind(before.to_string());
+        }
+        if let Some(floor) = floor {
+            sql.push(" AND id >= ").push_bind(floor.to_string());
+        }
+        push_filter(&mut sql, filter);
+        sql.push(" ORDER BY id DESC LIMIT ")
+            .push_bind(i64::from(limit));
+        let rows = sql.build().fetch_all(&self.reader).await?;
+        let jobs: Vec<Job> = rows.iter().map(job_from_row).collect::<Result<_, _>>()?;
+        // Below the window only if it was full and did not fill the page.
+        let below = floor.filter(|_| jobs.len() < limit as usize);
+        Ok(WindowHits { jobs, below })
+    }
+}
+
+/// A `q` list on the read-only pool ([`q_page`] drives it).
+struct SqliteQSearch<'s> {
+    store: &'s SqliteStore,
+    filter: &'s JobFilter,
+}
+
+#[async_trait]
+impl QSearch for SqliteQSearch<'_> {
+    async fn newest_matching(
+        &mut self,
+        limit: u32,
+        before: Option<Uuid>,
+        window: i64,
+    ) -> Result<WindowHits, StoreError> {
+        (self.store)
+            .newest_matching(limit, before, window, self.filter)
+            .await
+    }
+
+    async fn indexed(&mut self, limit: u32, before: Option<Uuid>) -> Result<Vec<Job>, StoreError> {
+        self.store.indexed_page(limit, before, self.filter).await
     }
 }

@@ -1,0 +1,11 @@
+-- A `q` list reads the newest jobs' `search_text` directly
+-- (src/store/board.rs, Q_WINDOW). A job's row holds its description and
+-- its search text, each about as long, and past about 2 kB PostgreSQL moves
+-- the longest values out of line, into the TOAST table: reading such a
+-- text then costs three more buffer reads. Storage MAIN keeps `search_text`
+-- in the row and moves the description out first; the description is read
+-- only for the jobs a page returns. (New and rewritten rows; a row written
+-- before keeps its layout until its next write, which is slower to scan,
+-- never wrong.) Measured on 100,000 jobs of ~1.2 kB descriptions: a window
+-- of a thousand read in 2.1 ms instead of 4.6.
+ALTER TABLE jobs ALTER COLUMN search_text SET STORAGE MAIN;
