@@ -306,7 +306,8 @@ impl JobFilter {
 
     /// `q` as a LIKE pattern that matches where `q` occurs (`%`, `_` and
     /// `\` escaped by `\`): the same test as [`Self::matches`], in a form
-    /// an index answers (Postgres' trigram index, migrations/postgres/0012).
+    /// an index answers (Postgres' trigram index, migrations/postgres/0012),
+    /// and the cheaper test on SQLite.
     pub fn q_like_pattern(&self) -> Option<String> {
         self.q.as_ref().map(|q| {
             let mut pattern = String::with_capacity(q.len() + 2);

