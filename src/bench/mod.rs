@@ -893,7 +893,7 @@ async fn delivery(
     println!(
         "  bullmq  addBulk -> job completed        : {b:>9.1} emails/s (one request per email)"
     );
-    let target = if provider.is_some() { 50.0 } else { 1.0 };
+    let target = if provider.is_some() { 100.0 } else { 3.0 };
     println!(
         "  ratio herald / bullmq                   : {:>9.2}   (target >= {target:.1})",
         h / b
