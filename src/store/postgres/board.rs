@@ -118,14 +118,15 @@ enum QTest {
 
 /// The filter's conditions, as many as it has, each one bound.
 fn push_filter(sql: &mut sqlx::QueryBuilder<Postgres>, filter: &JobFilter, q_test: QTest) {
-    match (q_test, &filter.q) {
-        (_, None) => {}
-        (QTest::Strpos, Some(q)) => {
-            sql.push(" AND strpos(search_text, ")
-                .push_bind(q.clone())
-                .push(") > 0");
+    match q_test {
+        QTest::Strpos => {
+            if let Some(q) = &filter.q {
+                sql.push(" AND strpos(search_text, ")
+                    .push_bind(q.clone())
+                    .push(") > 0");
+            }
         }
-        (QTest::Like, Some(_)) => {
+        QTest::Like => {
             if let Some(pattern) = filter.q_like_pattern() {
                 sql.push(" AND search_text LIKE ").push_bind(pattern);
             }
@@ -171,60 +172,50 @@ struct PgQSearch<'c> {
 
 #[async_trait]
 impl QSearch for PgQSearch<'_> {
+    /// The matches among the newest `window` open jobs below `before`, and
+    /// the window's oldest job when it was full.
     async fn newest_matching(
         &mut self,
         limit: u32,
         before: Option<Uuid>,
         window: i64,
     ) -> Result<WindowHits, StoreError> {
-        newest_matching(self.conn, limit, before, window, self.filter).await
+        // Reads the window newest first and stops at the page's last match.
+        let mut sql = sqlx::QueryBuilder::<Postgres>::new(format!(
+            "SELECT {JOB_COLUMNS} FROM jobs JOIN (SELECT id AS hit FROM (
+                SELECT id, search_text, location_key, company_key FROM jobs WHERE status = "
+        ));
+        sql.push_bind(JobStatus::Open.as_str());
+        if let Some(before) = before {
+            sql.push(" AND id < ").push_bind(before);
+        }
+        sql.push(" ORDER BY id DESC LIMIT ")
+            .push_bind(window)
+            .push(") AS newest WHERE true");
+        push_filter(&mut sql, self.filter, QTest::Strpos);
+        sql.push(" ORDER BY id DESC LIMIT ")
+            .push_bind(i64::from(limit))
+            .push(") AS hits ON jobs.id = hits.hit ORDER BY jobs.id DESC");
+        let rows = sql.build().fetch_all(&mut *self.conn).await?;
+        let jobs: Vec<Job> = rows.iter().map(job_from_row).collect::<Result<_, _>>()?;
+        if jobs.len() >= limit as usize {
+            return Ok(WindowHits { jobs, below: None });
+        }
+        // The whole window was read: its oldest job, if it was full.
+        let mut sql = sqlx::QueryBuilder::<Postgres>::new("SELECT id FROM jobs WHERE status = ");
+        sql.push_bind(JobStatus::Open.as_str());
+        if let Some(before) = before {
+            sql.push(" AND id < ").push_bind(before);
+        }
+        sql.push(" ORDER BY id DESC OFFSET ")
+            .push_bind(window - 1)
+            .push(" LIMIT 1");
+        let floor = sql.build().fetch_optional(&mut *self.conn).await?;
+        let floor = floor.map(|row| row.try_get::<Uuid, _>("id")).transpose()?;
+        Ok(WindowHits { jobs, below: floor })
     }
 
     async fn indexed(&mut self, limit: u32, before: Option<Uuid>) -> Result<Vec<Job>, StoreError> {
         indexed_page(self.conn, limit, before, self.filter).await
     }
-}
-
-/// `filter`'s matches among the newest `window` open jobs below `before`,
-/// and the window's oldest job when it was full.
-async fn newest_matching(
-    conn: &mut PgConnection,
-    limit: u32,
-    before: Option<Uuid>,
-    window: i64,
-    filter: &JobFilter,
-) -> Result<WindowHits, StoreError> {
-    // Reads the window newest first and stops at the page's last match.
-    let mut sql = sqlx::QueryBuilder::<Postgres>::new(format!(
-        "SELECT {JOB_COLUMNS} FROM jobs JOIN (SELECT id AS hit FROM (
-            SELECT id, search_text, location_key, company_key FROM jobs WHERE status = "
-    ));
-    sql.push_bind(JobStatus::Open.as_str());
-    if let Some(before) = before {
-        sql.push(" AND id < ").push_bind(before);
-    }
-    sql.push(" ORDER BY id DESC LIMIT ")
-        .push_bind(window)
-        .push(") AS newest WHERE true");
-    push_filter(&mut sql, filter, QTest::Strpos);
-    sql.push(" ORDER BY id DESC LIMIT ")
-        .push_bind(i64::from(limit))
-        .push(") AS hits ON jobs.id = hits.hit ORDER BY jobs.id DESC");
-    let rows = sql.build().fetch_all(&mut *conn).await?;
-    let jobs: Vec<Job> = rows.iter().map(job_from_row).collect::<Result<_, _>>()?;
-    if jobs.len() >= limit as usize {
-        return Ok(WindowHits { jobs, below: None });
-    }
-    // The whole window was read: its oldest job, if it was full.
-    let mut sql = sqlx::QueryBuilder::<Postgres>::new("SELECT id FROM jobs WHERE status = ");
-    sql.push_bind(JobStatus::Open.as_str());
-    if let Some(before) = before {
-        sql.push(" AND id < ").push_bind(before);
-    }
-    sql.push(" ORDER BY id DESC OFFSET ")
-        .push_bind(window - 1)
-        .push(" LIMIT 1");
-    let floor = sql.build().fetch_optional(&mut *conn).await?;
-    let floor = floor.map(|row| row.try_get::<Uuid, _>("id")).transpose()?;
-    Ok(WindowHits { jobs, below: floor })
 }

@@ -140,15 +140,23 @@ impl SqliteStore {
         let rows = sql.build().fetch_all(&self.reader).await?;
         Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
     }
+}
 
-    /// `filter`'s matches among the newest `window` open jobs below
-    /// `before`, and the window's oldest job when it was full.
+/// A `q` list on the read-only pool ([`q_page`] drives it).
+struct SqliteQSearch<'s> {
+    store: &'s SqliteStore,
+    filter: &'s JobFilter,
+}
+
+#[async_trait]
+impl QSearch for SqliteQSearch<'_> {
+    /// The matches among the newest `window` open jobs below `before`, and
+    /// the window's oldest job when it was full.
     async fn newest_matching(
-        &self,
+        &mut self,
         limit: u32,
         before: Option<Uuid>,
         window: i64,
-        filter: &JobFilter,
     ) -> Result<WindowHits, StoreError> {
         // The window's oldest job first (a walk of the index alone), then
         // the matches at or above it, newest first, so that the scan stops
@@ -162,7 +170,7 @@ impl SqliteStore {
         }
         sql.push(" ORDER BY id DESC LIMIT 1 OFFSET ")
             .push_bind(window - 1);
-        let floor = sql.build().fetch_optional(&self.reader).await?;
+        let floor = sql.build().fetch_optional(&self.store.reader).await?;
         let floor = match floor {
             Some(row) => Some(
                 Uuid::parse_str(&row.try_get::<String, _>("id")?)
@@ -180,34 +188,14 @@ impl SqliteStore {
         if let Some(floor) = floor {
             sql.push(" AND id >= ").push_bind(floor.to_string());
         }
-        push_filter(&mut sql, filter);
+        push_filter(&mut sql, self.filter);
         sql.push(" ORDER BY id DESC LIMIT ")
             .push_bind(i64::from(limit));
-        let rows = sql.build().fetch_all(&self.reader).await?;
+        let rows = sql.build().fetch_all(&self.store.reader).await?;
         let jobs: Vec<Job> = rows.iter().map(job_from_row).collect::<Result<_, _>>()?;
         // Below the window only if it was full and did not fill the page.
         let below = floor.filter(|_| jobs.len() < limit as usize);
         Ok(WindowHits { jobs, below })
-    }
-}
-
-/// A `q` list on the read-only pool ([`q_page`] drives it).
-struct SqliteQSearch<'s> {
-    store: &'s SqliteStore,
-    filter: &'s JobFilter,
-}
-
-#[async_trait]
-impl QSearch for SqliteQSearch<'_> {
-    async fn newest_matching(
-        &mut self,
-        limit: u32,
-        before: Option<Uuid>,
-        window: i64,
-    ) -> Result<WindowHits, StoreError> {
-        (self.store)
-            .newest_matching(limit, before, window, self.filter)
-            .await
     }
 
     async fn indexed(&mut self, limit: u32, before: Option<Uuid>) -> Result<Vec<Job>, StoreError> {
