@@ -40,10 +40,17 @@
 //! - **a keep-alive idle timeout** (`connections.idle_timeout_ms`): hyper's
 //!   own header timer, given a tokio timer here, closes a connection that
 //!   waits this long for its next request;
+//! - **a lean path for streams**: a connection whose first request is
+//!   `GET /api/jobs/stream` is answered by [`stream_http1`] and not by hyper,
+//!   whose two 8 KiB buffers per connection would be most of what a stream
+//!   client costs; the filter, the limits and the watchdog are the same.
+//!   The task a connection keeps is small: what routing needs (the filter,
+//!   the limits) is boxed and freed once the connection is routed;
 //! - **graceful shutdown**: on the stop signal the loop stops accepting and
 //!   every connection is told to finish its request in progress and close
-//!   (hyper-util's `GracefulShutdown`); [`serve`] returns when all are gone,
-//!   and the caller bounds that wait.
+//!   (hyper-util's `GracefulShutdown`); a stream ends when the hub ends it
+//!   (the daemon ends every stream at the stop); [`serve`] returns when all
+//!   are gone, and the caller bounds that wait.
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -63,6 +70,7 @@ use tokio::time::Instant;
 use warp::Filter;
 
 use super::limits::{per_host, ClientSlot, OpenPerClient, TrustedProxies};
+use super::stream_http1;
 use crate::telemetry::metrics;
 
 /// The kernel send buffer of an accepted socket (Linux doubles it): enough
@@ -522,28 +530,117 @@ where
         + Sync
         + 'static,
 {
-    async fn run(
+    /// The connection's task. Not an `async fn`: what routing needs (the
+    /// filter, the limits) goes into a boxed future built here, so the task a
+    /// stream client keeps for hours holds only the socket, the body and the
+    /// watchdog.
+    fn run(
         self,
         stream: TcpStream,
         watcher: hyper_util::server::graceful::Watcher,
-        _permit: OwnedSemaphorePermit,
-        _slot: Option<ClientSlot>,
-    ) {
-        let now_open = self.open.fetch_add(1, Ordering::Relaxed) + 1;
-        metrics::connections_open(self.limits.listener, now_open);
+        permit: OwnedSemaphorePermit,
+        slot: Option<ClientSlot>,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let open = self.open.clone();
+        let (listener, peer) = (self.limits.listener, self.peer);
+        let (head_timeout, write_timeout) =
+            (self.limits.header_read_timeout, self.limits.write_timeout);
         let activity = Arc::new(Activity::new());
-        let io = TokioIo::new(Watched {
+        let watched = Watched {
             stream,
             activity: activity.clone(),
             tail: 0,
-        });
+        };
+        let routing = Box::pin(self.route(watched, watcher));
+        async move {
+            let _held = (permit, slot);
+            let now_open = open.fetch_add(1, Ordering::Relaxed) + 1;
+            metrics::connections_open(listener, now_open);
+            // Pinned out here rather than inside `select!` so that an overdue
+            // head is counted while the socket is still open: `select!` drops
+            // its losing futures before running the winner's arm, and a
+            // client that sees its connection closed must already find it in
+            // the metric. The socket is dropped when this future ends.
+            let served = std::pin::pin!(async move {
+                match routing.await {
+                    Routed::Stream(mut watched, answer, _place) => {
+                        answer.write_to(&mut watched, |w| &w.stream).await?;
+                        Ok(())
+                    }
+                    Routed::Hyper(connection) => connection.await.map_err(Into::into),
+                }
+            });
+            tokio::select! {
+                result = served => {
+                    let result: Result<(), Box<dyn std::error::Error + Send + Sync>> = result;
+                    if let Err(e) = result {
+                        tracing::debug!(listener, %peer, error = %e, "connection ended");
+                    }
+                }
+                () = activity.head_overdue(head_timeout) => {
+                    metrics::connection_timed_out(listener);
+                    tracing::debug!(listener, %peer, "request head not complete in time; closed");
+                }
+                () = activity.write_stalled(write_timeout) => {
+                    activity.abort.store(true, Ordering::Release);
+                    metrics::connection_write_timed_out(listener);
+                    tracing::debug!(listener, %peer, "peer took no bytes in time; reset");
+                }
+            }
+            let now_open = open.fetch_sub(1, Ordering::Relaxed) - 1;
+            metrics::connections_open(listener, now_open);
+        }
+    }
+
+    /// Reads the connection's first bytes and routes it: a stream request
+    /// is answered by the filter here and its response handed back to be
+    /// written on Herald's own path ([`stream_http1`]); anything else is
+    /// hyper's, with the bytes read so far in front.
+    async fn route(
+        self,
+        mut watched: Watched,
+        watcher: hyper_util::server::graceful::Watcher,
+    ) -> Routed {
+        let limits = &self.limits;
+        let opening =
+            stream_http1::read_opening(&mut watched, limits.max_head_bytes, limits.max_headers)
+                .await;
+        match opening {
+            stream_http1::Opening::Stream(mut request) => {
+                // A stream outlives the graceful shutdown's wait: it ends
+                // when the hub ends it, and the accept loop joins its task.
+                drop(watcher);
+                watched.activity.request_started(false);
+                let admission = self.admission();
+                let response = if admission.admit(&mut request) {
+                    let mut service = warp::service(self.filter);
+                    match tower_service::Service::call(&mut service, request).await {
+                        Ok(response) => response,
+                        Err(never) => match never {},
+                    }
+                } else {
+                    refused_response()
+                };
+                let place = admission.into_place();
+                Routed::Stream(watched, stream_http1::Answer::new(response), place)
+            }
+            stream_http1::Opening::Other(read) => Routed::Hyper(Box::pin(
+                self.serve_with_hyper(stream_http1::Rewound::new(read, watched), watcher),
+            )),
+        }
+    }
+
+    /// Serves the connection with hyper, `io` carrying the bytes already read.
+    async fn serve_with_hyper(
+        self,
+        io: stream_http1::Rewound<Watched>,
+        watcher: hyper_util::server::graceful::Watcher,
+    ) -> Result<(), hyper::Error> {
+        let activity = io.inner.activity.clone();
+        let io = TokioIo::new(io);
+        let admission = self.admission();
         let service = warp::service(self.filter);
-        let peer = self.peer;
-        let on_request = activity.clone();
-        let proxied: ProxiedSlot = Arc::default();
-        let (clients, cap, listener) = (self.clients, self.limits.per_ip, self.limits.listener);
         let service = hyper::service::service_fn(move |mut request: http::Request<_>| {
-            request.extensions_mut().insert(Peer(peer));
             let expects_body = request
                 .headers()
                 .contains_key(http::header::TRANSFER_ENCODING)
@@ -551,23 +648,14 @@ where
                     .headers()
                     .get(http::header::CONTENT_LENGTH)
                     .is_some_and(|v| v.as_bytes() != b"0");
-            on_request.request_started(expects_body);
-            let answered = on_request.clone();
+            activity.request_started(expects_body);
+            let answered = activity.clone();
             let mut service = service.clone();
-            // Behind a trusted proxy: count the connection against the
-            // client this head names, or refuse the request and close.
-            let admitted = match (&clients, cap) {
-                (Some(clients), Some(cap)) => {
-                    let client = per_host(clients.proxies.client_of(peer.ip(), request.headers()));
-                    count_against(&proxied, clients, client, cap)
-                }
-                _ => true,
-            };
+            let admitted = admission.admit(&mut request);
             async move {
                 let response = if admitted {
                     tower_service::Service::call(&mut service, request).await
                 } else {
-                    metrics::connection_refused(listener, "per_ip");
                     Ok(refused_response())
                 };
                 answered.request_answered();
@@ -583,30 +671,65 @@ where
             // hyper's floor is 8 KiB; the head limit acts before this does.
             .max_buf_size((self.limits.max_head_bytes + 8192).max(16 * 1024))
             .keep_alive(true);
-        // Pinned out here rather than inside `select!` so that an overdue head
-        // is counted while the socket is still open: `select!` drops its
-        // losing futures before running the winner's arm, and a client that
-        // sees its connection closed must already find it in the metric.
-        // The connection (and its socket) is dropped when `run` returns.
-        let mut connection = std::pin::pin!(watcher.watch(http1.serve_connection(io, service)));
-        tokio::select! {
-            result = &mut connection => {
-                if let Err(e) = result {
-                    tracing::debug!(listener = self.limits.listener, %peer, error = %e, "connection ended");
-                }
-            }
-            () = activity.head_overdue(self.limits.header_read_timeout) => {
-                metrics::connection_timed_out(self.limits.listener);
-                tracing::debug!(listener = self.limits.listener, %peer, "request head not complete in time; closed");
-            }
-            () = activity.write_stalled(self.limits.write_timeout) => {
-                activity.abort.store(true, Ordering::Release);
-                metrics::connection_write_timed_out(self.limits.listener);
-                tracing::debug!(listener = self.limits.listener, %peer, "peer took no bytes in time; reset");
-            }
+        watcher.watch(http1.serve_connection(io, service)).await
+    }
+
+    fn admission(&self) -> Admission {
+        Admission {
+            peer: self.peer,
+            clients: self.clients.clone(),
+            cap: self.limits.per_ip,
+            listener: self.limits.listener,
+            proxied: ProxiedSlot::default(),
         }
-        let now_open = self.open.fetch_sub(1, Ordering::Relaxed) - 1;
-        metrics::connections_open(self.limits.listener, now_open);
+    }
+}
+
+/// Where a connection's first bytes sent it ([`Connection::route`]).
+enum Routed {
+    /// Herald's own path: this answer, to be written to this socket, and
+    /// behind a trusted proxy the connection's place in its client's count
+    /// (held until the stream ends).
+    Stream(Watched, stream_http1::Answer, Option<ClientSlot>),
+    /// hyper serves the connection until it closes.
+    Hyper(Pin<Box<dyn Future<Output = Result<(), hyper::Error>> + Send>>),
+}
+
+/// What every request of one connection is admitted by: its TCP peer, and
+/// behind a trusted proxy the count of the client its head names.
+#[derive(Clone)]
+struct Admission {
+    peer: SocketAddr,
+    clients: Option<ClientCount>,
+    cap: Option<usize>,
+    listener: &'static str,
+    /// The connection's place in its current client's count.
+    proxied: ProxiedSlot,
+}
+
+impl Admission {
+    /// Puts the peer into the request's extensions and, behind a trusted
+    /// proxy, counts the connection against the client this head names;
+    /// `false` (counted as a refusal) when that client is at its cap.
+    fn admit<B>(&self, request: &mut http::Request<B>) -> bool {
+        request.extensions_mut().insert(Peer(self.peer));
+        let admitted = match (&self.clients, self.cap) {
+            (Some(clients), Some(cap)) => {
+                let client = per_host(clients.proxies.client_of(self.peer.ip(), request.headers()));
+                count_against(&self.proxied, clients, client, cap)
+            }
+            _ => true,
+        };
+        if !admitted {
+            metrics::connection_refused(self.listener, "per_ip");
+        }
+        admitted
+    }
+
+    /// The place a trusted proxy's connection holds in its client's count,
+    /// for a connection that makes no further requests to keep.
+    fn into_place(self) -> Option<ClientSlot> {
+        self.proxied.lock().ok()?.take()
     }
 }
 

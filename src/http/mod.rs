@@ -18,6 +18,7 @@ pub mod limits;
 pub mod problem;
 pub mod public;
 pub mod stream;
+mod stream_http1;
 pub mod webhooks;
 
 use std::convert::Infallible;

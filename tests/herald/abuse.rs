@@ -702,3 +702,38 @@ async fn past_the_connection_caps_new_connections_are_refused_at_once_and_counte
     .await;
     assert_eq!(served, ());
 }
+
+#[tokio::test]
+async fn a_stream_client_that_hangs_up_gives_its_place_back_before_anything_is_written_to_it() {
+    // One stream per client, and no heartbeat for a minute: only the
+    // client's close can tell Herald that the first stream is gone.
+    let (_b, herald) = limited(&[
+        ("HERALD_LIMITS__STREAMS_PER_IP", "1"),
+        ("HERALD_SSE__HEARTBEAT_MS", "60000"),
+    ])
+    .await;
+    herald.post_job("Quiet").await;
+    let url = herald.url("/api/jobs/stream");
+    let first = served_stream(&url, 9).await;
+    assert_turned_away(&url, 9).await;
+    let hung_up = Instant::now();
+    drop(first);
+    eventually(
+        "the place of a closed stream to come back",
+        Duration::from_secs(5),
+        || {
+            let url = url.clone();
+            async move {
+                let mut s = SseClient::connect_once_from(&url, None, Some(from(9))).await;
+                s.next(Duration::from_secs(5)).await?;
+                let next = s.next(Duration::from_secs(5)).await?;
+                (next.event == "snapshot").then_some(())
+            }
+        },
+    )
+    .await;
+    println!(
+        "a hung-up stream's place came back after {:?}",
+        hung_up.elapsed()
+    );
+}

@@ -345,3 +345,113 @@ async fn a_pipelined_partial_head_is_closed_at_the_header_timeout() {
         .await;
     assert_eq!(after, before + 1.0);
 }
+
+/// Sends `request` on a new connection from 127.0.0.`octet` and reads until
+/// `enough` holds for what came back or the connection closes (10 s at
+/// most); what came back, and whether the server closed.
+async fn exchange(
+    addr: &str,
+    octet: u8,
+    request: &[u8],
+    enough: impl Fn(&str) -> bool,
+) -> (String, bool) {
+    let mut s = connect_from(addr, octet).await;
+    s.write_all(request).await.expect("request");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let n = tokio::time::timeout(left, s.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no answer: {}", String::from_utf8_lossy(&seen)))
+            .expect("read");
+        if n == 0 {
+            return (String::from_utf8_lossy(&seen).to_string(), true);
+        }
+        seen.extend_from_slice(&buf[..n]);
+        if enough(&String::from_utf8_lossy(&seen)) {
+            return (String::from_utf8_lossy(&seen).to_string(), false);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_stream_is_written_chunk_by_chunk_and_odd_stream_requests_are_still_answered() {
+    let (_b, herald) = limited(&[]).await;
+    herald.post_job("Chunked").await;
+    let addr = public_addr(&herald);
+    let has_snapshot = |s: &str| s.contains("event: snapshot") && s.contains("Chunked");
+
+    // A plain connect: Herald's own path writes the head itself.
+    let (answer, _) = exchange(
+        &addr,
+        61,
+        b"GET /api/jobs/stream HTTP/1.1\r\nHost: herald\r\nAccept: text/event-stream\r\n\r\n",
+        has_snapshot,
+    )
+    .await;
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a head");
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    for line in [
+        "content-type: text/event-stream",
+        "transfer-encoding: chunked",
+        "connection: close",
+        "x-accel-buffering: no",
+    ] {
+        assert!(head.contains(line), "{line} missing from {head}");
+    }
+    assert!(head.contains("\r\ndate: "), "{head}");
+    // The first chunk is the opening `retry:`, framed by its hex length.
+    let (size, rest) = body.split_once("\r\n").expect("a chunk size");
+    let size = usize::from_str_radix(size, 16).expect("hex chunk size");
+    assert!(rest[..size].starts_with("retry: "), "{body}");
+    assert_eq!(&rest[size..size + 2], "\r\n");
+
+    // A filter the client got wrong: a problem, then the close.
+    let long = "x".repeat(201);
+    let (answer, closed) = exchange(
+        &addr,
+        62,
+        format!("GET /api/jobs/stream?q={long} HTTP/1.1\r\nHost: herald\r\n\r\n").as_bytes(),
+        |_| false,
+    )
+    .await;
+    assert!(
+        answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+        "{answer}"
+    );
+    assert!(answer.contains("content-type: application/problem+json"));
+    assert!(answer.contains("at most 200 characters") && closed);
+
+    // What Herald's own path leaves to hyper is still served: HTTP/1.0 (no
+    // chunks), a stream asked for after another request on a kept-alive
+    // connection, a head with a body.
+    let (answer, _) = exchange(
+        &addr,
+        63,
+        b"GET /api/jobs/stream HTTP/1.0\r\nHost: herald\r\n\r\n",
+        has_snapshot,
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.0 200 OK\r\n"), "{answer}");
+    assert!(!answer.contains("transfer-encoding"), "{answer}");
+    let (answer, _) = exchange(
+        &addr,
+        64,
+        b"GET /healthz HTTP/1.1\r\nHost: herald\r\n\r\n\
+          GET /api/jobs/stream HTTP/1.1\r\nHost: herald\r\n\r\n",
+        has_snapshot,
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert_eq!(answer.matches("HTTP/1.1 200 OK").count(), 2, "{answer}");
+    let (answer, _) = exchange(
+        &addr,
+        65,
+        b"GET /api/jobs/stream HTTP/1.1\r\nHost: herald\r\nContent-Length: 2\r\n\r\nhi",
+        has_snapshot,
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+}
