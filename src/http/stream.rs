@@ -161,6 +161,11 @@ impl Stream for ClientStream {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
         if let Some(frame) = this.frames.pop_front() {
+            if this.frames.is_empty() {
+                // The catch-up is written: its buffer is not kept for the
+                // life of the stream.
+                this.frames = VecDeque::new();
+            }
             return Poll::Ready(Some(Ok(frame)));
         }
         if this.ended {
