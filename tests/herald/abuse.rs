@@ -273,6 +273,18 @@ async fn assert_turned_away(url: &str, octet: u8) {
     assert!(s.closed, "a turned-away stream is closed");
 }
 
+/// Waits (up to `within`) until a stream from 127.0.0.`octet` is served
+/// again: the place a closed stream held has come back.
+async fn place_comes_back(url: &str, octet: u8, within: Duration) {
+    eventually("a freed stream place to be reused", within, || async move {
+        let mut s = SseClient::connect_once_from(url, None, Some(from(octet))).await;
+        s.next(Duration::from_secs(5)).await?;
+        let next = s.next(Duration::from_secs(5)).await?;
+        (next.event == "snapshot").then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn the_open_stream_limit_per_client_holds_and_a_closed_stream_gives_its_place_back() {
     let (_b, herald) = limited(&[
@@ -293,20 +305,7 @@ async fn the_open_stream_limit_per_client_holds_and_a_closed_stream_gives_its_pl
     // One of the three hangs up; its place comes back (the server notices
     // on its next heartbeat write).
     drop(open.pop());
-    eventually(
-        "a freed stream place to be reused",
-        Duration::from_secs(10),
-        || {
-            let url = url.clone();
-            async move {
-                let mut s = SseClient::connect_once_from(&url, None, Some(from(1))).await;
-                s.next(Duration::from_secs(5)).await?;
-                let next = s.next(Duration::from_secs(5)).await?;
-                (next.event == "snapshot").then_some(())
-            }
-        },
-    )
-    .await;
+    place_comes_back(&url, 1, Duration::from_secs(10)).await;
     assert!(
         herald
             .metric("herald_rate_limited_total{action=\"streams_open\"}")
@@ -718,20 +717,7 @@ async fn a_stream_client_that_hangs_up_gives_its_place_back_before_anything_is_w
     assert_turned_away(&url, 9).await;
     let hung_up = Instant::now();
     drop(first);
-    eventually(
-        "the place of a closed stream to come back",
-        Duration::from_secs(5),
-        || {
-            let url = url.clone();
-            async move {
-                let mut s = SseClient::connect_once_from(&url, None, Some(from(9))).await;
-                s.next(Duration::from_secs(5)).await?;
-                let next = s.next(Duration::from_secs(5)).await?;
-                (next.event == "snapshot").then_some(())
-            }
-        },
-    )
-    .await;
+    place_comes_back(&url, 9, Duration::from_secs(5)).await;
     println!(
         "a hung-up stream's place came back after {:?}",
         hung_up.elapsed()
