@@ -574,6 +574,12 @@ where
                 result = served => {
                     let result: Result<(), Box<dyn std::error::Error + Send + Sync>> = result;
                     if let Err(e) = result {
+                        // The socket's TCP_USER_TIMEOUT is the write timeout
+                        // too; whichever notices first, it is counted once.
+                        if timed_out(&*e) {
+                            activity.abort.store(true, Ordering::Release);
+                            metrics::connection_write_timed_out(listener);
+                        }
                         tracing::debug!(listener, %peer, error = %e, "connection ended");
                     }
                 }
@@ -683,6 +689,22 @@ where
             proxied: ProxiedSlot::default(),
         }
     }
+}
+
+/// Whether `error`, or one of its sources, is the kernel giving up on the
+/// peer (`ETIMEDOUT`: `TCP_USER_TIMEOUT` ran out).
+fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(error) = next {
+        if error
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        next = error.source();
+    }
+    false
 }
 
 /// Where a connection's first bytes sent it ([`Connection::route`]).

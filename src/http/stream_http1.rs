@@ -22,6 +22,7 @@
 //! body waits for its next frame the socket is watched for the client's
 //! close, as hyper does, so a client that left frees its place at once.
 
+use std::io::Write as _;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -178,10 +179,21 @@ impl Answer {
         io.write_all(&head).await?;
         drop(head);
         let mut ended = false;
+        let mut dropped = 0;
         while !ended {
-            let frame = tokio::select! {
-                frame = body.frame() => frame,
-                () = client_closed(socket(io)) => return Ok(()),
+            // The next frame, unless the client leaves first.
+            let frame = std::future::poll_fn(|cx| {
+                if let Poll::Ready(closed) = poll_client_closed(socket(io), cx, &mut dropped) {
+                    return Poll::Ready(Err(closed));
+                }
+                Pin::new(&mut body).poll_frame(cx).map(Ok)
+            })
+            .await;
+            let frame = match frame {
+                Ok(frame) => frame,
+                // Gone: closed, or the socket failed (the kernel's write
+                // timeout among others).
+                Err(closed) => return closed,
             };
             // This frame and every one already waiting behind it go out in one
             // write (a burst of events is one syscall, as with hyper); the
@@ -229,7 +241,8 @@ fn put_data(out: &mut Vec<u8>, data: &[u8], chunked: bool) {
         return;
     }
     if chunked {
-        out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+        // Into the buffer itself: no string per chunk.
+        let _ = write!(out, "{:x}\r\n", data.len());
         out.extend_from_slice(data);
         out.extend_from_slice(b"\r\n");
     } else {
@@ -277,25 +290,35 @@ fn response_head(parts: &http::response::Parts, length: Option<u64>) -> Vec<u8> 
 /// to say) before it is treated as gone.
 const MOST_BYTES_AFTER_HEAD: usize = 16 * 1024;
 
-/// Resolves when the client closed its side (or its socket failed, or it
-/// kept sending after its head); what it sends meanwhile is dropped.
-async fn client_closed(socket: &TcpStream) {
-    let mut scratch = [0u8; 64];
-    let mut dropped = 0;
+/// Whether the client closed its side (`Ok`), its socket failed (`Err`:
+/// the kernel's `TCP_USER_TIMEOUT` is the write timeout too), or it kept
+/// sending after its head (`Ok`; what it sends meanwhile is dropped,
+/// `dropped` counts it). Polled, not awaited as `readable()`: the socket's
+/// one reader waker is all it takes, with no waiter list to join and leave
+/// per frame.
+fn poll_client_closed(
+    socket: &TcpStream,
+    cx: &mut Context<'_>,
+    dropped: &mut usize,
+) -> Poll<std::io::Result<()>> {
     loop {
-        if socket.readable().await.is_err() {
-            return;
+        match socket.poll_read_ready(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Ready(Ok(())) => {}
         }
+        let mut scratch = [0u8; 64];
         match socket.try_read(&mut scratch) {
-            Ok(0) => return,
+            Ok(0) => return Poll::Ready(Ok(())),
             Ok(n) => {
-                dropped += n;
-                if dropped > MOST_BYTES_AFTER_HEAD {
-                    return;
+                *dropped += n;
+                if *dropped > MOST_BYTES_AFTER_HEAD {
+                    return Poll::Ready(Ok(()));
                 }
             }
+            // Readiness is cleared: the next poll waits for news.
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(_) => return,
+            Err(e) => return Poll::Ready(Err(e)),
         }
     }
 }
