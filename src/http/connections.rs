@@ -314,6 +314,12 @@ impl Watched {
     }
 }
 
+impl AsRef<TcpStream> for Watched {
+    fn as_ref(&self) -> &TcpStream {
+        &self.stream
+    }
+}
+
 impl Drop for Watched {
     fn drop(&mut self) {
         if self.activity.abort.load(Ordering::Acquire) {
@@ -564,7 +570,7 @@ where
             let served = std::pin::pin!(async move {
                 match routing.await {
                     Routed::Stream(mut watched, answer, _place) => {
-                        answer.write_to(&mut watched, |w| &w.stream).await?;
+                        answer.write_to(&mut watched).await?;
                         Ok(())
                     }
                     Routed::Hyper(connection) => connection.await.map_err(Into::into),
@@ -719,7 +725,6 @@ enum Routed {
 
 /// What every request of one connection is admitted by: its TCP peer, and
 /// behind a trusted proxy the count of the client its head names.
-#[derive(Clone)]
 struct Admission {
     peer: SocketAddr,
     clients: Option<ClientCount>,

@@ -7,7 +7,7 @@
 //! reads a connection's first bytes itself ([`read_opening`]): a head that
 //! opens `GET /api/jobs/stream` is parsed here (with `httparse`, hyper's own
 //! parser), handed to the same warp filter as an `http::Request`, and the
-//! answer is written straight to the socket ([`answer`]): the head, then
+//! answer is written straight to the socket ([`Answer`]): the head, then
 //! each frame of the body as one HTTP/1.1 chunk. Nothing is buffered
 //! between frames, so an idle client costs its task, its queue and its
 //! socket. Anything else (another path, a method or version other than GET
@@ -162,14 +162,11 @@ impl Answer {
     /// Writes the answer to the client and closes: the head, then the body
     /// (one chunk per frame when its length is not known), then the end. It
     /// returns early when the client closes its side or a write fails. Each
-    /// write goes through `io`, so the connection's watchdog times it.
-    pub(super) async fn write_to<W>(
-        self,
-        io: &mut W,
-        socket: impl Fn(&W) -> &TcpStream,
-    ) -> std::io::Result<()>
+    /// write goes through `io`, so the connection's watchdog times it; its
+    /// socket is watched for the client's close.
+    pub(super) async fn write_to<W>(self, io: &mut W) -> std::io::Result<()>
     where
-        W: AsyncWrite + Unpin,
+        W: AsyncWrite + AsRef<TcpStream> + Unpin,
     {
         let Answer {
             head,
@@ -183,7 +180,7 @@ impl Answer {
         while !ended {
             // The next frame, unless the client leaves first.
             let frame = std::future::poll_fn(|cx| {
-                if let Poll::Ready(closed) = poll_client_closed(socket(io), cx, &mut dropped) {
+                if let Poll::Ready(closed) = poll_client_closed((*io).as_ref(), cx, &mut dropped) {
                     return Poll::Ready(Err(closed));
                 }
                 Pin::new(&mut body).poll_frame(cx).map(Ok)
@@ -279,7 +276,9 @@ fn response_head(parts: &http::response::Parts, length: Option<u64>) -> Vec<u8> 
         head.extend_from_slice(b"\r\n");
     }
     match length {
-        Some(length) => head.extend_from_slice(format!("content-length: {length}\r\n").as_bytes()),
+        Some(length) => {
+            let _ = write!(head, "content-length: {length}\r\n");
+        }
         None => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
     head.extend_from_slice(b"connection: close\r\n\r\n");
