@@ -14,6 +14,7 @@ mod board;
 mod dead_letters;
 mod delivery;
 mod maintenance;
+mod migrations;
 pub mod postgres;
 mod provider_events;
 mod relay;

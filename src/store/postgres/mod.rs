@@ -343,7 +343,7 @@ impl Store for PgStore {
             .acquire_timeout(timeout.max(Duration::from_secs(5)))
             .connect_with(self.options.clone())
             .await?;
-        let migrator = sqlx::migrate!("./migrations/postgres");
+        let migrator = super::migrations::postgres();
         if let Err(e) = accept_comment_only_edits(&pool, &migrator).await {
             pool.close().await;
             return Err(e);

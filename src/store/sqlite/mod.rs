@@ -232,9 +232,7 @@ impl Store for SqliteStore {
 
     #[instrument(skip_all)]
     async fn migrate(&self) -> Result<(), StoreError> {
-        sqlx::migrate!("./migrations/sqlite")
-            .run(&self.writer)
-            .await?;
+        super::migrations::sqlite().run(&self.writer).await?;
         // Jobs written before their search keys were get them now.
         loop {
             let rows = sqlx::query(JOBS_WITHOUT_SEARCH_KEYS)
