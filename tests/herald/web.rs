@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use fantoccini::Locator;
 use herald::client::lossy_proxy::LossyProxy;
-use support::browser::Browser;
+use support::browser::{Browser, Driver};
 use support::{count, eventually, Backend, Backing, Daemon, Postgres, Redis, Stack};
 
 /// A Herald on its own Postgres and Redis (kept alive by the caller).
@@ -756,6 +756,40 @@ on_both_backends!(
     the_page_searches_live_and_lists_my_applications_with_their_email_status,
     my_applications_say_what_became_of_each_email
 );
+
+/// The browser harness says why a driver did not start. chromedriver picks
+/// its own port and says it (nothing to race); a driver told to use a port
+/// that is taken exits, and the error names the exit and what it printed.
+#[tokio::test]
+async fn a_chromedriver_that_cannot_listen_says_why_and_one_that_picks_its_port_answers() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let driver = match Driver::start(0, dir.path()).await {
+        Ok(driver) => driver,
+        Err(why) => panic!("{why}"),
+    };
+    assert_ne!(driver.port, 0, "chromedriver says the port it chose");
+    let status = reqwest::get(format!("http://127.0.0.1:{}/status", driver.port))
+        .await
+        .expect("chromedriver answers on the port it said");
+    assert!(status.status().is_success(), "{}", status.status());
+
+    // A port in use on 127.0.0.1, as another test's connection would hold it.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("address").port();
+    let failed = tempfile::tempdir().expect("temp dir");
+    let why = match Driver::start(port, failed.path()).await {
+        Ok(driver) => panic!("chromedriver listened on a taken port {}", driver.port),
+        Err(why) => why,
+    };
+    assert!(
+        why.contains("chromedriver exited (exit status: 1) before it listened"),
+        "{why}"
+    );
+    assert!(
+        why.contains("Address already in use"),
+        "the driver's own words: {why}"
+    );
+}
 
 /// The operator page (`/admin/` on the admin listener) in the browser,
 /// signed in with a named operator's token: a dead letter replayed (the
