@@ -91,6 +91,53 @@ async fn the_run_command_with_nothing_configured_serves_a_board_that_posts_strea
     let stored = std::fs::read_to_string(cwd.path().join("var/admin_token")).unwrap();
     assert_eq!(token, stored.trim(), "the printed token is the stored one");
 
+    // The README's first session, pasted as written into a shell in the
+    // directory the daemon runs in: a job posted, a sign-in, the same
+    // application sent twice under one key, the one .eml.
+    let demo = readme_block_after("## A first session");
+    for placeholder in ["…", "<job id>", "<"] {
+        assert!(
+            !demo.contains(placeholder),
+            "a placeholder in the README's demo: {demo}"
+        );
+    }
+    let pasted = tokio::process::Command::new("bash")
+        .arg("-c")
+        .arg(&demo)
+        .current_dir(cwd.path())
+        .kill_on_drop(true)
+        .output();
+    let pasted = tokio::time::timeout(Duration::from_secs(30), pasted)
+        .await
+        .expect("the README's first session ends within 30 s")
+        .expect("bash runs");
+    let printed = String::from_utf8_lossy(&pasted.stdout);
+    let said: Vec<String> = printed.lines().map(|l| l.trim().to_lowercase()).collect();
+    assert_eq!(
+        said.get(..3),
+        Some(
+            &[
+                "http/1.1 201 created".to_string(),
+                "http/1.1 201 created".to_string(),
+                "idempotent-replayed: true".to_string(),
+            ][..]
+        ),
+        "the README's demo printed:\n{printed}{}",
+        String::from_utf8_lossy(&pasted.stderr)
+    );
+    assert_eq!(said.len(), 4, "one .eml listed: {printed}");
+    assert!(said[3].ends_with(".eml"), "{printed}");
+    let readme_eml = std::fs::read_to_string(
+        cwd.path()
+            .join("var/mail")
+            .join(printed.lines().nth(3).unwrap().trim()),
+    )
+    .unwrap();
+    assert!(
+        readme_eml.contains("ada@example.com") && readme_eml.contains("Rust engineer"),
+        "{readme_eml}"
+    );
+
     let http = reqwest::Client::new();
     let base = "http://127.0.0.1:8080";
     let page = http.get(base).send().await.unwrap().text().await.unwrap();
@@ -147,8 +194,11 @@ async fn the_run_command_with_nothing_configured_serves_a_board_that_posts_strea
     let eml = eventually("the confirmation .eml", Duration::from_secs(20), || {
         let mail = mail.clone();
         async move {
-            let entry = std::fs::read_dir(&mail).ok()?.flatten().next()?;
-            std::fs::read_to_string(entry.path()).ok()
+            std::fs::read_dir(&mail)
+                .ok()?
+                .flatten()
+                .filter_map(|entry| std::fs::read_to_string(entry.path()).ok())
+                .find(|eml| eml.contains("newcomer@example.com"))
         }
     })
     .await;
@@ -160,11 +210,25 @@ async fn the_run_command_with_nothing_configured_serves_a_board_that_posts_strea
         assert_eq!(mode, 0o600, "{}", entry.path().display());
     }
     assert!(eml.contains("Embedded engineer"), "{eml}");
-    assert_eq!(std::fs::read_dir(&mail).unwrap().count(), 1);
+    // The README's one and this one: no copy of either.
+    assert_eq!(std::fs::read_dir(&mail).unwrap().count(), 2);
     assert!(
         cwd.path().join("var/herald.db").exists(),
         "embedded SQLite file"
     );
+}
+
+/// The first `sh` block after `heading` in README.md.
+fn readme_block_after(heading: &str) -> String {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let section = &readme[readme.find(heading).expect("the README's heading")..];
+    let start = section
+        .find("```sh\n")
+        .expect("a sh block under the heading")
+        + "```sh\n".len();
+    let end = section[start..].find("\n```").expect("the block's end");
+    section[start..start + end].to_string()
 }
 
 /// How the daemon is interrupted under load.
