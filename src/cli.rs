@@ -7,13 +7,50 @@
 //! future it drives, so whatever crate names the concrete types compiles
 //! that tree. Named from the binary, it was compiled a second time there
 //! (45 s of a release build on two cores).
+//!
+//! How a command ends is its exit status, one meaning each (docs/DEPLOY.md,
+//! "Exit codes"): 0 done; 2 the configuration is bad or incomplete; 3 a
+//! resource is busy or unreachable at start (the database, after
+//! `database.connect_timeout_ms` of retries; an embedded file another process
+//! holds; a listen address in use); 4 `herald audit` found a broken
+//! invariant; 1 anything else. The unit file keeps systemd from restarting a
+//! daemon that exited 2: the same settings would fail the same way.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::server::{self, Listeners};
+use crate::store::{AtStart, StoreError};
+
+/// `herald audit` found rows that break an invariant (exit 4).
+#[derive(Debug, thiserror::Error)]
+#[error("{0} invariant(s) broken")]
+struct BrokenInvariants(usize);
+
+/// The exit status a failed command ends with: what the first cause in the
+/// error's chain that has a meaning of its own says, else 1.
+fn exit_status(error: &anyhow::Error) -> u8 {
+    for cause in error.chain() {
+        if cause.is::<ConfigError>() {
+            return 2;
+        }
+        if matches!(cause.downcast_ref(), Some(StoreError::Unavailable(_))) {
+            return 3;
+        }
+        if cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::AddrInUse)
+        {
+            return 3;
+        }
+        if cause.is::<BrokenInvariants>() {
+            return 4;
+        }
+    }
+    1
+}
 
 #[derive(Parser)]
 #[command(
@@ -36,7 +73,7 @@ enum Command {
     /// redacted), and exit: 0 if it is valid, 2 naming the bad key if not.
     Config,
     /// Check the effectively-once invariants in the database once (what the
-    /// auditor does on a schedule); print each, exit 1 if any is broken.
+    /// auditor does on a schedule); print each, exit 4 if any is broken.
     Audit,
     /// Exit 0 if the daemon on this configuration's `listen` address answers
     /// `/readyz` (the Docker HEALTHCHECK; no curl needed in the image).
@@ -71,6 +108,8 @@ async fn shutdown_signal() {
 }
 
 async fn serve(mut config: Config) -> anyhow::Result<()> {
+    // Before anything is created: the database, secrets, directories.
+    server::preflight(&config)?;
     let new_admin_token = crate::secrets::ensure_embedded_secrets(&mut config)?;
     let listeners = Listeners::bind(&config).await?;
     let (public, admin) = listeners.addresses()?;
@@ -134,14 +173,13 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
 }
 
 async fn migrate(config: Config) -> anyhow::Result<()> {
-    let store = crate::store::connect(&config).await?;
-    store.migrate().await?;
+    let store = crate::store::open_at_start(&config, AtStart::Migrated).await?;
     println!("migrations applied ({})", store.backend());
     Ok(())
 }
 
 async fn audit(config: &Config) -> anyhow::Result<()> {
-    let store = crate::store::connect(config).await?;
+    let store = crate::store::open_at_start(config, AtStart::Reachable).await?;
     // The same checks the Auditor runs on its schedule.
     let found = store
         .audit(
@@ -157,14 +195,20 @@ async fn audit(config: &Config) -> anyhow::Result<()> {
         broken += usize::from(*rows > 0);
     }
     if broken > 0 {
-        anyhow::bail!("{broken} invariant(s) broken");
+        return Err(BrokenInvariants(broken).into());
     }
     println!("all {} invariants hold ({})", found.len(), store.backend());
     Ok(())
 }
 
+/// `herald config`: refuses what `serve` would refuse (the same checks,
+/// the same message, exit 2), else prints the configuration in effect.
 fn print_config(config: &Config) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(config)?);
+    server::preflight(config)?;
+    let mut shown = serde_json::to_value(config)?;
+    // The value in effect, not the setting: unset means "decided by mode".
+    shown["auth"]["dev_login"] = config.dev_login().into();
+    println!("{}", serde_json::to_string_pretty(&shown)?);
     Ok(())
 }
 
@@ -264,7 +308,7 @@ async fn run_cli() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("herald: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(exit_status(&e))
         }
     }
 }

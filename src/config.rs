@@ -162,10 +162,43 @@ impl DatabaseUrl {
     }
 }
 
-/// Serialised like `Debug`: the scheme, the rest redacted.
+impl DatabaseUrl {
+    /// What `herald config` shows: a SQLite path whole (a path is not a
+    /// secret, and which file is in use is the question), a Postgres URL with
+    /// its password (and any `…password=` parameter) redacted. A URL that
+    /// does not parse shows its scheme alone.
+    pub fn shown(&self) -> String {
+        if self.scheme() == "sqlite" {
+            return self.0.clone();
+        }
+        let Ok(mut url) = url::Url::parse(&self.0) else {
+            return format!("{}://[redacted]", self.scheme());
+        };
+        if url.password().is_some() && url.set_password(Some("[redacted]")).is_err() {
+            return format!("{}://[redacted]", self.scheme());
+        }
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if k.contains("password") {
+                    "[redacted]".into()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        if !pairs.is_empty() {
+            url.query_pairs_mut().clear().extend_pairs(pairs);
+        }
+        url.to_string().replace("%5Bredacted%5D", "[redacted]")
+    }
+}
+
+/// Serialised as [`DatabaseUrl::shown`]: no password.
 impl Serialize for DatabaseUrl {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(&format_args!("{}://[redacted]", self.scheme()))
+        serializer.serialize_str(&self.shown())
     }
 }
 
@@ -306,6 +339,9 @@ pub struct DatabaseConfig {
     pub max_connections: u32,
     /// How long a request waits for a connection before it is answered 503.
     pub acquire_timeout_ms: u64,
+    /// At start (`serve`, `migrate`, `audit`): how long an unreachable or
+    /// busy database is retried before the command exits 3.
+    pub connect_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -1014,6 +1050,25 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn herald_config_shows_a_sqlite_path_whole_and_a_postgres_url_less_its_password() {
+        let shown = |url: &str| DatabaseUrl(url.to_string()).shown();
+        assert_eq!(shown("sqlite://var/herald.db"), "sqlite://var/herald.db");
+        assert_eq!(
+            shown("postgres://herald:s3cret@db.internal:5432/herald"),
+            "postgres://herald:[redacted]@db.internal:5432/herald"
+        );
+        assert_eq!(
+            shown("postgres://herald@db/herald?sslmode=require&password=s3cret"),
+            "postgres://herald@db/herald?sslmode=require&password=[redacted]"
+        );
+        assert_eq!(shown("postgres://db/herald"), "postgres://db/herald");
+        assert_eq!(
+            shown("postgres://herald:s3 cret@[bad"),
+            "postgres://[redacted]"
+        );
+    }
     use figment::providers::Serialized;
 
     fn with(key: &str, value: impl serde::Serialize) -> Result<Config, ConfigError> {

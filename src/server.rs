@@ -84,15 +84,72 @@ fn required<'a>(
     })
 }
 
+/// What `serve` checks of its configuration before it creates anything (the
+/// database, the embedded mode's generated secrets, the mail directory), and
+/// all that `herald config` checks: the same functions [`run`] builds its
+/// parts with, so both refuse a setting alike (exit 2, the same message).
+/// The embedded mode generates a missing admin token and JWT secret at
+/// start: here they count as set, and nothing is written. (The identity
+/// provider's keys are fetched at start, not here: that is a neighbour, not
+/// a setting.)
+pub fn preflight(config: &Config) -> Result<(), ConfigError> {
+    let mut config = config.clone();
+    if config.is_embedded() {
+        let generated = || Some(Secret::new("generated at start"));
+        config.admin_token = config.admin_token.or_else(generated);
+        config.jwt_secret = config.jwt_secret.or_else(generated);
+    }
+    operators(&config)?;
+    user_token_secret(&config)?;
+    if config.relay.enabled {
+        email_choice(&config)?;
+    }
+    webhook_verifier(&config)?;
+    Ok(())
+}
+
+/// Every operator's credential (`admin_token`, `admin.tokens`, the tokens file).
+fn operators(config: &Config) -> Result<Vec<(String, [u8; 32])>, ConfigError> {
+    crate::http::auth::operators(config).map_err(|message| ConfigError::Invalid {
+        key: "admin_token",
+        message,
+    })
+}
+
+/// The secret user tokens are signed with (HS256). User tokens need a way to
+/// be verified: the shared secret, the identity provider's keys, or both;
+/// dev login signs with the secret.
+fn user_token_secret(config: &Config) -> Result<Option<&Secret>, ConfigError> {
+    if config.auth.has_identity_provider() && !config.dev_login() {
+        Ok(config.jwt_secret.as_ref())
+    } else {
+        required(&config.jwt_secret, "jwt_secret", "HERALD_JWT_SECRET").map(Some)
+    }
+}
+
+/// The email transport `email.transport` names, as settings: nothing is
+/// created until [`email_transport`] builds it.
+enum EmailChoice {
+    /// `.eml` files in this directory.
+    File(std::path::PathBuf),
+    Resend(ResendTransport),
+}
+
 /// The email transport `email.transport` names.
 fn email_transport(config: &Config, pacer: &Arc<SendPacer>) -> anyhow::Result<Arc<dyn Transport>> {
-    match config.email.transport.as_str() {
-        "file" => {
-            let dir = config.state_dir.join("mail");
+    match email_choice(config)? {
+        EmailChoice::File(dir) => {
             let transport = FileTransport::new(dir.clone())
                 .with_context(|| format!("creating the mail directory {}", dir.display()))?;
             Ok(Arc::new(transport))
         }
+        EmailChoice::Resend(transport) => Ok(Arc::new(transport.advertising_to(pacer.clone()))),
+    }
+}
+
+fn email_choice(config: &Config) -> Result<EmailChoice, ConfigError> {
+    match config.email.transport.as_str() {
+        "file" => Ok(EmailChoice::File(config.state_dir.join("mail"))),
         "resend" => {
             let key = required(
                 &config.email.resend_api_key,
@@ -108,46 +165,32 @@ fn email_transport(config: &Config, pacer: &Arc<SendPacer>) -> anyhow::Result<Ar
             .map_err(|message| ConfigError::Invalid {
                 key: "email.resend_base_url",
                 message: format!("{message} (RESEND_BASE_URL)"),
-            })?
-            .advertising_to(pacer.clone());
-            Ok(Arc::new(transport))
+            })?;
+            Ok(EmailChoice::Resend(transport))
         }
         other => Err(ConfigError::Invalid {
             key: "email.transport",
             message: format!(
                 "`{other}` is not a transport (HERALD_EMAIL_TRANSPORT: `resend` or `file`)"
             ),
-        }
-        .into()),
+        }),
     }
 }
 
-/// The verifier of the provider's webhooks, when `email.webhook_secret` is
-/// set; without it a `resend` deployment is told what it will not see.
+/// The verifier of the provider's webhooks, when `email.webhook_secret` is set.
 fn webhook_verifier(
     config: &Config,
-) -> anyhow::Result<Option<Arc<crate::http::webhooks::WebhookVerifier>>> {
-    match &config.email.webhook_secret {
-        Some(secret) => {
-            let verifier = crate::http::webhooks::verifier(secret.expose()).map_err(|message| {
-                ConfigError::Invalid {
-                    key: "email.webhook_secret",
-                    message,
-                }
-            })?;
-            Ok(Some(Arc::new(verifier)))
+) -> Result<Option<Arc<crate::http::webhooks::WebhookVerifier>>, ConfigError> {
+    let Some(secret) = &config.email.webhook_secret else {
+        return Ok(None);
+    };
+    let verifier = crate::http::webhooks::verifier(secret.expose()).map_err(|message| {
+        ConfigError::Invalid {
+            key: "email.webhook_secret",
+            message,
         }
-        None => {
-            if config.email.transport == "resend" {
-                tracing::warn!(
-                    "email.webhook_secret is not set: POST /webhooks/resend answers 404, so \
-                     bounces and complaints are not seen and bouncing addresses keep being \
-                     mailed (docs/DEPLOY.md, \"Resend's webhooks\")"
-                );
-            }
-            Ok(None)
-        }
-    }
+    })?;
+    Ok(Some(Arc::new(verifier)))
 }
 
 /// The delivery pipeline's actors: relay and consumers.
@@ -245,22 +288,16 @@ pub async fn run(
     ready: impl FnOnce(),
 ) -> anyhow::Result<()> {
     let config = Arc::new(config);
-    let operators =
-        crate::http::auth::operators(&config).map_err(|message| ConfigError::Invalid {
-            key: "admin_token",
-            message,
-        })?;
-    // User tokens need a way to be verified: the shared secret, the
-    // identity provider's keys, or both. Dev login signs with the secret.
-    let jwt_secret = if config.auth.has_identity_provider() && !config.dev_login() {
-        config.jwt_secret.as_ref()
-    } else {
-        Some(required(
-            &config.jwt_secret,
-            "jwt_secret",
-            "HERALD_JWT_SECRET",
-        )?)
-    };
+    let operators = operators(&config)?;
+    let jwt_secret = user_token_secret(&config)?;
+    let webhooks = webhook_verifier(&config)?;
+    if webhooks.is_none() && config.email.transport == "resend" {
+        warn!(
+            "email.webhook_secret is not set: POST /webhooks/resend answers 404, so \
+             bounces and complaints are not seen and bouncing addresses keep being \
+             mailed (docs/DEPLOY.md, \"Resend's webhooks\")"
+        );
+    }
     let auth = Auth::from_config(operators, jwt_secret, &config.auth)
         .await
         .map_err(|message| ConfigError::Invalid {
@@ -289,9 +326,7 @@ pub async fn run(
         Err(e) => warn!(error = %e, "cannot raise the open-files limit"),
     }
 
-    let store = store::connect(&config).await?;
-    store
-        .migrate()
+    let store = store::open_at_start(&config, store::AtStart::Migrated)
         .await
         .context("applying database migrations")?;
 
@@ -415,7 +450,7 @@ pub async fn run(
         broker: broker.name(),
         limits: Arc::new(AbuseLimits::new(&config.limits, &config.admin)),
         last_audit,
-        webhooks: webhook_verifier(&config)?,
+        webhooks,
     };
     // The daemon's own tasks beside the servers and the actor tree; this
     // function owns them (dropped, aborted, when it returns).

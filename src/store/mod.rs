@@ -30,6 +30,7 @@ pub use relay::*;
 pub use work::*;
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
@@ -138,6 +139,51 @@ pub trait Store:
 
     /// One round trip, for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// What a command needs of the database before it starts its work.
+#[derive(Clone, Copy, Debug)]
+pub enum AtStart {
+    /// The schema up to date (`serve`, `migrate`).
+    Migrated,
+    /// One round trip (`audit`).
+    Reachable,
+}
+
+/// The store a command starts with, retried while the database is not
+/// available yet: Postgres unreachable or still starting, or an embedded
+/// file another process holds (`StoreError::Unavailable`). A unit restarted
+/// with its database, or a deploy that overlaps the old process, then
+/// starts without an operator; past `database.connect_timeout_ms` the last
+/// error is returned (the command exits 3). Any other error returns at once.
+pub async fn open_at_start(config: &Config, need: AtStart) -> Result<Arc<dyn Store>, StoreError> {
+    let deadline = Instant::now() + Duration::from_millis(config.database.connect_timeout_ms);
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let attempt = async {
+            let store = connect(config).await?;
+            match need {
+                AtStart::Migrated => store.migrate().await?,
+                AtStart::Reachable => store.ping().await?,
+            }
+            Ok::<_, StoreError>(store)
+        };
+        match attempt.await {
+            Ok(store) => return Ok(store),
+            Err(e) if e.is_unavailable() && Instant::now() < deadline => {
+                // The last pause ends at the deadline, for one last try.
+                let wait = pause.min(deadline.saturating_duration_since(Instant::now()));
+                tracing::warn!(
+                    error = %e,
+                    retry_in_ms = wait.as_millis() as u64,
+                    "the database is not available; retrying until database.connect_timeout_ms"
+                );
+                tokio::time::sleep(wait).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Connects to the backend named by `database_url`'s scheme.

@@ -79,6 +79,7 @@ fn serve_embedded(dir: &std::path::Path, database: &str) -> std::process::Child 
         .env("HERALD_STATE_DIR", dir.join("var"))
         .env("HERALD_LISTEN", "127.0.0.1:0")
         .env("HERALD_ADMIN_LISTEN", "127.0.0.1:0")
+        .env("HERALD_DATABASE__CONNECT_TIMEOUT_MS", "500")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -128,7 +129,12 @@ fn embedded_files_are_private_and_a_second_process_on_the_same_file_is_refused()
     let second = serve_embedded(dir.path(), &database.display().to_string());
     let out = second.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "the second process must not run");
+    // Busy at start, after database.connect_timeout_ms of retries: exit 3.
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "the second process must not run: {stderr}"
+    );
     assert!(
         stderr.contains("another Herald process is using") && stderr.contains("herald.db.lock"),
         "{stderr}"
@@ -166,13 +172,18 @@ fn config_prints_the_effective_configuration_without_secrets() {
     assert_eq!(config["email"]["from"], "Acme Jobs <jobs@acme.example>");
     assert_eq!(config["admin_token"], "[redacted]");
     assert!(!stdout.contains("super-secret"));
+    // The values in effect: the file in use, and dev login as decided.
+    assert_eq!(config["database_url"], "sqlite://var/herald.db");
+    assert_eq!(config["auth"]["dev_login"], true);
     let (code, _, stderr) = herald(&[("HERALD_MODE", "production")], &["config"]);
     assert_eq!(code, 2);
     assert!(stderr.contains("HERALD_DATABASE_URL"), "{stderr}");
 }
 
+/// An unreachable Postgres at start is retried for
+/// `database.connect_timeout_ms`, then named with its cause: exit 3.
 #[test]
-fn a_database_that_refuses_connections_is_reported_with_its_cause_at_once() {
+fn a_database_that_refuses_connections_is_retried_then_reported_with_its_cause() {
     let started = std::time::Instant::now();
     let (code, stdout, stderr) = herald(
         &[
@@ -185,11 +196,16 @@ fn a_database_that_refuses_connections_is_reported_with_its_cause_at_once() {
             ("HERALD_ADMIN_TOKEN", "0123456789abcdef-admin"),
             ("HERALD_JWT_SECRET", "0123456789abcdef0123456789abcdef-jwt"),
             ("HERALD_DATABASE__ACQUIRE_TIMEOUT_MS", "1000"),
+            ("HERALD_DATABASE__CONNECT_TIMEOUT_MS", "1500"),
         ],
         &["serve"],
     );
     let took = started.elapsed();
-    assert_ne!(code, 0);
+    assert_eq!(code, 3, "{stderr}");
+    assert!(
+        stderr.contains("retrying"),
+        "retried, and said so: {stderr}"
+    );
     assert!(
         stderr.contains("cannot connect to the database") && stderr.contains("refused"),
         "{stderr}"
@@ -199,7 +215,243 @@ fn a_database_that_refuses_connections_is_reported_with_its_cause_at_once() {
         "no password in the message: {stderr}"
     );
     assert!(!stdout.contains("listening"), "never ready: {stdout}");
-    assert!(took < std::time::Duration::from_secs(5), "took {took:?}");
+    assert!(
+        took >= Duration::from_millis(1000) && took < Duration::from_secs(6),
+        "retried about 1.5 s, took {took:?}"
+    );
+}
+
+/// `herald <args>` with `env` (and a state directory) from a clean
+/// environment, run in `dir`; a panic if it is still running after 30 s.
+fn herald_in(dir: &std::path::Path, env: &[(&str, String)], args: &[&str]) -> (i32, String) {
+    let child = herald_command()
+        .current_dir(dir)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run herald");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(out) => out.expect("herald's output"),
+        Err(_) => {
+            // SAFETY: signals the child this test started, by its PID.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            panic!("herald {args:?} kept running with {env:?}");
+        }
+    };
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// The line a refused command ends with (`herald: …`).
+fn refusal(output: &str) -> String {
+    output
+        .lines()
+        .find(|l| l.starts_with("herald: "))
+        .unwrap_or_else(|| panic!("no `herald: ` line in {output}"))
+        .to_string()
+}
+
+/// Each setting a mode requires is refused by `herald config` and by
+/// `herald serve` alike (exit 2, the same line), and `serve` refuses before
+/// it creates anything: no state directory, no database file, and no
+/// attempt at an unreachable Postgres (that would be a 3, after retries).
+#[test]
+fn config_and_serve_refuse_each_required_setting_alike_and_serve_creates_nothing() {
+    let postgres = "postgres://herald:pw@127.0.0.1:1/herald".to_string();
+    let admin = ("HERALD_ADMIN_TOKEN", "0123456789abcdef-admin".to_string());
+    let jwt = (
+        "HERALD_JWT_SECRET",
+        "0123456789abcdef0123456789abcdef-jwt".to_string(),
+    );
+    // What is missing, the settings given, and what the refusal names.
+    type Case<'a> = (&'a str, Vec<(&'a str, String)>, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            "production without an admin token",
+            vec![("HERALD_DATABASE_URL", postgres.clone()), jwt.clone()],
+            "HERALD_ADMIN_TOKEN",
+        ),
+        (
+            "production without a JWT secret",
+            vec![("HERALD_DATABASE_URL", postgres.clone()), admin.clone()],
+            "HERALD_JWT_SECRET",
+        ),
+        (
+            "production, resend without its key",
+            vec![
+                ("HERALD_DATABASE_URL", postgres.clone()),
+                admin.clone(),
+                jwt.clone(),
+                ("HERALD_EMAIL__TRANSPORT", "resend".into()),
+            ],
+            "RESEND_API_KEY",
+        ),
+        (
+            "embedded, resend without its key",
+            vec![("HERALD_EMAIL__TRANSPORT", "resend".into())],
+            "RESEND_API_KEY",
+        ),
+        (
+            "embedded, a webhook secret that is not one",
+            vec![("HERALD_EMAIL__WEBHOOK_SECRET", "not-a-secret".into())],
+            "email.webhook_secret",
+        ),
+    ];
+    for (what, settings, named) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let mut env = settings.clone();
+        env.push((
+            "HERALD_STATE_DIR",
+            dir.path().join("state").display().to_string(),
+        ));
+        env.push(("HERALD_LISTEN", "127.0.0.1:0".into()));
+        env.push(("HERALD_ADMIN_LISTEN", "127.0.0.1:0".into()));
+        let mut made_here = Vec::new();
+        if !settings.iter().any(|(k, _)| *k == "HERALD_DATABASE_URL") {
+            let db = dir.path().join("db/herald.db");
+            std::fs::create_dir_all(db.parent().unwrap()).unwrap();
+            made_here.push(dir.path().join("db"));
+            env.push(("HERALD_DATABASE_URL", format!("sqlite://{}", db.display())));
+        }
+        let (config_code, config_said) = herald_in(dir.path(), &env, &["config"]);
+        let (serve_code, serve_said) = herald_in(dir.path(), &env, &["serve"]);
+        assert_eq!(config_code, 2, "{what}: config said {config_said}");
+        assert_eq!(serve_code, 2, "{what}: serve said {serve_said}");
+        let refused = refusal(&config_said);
+        assert!(refused.contains(named), "{what}: {refused}");
+        assert_eq!(refusal(&serve_said), refused, "{what}: the same words");
+        assert!(
+            !config_said.contains("0123456789abcdef"),
+            "{what}: a secret shown"
+        );
+        let left: Vec<_> = walk(dir.path());
+        assert_eq!(left, made_here, "{what}: serve created {left:?}");
+    }
+    // And a complete configuration is printed, exit 0.
+    let dir = tempfile::tempdir().unwrap();
+    let (code, said) = herald_in(
+        dir.path(),
+        &[("HERALD_DATABASE_URL", postgres), admin, jwt],
+        &["config"],
+    );
+    assert_eq!(code, 0, "{said}");
+}
+
+/// Everything under `dir`, depth first.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        found.push(entry.path());
+        if entry.path().is_dir() {
+            found.extend(walk(&entry.path()));
+        }
+    }
+    found
+}
+
+/// `herald audit`: 0 when every invariant holds, 4 when one is broken, 3
+/// when the database cannot be had at start (another process holds the
+/// embedded file, after `database.connect_timeout_ms`).
+#[tokio::test]
+async fn audit_exits_0_when_the_invariants_hold_4_when_one_is_broken_and_3_when_the_file_is_held() {
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("herald.db");
+    let env = vec![
+        ("HERALD_DATABASE_URL", format!("sqlite://{}", db.display())),
+        (
+            "HERALD_STATE_DIR",
+            dir.path().join("var").display().to_string(),
+        ),
+        ("HERALD_DATABASE__CONNECT_TIMEOUT_MS", "600".to_string()),
+    ];
+    let (code, said) = herald_in(dir.path(), &env, &["migrate"]);
+    assert_eq!(code, 0, "{said}");
+    let (code, said) = herald_in(dir.path(), &env, &["audit"]);
+    assert_eq!(code, 0, "{said}");
+    assert!(said.contains("invariants hold"), "{said}");
+
+    // An event nobody settled, written long ago: the audit's oldest limit.
+    let mut conn = sqlx::sqlite::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO outbox_events (event_id, topic, aggregate_id, payload, created_at, due_at)
+         VALUES ('00000000-0000-7000-8000-000000000001', 'charge.created',
+                 '00000000-0000-7000-8000-000000000002', '{}', 0, 0)",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    conn.close().await.unwrap();
+    let (code, said) = herald_in(dir.path(), &env, &["audit"]);
+    assert_eq!(code, 4, "{said}");
+    assert!(
+        said.contains("no_event_unsettled_too_long") && said.contains("BROKEN"),
+        "{said}"
+    );
+
+    let mut daemon = serve_embedded(dir.path(), &db.display().to_string());
+    assert!(wait_ready(&mut daemon), "the daemon starts");
+    let started = std::time::Instant::now();
+    let (code, said) = herald_in(dir.path(), &env, &["audit"]);
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert_eq!(code, 3, "{said}");
+    assert!(said.contains("another Herald process is using"), "{said}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "retried first"
+    );
+}
+
+/// A listen address another process holds: busy at start, exit 3.
+#[test]
+fn a_listen_address_in_use_exits_3_naming_the_key() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (code, said) = herald_in(
+        dir.path(),
+        &[
+            (
+                "HERALD_DATABASE_URL",
+                format!("sqlite://{}", dir.path().join("herald.db").display()),
+            ),
+            (
+                "HERALD_STATE_DIR",
+                dir.path().join("var").display().to_string(),
+            ),
+            ("HERALD_LISTEN", taken.local_addr().unwrap().to_string()),
+        ],
+        &["serve"],
+    );
+    assert_eq!(code, 3, "{said}");
+    assert!(refusal(&said).contains("`listen`"), "{said}");
+}
+
+/// The unit file and DEPLOY.md say what the codes mean: the unit does not
+/// restart a configuration refusal.
+#[test]
+fn the_unit_keeps_systemd_from_restarting_a_configuration_refusal() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let unit = std::fs::read_to_string(root.join("deploy/herald.service")).unwrap();
+    assert!(
+        unit.lines().any(|l| l == "RestartPreventExitStatus=2"),
+        "{unit}"
+    );
+    let deploy = std::fs::read_to_string(root.join("docs/DEPLOY.md")).unwrap();
+    for row in ["| 0 |", "| 1 |", "| 2 |", "| 3 |", "| 4 |"] {
+        assert!(deploy.contains(row), "DEPLOY.md's exit codes lack {row}");
+    }
 }
 
 /// A daemon whose stdout nobody reads any more (a supervisor that took the

@@ -349,6 +349,10 @@ fn key_and_other_form(name: &str) -> (String, Option<String>) {
 
 /// A valid value for `key` where the documents show only a placeholder.
 fn stand_in(key: &str) -> String {
+    // A production run's database, not the embedded default.
+    if key == "database_url" {
+        return "postgres://herald:pw@127.0.0.1:1/herald".into();
+    }
     if let Some(default) = default_value(key) {
         return default;
     }
@@ -416,6 +420,13 @@ fn every_environment_name_the_documents_show_is_accepted_by_the_daemon_in_both_f
         if shown_values.is_empty() {
             shown_values.push(stand_in(&key));
         }
+        // The tokens file is read by the checks `herald config` shares with
+        // `serve`: the documents' path stands for a file that exists here.
+        let tokens = tempfile::NamedTempFile::new().unwrap();
+        if key == "admin.tokens_file" {
+            std::fs::write(tokens.path(), format!("ada sha256:{}\n", "ab".repeat(32))).unwrap();
+            shown_values = vec![tokens.path().display().to_string()];
+        }
         for value in shown_values {
             // What a production run needs besides (Postgres, secrets).
             let mut base: Vec<(String, String)> = Vec::new();
@@ -428,8 +439,12 @@ fn every_environment_name_the_documents_show_is_accepted_by_the_daemon_in_both_f
             if key != "jwt_secret" {
                 base.push(("HERALD_JWT_SECRET".into(), stand_in("jwt_secret")));
             }
-            // The proxy settings come in a pair: start refuses one alone.
+            // The proxy settings come in a pair: start refuses one alone;
+            // the resend transport needs its key.
             match key.as_str() {
+                "email.transport" if value == "resend" => {
+                    base.push(("RESEND_API_KEY".into(), stand_in("email.resend_api_key")))
+                }
                 "limits.trusted_proxies" => base.push((
                     "HERALD_LIMITS__TRUSTED_PROXY_HEADER".into(),
                     "X-Forwarded-For".into(),
@@ -450,7 +465,7 @@ fn every_environment_name_the_documents_show_is_accepted_by_the_daemon_in_both_f
                     serde_json::Value::String(s) => s.clone(),
                     other => other.to_string(),
                 };
-                let secret = shown == "[redacted]" || shown.ends_with("://[redacted]");
+                let secret = shown.contains("[redacted]");
                 let same_number = matches!(
                     (shown.parse::<f64>(), value.parse::<f64>()),
                     (Ok(a), Ok(b)) if a == b

@@ -271,8 +271,12 @@ fn the_deploy_settings_block_is_a_valid_env_file_that_herald_accepts_as_written(
     assert_eq!(config["log"]["format"], "json");
     assert_eq!(config["email"]["webhook_secret"], "[redacted]");
     assert_eq!(config["listen"], "0.0.0.0:8080");
-    // Dev login is off there, unasked.
-    assert!(config["auth"]["dev_login"].is_null());
+    // Dev login is off there, unasked; the database shown less its password.
+    assert_eq!(config["auth"]["dev_login"], false);
+    assert_eq!(
+        config["database_url"],
+        "postgres://herald:[redacted]@127.0.0.1:1/herald"
+    );
 }
 
 /// A copy of `benches/` in a fresh directory (no `node_modules`), as a
