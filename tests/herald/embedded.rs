@@ -43,7 +43,7 @@ async fn the_run_command_with_nothing_configured_serves_a_board_that_posts_strea
         .spawn()
         .expect("start herald");
     let stdout = child.stdout.take().unwrap();
-    let _running = Running(child);
+    let running = Running(child);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -101,42 +101,7 @@ async fn the_run_command_with_nothing_configured_serves_a_board_that_posts_strea
             "a placeholder in the README's demo: {demo}"
         );
     }
-    let pasted = tokio::process::Command::new("bash")
-        .arg("-c")
-        .arg(&demo)
-        .current_dir(cwd.path())
-        .kill_on_drop(true)
-        .output();
-    let pasted = tokio::time::timeout(Duration::from_secs(30), pasted)
-        .await
-        .expect("the README's first session ends within 30 s")
-        .expect("bash runs");
-    let printed = String::from_utf8_lossy(&pasted.stdout);
-    let said: Vec<String> = printed.lines().map(|l| l.trim().to_lowercase()).collect();
-    assert_eq!(
-        said.get(..3),
-        Some(
-            &[
-                "http/1.1 201 created".to_string(),
-                "http/1.1 201 created".to_string(),
-                "idempotent-replayed: true".to_string(),
-            ][..]
-        ),
-        "the README's demo printed:\n{printed}{}",
-        String::from_utf8_lossy(&pasted.stderr)
-    );
-    assert_eq!(said.len(), 4, "one .eml listed: {printed}");
-    assert!(said[3].ends_with(".eml"), "{printed}");
-    let readme_eml = std::fs::read_to_string(
-        cwd.path()
-            .join("var/mail")
-            .join(printed.lines().nth(3).unwrap().trim()),
-    )
-    .unwrap();
-    assert!(
-        readme_eml.contains("ada@example.com") && readme_eml.contains("Rust engineer"),
-        "{readme_eml}"
-    );
+    paste_the_readme_session(&demo, cwd.path(), "var/mail").await;
 
     let http = reqwest::Client::new();
     let base = "http://127.0.0.1:8080";
@@ -215,6 +180,149 @@ async fn the_run_command_with_nothing_configured_serves_a_board_that_posts_strea
     assert!(
         cwd.path().join("var/herald.db").exists(),
         "embedded SQLite file"
+    );
+
+    // Then the README's production session: the embedded daemon stopped
+    // (var/ stays 0700, as `cargo run --release` leaves it), scripts/dev
+    // started in the same directory (as root here: Postgres runs as the
+    // postgres user, who cannot enter var/), and the same session pasted
+    // with STATE=var/dev, as the block's first line says.
+    drop(running);
+    let dev = DevScript::start(&cwd.path().join("var/dev")).await;
+    let demo = demo.replacen("STATE=var ", "STATE=var/dev ", 1);
+    assert!(demo.starts_with("STATE=var/dev "), "{demo}");
+    paste_the_readme_session(&demo, cwd.path(), "var/dev/mail").await;
+    assert_eq!(
+        std::fs::read_dir(&mail).unwrap().count(),
+        2,
+        "scripts/dev mails into var/dev/mail, not the embedded mode's var/mail"
+    );
+    dev.stop().await;
+}
+
+/// `scripts/dev` running with its state in `dir`, on free ports, serving
+/// this build's binary (DEV_HERALD_BIN); stopped with Ctrl-C's signal.
+struct DevScript {
+    child: std::process::Child,
+    /// Where its Postgres keeps its data (removed at the end).
+    pgdata: std::path::PathBuf,
+    log: std::path::PathBuf,
+}
+
+impl DevScript {
+    async fn start(dir: &std::path::Path) -> DevScript {
+        use std::os::unix::process::CommandExt;
+        let log = dir.with_file_name("dev-script.log");
+        let err = std::fs::File::create(&log).unwrap();
+        // Nothing of the caller's environment but PATH: the script states
+        // every setting the daemon runs with.
+        let child = std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/dev"))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("DEV_DIR", dir)
+            .env("DEV_HERALD_BIN", env!("CARGO_BIN_EXE_herald"))
+            .env("DEV_PG_PORT", support::free_port().to_string())
+            .env("DEV_REDIS_PORT", support::free_port().to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(err))
+            .process_group(0)
+            .spawn()
+            .expect("run scripts/dev");
+        let mut dev = DevScript {
+            child,
+            pgdata: std::path::PathBuf::new(),
+            log,
+        };
+        let stdout = dev.child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line.starts_with("postgres data: ") => {
+                    dev.pgdata = line["postgres data: ".len()..].into();
+                }
+                Ok(line) if line.starts_with("herald listening") => return dev,
+                Ok(_) => {}
+                Err(_) => panic!(
+                    "scripts/dev did not serve within 90 s; it said:\n{}",
+                    std::fs::read_to_string(&dev.log).unwrap_or_default()
+                ),
+            }
+        }
+    }
+
+    /// Ctrl-C's SIGINT to the script's process group (the script, Herald,
+    /// Postgres, Redis); waits for the script to end.
+    async fn stop(mut self) {
+        let group = self.child.id() as i32;
+        // SAFETY: signals the process group of the script this test started.
+        unsafe { libc::kill(-group, libc::SIGINT) };
+        eventually("scripts/dev to stop", Duration::from_secs(30), || {
+            let done = self.child.try_wait().ok().flatten();
+            async move { done }
+        })
+        .await;
+    }
+}
+
+impl Drop for DevScript {
+    fn drop(&mut self) {
+        let group = self.child.id() as i32;
+        // SAFETY: signals the process group of the script this test started.
+        unsafe { libc::kill(-group, libc::SIGKILL) };
+        let _ = self.child.wait();
+        // As root, Postgres's data is outside the test's directory.
+        if self.pgdata.starts_with("/var/tmp/") {
+            if let Some(root) = self.pgdata.parent() {
+                let _ = std::fs::remove_dir_all(root);
+            }
+        }
+    }
+}
+
+/// Pastes the README's session `demo` into bash in `dir` and checks what it
+/// printed: 201, then 201 replayed, then the one `.eml` in `mail`.
+async fn paste_the_readme_session(demo: &str, dir: &std::path::Path, mail: &str) {
+    let pasted = tokio::process::Command::new("bash")
+        .arg("-c")
+        .arg(demo)
+        .current_dir(dir)
+        .kill_on_drop(true)
+        .output();
+    let pasted = tokio::time::timeout(Duration::from_secs(30), pasted)
+        .await
+        .expect("the README's first session ends within 30 s")
+        .expect("bash runs");
+    let printed = String::from_utf8_lossy(&pasted.stdout);
+    let said: Vec<String> = printed.lines().map(|l| l.trim().to_lowercase()).collect();
+    assert_eq!(
+        said.get(..3),
+        Some(
+            &[
+                "http/1.1 201 created".to_string(),
+                "http/1.1 201 created".to_string(),
+                "idempotent-replayed: true".to_string(),
+            ][..]
+        ),
+        "the README's demo printed:\n{printed}{}",
+        String::from_utf8_lossy(&pasted.stderr)
+    );
+    assert_eq!(said.len(), 4, "one .eml listed: {printed}");
+    assert!(said[3].ends_with(".eml"), "{printed}");
+    let eml = std::fs::read_to_string(
+        dir.join(mail)
+            .join(printed.lines().nth(3).unwrap_or_default().trim()),
+    )
+    .unwrap();
+    assert!(
+        eml.contains("ada@example.com") && eml.contains("Rust engineer"),
+        "{eml}"
     );
 }
 
