@@ -12,7 +12,7 @@
 //! "Exit codes"): 0 done; 2 the configuration is bad or incomplete; 3 a
 //! resource is busy or unreachable at start (the database, after
 //! `database.connect_timeout_ms` of retries; an embedded file another process
-//! holds; a listen address in use); 4 `herald audit` found a broken
+//! holds; a listen address in use; the identity provider's JWKS URL); 4 `herald audit` found a broken
 //! invariant; 1 anything else. The unit file keeps systemd from restarting a
 //! daemon that exited 2: the same settings would fail the same way.
 
@@ -21,6 +21,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::config::{Config, ConfigError};
+use crate::http::jwks::KeySetError;
 use crate::server::{self, Listeners};
 use crate::store::{AtStart, StoreError};
 
@@ -43,6 +44,9 @@ fn exit_status(error: &anyhow::Error) -> u8 {
             .downcast_ref::<std::io::Error>()
             .is_some_and(|e| e.kind() == std::io::ErrorKind::AddrInUse)
         {
+            return 3;
+        }
+        if matches!(cause.downcast_ref(), Some(KeySetError::Unreachable(_))) {
             return 3;
         }
         if cause.is::<BrokenInvariants>() {

@@ -36,6 +36,7 @@ use crate::email::resend::ResendTransport;
 use crate::email::{SendPacer, Transport};
 use crate::http::auth::Auth;
 use crate::http::connections::{self, ConnectionLimits};
+use crate::http::jwks::KeySetError;
 use crate::http::limits::AbuseLimits;
 use crate::http::{admin, listener_filter, public, AppState};
 use crate::idempotency::hot_tier::HotTier;
@@ -298,16 +299,23 @@ pub async fn run(
              mailed (docs/DEPLOY.md, \"Resend's webhooks\")"
         );
     }
-    let auth = Auth::from_config(operators, jwt_secret, &config.auth)
-        .await
-        .map_err(|message| ConfigError::Invalid {
-            key: if config.auth.jwks_url.is_some() {
-                "auth.jwks_url"
-            } else {
-                "auth.jwks_file"
-            },
-            message,
-        })?;
+    let auth = match Auth::from_config(operators, jwt_secret, &config.auth).await {
+        Ok(auth) => auth,
+        Err(KeySetError::Settings(message)) => {
+            return Err(ConfigError::Invalid {
+                key: if config.auth.jwks_url.is_some() {
+                    "auth.jwks_url"
+                } else {
+                    "auth.jwks_file"
+                },
+                message,
+            }
+            .into())
+        }
+        Err(e @ KeySetError::Unreachable(_)) => {
+            return Err(e).context("the identity provider's keys (auth.jwks_url) at start")
+        }
+    };
     let prometheus = crate::telemetry::prometheus();
     // Every connection is a file: the caps must fit under the process's
     // open-files limit, with room for the database and Redis pools.

@@ -125,7 +125,7 @@ impl Auth {
         operators: Vec<(String, [u8; 32])>,
         jwt_secret: Option<&Secret>,
         auth: &AuthConfig,
-    ) -> Result<Auth, String> {
+    ) -> Result<Auth, super::jwks::KeySetError> {
         let provider = KeySet::load(
             auth.jwks_url.as_deref(),
             auth.jwks_file.as_ref(),

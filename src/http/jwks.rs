@@ -55,6 +55,21 @@ pub struct KeySet {
     min_refresh: Duration,
 }
 
+/// Why the identity provider's keys could not be had at start.
+#[derive(Debug, thiserror::Error)]
+pub enum KeySetError {
+    /// The settings name no usable document: a URL that does not parse, a
+    /// file that cannot be read, a document that is not a JWKS or holds no
+    /// signing key. The daemon exits 2.
+    #[error("{0}")]
+    Settings(String),
+    /// The identity provider did not answer with the document (no
+    /// connection, a timeout, an error status): a neighbour that is down,
+    /// not a setting. The daemon exits 3.
+    #[error("{0}")]
+    Unreachable(String),
+}
+
 impl KeySet {
     /// Reads the keys of `auth.jwks_url` or `auth.jwks_file` (`None` when
     /// neither is set). An unreadable document, or one without a single
@@ -63,15 +78,16 @@ impl KeySet {
         url: Option<&str>,
         file: Option<&PathBuf>,
         min_refresh: Duration,
-    ) -> Result<Option<Arc<KeySet>>, String> {
+    ) -> Result<Option<Arc<KeySet>>, KeySetError> {
         let source = match (url, file) {
             (Some(url), _) => {
-                let url = reqwest::Url::parse(url).map_err(|e| format!("auth.jwks_url: {e}"))?;
+                let url = reqwest::Url::parse(url)
+                    .map_err(|e| KeySetError::Settings(format!("auth.jwks_url: {e}")))?;
                 let client = reqwest::Client::builder()
                     .timeout(Duration::from_secs(5))
                     .user_agent(concat!("herald/", env!("CARGO_PKG_VERSION")))
                     .build()
-                    .map_err(|e| format!("building the HTTP client: {e}"))?;
+                    .map_err(|e| KeySetError::Settings(format!("building the HTTP client: {e}")))?;
                 Source::Url(client, url)
             }
             (None, Some(path)) => Source::File(path.clone()),
@@ -85,7 +101,10 @@ impl KeySet {
         };
         let keys = set.fetch("start").await?;
         if keys.is_empty() {
-            return Err(format!("{}: no RS256 or ES256 signing key", set.source));
+            return Err(KeySetError::Settings(format!(
+                "{}: no RS256 or ES256 signing key",
+                set.source
+            )));
         }
         set.replace(keys);
         Ok(Some(Arc::new(set)))
@@ -128,18 +147,19 @@ impl KeySet {
     }
 
     /// Reads and parses the document.
-    async fn fetch(&self, reason: &'static str) -> Result<HashMap<String, Key>, String> {
+    async fn fetch(&self, reason: &'static str) -> Result<HashMap<String, Key>, KeySetError> {
         let read = match &self.source {
             Source::File(path) => tokio::fs::read(path)
                 .await
-                .map_err(|e| format!("{}: {e}", self.source)),
+                .map_err(|e| KeySetError::Settings(format!("{}: {e}", self.source))),
             Source::Url(client, url) => fetch_url(client, url)
                 .await
-                .map_err(|e| format!("{}: {e}", self.source)),
+                .map_err(|e| KeySetError::Unreachable(format!("{}: {e}", self.source))),
         };
         let parsed = read.and_then(|bytes| {
-            serde_json::from_slice::<JwkSet>(&bytes)
-                .map_err(|e| format!("{}: not a JWKS document: {e}", self.source))
+            serde_json::from_slice::<JwkSet>(&bytes).map_err(|e| {
+                KeySetError::Settings(format!("{}: not a JWKS document: {e}", self.source))
+            })
         });
         m::jwks_fetch(reason, if parsed.is_ok() { "ok" } else { "error" });
         Ok(signing_keys(&parsed?))

@@ -414,6 +414,45 @@ async fn audit_exits_0_when_the_invariants_hold_4_when_one_is_broken_and_3_when_
     );
 }
 
+/// The identity provider's keys at start: a provider that does not answer
+/// is a neighbour down (exit 3), a document that is no key set a setting
+/// (exit 2); each names the key.
+#[test]
+fn an_identity_provider_that_does_not_answer_exits_3_and_a_document_that_is_no_key_set_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let closed = crate::support::free_port();
+    let not_keys = dir.path().join("jwks.json");
+    std::fs::write(&not_keys, "not a key set").unwrap();
+    for (setting, value, code) in [
+        (
+            "HERALD_AUTH__JWKS_URL",
+            format!("http://127.0.0.1:{closed}/.well-known/jwks.json"),
+            3,
+        ),
+        ("HERALD_AUTH__JWKS_FILE", not_keys.display().to_string(), 2),
+    ] {
+        let (got, said) = herald_in(
+            dir.path(),
+            &[
+                (
+                    "HERALD_DATABASE_URL",
+                    format!("sqlite://{}", dir.path().join("herald.db").display()),
+                ),
+                (
+                    "HERALD_STATE_DIR",
+                    dir.path().join("var").display().to_string(),
+                ),
+                ("HERALD_LISTEN", "127.0.0.1:0".into()),
+                ("HERALD_ADMIN_LISTEN", "127.0.0.1:0".into()),
+                (setting, value),
+            ],
+            &["serve"],
+        );
+        assert_eq!(got, code, "{setting}: {said}");
+        assert!(refusal(&said).contains("auth.jwks_"), "{setting}: {said}");
+    }
+}
+
 /// A listen address another process holds: busy at start, exit 3.
 #[test]
 fn a_listen_address_in_use_exits_3_naming_the_key() {
