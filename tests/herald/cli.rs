@@ -224,31 +224,33 @@ fn a_database_that_refuses_connections_is_retried_then_reported_with_its_cause()
 /// `herald <args>` with `env` (and a state directory) from a clean
 /// environment, run in `dir`; a panic if it is still running after 30 s.
 fn herald_in(dir: &std::path::Path, env: &[(&str, String)], args: &[&str]) -> (i32, String) {
-    let child = herald_command()
-        .current_dir(dir)
+    let mut cmd = herald_command();
+    cmd.current_dir(dir)
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .args(args)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run herald");
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let out = match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(out) => out.expect("herald's output"),
-        Err(_) => {
-            // SAFETY: signals the child this test started, by its PID.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            panic!("herald {args:?} kept running with {env:?}");
-        }
-    };
+        .args(args);
+    let out = crate::support::output_within(
+        cmd,
+        Duration::from_secs(30),
+        &format!("herald {args:?} with {env:?}"),
+    );
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
     )
+}
+
+/// An embedded daemon's settings with everything under `dir`, listening on
+/// free ports (a later `HERALD_LISTEN` wins).
+fn embedded_in(dir: &std::path::Path) -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "HERALD_DATABASE_URL",
+            format!("sqlite://{}", dir.join("herald.db").display()),
+        ),
+        ("HERALD_STATE_DIR", dir.join("var").display().to_string()),
+        ("HERALD_LISTEN", "127.0.0.1:0".into()),
+        ("HERALD_ADMIN_LISTEN", "127.0.0.1:0".into()),
+    ]
 }
 
 /// The line a refused command ends with (`herald: …`).
@@ -431,23 +433,9 @@ fn an_identity_provider_that_does_not_answer_exits_3_and_a_document_that_is_no_k
         ),
         ("HERALD_AUTH__JWKS_FILE", not_keys.display().to_string(), 2),
     ] {
-        let (got, said) = herald_in(
-            dir.path(),
-            &[
-                (
-                    "HERALD_DATABASE_URL",
-                    format!("sqlite://{}", dir.path().join("herald.db").display()),
-                ),
-                (
-                    "HERALD_STATE_DIR",
-                    dir.path().join("var").display().to_string(),
-                ),
-                ("HERALD_LISTEN", "127.0.0.1:0".into()),
-                ("HERALD_ADMIN_LISTEN", "127.0.0.1:0".into()),
-                (setting, value),
-            ],
-            &["serve"],
-        );
+        let mut env = embedded_in(dir.path());
+        env.push((setting, value));
+        let (got, said) = herald_in(dir.path(), &env, &["serve"]);
         assert_eq!(got, code, "{setting}: {said}");
         assert!(refusal(&said).contains("auth.jwks_"), "{setting}: {said}");
     }
@@ -458,21 +446,9 @@ fn an_identity_provider_that_does_not_answer_exits_3_and_a_document_that_is_no_k
 fn a_listen_address_in_use_exits_3_naming_the_key() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (code, said) = herald_in(
-        dir.path(),
-        &[
-            (
-                "HERALD_DATABASE_URL",
-                format!("sqlite://{}", dir.path().join("herald.db").display()),
-            ),
-            (
-                "HERALD_STATE_DIR",
-                dir.path().join("var").display().to_string(),
-            ),
-            ("HERALD_LISTEN", taken.local_addr().unwrap().to_string()),
-        ],
-        &["serve"],
-    );
+    let mut env = embedded_in(dir.path());
+    env.push(("HERALD_LISTEN", taken.local_addr().unwrap().to_string()));
+    let (code, said) = herald_in(dir.path(), &env, &["serve"]);
     assert_eq!(code, 3, "{said}");
     assert!(refusal(&said).contains("`listen`"), "{said}");
 }

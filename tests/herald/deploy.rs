@@ -128,24 +128,12 @@ fn herald_with(env: &[(String, String)], args: &[&str]) -> (Option<i32>, String,
     let state = tempfile::tempdir().unwrap();
     cmd.current_dir(state.path())
         .args(args)
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let child = cmd.spawn().expect("run herald");
-    let pid = child.id();
-    // Waited for on a thread of its own, so the wait has a deadline.
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let out = match rx.recv_timeout(Duration::from_secs(20)) {
-        Ok(out) => out.expect("herald's output"),
-        Err(_) => {
-            // SAFETY: signals the child this test started, by its PID.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            panic!("herald {args:?} kept running with {env:?}: it must refuse to start");
-        }
-    };
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    let out = support::output_within(
+        cmd,
+        Duration::from_secs(20),
+        &format!("herald {args:?} with {env:?} must refuse to start"),
+    );
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),

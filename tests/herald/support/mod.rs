@@ -52,6 +52,30 @@ pub fn repo_file(path: &str) -> String {
 }
 
 /// A port that was free a moment ago.
+/// Runs `cmd` (stdout and stderr piped) to its end and returns its output;
+/// past `within` it is killed by its PID and the test fails with `what`.
+/// The wait runs on a thread of its own, so it has a deadline.
+pub fn output_within(mut cmd: Command, within: Duration, what: &str) -> std::process::Output {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the command starts");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(within) {
+        Ok(out) => out.expect("the command's output"),
+        Err(_) => {
+            // SAFETY: signals the child this test started, by its PID.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            panic!("{what}: still running after {within:?}");
+        }
+    }
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
