@@ -11,10 +11,11 @@
 //! How a command ends is its exit status, one meaning each (docs/DEPLOY.md,
 //! "Exit codes"): 0 done; 2 the configuration is bad or incomplete; 3 a
 //! resource is busy or unreachable at start (the database, after
-//! `database.connect_timeout_ms` of retries; an embedded file another process
-//! holds; a listen address in use; the identity provider's JWKS URL); 4 `herald audit` found a broken
-//! invariant; 1 anything else. The unit file keeps systemd from restarting a
-//! daemon that exited 2: the same settings would fail the same way.
+//! `database.connect_timeout_ms` of retries; an embedded file another
+//! process holds; a listen address in use; the identity provider's JWKS
+//! URL); 4 `herald audit` found a broken invariant; 1 anything else. The
+//! unit file keeps systemd from restarting a daemon that exited 2: the same
+//! settings would fail the same way.
 
 use std::process::ExitCode;
 
@@ -74,7 +75,8 @@ enum Command {
     /// Apply pending database migrations and exit.
     Migrate,
     /// Print the configuration this environment gives, as JSON (secrets
-    /// redacted), and exit: 0 if it is valid, 2 naming the bad key if not.
+    /// redacted), and exit: 0 if `serve` would accept it, 2 naming the bad
+    /// key or the missing setting if not.
     Config,
     /// Check the effectively-once invariants in the database once (what the
     /// auditor does on a schedule); print each, exit 4 if any is broken.

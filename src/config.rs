@@ -160,9 +160,7 @@ impl DatabaseUrl {
     pub fn scheme(&self) -> &str {
         self.0.split("://").next().unwrap_or("")
     }
-}
 
-impl DatabaseUrl {
     /// What `herald config` shows: a SQLite path whole (a path is not a
     /// secret, and which file is in use is the question), a Postgres URL with
     /// its password (and any `…password=` parameter) redacted. A URL that
@@ -1050,6 +1048,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use figment::providers::Serialized;
 
     #[test]
     fn herald_config_shows_a_sqlite_path_whole_and_a_postgres_url_less_its_password() {
@@ -1069,7 +1068,6 @@ mod tests {
             "postgres://[redacted]"
         );
     }
-    use figment::providers::Serialized;
 
     fn with(key: &str, value: impl serde::Serialize) -> Result<Config, ConfigError> {
         Config::from_figment(
