@@ -422,10 +422,13 @@ fn every_environment_name_the_documents_show_is_accepted_by_the_daemon_in_both_f
         }
         // The tokens file is read by the checks `herald config` shares with
         // `serve`: the documents' path stands for a file that exists here.
-        let tokens = tempfile::NamedTempFile::new().unwrap();
-        if key == "admin.tokens_file" {
-            std::fs::write(tokens.path(), format!("ada sha256:{}\n", "ab".repeat(32))).unwrap();
-            shown_values = vec![tokens.path().display().to_string()];
+        let tokens = (key == "admin.tokens_file").then(|| {
+            let file = tempfile::NamedTempFile::new().unwrap();
+            std::fs::write(file.path(), format!("ada sha256:{}\n", "ab".repeat(32))).unwrap();
+            file
+        });
+        if let Some(file) = &tokens {
+            shown_values = vec![file.path().display().to_string()];
         }
         for value in shown_values {
             // What a production run needs besides (Postgres, secrets).
