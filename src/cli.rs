@@ -22,7 +22,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::config::{Config, ConfigError};
-use crate::http::jwks::KeySetError;
+use crate::http::jwks::IdentityProviderError;
 use crate::server::{self, Listeners};
 use crate::store::{AtStart, StoreError};
 
@@ -47,7 +47,10 @@ fn exit_status(error: &anyhow::Error) -> u8 {
         {
             return 3;
         }
-        if matches!(cause.downcast_ref(), Some(KeySetError::Unreachable(_))) {
+        if matches!(
+            cause.downcast_ref(),
+            Some(IdentityProviderError::Unreachable(_))
+        ) {
             return 3;
         }
         if cause.is::<BrokenInvariants>() {

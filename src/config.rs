@@ -90,6 +90,22 @@ pub fn env_key(name: &str) -> String {
 }
 
 /// An absolute `http://` or `https://` URL with a host.
+/// Whether `url` may carry sign-in traffic: `https://`, or `http://` to a
+/// loopback host (a provider on the same machine, as in tests). A token or
+/// an authorization code must never cross a network in the clear.
+pub fn is_sign_in_url(url: &str) -> bool {
+    let Ok(url) = url::Url::parse(url) else {
+        return false;
+    };
+    match (url.scheme(), url.host()) {
+        ("https", Some(_)) => true,
+        ("http", Some(url::Host::Ipv4(ip))) => ip.is_loopback(),
+        ("http", Some(url::Host::Ipv6(ip))) => ip.is_loopback(),
+        ("http", Some(url::Host::Domain(name))) => name == "localhost",
+        _ => false,
+    }
+}
+
 fn is_http_url(url: &str) -> bool {
     url.parse::<http::Uri>().is_ok_and(|u| {
         matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some_and(|h| !h.is_empty())
@@ -321,12 +337,22 @@ pub struct AuthConfig {
     /// A user token living longer than this (`exp` - `iat`, or `exp` - now)
     /// is refused, whoever signed it.
     pub max_token_lifetime_secs: u64,
+    /// The board's OpenID Connect provider (its issuer URL): the page signs
+    /// users in there (authorization code with PKCE) and uses the ID token
+    /// as its Bearer. Its discovery document is read at start; its
+    /// `jwks_uri` verifies the tokens unless `jwks_url`/`jwks_file` is set.
+    #[serde(default)]
+    pub oidc_issuer: Option<String>,
+    /// The page's client id at that provider (a public client: no secret).
+    /// ID tokens must name it in `aud`.
+    #[serde(default)]
+    pub oidc_client_id: Option<String>,
 }
 
 impl AuthConfig {
     /// Whether user tokens may be verified against an identity provider's keys.
     pub fn has_identity_provider(&self) -> bool {
-        self.jwks_url.is_some() || self.jwks_file.is_some()
+        self.jwks_url.is_some() || self.jwks_file.is_some() || self.oidc_issuer.is_some()
     }
 }
 
@@ -777,6 +803,38 @@ impl Config {
             self.auth.jwks_url.as_deref().is_none_or(is_http_url),
             "auth.jwks_url",
             "must be an http(s) URL",
+        )?;
+        check(
+            self.auth.oidc_issuer.is_some() == self.auth.oidc_client_id.is_some(),
+            if self.auth.oidc_issuer.is_some() {
+                "auth.oidc_client_id"
+            } else {
+                "auth.oidc_issuer"
+            },
+            "is required with the other: the page signs in with the provider's issuer \
+             and the client id the page is registered under there",
+        )?;
+        check(
+            self.auth.oidc_issuer.as_deref().is_none_or(is_sign_in_url),
+            "auth.oidc_issuer",
+            "must be an https:// URL (http:// only to a loopback host)",
+        )?;
+        check(
+            self.auth
+                .oidc_client_id
+                .as_deref()
+                .is_none_or(|id| !id.trim().is_empty() && id.len() <= 255),
+            "auth.oidc_client_id",
+            "must be 1-255 characters",
+        )?;
+        check(
+            match (&self.auth.oidc_issuer, &self.auth.issuer) {
+                (Some(oidc), Some(issuer)) => oidc == issuer,
+                _ => true,
+            },
+            "auth.issuer",
+            "differs from auth.oidc_issuer: the page's ID tokens carry the OpenID \
+             provider's issuer and would all be refused (leave auth.issuer unset)",
         )?;
         check(
             self.auth.max_token_lifetime_secs >= 60,

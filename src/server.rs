@@ -36,7 +36,7 @@ use crate::email::resend::ResendTransport;
 use crate::email::{SendPacer, Transport};
 use crate::http::auth::Auth;
 use crate::http::connections::{self, ConnectionLimits};
-use crate::http::jwks::KeySetError;
+use crate::http::jwks::IdentityProviderError;
 use crate::http::limits::AbuseLimits;
 use crate::http::{admin, listener_filter, public, AppState};
 use crate::idempotency::hot_tier::HotTier;
@@ -301,19 +301,16 @@ pub async fn run(
     }
     let auth = match Auth::from_config(operators, jwt_secret, &config.auth).await {
         Ok(auth) => auth,
-        Err(KeySetError::Settings(message)) => {
-            return Err(ConfigError::Invalid {
-                key: if config.auth.jwks_url.is_some() {
-                    "auth.jwks_url"
-                } else {
-                    "auth.jwks_file"
-                },
-                message,
-            }
-            .into())
+        Err(IdentityProviderError::Settings(message)) => {
+            // The message starts with the setting at fault.
+            let key = ["auth.oidc_issuer", "auth.jwks_url", "auth.jwks_file"]
+                .into_iter()
+                .find(|key| message.starts_with(key))
+                .unwrap_or("auth");
+            return Err(ConfigError::Invalid { key, message }.into());
         }
-        Err(e @ KeySetError::Unreachable(_)) => {
-            return Err(e).context("the identity provider's keys (auth.jwks_url) at start")
+        Err(e @ IdentityProviderError::Unreachable(_)) => {
+            return Err(e).context("the identity provider at start")
         }
     };
     let prometheus = crate::telemetry::prometheus();

@@ -1,7 +1,16 @@
 // Herald's job board page: a live job list over Server-Sent Events, job
-// details, dev sign-in and an apply button that can be clicked, retried and
+// details, sign-in and an apply button that can be clicked, retried and
 // reloaded without ever applying twice.
 //
+// - Sign-in: GET /api/sign-in says how. With the board's OpenID Connect
+//   provider, "Sign in" sends the browser there (authorization code with
+//   PKCE S256, a fresh state and nonce kept in sessionStorage); back on this
+//   page with ?code&state, the code is exchanged at the provider's token
+//   endpoint with the verifier (no client secret: the page is a public
+//   client), and the ID token, its nonce checked, is the Bearer of every
+//   call. An answer whose state is not the one this tab started is refused
+//   (a forged or replayed callback), and the code leaves the address bar at
+//   once. Dev sign-in (an email alone) shows only where the server has it.
 // - The list comes from GET /api/jobs/stream: an `event: snapshot` replaces
 //   it; `job.posted` and `job.updated` insert or replace a job by id (an edit
 //   is highlighted briefly); `job.closed` removes it (an open detail then
@@ -35,6 +44,7 @@
     selected: null,
     token: store.getItem("herald:token"),
     email: store.getItem("herald:email"),
+    signIn: null, // GET /api/sign-in: { dev_login, provider }
     applying: false,
     loaded: false, // a snapshot or GET /api/jobs has answered
     live: false, // the stream's snapshot arrived and the stream is open
@@ -55,9 +65,147 @@
 
   function renderAccount() {
     const signedIn = Boolean(state.token);
-    $("sign-in").hidden = signedIn;
+    const how = state.signIn; // null until GET /api/sign-in answers
+    $("sign-in").hidden = signedIn || !how || !how.dev_login;
+    $("sign-in-provider").hidden = signedIn || !how || !how.provider;
+    $("sign-in-unavailable").hidden = signedIn || !how || how.dev_login || Boolean(how.provider);
+    if (how && how.provider) $("provider-name").textContent = new URL(how.provider.issuer).host;
     $("signed-in").hidden = !signedIn;
     $("who").textContent = state.email || "";
+  }
+
+  // Moves focus to the way to sign in that this page offers.
+  function focusSignIn() {
+    const how = state.signIn;
+    if (how && how.provider) $("provider-sign-in").focus();
+    else $("email").focus();
+  }
+
+  function signedInAs(token, email) {
+    state.token = token;
+    state.email = email;
+    store.setItem("herald:token", token);
+    store.setItem("herald:email", email);
+    renderAccount();
+    renderDetail();
+    refreshApplications();
+    $("sign-out").focus();
+  }
+
+  // The claims of a JWT, unverified (the server verifies; the page reads
+  // the nonce, the email and the expiry); null if it is not one.
+  function claimsOf(token) {
+    try {
+      const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+      const text = atob(part + "=".repeat((4 - (part.length % 4)) % 4));
+      return JSON.parse(decodeURIComponent(escape(text)));
+    } catch (_) {
+      return null;
+    }
+  }
+
+  function base64url(bytes) {
+    let text = "";
+    for (const byte of new Uint8Array(bytes)) text += String.fromCharCode(byte);
+    return btoa(text).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+  }
+
+  function randomToken() {
+    return base64url(crypto.getRandomValues(new Uint8Array(32)));
+  }
+
+  const SIGN_IN = "herald:oidc"; // the sign-in under way in this tab
+  const redirectUri = () => `${location.origin}/`;
+
+  $("provider-sign-in").addEventListener("click", async () => {
+    const provider = state.signIn && state.signIn.provider;
+    if (!provider) return;
+    $("provider-error").hidden = true;
+    if (!window.crypto || !crypto.subtle) {
+      showError($("provider-error"), "Sign-in needs this page over https.");
+      return;
+    }
+    const started = { state: randomToken(), nonce: randomToken(), verifier: randomToken(), issuer: provider.issuer };
+    const challenge = base64url(await crypto.subtle.digest("SHA-256", new TextEncoder().encode(started.verifier)));
+    store.setItem(SIGN_IN, JSON.stringify(started));
+    const url = new URL(provider.authorization_endpoint);
+    const query = {
+      response_type: "code",
+      client_id: provider.client_id,
+      redirect_uri: redirectUri(),
+      scope: provider.scope,
+      state: started.state,
+      nonce: started.nonce,
+      code_challenge: challenge,
+      code_challenge_method: "S256",
+    };
+    for (const [name, value] of Object.entries(query)) url.searchParams.set(name, value);
+    location.assign(url.toString());
+  });
+
+  // Back from the provider with ?code&state (or ?error): finish the sign-in.
+  async function finishProviderSignIn() {
+    const params = new URLSearchParams(location.search);
+    if (!params.has("code") && !params.has("error")) return;
+    // The code leaves the address bar and the history at once.
+    history.replaceState(null, "", redirectUri());
+    const started = JSON.parse(store.getItem(SIGN_IN) || "null");
+    store.removeItem(SIGN_IN);
+    const error = $("provider-error");
+    const provider = state.signIn && state.signIn.provider;
+    if (params.has("error")) {
+      showError(error, `Sign-in was not completed: ${params.get("error_description") || params.get("error")}.`);
+      return;
+    }
+    if (!provider || !started || params.get("state") !== started.state || started.issuer !== provider.issuer
+        || (params.has("iss") && params.get("iss") !== provider.issuer)) {
+      showError(error, "Sign-in refused: this answer does not belong to a sign-in started on this page. Sign in again.");
+      return;
+    }
+    try {
+      const response = await fetch(provider.token_endpoint, {
+        method: "POST",
+        headers: { "content-type": "application/x-www-form-urlencoded" },
+        body: new URLSearchParams({
+          grant_type: "authorization_code",
+          code: params.get("code"),
+          redirect_uri: redirectUri(),
+          client_id: provider.client_id,
+          code_verifier: started.verifier,
+        }),
+      });
+      const body = await response.json().catch(() => ({}));
+      const claims = body.id_token ? claimsOf(body.id_token) : null;
+      if (!response.ok || !claims) {
+        showError(error, `Sign-in failed at the provider: ${body.error_description || body.error || `error ${response.status}`}.`);
+        return;
+      }
+      if (claims.nonce !== started.nonce) {
+        showError(error, "Sign-in refused: the provider's token was not issued for this sign-in. Sign in again.");
+        return;
+      }
+      signedInAs(body.id_token, claims.email || claims.sub);
+    } catch (_) {
+      showError(error, "Cannot reach the sign-in provider. Check your connection and try again.");
+    }
+  }
+
+  // How this server signs users in; asked again while it does not answer.
+  async function loadSignIn() {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        const response = await fetch("/api/sign-in");
+        if (response.ok) {
+          state.signIn = await response.json();
+          break;
+        }
+      } catch (_) {
+        // Not reachable yet: asked again below.
+      }
+      await sleep(retryDelay(Math.min(attempt, 4), 0));
+    }
+    renderAccount();
+    await finishProviderSignIn();
   }
 
   $("sign-in").addEventListener("submit", async (event) => {
@@ -81,14 +229,7 @@
         showError(error, body.detail || body.title || "Sign-in failed.");
         return;
       }
-      state.token = body.token;
-      state.email = email;
-      store.setItem("herald:token", body.token);
-      store.setItem("herald:email", email);
-      renderAccount();
-      renderDetail();
-      refreshApplications();
-      $("sign-out").focus();
+      signedInAs(body.token, email);
     } catch (_) {
       showError(error, "Cannot reach the server. Check your connection and try again.");
     }
@@ -102,7 +243,7 @@
     renderAccount();
     renderDetail();
     refreshApplications();
-    $("email").focus();
+    focusSignIn();
   });
 
   function showError(element, message) {
@@ -525,7 +666,7 @@
     if (!jobId || state.applying) return;
     if (!state.token) {
       setStatus("error", "Sign in to apply.");
-      $("email").focus();
+      focusSignIn();
       return;
     }
     let intent = loadIntent(jobId);
@@ -570,7 +711,7 @@
       renderAccount();
       store.removeItem(intentName(jobId));
       setStatus("error", "Your session expired. Sign in again, then apply.");
-      $("email").focus();
+      focusSignIn();
       return;
     } else {
       // A definitive refusal (job gone, invalid request): this intent is over.
@@ -590,7 +731,14 @@
     apply(!intent);
   });
 
+  // A token past its expiry is no sign-in (an ID token lives minutes).
+  const held = state.token && claimsOf(state.token);
+  if (state.token && (!held || (held.exp && held.exp * 1000 <= Date.now()))) {
+    state.token = null;
+    store.removeItem("herald:token");
+  }
   renderAccount();
+  loadSignIn();
   refreshApplications();
   // After the load event, so the open stream never keeps the page "loading".
   if (document.readyState === "complete") connect();

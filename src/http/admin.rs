@@ -258,7 +258,7 @@ pub const PAGE_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'se
      connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
 fn page(body: &'static str, content_type: &'static str) -> Response {
-    public::page_asset(body, content_type, PAGE_CSP)
+    public::page_asset(body, content_type, HeaderValue::from_static(PAGE_CSP))
 }
 
 /// `GET /admin/jobs`: the open jobs, as `GET /api/jobs` lists them, for

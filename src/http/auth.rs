@@ -4,8 +4,11 @@
 //!   `exp` (and `iat`), either HS256-signed with `HERALD_JWT_SECRET` (the
 //!   simple setup, and `POST /api/dev/login`), or RS256/ES256-signed by the
 //!   board's identity provider, whose keys come from `auth.jwks_url` or
-//!   `auth.jwks_file` ([`super::jwks`]). `auth.issuer` and `auth.audience`
-//!   are checked on the provider's tokens when set; a token living longer than
+//!   `auth.jwks_file`, or the `jwks_uri` of `auth.oidc_issuer`'s discovery
+//!   document ([`super::jwks`], [`super::oidc`]). `auth.issuer` (else
+//!   `auth.oidc_issuer`) is checked on the provider's tokens when set, and
+//!   `aud` must name `auth.audience` or `auth.oidc_client_id` when either
+//!   is set (the page's ID tokens name the client); a token living longer than
 //!   `auth.max_token_lifetime_secs` is refused whoever signed it. Any other
 //!   algorithm (`none`, HS384, PS256…) is refused.
 //! - **operator** (admin): `Authorization: Bearer <token>` of one of the
@@ -30,6 +33,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::jwks::KeySet;
+use super::oidc::SignInProvider;
 use super::problem::ApiError;
 use crate::config::{AuthConfig, Secret};
 use crate::domain::{valid_email, User};
@@ -51,7 +55,10 @@ struct Claims {
 #[derive(Debug, Clone)]
 struct TokenRules {
     issuer: Option<String>,
-    audience: Option<String>,
+    /// One of these must be an `aud` of the token (none: `aud` unchecked):
+    /// `auth.audience` (the board's API), and the page's OpenID client id
+    /// (its ID tokens name the client).
+    audiences: Vec<String>,
     max_lifetime_secs: u64,
 }
 
@@ -71,6 +78,8 @@ pub struct Auth {
     shared: Option<SharedSecret>,
     /// The identity provider's keys, when `auth.jwks_url`/`jwks_file` is set.
     provider: Option<Arc<KeySet>>,
+    /// Where the page signs users in, when `auth.oidc_issuer` is set.
+    sign_in: Option<Arc<SignInProvider>>,
     rules: Arc<TokenRules>,
 }
 
@@ -110,28 +119,43 @@ impl Auth {
                 encoding: EncodingKey::from_secret(jwt_secret.expose().as_bytes()),
             }),
             provider: None,
+            sign_in: None,
             rules: Arc::new(TokenRules {
                 issuer: None,
-                audience: None,
+                audiences: Vec::new(),
                 max_lifetime_secs: 86_400,
             }),
         }
     }
 
     /// As configured: the operators, HS256 when `jwt_secret` is set, the
-    /// identity provider's keys when `auth.jwks_url`/`jwks_file` is (read
-    /// now: an unreadable key set is an error), and the token rules of `auth`.
+    /// OpenID provider's discovery document when `auth.oidc_issuer` is set,
+    /// the identity provider's keys from `auth.jwks_url`/`jwks_file` or else
+    /// the discovered `jwks_uri` (read now: an unreadable key set is an
+    /// error), and the token rules of `auth`.
     pub async fn from_config(
         operators: Vec<(String, [u8; 32])>,
         jwt_secret: Option<&Secret>,
         auth: &AuthConfig,
-    ) -> Result<Auth, super::jwks::KeySetError> {
-        let provider = KeySet::load(
-            auth.jwks_url.as_deref(),
-            auth.jwks_file.as_ref(),
-            super::jwks::MIN_REFRESH,
-        )
-        .await?;
+    ) -> Result<Auth, super::jwks::IdentityProviderError> {
+        let sign_in = match (&auth.oidc_issuer, &auth.oidc_client_id) {
+            (Some(issuer), Some(client_id)) => {
+                Some(Arc::new(SignInProvider::discover(issuer, client_id).await?))
+            }
+            _ => None,
+        };
+        let jwks_url = match (&auth.jwks_url, &auth.jwks_file, &sign_in) {
+            (None, None, Some(sign_in)) => Some(("auth.oidc_issuer", sign_in.jwks_uri.as_str())),
+            _ => auth.jwks_url.as_deref().map(|url| ("auth.jwks_url", url)),
+        };
+        let provider =
+            KeySet::load(jwks_url, auth.jwks_file.as_ref(), super::jwks::MIN_REFRESH).await?;
+        let audiences = auth
+            .audience
+            .iter()
+            .chain(&auth.oidc_client_id)
+            .cloned()
+            .collect();
         Ok(Auth {
             operators: Arc::new(operators),
             shared: jwt_secret.map(|secret| SharedSecret {
@@ -139,12 +163,18 @@ impl Auth {
                 encoding: EncodingKey::from_secret(secret.expose().as_bytes()),
             }),
             provider,
+            sign_in,
             rules: Arc::new(TokenRules {
-                issuer: auth.issuer.clone(),
-                audience: auth.audience.clone(),
+                issuer: auth.issuer.clone().or_else(|| auth.oidc_issuer.clone()),
+                audiences,
                 max_lifetime_secs: auth.max_token_lifetime_secs,
             }),
         })
+    }
+
+    /// Where the page signs users in (`auth.oidc_issuer`), if anywhere.
+    pub fn sign_in(&self) -> Option<&SignInProvider> {
+        self.sign_in.as_deref()
     }
 
     /// The operator an admin bearer token belongs to (their name).
@@ -199,7 +229,7 @@ impl Auth {
         // secret's tokens (the board's own login, dev login) carry neither.
         let from_provider = header.alg != Algorithm::HS256;
         let issuer = self.rules.issuer.as_ref().filter(|_| from_provider);
-        let audience = self.rules.audience.as_ref().filter(|_| from_provider);
+        let audiences = Some(&self.rules.audiences).filter(|a| from_provider && !a.is_empty());
         match issuer {
             Some(issuer) => {
                 validation.set_issuer(&[issuer]);
@@ -207,9 +237,9 @@ impl Auth {
             }
             None => validation.iss = None,
         }
-        match audience {
-            Some(audience) => {
-                validation.set_audience(&[audience]);
+        match audiences {
+            Some(audiences) => {
+                validation.set_audience(audiences);
                 required.push("aud");
             }
             // A provider's tokens carry an `aud`; unchecked unless asked.

@@ -31,14 +31,19 @@ const MAX_DOCUMENT_BYTES: usize = 1 << 20;
 /// Where the keys come from.
 enum Source {
     File(PathBuf),
-    Url(reqwest::Client, reqwest::Url),
+    /// The client, the URL, and the setting that named it (`auth.jwks_url`,
+    /// or `auth.oidc_issuer` whose discovery document gave it).
+    Url(reqwest::Client, reqwest::Url, &'static str),
 }
 
 impl std::fmt::Display for Source {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Source::File(path) => write!(f, "auth.jwks_file {}", path.display()),
-            Source::Url(_, url) => write!(f, "auth.jwks_url {url}"),
+            Source::Url(_, url, setting) if *setting == "auth.jwks_url" => {
+                write!(f, "auth.jwks_url {url}")
+            }
+            Source::Url(_, url, setting) => write!(f, "{setting}: its jwks_uri {url}"),
         }
     }
 }
@@ -57,10 +62,11 @@ pub struct KeySet {
 
 /// Why the identity provider's keys could not be had at start.
 #[derive(Debug, thiserror::Error)]
-pub enum KeySetError {
+pub enum IdentityProviderError {
     /// The settings name no usable document: a URL that does not parse, a
     /// file that cannot be read, a document that is not a JWKS or holds no
-    /// signing key. The daemon exits 2.
+    /// signing key. The daemon exits 2. The text starts with the setting
+    /// at fault (`auth.jwks_url`, `auth.jwks_file`, `auth.oidc_issuer`).
     #[error("{0}")]
     Settings(String),
     /// The identity provider did not answer with the document (no
@@ -71,24 +77,20 @@ pub enum KeySetError {
 }
 
 impl KeySet {
-    /// Reads the keys of `auth.jwks_url` or `auth.jwks_file` (`None` when
-    /// neither is set). An unreadable document, or one without a single
-    /// RS256/ES256 key, is an error: the daemon does not start.
+    /// Reads the keys of a URL (with the setting that named it) or
+    /// `auth.jwks_file` (`None` when neither is set). An unreadable
+    /// document, or one without a single RS256/ES256 key, is an error: the
+    /// daemon does not start.
     pub async fn load(
-        url: Option<&str>,
+        url: Option<(&'static str, &str)>,
         file: Option<&PathBuf>,
         min_refresh: Duration,
-    ) -> Result<Option<Arc<KeySet>>, KeySetError> {
+    ) -> Result<Option<Arc<KeySet>>, IdentityProviderError> {
         let source = match (url, file) {
-            (Some(url), _) => {
+            (Some((setting, url)), _) => {
                 let url = reqwest::Url::parse(url)
-                    .map_err(|e| KeySetError::Settings(format!("auth.jwks_url: {e}")))?;
-                let client = reqwest::Client::builder()
-                    .timeout(Duration::from_secs(5))
-                    .user_agent(concat!("herald/", env!("CARGO_PKG_VERSION")))
-                    .build()
-                    .map_err(|e| KeySetError::Settings(format!("building the HTTP client: {e}")))?;
-                Source::Url(client, url)
+                    .map_err(|e| IdentityProviderError::Settings(format!("{setting}: {e}")))?;
+                Source::Url(provider_client()?, url, setting)
             }
             (None, Some(path)) => Source::File(path.clone()),
             (None, None) => return Ok(None),
@@ -101,7 +103,7 @@ impl KeySet {
         };
         let keys = set.fetch("start").await?;
         if keys.is_empty() {
-            return Err(KeySetError::Settings(format!(
+            return Err(IdentityProviderError::Settings(format!(
                 "{}: no RS256 or ES256 signing key",
                 set.source
             )));
@@ -147,18 +149,24 @@ impl KeySet {
     }
 
     /// Reads and parses the document.
-    async fn fetch(&self, reason: &'static str) -> Result<HashMap<String, Key>, KeySetError> {
+    async fn fetch(
+        &self,
+        reason: &'static str,
+    ) -> Result<HashMap<String, Key>, IdentityProviderError> {
         let read = match &self.source {
             Source::File(path) => tokio::fs::read(path)
                 .await
-                .map_err(|e| KeySetError::Settings(format!("{}: {e}", self.source))),
-            Source::Url(client, url) => fetch_url(client, url)
+                .map_err(|e| IdentityProviderError::Settings(format!("{}: {e}", self.source))),
+            Source::Url(client, url, _) => fetch_url(client, url)
                 .await
-                .map_err(|e| KeySetError::Unreachable(format!("{}: {e}", self.source))),
+                .map_err(|e| IdentityProviderError::Unreachable(format!("{}: {e}", self.source))),
         };
         let parsed = read.and_then(|bytes| {
             serde_json::from_slice::<JwkSet>(&bytes).map_err(|e| {
-                KeySetError::Settings(format!("{}: not a JWKS document: {e}", self.source))
+                IdentityProviderError::Settings(format!(
+                    "{}: not a JWKS document: {e}",
+                    self.source
+                ))
             })
         });
         m::jwks_fetch(reason, if parsed.is_ok() { "ok" } else { "error" });
@@ -166,7 +174,21 @@ impl KeySet {
     }
 }
 
-async fn fetch_url(client: &reqwest::Client, url: &reqwest::Url) -> Result<Vec<u8>, String> {
+/// The HTTP client for the identity provider's documents: a 5 s bound on
+/// each read, Herald's name as the user agent.
+pub(super) fn provider_client() -> Result<reqwest::Client, IdentityProviderError> {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .user_agent(concat!("herald/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| IdentityProviderError::Settings(format!("building the HTTP client: {e}")))
+}
+
+/// The body of a GET, if it is a success and at most 1 MiB.
+pub(super) async fn fetch_url(
+    client: &reqwest::Client,
+    url: &reqwest::Url,
+) -> Result<Vec<u8>, String> {
     let mut response = client
         .get(url.clone())
         .send()

@@ -15,6 +15,7 @@ pub mod auth;
 pub mod connections;
 pub mod jwks;
 pub mod limits;
+pub mod oidc;
 pub mod problem;
 pub mod public;
 pub mod stream;

@@ -57,15 +57,19 @@ pub async fn dispatch(state: AppState, request: Request) -> Response {
     async move {
         let segments: Vec<&str> = request.path.trim_matches('/').split('/').collect();
         let (route, result) = match (segments.as_slice(), &request.method) {
-            ([""], &Method::GET) => ("/", Ok(asset(INDEX_HTML, "text/html; charset=utf-8"))),
+            ([""], &Method::GET) => (
+                "/",
+                Ok(asset(&state, INDEX_HTML, "text/html; charset=utf-8")),
+            ),
             (["app.js"], &Method::GET) => (
                 "/app.js",
-                Ok(asset(APP_JS, "text/javascript; charset=utf-8")),
+                Ok(asset(&state, APP_JS, "text/javascript; charset=utf-8")),
             ),
             (["style.css"], &Method::GET) => (
                 "/style.css",
-                Ok(asset(STYLE_CSS, "text/css; charset=utf-8")),
+                Ok(asset(&state, STYLE_CSS, "text/css; charset=utf-8")),
             ),
+            (["api", "sign-in"], &Method::GET) => ("/api/sign-in", Ok(sign_in_settings(&state))),
             (["healthz"], &Method::GET) => ("/healthz", Ok(healthz())),
             (["readyz"], &Method::GET) => ("/readyz", readyz(&state).await),
             (["api", "jobs"], &Method::GET) => ("/api/jobs", list_jobs(&state, &request).await),
@@ -130,7 +134,9 @@ pub async fn dispatch(state: AppState, request: Request) -> Response {
 /// The methods a known path accepts (for 405 and `Allow`).
 fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
     match segments {
-        [""] | ["app.js"] | ["style.css"] | ["healthz"] | ["readyz"] => Some("GET"),
+        [""] | ["app.js"] | ["style.css"] | ["healthz"] | ["readyz"] | ["api", "sign-in"] => {
+            Some("GET")
+        }
         ["api", "jobs"] => Some("GET, POST"),
         ["api", "jobs", "stream"] => Some("GET"),
         ["api", "jobs", _] => Some("GET, PATCH"),
@@ -158,20 +164,47 @@ const APP_JS: &str = include_str!("../../web/app.js");
 const STYLE_CSS: &str = include_str!("../../web/style.css");
 
 /// The page's Content-Security-Policy: everything from this origin only, no
-/// inline script or style, no framing, no plugins.
-pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
-     style-src 'self'; img-src 'self' data:; connect-src 'self'; base-uri 'none'; \
-     form-action 'self'; frame-ancestors 'none'";
+/// inline script or style, no framing, no plugins. With an OpenID provider
+/// (`auth.oidc_issuer`) the page may also talk to the origin of its token
+/// endpoint, where it exchanges the sign-in code, and nowhere else.
+fn page_csp(state: &AppState) -> HeaderValue {
+    let token_origin = state
+        .auth
+        .sign_in()
+        .and_then(|provider| provider.token_origin())
+        .map(|origin| format!(" {origin}"))
+        .unwrap_or_default();
+    let csp = format!(
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+         connect-src 'self'{token_origin}; base-uri 'none'; form-action 'self'; \
+         frame-ancestors 'none'"
+    );
+    // An origin is ASCII without control characters; should one not be,
+    // the page keeps the strict policy (and sign-in cannot reach it).
+    HeaderValue::from_str(&csp).unwrap_or(HeaderValue::from_static(
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+         connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    ))
+}
 
-fn asset(body: &'static str, content_type: &'static str) -> Response {
-    page_asset(body, content_type, CONTENT_SECURITY_POLICY)
+fn asset(state: &AppState, body: &'static str, content_type: &'static str) -> Response {
+    page_asset(body, content_type, page_csp(state))
+}
+
+/// `GET /api/sign-in`: how the page may sign a user in: dev login (an email
+/// alone) when it is on, the OpenID provider when `auth.oidc_issuer` is set.
+fn sign_in_settings(state: &AppState) -> Response {
+    ok_json(&serde_json::json!({
+        "dev_login": state.config.dev_login(),
+        "provider": state.auth.sign_in(),
+    }))
 }
 
 /// A file of a page (this one's, or the admin page's), with `csp`.
 pub(super) fn page_asset(
     body: &'static str,
     content_type: &'static str,
-    csp: &'static str,
+    csp: HeaderValue,
 ) -> Response {
     let mut response = Response::new(body.into());
     let headers = response.headers_mut();
@@ -190,10 +223,7 @@ pub(super) fn page_asset(
     // The page loads only its own script, style and API, and no other site
     // may frame it (clickjacking an Apply button): a CSP with
     // `frame-ancestors 'none'`, and X-Frame-Options for older browsers.
-    headers.insert(
-        http::header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(csp),
-    );
+    headers.insert(http::header::CONTENT_SECURITY_POLICY, csp);
     headers.insert(
         http::header::X_FRAME_OPTIONS,
         HeaderValue::from_static("DENY"),

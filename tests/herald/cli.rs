@@ -223,7 +223,11 @@ fn a_database_that_refuses_connections_is_retried_then_reported_with_its_cause()
 
 /// `herald <args>` with `env` (and a state directory) from a clean
 /// environment, run in `dir`; a panic if it is still running after 30 s.
-fn herald_in(dir: &std::path::Path, env: &[(&str, String)], args: &[&str]) -> (i32, String) {
+pub(crate) fn herald_in(
+    dir: &std::path::Path,
+    env: &[(&str, String)],
+    args: &[&str],
+) -> (i32, String) {
     let mut cmd = herald_command();
     cmd.current_dir(dir)
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
@@ -241,7 +245,7 @@ fn herald_in(dir: &std::path::Path, env: &[(&str, String)], args: &[&str]) -> (i
 
 /// An embedded daemon's settings with everything under `dir`, listening on
 /// free ports (a later `HERALD_LISTEN` wins).
-fn embedded_in(dir: &std::path::Path) -> Vec<(&'static str, String)> {
+pub(crate) fn embedded_in(dir: &std::path::Path) -> Vec<(&'static str, String)> {
     vec![
         (
             "HERALD_DATABASE_URL",
@@ -254,7 +258,7 @@ fn embedded_in(dir: &std::path::Path) -> Vec<(&'static str, String)> {
 }
 
 /// The line a refused command ends with (`herald: …`).
-fn refusal(output: &str) -> String {
+pub(crate) fn refusal(output: &str) -> String {
     output
         .lines()
         .find(|l| l.starts_with("herald: "))

@@ -13,7 +13,7 @@ use figment::value::Dict;
 use figment::Figment;
 
 /// Keys that have no default (absent unless configured), documented too.
-const OPTIONAL_KEYS: [&str; 17] = [
+const OPTIONAL_KEYS: [&str; 19] = [
     "mode",
     "redis_url",
     "admin_token",
@@ -28,6 +28,8 @@ const OPTIONAL_KEYS: [&str; 17] = [
     "auth.jwks_file",
     "auth.issuer",
     "auth.audience",
+    "auth.oidc_issuer",
+    "auth.oidc_client_id",
     "admin.tokens",
     "admin.tokens_file",
     "telemetry.otlp_endpoint",
@@ -147,6 +149,15 @@ fn every_optional_key_is_accepted_by_the_configuration() {
         ("auth.jwks_file", "\"/etc/herald/jwks.json\""),
         ("auth.issuer", "\"https://id.example.test/\""),
         ("auth.audience", "\"https://jobs.example.test/api\""),
+        // The pair: one alone is refused at start.
+        (
+            "auth.oidc_issuer",
+            "\"https://id.example.test/\"\noidc_client_id = \"herald-page\"",
+        ),
+        (
+            "auth.oidc_client_id",
+            "\"herald-page\"\noidc_issuer = \"https://id.example.test/\"",
+        ),
         (
             "admin.tokens",
             "{ ada = \"sha256:0000000000000000000000000000000000000000000000000000000000000000\" }",
@@ -442,7 +453,8 @@ fn every_environment_name_the_documents_show_is_accepted_by_the_daemon_in_both_f
             if key != "jwt_secret" {
                 base.push(("HERALD_JWT_SECRET".into(), stand_in("jwt_secret")));
             }
-            // The proxy settings come in a pair: start refuses one alone;
+            // The proxy settings, and the OpenID provider's, come in pairs:
+            // start refuses one alone;
             // the resend transport needs its key.
             match key.as_str() {
                 "email.transport" if value == "resend" => {
@@ -455,6 +467,15 @@ fn every_environment_name_the_documents_show_is_accepted_by_the_daemon_in_both_f
                 "limits.trusted_proxy_header" => {
                     base.push(("HERALD_LIMITS__TRUSTED_PROXIES".into(), "10.0.0.5".into()))
                 }
+                // The page's OpenID provider: an issuer and a client id.
+                "auth.oidc_issuer" => base.push((
+                    "HERALD_AUTH__OIDC_CLIENT_ID".into(),
+                    "hErAlDpAgE0123456789".into(),
+                )),
+                "auth.oidc_client_id" => base.push((
+                    "HERALD_AUTH__OIDC_ISSUER".into(),
+                    "https://acme.eu.auth0.com/".into(),
+                )),
                 _ => {}
             }
             for form in std::iter::once(name.clone()).chain(other.clone()) {

@@ -6,105 +6,17 @@
 
 use crate::support;
 
-use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use base64::Engine;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
+use support::oidc::{b64, now, Key, OidcProvider};
 use support::{repo_file, Backend, Backing, Daemon};
 use warp::Filter;
 
 const ISSUER: &str = "https://id.example.test/";
 const AUDIENCE: &str = "https://jobs.example.test/api";
-
-fn b64(bytes: &[u8]) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-}
-
-fn openssl(args: &[&str]) -> Vec<u8> {
-    let out = Command::new("openssl")
-        .args(args)
-        .output()
-        .expect("openssl (scripts/test installs it)");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
-
-/// A signing key made by openssl, and its public JWK.
-struct Key {
-    alg: Algorithm,
-    kid: String,
-    encoding: EncodingKey,
-    public_pem: Vec<u8>,
-    jwk: Value,
-}
-
-impl Key {
-    fn rsa(dir: &Path, kid: &str) -> Key {
-        let path = dir.join(format!("{kid}.pem"));
-        let p = path.to_str().unwrap();
-        openssl(&["genrsa", "-traditional", "-out", p, "2048"]);
-        let modulus = String::from_utf8(openssl(&["rsa", "-in", p, "-noout", "-modulus"])).unwrap();
-        let n = hex::decode(modulus.trim().trim_start_matches("Modulus=")).unwrap();
-        Key {
-            alg: Algorithm::RS256,
-            kid: kid.into(),
-            encoding: EncodingKey::from_rsa_pem(&std::fs::read(&path).unwrap()).unwrap(),
-            public_pem: openssl(&["rsa", "-in", p, "-pubout"]),
-            jwk: json!({"kty": "RSA", "use": "sig", "alg": "RS256", "kid": kid,
-                        "n": b64(&n), "e": "AQAB"}),
-        }
-    }
-
-    fn ec(dir: &Path, kid: &str) -> Key {
-        let path = dir.join(format!("{kid}.pem"));
-        let p = path.to_str().unwrap();
-        let sec1 = openssl(&["ecparam", "-name", "prime256v1", "-genkey", "-noout"]);
-        std::fs::write(dir.join(format!("{kid}.sec1")), &sec1).unwrap();
-        let sec1_path = dir.join(format!("{kid}.sec1"));
-        // jsonwebtoken reads an EC private key as PKCS#8.
-        let pkcs8 = openssl(&[
-            "pkcs8",
-            "-topk8",
-            "-nocrypt",
-            "-in",
-            sec1_path.to_str().unwrap(),
-        ]);
-        std::fs::write(&path, &pkcs8).unwrap();
-        let der = openssl(&["ec", "-in", p, "-pubout", "-outform", "DER"]);
-        // The uncompressed point ends the DER: 0x04 || X || Y.
-        let point = &der[der.len() - 65..];
-        assert_eq!(point[0], 4);
-        Key {
-            alg: Algorithm::ES256,
-            kid: kid.into(),
-            encoding: EncodingKey::from_ec_pem(&pkcs8).unwrap(),
-            public_pem: openssl(&["ec", "-in", p, "-pubout"]),
-            jwk: json!({"kty": "EC", "use": "sig", "alg": "ES256", "kid": kid, "crv": "P-256",
-                        "x": b64(&point[1..33]), "y": b64(&point[33..65])}),
-        }
-    }
-
-    fn sign(&self, claims: &Value) -> String {
-        let mut header = Header::new(self.alg);
-        header.kid = Some(self.kid.clone());
-        encode(&header, claims, &self.encoding).unwrap()
-    }
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
 
 /// Claims as the provider would write them for `sub`, living `ttl` seconds.
 fn claims(sub: &str, ttl: u64) -> Value {
@@ -267,27 +179,23 @@ impl JwksServer {
     }
 }
 
-/// DEPLOY.md's identity-provider block, as written, with the provider's
-/// URL pointed at the double.
-fn deploy_block(jwks_url: &str) -> Vec<(String, String)> {
+/// The settings block of DEPLOY.md's `section`, as written, with the
+/// setting `pointed` (the provider's address) pointed at the double.
+fn deploy_block(section: &str, pointed: (&str, &str)) -> Vec<(String, String)> {
     let deploy = repo_file("docs/DEPLOY.md");
     let block = deploy
-        .split("## The board's identity provider")
+        .split(&format!("## {section}\n"))
         .nth(1)
         .and_then(|rest| rest.split("```sh\n").nth(1))
         .and_then(|rest| rest.split("```").next())
-        .expect("DEPLOY.md's identity provider block");
+        .unwrap_or_else(|| panic!("DEPLOY.md's {section} block"));
     block
         .lines()
         .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
         .map(|l| {
             let (k, v) = l.split_once('=').expect("NAME=value");
-            let v = if k == "HERALD_AUTH__JWKS_URL" {
-                jwks_url.to_string()
-            } else {
-                v.to_string()
-            };
-            (k.to_string(), v)
+            let v = if k == pointed.0 { pointed.1 } else { v };
+            (k.to_string(), v.to_string())
         })
         .collect()
 }
@@ -299,7 +207,10 @@ async fn an_unknown_kid_fetches_the_keys_again_at_most_once_a_minute() {
     let old = Key::rsa(dir.path(), "2026-11");
     let new = Key::ec(dir.path(), "2026-12");
     let provider = JwksServer::start(jwks(&[&old])).await;
-    let settings = deploy_block(&provider.url);
+    let settings = deploy_block(
+        "The board's identity provider",
+        ("HERALD_AUTH__JWKS_URL", &provider.url),
+    );
     let iss = settings
         .iter()
         .find(|(k, _)| k == "HERALD_AUTH__ISSUER")
@@ -364,4 +275,174 @@ async fn an_unknown_kid_fetches_the_keys_again_at_most_once_a_minute() {
         1.0,
         "{metrics}"
     );
+}
+
+/// With `auth.oidc_issuer` and `auth.oidc_client_id` Herald reads the
+/// provider's discovery document at start, tells the page where to sign in
+/// (`GET /api/sign-in`), lets the page talk to the token endpoint's origin
+/// and nothing else new (CSP), and takes the provider's ID tokens for this
+/// client only: another client's, or another issuer's, are 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_openid_provider_is_discovered_and_only_id_tokens_for_the_page_are_taken() {
+    // DEPLOY.md's block, its issuer pointed at the local provider.
+    let client_id = deploy_block("Sign-in on Herald's page", ("HERALD_AUTH__OIDC_ISSUER", ""))
+        .into_iter()
+        .find(|(k, _)| k == "HERALD_AUTH__OIDC_CLIENT_ID")
+        .expect("the block names the client id")
+        .1;
+    let provider = OidcProvider::start(&client_id).await;
+    let settings = deploy_block(
+        "Sign-in on Herald's page",
+        ("HERALD_AUTH__OIDC_ISSUER", &provider.issuer),
+    );
+    assert_eq!(settings.len(), 2, "{settings:?}");
+    let backing = Backing::start(Backend::Sqlite).await;
+    let mut extra: Vec<(&str, &str)> = settings
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    extra.push(("HERALD_AUTH__DEV_LOGIN", "false"));
+    let herald = backing.daemon(&extra).await;
+
+    let how: Value = herald
+        .http
+        .get(herald.url("/api/sign-in"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let issuer = &provider.issuer;
+    assert_eq!(
+        how,
+        json!({"dev_login": false, "provider": {
+            "issuer": issuer, "client_id": client_id,
+            "authorization_endpoint": format!("{issuer}/authorize"),
+            "token_endpoint": format!("{issuer}/token"),
+            "scope": "openid email"}})
+    );
+    let page = herald.http.get(herald.url("/")).send().await.unwrap();
+    let csp = page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        csp.contains(&format!("connect-src 'self' {issuer};")),
+        "{csp}"
+    );
+
+    assert_eq!(
+        status_with(&herald, &provider.id_token(&client_id, "ada@example.com")).await,
+        200,
+        "the page's ID token"
+    );
+    let mut refused = vec![(
+        "another client's ID token",
+        provider.id_token("another-app", "ada@example.com"),
+    )];
+    refused.push(("another issuer", {
+        provider.key.sign(&json!({
+            "iss": "http://127.0.0.1:1", "sub": "board|ada", "aud": client_id,
+            "email": "ada@example.com", "iat": now(), "exp": now() + 300}))
+    }));
+    for (what, token) in refused {
+        assert_eq!(status_with(&herald, &token).await, 401, "{what}");
+    }
+
+    // Without a provider: the page offers dev login only, talks to itself only.
+    drop(herald); // one process per embedded file
+    let plain = backing.daemon(&[]).await;
+    let how: Value = plain
+        .http
+        .get(plain.url("/api/sign-in"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(how, json!({"dev_login": true, "provider": null}));
+    let page = plain.http.get(plain.url("/")).send().await.unwrap();
+    assert!(page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .contains("connect-src 'self';"));
+}
+
+/// The provider at start: one that does not answer is a neighbour down
+/// (exit 3); a discovery document naming another issuer (a mix-up) and an
+/// issuer without its client id are settings (exit 2, `config` alike);
+/// each names `auth.oidc_*`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_openid_provider_that_is_down_exits_3_and_one_naming_another_issuer_2() {
+    let provider = OidcProvider::start("herald-page").await;
+    provider.claim_issuer("https://id.example.test/");
+    let closed = format!("http://127.0.0.1:{}", support::free_port());
+    // What, the settings, the command, its exit code, what its refusal names.
+    type Case<'a> = (
+        &'a str,
+        Vec<(&'static str, String)>,
+        &'a [&'a str],
+        i32,
+        &'a str,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "down",
+            vec![
+                ("HERALD_AUTH__OIDC_ISSUER", closed.clone()),
+                ("HERALD_AUTH__OIDC_CLIENT_ID", "herald-page".into()),
+            ],
+            &["serve"],
+            3,
+            "auth.oidc_issuer",
+        ),
+        (
+            "another issuer",
+            provider.settings(),
+            &["serve"],
+            2,
+            "set auth.oidc_issuer to exactly that",
+        ),
+        (
+            "no client id, serve",
+            vec![("HERALD_AUTH__OIDC_ISSUER", provider.issuer.clone())],
+            &["serve"],
+            2,
+            "auth.oidc_client_id",
+        ),
+        (
+            "no client id, config",
+            vec![("HERALD_AUTH__OIDC_ISSUER", provider.issuer.clone())],
+            &["config"],
+            2,
+            "auth.oidc_client_id",
+        ),
+        (
+            "cleartext to another host",
+            vec![
+                ("HERALD_AUTH__OIDC_ISSUER", "http://id.example.test".into()),
+                ("HERALD_AUTH__OIDC_CLIENT_ID", "herald-page".into()),
+            ],
+            &["config"],
+            2,
+            "must be an https:// URL",
+        ),
+    ];
+    for (what, settings, args, code, named) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let mut env = crate::cli::embedded_in(dir.path());
+        env.extend(settings);
+        let (got, said) = tokio::task::spawn_blocking(move || {
+            let out = crate::cli::herald_in(dir.path(), &env, args);
+            drop(dir);
+            out
+        })
+        .await
+        .unwrap();
+        assert_eq!(got, code, "{what}: {said}");
+        let line = crate::cli::refusal(&said);
+        assert!(line.contains(named), "{what}: {line}");
+    }
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use fantoccini::Locator;
 use herald::client::lossy_proxy::LossyProxy;
 use support::browser::{Browser, Driver};
+use support::oidc::OidcProvider;
 use support::{count, eventually, Backend, Backing, Daemon, Postgres, Redis, Stack};
 
 /// A Herald on its own Postgres and Redis (kept alive by the caller).
@@ -751,7 +752,177 @@ async fn a_search_falls_back_to_the_filtered_api_when_a_proxy_holds_the_stream()
     browser.close().await;
 }
 
+/// Sign-in on the page through the board's OpenID Connect provider, dev
+/// login off: a forged callback is refused without an exchange; then the
+/// real round trip (authorization code with PKCE at the provider's form,
+/// the code exchanged by the page, the ID token as Bearer) and an
+/// application with its confirmation sent.
+async fn the_page_signs_in_through_the_boards_openid_provider_and_applies(backend: Backend) {
+    let provider = OidcProvider::start("herald-page").await;
+    let mut extra: Vec<(&str, String)> = provider.settings();
+    extra.push(("HERALD_AUTH__DEV_LOGIN", "false".into()));
+    let extra: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let stack = Stack::start_on(backend, &extra).await;
+    let (herald, db) = (&stack.herald, stack.db.clone());
+    provider.register_redirect(&format!("{}/", herald.public));
+    let job = herald.post_job("Rust engineer").await;
+    let job = job["id"].as_str().unwrap().to_string();
+    let browser = Browser::open_page(&herald.public, 1280, 900).await;
+
+    // Only the provider's sign-in is offered.
+    let named = browser
+        .wait_for(
+            "the provider's sign-in, and no dev sign-in",
+            Duration::from_secs(15),
+            "return !document.getElementById('sign-in-provider').hidden \
+             && document.getElementById('sign-in').hidden \
+             && document.getElementById('provider-name').textContent",
+        )
+        .await;
+    assert_eq!(named, provider.issuer.trim_start_matches("http://"));
+
+    // A callback this tab did not start (a forged or replayed link): refused,
+    // the code never exchanged, and gone from the address bar.
+    browser
+        .client
+        .goto(&format!("{}/?code=stolen-code&state=forged", herald.public))
+        .await
+        .expect("open the forged callback");
+    let said = browser
+        .wait_for(
+            "the forged answer refused",
+            Duration::from_secs(15),
+            "const e = document.getElementById('provider-error'); return !e.hidden && e.textContent",
+        )
+        .await;
+    assert!(
+        said.as_str()
+            .unwrap()
+            .contains("does not belong to a sign-in started on this page"),
+        "{said}"
+    );
+    assert_eq!(browser.js("return location.search").await, "");
+    assert!(
+        browser
+            .js("return document.getElementById('signed-in').hidden")
+            .await
+            == true
+    );
+    assert!(
+        provider.exchanges().is_empty(),
+        "{:?}",
+        provider.exchanges()
+    );
+    browser
+        .save_screenshot(&format!("web-oidc-forged-callback-{backend:?}.png"))
+        .await;
+
+    // The real round trip, through the provider's own form.
+    browser
+        .client
+        .find(Locator::Id("provider-sign-in"))
+        .await
+        .expect("the sign-in button")
+        .click()
+        .await
+        .expect("click sign in");
+    browser
+        .wait_for(
+            "the provider's sign-in form",
+            Duration::from_secs(15),
+            &format!(
+                "return location.origin === {:?} && document.getElementById('login-email') !== null",
+                provider.issuer
+            ),
+        )
+        .await;
+    browser
+        .client
+        .find(Locator::Id("login-email"))
+        .await
+        .expect("the provider's email field")
+        .send_keys("ada@example.com")
+        .await
+        .expect("type the email");
+    browser
+        .client
+        .find(Locator::Id("login-submit"))
+        .await
+        .expect("the provider's button")
+        .click()
+        .await
+        .expect("continue at the provider");
+    let who = browser
+        .wait_for(
+            "back on the board, signed in",
+            Duration::from_secs(15),
+            &format!(
+                "return location.origin === {:?} && !document.getElementById('signed-in').hidden \
+                 && document.getElementById('who').textContent",
+                herald.public
+            ),
+        )
+        .await;
+    assert_eq!(who, "ada@example.com");
+    assert_eq!(
+        browser.js("return location.search").await,
+        "",
+        "the code left the address bar"
+    );
+    let exchanges = provider.exchanges();
+    assert_eq!(exchanges.len(), 1, "{exchanges:?}");
+    assert_eq!(
+        (exchanges[0].status, exchanges[0].error.as_deref()),
+        (200, None),
+        "{exchanges:?}"
+    );
+    // The Bearer is the provider's ID token for this client.
+    let aud = browser
+        .js(
+            "return JSON.parse(atob(sessionStorage.getItem('herald:token').split('.')[1] \
+             .replace(/-/g, '+').replace(/_/g, '/'))).aud",
+        )
+        .await;
+    assert_eq!(aud, "herald-page");
+
+    // Apply with it.
+    browser
+        .js(&format!(
+            "document.querySelector('#jobs li[data-job-id=\"{job}\"] .job').click(); \
+             document.getElementById('apply').click(); return true"
+        ))
+        .await;
+    let sent = browser
+        .wait_for(
+            "my application, its email sent",
+            Duration::from_secs(30),
+            "const li = document.querySelector('#my-applications-list li'); \
+             return li && li.querySelector('.email-status').dataset.status === 'sent' \
+             && li.textContent",
+        )
+        .await;
+    assert!(
+        sent.as_str().unwrap_or_default().contains("Rust engineer"),
+        "{sent}"
+    );
+    browser
+        .save_screenshot(&format!("web-oidc-sign-in-{backend:?}.png"))
+        .await;
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM applications WHERE user_id = 'board|ada@example.com' \
+             AND email = 'ada@example.com'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(stack.resend.sent_to("ada@example.com"), 1);
+    browser.close().await;
+}
+
 on_both_backends!(
+    the_page_signs_in_through_the_boards_openid_provider_and_applies,
     the_page_updates_an_edited_job_in_place_and_a_closed_one_leaves_with_a_note,
     the_page_searches_live_and_lists_my_applications_with_their_email_status,
     my_applications_say_what_became_of_each_email

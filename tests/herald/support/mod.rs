@@ -25,6 +25,7 @@ pub mod clean_env;
 pub mod fake_resend;
 pub mod fake_sentry;
 pub mod nginx;
+pub mod oidc;
 pub mod otlp;
 pub mod prometheus;
 pub mod resend_webhooks;
