@@ -576,3 +576,191 @@ fn the_development_layout_lists_what_is_there_and_names_every_source_file() {
         "docs/DEVELOPMENT.md's layout does not name {unnamed:?}"
     );
 }
+
+/// A fenced `sh` block of README.md or docs/*.md, and the line above it.
+struct ShellBlock {
+    /// `README.md`, `docs/DEPLOY.md`, …
+    doc: String,
+    /// The line of its opening fence (1-based).
+    line: usize,
+    /// The line before the fence: the block's marker, if it has one.
+    marker: String,
+    text: String,
+}
+
+fn shell_blocks() -> Vec<ShellBlock> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut docs = vec!["README.md".to_string()];
+    let mut more: Vec<String> = std::fs::read_dir(root.join("docs"))
+        .expect("docs/")
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".md"))
+        .map(|name| format!("docs/{name}"))
+        .collect();
+    more.sort();
+    docs.extend(more);
+    let mut blocks = Vec::new();
+    for doc in docs {
+        let text = support::repo_file(&doc);
+        let lines: Vec<&str> = text.lines().collect();
+        let mut i = 0;
+        while i < lines.len() {
+            let fence = lines[i];
+            if fence.starts_with("```") && fence.len() > 3 {
+                let shell = matches!(fence[3..].trim(), "sh" | "bash" | "shell" | "console");
+                let body: Vec<&str> = lines[i + 1..]
+                    .iter()
+                    .take_while(|l| !l.starts_with("```"))
+                    .copied()
+                    .collect();
+                if shell {
+                    blocks.push(ShellBlock {
+                        doc: doc.clone(),
+                        line: i + 1,
+                        marker: if i > 0 {
+                            lines[i - 1].to_string()
+                        } else {
+                            String::new()
+                        },
+                        text: body.join("\n"),
+                    });
+                }
+                i += body.len() + 2;
+            } else {
+                i += 1;
+            }
+        }
+    }
+    blocks
+}
+
+/// What stands for a value the reader has to supply: `…`, `=...`, `<admin token>`.
+fn placeholder_in(text: &str) -> Option<String> {
+    if text.contains('…') {
+        return Some("…".into());
+    }
+    if text.contains("=...") {
+        return Some("=...".into());
+    }
+    let bytes = text.as_bytes();
+    for (at, _) in text.match_indices('<') {
+        let rest = &text[at + 1..];
+        let word: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || *c == ' ' || *c == '_')
+            .collect();
+        if !word.is_empty() && rest[word.len()..].starts_with('>') && at + 1 < bytes.len() {
+            return Some(format!("<{word}>"));
+        }
+    }
+    None
+}
+
+/// Every shell block of README.md and docs/ says above it how it is kept
+/// true: `<!-- run: here -->` (this test runs it with bash from the
+/// repository's root), `<!-- run: tests/herald/<suite>.rs -->` (that suite
+/// reads it from the document and runs it), `<!-- call: NAME -->` (the
+/// runbook's, run by runbook.rs), `<!-- settings: tests/herald/<suite>.rs -->`
+/// (an environment file, `NAME=value` lines only, which that suite starts
+/// Herald with; `…` marks a secret of the reader's own, which the suite
+/// fills), or `<!-- not run: why -->`. Run blocks hold no placeholder. The blocks not run are listed, with why, in this
+/// test's output and in target/test-artifacts/docs-blocks-not-run.txt.
+#[test]
+fn every_shell_block_of_the_docs_is_run_by_a_test_or_says_why_not() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let blocks = shell_blocks();
+    assert!(blocks.len() >= 25, "{} blocks found", blocks.len());
+    let mut problems = Vec::new();
+    let mut not_run = Vec::new();
+    let (mut here, mut by_suite, mut settings) = (0, 0, 0);
+    for block in &blocks {
+        let at = format!("{}:{}", block.doc, block.line);
+        let marker = block.marker.trim();
+        if let Some(why) = marker
+            .strip_prefix("<!-- not run: ")
+            .and_then(|rest| rest.strip_suffix(" -->"))
+        {
+            not_run.push(format!("{at}: {why}"));
+            continue;
+        }
+        let read_by = |suite: &str, problems: &mut Vec<String>| {
+            let name = block.doc.rsplit('/').next().unwrap_or_default();
+            match std::fs::read_to_string(root.join(suite)) {
+                Ok(source) if source.contains(name) => {}
+                Ok(_) => problems.push(format!("{at}: {suite} does not read {name}")),
+                Err(e) => problems.push(format!("{at}: {suite}: {e}")),
+            }
+        };
+        if let Some(suite) = marker
+            .strip_prefix("<!-- settings: ")
+            .and_then(|rest| rest.strip_suffix(" -->"))
+        {
+            settings += 1;
+            read_by(suite, &mut problems);
+            let stray = block.text.lines().find(|l| {
+                let l = l.trim();
+                !(l.is_empty()
+                    || l.starts_with('#')
+                    || l.split_once('=').is_some_and(|(k, _)| {
+                        !k.is_empty()
+                            && k.chars()
+                                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+                    }))
+            });
+            if let Some(line) = stray {
+                problems.push(format!(
+                    "{at}: a settings block holds `{line}`, not NAME=value"
+                ));
+            }
+            continue;
+        }
+        if let Some(found) = placeholder_in(&block.text) {
+            problems.push(format!("{at}: a run block holds the placeholder {found}"));
+        }
+        if marker == "<!-- run: here -->" {
+            here += 1;
+            let mut bash = std::process::Command::new("bash");
+            bash.args(["-euo", "pipefail", "-c", &block.text])
+                .current_dir(root);
+            let out = support::output_within(bash, std::time::Duration::from_secs(120), &at);
+            if !out.status.success() {
+                problems.push(format!(
+                    "{at}: exit {:?}\n{}{}",
+                    out.status.code(),
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+        } else if let Some(suite) = marker
+            .strip_prefix("<!-- run: ")
+            .and_then(|rest| rest.strip_suffix(" -->"))
+        {
+            by_suite += 1;
+            read_by(suite, &mut problems);
+        } else if let Some(call) = marker
+            .strip_prefix("<!-- call: ")
+            .and_then(|rest| rest.strip_suffix(" -->"))
+        {
+            by_suite += 1;
+            let runbook = support::repo_file("tests/herald/runbook.rs");
+            if block.doc != "docs/RUNBOOK.md" || !runbook.contains(&format!("\"{call}\"")) {
+                problems.push(format!("{at}: the call {call} is not one runbook.rs runs"));
+            }
+        } else {
+            problems.push(format!(
+                "{at}: no marker above the block (`<!-- run: … -->` or `<!-- not run: why -->`)"
+            ));
+        }
+    }
+    let listing = not_run.join("\n");
+    eprintln!(
+        "{} shell blocks: {here} run here, {by_suite} run by their suites, {settings} \
+         environment files started with by their suites, {} not run:\n{listing}",
+        blocks.len(),
+        not_run.len()
+    );
+    let dir = root.join("target/test-artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("docs-blocks-not-run.txt"), listing + "\n").unwrap();
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
