@@ -198,7 +198,33 @@ async fn the_run_command_with_nothing_configured_serves_a_board_that_posts_strea
         "scripts/dev mails into var/dev/mail, not the embedded mode's var/mail"
     );
     dev.stop().await;
+
+    // And not as root: the same, by the unprivileged user `nobody` in a
+    // checkout of their own, where Postgres's data stays in var/dev/pg.
+    if unsafe { libc::geteuid() } == 0 {
+        use std::os::unix::fs::PermissionsExt;
+        let home = cwd.path().join("nobody");
+        std::fs::create_dir_all(home.join("var")).unwrap();
+        std::fs::set_permissions(cwd.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        let chown = std::process::Command::new("chown")
+            .args(["-R", "nobody:nogroup", home.to_str().unwrap()])
+            .status()
+            .expect("chown");
+        assert!(chown.success());
+        let dev = DevScript::start_as_nobody(&home.join("var/dev")).await;
+        assert_eq!(
+            dev.pgdata,
+            home.join("var/dev/pg"),
+            "its data in its own checkout"
+        );
+        paste_the_readme_session(&demo, &home, "var/dev/mail").await;
+        dev.stop().await;
+    } else {
+        eprintln!("not root: scripts/dev ran as this user above");
+    }
 }
+
+const DEV_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/dev");
 
 /// `scripts/dev` running with its state in `dir`, on free ports, serving
 /// this build's binary (DEV_HERALD_BIN); stopped with Ctrl-C's signal.
@@ -210,13 +236,32 @@ struct DevScript {
 }
 
 impl DevScript {
+    /// As this test's user; [`DevScript::start_as_nobody`] for another.
     async fn start(dir: &std::path::Path) -> DevScript {
+        DevScript::start_with(dir, std::process::Command::new(DEV_SCRIPT)).await
+    }
+
+    /// As the unprivileged user `nobody` (through setpriv, so the PID held
+    /// is the script's), when this test runs as root.
+    async fn start_as_nobody(dir: &std::path::Path) -> DevScript {
+        let mut setpriv = std::process::Command::new("setpriv");
+        setpriv.args([
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "--",
+            DEV_SCRIPT,
+        ]);
+        DevScript::start_with(dir, setpriv).await
+    }
+
+    async fn start_with(dir: &std::path::Path, mut script: std::process::Command) -> DevScript {
         use std::os::unix::process::CommandExt;
         let log = dir.with_file_name("dev-script.log");
         let err = std::fs::File::create(&log).unwrap();
         // Nothing of the caller's environment but PATH: the script states
         // every setting the daemon runs with.
-        let child = std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/dev"))
+        let child = script
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("DEV_DIR", dir)
