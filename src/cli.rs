@@ -35,7 +35,8 @@ struct BrokenInvariants(usize);
 /// error's chain that has a meaning of its own says, else 1.
 fn exit_status(error: &anyhow::Error) -> u8 {
     for cause in error.chain() {
-        if cause.is::<ConfigError>() {
+        if cause.is::<ConfigError>() || matches!(cause.downcast_ref(), Some(StoreError::Refused(_)))
+        {
             return 2;
         }
         if matches!(cause.downcast_ref(), Some(StoreError::Unavailable(_))) {

@@ -267,9 +267,10 @@ pub fn refusal(e: &StoreError) -> Option<StoredResponse> {
     let refused = match e {
         StoreError::JobNotFound => ApiError::JobNotFound,
         StoreError::JobClosed => ApiError::JobClosed,
-        StoreError::Unavailable(_) | StoreError::LeaseLost | StoreError::Internal(_) => {
-            return None
-        }
+        StoreError::Unavailable(_)
+        | StoreError::Refused(_)
+        | StoreError::LeaseLost
+        | StoreError::Internal(_) => return None,
     };
     Some(refused.stored())
 }
@@ -317,6 +318,10 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::Unavailable(detail) => {
                 tracing::warn!(%detail, "database unavailable");
+                ApiError::Unavailable
+            }
+            StoreError::Refused(detail) => {
+                tracing::error!(%detail, "the database refuses Herald's database_url");
                 ApiError::Unavailable
             }
             StoreError::JobNotFound => ApiError::JobNotFound,

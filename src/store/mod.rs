@@ -42,6 +42,12 @@ pub enum StoreError {
     /// The database cannot be reached or refused the connection: answer 503.
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// The database answered and refused who Herald says it is, or has no
+    /// database of that name (Postgres 28xxx, 3D000): `database_url` is
+    /// wrong, and waiting does not fix it. At start the command exits 2
+    /// at once; on a request, 503 like an unavailable database.
+    #[error("the database refused the connection's settings (database_url): {0}")]
+    Refused(String),
     /// The application names a job that does not exist.
     #[error("job not found")]
     JobNotFound,
@@ -61,6 +67,12 @@ impl StoreError {
     pub fn is_unavailable(&self) -> bool {
         matches!(self, StoreError::Unavailable(_))
     }
+}
+
+/// Postgres error codes that mean the connection's settings are wrong: the
+/// role or its password (class 28), or the database's name.
+fn is_refused_pg_code(code: &str) -> bool {
+    code.starts_with("28") || code == "3D000"
 }
 
 /// Postgres error codes that mean "try again later", not "your request is bad".
@@ -89,12 +101,15 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::WorkerCrashed
             | sqlx::Error::Protocol(_) => StoreError::Unavailable(e.to_string()),
             sqlx::Error::Database(db) => {
-                let unavailable = if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+                let sqlite = db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some();
+                let unavailable = if sqlite {
                     is_unavailable_sqlite_code(db.code().as_deref())
                 } else {
                     db.code().is_some_and(|c| is_unavailable_pg_code(&c))
                 };
-                if unavailable {
+                if !sqlite && db.code().is_some_and(|c| is_refused_pg_code(&c)) {
+                    StoreError::Refused(e.to_string())
+                } else if unavailable {
                     StoreError::Unavailable(e.to_string())
                 } else {
                     StoreError::Internal(e.to_string())

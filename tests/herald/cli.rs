@@ -508,3 +508,52 @@ async fn a_daemon_whose_stdout_is_closed_keeps_serving() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A Postgres that answers and refuses the settings (a role it does not
+/// have, a database it does not have) is a configuration error: exit 2 at
+/// once, naming `database_url`, not 3 after `database.connect_timeout_ms`
+/// of retries that cannot help.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_refuses_the_settings_exits_2_at_once() {
+    let pg = crate::support::Postgres::start().await;
+    let port = pg.port;
+    for (what, url) in [
+        (
+            "a role it does not have",
+            format!("postgres://nobody_here@127.0.0.1:{port}/postgres"),
+        ),
+        (
+            "a database it does not have",
+            format!("postgres://herald@127.0.0.1:{port}/no_such_db"),
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let env = vec![
+            ("HERALD_DATABASE_URL", url.clone()),
+            ("HERALD_LISTEN", "127.0.0.1:0".into()),
+            ("HERALD_ADMIN_LISTEN", "127.0.0.1:0".into()),
+            ("HERALD_ADMIN_TOKEN", "0123456789abcdef-admin".into()),
+            (
+                "HERALD_JWT_SECRET",
+                "0123456789abcdef0123456789abcdef-jwt".into(),
+            ),
+            ("HERALD_DATABASE__CONNECT_TIMEOUT_MS", "10000".into()),
+        ];
+        for args in [&["serve"][..], &["audit"][..]] {
+            let started = std::time::Instant::now();
+            let env = env.clone();
+            let path = dir.path().to_path_buf();
+            let (code, said) = tokio::task::spawn_blocking(move || herald_in(&path, &env, args))
+                .await
+                .unwrap();
+            let took = started.elapsed();
+            assert_eq!(code, 2, "{what}, {args:?}: {said}");
+            let line = refusal(&said);
+            assert!(line.contains("database_url"), "{what}, {args:?}: {line}");
+            assert!(
+                took < Duration::from_secs(5),
+                "{what}, {args:?}: not retried for 10 s, took {took:?}"
+            );
+        }
+    }
+}

@@ -327,6 +327,13 @@ impl Store for PgStore {
                      (database.acquire_timeout_ms)"
                 )))
             }
+            // A wrong role, password or database name is a setting:
+            // retrying does not fix it.
+            Ok(Err(sqlx::Error::Database(db)))
+                if db.code().is_some_and(|c| super::is_refused_pg_code(&c)) =>
+            {
+                return Err(StoreError::Refused(db.to_string()))
+            }
             Ok(Err(e)) => {
                 return Err(StoreError::Unavailable(format!(
                     "cannot connect to the database: {e}"
