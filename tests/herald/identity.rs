@@ -304,15 +304,7 @@ async fn an_openid_provider_is_discovered_and_only_id_tokens_for_the_page_are_ta
     extra.push(("HERALD_AUTH__DEV_LOGIN", "false"));
     let herald = backing.daemon(&extra).await;
 
-    let how: Value = herald
-        .http
-        .get(herald.url("/api/sign-in"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let how: Value = herald.get("/api/sign-in").await.json().await.unwrap();
     let issuer = &provider.issuer;
     assert_eq!(
         how,
@@ -322,7 +314,7 @@ async fn an_openid_provider_is_discovered_and_only_id_tokens_for_the_page_are_ta
             "token_endpoint": format!("{issuer}/token"),
             "scope": "openid email"}})
     );
-    let page = herald.http.get(herald.url("/")).send().await.unwrap();
+    let page = herald.get("/").await;
     let csp = page.headers()["content-security-policy"]
         .to_str()
         .unwrap()
@@ -353,17 +345,9 @@ async fn an_openid_provider_is_discovered_and_only_id_tokens_for_the_page_are_ta
     // Without a provider: the page offers dev login only, talks to itself only.
     drop(herald); // one process per embedded file
     let plain = backing.daemon(&[]).await;
-    let how: Value = plain
-        .http
-        .get(plain.url("/api/sign-in"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let how: Value = plain.get("/api/sign-in").await.json().await.unwrap();
     assert_eq!(how, json!({"dev_login": true, "provider": null}));
-    let page = plain.http.get(plain.url("/")).send().await.unwrap();
+    let page = plain.get("/").await;
     assert!(page.headers()["content-security-policy"]
         .to_str()
         .unwrap()

@@ -83,23 +83,8 @@ async fn the_page_streams_new_jobs_and_a_lost_apply_response_still_applies_once(
     assert_eq!(first, "Live posting", "the newest job is on top");
 
     // Dev sign-in by email.
-    let email = browser
-        .client
-        .find(Locator::Id("email"))
-        .await
-        .expect("email field");
-    email
-        .send_keys("ada@example.com")
-        .await
-        .expect("type email");
-    browser
-        .client
-        .find(Locator::Id("sign-in-button"))
-        .await
-        .expect("sign-in button")
-        .click()
-        .await
-        .expect("click sign in");
+    browser.type_into("email", "ada@example.com").await;
+    browser.click("sign-in-button").await;
     browser
         .wait_for(
             "signed in",
@@ -430,6 +415,20 @@ async fn the_page_updates_an_edited_job_in_place_and_a_closed_one_leaves_with_a_
 }
 
 /// Types `value` into the input `id` and submits the search form, as a user does.
+/// The text of the first entry of "My applications", once its email is sent.
+async fn first_application_once_its_email_is_sent(browser: &Browser) -> String {
+    let sent = browser
+        .wait_for(
+            "my application, its email sent",
+            Duration::from_secs(30),
+            "const li = document.querySelector('#my-applications-list li'); \
+             return li && li.querySelector('.email-status').dataset.status === 'sent' \
+             && li.textContent",
+        )
+        .await;
+    sent.as_str().unwrap_or_default().to_string()
+}
+
 async fn search(browser: &Browser, q: &str, location: &str) {
     browser
         .js(&format!(
@@ -539,16 +538,7 @@ async fn the_page_searches_live_and_lists_my_applications_with_their_email_statu
              document.getElementById('apply').click(); return true"
         ))
         .await;
-    let sent = browser
-        .wait_for(
-            "my application, its email sent",
-            Duration::from_secs(30),
-            "const li = document.querySelector('#my-applications-list li'); \
-             return li && li.querySelector('.email-status').dataset.status === 'sent' \
-             && li.textContent",
-        )
-        .await;
-    let sent = sent.as_str().unwrap_or_default().to_string();
+    let sent = first_application_once_its_email_is_sent(&browser).await;
     assert!(sent.contains("Rust lead"), "{sent}");
     assert!(sent.contains("Confirmation email sent"), "{sent}");
     browser
@@ -818,14 +808,7 @@ async fn the_page_signs_in_through_the_boards_openid_provider_and_applies(backen
         .await;
 
     // The real round trip, through the provider's own form.
-    browser
-        .client
-        .find(Locator::Id("provider-sign-in"))
-        .await
-        .expect("the sign-in button")
-        .click()
-        .await
-        .expect("click sign in");
+    browser.click("provider-sign-in").await;
     browser
         .wait_for(
             "the provider's sign-in form",
@@ -836,22 +819,8 @@ async fn the_page_signs_in_through_the_boards_openid_provider_and_applies(backen
             ),
         )
         .await;
-    browser
-        .client
-        .find(Locator::Id("login-email"))
-        .await
-        .expect("the provider's email field")
-        .send_keys("ada@example.com")
-        .await
-        .expect("type the email");
-    browser
-        .client
-        .find(Locator::Id("login-submit"))
-        .await
-        .expect("the provider's button")
-        .click()
-        .await
-        .expect("continue at the provider");
+    browser.type_into("login-email", "ada@example.com").await;
+    browser.click("login-submit").await;
     let who = browser
         .wait_for(
             "back on the board, signed in",
@@ -892,19 +861,8 @@ async fn the_page_signs_in_through_the_boards_openid_provider_and_applies(backen
              document.getElementById('apply').click(); return true"
         ))
         .await;
-    let sent = browser
-        .wait_for(
-            "my application, its email sent",
-            Duration::from_secs(30),
-            "const li = document.querySelector('#my-applications-list li'); \
-             return li && li.querySelector('.email-status').dataset.status === 'sent' \
-             && li.textContent",
-        )
-        .await;
-    assert!(
-        sent.as_str().unwrap_or_default().contains("Rust engineer"),
-        "{sent}"
-    );
+    let sent = first_application_once_its_email_is_sent(&browser).await;
+    assert!(sent.contains("Rust engineer"), "{sent}");
     browser
         .save_screenshot(&format!("web-oidc-sign-in-{backend:?}.png"))
         .await;

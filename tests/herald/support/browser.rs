@@ -189,6 +189,28 @@ impl Browser {
         png
     }
 
+    /// Clicks the element with this id, as a user would (it must be shown).
+    pub async fn click(&self, id: &str) {
+        self.client
+            .find(fantoccini::Locator::Id(id))
+            .await
+            .unwrap_or_else(|e| panic!("#{id}: {e}"))
+            .click()
+            .await
+            .unwrap_or_else(|e| panic!("click #{id}: {e}"));
+    }
+
+    /// Types `text` into the element with this id, key by key.
+    pub async fn type_into(&self, id: &str, text: &str) {
+        self.client
+            .find(fantoccini::Locator::Id(id))
+            .await
+            .unwrap_or_else(|e| panic!("#{id}: {e}"))
+            .send_keys(text)
+            .await
+            .unwrap_or_else(|e| panic!("type into #{id}: {e}"));
+    }
+
     /// Runs `script` (a function body; `arguments` available) in the page.
     pub async fn js(&self, script: &str) -> Value {
         let value = tokio::time::timeout(
