@@ -89,7 +89,6 @@ pub fn env_key(name: &str) -> String {
     name
 }
 
-/// An absolute `http://` or `https://` URL with a host.
 /// Whether `url` may carry sign-in traffic: `https://`, or `http://` to a
 /// loopback host (a provider on the same machine, as in tests). A token or
 /// an authorization code must never cross a network in the clear.
@@ -106,6 +105,7 @@ pub fn is_sign_in_url(url: &str) -> bool {
     }
 }
 
+/// An absolute `http://` or `https://` URL with a host.
 fn is_http_url(url: &str) -> bool {
     url.parse::<http::Uri>().is_ok_and(|u| {
         matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some_and(|h| !h.is_empty())

@@ -301,12 +301,7 @@ pub async fn run(
     }
     let auth = match Auth::from_config(operators, jwt_secret, &config.auth).await {
         Ok(auth) => auth,
-        Err(IdentityProviderError::Settings(message)) => {
-            // The message starts with the setting at fault.
-            let key = ["auth.oidc_issuer", "auth.jwks_url", "auth.jwks_file"]
-                .into_iter()
-                .find(|key| message.starts_with(key))
-                .unwrap_or("auth");
+        Err(IdentityProviderError::Settings { key, message }) => {
             return Err(ConfigError::Invalid { key, message }.into());
         }
         Err(e @ IdentityProviderError::Unreachable(_)) => {

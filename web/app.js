@@ -97,8 +97,8 @@
   function claimsOf(token) {
     try {
       const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
-      const text = atob(part + "=".repeat((4 - (part.length % 4)) % 4));
-      return JSON.parse(decodeURIComponent(escape(text)));
+      const bytes = Uint8Array.from(atob(part + "=".repeat((4 - (part.length % 4)) % 4)), (c) => c.charCodeAt(0));
+      return JSON.parse(new TextDecoder().decode(bytes));
     } catch (_) {
       return null;
     }
@@ -235,11 +235,16 @@
     }
   });
 
-  $("sign-out").addEventListener("click", () => {
+  // Signed out: by the user, by an expired token, or by a 401.
+  function forgetSignIn() {
     state.token = null;
     state.email = null;
     store.removeItem("herald:token");
     store.removeItem("herald:email");
+  }
+
+  $("sign-out").addEventListener("click", () => {
+    forgetSignIn();
     renderAccount();
     renderDetail();
     refreshApplications();
@@ -706,8 +711,7 @@
       saveIntent(jobId, { ...intent, outcome: "already", application: body.id });
       refreshApplications();
     } else if (status === 401) {
-      state.token = null;
-      store.removeItem("herald:token");
+      forgetSignIn();
       renderAccount();
       store.removeItem(intentName(jobId));
       setStatus("error", "Your session expired. Sign in again, then apply.");
@@ -731,12 +735,10 @@
     apply(!intent);
   });
 
-  // A token past its expiry is no sign-in (an ID token lives minutes).
+  // A token past its expiry is no sign-in (a provider's ID token lives
+  // hours at most).
   const held = state.token && claimsOf(state.token);
-  if (state.token && (!held || (held.exp && held.exp * 1000 <= Date.now()))) {
-    state.token = null;
-    store.removeItem("herald:token");
-  }
+  if (state.token && (!held || (held.exp && held.exp * 1000 <= Date.now()))) forgetSignIn();
   renderAccount();
   loadSignIn();
   refreshApplications();

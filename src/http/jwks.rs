@@ -65,10 +65,10 @@ pub struct KeySet {
 pub enum IdentityProviderError {
     /// The settings name no usable document: a URL that does not parse, a
     /// file that cannot be read, a document that is not a JWKS or holds no
-    /// signing key. The daemon exits 2. The text starts with the setting
-    /// at fault (`auth.jwks_url`, `auth.jwks_file`, `auth.oidc_issuer`).
-    #[error("{0}")]
-    Settings(String),
+    /// signing key. The daemon exits 2, naming `key`, the setting at fault
+    /// (`auth.jwks_url`, `auth.jwks_file`, `auth.oidc_issuer`).
+    #[error("{message}")]
+    Settings { key: &'static str, message: String },
     /// The identity provider did not answer with the document (no
     /// connection, a timeout, an error status): a neighbour that is down,
     /// not a setting. The daemon exits 3.
@@ -88,9 +88,12 @@ impl KeySet {
     ) -> Result<Option<Arc<KeySet>>, IdentityProviderError> {
         let source = match (url, file) {
             (Some((setting, url)), _) => {
-                let url = reqwest::Url::parse(url)
-                    .map_err(|e| IdentityProviderError::Settings(format!("{setting}: {e}")))?;
-                Source::Url(provider_client()?, url, setting)
+                let url =
+                    reqwest::Url::parse(url).map_err(|e| IdentityProviderError::Settings {
+                        key: setting,
+                        message: format!("{setting}: {e}"),
+                    })?;
+                Source::Url(provider_client(setting)?, url, setting)
             }
             (None, Some(path)) => Source::File(path.clone()),
             (None, None) => return Ok(None),
@@ -103,10 +106,9 @@ impl KeySet {
         };
         let keys = set.fetch("start").await?;
         if keys.is_empty() {
-            return Err(IdentityProviderError::Settings(format!(
-                "{}: no RS256 or ES256 signing key",
-                set.source
-            )));
+            return Err(
+                set.settings_error(format!("{}: no RS256 or ES256 signing key", set.source))
+            );
         }
         set.replace(keys);
         Ok(Some(Arc::new(set)))
@@ -148,6 +150,15 @@ impl KeySet {
         pick(&self.held(), kid, alg)
     }
 
+    /// A settings error naming the setting the keys come from.
+    fn settings_error(&self, message: String) -> IdentityProviderError {
+        let key = match &self.source {
+            Source::File(_) => "auth.jwks_file",
+            Source::Url(_, _, setting) => setting,
+        };
+        IdentityProviderError::Settings { key, message }
+    }
+
     /// Reads and parses the document.
     async fn fetch(
         &self,
@@ -156,17 +167,14 @@ impl KeySet {
         let read = match &self.source {
             Source::File(path) => tokio::fs::read(path)
                 .await
-                .map_err(|e| IdentityProviderError::Settings(format!("{}: {e}", self.source))),
+                .map_err(|e| self.settings_error(format!("{}: {e}", self.source))),
             Source::Url(client, url, _) => fetch_url(client, url)
                 .await
                 .map_err(|e| IdentityProviderError::Unreachable(format!("{}: {e}", self.source))),
         };
         let parsed = read.and_then(|bytes| {
             serde_json::from_slice::<JwkSet>(&bytes).map_err(|e| {
-                IdentityProviderError::Settings(format!(
-                    "{}: not a JWKS document: {e}",
-                    self.source
-                ))
+                self.settings_error(format!("{}: not a JWKS document: {e}", self.source))
             })
         });
         m::jwks_fetch(reason, if parsed.is_ok() { "ok" } else { "error" });
@@ -175,13 +183,16 @@ impl KeySet {
 }
 
 /// The HTTP client for the identity provider's documents: a 5 s bound on
-/// each read, Herald's name as the user agent.
-pub(super) fn provider_client() -> Result<reqwest::Client, IdentityProviderError> {
+/// each read, Herald's name as the user agent (`key`: the setting it serves).
+pub(super) fn provider_client(key: &'static str) -> Result<reqwest::Client, IdentityProviderError> {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .user_agent(concat!("herald/", env!("CARGO_PKG_VERSION")))
         .build()
-        .map_err(|e| IdentityProviderError::Settings(format!("building the HTTP client: {e}")))
+        .map_err(|e| IdentityProviderError::Settings {
+            key,
+            message: format!("{key}: building the HTTP client: {e}"),
+        })
 }
 
 /// The body of a GET, if it is a success and at most 1 MiB.

@@ -40,6 +40,10 @@ pub struct SignInProvider {
     /// Where the provider's keys are (`auth.jwks_url` is used instead when set).
     #[serde(skip)]
     pub jwks_uri: String,
+    /// The origin the page's code exchange talks to (`token_endpoint`'s),
+    /// for the page's Content-Security-Policy `connect-src`.
+    #[serde(skip)]
+    pub token_origin: String,
 }
 
 /// The fields of a discovery document Herald reads (the rest are ignored).
@@ -59,17 +63,19 @@ impl SignInProvider {
         issuer: &str,
         client_id: &str,
     ) -> Result<SignInProvider, IdentityProviderError> {
-        let settings = |message: String| {
-            IdentityProviderError::Settings(format!("auth.oidc_issuer {issuer}: {message}"))
+        const KEY: &str = "auth.oidc_issuer";
+        let settings = |message: String| IdentityProviderError::Settings {
+            key: KEY,
+            message: format!("{KEY} {issuer}: {message}"),
         };
         let address = format!(
             "{}/.well-known/openid-configuration",
             issuer.trim_end_matches('/')
         );
         let url = reqwest::Url::parse(&address).map_err(|e| settings(e.to_string()))?;
-        let body = fetch_url(&provider_client()?, &url).await.map_err(|e| {
+        let body = fetch_url(&provider_client(KEY)?, &url).await.map_err(|e| {
             IdentityProviderError::Unreachable(format!(
-                "auth.oidc_issuer {issuer}: the discovery document {address}: {e}"
+                "{KEY} {issuer}: the discovery document {address}: {e}"
             ))
         })?;
         let document: Discovery = serde_json::from_slice(&body).map_err(|e| {
@@ -94,6 +100,11 @@ impl SignInProvider {
                 )));
             }
         }
+        // An https or loopback URL with a host (checked above): its origin is
+        // a scheme, an ASCII host and a port.
+        let token_origin = url::Url::parse(&document.token_endpoint)
+            .map(|url| url.origin().ascii_serialization())
+            .map_err(|e| settings(format!("its token_endpoint: {e}")))?;
         if let Some(methods) = &document.code_challenge_methods_supported {
             if !methods.iter().any(|m| m == "S256") {
                 return Err(settings(format!(
@@ -109,13 +120,7 @@ impl SignInProvider {
             token_endpoint: document.token_endpoint,
             scope: SCOPE,
             jwks_uri: document.jwks_uri,
+            token_origin,
         })
-    }
-
-    /// The origin the page's code exchange talks to, for the page's
-    /// Content-Security-Policy `connect-src`.
-    pub fn token_origin(&self) -> Option<String> {
-        let url = url::Url::parse(&self.token_endpoint).ok()?;
-        Some(url.origin().ascii_serialization())
     }
 }

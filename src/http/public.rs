@@ -164,27 +164,26 @@ const APP_JS: &str = include_str!("../../web/app.js");
 const STYLE_CSS: &str = include_str!("../../web/style.css");
 
 /// The page's Content-Security-Policy: everything from this origin only, no
-/// inline script or style, no framing, no plugins. With an OpenID provider
-/// (`auth.oidc_issuer`) the page may also talk to the origin of its token
-/// endpoint, where it exchanges the sign-in code, and nowhere else.
+/// inline script or style, no framing, no plugins.
+const PAGE_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+     img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'self'; \
+     frame-ancestors 'none'";
+
+/// [`PAGE_CSP`], and with an OpenID provider (`auth.oidc_issuer`) the origin
+/// of its token endpoint too, where the page exchanges the sign-in code.
 fn page_csp(state: &AppState) -> HeaderValue {
-    let token_origin = state
-        .auth
-        .sign_in()
-        .and_then(|provider| provider.token_origin())
-        .map(|origin| format!(" {origin}"))
-        .unwrap_or_default();
-    let csp = format!(
-        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
-         connect-src 'self'{token_origin}; base-uri 'none'; form-action 'self'; \
-         frame-ancestors 'none'"
-    );
-    // An origin is ASCII without control characters; should one not be,
-    // the page keeps the strict policy (and sign-in cannot reach it).
-    HeaderValue::from_str(&csp).unwrap_or(HeaderValue::from_static(
-        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
-         connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
-    ))
+    let strict = HeaderValue::from_static(PAGE_CSP);
+    match state.auth.sign_in() {
+        None => strict,
+        // An origin is printable ASCII; were it not, the strict policy
+        // stands (and sign-in cannot reach the provider).
+        Some(provider) => HeaderValue::from_str(&PAGE_CSP.replacen(
+            "connect-src 'self'",
+            &format!("connect-src 'self' {}", provider.token_origin),
+            1,
+        ))
+        .unwrap_or(strict),
+    }
 }
 
 fn asset(state: &AppState, body: &'static str, content_type: &'static str) -> Response {
